@@ -1,0 +1,217 @@
+//! The one configuration file (TOML). Every default lives here, in the `Default` impls, and the
+//! README documents each. Unknown keys are rejected so a typo is an error, not a silent default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: Box<toml::de::Error> },
+    #[error("config value {key} = {value} is invalid: {why}")]
+    Invalid { key: &'static str, value: String, why: &'static str },
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where tasks are stored. Default: /var/lib/starling as root, else
+    /// $XDG_DATA_HOME/starling (or ~/.local/share/starling).
+    pub data_dir: PathBuf,
+    pub gc: GcConfig,
+    pub source: SourceConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GcConfig {
+    /// A task not used for this long is evicted. Default 86400 (one day).
+    pub ttl_seconds: u64,
+    /// Bytes the store may use. 0 (default) means: watermarks apply to the whole file system
+    /// that holds `data_dir`.
+    pub capacity_bytes: u64,
+    /// Start evicting, least recently used first, above this fraction of capacity. Default 0.85.
+    pub high_watermark: f64,
+    /// Stop evicting below this fraction. Default 0.75.
+    pub low_watermark: f64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Parallel Range requests per task. Default 4.
+    pub concurrency: usize,
+    /// Attempts per piece before the download fails. Default 6.
+    pub attempts: u32,
+    /// First retry delay in milliseconds, doubled each time up to 5 s, with jitter. Default 200.
+    pub backoff_ms: u64,
+    /// TCP + TLS connect timeout in seconds. Default 10.
+    pub connect_timeout_seconds: u64,
+    /// A response that sends nothing for this long is retried. Default 30.
+    pub idle_timeout_seconds: u64,
+    /// Extra CA certificates (PEM files) trusted for HTTPS origins, beside the system roots.
+    pub ca_certs: Vec<PathBuf>,
+    /// Query parameters left out of a URL's task ID (signatures and expiry of pre-signed URLs).
+    pub filtered_query_params: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Verified pieces are made durable (fdatasync, then journaled) in groups at this interval
+    /// in milliseconds. Default 200.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: default_data_dir(),
+            gc: GcConfig::default(),
+            source: SourceConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig { ttl_seconds: 86_400, capacity_bytes: 0, high_watermark: 0.85, low_watermark: 0.75 }
+    }
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            concurrency: 4,
+            attempts: 6,
+            backoff_ms: 200,
+            connect_timeout_seconds: 10,
+            idle_timeout_seconds: 30,
+            ca_certs: Vec::new(),
+            filtered_query_params: [
+                "X-Amz-Algorithm",
+                "X-Amz-Credential",
+                "X-Amz-Date",
+                "X-Amz-Expires",
+                "X-Amz-SignedHeaders",
+                "X-Amz-Signature",
+                "X-Amz-Security-Token",
+                "Expires",
+                "Signature",
+                "AWSAccessKeyId",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { commit_interval_ms: 200 }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/starling");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("starling");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/starling")
+}
+
+/// The config file read when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/starling/starling.toml";
+
+impl Config {
+    /// Loads `path`, or the default path if it exists, or the built-in defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.clone(), source: Box::new(e) })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
+        let g = &self.gc;
+        if !(g.high_watermark > 0.0 && g.high_watermark <= 1.0) {
+            return bad("gc.high_watermark", g.high_watermark.to_string(), "must be in (0, 1]");
+        }
+        if !(g.low_watermark >= 0.0 && g.low_watermark < g.high_watermark) {
+            return bad(
+                "gc.low_watermark",
+                g.low_watermark.to_string(),
+                "must be at least 0 and below gc.high_watermark",
+            );
+        }
+        let s = &self.source;
+        if !(1..=64).contains(&s.concurrency) {
+            return bad("source.concurrency", s.concurrency.to_string(), "must be 1 to 64");
+        }
+        if s.attempts == 0 {
+            return bad("source.attempts", "0".into(), "must be at least 1");
+        }
+        if s.idle_timeout_seconds == 0 || s.connect_timeout_seconds == 0 {
+            return bad("source.*_timeout_seconds", "0".into(), "timeouts must be at least 1");
+        }
+        if self.storage.commit_interval_ms == 0 || self.storage.commit_interval_ms > 60_000 {
+            return bad(
+                "storage.commit_interval_ms",
+                self.storage.commit_interval_ms.to_string(),
+                "must be 1 to 60000",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_partial_files_merge() {
+        Config::default().validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "data_dir = \"/x\"\n[gc]\nttl_seconds = 5\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/x"));
+        assert_eq!(c.gc.ttl_seconds, 5);
+        assert_eq!(c.gc.high_watermark, GcConfig::default().high_watermark);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[gc]\nttl_secs = 5\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("ttl_secs") && e.contains("c.toml"), "{e}");
+        std::fs::write(&p, "[gc]\nlow_watermark = 0.9\nhigh_watermark = 0.8\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("gc.low_watermark"), "{e}");
+        let e = Config::load(Some(&dir.path().join("missing.toml"))).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+}

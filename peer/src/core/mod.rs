@@ -1,0 +1,12 @@
+//! Core types shared by every layer: digests, task IDs, the piece plan and the manifest.
+
+pub mod codec;
+mod digest;
+mod manifest;
+mod piece;
+mod task_id;
+
+pub use digest::{Digest, DigestError, Sha256Stream};
+pub use manifest::{Manifest, ManifestError};
+pub use piece::{default_piece_length, Piece, PiecePlan, PiecePlanError, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH};
+pub use task_id::{normalize_url, TaskId, TaskIdError, TaskKind};
