@@ -1,0 +1,180 @@
+//! The piece store. One directory per task under `<data_dir>/tasks/<task-id>/`:
+//! - `content`: the preallocated content file; pieces are written at their offsets via io_uring;
+//! - `header`: what the task is (ID, plan, expected digest, origin validator), written once;
+//! - `journal`: append-only records of pieces verified *and durable*;
+//! - `manifest`: every piece's SHA-256 and the content's, written when the task completes;
+//! - `lock`: flock'd by whoever uses the task; its mtime is the last use.
+//!
+//! See `record` for the on-disk formats, `uring` for the storage thread, `gc` for eviction.
+
+mod gc;
+mod lease;
+mod record;
+mod task;
+mod uring;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
+pub use lease::{Lease, Mode as LeaseMode};
+pub use record::TaskHeader;
+pub use task::TaskHandle;
+
+use crate::config::GcConfig;
+use crate::core::{Digest, TaskId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    #[error("not enough disk space for {need} bytes at {}; free some space, or lower gc.high_watermark so old tasks are evicted", path.display())]
+    NoSpace { path: PathBuf, need: u64 },
+    #[error("piece {index} does not match the manifest: got {got}, expected {want}")]
+    PieceMismatch { index: u32, got: Digest, want: Digest },
+    #[error("storage: {0}")]
+    Uring(io::Error),
+}
+
+impl StoreError {
+    /// True when the cause is a full disk, however it surfaced.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::NoSpace { .. } => true,
+            StoreError::Io { source, .. } | StoreError::Uring(source) => {
+                source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            StoreError::PieceMismatch { .. } => false,
+        }
+    }
+}
+
+/// Wraps an I/O error with what was being done and to which path.
+pub(crate) fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// What one GC pass did.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub evicted: Vec<(String, u64, GcReason)>,
+    pub in_use: usize,
+    pub before: Option<Usage>,
+    pub after: Option<Usage>,
+}
+
+pub struct Store {
+    root: PathBuf,
+    uring: uring::Uring,
+}
+
+impl Store {
+    /// Opens (creating) the store under `data_dir` and starts its storage thread.
+    pub fn open(data_dir: &Path, commit_interval: Duration) -> Result<Store, StoreError> {
+        let root = data_dir.join("tasks");
+        std::fs::create_dir_all(&root).map_err(|source| StoreError::Io {
+            op: "create data directory",
+            path: root.clone(),
+            source,
+        })?;
+        let uring = uring::Uring::start(commit_interval).map_err(StoreError::Uring)?;
+        Ok(Store { root, uring })
+    }
+
+    pub fn task_dir(&self, id: &TaskId) -> PathBuf {
+        self.root.join(id.dir_name())
+    }
+
+    /// Takes a lease on a task, waiting while another process holds a conflicting one.
+    pub async fn acquire(&self, id: &TaskId, mode: LeaseMode) -> Result<Lease, StoreError> {
+        let dir = self.task_dir(id);
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || lease::acquire(&d, mode))
+            .await
+            .map_err(|e| StoreError::Uring(io::Error::other(e)))?
+            .map_err(|source| StoreError::Io { op: "lock", path: dir, source })
+    }
+
+    /// The stored task under this lease, or the lease back when there is none (or it was
+    /// damaged and has been discarded).
+    pub fn load(&self, lease: Lease) -> Result<Result<TaskHandle, Lease>, StoreError> {
+        TaskHandle::load(lease, &self.uring)
+    }
+
+    /// Creates a fresh task under this lease, replacing anything stored there.
+    pub fn create(&self, lease: Lease, header: TaskHeader) -> Result<TaskHandle, StoreError> {
+        TaskHandle::create(lease, header, &self.uring)
+    }
+
+    /// One GC pass. Tasks in use by anyone are skipped.
+    pub fn gc(&self, cfg: &GcConfig, now: SystemTime) -> Result<GcReport, StoreError> {
+        let mut entries = Vec::new();
+        let mut held = Vec::new();
+        for dirent in std::fs::read_dir(&self.root).map_err(io_err("list", &self.root))? {
+            let dirent = dirent.map_err(io_err("list", &self.root))?;
+            let name = dirent.file_name().to_string_lossy().into_owned();
+            if TaskId::from_dir_name(&name).is_err() {
+                continue;
+            }
+            let dir = dirent.path();
+            let lease = lease::try_exclusive(&dir).map_err(io_err("lock", &dir))?;
+            let last_used = std::fs::metadata(dir.join(lease::LOCK_FILE))
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            entries.push(GcEntry { name, bytes: dir_bytes(&dir), last_used, in_use: lease.is_none() });
+            held.push((dir, lease));
+        }
+        let before = self.usage(cfg, &entries);
+        let victims = choose_victims(&entries, now, cfg, before);
+        let mut report = GcReport {
+            in_use: entries.iter().filter(|e| e.in_use).count(),
+            before: Some(before),
+            ..Default::default()
+        };
+        for (i, reason) in victims {
+            let (dir, lease) = &held[i];
+            if lease.is_none() {
+                continue;
+            }
+            task::wipe(dir)?;
+            std::fs::remove_file(dir.join(lease::LOCK_FILE)).map_err(io_err("remove", dir))?;
+            std::fs::remove_dir(dir).map_err(io_err("remove", dir))?;
+            tracing::info!(task = %entries[i].name, bytes = entries[i].bytes, %reason, "evicted");
+            report.evicted.push((entries[i].name.clone(), entries[i].bytes, reason));
+        }
+        drop(held);
+        let remaining: Vec<GcEntry> =
+            entries.into_iter().filter(|e| !report.evicted.iter().any(|v| v.0 == e.name)).collect();
+        report.after = Some(self.usage(cfg, &remaining));
+        Ok(report)
+    }
+
+    fn usage(&self, cfg: &GcConfig, entries: &[GcEntry]) -> Usage {
+        if cfg.capacity_bytes > 0 {
+            return Usage { used: entries.iter().map(|e| e.bytes).sum(), capacity: cfg.capacity_bytes };
+        }
+        match rustix::fs::statvfs(&self.root) {
+            Ok(s) => Usage {
+                used: (s.f_blocks - s.f_bfree) * s.f_frsize,
+                capacity: s.f_blocks * s.f_frsize,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read file system usage; watermarks skipped");
+                Usage { used: 0, capacity: 0 }
+            }
+        }
+    }
+}
+
+/// Bytes a task takes on disk (allocated blocks, so preallocated space counts).
+fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|it| it.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+//! Leases on a task directory, with flock(2) on its `lock` file, so they hold across processes:
+//! a downloader holds an exclusive lease, a reader (a client copying the output, an upload) a
+//! shared one, and GC only evicts a task it can lock exclusively without waiting. The lock
+//! file's mtime is the task's last use.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use rustix::fs::{flock, FlockOperation};
+
+pub const LOCK_FILE: &str = "lock";
+
+#[derive(Debug)]
+pub struct Lease {
+    file: File,
+    dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Shared,
+    Exclusive,
+}
+
+impl Lease {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Marks the task as used now (GC's least-recently-used order and TTL read this).
+    pub fn touch(&self) {
+        if let Err(e) = self.file.set_modified(SystemTime::now()) {
+            tracing::debug!(dir = %self.dir.display(), error = %e, "could not update last-use time");
+        }
+    }
+
+    /// Turns an exclusive lease into a shared one without a window where it is unlocked.
+    pub fn downgrade(&self) -> io::Result<()> {
+        flock(&self.file, FlockOperation::LockShared).map_err(io::Error::from)
+    }
+}
+
+/// Takes a lease on `dir`, creating it, and blocks until it is granted. Call it off the async
+/// runtime (spawn_blocking): another process may hold the lease for a whole download.
+pub fn acquire(dir: &Path, mode: Mode) -> io::Result<Lease> {
+    let op = match mode {
+        Mode::Shared => FlockOperation::LockShared,
+        Mode::Exclusive => FlockOperation::LockExclusive,
+    };
+    loop {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(LOCK_FILE);
+        let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // GC removed the dir
+            Err(e) => return Err(e),
+        };
+        flock(&file, op)?;
+        if still_linked(&file, &path)? {
+            let lease = Lease { file, dir: dir.to_path_buf() };
+            lease.touch();
+            return Ok(lease);
+        }
+        // GC evicted the task while we waited; our lock is on a deleted file. Start over.
+    }
+}
+
+/// Takes an exclusive lease only if nobody holds any lease now. `None` means: in use.
+pub fn try_exclusive(dir: &Path) -> io::Result<Option<Lease>> {
+    let path = dir.join(LOCK_FILE);
+    let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    Ok(still_linked(&file, &path)?.then(|| Lease { file, dir: dir.to_path_buf() }))
+}
+
+fn still_linked(file: &File, path: &Path) -> io::Result<bool> {
+    let held = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(now) => Ok(now.ino() == held.ino() && now.dev() == held.dev()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_excludes_and_shared_blocks_gc() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("t");
+        let a = acquire(&t, Mode::Exclusive).unwrap();
+        assert!(try_exclusive(&t).unwrap().is_none());
+        drop(a);
+        let s = acquire(&t, Mode::Shared).unwrap();
+        assert!(try_exclusive(&t).unwrap().is_none());
+        drop(s);
+        assert!(try_exclusive(&t).unwrap().is_some());
+    }
+
+    #[test]
+    fn lease_on_evicted_dir_is_retaken() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("t");
+        let gc = acquire(&t, Mode::Exclusive).unwrap();
+        let t2 = t.clone();
+        let waiter = std::thread::spawn(move || acquire(&t2, Mode::Exclusive).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::remove_dir_all(&t).unwrap();
+        drop(gc);
+        let got = waiter.join().unwrap();
+        assert!(got.dir().join(LOCK_FILE).exists(), "the waiter must hold a lock on a live file");
+        assert!(try_exclusive(&t).unwrap().is_none());
+    }
+}

@@ -1,0 +1,339 @@
+//! One stored task: its files, its verified pieces, and the operations the fetch pipeline
+//! needs. A `TaskHandle` exists only while its holder has a lease on the task directory.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::lease::Lease;
+use super::record::{decode_journal, write_atomic, TaskHeader};
+use super::uring::{FileKey, Uring};
+use super::{io_err, StoreError};
+use crate::core::{Digest, Manifest, Piece, PiecePlan, Sha256Stream};
+
+pub const CONTENT: &str = "content";
+pub const HEADER: &str = "header";
+pub const JOURNAL: &str = "journal";
+pub const MANIFEST: &str = "manifest";
+
+pub struct TaskHandle {
+    lease: Lease,
+    header: TaskHeader,
+    manifest: Mutex<Option<Manifest>>,
+    /// SHA-256 of every verified piece, None where not verified. Verified means: hashed, checked
+    /// against the manifest when there is one, and written. It becomes durable (journaled) at
+    /// the next group commit.
+    pieces: Mutex<Vec<Option<Digest>>>,
+    file: OpenKey,
+    durable: watch::Receiver<u64>,
+}
+
+impl TaskHandle {
+    /// Opens the task in `lease`'s directory. `Ok(None)` when there is no task there, or when
+    /// its metadata was corrupt or truncated, in which case the files are removed and the
+    /// reason logged: a damaged task is never served.
+    pub(crate) fn load(lease: Lease, uring: &Uring) -> Result<Result<TaskHandle, Lease>, StoreError> {
+        let dir = lease.dir().to_path_buf();
+        let header_bytes = match std::fs::read(dir.join(HEADER)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Err(lease)),
+            Err(e) => return Err(io_err("read", &dir.join(HEADER))(e)),
+        };
+        match Self::load_checked(&dir, &header_bytes) {
+            Ok((header, manifest, pieces, content, journal, journal_len)) => {
+                let (key, durable) = uring.open(content, journal, journal_len).map_err(StoreError::Uring)?;
+                Ok(Ok(TaskHandle {
+                    lease,
+                    header,
+                    manifest: Mutex::new(manifest),
+                    pieces: Mutex::new(pieces),
+                    file: OpenKey { uring: uring.clone(), key },
+                    durable,
+                }))
+            }
+            Err(reason) => {
+                tracing::warn!(task = %dir.display(), %reason, "discarding stored task: its metadata is damaged; it will be fetched again");
+                wipe(&dir)?;
+                Ok(Err(lease))
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn load_checked(
+        dir: &Path,
+        header_bytes: &[u8],
+    ) -> Result<(TaskHeader, Option<Manifest>, Vec<Option<Digest>>, File, File, u64), String> {
+        let header = TaskHeader::decode(header_bytes).map_err(|e| format!("header: {e}"))?;
+        let plan = header.plan;
+        let manifest = match std::fs::read(dir.join(MANIFEST)) {
+            Ok(b) => {
+                let m = Manifest::decode(&b).map_err(|e| format!("manifest: {e}"))?;
+                if *m.plan() != plan {
+                    return Err("manifest plan differs from the header's".into());
+                }
+                if header.expected.is_some_and(|d| d != m.content_digest()) {
+                    return Err("manifest digest differs from the expected digest".into());
+                }
+                Some(m)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("manifest unreadable: {e}")),
+        };
+        let journal_bytes = std::fs::read(dir.join(JOURNAL)).map_err(|e| format!("journal: {e}"))?;
+        let mut pieces = vec![None; plan.count() as usize];
+        for (index, digest) in decode_journal(&journal_bytes, &plan).map_err(|e| format!("journal: {e}"))? {
+            if let Some(m) = &manifest {
+                if m.piece_digest(index) != Some(digest) {
+                    return Err(format!("journal digest of piece {index} differs from the manifest"));
+                }
+            }
+            pieces[index as usize] = Some(digest);
+        }
+        let content = OpenOptions::new()
+            .read(true)
+            .write(manifest.is_none())
+            .open(dir.join(CONTENT))
+            .map_err(|e| format!("content: {e}"))?;
+        let len = content.metadata().map_err(|e| format!("content: {e}"))?.len();
+        if len != plan.content_length() {
+            return Err(format!("content file has {len} bytes, expected {}", plan.content_length()));
+        }
+        let journal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join(JOURNAL))
+            .map_err(|e| format!("journal: {e}"))?;
+        // Later appends go after the last whole record, overwriting any torn tail.
+        let journal_len = (journal_bytes.len() / super::record::JOURNAL_RECORD
+            * super::record::JOURNAL_RECORD) as u64;
+        Ok((header, manifest, pieces, content, journal, journal_len))
+    }
+
+    /// Creates a fresh task in `lease`'s directory, replacing whatever was there: the content
+    /// file is preallocated (so a full disk fails now, not halfway), then the journal, and the
+    /// header last, which is what makes the task exist.
+    pub(crate) fn create(lease: Lease, header: TaskHeader, uring: &Uring) -> Result<TaskHandle, StoreError> {
+        let dir = lease.dir().to_path_buf();
+        wipe(&dir)?;
+        let len = header.plan.content_length();
+        let path = dir.join(CONTENT);
+        let content = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        preallocate(&content, len, &path)?;
+        let jpath = dir.join(JOURNAL);
+        let journal = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&jpath)
+            .map_err(io_err("create", &jpath))?;
+        let hpath = dir.join(HEADER);
+        write_atomic(&hpath, &header.encode()).map_err(io_err("write", &hpath))?;
+        let (key, durable) = uring.open(content, journal, 0).map_err(StoreError::Uring)?;
+        let count = header.plan.count() as usize;
+        Ok(TaskHandle {
+            lease,
+            header,
+            manifest: Mutex::new(None),
+            pieces: Mutex::new(vec![None; count]),
+            file: OpenKey { uring: uring.clone(), key },
+            durable,
+        })
+    }
+
+    pub fn header(&self) -> &TaskHeader {
+        &self.header
+    }
+
+    pub fn plan(&self) -> PiecePlan {
+        self.header.plan
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.lease.dir()
+    }
+
+    pub fn content_path(&self) -> PathBuf {
+        self.dir().join(CONTENT)
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    pub fn manifest(&self) -> Option<Manifest> {
+        self.manifest.lock().ok().and_then(|m| m.clone())
+    }
+
+    /// The verified pieces' digests (None = missing).
+    pub fn piece_digests(&self) -> Vec<Option<Digest>> {
+        self.pieces.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    pub fn verified_count(&self) -> u32 {
+        self.pieces.lock().map(|p| p.iter().flatten().count() as u32).unwrap_or(0)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.manifest().is_some() && self.verified_count() == self.plan().count()
+    }
+
+    /// Journal records made durable since this handle was opened.
+    pub fn durable_watch(&self) -> watch::Receiver<u64> {
+        self.durable.clone()
+    }
+
+    /// Stores a piece whose bytes hashed to `digest`: checks it against the manifest when there
+    /// is one, writes the chunks at the piece's offset, marks it verified and queues it for the
+    /// next durable commit.
+    pub async fn write_piece(&self, piece: Piece, chunks: Vec<Bytes>, digest: Digest) -> Result<(), StoreError> {
+        if let Some(want) = self.manifest().and_then(|m| m.piece_digest(piece.index)) {
+            if want != digest {
+                return Err(StoreError::PieceMismatch { index: piece.index, got: digest, want });
+            }
+        }
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if len != piece.length {
+            return Err(StoreError::Uring(io::Error::other(format!(
+                "piece {} has {len} bytes, expected {}",
+                piece.index, piece.length
+            ))));
+        }
+        self.file.uring.write(self.file.key, piece.offset, chunks).await.map_err(io_err("write", &self.content_path()))?;
+        self.mark(piece.index, digest)
+    }
+
+    fn mark(&self, index: u32, digest: Digest) -> Result<(), StoreError> {
+        if let Ok(mut p) = self.pieces.lock() {
+            p[index as usize] = Some(digest);
+        }
+        self.file.uring.journal(self.file.key, index, digest).map_err(StoreError::Uring)
+    }
+
+    /// Reads a stored piece back. Callers that serve it must have it verified.
+    pub async fn read_piece(&self, piece: Piece) -> Result<Bytes, StoreError> {
+        self.file.uring
+            .read(self.file.key, piece.offset, piece.length as usize)
+            .await
+            .map_err(io_err("read", &self.content_path()))
+    }
+
+    /// For a task with a manifest, re-hashes pieces that are on disk but were not journaled yet
+    /// when the last run ended, and marks those that match. Returns how many were recovered.
+    pub async fn recover_unjournaled(&self) -> Result<u32, StoreError> {
+        let Some(m) = self.manifest() else { return Ok(0) };
+        let missing: Vec<u32> = self
+            .piece_digests()
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.is_none())
+            .map(|(i, _)| i as u32)
+            .collect();
+        let mut recovered = 0;
+        for index in missing {
+            let Some(piece) = self.plan().piece(index) else { continue };
+            let data = self.read_piece(piece).await?;
+            let digest = Digest::of(&data);
+            if Some(digest) == m.piece_digest(index) {
+                self.mark(index, digest)?;
+                recovered += 1;
+            }
+        }
+        Ok(recovered)
+    }
+
+    /// Seals a fully verified task: writes its manifest (atomically) and makes the content
+    /// read-only, since outputs may be hard links to it.
+    pub fn complete(&self, content: Digest) -> Result<Manifest, StoreError> {
+        let digests: Vec<Digest> = self.piece_digests().into_iter().flatten().collect();
+        let manifest = Manifest::new(self.plan(), digests, content)
+            .map_err(|e| StoreError::Uring(io::Error::other(format!("task is not complete: {e}"))))?;
+        let path = self.dir().join(MANIFEST);
+        write_atomic(&path, &manifest.encode()).map_err(io_err("write", &path))?;
+        let cpath = self.content_path();
+        std::fs::set_permissions(&cpath, std::fs::Permissions::from_mode(0o444))
+            .map_err(io_err("chmod", &cpath))?;
+        if let Ok(mut m) = self.manifest.lock() {
+            *m = Some(manifest.clone());
+        }
+        Ok(manifest)
+    }
+
+    /// Hashes the whole stored content in order (used when a download resumed, so the stream
+    /// hash could not see every byte).
+    pub async fn hash_content(&self) -> Result<Digest, StoreError> {
+        let mut h = Sha256Stream::new();
+        for piece in self.plan().pieces() {
+            h.update(&self.read_piece(piece).await?);
+        }
+        Ok(h.finish())
+    }
+
+    /// Waits until everything queued is durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.file.uring.flush(self.file.key).await.map_err(io_err("sync", &self.content_path()))
+    }
+
+    /// Throws the task's files away (keeping the lease), e.g. when the origin's content
+    /// changed under a resumed download.
+    pub fn discard(self) -> Result<Lease, StoreError> {
+        let lease = self.into_lease();
+        wipe(lease.dir())?;
+        Ok(lease)
+    }
+
+    pub fn into_lease(self) -> Lease {
+        let TaskHandle { lease, .. } = self;
+        lease
+    }
+}
+
+/// The task's files on the storage thread; closed (after a last commit) when dropped.
+struct OpenKey {
+    uring: Uring,
+    key: FileKey,
+}
+
+impl Drop for OpenKey {
+    fn drop(&mut self) {
+        self.uring.close(self.key);
+    }
+}
+
+/// Removes a task's data and metadata, keeping the lock file (the caller holds the lease).
+pub(crate) fn wipe(dir: &Path) -> Result<(), StoreError> {
+    for name in [HEADER, MANIFEST, JOURNAL, CONTENT, "header.tmp", "manifest.tmp"] {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &p)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn preallocate(file: &File, len: u64, path: &Path) -> Result<(), StoreError> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::NOSPC) => Err(StoreError::NoSpace { path: path.to_path_buf(), need: len }),
+        // File systems without fallocate (some FUSE, old NFS): a sparse file still works.
+        Err(rustix::io::Errno::OPNOTSUPP) => file.set_len(len).map_err(io_err("resize", path)),
+        Err(e) => Err(io_err("preallocate", path)(e.into())),
+    }
+}
