@@ -1,1 +1,325 @@
-fn main(){}
+//! The `starling` command line. Parsing, progress display and exit codes only; the work is
+//! done by the library.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use starling::config::Config;
+use starling::core::Digest;
+use starling::fetch::{output, FetchError, Fetcher, Progress, Request, Served};
+use starling::source::SourceError;
+use starling::storage::{Store, StoreError};
+
+/// Peer-to-peer distribution for container images and large artifacts.
+#[derive(Parser)]
+#[command(name = "starling", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Configuration file (TOML). Default: /etc/starling/starling.toml when it exists.
+    #[arg(long, global = true, env = "STARLING_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory for the piece store; overrides `data_dir` in the config.
+    #[arg(long, global = true, env = "STARLING_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// More logging on stderr (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// No progress bar and no summary line; errors are still printed.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a URL, verified piece by piece and end to end, into a file.
+    Get(GetArgs),
+    /// Run one garbage-collection pass over the store (TTL and disk watermarks).
+    Gc,
+}
+
+#[derive(Args)]
+struct GetArgs {
+    /// http:// or https:// URL of the content.
+    url: String,
+    /// Output file, or - for standard output. It appears only once the content is verified.
+    #[arg(short = 'O', long = "output", value_name = "FILE")]
+    output: PathBuf,
+    /// Expected digest of the whole content (sha256:<64 hex>). It names the task, so the same
+    /// content through any URL is stored once; a mismatch fails and saves nothing.
+    #[arg(long, value_name = "DIGEST")]
+    digest: Option<String>,
+    /// Extra request header for the origin, as 'Name: value'. Repeatable.
+    #[arg(short = 'H', long = "header", value_name = "HEADER")]
+    headers: Vec<String>,
+    /// Piece length for a new task, in bytes (suffixes K, M, KiB, MiB). A multiple of 4096
+    /// between 16 KiB and 64 MiB. Default: chosen from the content length.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    piece_length: Option<u64>,
+    /// Extra CA certificate (PEM) to trust for an HTTPS origin. Repeatable.
+    #[arg(long = "ca-cert", value_name = "FILE")]
+    ca_certs: Vec<PathBuf>,
+    /// Always write an independent copy: never hard-link the output to the store.
+    #[arg(long)]
+    no_hardlink: bool,
+}
+
+/// Exit codes, documented in the README.
+mod exit {
+    pub const OTHER: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const ORIGIN_REFUSED: u8 = 3;
+    pub const INTEGRITY: u8 = 4;
+    pub const NETWORK: u8 = 5;
+    pub const LOCAL: u8 = 6;
+}
+
+/// An error with the exit code it maps to.
+struct Failure(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(exit::OTHER, e.into())
+    }
+}
+
+fn fail(code: u8) -> impl FnOnce(anyhow::Error) -> Failure {
+    move |e| Failure(code, e)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("starling: error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let mut cfg = Config::load(cli.global.config.as_deref()).map_err(|e| fail(exit::USAGE)(e.into()))?;
+    if let Some(d) = cli.global.data_dir {
+        cfg.data_dir = d;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("starling-net")
+        .build()
+        .context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Get(args) => rt.block_on(get(cfg, args, cli.global.quiet)),
+        Command::Gc => gc(cfg, cli.global.quiet),
+    }
+}
+
+async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure> {
+    let usage = fail(exit::USAGE);
+    let digest = match &args.digest {
+        Some(d) => Some(d.parse::<Digest>().map_err(|e| usage(anyhow::anyhow!("--digest: {e}")))?),
+        None => None,
+    };
+    let headers = parse_headers(&args.headers).map_err(fail(exit::USAGE))?;
+    let to_stdout = args.output.as_os_str() == "-";
+    if !to_stdout {
+        check_output_dir(&args.output).map_err(fail(exit::USAGE))?;
+    }
+    cfg.source.ca_certs.extend(args.ca_certs.iter().cloned());
+    let fetcher = Fetcher::new(cfg, headers).map_err(classify)?;
+    let req = Request { url: args.url.clone(), digest, piece_length: args.piece_length };
+    let progress = Arc::new(Progress::default());
+    let started = Instant::now();
+    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| spawn_progress_bar(progress.clone()));
+    let res = fetcher.fetch(&req, &progress).await;
+    if let Some((bar, ticker)) = bar {
+        ticker.abort();
+        bar.finish_and_clear();
+    }
+    let fetched = res.map_err(classify)?;
+    // Readers hold a shared lease: others may read too, GC may not evict it meanwhile.
+    fetched.task.lease().downgrade().map_err(|e| fail(exit::LOCAL)(e.into()))?;
+    let content = fetched.task.content_path();
+    let placed = if to_stdout {
+        let mut f = std::fs::File::open(&content).map_err(|e| fail(exit::LOCAL)(e.into()))?;
+        std::io::copy(&mut f, &mut std::io::stdout().lock())
+            .map_err(|e| fail(exit::LOCAL)(anyhow::anyhow!("cannot write to standard output: {e}")))?;
+        "stdout".to_string()
+    } else {
+        output::place(&content, &args.output, !args.no_hardlink)
+            .map_err(|e| fail(exit::LOCAL)(anyhow::anyhow!("cannot write {}: {e}", args.output.display())))?
+            .to_string()
+    };
+    if !quiet {
+        let m = &fetched.manifest;
+        let from = match fetched.served {
+            Served::Store => "local store, 0 bytes from the origin".to_string(),
+            Served::Origin => format!("origin, {} bytes received", progress.origin_bytes.load(Ordering::Relaxed)),
+        };
+        eprintln!(
+            "starling: saved {} ({} bytes, {}) from {from} via {placed} in {:.2}s",
+            args.output.display(),
+            m.plan().content_length(),
+            m.content_digest(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn gc(cfg: Config, quiet: bool) -> Result<(), Failure> {
+    let store = Store::open(&cfg.data_dir, Duration::from_millis(cfg.storage.commit_interval_ms))
+        .map_err(|e| classify(FetchError::Store(e)))?;
+    let r = store.gc(&cfg.gc, SystemTime::now()).map_err(|e| classify(FetchError::Store(e)))?;
+    if !quiet {
+        for (name, bytes, reason) in &r.evicted {
+            println!("evicted {name} {bytes} bytes ({reason})");
+        }
+        if let (Some(b), Some(a)) = (r.before, r.after) {
+            println!(
+                "usage {} -> {} of {} bytes; {} evicted, {} in use and kept",
+                b.used, a.used, b.capacity, r.evicted.len(), r.in_use
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Maps a pipeline error to its exit code.
+fn classify(e: FetchError) -> Failure {
+    let code = match &e {
+        FetchError::DigestMismatch { .. } => exit::INTEGRITY,
+        FetchError::TaskId(_) | FetchError::Plan(_) => exit::USAGE,
+        FetchError::Store(s) if s.is_no_space() => exit::LOCAL,
+        FetchError::Store(StoreError::PieceMismatch { .. }) => exit::INTEGRITY,
+        FetchError::Store(_) => exit::LOCAL,
+        FetchError::Source(s) => match s {
+            SourceError::NotFound { .. } | SourceError::Denied { .. } | SourceError::ClientStatus { .. } => {
+                exit::ORIGIN_REFUSED
+            }
+            SourceError::CaCert { .. } => exit::USAGE,
+            SourceError::Changed { .. } => exit::INTEGRITY,
+            _ => exit::NETWORK,
+        },
+    };
+    Failure(code, e.into())
+}
+
+fn parse_headers(raw: &[String]) -> anyhow::Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for h in raw {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("header {h:?} must look like 'Name: value'"))?;
+        let name = HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| anyhow::anyhow!("header {h:?} has an invalid name {:?}", k.trim()))?;
+        let value = HeaderValue::from_str(v.trim())
+            .map_err(|_| anyhow::anyhow!("header {h:?} has an invalid value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn check_output_dir(out: &Path) -> anyhow::Result<()> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        anyhow::bail!("-O {}: directory {} does not exist; create it first", out.display(), dir.display());
+    }
+    if out.is_dir() {
+        anyhow::bail!("-O {}: is a directory; name the output file", out.display());
+    }
+    Ok(())
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 4194304, 4M or 4MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        _ => return Err(format!("{s:?} has an unknown unit {unit:?}; use K, M or G")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn spawn_progress_bar(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let b = bar.clone();
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            b.set_length(p.total.load(Ordering::Relaxed));
+            b.set_position(p.done.load(Ordering::Relaxed));
+        }
+    });
+    (bar, ticker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("4M"), Ok(4 << 20));
+        assert_eq!(parse_size("16KiB"), Ok(16 << 10));
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn headers() {
+        let h = parse_headers(&["Authorization: Bearer x".into(), "X-A:1".into()]).unwrap();
+        assert_eq!(h["authorization"], "Bearer x");
+        assert!(parse_headers(&["nocolon".into()]).is_err());
+        assert!(parse_headers(&["bad name: v".into()]).is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,398 @@
+//! The task pipeline for one download, back to source: look the task up in the store, resume
+//! it or create it, fetch the missing pieces (ranged and parallel when the origin honours
+//! Range, else one in-order stream), verify every piece and the whole content, and seal it.
+//!
+//! One pipeline, parameterised: fresh, resumed, ranged and sequential downloads differ only in
+//! which pieces are missing and where their bytes come from.
+
+mod hasher;
+pub mod output;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::HeaderMap;
+use reqwest::Response;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::core::{Digest, Manifest, Piece, PiecePlan, PiecePlanError, Sha256Stream, TaskId, TaskIdError};
+use crate::source::{exact_body, Origin, SourceError};
+use crate::storage::{LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
+
+pub use hasher::ContentHasher;
+
+/// What to download.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub url: String,
+    /// The whole content's digest, when known: it names the task and is checked at the end.
+    pub digest: Option<Digest>,
+    /// Forces a piece length for a new task (validated); None picks it from the length.
+    pub piece_length: Option<u64>,
+}
+
+/// Live counters for a progress display and for reports.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Content length, once known.
+    pub total: AtomicU64,
+    /// Bytes verified and stored so far (including pieces found in the store).
+    pub done: AtomicU64,
+    /// Body bytes received from the origin, failed attempts included.
+    pub origin_bytes: AtomicU64,
+}
+
+/// Where the content came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Entirely from the local store: no request reached the origin.
+    Store,
+    /// At least partly from the origin.
+    Origin,
+}
+
+pub struct Fetched {
+    pub task: TaskHandle,
+    pub manifest: Manifest,
+    pub served: Served,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    TaskId(#[from] TaskIdError),
+    #[error("--piece-length: {0}")]
+    Plan(#[from] PiecePlanError),
+    #[error("digest mismatch for {url}: expected {expected}, the content has {actual}; nothing was saved")]
+    DigestMismatch { url: String, expected: Digest, actual: Digest },
+}
+
+impl FetchError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::Source(e) => e.is_retryable(),
+            FetchError::Store(StoreError::PieceMismatch { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+pub struct Fetcher {
+    store: Store,
+    origin: Origin,
+    cfg: Config,
+}
+
+impl Fetcher {
+    pub fn new(cfg: Config, headers: HeaderMap) -> Result<Fetcher, FetchError> {
+        let store = Store::open(&cfg.data_dir, Duration::from_millis(cfg.storage.commit_interval_ms))?;
+        let origin = Origin::new(&cfg.source, headers)?;
+        Ok(Fetcher { store, origin, cfg })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub async fn fetch(&self, req: &Request, progress: &Arc<Progress>) -> Result<Fetched, FetchError> {
+        let id = TaskId::resolve(&req.url, req.digest, &self.cfg.source.filtered_query_params)?;
+        self.fetch_task(id, req, progress).instrument(tracing::info_span!("task", %id)).await
+    }
+
+    async fn fetch_task(&self, id: TaskId, req: &Request, progress: &Arc<Progress>) -> Result<Fetched, FetchError> {
+        // Make room before adding to the store. Tasks in use by anyone are never touched.
+        match self.store.gc(&self.cfg.gc, SystemTime::now()) {
+            Ok(r) if !r.evicted.is_empty() => tracing::info!(evicted = r.evicted.len(), "garbage collected"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
+        }
+        let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
+        let (existing, lease) = match self.store.load(lease)? {
+            Ok(task) => (Some(task), None),
+            Err(lease) => (None, Some(lease)),
+        };
+        let existing = match existing {
+            Some(task) => match self.from_store(task, progress).await? {
+                Ok(done) => return Ok(done),
+                Err(partial) => Some(partial),
+            },
+            None => None,
+        };
+
+        let url = req.url.as_str();
+        let probe = self.retrying("probe", || self.origin.probe(url)).await?;
+        let len = probe.content_length.ok_or_else(|| SourceError::UnknownLength { url: url.into() })?;
+        let task = match (existing, lease) {
+            (Some(t), _) if t.plan().content_length() == len && t.header().validator == probe.validator => {
+                tracing::info!(verified = t.verified_count(), of = t.plan().count(), "resuming");
+                t
+            }
+            (Some(t), _) => {
+                tracing::warn!(
+                    stored_length = t.plan().content_length(), length = len,
+                    "the origin's content changed since the stored partial download; starting over"
+                );
+                let lease = t.discard()?;
+                self.create(lease, id, req, len, &probe.validator)?
+            }
+            (None, Some(lease)) => self.create(lease, id, req, len, &probe.validator)?,
+            (None, None) => unreachable!("a lease is returned whenever no task was loaded"),
+        };
+
+        let plan = task.plan();
+        let have = task.piece_digests();
+        let missing: Vec<u32> = (0..plan.count()).filter(|&i| have[i as usize].is_none()).collect();
+        let fresh = missing.len() == plan.count() as usize;
+        progress.total.store(len, Ordering::Relaxed);
+        let stored: u64 = plan.pieces().filter(|p| have[p.index as usize].is_some()).map(|p| p.length).sum();
+        progress.done.store(stored, Ordering::Relaxed);
+
+        let streamed = if probe.ranged {
+            match self.ranged(&task, url, missing, fresh, progress).await {
+                Err(FetchError::Source(SourceError::RangeIgnored { .. })) => {
+                    tracing::warn!("the origin stopped honouring Range; reading the whole body in order");
+                    self.sequential(&task, url, None, progress).await?
+                }
+                other => other?,
+            }
+        } else {
+            tracing::info!("the origin does not honour Range; reading the whole body in order");
+            self.sequential(&task, url, probe.full_body, progress).await?
+        };
+        let actual = match streamed {
+            Some(d) => d,
+            None => task.hash_content().await?,
+        };
+        if let Some(expected) = req.digest {
+            if expected != actual {
+                task.discard()?;
+                return Err(FetchError::DigestMismatch { url: url.into(), expected, actual });
+            }
+        }
+        let manifest = task.complete(actual)?;
+        Ok(Fetched { task, manifest, served: Served::Origin })
+    }
+
+    /// A stored task, complete (`Ok`) or still partial (`Err`, handed back).
+    async fn from_store(&self, task: TaskHandle, progress: &Progress) -> Result<Result<Fetched, TaskHandle>, FetchError> {
+        let recovered = task.recover_unjournaled().await?;
+        if recovered > 0 {
+            tracing::info!(recovered, "re-verified pieces that were stored but not yet journaled");
+        }
+        let Some(manifest) = task.manifest().filter(|_| task.is_complete()) else {
+            return Ok(Err(task));
+        };
+        let len = task.plan().content_length();
+        progress.total.store(len, Ordering::Relaxed);
+        progress.done.store(len, Ordering::Relaxed);
+        tracing::info!("served from the local store");
+        Ok(Ok(Fetched { task, manifest, served: Served::Store }))
+    }
+
+    fn create(
+        &self,
+        lease: crate::storage::Lease,
+        id: TaskId,
+        req: &Request,
+        len: u64,
+        validator: &str,
+    ) -> Result<TaskHandle, FetchError> {
+        let plan = match req.piece_length {
+            Some(pl) => PiecePlan::new(len, pl)?,
+            None => PiecePlan::with_default(len),
+        };
+        let header = TaskHeader { id, plan, expected: req.digest, validator: validator.into(), url: req.url.clone() };
+        Ok(self.store.create(lease, header)?)
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or runs out of attempts.
+    async fn retrying<T, F, Fut, E>(&self, what: &str, mut op: F) -> Result<T, FetchError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: Into<FetchError>,
+    {
+        let mut attempt = 1;
+        loop {
+            match op().await.map_err(Into::into) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && attempt < self.cfg.source.attempts => {
+                    let wait = self.backoff(attempt);
+                    tracing::warn!(%what, attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.cfg.source.backoff_ms.saturating_mul(1 << (attempt - 1).min(16)).min(5_000);
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        Duration::from_millis((base as f64 * jitter) as u64)
+    }
+
+    /// Parallel ranged fetches of the `missing` pieces. With `hash`, the whole-content digest
+    /// is computed on the way (every piece passes through here), else the caller re-reads.
+    async fn ranged(
+        &self,
+        task: &TaskHandle,
+        url: &str,
+        missing: Vec<u32>,
+        hash: bool,
+        progress: &Arc<Progress>,
+    ) -> Result<Option<Digest>, FetchError> {
+        let plan = task.plan();
+        let conc = self.cfg.source.concurrency;
+        let window = window(conc, plan.piece_length());
+        let permits = Arc::new(Semaphore::new(window));
+        let queue = Mutex::new(VecDeque::from(missing));
+        let hasher = hash.then(|| ContentHasher::start(plan.count()));
+        let validator = task.header().validator.clone();
+        let worker = || async {
+            loop {
+                // Take the permit before the index: permit holders then always own the lowest
+                // outstanding pieces, so the in-order hasher can never wait on a piece that is
+                // itself waiting for a permit.
+                let permit = permits.clone().acquire_owned().await.map_err(|_| {
+                    FetchError::Store(StoreError::Uring(std::io::Error::other("piece window closed")))
+                })?;
+                let Some(index) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { return Ok(()) };
+                let piece = plan.piece(index).unwrap_or_else(|| unreachable!("missing pieces are in the plan"));
+                let chunks = self
+                    .retrying("piece", || self.ranged_piece(task, url, piece, &validator, progress))
+                    .instrument(tracing::debug_span!("piece", index))
+                    .await?;
+                match &hasher {
+                    Some(h) => h.feed(index, chunks, Some(permit)),
+                    None => drop(permit),
+                }
+            }
+        };
+        let workers: Vec<_> = (0..conc).map(|_| worker()).collect();
+        futures::future::try_join_all(workers).await.map_err(|e: FetchError| e)?;
+        Ok(hasher.and_then(ContentHasher::finish))
+    }
+
+    /// One attempt at one piece over a Range request.
+    async fn ranged_piece(
+        &self,
+        task: &TaskHandle,
+        url: &str,
+        piece: Piece,
+        validator: &str,
+        progress: &Progress,
+    ) -> Result<Vec<Bytes>, FetchError> {
+        let total = task.plan().content_length();
+        let body = self.origin.range(url, piece.offset, piece.length, total, validator).await?;
+        let mut body = std::pin::pin!(body);
+        let mut hash = Sha256Stream::new();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            progress.origin_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            hash.update(&chunk);
+            chunks.push(chunk);
+        }
+        task.write_piece(piece, chunks.clone(), hash.finish()).await?;
+        progress.done.fetch_add(piece.length, Ordering::Relaxed);
+        Ok(chunks)
+    }
+
+    /// Reads the whole body in order (an origin without Range), storing the missing pieces and
+    /// hashing everything. Retries start the body over; pieces stored by earlier attempts stay.
+    async fn sequential(
+        &self,
+        task: &TaskHandle,
+        url: &str,
+        first: Option<Response>,
+        progress: &Arc<Progress>,
+    ) -> Result<Option<Digest>, FetchError> {
+        let mut first = first;
+        self.retrying("body", || {
+            let resp = first.take();
+            async move {
+                let resp = match resp {
+                    Some(r) => r,
+                    None => self.origin.full(url).await?,
+                };
+                self.consume_in_order(task, url, resp, progress).await.map(Some)
+            }
+        })
+        .await
+    }
+
+    async fn consume_in_order(
+        &self,
+        task: &TaskHandle,
+        url: &str,
+        resp: Response,
+        progress: &Progress,
+    ) -> Result<Digest, FetchError> {
+        let plan = task.plan();
+        let len = plan.content_length();
+        if let Some(cl) = resp.content_length() {
+            if cl != len {
+                return Err(SourceError::Changed { url: url.into(), detail: format!("length was {len}, now {cl}") }.into());
+            }
+        }
+        let window = window(1, plan.piece_length());
+        let permits = Arc::new(Semaphore::new(window));
+        let hasher = ContentHasher::start(plan.count());
+        let mut have = task.piece_digests();
+        let mut body = std::pin::pin!(exact_body(url.to_string(), resp, len));
+        let mut pieces = plan.pieces();
+        let mut piece = pieces.next();
+        let (mut cur, mut cur_len, mut hash) = (Vec::new(), 0u64, Sha256Stream::new());
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk?;
+            progress.origin_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            while !chunk.is_empty() {
+                let Some(p) = piece else { break };
+                let need = (p.length - cur_len) as usize;
+                let part = if chunk.len() > need { chunk.split_to(need) } else { std::mem::take(&mut chunk) };
+                let stored = have[p.index as usize].is_some();
+                if !stored {
+                    hash.update(&part);
+                }
+                cur_len += part.len() as u64;
+                cur.push(part);
+                if cur_len < p.length {
+                    continue;
+                }
+                let chunks = std::mem::take(&mut cur);
+                if !stored {
+                    let digest = std::mem::take(&mut hash).finish();
+                    task.write_piece(p, chunks.clone(), digest).await?;
+                    have[p.index as usize] = Some(digest);
+                    progress.done.fetch_add(p.length, Ordering::Relaxed);
+                }
+                let permit = permits.clone().acquire_owned().await.ok();
+                hasher.feed(p.index, chunks, permit);
+                cur_len = 0;
+                piece = pieces.next();
+            }
+        }
+        hasher.finish().ok_or_else(|| {
+            SourceError::Short { url: url.into(), got: plan.content_length() - cur_len, want: len }.into()
+        })
+    }
+}
+
+/// Pieces that may be in flight or waiting for the in-order hasher: enough to keep every
+/// connection busy, capped at 64 MiB of piece data (never below one per connection plus one).
+fn window(concurrency: usize, piece_length: u64) -> usize {
+    let cap = (64 * 1024 * 1024 / piece_length.max(1)) as usize;
+    (concurrency * 4).min(cap).max(concurrency + 1)
+}
