@@ -1,1 +1,196 @@
+//! The integration-test harness. Tests run the real `starling` binary against real origins:
+//! nginx and `python3 -m http.server` (which ignores Range), plus a small fault-injecting
+//! origin for what real servers do on a bad day. Every process started here is killed by PID
+//! when its guard drops.
 
+mod fault;
+mod servers;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub use fault::{FaultOrigin, Faults};
+pub use servers::{Nginx, PyHttp};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The binary under test: $STARLING_BIN, else target/debug/starling (built by `cargo xtask test`).
+pub fn starling_bin() -> PathBuf {
+    let p = std::env::var_os("STARLING_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/debug/starling"));
+    assert!(
+        p.exists(),
+        "{} does not exist: run the suite with `cargo xtask test`, or `cargo build -p starling` first",
+        p.display()
+    );
+    p
+}
+
+/// A scratch area for one test: a data dir, an output dir and a config file with short
+/// retry delays. Removed on drop.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new().prefix("starling-test-").tempdir().expect("create a temp dir");
+        let s = Scratch { dir };
+        std::fs::create_dir_all(s.out_dir()).expect("create out dir");
+        s.write_config("");
+        s
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.path().join("data")
+    }
+
+    pub fn out_dir(&self) -> PathBuf {
+        self.path().join("out")
+    }
+
+    pub fn out(&self, name: &str) -> PathBuf {
+        self.out_dir().join(name)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path().join("starling.toml")
+    }
+
+    /// Writes the config: test-friendly source settings plus `extra` TOML (which may add
+    /// tables such as [gc]).
+    pub fn write_config(&self, extra: &str) {
+        let text = format!(
+            "data_dir = {:?}\n{extra}\n[source]\nbackoff_ms = 20\nattempts = 6\nidle_timeout_seconds = 5\n",
+            self.data_dir()
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+    }
+
+    /// `starling` with this scratch's config.
+    pub fn starling(&self) -> Command {
+        let mut c = Command::new(starling_bin());
+        c.env("STARLING_CONFIG", self.config_path()).env_remove("STARLING_DATA_DIR").env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs `starling get URL -O out/NAME extra...`.
+    pub fn get(&self, url: &str, name: &str, extra: &[&str]) -> Run {
+        let mut c = self.starling();
+        c.arg("get").arg(url).arg("-O").arg(self.out(name)).args(extra);
+        Run::of(&mut c)
+    }
+
+    /// The task directories in the store.
+    pub fn tasks(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.data_dir().join("tasks"))
+            .map(|it| it.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A finished command.
+pub struct Run {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn of(cmd: &mut Command) -> Run {
+        let Output { status, stdout, stderr } = cmd.output().expect("run the command");
+        Run { code: status.code().unwrap_or(-1), stdout, stderr: String::from_utf8_lossy(&stderr).into_owned() }
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "expected success; stderr:\n{}", self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn fails_with(self, code: i32) -> Run {
+        assert_eq!(self.code, code, "expected exit code {code}; stderr:\n{}", self.stderr);
+        self
+    }
+}
+
+/// Deterministic pseudo-random bytes (splitmix64), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x = seed;
+    while out.len() < len {
+        x = x.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of a file as `sha256:<hex>`, computed by coreutils' sha256sum (independent of the
+/// code under test).
+pub fn sha256_file(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    let hex = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string();
+    format!("sha256:{hex}")
+}
+
+/// SHA-256 of bytes, by sha256sum through a temp file.
+pub fn sha256_bytes(data: &[u8]) -> String {
+    let f = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(f.path(), data).expect("write temp file");
+    sha256_file(f.path())
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
+}
+
+/// Waits until something accepts on 127.0.0.1:port.
+pub fn wait_for_port(port: u16, what: &str) {
+    wait_until(Duration::from_secs(15), what, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
+
+/// Polls `cond` every 10 ms until it holds, or panics naming `what` after `limit`.
+#[track_caller]
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// True when running as root (the tests that mount file systems need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Kills a process by PID (never by name).
+pub fn kill_pid(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a PID we started.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}

@@ -1,1 +1,101 @@
-fn main() {}
+//! `cargo xtask`: the project's automation. Every command sets up what it needs first.
+//!
+//! - `setup`: idempotent machine setup (nightly rust-src, bpf-linker, apt packages, tracefs).
+//! - `build-ebpf`: builds the eBPF programs in `ebpf/` for bpfel-unknown-none.
+//! - `test`: setup, format and lint checks, eBPF build, then the whole test suite.
+//! - `demo`: the main job: a live download from a local origin.
+//! - `bench get`: release benchmarks with ratios against a baseline in the same run.
+
+mod demo;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("build-ebpf") => build_ebpf(),
+        Some("test") => test(&rest),
+        Some("demo") => demo::run(&rest),
+        Some("bench") => bench(&rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 setup        install what builds and tests need (idempotent)\n  \
+                 build-ebpf   build the eBPF programs in ebpf/\n  \
+                 test         setup, fmt + clippy checks, eBPF build, the whole test suite\n  \
+                 demo         the main job: a live verified download from a local origin\n  \
+                 bench get    SHA-256 path, io_uring store and `starling get` vs curl, as ratios"
+            );
+            bail!("no command given")
+        }
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Runs a command to completion, failing with its command line if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: $ {}", show(cmd));
+    let status = cmd.status().with_context(|| format!("cannot run {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", show(cmd));
+    }
+    Ok(())
+}
+
+pub fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build_ebpf() -> Result<()> {
+    setup::ensure_ebpf_toolchain()?;
+    // The nightly toolchain is named explicitly; the ebpf/ workspace's own .cargo/config.toml
+    // sets the bpfel-unknown-none target and build-std.
+    let mut c = Command::new("cargo");
+    c.current_dir(root().join("ebpf")).env_remove("RUSTUP_TOOLCHAIN").env_remove("CARGO");
+    c.args(["+nightly", "build", "--release"]);
+    run(&mut c)
+}
+
+fn test(extra: &[&str]) -> Result<()> {
+    setup::run()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(Command::new("cargo").current_dir(root().join("ebpf")).args(["+nightly", "fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    build_ebpf()?;
+    // The integration tests run the real binary; build it first so they never test a stale one.
+    run(cargo().args(["build", "--package", "starling", "--bin", "starling"]))?;
+    run(cargo().args(["test", "--workspace"]).args(extra))
+}
+
+fn bench(args: &[&str]) -> Result<()> {
+    match args.first() {
+        Some(&"get") => {}
+        _ => bail!("usage: cargo xtask bench get [--size-mib N] [--runs N]"),
+    }
+    setup::run()?;
+    run(cargo().args(["build", "--release", "--package", "starling", "--package", "starling-bench"]))?;
+    let bin = root().join("target/release/starling-bench");
+    run(Command::new(bin).args(args).env("STARLING_BIN", root().join("target/release/starling")))
+}

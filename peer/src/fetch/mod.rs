@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::core::{Digest, Manifest, Piece, PiecePlan, PiecePlanError, Sha256Stream, TaskId, TaskIdError};
 use crate::source::{exact_body, Origin, SourceError};
-use crate::storage::{LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
+use crate::storage::{Lease, LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
 
 pub use hasher::ContentHasher;
 
@@ -87,6 +87,12 @@ impl FetchError {
     }
 }
 
+enum Stored {
+    Complete(Fetched),
+    Partial(TaskHandle),
+    Absent(Lease),
+}
+
 pub struct Fetcher {
     store: Store,
     origin: Origin,
@@ -105,6 +111,9 @@ impl Fetcher {
     }
 
     pub async fn fetch(&self, req: &Request, progress: &Arc<Progress>) -> Result<Fetched, FetchError> {
+        if let Some(pl) = req.piece_length {
+            PiecePlan::new(0, pl)?; // reject a bad length before any I/O
+        }
         let id = TaskId::resolve(&req.url, req.digest, &self.cfg.source.filtered_query_params)?;
         self.fetch_task(id, req, progress).instrument(tracing::info_span!("task", %id)).await
     }
@@ -117,27 +126,23 @@ impl Fetcher {
             Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
         }
         let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
-        let (existing, lease) = match self.store.load(lease)? {
-            Ok(task) => (Some(task), None),
-            Err(lease) => (None, Some(lease)),
+        let stored = match self.store.load(lease)? {
+            Ok(task) => self.from_store(task, progress).await?,
+            Err(lease) => Stored::Absent(lease),
         };
-        let existing = match existing {
-            Some(task) => match self.from_store(task, progress).await? {
-                Ok(done) => return Ok(done),
-                Err(partial) => Some(partial),
-            },
-            None => None,
-        };
+        if let Stored::Complete(done) = stored {
+            return Ok(done);
+        }
 
         let url = req.url.as_str();
         let probe = self.retrying("probe", || self.origin.probe(url)).await?;
         let len = probe.content_length.ok_or_else(|| SourceError::UnknownLength { url: url.into() })?;
-        let task = match (existing, lease) {
-            (Some(t), _) if t.plan().content_length() == len && t.header().validator == probe.validator => {
+        let task = match stored {
+            Stored::Partial(t) if t.plan().content_length() == len && t.header().validator == probe.validator => {
                 tracing::info!(verified = t.verified_count(), of = t.plan().count(), "resuming");
                 t
             }
-            (Some(t), _) => {
+            Stored::Partial(t) => {
                 tracing::warn!(
                     stored_length = t.plan().content_length(), length = len,
                     "the origin's content changed since the stored partial download; starting over"
@@ -145,63 +150,103 @@ impl Fetcher {
                 let lease = t.discard()?;
                 self.create(lease, id, req, len, &probe.validator)?
             }
-            (None, Some(lease)) => self.create(lease, id, req, len, &probe.validator)?,
-            (None, None) => unreachable!("a lease is returned whenever no task was loaded"),
+            Stored::Absent(lease) => self.create(lease, id, req, len, &probe.validator)?,
+            Stored::Complete(_) => unreachable!("returned above"),
         };
 
-        let plan = task.plan();
-        let have = task.piece_digests();
-        let missing: Vec<u32> = (0..plan.count()).filter(|&i| have[i as usize].is_none()).collect();
-        let fresh = missing.len() == plan.count() as usize;
-        progress.total.store(len, Ordering::Relaxed);
-        let stored: u64 = plan.pieces().filter(|p| have[p.index as usize].is_some()).map(|p| p.length).sum();
-        progress.done.store(stored, Ordering::Relaxed);
-
-        let streamed = if probe.ranged {
-            match self.ranged(&task, url, missing, fresh, progress).await {
-                Err(FetchError::Source(SourceError::RangeIgnored { .. })) => {
-                    tracing::warn!("the origin stopped honouring Range; reading the whole body in order");
-                    self.sequential(&task, url, None, progress).await?
-                }
-                other => other?,
-            }
-        } else {
-            tracing::info!("the origin does not honour Range; reading the whole body in order");
-            self.sequential(&task, url, probe.full_body, progress).await?
-        };
-        let actual = match streamed {
-            Some(d) => d,
-            None => task.hash_content().await?,
-        };
-        if let Some(expected) = req.digest {
-            if expected != actual {
-                task.discard()?;
-                return Err(FetchError::DigestMismatch { url: url.into(), expected, actual });
-            }
-        }
-        let manifest = task.complete(actual)?;
-        Ok(Fetched { task, manifest, served: Served::Origin })
+        self.download(task, req, probe.ranged, probe.full_body, progress).await
     }
 
-    /// A stored task, complete (`Ok`) or still partial (`Err`, handed back).
-    async fn from_store(&self, task: TaskHandle, progress: &Progress) -> Result<Result<Fetched, TaskHandle>, FetchError> {
+    /// Fetches what `task` is missing and seals it. Ranged when the origin honours Range; if
+    /// ranged answers stay malformed, or the result fails `--digest` (an origin can lie about
+    /// Range with well-formed headers), it starts over once with a single in-order GET.
+    async fn download(
+        &self,
+        mut task: TaskHandle,
+        req: &Request,
+        ranged: bool,
+        full_body: Option<Response>,
+        progress: &Arc<Progress>,
+    ) -> Result<Fetched, FetchError> {
+        let url = req.url.as_str();
+        let (id, validator) = (task.header().id, task.header().validator.clone());
+        let mut full_body = full_body;
+        let mut ranged = ranged;
+        loop {
+            let plan = task.plan();
+            let have = task.piece_digests();
+            let missing: Vec<u32> = (0..plan.count()).filter(|&i| have[i as usize].is_none()).collect();
+            let fresh = missing.len() == plan.count() as usize;
+            progress.total.store(plan.content_length(), Ordering::Relaxed);
+            let stored: u64 = plan.pieces().filter(|p| have[p.index as usize].is_some()).map(|p| p.length).sum();
+            progress.done.store(stored, Ordering::Relaxed);
+
+            let streamed = if ranged {
+                match self.ranged(&task, url, missing, fresh, progress).await {
+                    Err(FetchError::Source(e @ (SourceError::RangeIgnored { .. } | SourceError::BadRange { .. }))) => {
+                        tracing::warn!(error = %e, "ranged requests do not work with this origin; reading the whole body in order");
+                        self.sequential(&task, url, None, progress).await?
+                    }
+                    other => other?,
+                }
+            } else {
+                tracing::info!("the origin does not honour Range; reading the whole body in order");
+                self.sequential(&task, url, full_body.take(), progress).await?
+            };
+            let actual = match streamed {
+                Some(d) => d,
+                None => task.hash_content().await?,
+            };
+            match req.digest {
+                Some(expected) if expected != actual => {
+                    let lease = task.discard()?;
+                    if !ranged {
+                        return Err(FetchError::DigestMismatch { url: url.into(), expected, actual });
+                    }
+                    tracing::warn!(%expected, %actual, "digest mismatch after ranged fetches; trying once more with one in-order GET");
+                    ranged = false;
+                    task = self.create(lease, id, req, plan.content_length(), &validator)?;
+                }
+                _ => {
+                    let manifest = task.complete(actual)?;
+                    return Ok(Fetched { task, manifest, served: Served::Origin });
+                }
+            }
+        }
+    }
+
+    /// What the store holds for a task: complete and verified end to end, partial, or nothing.
+    async fn from_store(&self, task: TaskHandle, progress: &Progress) -> Result<Stored, FetchError> {
         let recovered = task.recover_unjournaled().await?;
         if recovered > 0 {
             tracing::info!(recovered, "re-verified pieces that were stored but not yet journaled");
         }
-        let Some(manifest) = task.manifest().filter(|_| task.is_complete()) else {
-            return Ok(Err(task));
+        let Some(manifest) = task.manifest() else {
+            return Ok(Stored::Partial(task));
         };
+        // A sealed content is never written again (outputs may be hard links to it): if any
+        // of its pieces no longer verifies, the whole task is discarded and fetched anew.
+        if !task.is_complete() {
+            let bad = task.plan().count() - task.verified_count();
+            tracing::warn!(bad_pieces = bad, "the stored content is damaged; discarding it and fetching again");
+            return Ok(Stored::Absent(task.discard()?));
+        }
+        // End to end, every time: the stored bytes must still hash to the manifest's digest.
+        let actual = task.hash_content().await?;
+        if actual != manifest.content_digest() {
+            tracing::warn!(expected = %manifest.content_digest(), %actual, "the stored content is damaged; discarding it and fetching again");
+            return Ok(Stored::Absent(task.discard()?));
+        }
         let len = task.plan().content_length();
         progress.total.store(len, Ordering::Relaxed);
         progress.done.store(len, Ordering::Relaxed);
         tracing::info!("served from the local store");
-        Ok(Ok(Fetched { task, manifest, served: Served::Store }))
+        Ok(Stored::Complete(Fetched { task, manifest, served: Served::Store }))
     }
 
     fn create(
         &self,
-        lease: crate::storage::Lease,
+        lease: Lease,
         id: TaskId,
         req: &Request,
         len: u64,

@@ -23,7 +23,7 @@ pub enum SourceError {
     Connect { url: String, detail: String },
     #[error("{url}: transfer failed: {detail}")]
     Transfer { url: String, detail: String },
-    #[error("{url}: the body ended after {got} of {want} bytes")]
+    #[error("{url}: the body ended after {got} of {want} bytes (the origin closed early or announced a wrong Content-Length)")]
     Short { url: String, got: u64, want: u64 },
     #[error("{url}: wrong length: {detail}")]
     Length { url: String, detail: String },

@@ -231,7 +231,12 @@ pub fn exact_body(
                     Ok(chunk)
                 }
             }
-            Some(Err(e)) => Err(SourceError::from_reqwest(&st.url, e)),
+            Some(Err(e)) => match SourceError::from_reqwest(&st.url, e) {
+                SourceError::Transfer { detail, .. } if detail.contains("end of file before message length") => {
+                    Err(SourceError::Short { url: st.url.clone(), got: st.seen, want: len })
+                }
+                other => Err(other),
+            },
             None if st.seen < len => {
                 Err(SourceError::Short { url: st.url.clone(), got: st.seen, want: len })
             }
