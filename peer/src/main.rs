@@ -121,14 +121,17 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let mut cfg = Config::load(cli.global.config.as_deref()).map_err(|e| fail(exit::USAGE)(e.into()))?;
+    let mut cfg =
+        Config::load(cli.global.config.as_deref()).map_err(|e| fail(exit::USAGE)(e.into()))?;
     if let Some(d) = cli.global.data_dir {
         cfg.data_dir = d;
     }
@@ -146,7 +149,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
 async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure> {
     let usage = fail(exit::USAGE);
     let digest = match &args.digest {
-        Some(d) => Some(d.parse::<Digest>().map_err(|e| usage(anyhow::anyhow!("--digest: {e}")))?),
+        Some(d) => Some(
+            d.parse::<Digest>()
+                .map_err(|e| usage(anyhow::anyhow!("--digest: {e}")))?,
+        ),
         None => None,
     };
     let headers = parse_headers(&args.headers).map_err(fail(exit::USAGE))?;
@@ -156,10 +162,15 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
     }
     cfg.source.ca_certs.extend(args.ca_certs.iter().cloned());
     let fetcher = Fetcher::new(cfg, headers).map_err(classify)?;
-    let req = Request { url: args.url.clone(), digest, piece_length: args.piece_length };
+    let req = Request {
+        url: args.url.clone(),
+        digest,
+        piece_length: args.piece_length,
+    };
     let progress = Arc::new(Progress::default());
     let started = Instant::now();
-    let bar = (!quiet && std::io::stderr().is_terminal()).then(|| spawn_progress_bar(progress.clone()));
+    let bar =
+        (!quiet && std::io::stderr().is_terminal()).then(|| spawn_progress_bar(progress.clone()));
     let res = fetcher.fetch(&req, &progress).await;
     if let Some((bar, ticker)) = bar {
         ticker.abort();
@@ -167,23 +178,36 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
     }
     let fetched = res.map_err(classify)?;
     // Readers hold a shared lease: others may read too, GC may not evict it meanwhile.
-    fetched.task.lease().downgrade().map_err(|e| fail(exit::LOCAL)(e.into()))?;
+    fetched
+        .task
+        .lease()
+        .downgrade()
+        .map_err(|e| fail(exit::LOCAL)(e.into()))?;
     let content = fetched.task.content_path();
     let placed = if to_stdout {
         let mut f = std::fs::File::open(&content).map_err(|e| fail(exit::LOCAL)(e.into()))?;
-        std::io::copy(&mut f, &mut std::io::stdout().lock())
-            .map_err(|e| fail(exit::LOCAL)(anyhow::anyhow!("cannot write to standard output: {e}")))?;
+        std::io::copy(&mut f, &mut std::io::stdout().lock()).map_err(|e| {
+            fail(exit::LOCAL)(anyhow::anyhow!("cannot write to standard output: {e}"))
+        })?;
         "stdout".to_string()
     } else {
         output::place(&content, &args.output, !args.no_hardlink)
-            .map_err(|e| fail(exit::LOCAL)(anyhow::anyhow!("cannot write {}: {e}", args.output.display())))?
+            .map_err(|e| {
+                fail(exit::LOCAL)(anyhow::anyhow!(
+                    "cannot write {}: {e}",
+                    args.output.display()
+                ))
+            })?
             .to_string()
     };
     if !quiet {
         let m = &fetched.manifest;
         let from = match fetched.served {
             Served::Store => "local store, 0 bytes from the origin".to_string(),
-            Served::Origin => format!("origin, {} bytes received", progress.origin_bytes.load(Ordering::Relaxed)),
+            Served::Origin => format!(
+                "origin, {} bytes received",
+                progress.origin_bytes.load(Ordering::Relaxed)
+            ),
         };
         eprintln!(
             "starling: saved {} ({} bytes, {}) from {from} via {placed} in {:.2}s",
@@ -197,9 +221,14 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
 }
 
 fn gc(cfg: Config, quiet: bool) -> Result<(), Failure> {
-    let store = Store::open(&cfg.data_dir, Duration::from_millis(cfg.storage.commit_interval_ms))
+    let store = Store::open(
+        &cfg.data_dir,
+        Duration::from_millis(cfg.storage.commit_interval_ms),
+    )
+    .map_err(|e| classify(FetchError::Store(e)))?;
+    let r = store
+        .gc(&cfg.gc, SystemTime::now())
         .map_err(|e| classify(FetchError::Store(e)))?;
-    let r = store.gc(&cfg.gc, SystemTime::now()).map_err(|e| classify(FetchError::Store(e)))?;
     if !quiet {
         for (name, bytes, reason) in &r.evicted {
             println!("evicted {name} {bytes} bytes ({reason})");
@@ -207,7 +236,11 @@ fn gc(cfg: Config, quiet: bool) -> Result<(), Failure> {
         if let (Some(b), Some(a)) = (r.before, r.after) {
             println!(
                 "usage {} -> {} of {} bytes; {} evicted, {} in use and kept",
-                b.used, a.used, b.capacity, r.evicted.len(), r.in_use
+                b.used,
+                a.used,
+                b.capacity,
+                r.evicted.len(),
+                r.in_use
             );
         }
     }
@@ -223,9 +256,9 @@ fn classify(e: FetchError) -> Failure {
         FetchError::Store(StoreError::PieceMismatch { .. }) => exit::INTEGRITY,
         FetchError::Store(_) => exit::LOCAL,
         FetchError::Source(s) => match s {
-            SourceError::NotFound { .. } | SourceError::Denied { .. } | SourceError::ClientStatus { .. } => {
-                exit::ORIGIN_REFUSED
-            }
+            SourceError::NotFound { .. }
+            | SourceError::Denied { .. }
+            | SourceError::ClientStatus { .. } => exit::ORIGIN_REFUSED,
             SourceError::CaCert { .. } => exit::USAGE,
             SourceError::Changed { .. } => exit::INTEGRITY,
             _ => exit::NETWORK,
@@ -255,7 +288,11 @@ fn check_output_dir(out: &Path) -> anyhow::Result<()> {
         _ => Path::new("."),
     };
     if !dir.is_dir() {
-        anyhow::bail!("-O {}: directory {} does not exist; create it first", out.display(), dir.display());
+        anyhow::bail!(
+            "-O {}: directory {} does not exist; create it first",
+            out.display(),
+            dir.display()
+        );
     }
     if out.is_dir() {
         anyhow::bail!("-O {}: is a directory; name the output file", out.display());
@@ -267,7 +304,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 4194304, 4M or 4MiB"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 4194304, 4M or 4MiB"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1024,
@@ -275,7 +314,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1024 * 1024 * 1024,
         _ => return Err(format!("{s:?} has an unknown unit {unit:?}; use K, M or G")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn spawn_progress_bar(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {

@@ -82,8 +82,12 @@ impl FaultOrigin {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (faults, content, served, requests) =
-                    (faults.clone(), content.clone(), served.clone(), requests.clone());
+                let (faults, content, served, requests) = (
+                    faults.clone(),
+                    content.clone(),
+                    served.clone(),
+                    requests.clone(),
+                );
                 active.fetch_add(1, Ordering::Relaxed);
                 let guard = Active(active.clone());
                 std::thread::spawn(move || {
@@ -151,7 +155,11 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
     let (s, e) = v.strip_prefix("bytes=")?.split_once('-')?;
     let s: u64 = s.parse().ok()?;
-    let e: u64 = if e.is_empty() { len.checked_sub(1)? } else { e.parse::<u64>().ok()?.min(len.checked_sub(1)?) };
+    let e: u64 = if e.is_empty() {
+        len.checked_sub(1)?
+    } else {
+        e.parse::<u64>().ok()?.min(len.checked_sub(1)?)
+    };
     (s <= e).then_some((s, e))
 }
 
@@ -166,7 +174,10 @@ fn take(counter: &mut Option<(u32, u64)>) -> Option<u64> {
 }
 
 fn reset(conn: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt on a socket we own, with a correctly sized linger struct.
     unsafe {
         libc::setsockopt(
@@ -186,7 +197,9 @@ fn serve(
     served: &AtomicU64,
     requests: &AtomicU64,
 ) {
-    let Some(head) = read_head(&mut conn) else { return };
+    let Some(head) = read_head(&mut conn) else {
+        return;
+    };
     requests.fetch_add(1, Ordering::Relaxed);
     let data = content.lock().map(|c| c.clone()).unwrap_or_default();
     let len = data.len() as u64;
@@ -196,7 +209,11 @@ fn serve(
         let mut f = faults.lock().expect("faults lock");
         let status = if f.forbidden {
             403
-        } else if f.require_auth.as_deref().is_some_and(|want| header(&head, "authorization") != Some(want)) {
+        } else if f
+            .require_auth
+            .as_deref()
+            .is_some_and(|want| header(&head, "authorization") != Some(want))
+        {
             401
         } else if f.status_500 > 0 {
             f.status_500 -= 1;
@@ -204,19 +221,28 @@ fn serve(
         } else {
             200
         };
-        let (r, s) = if status == 200 { (take(&mut f.reset_after), take(&mut f.short_body)) } else { (None, None) };
+        let (r, s) = if status == 200 {
+            (take(&mut f.reset_after), take(&mut f.short_body))
+        } else {
+            (None, None)
+        };
         (status, r, s, f.clone())
     };
     if status != 200 {
-        let msg = format!("HTTP/1.1 {status} Nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let msg =
+            format!("HTTP/1.1 {status} Nope\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         let _ = conn.write_all(msg.as_bytes());
         return;
     }
-    let honour = range.is_some() && !f.ignore_range && !(f.ignore_range_after_probe && !is_probe);
+    let honour = range.is_some() && !f.ignore_range && (is_probe || !f.ignore_range_after_probe);
     let etag = "\"fault-origin-v1\"";
     let (mut head_out, body_start, body_len) = match range {
         Some((s, e)) if honour => {
-            let shown = if f.wrong_content_range { (s + 1, e + 1) } else { (s, e) };
+            let shown = if f.wrong_content_range {
+                (s + 1, e + 1)
+            } else {
+                (s, e)
+            };
             let start = if f.wrong_range_bytes { 0 } else { s };
             (
                 format!(
@@ -229,13 +255,24 @@ fn serve(
                 e - s + 1,
             )
         }
-        _ => (format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n"), 0, len),
+        _ => (
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n"),
+            0,
+            len,
+        ),
     };
-    head_out.push_str(&format!("ETag: {etag}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n"));
+    head_out.push_str(&format!(
+        "ETag: {etag}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n"
+    ));
     if conn.write_all(head_out.as_bytes()).is_err() {
         return;
     }
-    let limit = [reset_at, short_at].into_iter().flatten().min().unwrap_or(body_len).min(body_len);
+    let limit = [reset_at, short_at]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(body_len)
+        .min(body_len);
     let started = Instant::now();
     let mut sent = 0u64;
     while sent < limit {

@@ -4,6 +4,7 @@
 //! when its guard drops.
 
 mod fault;
+mod netns;
 mod servers;
 
 use std::path::{Path, PathBuf};
@@ -11,11 +12,15 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 pub use fault::{FaultOrigin, Faults};
+pub use netns::Netns;
 pub use servers::{Nginx, PyHttp};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// The binary under test: $STARLING_BIN, else target/debug/starling (built by `cargo xtask test`).
@@ -39,7 +44,10 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Scratch {
-        let dir = tempfile::Builder::new().prefix("starling-test-").tempdir().expect("create a temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("starling-test-")
+            .tempdir()
+            .expect("create a temp dir");
         let s = Scratch { dir };
         std::fs::create_dir_all(s.out_dir()).expect("create out dir");
         s.write_config("");
@@ -79,14 +87,20 @@ impl Scratch {
     /// `starling` with this scratch's config.
     pub fn starling(&self) -> Command {
         let mut c = Command::new(starling_bin());
-        c.env("STARLING_CONFIG", self.config_path()).env_remove("STARLING_DATA_DIR").env_remove("RUST_LOG");
+        c.env("STARLING_CONFIG", self.config_path())
+            .env_remove("STARLING_DATA_DIR")
+            .env_remove("RUST_LOG");
         c
     }
 
     /// Runs `starling get URL -O out/NAME extra...`.
     pub fn get(&self, url: &str, name: &str, extra: &[&str]) -> Run {
         let mut c = self.starling();
-        c.arg("get").arg(url).arg("-O").arg(self.out(name)).args(extra);
+        c.arg("get")
+            .arg(url)
+            .arg("-O")
+            .arg(self.out(name))
+            .args(extra);
         Run::of(&mut c)
     }
 
@@ -113,8 +127,16 @@ pub struct Run {
 
 impl Run {
     pub fn of(cmd: &mut Command) -> Run {
-        let Output { status, stdout, stderr } = cmd.output().expect("run the command");
-        Run { code: status.code().unwrap_or(-1), stdout, stderr: String::from_utf8_lossy(&stderr).into_owned() }
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = cmd.output().expect("run the command");
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
     }
 
     #[track_caller]
@@ -125,7 +147,11 @@ impl Run {
 
     #[track_caller]
     pub fn fails_with(self, code: i32) -> Run {
-        assert_eq!(self.code, code, "expected exit code {code}; stderr:\n{}", self.stderr);
+        assert_eq!(
+            self.code, code,
+            "expected exit code {code}; stderr:\n{}",
+            self.stderr
+        );
         self
     }
 }
@@ -148,9 +174,16 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// SHA-256 of a file as `sha256:<hex>`, computed by coreutils' sha256sum (independent of the
 /// code under test).
 pub fn sha256_file(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().expect("run sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
     assert!(out.status.success(), "sha256sum {} failed", path.display());
-    let hex = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string();
+    let hex = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
     format!("sha256:{hex}")
 }
 
@@ -163,12 +196,17 @@ pub fn sha256_bytes(data: &[u8]) -> String {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
 }
 
 /// Waits until something accepts on 127.0.0.1:port.
 pub fn wait_for_port(port: u16, what: &str) {
-    wait_until(Duration::from_secs(15), what, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_until(Duration::from_secs(15), what, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 }
 
 /// Polls `cond` every 10 ms until it holds, or panics naming `what` after `limit`.
@@ -176,7 +214,10 @@ pub fn wait_for_port(port: u16, what: &str) {
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -21,7 +21,10 @@ impl Nginx {
 
     /// With `tls = Some((cert_pem_path, key_pem_path))`, also serves HTTPS.
     pub fn start_with(www: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
-        let dir = tempfile::Builder::new().prefix("starling-nginx-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("starling-nginx-")
+            .tempdir()
+            .expect("temp dir");
         let d = dir.path();
         let port = free_port();
         let tls_port = tls.map(|_| free_port());
@@ -59,7 +62,12 @@ impl Nginx {
         if let Some(p) = tls_port {
             wait_for_port(p, "nginx to listen on TLS");
         }
-        Nginx { child, port, tls_port, dir }
+        Nginx {
+            child,
+            port,
+            tls_port,
+            dir,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -71,7 +79,11 @@ impl Nginx {
         text.lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                Some((f.get(1)?.to_string(), f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+                Some((
+                    f.get(1)?.to_string(),
+                    f.get(2)?.parse().ok()?,
+                    f.get(3)?.parse().ok()?,
+                ))
             })
             .collect()
     }
@@ -110,7 +122,14 @@ impl PyHttp {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().expect("temp file");
         let child = Command::new("python3")
-            .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
             .arg(www)
             .stdout(Stdio::null())
             .stderr(log.reopen().expect("reopen log"))
@@ -126,7 +145,11 @@ impl PyHttp {
 
     /// GET requests it logged (its log goes to stderr, one line per request).
     pub fn gets(&self) -> usize {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default().lines().filter(|l| l.contains("\"GET ")).count()
+        std::fs::read_to_string(self.log.path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET "))
+            .count()
     }
 }
 

@@ -9,7 +9,10 @@ const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 
 fn www_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix("starling-www-").tempdir().unwrap();
+    let d = tempfile::Builder::new()
+        .prefix("starling-www-")
+        .tempdir()
+        .unwrap();
     for (name, data) in files {
         std::fs::write(d.path().join(name), data).unwrap();
     }
@@ -25,22 +28,35 @@ fn nginx_download_is_verified_and_the_second_get_never_reaches_the_origin() {
 
     let run = s.get(&nginx.url("blob.bin"), "a.bin", &[]).ok();
     assert_eq!(sha256_file(&s.out("a.bin")), sha256_bytes(&data));
-    assert!(run.stderr.contains(&sha256_bytes(&data)), "summary names the digest: {}", run.stderr);
+    assert!(
+        run.stderr.contains(&sha256_bytes(&data)),
+        "summary names the digest: {}",
+        run.stderr
+    );
     // One probe plus one ranged GET per 1 MiB piece; every body byte sent once (+1 probe byte).
     assert_eq!(nginx.requests(), 1 + data.len().div_ceil(MIB));
     assert_eq!(nginx.bytes_sent(), data.len() as u64 + 1);
 
     let before = nginx.requests();
     let run = s.get(&nginx.url("blob.bin"), "b.bin", &[]).ok();
-    assert_eq!(nginx.requests(), before, "the second get must not reach the origin");
+    assert_eq!(
+        nginx.requests(),
+        before,
+        "the second get must not reach the origin"
+    );
     assert!(run.stderr.contains("local store"), "{}", run.stderr);
     assert_eq!(sha256_file(&s.out("b.bin")), sha256_bytes(&data));
     // Hard-linked to the store (ext4/tmpfs have no reflink): several names, one inode.
     let meta = std::fs::metadata(s.out("b.bin")).unwrap();
-    assert!(meta.nlink() >= 2, "output should be linked to the store, nlink = {}", meta.nlink());
+    assert!(
+        meta.nlink() >= 2,
+        "output should be linked to the store, nlink = {}",
+        meta.nlink()
+    );
 
     // --no-hardlink gives an independent copy.
-    s.get(&nginx.url("blob.bin"), "c.bin", &["--no-hardlink"]).ok();
+    s.get(&nginx.url("blob.bin"), "c.bin", &["--no-hardlink"])
+        .ok();
     assert_eq!(std::fs::metadata(s.out("c.bin")).unwrap().nlink(), 1);
     assert_eq!(sha256_file(&s.out("c.bin")), sha256_bytes(&data));
 }
@@ -49,14 +65,20 @@ fn nginx_download_is_verified_and_the_second_get_never_reaches_the_origin() {
 fn edge_sizes_with_small_pieces() {
     let pl = 16 * KIB;
     let sizes = [0, 1, pl - 1, pl, pl + 1, 5 * pl + 4095];
-    let files: Vec<(String, Vec<u8>)> =
-        sizes.iter().map(|&n| (format!("f{n}"), random_bytes(n, n as u64))).collect();
-    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    let files: Vec<(String, Vec<u8>)> = sizes
+        .iter()
+        .map(|&n| (format!("f{n}"), random_bytes(n, n as u64)))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
     let www = www_with(&refs);
     let nginx = Nginx::start(www.path());
     let s = Scratch::new();
     for (name, data) in &files {
-        s.get(&nginx.url(name), name, &["--piece-length", "16K"]).ok();
+        s.get(&nginx.url(name), name, &["--piece-length", "16K"])
+            .ok();
         let got = std::fs::read(s.out(name)).unwrap();
         assert!(got == *data, "{name}: content differs");
     }
@@ -69,10 +91,15 @@ fn range_ignoring_origin_is_read_once_in_order() {
     let py = PyHttp::start(www.path());
     let s = Scratch::new();
     let digest = sha256_bytes(&data);
-    s.get(&py.url("blob.bin"), "a.bin", &["--digest", &digest]).ok();
+    s.get(&py.url("blob.bin"), "a.bin", &["--digest", &digest])
+        .ok();
     assert_eq!(sha256_file(&s.out("a.bin")), digest);
     wait_until(Duration::from_secs(5), "python to log", || py.gets() >= 1);
-    assert_eq!(py.gets(), 1, "the probe's own 200 body must be used, not thrown away");
+    assert_eq!(
+        py.gets(),
+        1,
+        "the probe's own 200 body must be used, not thrown away"
+    );
 }
 
 #[test]
@@ -150,7 +177,11 @@ fn short_bodies_are_retried_and_a_persistent_lie_fails_cleanly() {
     o.set(|f| f.short_body = Some((10_000, 1000)));
     let s = Scratch::new();
     let run = s.get(&o.url("x"), "a.bin", &[]).fails_with(5);
-    assert!(run.stderr.contains("ended after") || run.stderr.contains("bytes"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("ended after") || run.stderr.contains("bytes"),
+        "{}",
+        run.stderr
+    );
     assert!(!s.out("a.bin").exists());
 }
 
@@ -160,7 +191,8 @@ fn slow_trickle_completes() {
     let o = FaultOrigin::start(data.clone());
     o.set(|f| f.rate = Some(2 * MIB as u64));
     let s = Scratch::new();
-    s.get(&o.url("x"), "a.bin", &["--piece-length", "256K"]).ok();
+    s.get(&o.url("x"), "a.bin", &["--piece-length", "256K"])
+        .ok();
     assert_eq!(sha256_file(&s.out("a.bin")), sha256_bytes(&data));
 }
 
@@ -171,10 +203,16 @@ fn wrong_digest_names_both_and_leaves_nothing() {
     let nginx = Nginx::start(www.path());
     let s = Scratch::new();
     let wrong = format!("sha256:{}", "ab".repeat(32));
-    let run = s.get(&nginx.url("blob.bin"), "a.bin", &["--digest", &wrong]).fails_with(4);
+    let run = s
+        .get(&nginx.url("blob.bin"), "a.bin", &["--digest", &wrong])
+        .fails_with(4);
     assert!(run.stderr.contains(&wrong), "{}", run.stderr);
     assert!(run.stderr.contains(&sha256_bytes(&data)), "{}", run.stderr);
-    assert_eq!(std::fs::read_dir(s.out_dir()).unwrap().count(), 0, "no output, no temp file");
+    assert_eq!(
+        std::fs::read_dir(s.out_dir()).unwrap().count(),
+        0,
+        "no output, no temp file"
+    );
     // And the store kept nothing under that digest.
     assert!(s.tasks().iter().all(|t| !t.join("content").exists()));
 }
@@ -190,8 +228,13 @@ fn origin_refusals_and_name_errors_have_clear_exit_codes() {
 
     o.set(|f| f.require_auth = Some("Bearer sesame".into()));
     let run = s.get(&o.url("x"), "a", &[]).fails_with(3);
-    assert!(run.stderr.contains("401") && run.stderr.contains("Authorization"), "{}", run.stderr);
-    s.get(&o.url("x"), "a", &["-H", "Authorization: Bearer sesame"]).ok();
+    assert!(
+        run.stderr.contains("401") && run.stderr.contains("Authorization"),
+        "{}",
+        run.stderr
+    );
+    s.get(&o.url("x"), "a", &["-H", "Authorization: Bearer sesame"])
+        .ok();
 
     o.set(|f| {
         f.require_auth = None;
@@ -201,10 +244,14 @@ fn origin_refusals_and_name_errors_have_clear_exit_codes() {
     let run = s2.get(&o.url("x"), "a", &[]).fails_with(3);
     assert!(run.stderr.contains("403"), "{}", run.stderr);
 
-    let run = s.get("http://no-such-host.invalid/x", "b", &[]).fails_with(5);
+    let run = s
+        .get("http://no-such-host.invalid/x", "b", &[])
+        .fails_with(5);
     assert!(run.stderr.contains("resolve"), "{}", run.stderr);
     let closed = free_port();
-    let run = s.get(&format!("http://127.0.0.1:{closed}/x"), "b", &[]).fails_with(5);
+    let run = s
+        .get(&format!("http://127.0.0.1:{closed}/x"), "b", &[])
+        .fails_with(5);
     assert!(run.stderr.contains("connect"), "{}", run.stderr);
 }
 
@@ -212,20 +259,39 @@ fn origin_refusals_and_name_errors_have_clear_exit_codes() {
 fn bad_input_is_a_usage_error_naming_the_input() {
     let s = Scratch::new();
     let cases: &[(&[&str], &str)] = &[
-        (&["get", "http://h/x", "-O", "o", "--digest", "md5:abc"], "md5:abc"),
-        (&["get", "http://h/x", "-O", "o", "--digest", "sha256:XYZ"], "sha256:XYZ"),
+        (
+            &["get", "http://h/x", "-O", "o", "--digest", "md5:abc"],
+            "md5:abc",
+        ),
+        (
+            &["get", "http://h/x", "-O", "o", "--digest", "sha256:XYZ"],
+            "sha256:XYZ",
+        ),
         (&["get", "not a url", "-O", "o"], "not a url"),
         (&["get", "ftp://h/x", "-O", "o"], "ftp"),
-        (&["get", "http://h/x", "-O", "/nonexistent-dir/o"], "/nonexistent-dir"),
-        (&["get", "http://h/x", "-O", "o", "-H", "no colon"], "no colon"),
-        (&["get", "http://h/x", "-O", "o", "--piece-length", "12345"], "12345"),
+        (
+            &["get", "http://h/x", "-O", "/nonexistent-dir/o"],
+            "/nonexistent-dir",
+        ),
+        (
+            &["get", "http://h/x", "-O", "o", "-H", "no colon"],
+            "no colon",
+        ),
+        (
+            &["get", "http://h/x", "-O", "o", "--piece-length", "12345"],
+            "12345",
+        ),
     ];
     for (args, needle) in cases {
         let mut c = s.starling();
         c.current_dir(s.out_dir()).args(*args);
         let run = Run::of(&mut c);
         assert_eq!(run.code, 2, "{args:?}: {}", run.stderr);
-        assert!(run.stderr.contains(needle), "{args:?} should name {needle:?}: {}", run.stderr);
+        assert!(
+            run.stderr.contains(needle),
+            "{args:?} should name {needle:?}: {}",
+            run.stderr
+        );
     }
     s.write_config("[gc]\nttl_secondz = 1\n");
     let run = s.get("http://h/x", "o", &[]).fails_with(2);
@@ -245,9 +311,14 @@ fn https_needs_a_trusted_ca() {
     let url = format!("https://localhost:{}/blob.bin", nginx.tls_port.unwrap());
     let s = Scratch::new();
     let run = s.get(&url, "a.bin", &[]).fails_with(5);
-    assert!(run.stderr.contains("TLS") && run.stderr.contains("--ca-cert"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("TLS") && run.stderr.contains("--ca-cert"),
+        "{}",
+        run.stderr
+    );
     assert!(!s.out("a.bin").exists());
-    s.get(&url, "a.bin", &["--ca-cert", cert.to_str().unwrap()]).ok();
+    s.get(&url, "a.bin", &["--ca-cert", cert.to_str().unwrap()])
+        .ok();
     assert_eq!(sha256_file(&s.out("a.bin")), sha256_bytes(&data));
 }
 
@@ -279,7 +350,10 @@ fn damaged_store_content_is_fetched_again_never_served() {
     let served = o.bytes_served();
     s.get(&o.url("x"), "b.bin", &[]).ok();
     assert_eq!(sha256_file(&s.out("b.bin")), sha256_bytes(&data));
-    assert!(o.bytes_served() - served >= data.len() as u64, "the damaged content must be refetched");
+    assert!(
+        o.bytes_served() - served >= data.len() as u64,
+        "the damaged content must be refetched"
+    );
 }
 
 #[test]
@@ -296,15 +370,23 @@ fn origin_content_change_under_a_partial_download_starts_over() {
         .args(["--piece-length", "256K"])
         .spawn()
         .unwrap();
-    wait_until(Duration::from_secs(20), "some pieces to be journaled", || {
-        s.tasks().first().and_then(|t| std::fs::metadata(t.join("journal")).ok()).is_some_and(|m| m.len() >= 80)
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "some pieces to be journaled",
+        || {
+            s.tasks()
+                .first()
+                .and_then(|t| std::fs::metadata(t.join("journal")).ok())
+                .is_some_and(|m| m.len() >= 80)
+        },
+    );
     kill_pid(child.id(), libc::SIGKILL);
     let _ = child.wait();
     // The origin now serves different content of another length.
     let new = random_bytes(3 * MIB, 17);
     o.replace_content(new.clone());
     o.set(|f| f.rate = None);
-    s.get(&o.url("x"), "a.bin", &["--piece-length", "256K"]).ok();
+    s.get(&o.url("x"), "a.bin", &["--piece-length", "256K"])
+        .ok();
     assert_eq!(sha256_file(&s.out("a.bin")), sha256_bytes(&new));
 }

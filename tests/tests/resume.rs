@@ -23,21 +23,41 @@ fn kill_9_mid_download_resumes_without_refetching_verified_pieces() {
         .spawn()
         .unwrap();
     let journal = || {
-        s.tasks().first().and_then(|t| std::fs::metadata(t.join("journal")).ok()).map(|m| m.len()).unwrap_or(0)
+        s.tasks()
+            .first()
+            .and_then(|t| std::fs::metadata(t.join("journal")).ok())
+            .map(|m| m.len())
+            .unwrap_or(0)
     };
-    wait_until(Duration::from_secs(30), "a quarter of the pieces to be durable", || journal() >= 16 * RECORD);
+    wait_until(
+        Duration::from_secs(30),
+        "a quarter of the pieces to be durable",
+        || journal() >= 16 * RECORD,
+    );
     kill_pid(child.id(), libc::SIGKILL);
     let _ = child.wait();
-    assert!(!s.out("a.bin").exists(), "no output may appear before the content is verified");
+    assert!(
+        !s.out("a.bin").exists(),
+        "no output may appear before the content is verified"
+    );
     let durable = journal() / RECORD;
     let total_pieces = data.len() as u64 / pl;
-    assert!(durable < total_pieces, "the kill came too late to test anything");
+    assert!(
+        durable < total_pieces,
+        "the kill came too late to test anything"
+    );
 
     o.set(|f| f.rate = None);
     // The killed client's connections drain until the origin's writes fail; count after that.
-    wait_until(Duration::from_secs(30), "the killed client's responses to end", || o.active() == 0);
+    wait_until(
+        Duration::from_secs(30),
+        "the killed client's responses to end",
+        || o.active() == 0,
+    );
     let before = o.bytes_served();
-    let run = s.get(&o.url("x"), "a.bin", &["--piece-length", "128K", "-v"]).ok();
+    let run = s
+        .get(&o.url("x"), "a.bin", &["--piece-length", "128K", "-v"])
+        .ok();
     let refetched = o.bytes_served() - before;
     assert_eq!(sha256_file(&s.out("a.bin")), sha256_bytes(&data));
     // Only the pieces that were not durable come again, plus the 1-byte probe.

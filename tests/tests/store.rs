@@ -16,8 +16,17 @@ fn gc_ttl_and_watermarks_never_evict_a_download_in_progress() {
     let s = Scratch::new();
     s.get(&a.url("a"), "a", &[]).ok();
     s.get(&b.url("b"), "b", &[]).ok();
-    let mut busy = s.starling().args(["get", &slow.url("s"), "-O"]).arg(s.out("s")).spawn().unwrap();
-    wait_until(Duration::from_secs(20), "the slow download to start", || s.tasks().len() == 3);
+    let mut busy = s
+        .starling()
+        .args(["get", &slow.url("s"), "-O"])
+        .arg(s.out("s"))
+        .spawn()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "the slow download to start",
+        || s.tasks().len() == 3,
+    );
 
     // Watermarks: capacity 5 MiB, high 0.5, low 0.3: must get under 1.5 MiB; `a` (least
     // recently used) and then `b` go; the slow one is in use and stays.
@@ -36,8 +45,14 @@ fn gc_ttl_and_watermarks_never_evict_a_download_in_progress() {
     assert_eq!(out.matches("(ttl)").count(), 1, "{out}");
     assert_eq!(s.tasks().len(), 1);
     let status = busy.wait().unwrap();
-    assert!(status.success(), "the download in progress must finish despite GC");
-    assert_eq!(sha256_file(&s.out("s")), sha256_bytes(&random_bytes(4 * MIB, 33)));
+    assert!(
+        status.success(),
+        "the download in progress must finish despite GC"
+    );
+    assert_eq!(
+        sha256_file(&s.out("s")),
+        sha256_bytes(&random_bytes(4 * MIB, 33))
+    );
 }
 
 #[test]
@@ -70,7 +85,8 @@ fn full_disk_fails_cleanly_and_keeps_what_was_stored() {
     assert!(!s.out("big").exists());
     // What was stored before is intact and still served without the origin.
     let before = o_small.requests();
-    s.get(&o_small.url("small"), "small2", &["--no-hardlink"]).ok();
+    s.get(&o_small.url("small"), "small2", &["--no-hardlink"])
+        .ok();
     assert_eq!(o_small.requests(), before);
     assert_eq!(sha256_file(&s.out("small2")), sha256_bytes(&small));
 }

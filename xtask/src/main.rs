@@ -40,13 +40,18 @@ fn main() -> Result<()> {
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Runs a command to completion, failing with its command line if it fails.
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub fn sh(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", show(cmd));
-    let status = cmd.status().with_context(|| format!("cannot run {}", show(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {}", show(cmd)))?;
     if !status.success() {
         bail!("{} failed ({status})", show(cmd));
     }
@@ -73,20 +78,31 @@ fn build_ebpf() -> Result<()> {
     // The nightly toolchain is named explicitly; the ebpf/ workspace's own .cargo/config.toml
     // sets the bpfel-unknown-none target and build-std.
     let mut c = Command::new("cargo");
-    c.current_dir(root().join("ebpf")).env_remove("RUSTUP_TOOLCHAIN").env_remove("CARGO");
+    c.current_dir(root().join("ebpf"))
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO");
     c.args(["+nightly", "build", "--release"]);
-    run(&mut c)
+    sh(&mut c)
 }
 
 fn test(extra: &[&str]) -> Result<()> {
     setup::run()?;
-    run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(Command::new("cargo").current_dir(root().join("ebpf")).args(["+nightly", "fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    sh(cargo().args(["fmt", "--all", "--check"]))?;
+    sh(Command::new("cargo")
+        .current_dir(root().join("ebpf"))
+        .args(["+nightly", "fmt", "--all", "--check"]))?;
+    sh(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     build_ebpf()?;
     // The integration tests run the real binary; build it first so they never test a stale one.
-    run(cargo().args(["build", "--package", "starling", "--bin", "starling"]))?;
-    run(cargo().args(["test", "--workspace"]).args(extra))
+    sh(cargo().args(["build", "--package", "starling", "--bin", "starling"]))?;
+    sh(cargo().args(["test", "--workspace"]).args(extra))
 }
 
 fn bench(args: &[&str]) -> Result<()> {
@@ -95,7 +111,16 @@ fn bench(args: &[&str]) -> Result<()> {
         _ => bail!("usage: cargo xtask bench get [--size-mib N] [--runs N]"),
     }
     setup::run()?;
-    run(cargo().args(["build", "--release", "--package", "starling", "--package", "starling-bench"]))?;
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "starling",
+        "--package",
+        "starling-bench",
+    ]))?;
     let bin = root().join("target/release/starling-bench");
-    run(Command::new(bin).args(args).env("STARLING_BIN", root().join("target/release/starling")))
+    sh(Command::new(bin)
+        .args(args)
+        .env("STARLING_BIN", root().join("target/release/starling")))
 }

@@ -6,10 +6,16 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::run;
+use crate::sh;
 
 /// Debian packages the tests, benches and demo use.
-const APT_PACKAGES: &[&str] = &["nginx-light", "curl", "iproute2", "iptables", "ca-certificates"];
+const APT_PACKAGES: &[&str] = &[
+    "nginx-light",
+    "curl",
+    "iproute2",
+    "iptables",
+    "ca-certificates",
+];
 
 pub fn run() -> Result<()> {
     ensure_ebpf_toolchain()?;
@@ -19,42 +25,69 @@ pub fn run() -> Result<()> {
 }
 
 fn quiet_ok(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 /// nightly + rust-src, and bpf-linker built against the nightly's own LLVM.
 pub fn ensure_ebpf_toolchain() -> Result<()> {
     if !quiet_ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        bail!("the nightly toolchain is missing; this machine kind ships it (rustup toolchain list)");
+        bail!(
+            "the nightly toolchain is missing; this machine kind ships it (rustup toolchain list)"
+        );
     }
     let has_src = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
         .unwrap_or(false);
     if !has_src {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if quiet_ok(Command::new("bpf-linker").arg("--version")) {
         return Ok(());
     }
     // bpf-linker links against libLLVM; use the very one nightly rustc ships, through a
     // prefix directory outside /tmp (the binary keeps an rpath to it).
-    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output()?;
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()?;
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     let lib = std::fs::read_dir(sysroot.join("lib"))
         .context("cannot list the nightly sysroot")?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
         .context("the nightly sysroot has no libLLVM.so.*")?;
     let major = lib
         .file_name()
-        .and_then(|n| n.to_string_lossy().strip_prefix("libLLVM.so.").map(|v| v.split('.').next().unwrap_or("").to_string()))
+        .and_then(|n| {
+            n.to_string_lossy()
+                .strip_prefix("libLLVM.so.")
+                .map(|v| v.split('.').next().unwrap_or("").to_string())
+        })
         .filter(|m| !m.is_empty())
         .context("cannot read the LLVM version")?;
     let prefix = home().join(".local/share/starling-llvm");
@@ -62,10 +95,15 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
     let link = prefix.join("lib/libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&lib, &link)?;
-    run(Command::new("cargo")
+    sh(Command::new("cargo")
         .env("LLVM_PREFIX", &prefix)
         .env_remove("RUSTUP_TOOLCHAIN")
-        .args(["install", "bpf-linker", "--no-default-features", "--features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+        ])
         .arg(format!("llvm-{major}")))
 }
 
@@ -74,34 +112,51 @@ pub fn ensure_apt_packages() -> Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
-            !out.map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed")).unwrap_or(false)
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !out.map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
         })
         .collect();
     if !quiet_ok(Command::new("python3").arg("--version")) {
-        bail!("python3 is missing (the tests use python3 -m http.server as a Range-ignoring origin)");
+        bail!(
+            "python3 is missing (the tests use python3 -m http.server as a Range-ignoring origin)"
+        );
     }
     if missing.is_empty() {
         return Ok(());
     }
     if !rustix_is_root() {
-        bail!("apt packages {missing:?} are missing; install them as root (apt-get install {})", missing.join(" "));
+        bail!(
+            "apt packages {missing:?} are missing; install them as root (apt-get install {})",
+            missing.join(" ")
+        );
     }
-    run(Command::new("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(Command::new("apt-get")
+    sh(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sh(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn rustix_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }
 
 /// Tracepoints attached through tracefs need it mounted; tp_btf, fentry, tc and sock_ops don't.
 fn ensure_tracefs() {
-    let mounted = std::fs::read_to_string("/proc/mounts").map(|m| m.contains(" tracefs ")).unwrap_or(false);
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.contains(" tracefs "))
+        .unwrap_or(false);
     if !mounted && rustix_is_root() {
-        let _ = quiet_ok(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]));
+        let _ =
+            quiet_ok(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]));
     }
 }

@@ -70,7 +70,9 @@ impl FromStr for Digest {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let Some((algo, hex)) = s.split_once(':') else {
-            return Err(DigestError::MissingAlgorithm { input: s.to_string() });
+            return Err(DigestError::MissingAlgorithm {
+                input: s.to_string(),
+            });
         };
         if algo != "sha256" {
             return Err(DigestError::UnsupportedAlgorithm {
@@ -78,7 +80,9 @@ impl FromStr for Digest {
                 algorithm: algo.to_string(),
             });
         }
-        Digest::from_hex(hex).ok_or_else(|| DigestError::BadHex { input: s.to_string() })
+        Digest::from_hex(hex).ok_or_else(|| DigestError::BadHex {
+            input: s.to_string(),
+        })
     }
 }
 
@@ -108,7 +112,10 @@ impl Default for Sha256Stream {
 
 impl Sha256Stream {
     pub fn new() -> Self {
-        Sha256Stream { ctx: Context::new(&SHA256), len: 0 }
+        Sha256Stream {
+            ctx: Context::new(&SHA256),
+            len: 0,
+        }
     }
 
     pub fn update(&mut self, chunk: &[u8]) {
@@ -159,10 +166,19 @@ mod tests {
     fn parse_errors_name_the_input() {
         let e = "abc".parse::<Digest>().unwrap_err();
         assert!(e.to_string().contains("\"abc\""));
-        assert!(matches!("sha512:00".parse::<Digest>(), Err(DigestError::UnsupportedAlgorithm { .. })));
+        assert!(matches!(
+            "sha512:00".parse::<Digest>(),
+            Err(DigestError::UnsupportedAlgorithm { .. })
+        ));
         let upper = format!("sha256:{}", "A".repeat(64));
-        assert!(matches!(upper.parse::<Digest>(), Err(DigestError::BadHex { .. })));
+        assert!(matches!(
+            upper.parse::<Digest>(),
+            Err(DigestError::BadHex { .. })
+        ));
         let short = format!("sha256:{}", "a".repeat(63));
-        assert!(matches!(short.parse::<Digest>(), Err(DigestError::BadHex { .. })));
+        assert!(matches!(
+            short.parse::<Digest>(),
+            Err(DigestError::BadHex { .. })
+        ));
     }
 }

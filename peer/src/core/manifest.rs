@@ -36,11 +36,22 @@ pub enum ManifestError {
 }
 
 impl Manifest {
-    pub fn new(plan: PiecePlan, pieces: Vec<Digest>, content: Digest) -> Result<Self, ManifestError> {
+    pub fn new(
+        plan: PiecePlan,
+        pieces: Vec<Digest>,
+        content: Digest,
+    ) -> Result<Self, ManifestError> {
         if pieces.len() != plan.count() as usize {
-            return Err(ManifestError::PieceCount { got: pieces.len(), want: plan.count() });
+            return Err(ManifestError::PieceCount {
+                got: pieces.len(),
+                want: plan.count(),
+            });
         }
-        Ok(Manifest { plan, pieces, content })
+        Ok(Manifest {
+            plan,
+            pieces,
+            content,
+        })
     }
 
     pub fn plan(&self) -> &PiecePlan {
@@ -71,7 +82,10 @@ impl Manifest {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Manifest, ManifestError> {
-        let truncated = |want| ManifestError::Truncated { got: buf.len(), want };
+        let truncated = |want| ManifestError::Truncated {
+            got: buf.len(),
+            want,
+        };
         if buf.len() < HEADER + 4 {
             return Err(truncated(HEADER + 4));
         }
@@ -86,7 +100,10 @@ impl Manifest {
         let (content_length, piece_length) = (r.u64(), r.u64());
         let count = r.u32().ok_or(truncated(HEADER + 4))? as usize;
         // Check the length implied by the count before allocating anything for the pieces.
-        let want = count.checked_mul(32).and_then(|n| n.checked_add(HEADER + 4)).unwrap_or(usize::MAX);
+        let want = count
+            .checked_mul(32)
+            .and_then(|n| n.checked_add(HEADER + 4))
+            .unwrap_or(usize::MAX);
         if buf.len() != want {
             return Err(truncated(want));
         }
@@ -105,7 +122,9 @@ mod tests {
 
     fn sample() -> Manifest {
         let plan = PiecePlan::new(100_000, 16384).unwrap();
-        let pieces = (0..plan.count()).map(|i| Digest::of(&i.to_le_bytes())).collect();
+        let pieces = (0..plan.count())
+            .map(|i| Digest::of(&i.to_le_bytes()))
+            .collect();
         Manifest::new(plan, pieces, Digest::of(b"all")).unwrap()
     }
 
@@ -113,7 +132,8 @@ mod tests {
     fn round_trip() {
         let m = sample();
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
-        let empty = Manifest::new(PiecePlan::new(0, 16384).unwrap(), vec![], Digest::of(b"")).unwrap();
+        let empty =
+            Manifest::new(PiecePlan::new(0, 16384).unwrap(), vec![], Digest::of(b"")).unwrap();
         assert_eq!(Manifest::decode(&empty.encode()).unwrap(), empty);
     }
 
@@ -123,10 +143,16 @@ mod tests {
         for i in 0..enc.len() {
             let mut bad = enc.clone();
             bad[i] ^= 0x10;
-            assert!(Manifest::decode(&bad).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                Manifest::decode(&bad).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
         for cut in 0..enc.len() {
-            assert!(Manifest::decode(&enc[..cut]).is_err(), "truncation at {cut} went unnoticed");
+            assert!(
+                Manifest::decode(&enc[..cut]).is_err(),
+                "truncation at {cut} went unnoticed"
+            );
         }
     }
 
@@ -134,6 +160,9 @@ mod tests {
     fn huge_count_does_not_allocate() {
         let mut enc = sample().encode();
         enc[22..26].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Manifest::decode(&enc), Err(ManifestError::Truncated { .. })));
+        assert!(matches!(
+            Manifest::decode(&enc),
+            Err(ManifestError::Truncated { .. })
+        ));
     }
 }

@@ -8,5 +8,7 @@ mod task_id;
 
 pub use digest::{Digest, DigestError, Sha256Stream};
 pub use manifest::{Manifest, ManifestError};
-pub use piece::{default_piece_length, Piece, PiecePlan, PiecePlanError, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH};
+pub use piece::{
+    default_piece_length, Piece, PiecePlan, PiecePlanError, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH,
+};
 pub use task_id::{normalize_url, TaskId, TaskIdError, TaskKind};

@@ -21,7 +21,9 @@ const DEFAULT_MAX: u64 = 16 * 1024 * 1024;
 /// Small content still gets a plan (one piece) and still goes peer to peer.
 pub fn default_piece_length(content_length: u64) -> u64 {
     let want = content_length.div_ceil(TARGET_PIECES).max(1);
-    want.checked_next_power_of_two().unwrap_or(DEFAULT_MAX).clamp(DEFAULT_MIN, DEFAULT_MAX)
+    want.checked_next_power_of_two()
+        .unwrap_or(DEFAULT_MAX)
+        .clamp(DEFAULT_MIN, DEFAULT_MAX)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,7 +31,10 @@ pub enum PiecePlanError {
     #[error("piece length {0} is out of range: use a multiple of 4096 between {MIN_PIECE_LENGTH} and {MAX_PIECE_LENGTH} bytes")]
     BadPieceLength(u64),
     #[error("content of {content_length} bytes at {piece_length}-byte pieces needs more than 2^32 pieces; use a larger piece length")]
-    TooManyPieces { content_length: u64, piece_length: u64 },
+    TooManyPieces {
+        content_length: u64,
+        piece_length: u64,
+    },
 }
 
 /// One piece of a plan.
@@ -57,14 +62,21 @@ pub struct PiecePlan {
 impl PiecePlan {
     /// A plan with an explicit piece length (validated).
     pub fn new(content_length: u64, piece_length: u64) -> Result<Self, PiecePlanError> {
-        if !(MIN_PIECE_LENGTH..=MAX_PIECE_LENGTH).contains(&piece_length) || piece_length % 4096 != 0
+        if !(MIN_PIECE_LENGTH..=MAX_PIECE_LENGTH).contains(&piece_length)
+            || piece_length % 4096 != 0
         {
             return Err(PiecePlanError::BadPieceLength(piece_length));
         }
         let count = content_length.div_ceil(piece_length);
-        let count = u32::try_from(count)
-            .map_err(|_| PiecePlanError::TooManyPieces { content_length, piece_length })?;
-        Ok(PiecePlan { content_length, piece_length, count })
+        let count = u32::try_from(count).map_err(|_| PiecePlanError::TooManyPieces {
+            content_length,
+            piece_length,
+        })?;
+        Ok(PiecePlan {
+            content_length,
+            piece_length,
+            count,
+        })
     }
 
     /// A plan with the default piece length for this content length.
@@ -73,7 +85,11 @@ impl PiecePlan {
         // below 2^56; clamp the pathological rest to the maximum length.
         PiecePlan::new(content_length, default_piece_length(content_length))
             .or_else(|_| PiecePlan::new(content_length, MAX_PIECE_LENGTH))
-            .unwrap_or(PiecePlan { content_length: 0, piece_length: DEFAULT_MIN, count: 0 })
+            .unwrap_or(PiecePlan {
+                content_length: 0,
+                piece_length: DEFAULT_MIN,
+                count: 0,
+            })
     }
 
     pub fn content_length(&self) -> u64 {
@@ -95,7 +111,11 @@ impl PiecePlan {
         }
         let offset = index as u64 * self.piece_length;
         let length = self.piece_length.min(self.content_length - offset);
-        Some(Piece { index, offset, length })
+        Some(Piece {
+            index,
+            offset,
+            length,
+        })
     }
 
     pub fn pieces(&self) -> impl Iterator<Item = Piece> + '_ {
@@ -127,7 +147,11 @@ mod tests {
             }
             next = p.end();
         }
-        assert_eq!(next, plan.content_length(), "bytes left uncovered at the end");
+        assert_eq!(
+            next,
+            plan.content_length(),
+            "bytes left uncovered at the end"
+        );
         assert!(plan.piece(plan.count()).is_none());
     }
 
@@ -142,13 +166,25 @@ mod tests {
         assert_eq!(PiecePlan::new(1, pl).unwrap().count(), 1);
         assert_eq!(PiecePlan::new(pl, pl).unwrap().count(), 1);
         assert_eq!(PiecePlan::new(pl + 1, pl).unwrap().count(), 2);
-        assert_eq!(PiecePlan::new(pl + 1, pl).unwrap().piece(1).unwrap().length, 1);
+        assert_eq!(
+            PiecePlan::new(pl + 1, pl).unwrap().piece(1).unwrap().length,
+            1
+        );
     }
 
     #[test]
     fn bad_lengths_are_rejected() {
-        for bad in [0, 4096, MIN_PIECE_LENGTH + 1, MAX_PIECE_LENGTH + 4096, 100_000] {
-            assert_eq!(PiecePlan::new(10, bad), Err(PiecePlanError::BadPieceLength(bad)));
+        for bad in [
+            0,
+            4096,
+            MIN_PIECE_LENGTH + 1,
+            MAX_PIECE_LENGTH + 4096,
+            100_000,
+        ] {
+            assert_eq!(
+                PiecePlan::new(10, bad),
+                Err(PiecePlanError::BadPieceLength(bad))
+            );
         }
         assert!(matches!(
             PiecePlan::new(u64::MAX, MIN_PIECE_LENGTH),

@@ -24,7 +24,10 @@ pub struct TaskId {
 #[derive(Debug, thiserror::Error)]
 pub enum TaskIdError {
     #[error("URL {input:?} is not valid: {reason}")]
-    BadUrl { input: String, reason: url::ParseError },
+    BadUrl {
+        input: String,
+        reason: url::ParseError,
+    },
     #[error("URL {input:?} has scheme {scheme:?}; only http and https are supported")]
     UnsupportedScheme { input: String, scheme: String },
     #[error("{0:?} is not a task directory name (expected sha256-<hex> or url-<hex>)")]
@@ -35,8 +38,10 @@ pub enum TaskIdError {
 /// credentials and fragment dropped, query parameters named in `filtered` (case-insensitive)
 /// removed, and the remaining parameters sorted so their order does not matter.
 pub fn normalize_url(input: &str, filtered: &[String]) -> Result<Url, TaskIdError> {
-    let mut url = Url::parse(input)
-        .map_err(|reason| TaskIdError::BadUrl { input: input.to_string(), reason })?;
+    let mut url = Url::parse(input).map_err(|reason| TaskIdError::BadUrl {
+        input: input.to_string(),
+        reason,
+    })?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err(TaskIdError::UnsupportedScheme {
             input: input.to_string(),
@@ -63,12 +68,18 @@ pub fn normalize_url(input: &str, filtered: &[String]) -> Result<Url, TaskIdErro
 
 impl TaskId {
     pub fn for_content(digest: Digest) -> TaskId {
-        TaskId { kind: TaskKind::Content, hash: digest }
+        TaskId {
+            kind: TaskKind::Content,
+            hash: digest,
+        }
     }
 
     pub fn for_url(input: &str, filtered: &[String]) -> Result<TaskId, TaskIdError> {
         let url = normalize_url(input, filtered)?;
-        Ok(TaskId { kind: TaskKind::Url, hash: Digest::of(url.as_str().as_bytes()) })
+        Ok(TaskId {
+            kind: TaskKind::Url,
+            hash: Digest::of(url.as_str().as_bytes()),
+        })
     }
 
     /// The ID for a download: the digest when one is known, else the URL's.
@@ -99,7 +110,10 @@ impl TaskId {
         } else {
             return Err(bad());
         };
-        Ok(TaskId { kind, hash: Digest::from_hex(hex).ok_or_else(bad)? })
+        Ok(TaskId {
+            kind,
+            hash: Digest::from_hex(hex).ok_or_else(bad)?,
+        })
     }
 }
 
@@ -125,8 +139,11 @@ mod tests {
         let filt = vec!["X-Amz-Signature".to_string(), "Expires".to_string()];
         let a = TaskId::for_url("HTTP://Example.COM:80/a/b?z=1&a=2#frag", &filt).unwrap();
         let b = TaskId::for_url("http://user:pw@example.com/a/b?a=2&z=1", &filt).unwrap();
-        let c = TaskId::for_url("http://example.com/a/b?a=2&x-amz-signature=abc&z=1&Expires=9", &filt)
-            .unwrap();
+        let c = TaskId::for_url(
+            "http://example.com/a/b?a=2&x-amz-signature=abc&z=1&Expires=9",
+            &filt,
+        )
+        .unwrap();
         assert_eq!(a, b);
         assert_eq!(a, c);
         let d = TaskId::for_url("http://example.com/a/b?a=3&z=1", &filt).unwrap();
@@ -161,6 +178,9 @@ mod tests {
             TaskId::for_url("ftp://a/x", &none()),
             Err(TaskIdError::UnsupportedScheme { .. })
         ));
-        assert!(matches!(TaskId::for_url("nope", &none()), Err(TaskIdError::BadUrl { .. })));
+        assert!(matches!(
+            TaskId::for_url("nope", &none()),
+            Err(TaskIdError::BadUrl { .. })
+        ));
     }
 }

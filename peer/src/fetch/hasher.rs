@@ -51,7 +51,10 @@ impl ContentHasher {
                 (next == count).then(|| h.finish())
             })
             .ok();
-        ContentHasher { tx: Some(tx), thread }
+        ContentHasher {
+            tx: Some(tx),
+            thread,
+        }
     }
 
     /// Hands over piece `index`'s bytes.

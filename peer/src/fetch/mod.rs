@@ -7,13 +7,13 @@
 
 mod hasher;
 pub mod output;
+mod ranged;
+mod retry;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use futures::StreamExt;
 use http::HeaderMap;
 use reqwest::Response;
@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::config::Config;
-use crate::core::{Digest, Manifest, Piece, PiecePlan, PiecePlanError, Sha256Stream, TaskId, TaskIdError};
+use crate::core::{Digest, Manifest, PiecePlan, PiecePlanError, Sha256Stream, TaskId, TaskIdError};
 use crate::source::{exact_body, Origin, SourceError};
 use crate::storage::{Lease, LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
 
@@ -74,7 +74,11 @@ pub enum FetchError {
     #[error("--piece-length: {0}")]
     Plan(#[from] PiecePlanError),
     #[error("digest mismatch for {url}: expected {expected}, the content has {actual}; nothing was saved")]
-    DigestMismatch { url: String, expected: Digest, actual: Digest },
+    DigestMismatch {
+        url: String,
+        expected: Digest,
+        actual: Digest,
+    },
 }
 
 impl FetchError {
@@ -96,38 +100,60 @@ enum Stored {
 pub struct Fetcher {
     store: Store,
     origin: Origin,
+    retry: retry::Retry,
     cfg: Config,
 }
 
 impl Fetcher {
     pub fn new(cfg: Config, headers: HeaderMap) -> Result<Fetcher, FetchError> {
-        let store = Store::open(&cfg.data_dir, Duration::from_millis(cfg.storage.commit_interval_ms))?;
+        let store = Store::open(
+            &cfg.data_dir,
+            Duration::from_millis(cfg.storage.commit_interval_ms),
+        )?;
         let origin = Origin::new(&cfg.source, headers)?;
-        Ok(Fetcher { store, origin, cfg })
+        Ok(Fetcher {
+            store,
+            origin,
+            retry: retry::Retry::new(&cfg.source),
+            cfg,
+        })
     }
 
     pub fn store(&self) -> &Store {
         &self.store
     }
 
-    pub async fn fetch(&self, req: &Request, progress: &Arc<Progress>) -> Result<Fetched, FetchError> {
+    pub async fn fetch(
+        &self,
+        req: &Request,
+        progress: &Arc<Progress>,
+    ) -> Result<Fetched, FetchError> {
         if let Some(pl) = req.piece_length {
             PiecePlan::new(0, pl)?; // reject a bad length before any I/O
         }
         let id = TaskId::resolve(&req.url, req.digest, &self.cfg.source.filtered_query_params)?;
-        self.fetch_task(id, req, progress).instrument(tracing::info_span!("task", %id)).await
+        self.fetch_task(id, req, progress)
+            .instrument(tracing::info_span!("task", %id))
+            .await
     }
 
-    async fn fetch_task(&self, id: TaskId, req: &Request, progress: &Arc<Progress>) -> Result<Fetched, FetchError> {
+    async fn fetch_task(
+        &self,
+        id: TaskId,
+        req: &Request,
+        progress: &Arc<Progress>,
+    ) -> Result<Fetched, FetchError> {
         // Make room before adding to the store. Tasks in use by anyone are never touched.
         match self.store.gc(&self.cfg.gc, SystemTime::now()) {
-            Ok(r) if !r.evicted.is_empty() => tracing::info!(evicted = r.evicted.len(), "garbage collected"),
+            Ok(r) if !r.evicted.is_empty() => {
+                tracing::info!(evicted = r.evicted.len(), "garbage collected")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
         }
         let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
         let stored = match self.store.load(lease)? {
-            Ok(task) => self.from_store(task, progress).await?,
+            Ok(task) => self.check_stored(task, progress).await?,
             Err(lease) => Stored::Absent(lease),
         };
         if let Stored::Complete(done) = stored {
@@ -135,16 +161,25 @@ impl Fetcher {
         }
 
         let url = req.url.as_str();
-        let probe = self.retrying("probe", || self.origin.probe(url)).await?;
-        let len = probe.content_length.ok_or_else(|| SourceError::UnknownLength { url: url.into() })?;
+        let probe = self.retry.run("probe", || self.origin.probe(url)).await?;
+        let len = probe
+            .content_length
+            .ok_or_else(|| SourceError::UnknownLength { url: url.into() })?;
         let task = match stored {
-            Stored::Partial(t) if t.plan().content_length() == len && t.header().validator == probe.validator => {
-                tracing::info!(verified = t.verified_count(), of = t.plan().count(), "resuming");
+            Stored::Partial(t)
+                if t.plan().content_length() == len && t.header().validator == probe.validator =>
+            {
+                tracing::info!(
+                    verified = t.verified_count(),
+                    of = t.plan().count(),
+                    "resuming"
+                );
                 t
             }
             Stored::Partial(t) => {
                 tracing::warn!(
-                    stored_length = t.plan().content_length(), length = len,
+                    stored_length = t.plan().content_length(),
+                    length = len,
                     "the origin's content changed since the stored partial download; starting over"
                 );
                 let lease = t.discard()?;
@@ -154,7 +189,8 @@ impl Fetcher {
             Stored::Complete(_) => unreachable!("returned above"),
         };
 
-        self.download(task, req, probe.ranged, probe.full_body, progress).await
+        self.download(task, req, probe.ranged, probe.full_body, progress)
+            .await
     }
 
     /// Fetches what `task` is missing and seals it. Ranged when the origin honours Range; if
@@ -175,15 +211,42 @@ impl Fetcher {
         loop {
             let plan = task.plan();
             let have = task.piece_digests();
-            let missing: Vec<u32> = (0..plan.count()).filter(|&i| have[i as usize].is_none()).collect();
+            let missing: Vec<u32> = (0..plan.count())
+                .filter(|&i| have[i as usize].is_none())
+                .collect();
             let fresh = missing.len() == plan.count() as usize;
-            progress.total.store(plan.content_length(), Ordering::Relaxed);
-            let stored: u64 = plan.pieces().filter(|p| have[p.index as usize].is_some()).map(|p| p.length).sum();
+            progress
+                .total
+                .store(plan.content_length(), Ordering::Relaxed);
+            let stored: u64 = plan
+                .pieces()
+                .filter(|p| have[p.index as usize].is_some())
+                .map(|p| p.length)
+                .sum();
             progress.done.store(stored, Ordering::Relaxed);
 
             let streamed = if ranged {
-                match self.ranged(&task, url, missing, fresh, progress).await {
-                    Err(FetchError::Source(e @ (SourceError::RangeIgnored { .. } | SourceError::BadRange { .. }))) => {
+                let shared = Arc::new(task);
+                let res = ranged::fetch(
+                    &self.origin,
+                    self.retry,
+                    shared.clone(),
+                    url,
+                    missing,
+                    fresh,
+                    self.cfg.source.concurrency,
+                    progress,
+                )
+                .await;
+                task = Arc::into_inner(shared).ok_or_else(|| {
+                    StoreError::Uring(std::io::Error::other(
+                        "a piece worker outlived its download",
+                    ))
+                })?;
+                match res {
+                    Err(FetchError::Source(
+                        e @ (SourceError::RangeIgnored { .. } | SourceError::BadRange { .. }),
+                    )) => {
                         tracing::warn!(error = %e, "ranged requests do not work with this origin; reading the whole body in order");
                         self.sequential(&task, url, None, progress).await?
                     }
@@ -191,7 +254,8 @@ impl Fetcher {
                 }
             } else {
                 tracing::info!("the origin does not honour Range; reading the whole body in order");
-                self.sequential(&task, url, full_body.take(), progress).await?
+                self.sequential(&task, url, full_body.take(), progress)
+                    .await?
             };
             let actual = match streamed {
                 Some(d) => d,
@@ -201,7 +265,11 @@ impl Fetcher {
                 Some(expected) if expected != actual => {
                     let lease = task.discard()?;
                     if !ranged {
-                        return Err(FetchError::DigestMismatch { url: url.into(), expected, actual });
+                        return Err(FetchError::DigestMismatch {
+                            url: url.into(),
+                            expected,
+                            actual,
+                        });
                     }
                     tracing::warn!(%expected, %actual, "digest mismatch after ranged fetches; trying once more with one in-order GET");
                     ranged = false;
@@ -209,17 +277,28 @@ impl Fetcher {
                 }
                 _ => {
                     let manifest = task.complete(actual)?;
-                    return Ok(Fetched { task, manifest, served: Served::Origin });
+                    return Ok(Fetched {
+                        task,
+                        manifest,
+                        served: Served::Origin,
+                    });
                 }
             }
         }
     }
 
     /// What the store holds for a task: complete and verified end to end, partial, or nothing.
-    async fn from_store(&self, task: TaskHandle, progress: &Progress) -> Result<Stored, FetchError> {
+    async fn check_stored(
+        &self,
+        task: TaskHandle,
+        progress: &Progress,
+    ) -> Result<Stored, FetchError> {
         let recovered = task.recover_unjournaled().await?;
         if recovered > 0 {
-            tracing::info!(recovered, "re-verified pieces that were stored but not yet journaled");
+            tracing::info!(
+                recovered,
+                "re-verified pieces that were stored but not yet journaled"
+            );
         }
         let Some(manifest) = task.manifest() else {
             return Ok(Stored::Partial(task));
@@ -228,7 +307,10 @@ impl Fetcher {
         // of its pieces no longer verifies, the whole task is discarded and fetched anew.
         if !task.is_complete() {
             let bad = task.plan().count() - task.verified_count();
-            tracing::warn!(bad_pieces = bad, "the stored content is damaged; discarding it and fetching again");
+            tracing::warn!(
+                bad_pieces = bad,
+                "the stored content is damaged; discarding it and fetching again"
+            );
             return Ok(Stored::Absent(task.discard()?));
         }
         // End to end, every time: the stored bytes must still hash to the manifest's digest.
@@ -241,7 +323,11 @@ impl Fetcher {
         progress.total.store(len, Ordering::Relaxed);
         progress.done.store(len, Ordering::Relaxed);
         tracing::info!("served from the local store");
-        Ok(Stored::Complete(Fetched { task, manifest, served: Served::Store }))
+        Ok(Stored::Complete(Fetched {
+            task,
+            manifest,
+            served: Served::Store,
+        }))
     }
 
     fn create(
@@ -256,103 +342,14 @@ impl Fetcher {
             Some(pl) => PiecePlan::new(len, pl)?,
             None => PiecePlan::with_default(len),
         };
-        let header = TaskHeader { id, plan, expected: req.digest, validator: validator.into(), url: req.url.clone() };
-        Ok(self.store.create(lease, header)?)
-    }
-
-    /// Runs `op` until it succeeds, fails for good, or runs out of attempts.
-    async fn retrying<T, F, Fut, E>(&self, what: &str, mut op: F) -> Result<T, FetchError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-        E: Into<FetchError>,
-    {
-        let mut attempt = 1;
-        loop {
-            match op().await.map_err(Into::into) {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && attempt < self.cfg.source.attempts => {
-                    let wait = self.backoff(attempt);
-                    tracing::warn!(%what, attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.cfg.source.backoff_ms.saturating_mul(1 << (attempt - 1).min(16)).min(5_000);
-        let jitter = rand::random::<f64>() * 0.5 + 0.75;
-        Duration::from_millis((base as f64 * jitter) as u64)
-    }
-
-    /// Parallel ranged fetches of the `missing` pieces. With `hash`, the whole-content digest
-    /// is computed on the way (every piece passes through here), else the caller re-reads.
-    async fn ranged(
-        &self,
-        task: &TaskHandle,
-        url: &str,
-        missing: Vec<u32>,
-        hash: bool,
-        progress: &Arc<Progress>,
-    ) -> Result<Option<Digest>, FetchError> {
-        let plan = task.plan();
-        let conc = self.cfg.source.concurrency;
-        let window = window(conc, plan.piece_length());
-        let permits = Arc::new(Semaphore::new(window));
-        let queue = Mutex::new(VecDeque::from(missing));
-        let hasher = hash.then(|| ContentHasher::start(plan.count()));
-        let validator = task.header().validator.clone();
-        let worker = || async {
-            loop {
-                // Take the permit before the index: permit holders then always own the lowest
-                // outstanding pieces, so the in-order hasher can never wait on a piece that is
-                // itself waiting for a permit.
-                let permit = permits.clone().acquire_owned().await.map_err(|_| {
-                    FetchError::Store(StoreError::Uring(std::io::Error::other("piece window closed")))
-                })?;
-                let Some(index) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { return Ok(()) };
-                let piece = plan.piece(index).unwrap_or_else(|| unreachable!("missing pieces are in the plan"));
-                let chunks = self
-                    .retrying("piece", || self.ranged_piece(task, url, piece, &validator, progress))
-                    .instrument(tracing::debug_span!("piece", index))
-                    .await?;
-                match &hasher {
-                    Some(h) => h.feed(index, chunks, Some(permit)),
-                    None => drop(permit),
-                }
-            }
+        let header = TaskHeader {
+            id,
+            plan,
+            expected: req.digest,
+            validator: validator.into(),
+            url: req.url.clone(),
         };
-        let workers: Vec<_> = (0..conc).map(|_| worker()).collect();
-        futures::future::try_join_all(workers).await.map_err(|e: FetchError| e)?;
-        Ok(hasher.and_then(ContentHasher::finish))
-    }
-
-    /// One attempt at one piece over a Range request.
-    async fn ranged_piece(
-        &self,
-        task: &TaskHandle,
-        url: &str,
-        piece: Piece,
-        validator: &str,
-        progress: &Progress,
-    ) -> Result<Vec<Bytes>, FetchError> {
-        let total = task.plan().content_length();
-        let body = self.origin.range(url, piece.offset, piece.length, total, validator).await?;
-        let mut body = std::pin::pin!(body);
-        let mut hash = Sha256Stream::new();
-        let mut chunks = Vec::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            progress.origin_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            hash.update(&chunk);
-            chunks.push(chunk);
-        }
-        task.write_piece(piece, chunks.clone(), hash.finish()).await?;
-        progress.done.fetch_add(piece.length, Ordering::Relaxed);
-        Ok(chunks)
+        Ok(self.store.create(lease, header)?)
     }
 
     /// Reads the whole body in order (an origin without Range), storing the missing pieces and
@@ -365,17 +362,20 @@ impl Fetcher {
         progress: &Arc<Progress>,
     ) -> Result<Option<Digest>, FetchError> {
         let mut first = first;
-        self.retrying("body", || {
-            let resp = first.take();
-            async move {
-                let resp = match resp {
-                    Some(r) => r,
-                    None => self.origin.full(url).await?,
-                };
-                self.consume_in_order(task, url, resp, progress).await.map(Some)
-            }
-        })
-        .await
+        self.retry
+            .run("body", || {
+                let resp = first.take();
+                async move {
+                    let resp = match resp {
+                        Some(r) => r,
+                        None => self.origin.full(url).await?,
+                    };
+                    self.consume_in_order(task, url, resp, progress)
+                        .await
+                        .map(Some)
+                }
+            })
+            .await
     }
 
     async fn consume_in_order(
@@ -389,10 +389,14 @@ impl Fetcher {
         let len = plan.content_length();
         if let Some(cl) = resp.content_length() {
             if cl != len {
-                return Err(SourceError::Changed { url: url.into(), detail: format!("length was {len}, now {cl}") }.into());
+                return Err(SourceError::Changed {
+                    url: url.into(),
+                    detail: format!("length was {len}, now {cl}"),
+                }
+                .into());
             }
         }
-        let window = window(1, plan.piece_length());
+        let window = ranged::window(1, plan.piece_length());
         let permits = Arc::new(Semaphore::new(window));
         let hasher = ContentHasher::start(plan.count());
         let mut have = task.piece_digests();
@@ -402,11 +406,17 @@ impl Fetcher {
         let (mut cur, mut cur_len, mut hash) = (Vec::new(), 0u64, Sha256Stream::new());
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk?;
-            progress.origin_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            progress
+                .origin_bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
             while !chunk.is_empty() {
                 let Some(p) = piece else { break };
                 let need = (p.length - cur_len) as usize;
-                let part = if chunk.len() > need { chunk.split_to(need) } else { std::mem::take(&mut chunk) };
+                let part = if chunk.len() > need {
+                    chunk.split_to(need)
+                } else {
+                    std::mem::take(&mut chunk)
+                };
                 let stored = have[p.index as usize].is_some();
                 if !stored {
                     hash.update(&part);
@@ -430,14 +440,12 @@ impl Fetcher {
             }
         }
         hasher.finish().ok_or_else(|| {
-            SourceError::Short { url: url.into(), got: plan.content_length() - cur_len, want: len }.into()
+            SourceError::Short {
+                url: url.into(),
+                got: plan.content_length() - cur_len,
+                want: len,
+            }
+            .into()
         })
     }
-}
-
-/// Pieces that may be in flight or waiting for the in-order hasher: enough to keep every
-/// connection busy, capped at 64 MiB of piece data (never below one per connection plus one).
-fn window(concurrency: usize, piece_length: u64) -> usize {
-    let cap = (64 * 1024 * 1024 / piece_length.max(1)) as usize;
-    (concurrency * 4).min(cap).max(concurrency + 1)
 }

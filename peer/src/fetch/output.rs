@@ -28,14 +28,18 @@ impl std::fmt::Display for Placed {
 /// Places `content` at `out`. With `allow_hard_link` false the output never shares an inode
 /// with the store (a reflink still may: it is copy-on-write).
 pub fn place(content: &Path, out: &Path, allow_hard_link: bool) -> io::Result<Placed> {
-    let name = out
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name"))?;
+    let name = out.file_name().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name")
+    })?;
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = dir.join(format!(".{}.starling-{}.tmp", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.starling-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let placed = make(content, &tmp, allow_hard_link);
     let res = placed.and_then(|p| std::fs::rename(&tmp, out).map(|()| p));
     if res.is_err() {
@@ -60,6 +64,10 @@ fn make(content: &Path, tmp: &Path, allow_hard_link: bool) -> io::Result<Placed>
 
 fn reflink(src: &Path, dst: &Path) -> io::Result<()> {
     let s = File::open(src)?;
-    let d = File::options().write(true).create_new(true).mode(0o644).open(dst)?;
+    let d = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dst)?;
     rustix::fs::ioctl_ficlone(&d, &s).map_err(io::Error::from)
 }

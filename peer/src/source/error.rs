@@ -57,9 +57,9 @@ impl SourceError {
         let url = url.to_string();
         match status {
             StatusCode::NOT_FOUND | StatusCode::GONE => SourceError::NotFound { url },
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
-                SourceError::Denied { url, status }
-            }
+            StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::PROXY_AUTHENTICATION_REQUIRED => SourceError::Denied { url, status },
             s if s.is_server_error() => SourceError::ServerStatus { url, status },
             _ => SourceError::ClientStatus { url, status },
         }
@@ -72,7 +72,10 @@ impl SourceError {
         let mut cause: Option<&(dyn StdError + 'static)> = Some(&e);
         while let Some(c) = cause {
             if let Some(tls) = c.downcast_ref::<rustls::Error>() {
-                return SourceError::Tls { url, detail: tls.to_string() };
+                return SourceError::Tls {
+                    url,
+                    detail: tls.to_string(),
+                };
             }
             cause = c.source();
         }
@@ -81,13 +84,17 @@ impl SourceError {
             if lower.contains("dns error") || lower.contains("failed to lookup address") {
                 return SourceError::Dns { url, detail };
             }
-            if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+            {
                 return SourceError::Tls { url, detail };
             }
             return SourceError::Connect { url, detail };
         }
         if e.is_timeout() {
-            return SourceError::Transfer { url, detail: format!("timed out ({detail})") };
+            return SourceError::Transfer {
+                url,
+                detail: format!("timed out ({detail})"),
+            };
         }
         SourceError::Transfer { url, detail }
     }

@@ -56,12 +56,16 @@ impl Origin {
                 path: path.clone(),
                 detail: e.to_string(),
             })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SourceError::CaCert {
-                path: path.clone(),
-                detail: e.to_string(),
-            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SourceError::CaCert {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
             if certs.is_empty() {
-                return Err(SourceError::CaCert { path: path.clone(), detail: "no PEM certificate in it".into() });
+                return Err(SourceError::CaCert {
+                    path: path.clone(),
+                    detail: "no PEM certificate in it".into(),
+                });
             }
             for c in certs {
                 b = b.add_root_certificate(c);
@@ -79,7 +83,10 @@ impl Origin {
             .get(url)
             .headers(self.headers.clone())
             // Byte offsets must refer to the stored bytes, never to a re-encoding.
-            .header(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"))
+            .header(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            )
     }
 
     async fn send(&self, url: &str, range: Option<(u64, u64)>) -> Result<Response, SourceError> {
@@ -87,7 +94,10 @@ impl Origin {
         if let Some((start, end)) = range {
             req = req.header(header::RANGE, format!("bytes={start}-{end}"));
         }
-        let resp = req.send().await.map_err(|e| SourceError::from_reqwest(url, e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| SourceError::from_reqwest(url, e))?;
         let status = resp.status();
         if status.is_success() || status == StatusCode::RANGE_NOT_SATISFIABLE {
             return Ok(resp);
@@ -103,19 +113,31 @@ impl Origin {
             StatusCode::PARTIAL_CONTENT => {
                 let cr = content_range(url, resp.headers())?;
                 match cr {
-                    ContentRange::Span { start: 0, end: 0, total: Some(total) } => {
+                    ContentRange::Span {
+                        start: 0,
+                        end: 0,
+                        total: Some(total),
+                    } => {
                         // Drain the one byte so the connection returns to the pool.
                         let _ = resp.bytes().await;
-                        Ok(Probe { content_length: Some(total), ranged: true, validator, full_body: None })
+                        Ok(Probe {
+                            content_length: Some(total),
+                            ranged: true,
+                            validator,
+                            full_body: None,
+                        })
                     }
                     // Unknown total or an unexpected span: do not trust its ranges.
                     _ => self.probe_full(url).await,
                 }
             }
             StatusCode::RANGE_NOT_SATISFIABLE => match content_range(url, resp.headers())? {
-                ContentRange::Unsatisfied { total: 0 } => {
-                    Ok(Probe { content_length: Some(0), ranged: true, validator, full_body: None })
-                }
+                ContentRange::Unsatisfied { total: 0 } => Ok(Probe {
+                    content_length: Some(0),
+                    ranged: true,
+                    validator,
+                    full_body: None,
+                }),
                 _ => Err(SourceError::BadRange {
                     url: url.into(),
                     detail: "answered 416 to bytes=0-0 for non-empty content".into(),
@@ -162,7 +184,10 @@ impl Origin {
         let end = offset + len - 1;
         let resp = self.send(url, Some((offset, end))).await?;
         let got_validator = validator(resp.headers());
-        if !want_validator.is_empty() && !got_validator.is_empty() && got_validator != want_validator {
+        if !want_validator.is_empty()
+            && !got_validator.is_empty()
+            && got_validator != want_validator
+        {
             return Err(SourceError::Changed {
                 url: url.into(),
                 detail: format!("validator was {want_validator}, now {got_validator}"),
@@ -174,11 +199,18 @@ impl Origin {
             s => return Err(SourceError::from_status(url, s)),
         }
         match content_range(url, resp.headers())? {
-            ContentRange::Span { start, end: e, total: t } if start == offset && e == end => {
+            ContentRange::Span {
+                start,
+                end: e,
+                total: t,
+            } if start == offset && e == end => {
                 if t.is_some_and(|t| t != total) {
                     return Err(SourceError::Changed {
                         url: url.into(),
-                        detail: format!("length was {total}, Content-Range now says {}", t.unwrap_or(0)),
+                        detail: format!(
+                            "length was {total}, Content-Range now says {}",
+                            t.unwrap_or(0)
+                        ),
                     });
                 }
             }
@@ -214,7 +246,12 @@ pub fn exact_body(
         seen: u64,
         ended: bool,
     }
-    let st = St { body: resp.bytes_stream(), url, seen: 0, ended: false };
+    let st = St {
+        body: resp.bytes_stream(),
+        url,
+        seen: 0,
+        ended: false,
+    };
     futures::stream::unfold(st, move |mut st| async move {
         if st.ended {
             return None;
@@ -232,14 +269,22 @@ pub fn exact_body(
                 }
             }
             Some(Err(e)) => match SourceError::from_reqwest(&st.url, e) {
-                SourceError::Transfer { detail, .. } if detail.contains("end of file before message length") => {
-                    Err(SourceError::Short { url: st.url.clone(), got: st.seen, want: len })
+                SourceError::Transfer { detail, .. }
+                    if detail.contains("end of file before message length") =>
+                {
+                    Err(SourceError::Short {
+                        url: st.url.clone(),
+                        got: st.seen,
+                        want: len,
+                    })
                 }
                 other => Err(other),
             },
-            None if st.seen < len => {
-                Err(SourceError::Short { url: st.url.clone(), got: st.seen, want: len })
-            }
+            None if st.seen < len => Err(SourceError::Short {
+                url: st.url.clone(),
+                got: st.seen,
+                want: len,
+            }),
             None => return None,
         };
         st.ended = item.is_err();
@@ -248,7 +293,12 @@ pub fn exact_body(
 }
 
 fn validator(h: &HeaderMap) -> String {
-    let get = |n| h.get(n).and_then(|v: &HeaderValue| v.to_str().ok()).unwrap_or("").to_string();
+    let get = |n| {
+        h.get(n)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     let etag = get(header::ETAG);
     // A weak ETag does not promise byte-identical ranges; Last-Modified is as good then.
     if !etag.is_empty() && !etag.starts_with("W/") {
@@ -259,12 +309,21 @@ fn validator(h: &HeaderMap) -> String {
 
 #[derive(Debug, PartialEq, Eq)]
 enum ContentRange {
-    Span { start: u64, end: u64, total: Option<u64> },
-    Unsatisfied { total: u64 },
+    Span {
+        start: u64,
+        end: u64,
+        total: Option<u64>,
+    },
+    Unsatisfied {
+        total: u64,
+    },
 }
 
 fn content_range(url: &str, h: &HeaderMap) -> Result<ContentRange, SourceError> {
-    let bad = |detail: String| SourceError::BadRange { url: url.into(), detail };
+    let bad = |detail: String| SourceError::BadRange {
+        url: url.into(),
+        detail,
+    };
     let raw = h
         .get(header::CONTENT_RANGE)
         .ok_or_else(|| bad("no Content-Range header".into()))?
@@ -299,14 +358,32 @@ mod tests {
     fn content_range_parsing() {
         assert_eq!(
             parse_content_range("bytes 0-0/100"),
-            Some(ContentRange::Span { start: 0, end: 0, total: Some(100) })
+            Some(ContentRange::Span {
+                start: 0,
+                end: 0,
+                total: Some(100)
+            })
         );
         assert_eq!(
             parse_content_range("bytes 10-19/*"),
-            Some(ContentRange::Span { start: 10, end: 19, total: None })
+            Some(ContentRange::Span {
+                start: 10,
+                end: 19,
+                total: None
+            })
         );
-        assert_eq!(parse_content_range("bytes */0"), Some(ContentRange::Unsatisfied { total: 0 }));
-        for bad in ["bytes 5-4/10", "bytes 0-10/10", "items 0-1/2", "bytes 0-1", "bytes a-b/3", "bytes */*"] {
+        assert_eq!(
+            parse_content_range("bytes */0"),
+            Some(ContentRange::Unsatisfied { total: 0 })
+        );
+        for bad in [
+            "bytes 5-4/10",
+            "bytes 0-10/10",
+            "items 0-1/2",
+            "bytes 0-1",
+            "bytes a-b/3",
+            "bytes */*",
+        ] {
             assert_eq!(parse_content_range(bad), None, "{bad}");
         }
     }
@@ -315,7 +392,10 @@ mod tests {
     fn weak_etags_fall_back_to_last_modified() {
         let mut h = HeaderMap::new();
         h.insert(header::ETAG, HeaderValue::from_static("W/\"x\""));
-        h.insert(header::LAST_MODIFIED, HeaderValue::from_static("Mon, 01 Jan 2024 00:00:00 GMT"));
+        h.insert(
+            header::LAST_MODIFIED,
+            HeaderValue::from_static("Mon, 01 Jan 2024 00:00:00 GMT"),
+        );
         assert_eq!(validator(&h), "Mon, 01 Jan 2024 00:00:00 GMT");
         h.insert(header::ETAG, HeaderValue::from_static("\"strong\""));
         assert_eq!(validator(&h), "\"strong\"");

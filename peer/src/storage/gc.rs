@@ -40,7 +40,12 @@ impl std::fmt::Display for Reason {
 }
 
 /// Which entries to evict, and why, in eviction order.
-pub fn choose_victims(entries: &[GcEntry], now: SystemTime, cfg: &GcConfig, usage: Usage) -> Vec<(usize, Reason)> {
+pub fn choose_victims(
+    entries: &[GcEntry],
+    now: SystemTime,
+    cfg: &GcConfig,
+    usage: Usage,
+) -> Vec<(usize, Reason)> {
     let ttl = Duration::from_secs(cfg.ttl_seconds);
     let mut victims = Vec::new();
     let mut used = usage.used;
@@ -76,18 +81,40 @@ mod tests {
     use super::*;
 
     fn entry(name: &str, bytes: u64, age_s: u64, in_use: bool, now: SystemTime) -> GcEntry {
-        GcEntry { name: name.into(), bytes, last_used: now - Duration::from_secs(age_s), in_use }
+        GcEntry {
+            name: name.into(),
+            bytes,
+            last_used: now - Duration::from_secs(age_s),
+            in_use,
+        }
     }
 
     fn cfg(ttl: u64) -> GcConfig {
-        GcConfig { ttl_seconds: ttl, capacity_bytes: 0, high_watermark: 0.8, low_watermark: 0.5 }
+        GcConfig {
+            ttl_seconds: ttl,
+            capacity_bytes: 0,
+            high_watermark: 0.8,
+            low_watermark: 0.5,
+        }
     }
 
     #[test]
     fn ttl_evicts_idle_but_never_in_use() {
         let now = SystemTime::now();
-        let e = [entry("old", 10, 100, false, now), entry("busy", 10, 100, true, now), entry("new", 10, 1, false, now)];
-        let v = choose_victims(&e, now, &cfg(50), Usage { used: 30, capacity: 1000 });
+        let e = [
+            entry("old", 10, 100, false, now),
+            entry("busy", 10, 100, true, now),
+            entry("new", 10, 1, false, now),
+        ];
+        let v = choose_victims(
+            &e,
+            now,
+            &cfg(50),
+            Usage {
+                used: 30,
+                capacity: 1000,
+            },
+        );
         assert_eq!(v, vec![(0, Reason::Expired)]);
     }
 
@@ -101,7 +128,15 @@ mod tests {
             entry("d", 10, 5, false, now),
         ];
         // 100 used of 100: above 0.8; must get to <= 50.
-        let v = choose_victims(&e, now, &cfg(3600), Usage { used: 100, capacity: 100 });
+        let v = choose_victims(
+            &e,
+            now,
+            &cfg(3600),
+            Usage {
+                used: 100,
+                capacity: 100,
+            },
+        );
         assert_eq!(v, vec![(2, Reason::Watermark), (0, Reason::Watermark)]);
     }
 
@@ -109,15 +144,44 @@ mod tests {
     fn below_high_mark_nothing_happens() {
         let now = SystemTime::now();
         let e = [entry("a", 70, 10, false, now)];
-        assert!(choose_victims(&e, now, &cfg(3600), Usage { used: 79, capacity: 100 }).is_empty());
-        assert!(choose_victims(&e, now, &cfg(3600), Usage { used: 79, capacity: 0 }).is_empty());
+        assert!(choose_victims(
+            &e,
+            now,
+            &cfg(3600),
+            Usage {
+                used: 79,
+                capacity: 100
+            }
+        )
+        .is_empty());
+        assert!(choose_victims(
+            &e,
+            now,
+            &cfg(3600),
+            Usage {
+                used: 79,
+                capacity: 0
+            }
+        )
+        .is_empty());
     }
 
     #[test]
     fn expired_bytes_count_toward_the_watermark() {
         let now = SystemTime::now();
-        let e = [entry("old", 60, 100, false, now), entry("x", 30, 1, false, now)];
-        let v = choose_victims(&e, now, &cfg(50), Usage { used: 90, capacity: 100 });
+        let e = [
+            entry("old", 60, 100, false, now),
+            entry("x", 30, 1, false, now),
+        ];
+        let v = choose_victims(
+            &e,
+            now,
+            &cfg(50),
+            Usage {
+                used: 90,
+                capacity: 100,
+            },
+        );
         assert_eq!(v, vec![(0, Reason::Expired)]);
     }
 }

@@ -53,14 +53,23 @@ pub fn acquire(dir: &Path, mode: Mode) -> io::Result<Lease> {
     loop {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(LOCK_FILE);
-        let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // GC removed the dir
             Err(e) => return Err(e),
         };
         flock(&file, op)?;
         if still_linked(&file, &path)? {
-            let lease = Lease { file, dir: dir.to_path_buf() };
+            let lease = Lease {
+                file,
+                dir: dir.to_path_buf(),
+            };
             lease.touch();
             return Ok(lease);
         }
@@ -71,7 +80,13 @@ pub fn acquire(dir: &Path, mode: Mode) -> io::Result<Lease> {
 /// Takes an exclusive lease only if nobody holds any lease now. `None` means: in use.
 pub fn try_exclusive(dir: &Path) -> io::Result<Option<Lease>> {
     let path = dir.join(LOCK_FILE);
-    let file = match OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path) {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -81,7 +96,10 @@ pub fn try_exclusive(dir: &Path) -> io::Result<Option<Lease>> {
         Err(rustix::io::Errno::WOULDBLOCK) => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    Ok(still_linked(&file, &path)?.then(|| Lease { file, dir: dir.to_path_buf() }))
+    Ok(still_linked(&file, &path)?.then(|| Lease {
+        file,
+        dir: dir.to_path_buf(),
+    }))
 }
 
 fn still_linked(file: &File, path: &Path) -> io::Result<bool> {
@@ -121,7 +139,10 @@ mod tests {
         std::fs::remove_dir_all(&t).unwrap();
         drop(gc);
         let got = waiter.join().unwrap();
-        assert!(got.dir().join(LOCK_FILE).exists(), "the waiter must hold a lock on a live file");
+        assert!(
+            got.dir().join(LOCK_FILE).exists(),
+            "the waiter must hold a lock on a live file"
+        );
         assert!(try_exclusive(&t).unwrap().is_none());
     }
 }

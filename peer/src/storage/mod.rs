@@ -28,11 +28,20 @@ use crate::core::{Digest, TaskId};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot {op} {}: {source}", path.display())]
-    Io { op: &'static str, path: PathBuf, #[source] source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("not enough disk space for {need} bytes at {}; free some space, or lower gc.high_watermark so old tasks are evicted", path.display())]
     NoSpace { path: PathBuf, need: u64 },
     #[error("piece {index} does not match the manifest: got {got}, expected {want}")]
-    PieceMismatch { index: u32, got: Digest, want: Digest },
+    PieceMismatch {
+        index: u32,
+        got: Digest,
+        want: Digest,
+    },
     #[error("storage: {0}")]
     Uring(io::Error),
 }
@@ -94,7 +103,11 @@ impl Store {
         tokio::task::spawn_blocking(move || lease::acquire(&d, mode))
             .await
             .map_err(|e| StoreError::Uring(io::Error::other(e)))?
-            .map_err(|source| StoreError::Io { op: "lock", path: dir, source })
+            .map_err(|source| StoreError::Io {
+                op: "lock",
+                path: dir,
+                source,
+            })
     }
 
     /// The stored task under this lease, or the lease back when there is none (or it was
@@ -123,7 +136,12 @@ impl Store {
             let last_used = std::fs::metadata(dir.join(lease::LOCK_FILE))
                 .and_then(|m| m.modified())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            entries.push(GcEntry { name, bytes: dir_bytes(&dir), last_used, in_use: lease.is_none() });
+            entries.push(GcEntry {
+                name,
+                bytes: dir_bytes(&dir),
+                last_used,
+                in_use: lease.is_none(),
+            });
             held.push((dir, lease));
         }
         let before = self.usage(cfg, &entries);
@@ -142,18 +160,25 @@ impl Store {
             std::fs::remove_file(dir.join(lease::LOCK_FILE)).map_err(io_err("remove", dir))?;
             std::fs::remove_dir(dir).map_err(io_err("remove", dir))?;
             tracing::info!(task = %entries[i].name, bytes = entries[i].bytes, %reason, "evicted");
-            report.evicted.push((entries[i].name.clone(), entries[i].bytes, reason));
+            report
+                .evicted
+                .push((entries[i].name.clone(), entries[i].bytes, reason));
         }
         drop(held);
-        let remaining: Vec<GcEntry> =
-            entries.into_iter().filter(|e| !report.evicted.iter().any(|v| v.0 == e.name)).collect();
+        let remaining: Vec<GcEntry> = entries
+            .into_iter()
+            .filter(|e| !report.evicted.iter().any(|v| v.0 == e.name))
+            .collect();
         report.after = Some(self.usage(cfg, &remaining));
         Ok(report)
     }
 
     fn usage(&self, cfg: &GcConfig, entries: &[GcEntry]) -> Usage {
         if cfg.capacity_bytes > 0 {
-            return Usage { used: entries.iter().map(|e| e.bytes).sum(), capacity: cfg.capacity_bytes };
+            return Usage {
+                used: entries.iter().map(|e| e.bytes).sum(),
+                capacity: cfg.capacity_bytes,
+            };
         }
         match rustix::fs::statvfs(&self.root) {
             Ok(s) => Usage {
@@ -162,7 +187,10 @@ impl Store {
             },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read file system usage; watermarks skipped");
-                Usage { used: 0, capacity: 0 }
+                Usage {
+                    used: 0,
+                    capacity: 0,
+                }
             }
         }
     }
@@ -172,7 +200,12 @@ impl Store {
 fn dir_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
-        .map(|it| it.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.blocks() * 512).sum())
+        .map(|it| {
+            it.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
         .unwrap_or(0)
 }
 

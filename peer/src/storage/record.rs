@@ -86,7 +86,13 @@ impl TaskHeader {
         if r.remaining() != 0 {
             return Err("header has trailing bytes".into());
         }
-        Ok(TaskHeader { id: TaskId { kind, hash }, plan, expected, validator, url })
+        Ok(TaskHeader {
+            id: TaskId { kind, hash },
+            plan,
+            expected,
+            validator,
+            url,
+        })
     }
 }
 
@@ -115,7 +121,10 @@ pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<(u32, Digest)>
             return Err(format!("journal record {n} is short"));
         };
         if index >= plan.count() {
-            return Err(format!("journal record {n} names piece {index} of {}", plan.count()));
+            return Err(format!(
+                "journal record {n} names piece {index} of {}",
+                plan.count()
+            ));
         }
         out.push((index, digest));
     }
@@ -125,7 +134,9 @@ pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<(u32, Digest)>
 /// Writes `data` to `path` so that after a crash the path holds either the old content or
 /// the new, complete: write a sibling temp file, fsync it, rename over, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::other("path has no parent directory"))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::other("path has no parent directory"))?;
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(data)?;

@@ -37,7 +37,10 @@ impl TaskHandle {
     /// Opens the task in `lease`'s directory. `Ok(None)` when there is no task there, or when
     /// its metadata was corrupt or truncated, in which case the files are removed and the
     /// reason logged: a damaged task is never served.
-    pub(crate) fn load(lease: Lease, uring: &Uring) -> Result<Result<TaskHandle, Lease>, StoreError> {
+    pub(crate) fn load(
+        lease: Lease,
+        uring: &Uring,
+    ) -> Result<Result<TaskHandle, Lease>, StoreError> {
         let dir = lease.dir().to_path_buf();
         let header_bytes = match std::fs::read(dir.join(HEADER)) {
             Ok(b) => b,
@@ -46,13 +49,18 @@ impl TaskHandle {
         };
         match Self::load_checked(&dir, &header_bytes) {
             Ok((header, manifest, pieces, content, journal, journal_len)) => {
-                let (key, durable) = uring.open(content, journal, journal_len).map_err(StoreError::Uring)?;
+                let (key, durable) = uring
+                    .open(content, journal, journal_len)
+                    .map_err(StoreError::Uring)?;
                 Ok(Ok(TaskHandle {
                     lease,
                     header,
                     manifest: Mutex::new(manifest),
                     pieces: Mutex::new(pieces),
-                    file: OpenKey { uring: uring.clone(), key },
+                    file: OpenKey {
+                        uring: uring.clone(),
+                        key,
+                    },
                     durable,
                 }))
             }
@@ -68,7 +76,17 @@ impl TaskHandle {
     fn load_checked(
         dir: &Path,
         header_bytes: &[u8],
-    ) -> Result<(TaskHeader, Option<Manifest>, Vec<Option<Digest>>, File, File, u64), String> {
+    ) -> Result<
+        (
+            TaskHeader,
+            Option<Manifest>,
+            Vec<Option<Digest>>,
+            File,
+            File,
+            u64,
+        ),
+        String,
+    > {
         let header = TaskHeader::decode(header_bytes).map_err(|e| format!("header: {e}"))?;
         let plan = header.plan;
         let manifest = match std::fs::read(dir.join(MANIFEST)) {
@@ -85,12 +103,17 @@ impl TaskHandle {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(format!("manifest unreadable: {e}")),
         };
-        let journal_bytes = std::fs::read(dir.join(JOURNAL)).map_err(|e| format!("journal: {e}"))?;
+        let journal_bytes =
+            std::fs::read(dir.join(JOURNAL)).map_err(|e| format!("journal: {e}"))?;
         let mut pieces = vec![None; plan.count() as usize];
-        for (index, digest) in decode_journal(&journal_bytes, &plan).map_err(|e| format!("journal: {e}"))? {
+        for (index, digest) in
+            decode_journal(&journal_bytes, &plan).map_err(|e| format!("journal: {e}"))?
+        {
             if let Some(m) = &manifest {
                 if m.piece_digest(index) != Some(digest) {
-                    return Err(format!("journal digest of piece {index} differs from the manifest"));
+                    return Err(format!(
+                        "journal digest of piece {index} differs from the manifest"
+                    ));
                 }
             }
             pieces[index as usize] = Some(digest);
@@ -100,9 +123,15 @@ impl TaskHandle {
             .write(manifest.is_none())
             .open(dir.join(CONTENT))
             .map_err(|e| format!("content: {e}"))?;
-        let len = content.metadata().map_err(|e| format!("content: {e}"))?.len();
+        let len = content
+            .metadata()
+            .map_err(|e| format!("content: {e}"))?
+            .len();
         if len != plan.content_length() {
-            return Err(format!("content file has {len} bytes, expected {}", plan.content_length()));
+            return Err(format!(
+                "content file has {len} bytes, expected {}",
+                plan.content_length()
+            ));
         }
         let journal = OpenOptions::new()
             .read(true)
@@ -118,7 +147,11 @@ impl TaskHandle {
     /// Creates a fresh task in `lease`'s directory, replacing whatever was there: the content
     /// file is preallocated (so a full disk fails now, not halfway), then the journal, and the
     /// header last, which is what makes the task exist.
-    pub(crate) fn create(lease: Lease, header: TaskHeader, uring: &Uring) -> Result<TaskHandle, StoreError> {
+    pub(crate) fn create(
+        lease: Lease,
+        header: TaskHeader,
+        uring: &Uring,
+    ) -> Result<TaskHandle, StoreError> {
         let dir = lease.dir().to_path_buf();
         wipe(&dir)?;
         let len = header.plan.content_length();
@@ -148,7 +181,10 @@ impl TaskHandle {
             header,
             manifest: Mutex::new(None),
             pieces: Mutex::new(vec![None; count]),
-            file: OpenKey { uring: uring.clone(), key },
+            file: OpenKey {
+                uring: uring.clone(),
+                key,
+            },
             durable,
         })
     }
@@ -183,7 +219,10 @@ impl TaskHandle {
     }
 
     pub fn verified_count(&self) -> u32 {
-        self.pieces.lock().map(|p| p.iter().flatten().count() as u32).unwrap_or(0)
+        self.pieces
+            .lock()
+            .map(|p| p.iter().flatten().count() as u32)
+            .unwrap_or(0)
     }
 
     pub fn is_complete(&self) -> bool {
@@ -198,10 +237,19 @@ impl TaskHandle {
     /// Stores a piece whose bytes hashed to `digest`: checks it against the manifest when there
     /// is one, writes the chunks at the piece's offset, marks it verified and queues it for the
     /// next durable commit.
-    pub async fn write_piece(&self, piece: Piece, chunks: Vec<Bytes>, digest: Digest) -> Result<(), StoreError> {
+    pub async fn write_piece(
+        &self,
+        piece: Piece,
+        chunks: Vec<Bytes>,
+        digest: Digest,
+    ) -> Result<(), StoreError> {
         if let Some(want) = self.manifest().and_then(|m| m.piece_digest(piece.index)) {
             if want != digest {
-                return Err(StoreError::PieceMismatch { index: piece.index, got: digest, want });
+                return Err(StoreError::PieceMismatch {
+                    index: piece.index,
+                    got: digest,
+                    want,
+                });
             }
         }
         let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
@@ -211,7 +259,11 @@ impl TaskHandle {
                 piece.index, piece.length
             ))));
         }
-        self.file.uring.write(self.file.key, piece.offset, chunks).await.map_err(io_err("write", &self.content_path()))?;
+        self.file
+            .uring
+            .write(self.file.key, piece.offset, chunks)
+            .await
+            .map_err(io_err("write", &self.content_path()))?;
         self.mark(piece.index, digest)
     }
 
@@ -219,12 +271,16 @@ impl TaskHandle {
         if let Ok(mut p) = self.pieces.lock() {
             p[index as usize] = Some(digest);
         }
-        self.file.uring.journal(self.file.key, index, digest).map_err(StoreError::Uring)
+        self.file
+            .uring
+            .journal(self.file.key, index, digest)
+            .map_err(StoreError::Uring)
     }
 
     /// Reads a stored piece back. Callers that serve it must have it verified.
     pub async fn read_piece(&self, piece: Piece) -> Result<Bytes, StoreError> {
-        self.file.uring
+        self.file
+            .uring
             .read(self.file.key, piece.offset, piece.length as usize)
             .await
             .map_err(io_err("read", &self.content_path()))
@@ -233,7 +289,9 @@ impl TaskHandle {
     /// For a task with a manifest, re-hashes pieces that are on disk but were not journaled yet
     /// when the last run ended, and marks those that match. Returns how many were recovered.
     pub async fn recover_unjournaled(&self) -> Result<u32, StoreError> {
-        let Some(m) = self.manifest() else { return Ok(0) };
+        let Some(m) = self.manifest() else {
+            return Ok(0);
+        };
         let missing: Vec<u32> = self
             .piece_digests()
             .iter()
@@ -243,7 +301,9 @@ impl TaskHandle {
             .collect();
         let mut recovered = 0;
         for index in missing {
-            let Some(piece) = self.plan().piece(index) else { continue };
+            let Some(piece) = self.plan().piece(index) else {
+                continue;
+            };
             let data = self.read_piece(piece).await?;
             let digest = Digest::of(&data);
             if Some(digest) == m.piece_digest(index) {
@@ -258,8 +318,9 @@ impl TaskHandle {
     /// read-only, since outputs may be hard links to it.
     pub fn complete(&self, content: Digest) -> Result<Manifest, StoreError> {
         let digests: Vec<Digest> = self.piece_digests().into_iter().flatten().collect();
-        let manifest = Manifest::new(self.plan(), digests, content)
-            .map_err(|e| StoreError::Uring(io::Error::other(format!("task is not complete: {e}"))))?;
+        let manifest = Manifest::new(self.plan(), digests, content).map_err(|e| {
+            StoreError::Uring(io::Error::other(format!("task is not complete: {e}")))
+        })?;
         let path = self.dir().join(MANIFEST);
         write_atomic(&path, &manifest.encode()).map_err(io_err("write", &path))?;
         let cpath = self.content_path();
@@ -268,6 +329,7 @@ impl TaskHandle {
         if let Ok(mut m) = self.manifest.lock() {
             *m = Some(manifest.clone());
         }
+        self.file.uring.sealed(self.file.key);
         Ok(manifest)
     }
 
@@ -283,7 +345,11 @@ impl TaskHandle {
 
     /// Waits until everything queued is durable.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.file.uring.flush(self.file.key).await.map_err(io_err("sync", &self.content_path()))
+        self.file
+            .uring
+            .flush(self.file.key)
+            .await
+            .map_err(io_err("sync", &self.content_path()))
     }
 
     /// Throws the task's files away (keeping the lease), e.g. when the origin's content
@@ -314,7 +380,14 @@ impl Drop for OpenKey {
 
 /// Removes a task's data and metadata, keeping the lock file (the caller holds the lease).
 pub(crate) fn wipe(dir: &Path) -> Result<(), StoreError> {
-    for name in [HEADER, MANIFEST, JOURNAL, CONTENT, "header.tmp", "manifest.tmp"] {
+    for name in [
+        HEADER,
+        MANIFEST,
+        JOURNAL,
+        CONTENT,
+        "header.tmp",
+        "manifest.tmp",
+    ] {
         let p = dir.join(name);
         match std::fs::remove_file(&p) {
             Ok(()) => {}
@@ -331,7 +404,10 @@ fn preallocate(file: &File, len: u64, path: &Path) -> Result<(), StoreError> {
     }
     match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
         Ok(()) => Ok(()),
-        Err(rustix::io::Errno::NOSPC) => Err(StoreError::NoSpace { path: path.to_path_buf(), need: len }),
+        Err(rustix::io::Errno::NOSPC) => Err(StoreError::NoSpace {
+            path: path.to_path_buf(),
+            need: len,
+        }),
         // File systems without fallocate (some FUSE, old NFS): a sparse file still works.
         Err(rustix::io::Errno::OPNOTSUPP) => file.set_len(len).map_err(io_err("resize", path)),
         Err(e) => Err(io_err("preallocate", path)(e.into())),

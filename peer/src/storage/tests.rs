@@ -20,7 +20,9 @@ fn header(len: u64) -> TaskHeader {
 }
 
 fn content(len: u64) -> Vec<u8> {
-    (0..len).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+    (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
 }
 
 /// Writes the given pieces, as two chunks each (as they would come off the network).
@@ -51,12 +53,20 @@ async fn durable_pieces_survive_reopen_and_reads_match() {
     let s = store(d.path());
     let h = header(len);
     let id = h.id;
-    let t = s.create(s.acquire(&id, LeaseMode::Exclusive).await.unwrap(), h.clone()).unwrap();
+    let t = s
+        .create(
+            s.acquire(&id, LeaseMode::Exclusive).await.unwrap(),
+            h.clone(),
+        )
+        .unwrap();
     put(&t, &data, &[4, 1, 5]).await;
     t.flush().await.unwrap();
     assert_eq!(*t.durable_watch().borrow(), 3);
     let p5 = t.plan().piece(5).unwrap();
-    assert_eq!(&t.read_piece(p5).await.unwrap()[..], &data[p5.offset as usize..]);
+    assert_eq!(
+        &t.read_piece(p5).await.unwrap()[..],
+        &data[p5.offset as usize..]
+    );
     drop(t);
 
     let t = reopen(&s, &id).await.expect("task must reload");
@@ -85,7 +95,12 @@ async fn unflushed_pieces_are_not_reported_after_a_crash() {
     {
         // A long commit interval: nothing becomes durable before the "crash".
         let s = Store::open(d.path(), Duration::from_secs(60)).unwrap();
-        let t = s.create(s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(), h.clone()).unwrap();
+        let t = s
+            .create(
+                s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
+                h.clone(),
+            )
+            .unwrap();
         put(&t, &data, &[0, 1]).await;
         t.flush().await.unwrap();
         put(&t, &data, &[2]).await;
@@ -111,8 +126,18 @@ async fn damaged_metadata_discards_the_task() {
     let data = content(len);
     let s = store(d.path());
     let h = header(len);
-    for damage in ["header-flip", "journal-flip", "content-truncated", "manifest-truncated"] {
-        let t = s.create(s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(), h.clone()).unwrap();
+    for damage in [
+        "header-flip",
+        "journal-flip",
+        "content-truncated",
+        "manifest-truncated",
+    ] {
+        let t = s
+            .create(
+                s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
+                h.clone(),
+            )
+            .unwrap();
         put(&t, &data, &[0, 1, 2]).await;
         t.flush().await.unwrap();
         if damage == "manifest-truncated" {
@@ -129,7 +154,10 @@ async fn damaged_metadata_discards_the_task() {
             "header-flip" => flip("header", 10),
             "journal-flip" => flip("journal", 3),
             "content-truncated" => {
-                let f = std::fs::OpenOptions::new().write(true).open(dir.join("content")).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("content"))
+                    .unwrap();
                 f.set_len(len - 1).unwrap();
             }
             _ => {
@@ -137,8 +165,14 @@ async fn damaged_metadata_discards_the_task() {
                 std::fs::write(dir.join("manifest"), &m[..m.len() - 3]).unwrap();
             }
         }
-        assert!(reopen(&s, &h.id).await.is_none(), "{damage}: a damaged task must not load");
-        assert!(!dir.join("content").exists(), "{damage}: its data must be removed");
+        assert!(
+            reopen(&s, &h.id).await.is_none(),
+            "{damage}: a damaged task must not load"
+        );
+        assert!(
+            !dir.join("content").exists(),
+            "{damage}: its data must be removed"
+        );
     }
 }
 
@@ -149,13 +183,24 @@ async fn piece_that_disagrees_with_manifest_is_refused() {
     let data = content(len);
     let s = store(d.path());
     let h = header(len);
-    let t = s.create(s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(), h.clone()).unwrap();
+    let t = s
+        .create(
+            s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
+            h.clone(),
+        )
+        .unwrap();
     put(&t, &data, &[0, 1]).await;
     t.complete(Digest::of(&data)).unwrap();
     let p = t.plan().piece(0).unwrap();
     let bad = Bytes::from(vec![0u8; p.length as usize]);
-    let err = t.write_piece(p, vec![bad.clone()], Digest::of(&bad)).await.unwrap_err();
-    assert!(matches!(err, StoreError::PieceMismatch { index: 0, .. }), "{err}");
+    let err = t
+        .write_piece(p, vec![bad.clone()], Digest::of(&bad))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::PieceMismatch { index: 0, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -166,23 +211,40 @@ async fn gc_ttl_and_watermarks_spare_tasks_in_use() {
     for n in 0..4u64 {
         let mut h = header(2 * PL);
         h.id = TaskId::for_url(&format!("http://origin/{n}"), &[]).unwrap();
-        let t = s.create(s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(), h.clone()).unwrap();
+        let t = s
+            .create(
+                s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
+                h.clone(),
+            )
+            .unwrap();
         put(&t, &content(2 * PL), &[0, 1]).await;
         // Distinct last-use times, oldest first.
         let age = Duration::from_secs(1000 - n * 100);
-        let lock = std::fs::File::options().write(true).open(t.dir().join("lock")).unwrap();
+        let lock = std::fs::File::options()
+            .write(true)
+            .open(t.dir().join("lock"))
+            .unwrap();
         lock.set_modified(SystemTime::now() - age).unwrap();
         ids.push(h.id);
     }
     // Task 0 (the oldest) is in use by a reader.
     let busy = s.acquire(&ids[0], LeaseMode::Shared).await.unwrap();
-    let lock = std::fs::File::options().write(true).open(busy.dir().join("lock")).unwrap();
-    lock.set_modified(SystemTime::now() - Duration::from_secs(5000)).unwrap();
+    let lock = std::fs::File::options()
+        .write(true)
+        .open(busy.dir().join("lock"))
+        .unwrap();
+    lock.set_modified(SystemTime::now() - Duration::from_secs(5000))
+        .unwrap();
 
     // Watermarks: capacity = what the 4 equal tasks take, so usage is 1.0 > 0.9; getting to
     // <= 0.6 takes evicting two, the least recently used idle ones.
     let total: u64 = ids.iter().map(|id| dir_bytes(&s.task_dir(id))).sum();
-    let cfg = GcConfig { ttl_seconds: 100_000, capacity_bytes: total, high_watermark: 0.9, low_watermark: 0.6 };
+    let cfg = GcConfig {
+        ttl_seconds: 100_000,
+        capacity_bytes: total,
+        high_watermark: 0.9,
+        low_watermark: 0.6,
+    };
     let r = s.gc(&cfg, SystemTime::now()).unwrap();
     let evicted: Vec<&str> = r.evicted.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(evicted, vec![ids[1].dir_name(), ids[2].dir_name()]);
@@ -191,7 +253,10 @@ async fn gc_ttl_and_watermarks_spare_tasks_in_use() {
     assert!(s.task_dir(&ids[0]).join("content").exists());
 
     // TTL: everything idle for more than 10 s goes, except the one in use.
-    let cfg = GcConfig { ttl_seconds: 10, ..cfg };
+    let cfg = GcConfig {
+        ttl_seconds: 10,
+        ..cfg
+    };
     let r = s.gc(&cfg, SystemTime::now()).unwrap();
     assert_eq!(r.evicted.len(), 1);
     assert_eq!(r.evicted[0].0, ids[3].dir_name());
@@ -210,7 +275,9 @@ fn empty_content_has_no_pieces_and_completes() {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path());
         let h = header(0);
-        let t = s.create(s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(), h).unwrap();
+        let t = s
+            .create(s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(), h)
+            .unwrap();
         let m = t.complete(Sha256Stream::new().finish()).unwrap();
         assert_eq!(m.plan().count(), 0);
         assert!(t.is_complete());

@@ -27,12 +27,40 @@ const IOV_MAX: usize = 1024;
 pub(crate) type FileKey = u64;
 
 enum Cmd {
-    Open { key: FileKey, content: std::fs::File, journal: std::fs::File, journal_len: u64, durable: watch::Sender<u64> },
-    Write { key: FileKey, offset: u64, chunks: Vec<Bytes>, reply: oneshot::Sender<io::Result<()>> },
-    Read { key: FileKey, offset: u64, len: usize, reply: oneshot::Sender<io::Result<Bytes>> },
-    Journal { key: FileKey, index: u32, digest: Digest },
-    Flush { key: FileKey, reply: oneshot::Sender<io::Result<()>> },
-    Close { key: FileKey },
+    Open {
+        key: FileKey,
+        content: std::fs::File,
+        journal: std::fs::File,
+        journal_len: u64,
+        durable: watch::Sender<u64>,
+    },
+    Write {
+        key: FileKey,
+        offset: u64,
+        chunks: Vec<Bytes>,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Read {
+        key: FileKey,
+        offset: u64,
+        len: usize,
+        reply: oneshot::Sender<io::Result<Bytes>>,
+    },
+    Journal {
+        key: FileKey,
+        index: u32,
+        digest: Digest,
+    },
+    Flush {
+        key: FileKey,
+        reply: oneshot::Sender<io::Result<()>>,
+    },
+    Sealed {
+        key: FileKey,
+    },
+    Close {
+        key: FileKey,
+    },
 }
 
 /// A handle to the storage thread. Cloning is cheap; the thread drains and exits when the
@@ -63,8 +91,15 @@ impl Uring {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("starling-uring".into())
-            .spawn(move || tokio_uring::builder().entries(256).start(run(rx, commit_interval)))?;
-        Ok(Uring { tx, next_key: Arc::new(AtomicU64::new(1)) })
+            .spawn(move || {
+                tokio_uring::builder()
+                    .entries(256)
+                    .start(run(rx, commit_interval))
+            })?;
+        Ok(Uring {
+            tx,
+            next_key: Arc::new(AtomicU64::new(1)),
+        })
     }
 
     /// Hands a task's content and journal files to the storage thread. `durable` counts the
@@ -78,33 +113,63 @@ impl Uring {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let (durable, rx) = watch::channel(0);
         self.tx
-            .send(Cmd::Open { key, content, journal, journal_len, durable })
+            .send(Cmd::Open {
+                key,
+                content,
+                journal,
+                journal_len,
+                durable,
+            })
             .map_err(|_| gone())?;
         Ok((key, rx))
     }
 
     pub async fn write(&self, key: FileKey, offset: u64, chunks: Vec<Bytes>) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Cmd::Write { key, offset, chunks, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Cmd::Write {
+                key,
+                offset,
+                chunks,
+                reply,
+            })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
     pub async fn read(&self, key: FileKey, offset: u64, len: usize) -> io::Result<Bytes> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Cmd::Read { key, offset, len, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Cmd::Read {
+                key,
+                offset,
+                len,
+                reply,
+            })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
     /// Queues a verified, written piece for the next group commit.
     pub fn journal(&self, key: FileKey, index: u32, digest: Digest) -> io::Result<()> {
-        self.tx.send(Cmd::Journal { key, index, digest }).map_err(|_| gone())
+        self.tx
+            .send(Cmd::Journal { key, index, digest })
+            .map_err(|_| gone())
     }
 
     /// Commits everything queued for `key` now and waits until it is durable.
     pub async fn flush(&self, key: FileKey) -> io::Result<()> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Cmd::Flush { key, reply }).map_err(|_| gone())?;
+        self.tx
+            .send(Cmd::Flush { key, reply })
+            .map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+
+    /// The task is sealed (its manifest is durable): queued journal records are no longer
+    /// needed, since pieces missing from the journal are re-verified against the manifest.
+    pub fn sealed(&self, key: FileKey) {
+        let _ = self.tx.send(Cmd::Sealed { key });
     }
 
     /// Commits what is queued, then closes the files. Does not wait.
@@ -157,7 +222,11 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, commit_interval: Duration) {
 }
 
 fn lookup(files: &Files, key: FileKey) -> io::Result<Rc<OpenFile>> {
-    files.borrow().get(&key).cloned().ok_or_else(|| io::Error::other("task file is not open"))
+    files
+        .borrow()
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| io::Error::other("task file is not open"))
 }
 
 /// Runs `op` on the open file `key` on the storage runtime and sends its result back.
@@ -179,21 +248,43 @@ where
 
 fn handle(cmd: Cmd, files: &Files) {
     match cmd {
-        Cmd::Open { key, content, journal, journal_len, durable } => {
+        Cmd::Open {
+            key,
+            content,
+            journal,
+            journal_len,
+            durable,
+        } => {
             let f = OpenFile {
                 content: tokio_uring::fs::File::from_std(content),
                 journal: tokio_uring::fs::File::from_std(journal),
-                state: RefCell::new(CommitState { journal_len, pending: Vec::new() }),
+                state: RefCell::new(CommitState {
+                    journal_len,
+                    pending: Vec::new(),
+                }),
                 committing: tokio::sync::Mutex::new(()),
                 durable,
             };
             files.borrow_mut().insert(key, Rc::new(f));
         }
-        Cmd::Write { key, offset, chunks, reply } => {
-            spawn_op(files, key, reply, move |f| async move { write_chunks(&f, offset, chunks).await })
-        }
-        Cmd::Read { key, offset, len, reply } => spawn_op(files, key, reply, move |f| async move {
-            let (res, buf) = f.content.read_exact_at(Vec::with_capacity(len), offset).await;
+        Cmd::Write {
+            key,
+            offset,
+            chunks,
+            reply,
+        } => spawn_op(files, key, reply, move |f| async move {
+            write_chunks(&f, offset, chunks).await
+        }),
+        Cmd::Read {
+            key,
+            offset,
+            len,
+            reply,
+        } => spawn_op(files, key, reply, move |f| async move {
+            let (res, buf) = f
+                .content
+                .read_exact_at(Vec::with_capacity(len), offset)
+                .await;
             res.map(|()| Bytes::from(buf))
         }),
         Cmd::Journal { key, index, digest } => {
@@ -202,6 +293,11 @@ fn handle(cmd: Cmd, files: &Files) {
             }
         }
         Cmd::Flush { key, reply } => spawn_op(files, key, reply, commit),
+        Cmd::Sealed { key } => {
+            if let Ok(f) = lookup(files, key) {
+                f.state.borrow_mut().pending.clear();
+            }
+        }
         Cmd::Close { key } => {
             if let Some(f) = files.borrow_mut().remove(&key) {
                 tokio_uring::spawn(async move {
@@ -219,12 +315,31 @@ async fn write_chunks(f: &OpenFile, mut offset: u64, mut chunks: Vec<Bytes>) -> 
         let want: usize = chunks.iter().map(|c| c.len()).sum();
         let (res, _) = f.content.writev_at_all(chunks, Some(offset)).await;
         if res? != want {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short write to content file"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short write to content file",
+            ));
         }
         offset += want as u64;
         chunks = rest;
     }
     Ok(())
+}
+
+/// fdatasync on the blocking pool, not through the ring: io_uring queues work on one regular
+/// file behind a single worker, so a multi-second fdatasync there would stall every piece
+/// write queued after it.
+async fn sync_data_off_ring(file: &tokio_uring::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    tokio::task::spawn_blocking(move || {
+        // SAFETY: the caller holds the file (an `Rc<OpenFile>` kept across this await), so
+        // `fd` stays open until the call returns.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        rustix::fs::fdatasync(fd).map_err(io::Error::from)
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 /// The group commit. Data first, then the journal that vouches for it.
@@ -243,10 +358,10 @@ async fn commit(f: Rc<OpenFile>) -> io::Result<()> {
     }
     let n = buf.len() as u64;
     let res = async {
-        f.content.sync_data().await?;
+        sync_data_off_ring(&f.content).await?;
         let (res, _) = f.journal.write_all_at(buf, at).await;
         res?;
-        f.journal.sync_data().await
+        sync_data_off_ring(&f.journal).await
     }
     .await;
     match &res {
