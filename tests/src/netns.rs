@@ -13,7 +13,11 @@ pub struct Netns {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 impl Netns {
@@ -29,14 +33,34 @@ impl Netns {
         };
         let peer = format!("stl{tag}n{pid}");
         let ok = ip(&["netns", "add", &n.name])
-            && ip(&["link", "add", &n.host_if, "type", "veth", "peer", "name", &peer])
+            && ip(&[
+                "link", "add", &n.host_if, "type", "veth", "peer", "name", &peer,
+            ])
             && ip(&["link", "set", &peer, "netns", &n.name])
-            && ip(&["addr", "add", &format!("{}/30", n.host_addr), "dev", &n.host_if])
+            && ip(&[
+                "addr",
+                "add",
+                &format!("{}/30", n.host_addr),
+                "dev",
+                &n.host_if,
+            ])
             && ip(&["link", "set", &n.host_if, "up"])
-            && ip(&["-n", &n.name, "addr", "add", &format!("{}/30", n.ns_addr), "dev", &peer])
+            && ip(&[
+                "-n",
+                &n.name,
+                "addr",
+                "add",
+                &format!("{}/30", n.ns_addr),
+                "dev",
+                &peer,
+            ])
             && ip(&["-n", &n.name, "link", "set", &peer, "up"])
             && ip(&["-n", &n.name, "link", "set", "lo", "up"]);
-        assert!(ok, "cannot build network namespace {} (needs root and iproute2)", n.name);
+        assert!(
+            ok,
+            "cannot build network namespace {} (needs root and iproute2)",
+            n.name
+        );
         n
     }
 }
