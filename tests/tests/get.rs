@@ -361,8 +361,9 @@ fn origin_content_change_under_a_partial_download_starts_over() {
     let old = random_bytes(4 * MIB, 16);
     let o = FaultOrigin::start(old);
     let s = Scratch::new();
-    // A partial download: the origin dies (resets) after the first piece.
-    o.set(|f| f.rate = Some(4 * MIB as u64));
+    // A partial download, killed once a few pieces are durable (short commit interval).
+    s.write_config("[storage]\ncommit_interval_ms = 20\n");
+    o.set(|f| f.rate = Some(MIB as u64));
     let mut child = s
         .starling()
         .args(["get", &o.url("x"), "-O"])
