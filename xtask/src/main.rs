@@ -102,7 +102,49 @@ fn test(extra: &[&str]) -> Result<()> {
     build_ebpf()?;
     // The integration tests run the real binary; build it first so they never test a stale one.
     sh(cargo().args(["build", "--package", "starling", "--bin", "starling"]))?;
-    sh(cargo().args(["test", "--workspace"]).args(extra))
+    run_tests(extra)
+}
+
+/// `cargo test --workspace`, passing its output through, then one closing line with the totals
+/// over every test binary (cargo's own last line is only the last binary's).
+fn run_tests(extra: &[&str]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped());
+    eprintln!("xtask: $ {}", show(&cmd));
+    let mut child = cmd.spawn().context("cannot run cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let num = |label: &str| {
+                    rest.split(';')
+                        .find_map(|part| {
+                            part.trim()
+                                .strip_suffix(label)
+                                .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                        })
+                        .unwrap_or(0)
+                };
+                passed += num("passed");
+                failed += num("failed");
+                ignored += num("ignored");
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("cargo test ran no test");
+    }
+    Ok(())
 }
 
 fn bench(args: &[&str]) -> Result<()> {

@@ -293,30 +293,14 @@ impl Fetcher {
         task: TaskHandle,
         progress: &Progress,
     ) -> Result<Stored, FetchError> {
-        let recovered = task.recover_unjournaled().await?;
-        if recovered > 0 {
-            tracing::info!(
-                recovered,
-                "re-verified pieces that were stored but not yet journaled"
-            );
-        }
         let Some(manifest) = task.manifest() else {
             return Ok(Stored::Partial(task));
         };
-        // A sealed content is never written again (outputs may be hard links to it): if any
-        // of its pieces no longer verifies, the whole task is discarded and fetched anew.
-        if !task.is_complete() {
-            let bad = task.plan().count() - task.verified_count();
-            tracing::warn!(
-                bad_pieces = bad,
-                "the stored content is damaged; discarding it and fetching again"
-            );
-            return Ok(Stored::Absent(task.discard()?));
-        }
-        // End to end, every time: the stored bytes must still hash to the manifest's digest.
-        let actual = task.hash_content().await?;
-        if actual != manifest.content_digest() {
-            tracing::warn!(expected = %manifest.content_digest(), %actual, "the stored content is damaged; discarding it and fetching again");
+        // End to end, every time: the stored bytes must still hash to the manifest's digest. A
+        // sealed content is never written again (outputs may be hard links to it), so damaged
+        // content is discarded whole and fetched anew.
+        if task.verify_sealed().await? != Some(true) {
+            tracing::warn!(expected = %manifest.content_digest(), "the stored content is damaged; discarding it and fetching again");
             return Ok(Stored::Absent(task.discard()?));
         }
         let len = task.plan().content_length();

@@ -53,13 +53,7 @@ pub fn acquire(dir: &Path, mode: Mode) -> io::Result<Lease> {
     loop {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(LOCK_FILE);
-        let file = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-        {
+        let file = match open_lock(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // GC removed the dir
             Err(e) => return Err(e),
@@ -80,13 +74,7 @@ pub fn acquire(dir: &Path, mode: Mode) -> io::Result<Lease> {
 /// Takes an exclusive lease only if nobody holds any lease now. `None` means: in use.
 pub fn try_exclusive(dir: &Path) -> io::Result<Option<Lease>> {
     let path = dir.join(LOCK_FILE);
-    let file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-    {
+    let file = match open_lock(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -100,6 +88,15 @@ pub fn try_exclusive(dir: &Path) -> io::Result<Option<Lease>> {
         file,
         dir: dir.to_path_buf(),
     }))
+}
+
+fn open_lock(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
 }
 
 fn still_linked(file: &File, path: &Path) -> io::Result<bool> {
