@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod core;
+pub mod engine;
 pub mod fetch;
 pub mod source;
 pub mod storage;

@@ -1,0 +1,579 @@
+//! The sans-IO piece planner. It owns no sockets, files or clock: the driver tells it what
+//! happened (a parent appeared, a piece arrived, a request failed, time passed) and asks it what
+//! to do next ([`Action`]s: request a piece from a parent, cancel one, blacklist a parent, go
+//! back to source). Time is a `Duration` since any fixed instant the driver chooses.
+//!
+//! Policy:
+//! - **Order**: rarest first among the candidate parents (ties by index, so plans are
+//!   deterministic); sequential from a cursor while a streaming client waits.
+//! - **Windows**: each parent's in-flight window is its bandwidth-delay product in pieces,
+//!   `ceil(throughput × RTT / piece) + 1`, clamped to `[min_window, max_window]`; before any
+//!   measurement it is `initial_window`. Faster parents therefore carry more.
+//! - **Strikes**: a timeout, a reset or a refusal is a strike: the piece goes back to the pool,
+//!   the parent's window halves, and after `strike_limit` strikes it rests for `cooldown`.
+//! - **Integrity**: a digest mismatch also refetches elsewhere; `mismatch_limit` mismatches
+//!   blacklist the parent for good.
+//! - **Endgame**: once every missing piece is in flight and at most `endgame_pieces` remain,
+//!   idle capacity requests duplicates of pieces outstanding for longer than `endgame_after` (at
+//!   most `endgame_copies` per piece); the first copy to arrive cancels the rest.
+//! - **Source**: only when no usable parent holds a piece, or when the parents together have
+//!   been slower than `source_min_rate` for `source_grace`, and only if `source_allowed`.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::core::PiecePlan;
+
+/// A parent, as the driver names it.
+pub type ParentId = u64;
+
+/// Where a piece request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    Parent(ParentId),
+    Source,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Timeout,
+    Reset,
+    /// The parent said it does not have the piece, or refused the request.
+    Refused,
+    /// The bytes did not hash to the manifest's digest.
+    Mismatch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    Request { from: Peer, piece: u32 },
+    Cancel { from: Peer, piece: u32 },
+    Blacklist { parent: ParentId },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    pub initial_window: u32,
+    pub min_window: u32,
+    pub max_window: u32,
+    /// A piece request with no answer for this long (or 4× its expected time at the parent's
+    /// measured rate, whichever is longer) times out.
+    pub piece_timeout: Duration,
+    pub strike_limit: u32,
+    pub cooldown: Duration,
+    pub mismatch_limit: u32,
+    pub endgame_copies: u32,
+    pub endgame_pieces: u32,
+    pub endgame_after: Duration,
+    pub source_allowed: bool,
+    /// Bytes per second below which the parents count as too slow (0: never too slow).
+    pub source_min_rate: u64,
+    pub source_grace: Duration,
+    /// Source requests in flight at once.
+    pub source_window: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            initial_window: 2,
+            min_window: 1,
+            max_window: 32,
+            piece_timeout: Duration::from_secs(10),
+            strike_limit: 3,
+            cooldown: Duration::from_secs(30),
+            mismatch_limit: 2,
+            endgame_copies: 2,
+            endgame_pieces: 8,
+            endgame_after: Duration::from_millis(500),
+            source_allowed: true,
+            source_min_rate: 0,
+            source_grace: Duration::from_secs(10),
+            source_window: 4,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct ParentState {
+    has: Vec<bool>,
+    in_flight: BTreeMap<u32, Duration>,
+    /// Bytes per second, exponentially weighted; None before the first piece.
+    rate: Option<f64>,
+    rtt: Option<Duration>,
+    loss: f64,
+    strikes: u32,
+    resting_until: Option<Duration>,
+    mismatches: u32,
+    blacklisted: bool,
+    /// Window after strikes halve it, until measurements recover it.
+    penalty_window: Option<u32>,
+}
+
+/// Per-parent view for reports and the scheduler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentReport {
+    pub parent: ParentId,
+    pub rate: Option<f64>,
+    pub window: u32,
+    pub in_flight: usize,
+    pub strikes: u32,
+    pub blacklisted: bool,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    plan: PiecePlan,
+    have: Vec<bool>,
+    missing: u32,
+    /// Who each missing piece is currently requested from.
+    in_flight: BTreeMap<u32, BTreeSet<Peer>>,
+    /// Per piece, parents it failed from: `true` (a digest mismatch) means never again;
+    /// `false` (timeout, reset, refusal) means only when no other holder is usable.
+    avoid: BTreeMap<u32, BTreeMap<ParentId, bool>>,
+    source_in_flight: BTreeMap<u32, Duration>,
+    parents: BTreeMap<ParentId, ParentState>,
+    streaming: Option<u32>,
+    slow_since: Option<Duration>,
+    out: Vec<Action>,
+}
+
+impl Engine {
+    /// A planner for `plan`, already holding the pieces marked in `have`.
+    pub fn new(plan: PiecePlan, have: &[bool], cfg: EngineConfig) -> Engine {
+        let n = plan.count() as usize;
+        let have: Vec<bool> = (0..n)
+            .map(|i| have.get(i).copied().unwrap_or(false))
+            .collect();
+        let missing = have.iter().filter(|h| !**h).count() as u32;
+        Engine {
+            cfg,
+            plan,
+            have,
+            missing,
+            in_flight: BTreeMap::new(),
+            avoid: BTreeMap::new(),
+            source_in_flight: BTreeMap::new(),
+            parents: BTreeMap::new(),
+            streaming: None,
+            slow_since: None,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.missing == 0
+    }
+
+    pub fn missing(&self) -> u32 {
+        self.missing
+    }
+
+    pub fn has(&self, piece: u32) -> bool {
+        self.have.get(piece as usize).copied().unwrap_or(false)
+    }
+
+    /// A parent and the pieces it holds. Re-adding replaces its bitmap.
+    pub fn add_parent(&mut self, id: ParentId, has: &[bool]) {
+        let n = self.have.len();
+        let p = self.parents.entry(id).or_default();
+        p.has = (0..n)
+            .map(|i| has.get(i).copied().unwrap_or(false))
+            .collect();
+    }
+
+    /// A parent announced one more piece.
+    pub fn parent_has(&mut self, id: ParentId, piece: u32) {
+        if let Some(slot) = self
+            .parents
+            .get_mut(&id)
+            .and_then(|p| p.has.get_mut(piece as usize))
+        {
+            *slot = true;
+        }
+    }
+
+    /// A parent went away (killed, disconnected): its requests go back to the pool.
+    pub fn remove_parent(&mut self, id: ParentId) {
+        if let Some(p) = self.parents.remove(&id) {
+            for piece in p.in_flight.keys() {
+                self.forget(Peer::Parent(id), *piece);
+            }
+        }
+    }
+
+    /// Measured path quality (from QUIC stats and eBPF probes).
+    pub fn link_quality(&mut self, id: ParentId, rtt: Duration, loss: f64) {
+        if let Some(p) = self.parents.get_mut(&id) {
+            p.rtt = Some(rtt);
+            p.loss = loss.clamp(0.0, 1.0);
+        }
+    }
+
+    /// Sequential-first from `cursor` while a streaming client waits; None for rarest-first.
+    pub fn set_streaming(&mut self, cursor: Option<u32>) {
+        self.streaming = cursor;
+    }
+
+    /// A verified piece arrived from `from` after `elapsed`.
+    pub fn on_piece(&mut self, from: Peer, piece: u32, elapsed: Duration, now: Duration) {
+        let Some(len) = self.plan.piece(piece).map(|p| p.length) else {
+            return;
+        };
+        self.forget(from, piece);
+        if let Peer::Parent(id) = from {
+            if let Some(p) = self.parents.get_mut(&id) {
+                let sample = len as f64 / elapsed.as_secs_f64().max(1e-6);
+                p.rate = Some(match p.rate {
+                    Some(r) => 0.7 * r + 0.3 * sample,
+                    None => sample,
+                });
+                p.strikes = p.strikes.saturating_sub(1);
+                if p.strikes == 0 {
+                    p.penalty_window = None;
+                }
+            }
+        }
+        if !self.have[piece as usize] {
+            self.have[piece as usize] = true;
+            self.missing -= 1;
+        }
+        self.avoid.remove(&piece);
+        // Endgame duplicates of this piece are no longer needed.
+        if let Some(others) = self.in_flight.remove(&piece) {
+            for other in others {
+                self.untrack(other, piece);
+                self.out.push(Action::Cancel { from: other, piece });
+            }
+        }
+        let _ = now;
+    }
+
+    /// A request failed. The piece goes back to the pool; the parent takes a strike.
+    pub fn on_failure(&mut self, from: Peer, piece: u32, cause: Failure, now: Duration) {
+        self.forget(from, piece);
+        let Peer::Parent(id) = from else { return };
+        let hard = self
+            .avoid
+            .entry(piece)
+            .or_default()
+            .entry(id)
+            .or_insert(false);
+        *hard |= cause == Failure::Mismatch;
+        let cfg = self.cfg.clone();
+        if cause == Failure::Mismatch {
+            let Some(p) = self.parents.get_mut(&id) else {
+                return;
+            };
+            p.mismatches += 1;
+            if p.mismatches >= cfg.mismatch_limit && !p.blacklisted {
+                p.blacklisted = true;
+                let pieces: Vec<u32> = p.in_flight.keys().copied().collect();
+                for q in pieces {
+                    self.forget(from, q);
+                    self.out.push(Action::Cancel { from, piece: q });
+                }
+                self.out.push(Action::Blacklist { parent: id });
+                return;
+            }
+        }
+        let Some(p) = self.parents.get_mut(&id) else {
+            return;
+        };
+        p.strikes += 1;
+        let w = window_of(p, &cfg, self.plan.piece_length());
+        p.penalty_window = Some((w / 2).max(cfg.min_window));
+        if p.strikes >= cfg.strike_limit {
+            p.resting_until = Some(now + cfg.cooldown);
+            p.strikes = 0;
+        }
+    }
+
+    /// Advances time and returns what to do now.
+    pub fn poll(&mut self, now: Duration) -> Vec<Action> {
+        self.expire(now);
+        self.fill(now);
+        self.source(now);
+        std::mem::take(&mut self.out)
+    }
+
+    pub fn report(&self) -> Vec<ParentReport> {
+        self.parents
+            .iter()
+            .map(|(id, p)| ParentReport {
+                parent: *id,
+                rate: p.rate,
+                window: window_of(p, &self.cfg, self.plan.piece_length()),
+                in_flight: p.in_flight.len(),
+                strikes: p.strikes,
+                blacklisted: p.blacklisted,
+            })
+            .collect()
+    }
+
+    fn untrack(&mut self, from: Peer, piece: u32) {
+        match from {
+            Peer::Parent(id) => {
+                if let Some(p) = self.parents.get_mut(&id) {
+                    p.in_flight.remove(&piece);
+                }
+            }
+            Peer::Source => {
+                self.source_in_flight.remove(&piece);
+            }
+        }
+    }
+
+    /// Drops one request from the books.
+    fn forget(&mut self, from: Peer, piece: u32) {
+        self.untrack(from, piece);
+        if let Some(set) = self.in_flight.get_mut(&piece) {
+            set.remove(&from);
+            if set.is_empty() {
+                self.in_flight.remove(&piece);
+            }
+        }
+    }
+
+    fn usable(&self, p: &ParentState, now: Duration) -> bool {
+        !p.blacklisted && p.resting_until.is_none_or(|t| now >= t)
+    }
+
+    /// Times out requests that took too long.
+    fn expire(&mut self, now: Duration) {
+        let mut late = Vec::new();
+        for (id, p) in &self.parents {
+            let limit = self.timeout_for(p);
+            for (piece, since) in &p.in_flight {
+                if now.saturating_sub(*since) > limit {
+                    late.push((Peer::Parent(*id), *piece));
+                }
+            }
+        }
+        for (from, piece) in late {
+            self.out.push(Action::Cancel { from, piece });
+            self.on_failure(from, piece, Failure::Timeout, now);
+        }
+        for p in self.parents.values_mut() {
+            if p.resting_until.is_some_and(|t| now >= t) {
+                p.resting_until = None;
+            }
+        }
+    }
+
+    fn timeout_for(&self, p: &ParentState) -> Duration {
+        let expected = p
+            .rate
+            .map(|r| Duration::from_secs_f64(self.plan.piece_length() as f64 / r.max(1.0)))
+            .unwrap_or_default();
+        self.cfg.piece_timeout.max(expected * 4)
+    }
+
+    /// Missing pieces not yet requested, in the order they should be requested.
+    fn order(&self, now: Duration) -> Vec<u32> {
+        let n = self.have.len() as u32;
+        let open = |i: &u32| !self.have[*i as usize] && !self.in_flight.contains_key(i);
+        if let Some(cursor) = self.streaming {
+            let cursor = cursor.min(n);
+            return (cursor..n).chain(0..cursor).filter(open).collect();
+        }
+        let usable: Vec<&ParentState> = self
+            .parents
+            .values()
+            .filter(|p| self.usable(p, now))
+            .collect();
+        let mut pieces: Vec<(usize, u32)> = (0..n)
+            .filter(open)
+            .map(|i| (usable.iter().filter(|p| p.has[i as usize]).count(), i))
+            .collect();
+        // Pieces nobody has sort last (rarity 0 would otherwise come first); they go to source.
+        pieces.sort_by_key(|&(rarity, i)| (rarity == 0, rarity, i));
+        pieces.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Fills every usable parent's window, best parents first.
+    fn fill(&mut self, now: Duration) {
+        let order = self.order(now);
+        let piece_len = self.plan.piece_length();
+        let mut ids: Vec<ParentId> = self
+            .parents
+            .iter()
+            .filter(|(_, p)| self.usable(p, now))
+            .map(|(id, _)| *id)
+            .collect();
+        // Best measured rate first; unmeasured parents after, by id.
+        ids.sort_by(|a, b| {
+            let (ra, rb) = (
+                self.parents[a].rate.unwrap_or(0.0),
+                self.parents[b].rate.unwrap_or(0.0),
+            );
+            rb.total_cmp(&ra).then(a.cmp(b))
+        });
+        let mut taken: BTreeSet<u32> = BTreeSet::new();
+        for id in &ids {
+            let cfg = self.cfg.clone();
+            let Some(p) = self.parents.get(id) else {
+                continue;
+            };
+            let mut room = window_of(p, &cfg, piece_len).saturating_sub(p.in_flight.len() as u32);
+            for &piece in &order {
+                if room == 0 {
+                    break;
+                }
+                if taken.contains(&piece)
+                    || !self.may_ask(*id, piece)
+                    || self.better_elsewhere(*id, piece, now)
+                {
+                    continue;
+                }
+                taken.insert(piece);
+                self.request(Peer::Parent(*id), piece, now);
+                room -= 1;
+            }
+        }
+        // Endgame: everything missing is in flight and little is left; idle capacity takes
+        // duplicates of pieces that have been outstanding for a while.
+        let endgame = order.iter().all(|p| taken.contains(p))
+            && self.missing > 0
+            && self.missing <= self.cfg.endgame_pieces;
+        if endgame {
+            for id in &ids {
+                let cfg = self.cfg.clone();
+                let Some(p) = self.parents.get(id) else {
+                    continue;
+                };
+                let mut room =
+                    window_of(p, &cfg, piece_len).saturating_sub(p.in_flight.len() as u32);
+                let dupes: Vec<u32> = self
+                    .in_flight
+                    .iter()
+                    .filter(|(piece, who)| {
+                        who.len() < cfg.endgame_copies as usize
+                            && !who.contains(&Peer::Parent(*id))
+                            && self.may_ask(*id, **piece)
+                            && self.age(**piece, now) >= cfg.endgame_after
+                    })
+                    .map(|(piece, _)| *piece)
+                    .collect();
+                for piece in dupes {
+                    if room == 0 {
+                        break;
+                    }
+                    self.request(Peer::Parent(*id), piece, now);
+                    room -= 1;
+                }
+            }
+        }
+    }
+
+    /// Back to source, only where the rules allow it.
+    fn source(&mut self, now: Duration) {
+        if !self.cfg.source_allowed || self.missing == 0 {
+            return;
+        }
+        let total_rate: f64 = self
+            .parents
+            .values()
+            .filter(|p| self.usable(p, now) && !p.in_flight.is_empty())
+            .filter_map(|p| p.rate)
+            .sum();
+        let busy = self.parents.values().any(|p| !p.in_flight.is_empty());
+        let too_slow =
+            self.cfg.source_min_rate > 0 && busy && total_rate < self.cfg.source_min_rate as f64;
+        if too_slow {
+            self.slow_since.get_or_insert(now);
+        } else {
+            self.slow_since = None;
+        }
+        let slow_for_long = self
+            .slow_since
+            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.source_grace);
+        let mut room = self
+            .cfg
+            .source_window
+            .saturating_sub(self.source_in_flight.len() as u32);
+        for piece in self.order(now) {
+            if room == 0 {
+                break;
+            }
+            let held = self
+                .parents
+                .iter()
+                .any(|(id, p)| self.usable(p, now) && self.may_ask(*id, piece));
+            if !held || slow_for_long {
+                self.request(Peer::Source, piece, now);
+                room -= 1;
+            }
+        }
+    }
+
+    /// Whether `id` holds `piece` and has not served it corrupt before.
+    fn may_ask(&self, id: ParentId, piece: u32) -> bool {
+        self.parents.get(&id).is_some_and(|p| p.has[piece as usize])
+            && self.avoid.get(&piece).and_then(|a| a.get(&id)) != Some(&true)
+    }
+
+    /// `piece` recently failed at `id`, and another usable holder has not failed it.
+    fn better_elsewhere(&self, id: ParentId, piece: u32, now: Duration) -> bool {
+        let Some(failed) = self.avoid.get(&piece) else {
+            return false;
+        };
+        failed.contains_key(&id)
+            && self.parents.iter().any(|(q, p)| {
+                *q != id
+                    && self.usable(p, now)
+                    && self.may_ask(*q, piece)
+                    && !failed.contains_key(q)
+            })
+    }
+
+    /// How long the oldest request for `piece` has been outstanding.
+    fn age(&self, piece: u32, now: Duration) -> Duration {
+        let parent = self
+            .parents
+            .values()
+            .filter_map(|p| p.in_flight.get(&piece))
+            .min();
+        let source = self.source_in_flight.get(&piece);
+        parent
+            .into_iter()
+            .chain(source)
+            .min()
+            .map_or(Duration::ZERO, |t| now.saturating_sub(*t))
+    }
+
+    fn request(&mut self, from: Peer, piece: u32, now: Duration) {
+        match from {
+            Peer::Parent(id) => {
+                if let Some(p) = self.parents.get_mut(&id) {
+                    p.in_flight.insert(piece, now);
+                }
+            }
+            Peer::Source => {
+                self.source_in_flight.insert(piece, now);
+            }
+        }
+        self.in_flight.entry(piece).or_default().insert(from);
+        self.out.push(Action::Request { from, piece });
+    }
+}
+
+/// The window from the bandwidth-delay product, or the initial window before measurements;
+/// halved after strikes until the parent recovers.
+fn window_of(p: &ParentState, cfg: &EngineConfig, piece_len: u64) -> u32 {
+    let bdp = match (p.rate, p.rtt) {
+        (Some(rate), Some(rtt)) => {
+            let pieces = (rate * rtt.as_secs_f64() / piece_len.max(1) as f64).ceil() as u32 + 1;
+            // Loss shrinks the window: a lossy path cannot carry its nominal BDP.
+            let scaled = (pieces as f64 * (1.0 - p.loss).max(0.25)).ceil() as u32;
+            scaled.clamp(cfg.min_window, cfg.max_window)
+        }
+        (Some(_), None) => cfg.initial_window.max(cfg.min_window) * 2,
+        _ => cfg.initial_window,
+    };
+    let w = bdp.clamp(cfg.min_window, cfg.max_window);
+    p.penalty_window.map_or(w, |pw| pw.min(w))
+}

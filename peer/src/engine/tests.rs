@@ -1,0 +1,473 @@
+//! Deterministic tests of the planner: targeted rules, then a discrete-event simulation of
+//! random swarms (proptest) that checks invariants at every step.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const PL: u64 = 64 * 1024;
+const MS: Duration = Duration::from_millis(1);
+
+fn plan(pieces: u32) -> PiecePlan {
+    PiecePlan::new(pieces as u64 * PL, PL).unwrap()
+}
+
+fn all(n: u32) -> Vec<bool> {
+    vec![true; n as usize]
+}
+
+fn requests(actions: &[Action]) -> Vec<(Peer, u32)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Request { from, piece } => Some((*from, *piece)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn no_source() -> EngineConfig {
+    EngineConfig {
+        source_allowed: false,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn rarest_first_and_no_duplicates_before_endgame() {
+    let mut e = Engine::new(
+        plan(6),
+        &[],
+        EngineConfig {
+            initial_window: 10,
+            ..no_source()
+        },
+    );
+    // Piece 4 is held by one parent, 0..4 by two, 5 by three.
+    e.add_parent(1, &[true, true, true, true, false, true]);
+    e.add_parent(2, &[true, true, true, true, true, true]);
+    e.add_parent(3, &[false, false, false, false, false, true]);
+    let r = requests(&e.poll(Duration::ZERO));
+    let pieces: Vec<u32> = r.iter().map(|x| x.1).collect();
+    assert_eq!(
+        pieces.len(),
+        6,
+        "each missing piece requested exactly once: {r:?}"
+    );
+    let mut sorted = pieces.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 6);
+    // Parent 1 fills first (ids order before any measurement): it takes the rarest it holds
+    // (0..4, rarity 2), parent 2 gets piece 4 (rarity 1) and parent 3 piece 5.
+    assert!(r.contains(&(Peer::Parent(2), 4)), "{r:?}");
+    assert!(
+        r.contains(&(Peer::Parent(3), 5)) || r.contains(&(Peer::Parent(1), 5)),
+        "{r:?}"
+    );
+    for (from, piece) in &r {
+        if let Peer::Parent(3) = from {
+            assert_eq!(*piece, 5, "parent 3 only has piece 5");
+        }
+    }
+}
+
+#[test]
+fn streaming_is_sequential_from_the_cursor() {
+    let mut e = Engine::new(
+        plan(8),
+        &[],
+        EngineConfig {
+            initial_window: 3,
+            ..no_source()
+        },
+    );
+    e.add_parent(1, &all(8));
+    e.set_streaming(Some(2));
+    let r = requests(&e.poll(Duration::ZERO));
+    assert_eq!(
+        r,
+        vec![
+            (Peer::Parent(1), 2),
+            (Peer::Parent(1), 3),
+            (Peer::Parent(1), 4)
+        ]
+    );
+}
+
+#[test]
+fn window_follows_the_bandwidth_delay_product() {
+    let mut e = Engine::new(plan(100), &[], no_source());
+    e.add_parent(1, &all(100));
+    let first = requests(&e.poll(Duration::ZERO));
+    assert_eq!(first.len(), 2, "initial window");
+    // 64 KiB in 10 ms = 6.5 MB/s; RTT 100 ms: BDP = 10 pieces, +1.
+    e.link_quality(1, Duration::from_millis(100), 0.0);
+    e.on_piece(Peer::Parent(1), first[0].1, 10 * MS, 10 * MS);
+    let more = requests(&e.poll(10 * MS));
+    assert_eq!(
+        more.len() + 1,
+        11,
+        "window = ceil(rate*rtt/piece)+1 = 11: {more:?}"
+    );
+    // Loss shrinks it.
+    let r = e.report();
+    assert_eq!(r[0].window, 11);
+    e.link_quality(1, Duration::from_millis(100), 0.5);
+    assert_eq!(e.report()[0].window, 6);
+}
+
+#[test]
+fn a_timeout_is_a_strike_and_the_piece_moves_on() {
+    let cfg = EngineConfig {
+        initial_window: 1,
+        piece_timeout: Duration::from_secs(2),
+        endgame_pieces: 0,
+        ..no_source()
+    };
+    let mut e = Engine::new(plan(1), &[], cfg);
+    e.add_parent(1, &all(1));
+    e.add_parent(2, &all(1));
+    assert_eq!(
+        requests(&e.poll(Duration::ZERO)),
+        vec![(Peer::Parent(1), 0)]
+    );
+    // Nothing before the timeout...
+    assert!(e.poll(Duration::from_secs(2)).is_empty());
+    // ...then cancel at parent 1 and ask parent 2.
+    let a = e.poll(Duration::from_secs(3));
+    assert!(
+        a.contains(&Action::Cancel {
+            from: Peer::Parent(1),
+            piece: 0
+        }),
+        "{a:?}"
+    );
+    assert!(
+        a.contains(&Action::Request {
+            from: Peer::Parent(2),
+            piece: 0
+        }),
+        "{a:?}"
+    );
+    assert!(
+        !a.contains(&Action::Request {
+            from: Peer::Parent(1),
+            piece: 0
+        }),
+        "{a:?}"
+    );
+    assert_eq!(e.report()[0].strikes, 1);
+}
+
+#[test]
+fn repeated_strikes_rest_a_parent() {
+    let cfg = EngineConfig {
+        initial_window: 1,
+        strike_limit: 2,
+        cooldown: Duration::from_secs(30),
+        ..no_source()
+    };
+    let mut e = Engine::new(plan(4), &[], cfg);
+    e.add_parent(1, &all(4));
+    let t = Duration::ZERO;
+    let r = requests(&e.poll(t));
+    e.on_failure(r[0].0, r[0].1, Failure::Reset, t);
+    let r = requests(&e.poll(t));
+    assert_eq!(r.len(), 1);
+    e.on_failure(r[0].0, r[0].1, Failure::Refused, t);
+    assert!(
+        requests(&e.poll(t + Duration::from_secs(29))).is_empty(),
+        "resting"
+    );
+    assert_eq!(
+        requests(&e.poll(t + Duration::from_secs(31))).len(),
+        1,
+        "back after the cooldown"
+    );
+}
+
+#[test]
+fn mismatches_refetch_elsewhere_then_blacklist() {
+    let cfg = EngineConfig {
+        initial_window: 3,
+        ..no_source()
+    };
+    let mut e = Engine::new(plan(4), &[], cfg);
+    e.add_parent(1, &all(4));
+    e.add_parent(2, &all(4));
+    let t = Duration::ZERO;
+    let r = requests(&e.poll(t));
+    let from1: Vec<u32> = r
+        .iter()
+        .filter(|x| x.0 == Peer::Parent(1))
+        .map(|x| x.1)
+        .collect();
+    e.on_failure(Peer::Parent(1), from1[0], Failure::Mismatch, t);
+    let a = e.poll(t);
+    assert!(
+        requests(&a).contains(&(Peer::Parent(2), from1[0])),
+        "refetched elsewhere: {a:?}"
+    );
+    e.on_failure(Peer::Parent(1), from1[1], Failure::Mismatch, t);
+    let a = e.poll(t);
+    assert!(a.contains(&Action::Blacklist { parent: 1 }) || e.report()[0].blacklisted);
+    for _ in 0..10 {
+        assert!(
+            requests(&e.poll(t)).iter().all(|x| x.0 != Peer::Parent(1)),
+            "never again"
+        );
+    }
+}
+
+#[test]
+fn source_only_for_pieces_no_parent_has() {
+    let mut e = Engine::new(plan(4), &[], EngineConfig::default());
+    e.add_parent(1, &[true, true, false, true]);
+    let r = requests(&e.poll(Duration::ZERO));
+    let from_source: Vec<u32> = r
+        .iter()
+        .filter(|x| x.0 == Peer::Source)
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(from_source, vec![2], "{r:?}");
+    // With every piece held by parents, never source.
+    let mut e = Engine::new(plan(4), &[], EngineConfig::default());
+    e.add_parent(1, &all(4));
+    // (Before any timeout: a parent that never answers is struck, rested, and then it no
+    // longer counts as holding anything.)
+    for t in 0..10 {
+        assert!(requests(&e.poll(Duration::from_secs(t)))
+            .iter()
+            .all(|x| x.0 != Peer::Source));
+    }
+    // Not allowed: never, even when nobody has a piece.
+    let mut e = Engine::new(plan(4), &[], no_source());
+    assert!(requests(&e.poll(Duration::ZERO)).is_empty());
+}
+
+#[test]
+fn slow_parents_send_us_back_to_source_after_the_grace() {
+    let cfg = EngineConfig {
+        source_min_rate: 10_000_000,
+        source_grace: Duration::from_secs(5),
+        piece_timeout: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let mut e = Engine::new(plan(20), &[], cfg);
+    e.add_parent(1, &all(20));
+    let r = requests(&e.poll(Duration::ZERO));
+    // A piece in 1 s: 65 KB/s, far below 10 MB/s.
+    e.on_piece(
+        r[0].0,
+        r[0].1,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    assert!(requests(&e.poll(Duration::from_secs(2)))
+        .iter()
+        .all(|x| x.0 != Peer::Source));
+    let late = requests(&e.poll(Duration::from_secs(8)));
+    assert!(late.iter().any(|x| x.0 == Peer::Source), "{late:?}");
+}
+
+#[test]
+fn endgame_duplicates_and_cancels_the_loser() {
+    let cfg = EngineConfig {
+        initial_window: 2,
+        ..no_source()
+    };
+    let mut e = Engine::new(plan(1), &[], cfg);
+    e.add_parent(1, &all(1));
+    e.add_parent(2, &all(1));
+    let mut r = requests(&e.poll(Duration::ZERO));
+    assert_eq!(r.len(), 1, "no duplicate at once: {r:?}");
+    assert!(
+        requests(&e.poll(400 * MS)).is_empty(),
+        "nor before endgame_after"
+    );
+    r.extend(requests(&e.poll(600 * MS)));
+    assert_eq!(r.len(), 2, "the last piece is requested twice: {r:?}");
+    let winner = r[1].0;
+    let a = {
+        e.on_piece(winner, 0, 5 * MS, 605 * MS);
+        e.poll(605 * MS)
+    };
+    assert_eq!(
+        a,
+        vec![Action::Cancel {
+            from: r[0].0,
+            piece: 0
+        }]
+    );
+    assert!(e.is_complete());
+}
+
+#[test]
+fn a_departed_parents_pieces_go_to_others() {
+    let mut e = Engine::new(
+        plan(2),
+        &[],
+        EngineConfig {
+            initial_window: 2,
+            ..no_source()
+        },
+    );
+    e.add_parent(1, &all(2));
+    let r = requests(&e.poll(Duration::ZERO));
+    assert_eq!(r.len(), 2);
+    e.remove_parent(1);
+    e.add_parent(2, &all(2));
+    let r = requests(&e.poll(MS));
+    assert_eq!(r.iter().map(|x| x.1).collect::<Vec<_>>(), vec![0, 1]);
+    assert!(r.iter().all(|x| x.0 == Peer::Parent(2)));
+}
+
+#[test]
+fn pieces_already_held_are_never_requested() {
+    let mut e = Engine::new(
+        plan(4),
+        &[true, false, true, false],
+        EngineConfig::default(),
+    );
+    e.add_parent(1, &all(4));
+    let r = requests(&e.poll(Duration::ZERO));
+    assert_eq!(r.iter().map(|x| x.1).collect::<Vec<_>>(), vec![1, 3]);
+    assert_eq!(e.missing(), 2);
+}
+
+// ---- simulation ----
+
+#[derive(Clone, Debug)]
+struct SimParent {
+    has: Vec<bool>,
+    /// Bytes per second.
+    rate: u64,
+    /// Always serves corrupt data.
+    bad: bool,
+    /// Drops every n-th request (0: never).
+    drop_every: u32,
+}
+
+fn sim(pieces: u32, parents: Vec<SimParent>, source_allowed: bool, streaming: bool) -> (bool, u32) {
+    let cfg = EngineConfig {
+        source_allowed,
+        piece_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let max_window = cfg.max_window;
+    let mut e = Engine::new(plan(pieces), &[], cfg);
+    for (i, p) in parents.iter().enumerate() {
+        e.add_parent(i as u64, &p.has);
+        e.link_quality(i as u64, Duration::from_millis(20), 0.0);
+    }
+    if streaming {
+        e.set_streaming(Some(0));
+    }
+    let mut now = Duration::ZERO;
+    let mut pending: BTreeMap<(Duration, u64), (Peer, u32, Duration)> = BTreeMap::new();
+    let mut seq = 0u64;
+    let mut asked: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut source_requests = 0;
+    let mut blacklisted = std::collections::BTreeSet::new();
+    for _ in 0..20_000 {
+        for a in e.poll(now) {
+            match a {
+                Action::Request { from, piece } => {
+                    assert!(!e.has(piece), "requested a piece it has");
+                    let rate = match from {
+                        Peer::Parent(id) => {
+                            let p = &parents[id as usize];
+                            assert!(
+                                p.has[piece as usize],
+                                "asked parent {id} for piece {piece} it lacks"
+                            );
+                            assert!(!blacklisted.contains(&id), "asked a blacklisted parent");
+                            let n = asked.entry(id).or_default();
+                            *n += 1;
+                            if p.drop_every > 0 && *n % p.drop_every == 0 {
+                                continue; // never answered: must time out
+                            }
+                            p.rate
+                        }
+                        Peer::Source => {
+                            assert!(source_allowed, "went to source when not allowed");
+                            source_requests += 1;
+                            50_000_000
+                        }
+                    };
+                    let took = Duration::from_secs_f64(PL as f64 / rate as f64) + 10 * MS;
+                    seq += 1;
+                    pending.insert((now + took, seq), (from, piece, took));
+                }
+                Action::Cancel { from, piece } => {
+                    pending.retain(|_, v| !(v.0 == from && v.1 == piece));
+                }
+                Action::Blacklist { parent } => {
+                    blacklisted.insert(parent);
+                }
+            }
+        }
+        for r in e.report() {
+            assert!(r.in_flight as u32 <= max_window, "window overrun: {r:?}");
+        }
+        if e.is_complete() {
+            return (true, source_requests);
+        }
+        // Next event, or a tick so timeouts fire.
+        let next = pending.keys().next().copied();
+        match next {
+            Some((t, s)) if t <= now + Duration::from_millis(500) => {
+                now = now.max(t);
+                let (from, piece, took) = pending.remove(&(t, s)).unwrap();
+                let bad = matches!(from, Peer::Parent(id) if parents[id as usize].bad);
+                if bad {
+                    e.on_failure(from, piece, Failure::Mismatch, now);
+                } else {
+                    e.on_piece(from, piece, took, now);
+                }
+            }
+            _ => now += Duration::from_millis(500),
+        }
+    }
+    (e.is_complete(), source_requests)
+}
+
+fn parent_strategy(pieces: u32) -> impl Strategy<Value = SimParent> {
+    (
+        proptest::collection::vec(any::<bool>(), pieces as usize),
+        1_000_000u64..100_000_000,
+        prop::bool::weighted(0.15),
+        prop_oneof![Just(0u32), 3u32..10],
+    )
+        .prop_map(|(has, rate, bad, drop_every)| SimParent {
+            has,
+            rate,
+            bad,
+            drop_every,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_swarms_complete_within_the_rules(
+        (pieces, parents) in (1u32..48).prop_flat_map(|n| (Just(n), proptest::collection::vec(parent_strategy(n), 0..6))),
+        source_allowed in any::<bool>(),
+        streaming in any::<bool>(),
+    ) {
+        let good_cover = (0..pieces as usize).all(|i| parents.iter().any(|p| !p.bad && p.has[i]));
+        let (complete, source_requests) = sim(pieces, parents.clone(), source_allowed, streaming);
+        if source_allowed || good_cover {
+            prop_assert!(complete, "the swarm did not complete");
+        }
+        // A seed that holds every piece, well: no source traffic is ever needed.
+        if parents.iter().any(|p| !p.bad && p.drop_every == 0 && p.has.iter().all(|h| *h)) {
+            prop_assert_eq!(source_requests, 0);
+        }
+    }
+}
