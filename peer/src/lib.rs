@@ -13,3 +13,4 @@ pub mod engine;
 pub mod fetch;
 pub mod source;
 pub mod storage;
+pub mod transport;

@@ -1,0 +1,204 @@
+//! QUIC + mutual TLS on loopback with real endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::tls::{self, ClusterCa};
+use super::wire::{self, Status};
+use super::*;
+use crate::core::{Digest, PiecePlan};
+
+struct Mem {
+    task: TaskId,
+    manifest: Bytes,
+    pieces: Vec<Bytes>,
+}
+
+impl PieceSource for Mem {
+    fn manifest(&self, task: &TaskId) -> Option<Bytes> {
+        (*task == self.task).then(|| self.manifest.clone())
+    }
+    fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes> {
+        (*task == self.task)
+            .then(|| self.pieces.get(index as usize).cloned())
+            .flatten()
+    }
+}
+
+fn content() -> (Mem, Manifest) {
+    let pl = 64 * 1024;
+    let data: Vec<u8> = (0..(3 * pl + 100)).map(|i| (i * 31 % 251) as u8).collect();
+    let plan = PiecePlan::new(data.len() as u64, pl as u64).unwrap();
+    let pieces: Vec<Bytes> = plan
+        .pieces()
+        .map(|p| Bytes::copy_from_slice(&data[p.offset as usize..p.end() as usize]))
+        .collect();
+    let m = Manifest::new(
+        plan,
+        pieces.iter().map(|p| Digest::of(p)).collect(),
+        Digest::of(&data),
+    )
+    .unwrap();
+    let task = TaskId::for_content(m.content_digest());
+    (
+        Mem {
+            task,
+            manifest: Bytes::from(m.encode()),
+            pieces,
+        },
+        m,
+    )
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn serving(ca: &ClusterCa) -> (Node, SocketAddr, TaskId, Manifest, Vec<Bytes>) {
+    let (mem, m) = content();
+    let (task, pieces) = (mem.task, mem.pieces.clone());
+    let node = Node::bind(loopback(), &ca.issue("seed").unwrap()).unwrap();
+    node.serve(Arc::new(mem));
+    let addr = node.local_addr().unwrap();
+    (node, addr, task, m, pieces)
+}
+
+#[tokio::test]
+async fn same_ca_peers_exchange_manifests_and_pieces() {
+    let ca = ClusterCa::generate().unwrap();
+    let (_seed, addr, task, m, pieces) = serving(&ca);
+    let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
+    let parent = peer.connect(addr).await.unwrap();
+    assert_eq!(parent.manifest(task).await.unwrap(), m);
+    for (i, want) in pieces.iter().enumerate() {
+        let got = parent.piece(task, i as u32).await.unwrap().concat();
+        assert_eq!(&got[..], &want[..]);
+        assert_eq!(Some(Digest::of(&got)), m.piece_digest(i as u32));
+    }
+    assert!(matches!(
+        parent.piece(task, 99).await,
+        Err(TransportError::Refused(Status::NotFound))
+    ));
+    let other = TaskId::for_content(Digest::of(b"other"));
+    assert!(matches!(
+        parent.manifest(other).await,
+        Err(TransportError::Refused(Status::NotFound))
+    ));
+}
+
+#[tokio::test]
+async fn a_peer_without_the_cluster_ca_gets_nothing() {
+    let ca = ClusterCa::generate().unwrap();
+    let (_seed, addr, task, _, _) = serving(&ca);
+    let intruder_ca = ClusterCa::generate().unwrap();
+    // The intruder trusts the real CA (it could copy ca.pem) but its own cert is not from it.
+    let mut id = intruder_ca.issue("intruder").unwrap();
+    id.ca = ca.issue("x").unwrap().ca;
+    let intruder = Node::bind(loopback(), &id).unwrap();
+    let res = match intruder.connect(addr).await {
+        Ok(parent) => parent.manifest(task).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(res.is_err(), "an intruder must get no manifest");
+}
+
+#[tokio::test]
+async fn a_server_from_another_ca_is_refused() {
+    let (real, fake) = (
+        ClusterCa::generate().unwrap(),
+        ClusterCa::generate().unwrap(),
+    );
+    let (_impostor, addr, _, _, _) = serving(&fake);
+    let peer = Node::bind(loopback(), &real.issue("peer").unwrap()).unwrap();
+    assert!(matches!(
+        peer.connect(addr).await,
+        Err(TransportError::Connect { .. })
+    ));
+}
+
+#[tokio::test]
+async fn malformed_or_truncated_requests_get_an_error_and_the_server_lives_on() {
+    let ca = ClusterCa::generate().unwrap();
+    let (_seed, addr, task, m, _) = serving(&ca);
+    let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
+    let parent = peer.connect(addr).await.unwrap();
+    for junk in [vec![0xffu8; wire::REQUEST_LEN], b"STLP".to_vec(), vec![]] {
+        let (mut send, mut recv) = parent.conn.open_bi().await.unwrap();
+        send.write_all(&junk).await.unwrap();
+        send.finish().unwrap();
+        let mut h = [0u8; wire::RESPONSE_HEADER_LEN];
+        recv.read_exact(&mut h).await.unwrap();
+        assert_eq!(
+            wire::decode_response_header(&h, 0).unwrap().0,
+            Status::BadRequest
+        );
+    }
+    assert_eq!(parent.manifest(task).await.unwrap(), m, "still serving");
+}
+
+#[tokio::test]
+async fn an_oversized_answer_is_refused_before_it_is_read() {
+    let ca = ClusterCa::generate().unwrap();
+    let rogue = quinn::Endpoint::server(
+        tls::server_config(&ca.issue("rogue").unwrap()).unwrap(),
+        loopback(),
+    )
+    .unwrap();
+    let addr = rogue.local_addr().unwrap();
+    tokio::spawn(async move {
+        let conn = rogue.accept().await.unwrap().await.unwrap();
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut req = [0u8; wire::REQUEST_LEN];
+            let _ = recv.read_exact(&mut req).await;
+            let h = wire::encode_response_header(Status::Ok, crate::core::MAX_PIECE_LENGTH + 1);
+            let _ = send.write_all(&h).await;
+            let _ = send.finish();
+        }
+    });
+    let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
+    let parent = peer.connect(addr).await.unwrap();
+    let task = TaskId::for_content(Digest::of(b"x"));
+    assert!(matches!(
+        parent.piece(task, 0).await,
+        Err(TransportError::Wire(WireError::TooLong { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn the_ca_is_created_once_and_reloaded() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let a = ClusterCa::load_or_create(d.path()).unwrap();
+    let b = ClusterCa::load_or_create(d.path()).unwrap();
+    assert_eq!(
+        a.cert_pem(),
+        std::fs::read_to_string(d.path().join("ca.pem")).unwrap()
+    );
+    // The reloaded CA issues certificates that chain to the stored one.
+    assert_eq!(b.issue("n").unwrap().ca, a.issue("m").unwrap().ca);
+    // Nodes issued before and after the reload trust each other.
+    let (_seed, addr, task, m, _) = serving(&a);
+    let late = Node::bind(loopback(), &b.issue("late").unwrap()).unwrap();
+    assert_eq!(
+        late.connect(addr)
+            .await
+            .unwrap()
+            .manifest(task)
+            .await
+            .unwrap(),
+        m
+    );
+    let mode = std::fs::metadata(d.path().join("ca.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::remove_file(d.path().join("ca.key")).unwrap();
+    assert!(matches!(
+        ClusterCa::load_or_create(d.path()),
+        Err(tls::TlsError::BadCa { .. })
+    ));
+}
