@@ -94,7 +94,7 @@ impl FetchError {
 enum Stored {
     Complete(Fetched),
     Partial(TaskHandle),
-    Absent(Lease),
+    Absent(Arc<Lease>),
 }
 
 pub struct Fetcher {
@@ -316,7 +316,7 @@ impl Fetcher {
 
     fn create(
         &self,
-        lease: Lease,
+        lease: Arc<Lease>,
         id: TaskId,
         req: &Request,
         len: u64,

@@ -11,16 +11,19 @@ mod gc;
 mod lease;
 mod record;
 mod task;
+mod upload;
 mod uring;
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
 pub use lease::{Lease, Mode as LeaseMode};
 pub use record::TaskHeader;
 pub use task::TaskHandle;
+pub use upload::UploadView;
 
 use crate::config::GcConfig;
 use crate::core::{Digest, TaskId};
@@ -112,13 +115,20 @@ impl Store {
 
     /// The stored task under this lease, or the lease back when there is none (or it was
     /// damaged and has been discarded).
-    pub fn load(&self, lease: Lease) -> Result<Result<TaskHandle, Lease>, StoreError> {
-        TaskHandle::load(lease, &self.uring)
+    pub fn load(
+        &self,
+        lease: impl Into<Arc<Lease>>,
+    ) -> Result<Result<TaskHandle, Arc<Lease>>, StoreError> {
+        TaskHandle::load(lease.into(), &self.uring)
     }
 
     /// Creates a fresh task under this lease, replacing anything stored there.
-    pub fn create(&self, lease: Lease, header: TaskHeader) -> Result<TaskHandle, StoreError> {
-        TaskHandle::create(lease, header, &self.uring)
+    pub fn create(
+        &self,
+        lease: impl Into<Arc<Lease>>,
+        header: TaskHeader,
+    ) -> Result<TaskHandle, StoreError> {
+        TaskHandle::create(lease.into(), header, &self.uring)
     }
 
     /// One GC pass. Tasks in use by anyone are skipped.

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -22,13 +22,13 @@ pub const JOURNAL: &str = "journal";
 pub const MANIFEST: &str = "manifest";
 
 pub struct TaskHandle {
-    lease: Lease,
+    lease: Arc<Lease>,
     header: TaskHeader,
-    manifest: Mutex<Option<Manifest>>,
+    manifest: Arc<Mutex<Option<Manifest>>>,
     /// SHA-256 of every verified piece, None where not verified. Verified means: hashed, checked
     /// against the manifest when there is one, and written. It becomes durable (journaled) at
     /// the next group commit.
-    pieces: Mutex<Vec<Option<Digest>>>,
+    pieces: Arc<Mutex<Vec<Option<Digest>>>>,
     file: OpenKey,
     durable: watch::Receiver<u64>,
 }
@@ -38,9 +38,9 @@ impl TaskHandle {
     /// its metadata was corrupt or truncated, in which case the files are removed and the
     /// reason logged: a damaged task is never served.
     pub(crate) fn load(
-        lease: Lease,
+        lease: Arc<Lease>,
         uring: &Uring,
-    ) -> Result<Result<TaskHandle, Lease>, StoreError> {
+    ) -> Result<Result<TaskHandle, Arc<Lease>>, StoreError> {
         let dir = lease.dir().to_path_buf();
         let header_bytes = match std::fs::read(dir.join(HEADER)) {
             Ok(b) => b,
@@ -55,8 +55,8 @@ impl TaskHandle {
                 Ok(Ok(TaskHandle {
                     lease,
                     header,
-                    manifest: Mutex::new(manifest),
-                    pieces: Mutex::new(pieces),
+                    manifest: Arc::new(Mutex::new(manifest)),
+                    pieces: Arc::new(Mutex::new(pieces)),
                     file: OpenKey {
                         uring: uring.clone(),
                         key,
@@ -148,7 +148,7 @@ impl TaskHandle {
     /// file is preallocated (so a full disk fails now, not halfway), then the journal, and the
     /// header last, which is what makes the task exist.
     pub(crate) fn create(
-        lease: Lease,
+        lease: Arc<Lease>,
         header: TaskHeader,
         uring: &Uring,
     ) -> Result<TaskHandle, StoreError> {
@@ -179,8 +179,8 @@ impl TaskHandle {
         Ok(TaskHandle {
             lease,
             header,
-            manifest: Mutex::new(None),
-            pieces: Mutex::new(vec![None; count]),
+            manifest: Arc::new(Mutex::new(None)),
+            pieces: Arc::new(Mutex::new(vec![None; count])),
             file: OpenKey {
                 uring: uring.clone(),
                 key,
@@ -345,15 +345,36 @@ impl TaskHandle {
 
     /// Throws the task's files away (keeping the lease), e.g. when the origin's content
     /// changed under a resumed download.
-    pub fn discard(self) -> Result<Lease, StoreError> {
+    pub fn discard(self) -> Result<Arc<Lease>, StoreError> {
+        // Upload views share these: they stop serving the discarded bytes at once.
+        if let Ok(mut p) = self.pieces.lock() {
+            p.iter_mut().for_each(|d| *d = None);
+        }
+        if let Ok(mut m) = self.manifest.lock() {
+            *m = None;
+        }
         let lease = self.into_lease();
         wipe(lease.dir())?;
         Ok(lease)
     }
 
-    pub fn into_lease(self) -> Lease {
+    pub fn into_lease(self) -> Arc<Lease> {
         let TaskHandle { lease, .. } = self;
         lease
+    }
+
+    /// A view for serving this task's verified pieces to peers, straight from a read-only
+    /// memory map of the content file. It holds the task's lease, so GC cannot evict the task
+    /// while it is uploaded.
+    pub fn upload_view(&self) -> Result<super::UploadView, StoreError> {
+        super::upload::UploadView::open(
+            self.header.id,
+            self.plan(),
+            &self.content_path(),
+            self.pieces.clone(),
+            self.manifest.clone(),
+            self.lease.clone(),
+        )
     }
 }
 

@@ -202,3 +202,122 @@ async fn the_ca_is_created_once_and_reloaded() {
         Err(tls::TlsError::BadCa { .. })
     ));
 }
+
+/// Serves upload views of real stored tasks (the daemon will hold a registry like this).
+struct Views(std::sync::Mutex<Vec<crate::storage::UploadView>>);
+
+impl PieceSource for Views {
+    fn manifest(&self, task: &TaskId) -> Option<Bytes> {
+        self.0
+            .lock()
+            .ok()?
+            .iter()
+            .find(|v| v.task() == *task)?
+            .manifest()
+    }
+    fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes> {
+        self.0
+            .lock()
+            .ok()?
+            .iter()
+            .find(|v| v.task() == *task)?
+            .piece(index)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_pieces_are_served_from_the_map_only_once_verified() {
+    use crate::storage::{LeaseMode, Store, TaskHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), std::time::Duration::from_millis(20)).unwrap();
+    let (mem, m) = content();
+    let header = TaskHeader {
+        id: mem.task,
+        plan: *m.plan(),
+        expected: Some(m.content_digest()),
+        validator: String::new(),
+        url: String::new(),
+    };
+    let task = store
+        .create(
+            store
+                .acquire(&mem.task, LeaseMode::Exclusive)
+                .await
+                .unwrap(),
+            header,
+        )
+        .unwrap();
+    let put = |i: u32| {
+        let p = m.plan().piece(i).unwrap();
+        task.write_piece(
+            p,
+            vec![mem.pieces[i as usize].clone()],
+            m.piece_digest(i).unwrap(),
+        )
+    };
+    put(0).await.unwrap();
+    put(2).await.unwrap();
+    let views = Arc::new(Views(std::sync::Mutex::new(vec![task
+        .upload_view()
+        .unwrap()])));
+
+    let ca = ClusterCa::generate().unwrap();
+    let seed = Node::bind(loopback(), &ca.issue("seed").unwrap()).unwrap();
+    seed.serve(views.clone());
+    let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
+    let parent = peer.connect(seed.local_addr().unwrap()).await.unwrap();
+
+    // Served while still downloading: verified pieces only; no manifest before completion.
+    assert_eq!(
+        parent.piece(mem.task, 0).await.unwrap().concat(),
+        mem.pieces[0].to_vec()
+    );
+    assert_eq!(
+        parent.piece(mem.task, 2).await.unwrap().concat(),
+        mem.pieces[2].to_vec()
+    );
+    assert!(matches!(
+        parent.piece(mem.task, 1).await,
+        Err(TransportError::Refused(Status::NotFound))
+    ));
+    assert!(matches!(
+        parent.manifest(mem.task).await,
+        Err(TransportError::Refused(Status::NotFound))
+    ));
+    // GC leaves a task that is being uploaded alone.
+    let gc = crate::config::GcConfig {
+        ttl_seconds: 0,
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .gc(
+                &gc,
+                std::time::SystemTime::now() + std::time::Duration::from_secs(5)
+            )
+            .unwrap()
+            .evicted
+            .len(),
+        0
+    );
+
+    put(1).await.unwrap();
+    put(3).await.unwrap();
+    task.complete(m.content_digest()).unwrap();
+    assert_eq!(parent.manifest(mem.task).await.unwrap(), m);
+    assert_eq!(
+        parent.piece(mem.task, 1).await.unwrap().concat(),
+        mem.pieces[1].to_vec()
+    );
+
+    // Discarded: nothing more is served from it.
+    let _lease = task.discard().unwrap();
+    assert!(matches!(
+        parent.piece(mem.task, 0).await,
+        Err(TransportError::Refused(Status::NotFound))
+    ));
+    assert!(matches!(
+        parent.manifest(mem.task).await,
+        Err(TransportError::Refused(Status::NotFound))
+    ));
+}

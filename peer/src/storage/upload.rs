@@ -1,0 +1,98 @@
+//! Serving stored pieces to peers without copying: a read-only memory map of the content file,
+//! handed out as `Bytes` slices that keep the map alive. Only verified pieces are served.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use memmap2::Mmap;
+
+use super::lease::Lease;
+use super::{io_err, StoreError};
+use crate::core::{Digest, Manifest, PiecePlan, TaskId};
+
+pub struct UploadView {
+    task: TaskId,
+    plan: PiecePlan,
+    map: Option<Arc<Mmap>>,
+    pieces: Arc<Mutex<Vec<Option<Digest>>>>,
+    manifest: Arc<Mutex<Option<Manifest>>>,
+    _lease: Arc<Lease>,
+}
+
+/// A piece's bytes inside the shared map.
+struct MapSlice {
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+}
+
+impl UploadView {
+    pub(crate) fn open(
+        task: TaskId,
+        plan: PiecePlan,
+        content: &Path,
+        pieces: Arc<Mutex<Vec<Option<Digest>>>>,
+        manifest: Arc<Mutex<Option<Manifest>>>,
+        lease: Arc<Lease>,
+    ) -> Result<UploadView, StoreError> {
+        let map = if plan.content_length() == 0 {
+            None
+        } else {
+            let f = std::fs::File::open(content).map_err(io_err("open", content))?;
+            // SAFETY: the content file is preallocated to its full length and never truncated
+            // while a lease on the task is held, which this view keeps; bytes of pieces not yet
+            // verified may change under the map, but those are never handed out.
+            let m = unsafe { Mmap::map(&f) }.map_err(io_err("map", content))?;
+            Some(Arc::new(m))
+        };
+        Ok(UploadView {
+            task,
+            plan,
+            map,
+            pieces,
+            manifest,
+            _lease: lease,
+        })
+    }
+
+    pub fn task(&self) -> TaskId {
+        self.task
+    }
+
+    /// A verified piece's bytes, or None (not verified yet, or out of range).
+    pub fn piece(&self, index: u32) -> Option<Bytes> {
+        let verified = self
+            .pieces
+            .lock()
+            .ok()?
+            .get(index as usize)
+            .copied()
+            .flatten()
+            .is_some();
+        let p = self.plan.piece(index)?;
+        let map = self.map.as_ref()?;
+        verified.then(|| {
+            Bytes::from_owner(MapSlice {
+                map: map.clone(),
+                start: p.offset as usize,
+                end: p.end() as usize,
+            })
+        })
+    }
+
+    /// The encoded manifest, once the task is complete.
+    pub fn manifest(&self) -> Option<Bytes> {
+        self.manifest
+            .lock()
+            .ok()?
+            .as_ref()
+            .map(|m| Bytes::from(m.encode()))
+    }
+}
