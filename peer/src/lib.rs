@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod engine;
 pub mod fetch;
+pub mod scheduler;
 pub mod source;
 pub mod storage;
 pub mod transport;

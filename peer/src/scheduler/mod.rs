@@ -1,0 +1,275 @@
+//! The scheduler's state, sans-IO: peers announce what they hold and how their links perform,
+//! and get back ranked candidate parents. State is soft: everything expires unless announced
+//! again, so a restarted scheduler rebuilds itself from the next round of announcements.
+//!
+//! Ranking, for a requester R and candidate C holding task T:
+//! `score = ln(1 + useful) × spare × link`, where `useful` is the number of pieces C has that R
+//! lacks (with diminishing returns: a parent with enough pieces to keep a link busy is nearly as
+//! good as one with all of them, so a seed does not outrank everyone),
+//! `spare` is C's unused upload capacity share after the children already assigned to it (so
+//! one fast seed does not become a star), and `link` is R's measured throughput from C,
+//! discounted by loss (unmeasured links get the median of measured ones). Ties break by a hash
+//! of (R, C), so different requesters see different orders and the swarm forms a mesh rather
+//! than a chain. `ring.rs` splits tasks across several schedulers by consistent hashing.
+//!
+//! Status: the state machine and ring are tested here; the network service around them and the
+//! daemon's client are not built yet.
+
+pub mod ring;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::core::TaskId;
+
+pub type PeerId = String;
+
+/// Measured quality of the link from a parent, as the child reports it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinkReport {
+    /// Bytes per second received from that parent.
+    pub throughput: f64,
+    pub rtt: Duration,
+    /// Fraction of packets lost, 0..=1.
+    pub loss: f64,
+}
+
+/// What a peer holds of one task.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Holding {
+    /// The whole bitmap (first announcement, or after a restart).
+    Full { pieces: u32, have: Vec<bool> },
+    /// Pieces verified since the last announcement.
+    Added(Vec<u32>),
+    /// The peer dropped the task.
+    Gone,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Announce {
+    pub peer: PeerId,
+    pub addr: SocketAddr,
+    pub seed: bool,
+    /// Upload capacity in bytes per second (0: unknown).
+    pub upload_capacity: f64,
+    /// Uploads in progress now.
+    pub uploads: u32,
+    pub tasks: Vec<(TaskId, Holding)>,
+    /// Link quality per parent this peer has downloaded from.
+    pub links: Vec<(PeerId, LinkReport)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub peer: PeerId,
+    pub addr: SocketAddr,
+    pub seed: bool,
+    /// Pieces it has that the requester lacks.
+    pub useful: u32,
+    pub score: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Peers and their holdings expire when not announced for this long.
+    pub ttl: Duration,
+    /// Children a parent is expected to feed at once; beyond it, its score falls.
+    pub fanout: f64,
+    /// How long a handed-out parent assignment counts against the parent.
+    pub assignment_ttl: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            ttl: Duration::from_secs(30),
+            fanout: 4.0,
+            assignment_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+struct PeerState {
+    addr: SocketAddr,
+    seed: bool,
+    upload_capacity: f64,
+    uploads: u32,
+    last_seen: Duration,
+    tasks: HashMap<TaskId, Vec<bool>>,
+    links: HashMap<PeerId, LinkReport>,
+    /// When each recent assignment of this peer as a parent was made.
+    assigned: Vec<Duration>,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    peers: BTreeMap<PeerId, PeerState>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Scheduler {
+        Scheduler {
+            cfg,
+            peers: BTreeMap::new(),
+        }
+    }
+
+    pub fn peers(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Applies an announcement received at `now`.
+    pub fn announce(&mut self, a: Announce, now: Duration) {
+        let p = self
+            .peers
+            .entry(a.peer.clone())
+            .or_insert_with(|| PeerState {
+                addr: a.addr,
+                seed: a.seed,
+                upload_capacity: 0.0,
+                uploads: 0,
+                last_seen: now,
+                tasks: HashMap::new(),
+                links: HashMap::new(),
+                assigned: Vec::new(),
+            });
+        p.addr = a.addr;
+        p.seed = a.seed;
+        p.upload_capacity = a.upload_capacity.max(0.0);
+        p.uploads = a.uploads;
+        p.last_seen = now;
+        for (task, holding) in a.tasks {
+            match holding {
+                Holding::Full { pieces, mut have } => {
+                    have.resize(pieces as usize, false);
+                    p.tasks.insert(task, have);
+                }
+                Holding::Added(added) => {
+                    // Without a full bitmap first we do not know the piece count: ignore, the
+                    // peer re-sends in full when asked (after a scheduler restart).
+                    if let Some(have) = p.tasks.get_mut(&task) {
+                        for i in added {
+                            if let Some(slot) = have.get_mut(i as usize) {
+                                *slot = true;
+                            }
+                        }
+                    }
+                }
+                Holding::Gone => {
+                    p.tasks.remove(&task);
+                }
+            }
+        }
+        for (parent, link) in a.links {
+            p.links.insert(parent, link);
+        }
+    }
+
+    /// Whether the scheduler holds `peer`'s full bitmap for `task` (else the peer must re-send
+    /// it in full, e.g. after a scheduler restart).
+    pub fn knows(&self, peer: &str, task: &TaskId) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|p| p.tasks.contains_key(task))
+    }
+
+    /// Forgets peers not heard from within the TTL, and stale assignments.
+    pub fn expire(&mut self, now: Duration) {
+        let ttl = self.cfg.ttl;
+        self.peers
+            .retain(|_, p| now.saturating_sub(p.last_seen) <= ttl);
+        let keep = self.cfg.assignment_ttl;
+        for p in self.peers.values_mut() {
+            p.assigned.retain(|t| now.saturating_sub(*t) <= keep);
+        }
+    }
+
+    /// Up to `max` ranked parents for `requester` on `task`. Each one handed out counts as an
+    /// assignment against that parent for a while, which spreads later requesters.
+    pub fn candidates(
+        &mut self,
+        requester: &str,
+        task: &TaskId,
+        max: usize,
+        now: Duration,
+    ) -> Vec<Candidate> {
+        let (mine, my_links) = match self.peers.get(requester) {
+            Some(p) => (p.tasks.get(task).cloned(), p.links.clone()),
+            None => (None, HashMap::new()),
+        };
+        let measured: Vec<f64> = {
+            let mut v: Vec<f64> = my_links
+                .values()
+                .map(|l| l.throughput)
+                .filter(|t| *t > 0.0)
+                .collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v
+        };
+        let median = measured.get(measured.len() / 2).copied().unwrap_or(1.0);
+        let mut out: Vec<Candidate> = Vec::new();
+        for (id, p) in &self.peers {
+            if id == requester {
+                continue;
+            }
+            let Some(have) = p.tasks.get(task) else {
+                continue;
+            };
+            let useful = have
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| {
+                    **h && !mine
+                        .as_ref()
+                        .is_some_and(|m| m.get(*i).copied().unwrap_or(false))
+                })
+                .count() as u32;
+            if useful == 0 {
+                continue;
+            }
+            let load = p.uploads as f64 + p.assigned.len() as f64;
+            let spare = 1.0 / (1.0 + load / self.cfg.fanout);
+            let capacity = if p.upload_capacity > 0.0 {
+                p.upload_capacity
+            } else {
+                median
+            };
+            let link = match my_links.get(id) {
+                Some(l) => l.throughput.max(1.0) * (1.0 - l.loss.clamp(0.0, 0.9)),
+                None => median.min(capacity),
+            };
+            let score = (1.0 + useful as f64).ln() * spare * link;
+            out.push(Candidate {
+                peer: id.clone(),
+                addr: p.addr,
+                seed: p.seed,
+                useful,
+                score,
+            });
+        }
+        out.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| tie(requester, &a.peer).cmp(&tie(requester, &b.peer)))
+        });
+        out.truncate(max);
+        for c in &out {
+            if let Some(p) = self.peers.get_mut(&c.peer) {
+                p.assigned.push(now);
+            }
+        }
+        out
+    }
+}
+
+/// A stable per-(requester, candidate) order for equal scores.
+fn tie(requester: &str, candidate: &str) -> u64 {
+    let d = crate::core::Digest::of(format!("{requester}\0{candidate}").as_bytes());
+    u64::from_le_bytes([
+        d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
+    ])
+}
