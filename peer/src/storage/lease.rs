@@ -132,7 +132,24 @@ mod tests {
         let gc = acquire(&t, Mode::Exclusive).unwrap();
         let t2 = t.clone();
         let waiter = std::thread::spawn(move || acquire(&t2, Mode::Exclusive).unwrap());
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        // Wait until the waiter is blocked on our lock: /proc/locks lists blocked requests as
+        // "-> FLOCK ... MAJ:MIN:INODE".
+        let ino = std::fs::metadata(t.join(LOCK_FILE)).unwrap().ino();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+            let blocked = locks.lines().any(|l| {
+                l.contains("->") && l.contains("FLOCK") && l.contains(&format!(":{ino} "))
+            });
+            if blocked {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never blocked on the lease"
+            );
+            std::thread::yield_now();
+        }
         std::fs::remove_dir_all(&t).unwrap();
         drop(gc);
         let got = waiter.join().unwrap();
