@@ -34,6 +34,26 @@ pub struct Config {
     pub gc: GcConfig,
     pub source: SourceConfig,
     pub storage: StorageConfig,
+    pub daemon: DaemonConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The local API's unix socket (mode 0600: only the daemon's user may use it). Default:
+    /// `<data_dir>/starling.sock`.
+    pub socket: Option<PathBuf>,
+    /// Seconds between garbage-collection passes. Default 300.
+    pub gc_interval_seconds: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket: None,
+            gc_interval_seconds: 300,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -85,6 +105,7 @@ impl Default for Config {
             gc: GcConfig::default(),
             source: SourceConfig::default(),
             storage: StorageConfig::default(),
+            daemon: DaemonConfig::default(),
         }
     }
 }
@@ -173,6 +194,14 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The local API socket: `daemon.socket`, else `<data_dir>/starling.sock`.
+    pub fn socket_path(&self) -> PathBuf {
+        self.daemon
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("starling.sock"))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
         let g = &self.gc;
@@ -206,6 +235,13 @@ impl Config {
                 "source.*_timeout_seconds",
                 "0".into(),
                 "timeouts must be at least 1",
+            );
+        }
+        if self.daemon.gc_interval_seconds == 0 {
+            return bad(
+                "daemon.gc_interval_seconds",
+                "0".into(),
+                "must be at least 1",
             );
         }
         if self.storage.commit_interval_ms == 0 || self.storage.commit_interval_ms > 60_000 {

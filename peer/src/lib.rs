@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod engine;
 pub mod fetch;
 pub mod scheduler;

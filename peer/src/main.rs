@@ -14,9 +14,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use starling::config::Config;
 use starling::core::Digest;
-use starling::fetch::{output, FetchError, Fetcher, Progress, Request, Served};
-use starling::source::SourceError;
-use starling::storage::{Store, StoreError};
+use starling::daemon::{self, api::ApiEvent, api::GetRequest};
+use starling::fetch::{exit, FetchError, Fetcher, Progress, Request, Served};
+use starling::storage::Store;
 
 /// Peer-to-peer distribution for container images and large artifacts.
 #[derive(Parser)]
@@ -50,6 +50,9 @@ enum Command {
     Get(GetArgs),
     /// Run one garbage-collection pass over the store (TTL and disk watermarks).
     Gc,
+    /// Run the daemon: it owns the store and serves `starling get` through its local API
+    /// (a unix socket, `daemon.socket`), so clients share one store and one download per task.
+    Daemon,
 }
 
 #[derive(Args)]
@@ -76,16 +79,9 @@ struct GetArgs {
     /// Always write an independent copy: never hard-link the output to the store.
     #[arg(long)]
     no_hardlink: bool,
-}
-
-/// Exit codes, documented in the README.
-mod exit {
-    pub const OTHER: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const ORIGIN_REFUSED: u8 = 3;
-    pub const INTEGRITY: u8 = 4;
-    pub const NETWORK: u8 = 5;
-    pub const LOCAL: u8 = 6;
+    /// Work in this process even when a daemon is running.
+    #[arg(long)]
+    no_daemon: bool,
 }
 
 /// An error with the exit code it maps to.
@@ -143,6 +139,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Get(args) => rt.block_on(get(cfg, args, cli.global.quiet)),
         Command::Gc => gc(cfg, cli.global.quiet),
+        Command::Daemon => rt.block_on(daemon::run(cfg)).map_err(|e| {
+            let code = match &e {
+                daemon::DaemonError::Fetch(f) => f.exit_code(),
+                _ => exit::LOCAL,
+            };
+            Failure(code, e.into())
+        }),
     }
 }
 
@@ -160,38 +163,98 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
     if !to_stdout {
         check_output_dir(&args.output).map_err(fail(exit::USAGE))?;
     }
-    cfg.source.ca_certs.extend(args.ca_certs.iter().cloned());
-    let fetcher = Fetcher::new(cfg, headers).map_err(classify)?;
-    let req = Request {
-        url: args.url.clone(),
-        digest,
-        piece_length: args.piece_length,
-    };
     let progress = Arc::new(Progress::default());
     let started = Instant::now();
     let bar =
         (!quiet && std::io::stderr().is_terminal()).then(|| spawn_progress_bar(progress.clone()));
-    let res = fetcher.fetch(&req, &progress).await;
-    if let Some((bar, ticker)) = bar {
-        ticker.abort();
-        bar.finish_and_clear();
+    let finish_bar = |bar: Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)>| {
+        if let Some((bar, ticker)) = bar {
+            ticker.abort();
+            bar.finish_and_clear();
+        }
+    };
+
+    // A running daemon does the work (shared store, one download per task), unless the
+    // request needs this process: stdout output or extra CAs for this request only.
+    if !args.no_daemon && !to_stdout && args.ca_certs.is_empty() {
+        let output = std::path::absolute(&args.output).map_err(|e| fail(exit::USAGE)(e.into()))?;
+        let req = GetRequest {
+            url: args.url.clone(),
+            digest: args.digest.clone(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
+            piece_length: args.piece_length,
+            output,
+            no_hardlink: args.no_hardlink,
+        };
+        let p = progress.clone();
+        let answer = daemon::client_get(&cfg.socket_path(), &req, |total, done| {
+            p.total.store(total, Ordering::Relaxed);
+            p.done.store(done, Ordering::Relaxed);
+        })
+        .await;
+        match answer {
+            Ok(Some(ApiEvent::Done {
+                bytes,
+                digest,
+                from_store,
+                origin_bytes,
+                placed,
+            })) => {
+                finish_bar(bar);
+                if !quiet {
+                    let from = if from_store {
+                        "local store, 0 bytes from the origin".to_string()
+                    } else {
+                        format!("origin, {origin_bytes} bytes received")
+                    };
+                    eprintln!(
+                        "starling: saved {} ({bytes} bytes, {digest}) from {from} via {placed} (daemon) in {:.2}s",
+                        args.output.display(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(());
+            }
+            Ok(Some(ApiEvent::Error { code, message })) => {
+                finish_bar(bar);
+                return Err(Failure(code, anyhow::anyhow!(message)));
+            }
+            Ok(Some(ApiEvent::Progress { .. })) | Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(socket = %cfg.socket_path().display(), error = %e, "the daemon did not answer; working in-process");
+            }
+        }
     }
+
+    cfg.source.ca_certs.extend(args.ca_certs.iter().cloned());
+    let fetcher = Fetcher::new(cfg).map_err(classify)?;
+    let req = Request {
+        url: args.url.clone(),
+        digest,
+        piece_length: args.piece_length,
+        headers,
+    };
+    let res = fetcher.fetch(&req, &progress).await;
+    finish_bar(bar);
     let fetched = res.map_err(classify)?;
-    // Readers hold a shared lease: others may read too, GC may not evict it meanwhile.
-    fetched
-        .task
-        .lease()
-        .downgrade()
-        .map_err(|e| fail(exit::LOCAL)(e.into()))?;
-    let content = fetched.task.content_path();
     let placed = if to_stdout {
-        let mut f = std::fs::File::open(&content).map_err(|e| fail(exit::LOCAL)(e.into()))?;
+        fetched
+            .task
+            .lease()
+            .downgrade()
+            .map_err(|e| fail(exit::LOCAL)(e.into()))?;
+        let mut f = std::fs::File::open(fetched.task.content_path())
+            .map_err(|e| fail(exit::LOCAL)(e.into()))?;
         std::io::copy(&mut f, &mut std::io::stdout().lock()).map_err(|e| {
             fail(exit::LOCAL)(anyhow::anyhow!("cannot write to standard output: {e}"))
         })?;
         "stdout".to_string()
     } else {
-        output::place(&content, &args.output, !args.no_hardlink)
+        fetched
+            .deliver(&args.output, !args.no_hardlink)
             .map_err(|e| {
                 fail(exit::LOCAL)(anyhow::anyhow!(
                     "cannot write {}: {e}",
@@ -249,22 +312,7 @@ fn gc(cfg: Config, quiet: bool) -> Result<(), Failure> {
 
 /// Maps a pipeline error to its exit code.
 fn classify(e: FetchError) -> Failure {
-    let code = match &e {
-        FetchError::DigestMismatch { .. } => exit::INTEGRITY,
-        FetchError::TaskId(_) | FetchError::Plan(_) => exit::USAGE,
-        FetchError::Store(s) if s.is_no_space() => exit::LOCAL,
-        FetchError::Store(StoreError::PieceMismatch { .. }) => exit::INTEGRITY,
-        FetchError::Store(_) => exit::LOCAL,
-        FetchError::Source(s) => match s {
-            SourceError::NotFound { .. }
-            | SourceError::Denied { .. }
-            | SourceError::ClientStatus { .. } => exit::ORIGIN_REFUSED,
-            SourceError::CaCert { .. } => exit::USAGE,
-            SourceError::Changed { .. } => exit::INTEGRITY,
-            _ => exit::NETWORK,
-        },
-    };
-    Failure(code, e.into())
+    Failure(e.exit_code(), e.into())
 }
 
 fn parse_headers(raw: &[String]) -> anyhow::Result<HeaderMap> {

@@ -235,3 +235,42 @@ pub fn kill_pid(pid: u32, signal: i32) {
         libc::kill(pid as libc::pid_t, signal);
     }
 }
+
+/// A `starling daemon` for one scratch area, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(s: &Scratch) -> Daemon {
+        let socket = s.data_dir().join("starling.sock");
+        let log = std::fs::File::create(s.path().join("daemon.log")).expect("daemon log");
+        let child = s
+            .starling()
+            .args(["-v", "daemon"])
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        let d = Daemon { child, socket };
+        wait_until(Duration::from_secs(15), "the daemon's socket", || {
+            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
+        });
+        d
+    }
+
+    /// Stops it with SIGTERM and waits; returns whether it exited cleanly.
+    pub fn stop(mut self) -> bool {
+        kill_pid(self.child.id(), libc::SIGTERM);
+        let ok = self.child.wait().map(|s| s.success()).unwrap_or(false);
+        std::mem::forget(self);
+        ok
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        kill_pid(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}

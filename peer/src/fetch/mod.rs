@@ -35,6 +35,8 @@ pub struct Request {
     pub digest: Option<Digest>,
     /// Forces a piece length for a new task (validated); None picks it from the length.
     pub piece_length: Option<u64>,
+    /// Extra headers for the origin (credentials, for example).
+    pub headers: HeaderMap,
 }
 
 /// Live counters for a progress display and for reports.
@@ -63,6 +65,19 @@ pub struct Fetched {
     pub served: Served,
 }
 
+impl Fetched {
+    /// Places the verified content at `out` (see [`output::place`]) under a shared lease, so
+    /// other readers may proceed and GC may not evict it meanwhile.
+    pub fn deliver(
+        &self,
+        out: &std::path::Path,
+        allow_hard_link: bool,
+    ) -> std::io::Result<output::Placed> {
+        self.task.lease().downgrade()?;
+        output::place(&self.task.content_path(), out, allow_hard_link)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(transparent)]
@@ -81,7 +96,35 @@ pub enum FetchError {
     },
 }
 
+/// Process exit codes, shared by the CLI and the daemon's API (the README documents them).
+pub mod exit {
+    pub const OTHER: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const ORIGIN_REFUSED: u8 = 3;
+    pub const INTEGRITY: u8 = 4;
+    pub const NETWORK: u8 = 5;
+    pub const LOCAL: u8 = 6;
+}
+
 impl FetchError {
+    /// The exit code this failure maps to.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FetchError::DigestMismatch { .. } => exit::INTEGRITY,
+            FetchError::TaskId(_) | FetchError::Plan(_) => exit::USAGE,
+            FetchError::Store(StoreError::PieceMismatch { .. }) => exit::INTEGRITY,
+            FetchError::Store(_) => exit::LOCAL,
+            FetchError::Source(s) => match s {
+                SourceError::NotFound { .. }
+                | SourceError::Denied { .. }
+                | SourceError::ClientStatus { .. } => exit::ORIGIN_REFUSED,
+                SourceError::CaCert { .. } => exit::USAGE,
+                SourceError::Changed { .. } => exit::INTEGRITY,
+                _ => exit::NETWORK,
+            },
+        }
+    }
+
     fn is_retryable(&self) -> bool {
         match self {
             FetchError::Source(e) => e.is_retryable(),
@@ -105,12 +148,12 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(cfg: Config, headers: HeaderMap) -> Result<Fetcher, FetchError> {
+    pub fn new(cfg: Config) -> Result<Fetcher, FetchError> {
         let store = Store::open(
             &cfg.data_dir,
             Duration::from_millis(cfg.storage.commit_interval_ms),
         )?;
-        let origin = Origin::new(&cfg.source, headers)?;
+        let origin = Origin::new(&cfg.source)?;
         Ok(Fetcher {
             store,
             origin,
@@ -161,7 +204,8 @@ impl Fetcher {
         }
 
         let url = req.url.as_str();
-        let probe = self.retry.run("probe", || self.origin.probe(url)).await?;
+        let origin = self.origin.with_headers(req.headers.clone());
+        let probe = self.retry.run("probe", || origin.probe(url)).await?;
         let len = probe
             .content_length
             .ok_or_else(|| SourceError::UnknownLength { url: url.into() })?;
@@ -205,6 +249,7 @@ impl Fetcher {
         progress: &Arc<Progress>,
     ) -> Result<Fetched, FetchError> {
         let url = req.url.as_str();
+        let origin = self.origin.with_headers(req.headers.clone());
         let (id, validator) = (task.header().id, task.header().validator.clone());
         let mut full_body = full_body;
         let mut ranged = ranged;
@@ -228,7 +273,7 @@ impl Fetcher {
             let streamed = if ranged {
                 let shared = Arc::new(task);
                 let res = ranged::fetch(
-                    &self.origin,
+                    &origin,
                     self.retry,
                     shared.clone(),
                     url,
@@ -248,13 +293,13 @@ impl Fetcher {
                         e @ (SourceError::RangeIgnored { .. } | SourceError::BadRange { .. }),
                     )) => {
                         tracing::warn!(error = %e, "ranged requests do not work with this origin; reading the whole body in order");
-                        self.sequential(&task, url, None, progress).await?
+                        self.sequential(&origin, &task, url, None, progress).await?
                     }
                     other => other?,
                 }
             } else {
                 tracing::info!("the origin does not honour Range; reading the whole body in order");
-                self.sequential(&task, url, full_body.take(), progress)
+                self.sequential(&origin, &task, url, full_body.take(), progress)
                     .await?
             };
             let actual = match streamed {
@@ -340,6 +385,7 @@ impl Fetcher {
     /// hashing everything. Retries start the body over; pieces stored by earlier attempts stay.
     async fn sequential(
         &self,
+        origin: &Origin,
         task: &TaskHandle,
         url: &str,
         first: Option<Response>,
@@ -352,7 +398,7 @@ impl Fetcher {
                 async move {
                     let resp = match resp {
                         Some(r) => r,
-                        None => self.origin.full(url).await?,
+                        None => origin.full(url).await?,
                     };
                     self.consume_in_order(task, url, resp, progress)
                         .await

@@ -44,7 +44,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub fn new(cfg: &SourceConfig, headers: HeaderMap) -> Result<Origin, SourceError> {
+    pub fn new(cfg: &SourceConfig) -> Result<Origin, SourceError> {
         let mut b = Client::builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_seconds))
             .read_timeout(Duration::from_secs(cfg.idle_timeout_seconds))
@@ -75,7 +75,18 @@ impl Origin {
             path: Default::default(),
             detail: format!("cannot build the HTTP client: {e}"),
         })?;
-        Ok(Origin { client, headers })
+        Ok(Origin {
+            client,
+            headers: HeaderMap::new(),
+        })
+    }
+
+    /// The same client (pool, TLS roots) sending `headers` with every request.
+    pub fn with_headers(&self, headers: HeaderMap) -> Origin {
+        Origin {
+            client: self.client.clone(),
+            headers,
+        }
     }
 
     fn get(&self, url: &str) -> reqwest::RequestBuilder {

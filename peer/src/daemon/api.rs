@@ -1,0 +1,74 @@
+//! The local API: JSON lines over a unix socket. The client sends one request line; the daemon
+//! answers with progress lines and one final line (`done` or `error`, with the exit code).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+/// Longest line either side accepts (a request names a URL and a few headers).
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiRequest {
+    Get(GetRequest),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GetRequest {
+    pub url: String,
+    pub digest: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub piece_length: Option<u64>,
+    /// Absolute path of the output file.
+    pub output: PathBuf,
+    pub no_hardlink: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiEvent {
+    Progress {
+        total: u64,
+        done: u64,
+    },
+    Done {
+        bytes: u64,
+        digest: String,
+        from_store: bool,
+        origin_bytes: u64,
+        placed: String,
+    },
+    Error {
+        code: u8,
+        message: String,
+    },
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes; `None` at end of stream.
+pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok((!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).into_owned()));
+        }
+        let (line_end, take) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (true, i + 1),
+            None => (false, chunk.len()),
+        };
+        buf.extend_from_slice(&chunk[..take]);
+        r.consume(take);
+        if buf.len() > MAX_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "line too long",
+            ));
+        }
+        if line_end {
+            buf.pop();
+            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! `starling daemon`: one long-lived process that owns the store and does downloads for local
+//! clients through its API (see [`api`]). Duplicate requests for one task are served once (the
+//! task's lease serialises them; the second is a store hit). GC runs periodically.
+//!
+//! Status: back to source only. Serving peers over QUIC, the embedded scheduler and the p2p
+//! download driver (engine + transport) are the next steps.
+
+pub mod api;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::config::Config;
+use crate::core::Digest;
+use crate::fetch::{exit, Fetcher, Progress, Request, Served};
+use api::{ApiEvent, ApiRequest, GetRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another daemon is already listening on {}; stop it first", .0.display())]
+    AlreadyRunning(PathBuf),
+    #[error("cannot listen on {}: {source}", path.display())]
+    Listen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let socket = cfg.socket_path();
+    let gc_every = Duration::from_secs(cfg.daemon.gc_interval_seconds);
+    let gc_cfg = cfg.gc.clone();
+    let fetcher = Arc::new(Fetcher::new(cfg)?);
+    let listener = bind(&socket).await?;
+    tracing::info!(socket = %socket.display(), "daemon listening");
+    let gc = {
+        let f = fetcher.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(gc_every);
+            loop {
+                tick.tick().await;
+                let (f, c) = (f.clone(), gc_cfg.clone());
+                match tokio::task::spawn_blocking(move || f.store().gc(&c, SystemTime::now())).await
+                {
+                    Ok(Ok(r)) if !r.evicted.is_empty() => {
+                        tracing::info!(evicted = r.evicted.len(), "garbage collected")
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection failed"),
+                    _ => {}
+                }
+            }
+        })
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Listen {
+            path: socket.clone(),
+            source,
+        })?;
+    loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(fetcher.clone(), stream));
+                }
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    gc.abort();
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+async fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
+    let listen_err = |source| DaemonError::Listen {
+        path: socket.to_path_buf(),
+        source,
+    };
+    if socket.exists() {
+        if UnixStream::connect(socket).await.is_ok() {
+            return Err(DaemonError::AlreadyRunning(socket.to_path_buf()));
+        }
+        // A stale socket from a daemon that died: nobody answers on it.
+        std::fs::remove_file(socket).map_err(listen_err)?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    let listener = UnixListener::bind(socket).map_err(listen_err)?;
+    // The daemon writes output files for its clients: only its own user may ask.
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(listen_err)?;
+    Ok(listener)
+}
+
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &ApiEvent) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(ev).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+async fn serve(fetcher: Arc<Fetcher>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let ev = match api::read_line(&mut r).await {
+        Ok(Some(line)) => match serde_json::from_str::<ApiRequest>(&line) {
+            Ok(ApiRequest::Get(req)) => handle_get(&fetcher, req, &mut w).await,
+            Err(e) => ApiEvent::Error {
+                code: exit::USAGE,
+                message: format!("bad API request: {e}"),
+            },
+        },
+        Ok(None) => return,
+        Err(e) => ApiEvent::Error {
+            code: exit::USAGE,
+            message: format!("bad API request: {e}"),
+        },
+    };
+    let _ = send(&mut w, &ev).await;
+}
+
+fn usage(message: String) -> ApiEvent {
+    ApiEvent::Error {
+        code: exit::USAGE,
+        message,
+    }
+}
+
+async fn handle_get(
+    fetcher: &Fetcher,
+    req: GetRequest,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> ApiEvent {
+    let digest = match req.digest.as_deref().map(str::parse::<Digest>).transpose() {
+        Ok(d) => d,
+        Err(e) => return usage(format!("--digest: {e}")),
+    };
+    let mut headers = HeaderMap::new();
+    for (k, v) in &req.headers {
+        match (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            (Ok(k), Ok(v)) => {
+                headers.append(k, v);
+            }
+            _ => return usage(format!("header {k:?} is not valid")),
+        }
+    }
+    if !req.output.is_absolute() || req.output.parent().is_none_or(|d| !d.is_dir()) {
+        return usage(format!(
+            "-O {}: needs an absolute path in an existing directory",
+            req.output.display()
+        ));
+    }
+    let request = Request {
+        url: req.url.clone(),
+        digest,
+        piece_length: req.piece_length,
+        headers,
+    };
+    let progress = Arc::new(Progress::default());
+    let fetch = fetcher.fetch(&request, &progress);
+    tokio::pin!(fetch);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let res = loop {
+        tokio::select! {
+            r = &mut fetch => break r,
+            _ = tick.tick() => {
+                let ev = ApiEvent::Progress {
+                    total: progress.total.load(Ordering::Relaxed),
+                    done: progress.done.load(Ordering::Relaxed),
+                };
+                // A client that went away gets no output, but the download finishes for the store.
+                let _ = send(w, &ev).await;
+            }
+        }
+    };
+    let fetched = match res {
+        Ok(f) => f,
+        Err(e) => {
+            return ApiEvent::Error {
+                code: e.exit_code(),
+                message: e.to_string(),
+            }
+        }
+    };
+    match fetched.deliver(&req.output, !req.no_hardlink) {
+        Ok(placed) => ApiEvent::Done {
+            bytes: fetched.manifest.plan().content_length(),
+            digest: fetched.manifest.content_digest().to_string(),
+            from_store: fetched.served == Served::Store,
+            origin_bytes: progress.origin_bytes.load(Ordering::Relaxed),
+            placed: placed.to_string(),
+        },
+        Err(e) => ApiEvent::Error {
+            code: exit::LOCAL,
+            message: format!("cannot write {}: {e}", req.output.display()),
+        },
+    }
+}
+
+/// Sends a get to the daemon at `socket`. `Ok(None)` when no daemon answers there (the caller
+/// then works in-process). `on_progress(total, done)` is called as the daemon reports.
+pub async fn client_get(
+    socket: &Path,
+    req: &GetRequest,
+    mut on_progress: impl FnMut(u64, u64),
+) -> std::io::Result<Option<ApiEvent>> {
+    let stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut line =
+        serde_json::to_vec(&ApiRequest::Get(req.clone())).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut r = BufReader::new(r);
+    while let Some(line) = api::read_line(&mut r).await? {
+        match serde_json::from_str::<ApiEvent>(&line).map_err(std::io::Error::other)? {
+            ApiEvent::Progress { total, done } => on_progress(total, done),
+            last => return Ok(Some(last)),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the daemon closed the connection before answering",
+    ))
+}

@@ -1,0 +1,104 @@
+//! `starling daemon` and its local API, with the real binary.
+
+use starling_tests::*;
+
+const MIB: usize = 1024 * 1024;
+
+#[test]
+fn get_goes_through_a_running_daemon_and_works_without_one() {
+    let data = random_bytes(6 * MIB, 41);
+    let o = FaultOrigin::start(data.clone());
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    let run = s.get(&o.url("x"), "a.bin", &[]).ok();
+    assert!(run.stderr.contains("(daemon)"), "{}", run.stderr);
+    assert_eq!(sha256_file(&s.out("a.bin")), sha256_bytes(&data));
+    let before = o.requests();
+    let run = s.get(&o.url("x"), "b.bin", &[]).ok();
+    assert!(
+        run.stderr.contains("(daemon)") && run.stderr.contains("local store"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(o.requests(), before);
+    assert!(d.stop(), "the daemon must exit cleanly on SIGTERM");
+    assert!(
+        !s.data_dir().join("starling.sock").exists(),
+        "the socket is removed on exit"
+    );
+    let run = s.get(&o.url("x"), "c.bin", &[]).ok();
+    assert!(!run.stderr.contains("(daemon)"), "{}", run.stderr);
+    assert_eq!(sha256_file(&s.out("c.bin")), sha256_bytes(&data));
+}
+
+#[test]
+fn concurrent_clients_share_one_download() {
+    let data = random_bytes(8 * MIB, 42);
+    let o = FaultOrigin::start(data.clone());
+    o.set(|f| f.rate = Some(4 * MIB as u64));
+    let s = Scratch::new();
+    let _d = Daemon::start(&s);
+    let clients: Vec<_> = (0..3)
+        .map(|i| {
+            s.starling()
+                .args(["get", &o.url("x"), "-O"])
+                .arg(s.out(&format!("{i}.bin")))
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in clients {
+        assert!(c.wait().unwrap().success());
+    }
+    for i in 0..3 {
+        assert_eq!(
+            sha256_file(&s.out(&format!("{i}.bin"))),
+            sha256_bytes(&data)
+        );
+    }
+    // One probe and one request per 1 MiB piece: the content was fetched once.
+    assert_eq!(o.requests(), 1 + 8);
+}
+
+#[test]
+fn a_dead_daemons_socket_is_harmless_and_a_second_daemon_is_refused() {
+    let data = random_bytes(MIB, 43);
+    let o = FaultOrigin::start(data.clone());
+    let s = Scratch::new();
+    let d = Daemon::start(&s);
+    // A second daemon on the same socket refuses to start.
+    let run = Run::of(s.starling().arg("daemon"));
+    assert_ne!(run.code, 0);
+    assert!(run.stderr.contains("already listening"), "{}", run.stderr);
+    // kill -9 leaves the socket file behind; clients work in-process.
+    drop(d);
+    assert!(s.data_dir().join("starling.sock").exists());
+    s.get(&o.url("x"), "a.bin", &[]).ok();
+    assert_eq!(sha256_file(&s.out("a.bin")), sha256_bytes(&data));
+    // A new daemon replaces the stale socket.
+    let _d = Daemon::start(&s);
+    let run = s.get(&o.url("x"), "b.bin", &[]).ok();
+    assert!(run.stderr.contains("(daemon)"), "{}", run.stderr);
+}
+
+#[test]
+fn daemon_errors_keep_their_exit_codes_and_leave_nothing() {
+    let o = FaultOrigin::start(random_bytes(MIB, 44));
+    let www = tempfile::tempdir().unwrap();
+    let nginx = Nginx::start(www.path());
+    let s = Scratch::new();
+    let _d = Daemon::start(&s);
+    let run = s.get(&nginx.url("missing"), "a", &[]).fails_with(3);
+    assert!(run.stderr.contains("404"), "{}", run.stderr);
+    let wrong = format!("sha256:{}", "cd".repeat(32));
+    let run = s.get(&o.url("x"), "b", &["--digest", &wrong]).fails_with(4);
+    assert!(run.stderr.contains(&wrong), "{}", run.stderr);
+    assert!(!s.out("b").exists());
+    let run = s
+        .get(&o.url("x"), "c", &["--digest", "sha256:nope"])
+        .fails_with(2);
+    assert!(run.stderr.contains("sha256:nope"), "{}", run.stderr);
+    // The daemon still serves after all that.
+    s.get(&o.url("x"), "d", &[]).ok();
+}
