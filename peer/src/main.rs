@@ -231,6 +231,8 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
 
     cfg.source.ca_certs.extend(args.ca_certs.iter().cloned());
     let fetcher = Fetcher::new(cfg).map_err(classify)?;
+    // Make room before adding to the store.
+    tokio::task::block_in_place(|| fetcher.collect_garbage());
     let req = Request {
         url: args.url.clone(),
         digest,

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -39,7 +39,6 @@ pub enum DaemonError {
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let socket = cfg.socket_path();
     let gc_every = Duration::from_secs(cfg.daemon.gc_interval_seconds);
-    let gc_cfg = cfg.gc.clone();
     let fetcher = Arc::new(Fetcher::new(cfg)?);
     let listener = bind(&socket).await?;
     tracing::info!(socket = %socket.display(), "daemon listening");
@@ -49,15 +48,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             let mut tick = tokio::time::interval(gc_every);
             loop {
                 tick.tick().await;
-                let (f, c) = (f.clone(), gc_cfg.clone());
-                match tokio::task::spawn_blocking(move || f.store().gc(&c, SystemTime::now())).await
-                {
-                    Ok(Ok(r)) if !r.evicted.is_empty() => {
-                        tracing::info!(evicted = r.evicted.len(), "garbage collected")
-                    }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection failed"),
-                    _ => {}
-                }
+                let f = f.clone();
+                let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
             }
         })
     };
@@ -111,12 +103,23 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &ApiEvent) -> std::i
     w.write_all(&line).await
 }
 
+/// A client has this long to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn serve(fetcher: Arc<Fetcher>, stream: UnixStream) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
-    let ev = match api::read_line(&mut r).await {
+    let line = match tokio::time::timeout(REQUEST_TIMEOUT, api::read_line(&mut r)).await {
+        Ok(line) => line,
+        Err(_) => return,
+    };
+    let ev = match line {
         Ok(Some(line)) => match serde_json::from_str::<ApiRequest>(&line) {
-            Ok(ApiRequest::Get(req)) => handle_get(&fetcher, req, &mut w).await,
+            Ok(ApiRequest::Get(req)) => {
+                let f = fetcher.clone();
+                let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
+                handle_get(&fetcher, req, &mut w).await
+            }
             Err(e) => ApiEvent::Error {
                 code: exit::USAGE,
                 message: format!("bad API request: {e}"),

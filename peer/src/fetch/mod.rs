@@ -166,6 +166,18 @@ impl Fetcher {
         &self.store
     }
 
+    /// One GC pass with the configured policy; tasks in use by anyone are never touched.
+    /// Blocking file-system work: call it off the async runtime's workers.
+    pub fn collect_garbage(&self) {
+        match self.store.gc(&self.cfg.gc, SystemTime::now()) {
+            Ok(r) if !r.evicted.is_empty() => {
+                tracing::info!(evicted = r.evicted.len(), "garbage collected")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
+        }
+    }
+
     pub async fn fetch(
         &self,
         req: &Request,
@@ -186,14 +198,6 @@ impl Fetcher {
         req: &Request,
         progress: &Arc<Progress>,
     ) -> Result<Fetched, FetchError> {
-        // Make room before adding to the store. Tasks in use by anyone are never touched.
-        match self.store.gc(&self.cfg.gc, SystemTime::now()) {
-            Ok(r) if !r.evicted.is_empty() => {
-                tracing::info!(evicted = r.evicted.len(), "garbage collected")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
-        }
         let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
         let stored = match self.store.load(lease)? {
             Ok(task) => self.check_stored(task, progress).await?,
