@@ -134,8 +134,8 @@ impl FetchError {
     }
 }
 
-enum Stored {
-    Complete(Fetched),
+/// What the store lacks for a task: a partial download, or nothing (with the lease kept).
+enum Missing {
     Partial(TaskHandle),
     Absent(Arc<Lease>),
 }
@@ -200,12 +200,12 @@ impl Fetcher {
     ) -> Result<Fetched, FetchError> {
         let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
         let stored = match self.store.load(lease)? {
-            Ok(task) => self.check_stored(task, progress).await?,
-            Err(lease) => Stored::Absent(lease),
+            Ok(task) => match self.check_stored(task, progress).await? {
+                Ok(done) => return Ok(done),
+                Err(missing) => missing,
+            },
+            Err(lease) => Missing::Absent(lease),
         };
-        if let Stored::Complete(done) = stored {
-            return Ok(done);
-        }
 
         let url = req.url.as_str();
         let origin = self.origin.with_headers(req.headers.clone());
@@ -214,7 +214,7 @@ impl Fetcher {
             .content_length
             .ok_or_else(|| SourceError::UnknownLength { url: url.into() })?;
         let task = match stored {
-            Stored::Partial(t)
+            Missing::Partial(t)
                 if t.plan().content_length() == len && t.header().validator == probe.validator =>
             {
                 tracing::info!(
@@ -224,7 +224,7 @@ impl Fetcher {
                 );
                 t
             }
-            Stored::Partial(t) => {
+            Missing::Partial(t) => {
                 tracing::warn!(
                     stored_length = t.plan().content_length(),
                     length = len,
@@ -233,8 +233,7 @@ impl Fetcher {
                 let lease = t.discard()?;
                 self.create(lease, id, req, len, &probe.validator)?
             }
-            Stored::Absent(lease) => self.create(lease, id, req, len, &probe.validator)?,
-            Stored::Complete(_) => unreachable!("returned above"),
+            Missing::Absent(lease) => self.create(lease, id, req, len, &probe.validator)?,
         };
 
         self.download(task, req, probe.ranged, probe.full_body, progress)
@@ -341,22 +340,22 @@ impl Fetcher {
         &self,
         task: TaskHandle,
         progress: &Progress,
-    ) -> Result<Stored, FetchError> {
+    ) -> Result<Result<Fetched, Missing>, FetchError> {
         let Some(manifest) = task.manifest() else {
-            return Ok(Stored::Partial(task));
+            return Ok(Err(Missing::Partial(task)));
         };
         // End to end, every time: the stored bytes must still hash to the manifest's digest. A
         // sealed content is never written again (outputs may be hard links to it), so damaged
         // content is discarded whole and fetched anew.
         if task.verify_sealed().await? != Some(true) {
             tracing::warn!(expected = %manifest.content_digest(), "the stored content is damaged; discarding it and fetching again");
-            return Ok(Stored::Absent(task.discard()?));
+            return Ok(Err(Missing::Absent(task.discard()?)));
         }
         let len = task.plan().content_length();
         progress.total.store(len, Ordering::Relaxed);
         progress.done.store(len, Ordering::Relaxed);
         tracing::info!("served from the local store");
-        Ok(Stored::Complete(Fetched {
+        Ok(Ok(Fetched {
             task,
             manifest,
             served: Served::Store,
