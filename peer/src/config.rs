@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub socket: Option<PathBuf>,
     /// Seconds between garbage-collection passes. Default 300.
     pub gc_interval_seconds: u64,
+    /// Where Prometheus scrapes `/metrics` (`host:port`); empty disables it.
+    /// Default `127.0.0.1:9464`.
+    pub metrics_addr: String,
 }
 
 impl Default for DaemonConfig {
@@ -52,6 +55,7 @@ impl Default for DaemonConfig {
         DaemonConfig {
             socket: None,
             gc_interval_seconds: 300,
+            metrics_addr: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -235,6 +239,19 @@ impl Config {
                 "source.*_timeout_seconds",
                 "0".into(),
                 "timeouts must be at least 1",
+            );
+        }
+        if !self.daemon.metrics_addr.is_empty()
+            && self
+                .daemon
+                .metrics_addr
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return bad(
+                "daemon.metrics_addr",
+                self.daemon.metrics_addr.clone(),
+                "must be host:port, e.g. 127.0.0.1:9464, or empty",
             );
         }
         if self.daemon.gc_interval_seconds == 0 {

@@ -12,6 +12,7 @@ pub mod core;
 pub mod daemon;
 pub mod engine;
 pub mod fetch;
+pub mod metrics;
 pub mod scheduler;
 pub mod source;
 pub mod storage;

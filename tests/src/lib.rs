@@ -77,8 +77,14 @@ impl Scratch {
     /// Writes the config: test-friendly source settings plus `extra` TOML (which may add
     /// tables such as [gc]).
     pub fn write_config(&self, extra: &str) {
+        // Daemons in parallel tests must not fight over the default metrics port.
+        let daemon = if extra.contains("[daemon]") {
+            ""
+        } else {
+            "[daemon]\nmetrics_addr = \"\"\n"
+        };
         let text = format!(
-            "data_dir = {:?}\n{extra}\n[source]\nbackoff_ms = 20\nattempts = 6\nidle_timeout_seconds = 5\n",
+            "data_dir = {:?}\n{extra}\n{daemon}[source]\nbackoff_ms = 20\nattempts = 6\nidle_timeout_seconds = 5\n",
             self.data_dir()
         );
         std::fs::write(self.config_path(), text).expect("write config");

@@ -102,3 +102,60 @@ fn daemon_errors_keep_their_exit_codes_and_leave_nothing() {
     // The daemon still serves after all that.
     s.get(&o.url("x"), "d", &[]).ok();
 }
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+#[test]
+fn metrics_count_bytes_by_source_and_failures_by_cause() {
+    let data = random_bytes(3 * MIB + 5, 45);
+    let o = FaultOrigin::start(data.clone());
+    o.set(|f| f.status_500 = 2);
+    let s = Scratch::new();
+    let port = free_port();
+    s.write_config(&format!("[daemon]\nmetrics_addr = \"127.0.0.1:{port}\"\n"));
+    let _d = Daemon::start(&s);
+    s.get(&o.url("x"), "a.bin", &[]).ok();
+    s.get(&o.url("x"), "b.bin", &[]).ok();
+    let text = scrape(port);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let len = data.len() as u64;
+    // Every piece body once (the 1-byte probe is not content); then one store hit.
+    assert_eq!(
+        value(&text, "starling_bytes_downloaded_total{source=\"origin\"}"),
+        len
+    );
+    assert_eq!(
+        value(&text, "starling_bytes_downloaded_total{source=\"local\"}"),
+        len
+    );
+    assert_eq!(
+        value(
+            &text,
+            "starling_request_failures_total{cause=\"server_error\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        value(&text, "starling_tasks_finished_total{result=\"ok\"}"),
+        2
+    );
+    assert_eq!(value(&text, "starling_tasks_downloading"), 0);
+}

@@ -31,6 +31,11 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot serve metrics on {addr}: {source}; set daemon.metrics_addr to a free address, or to \"\" to disable it")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
 }
@@ -39,8 +44,21 @@ pub enum DaemonError {
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let socket = cfg.socket_path();
     let gc_every = Duration::from_secs(cfg.daemon.gc_interval_seconds);
+    let metrics_addr = cfg.daemon.metrics_addr.clone();
     let fetcher = Arc::new(Fetcher::new(cfg)?);
     let listener = bind(&socket).await?;
+    let metrics = if metrics_addr.is_empty() {
+        None
+    } else {
+        let l = tokio::net::TcpListener::bind(&metrics_addr)
+            .await
+            .map_err(|source| DaemonError::Metrics {
+                addr: metrics_addr.clone(),
+                source,
+            })?;
+        tracing::info!(addr = %metrics_addr, "serving /metrics");
+        Some(tokio::spawn(serve_metrics(l, fetcher.metrics().clone())))
+    };
     tracing::info!(socket = %socket.display(), "daemon listening");
     let gc = {
         let f = fetcher.clone();
@@ -71,6 +89,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     gc.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("daemon stopped");
     Ok(())
@@ -101,6 +122,40 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &ApiEvent) -> std::i
     let mut line = serde_json::to_vec(ev).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
+}
+
+/// Serves `GET /metrics` in the Prometheus text format (hyper, HTTP/1.1).
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::metrics::Metrics>) {
+    use http_body_util::Full;
+    use hyper::{Response, StatusCode};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let m = m.clone();
+                    async move {
+                        let resp = if req.uri().path() == "/metrics" {
+                            Response::builder()
+                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                                .body(Full::new(bytes::Bytes::from(m.render())))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(bytes::Bytes::from_static(b"not found\n")))
+                        };
+                        resp.map_err(std::io::Error::other)
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
 }
 
 /// A client has this long to send its request line.

@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::core::{Digest, Manifest, PiecePlan, PiecePlanError, Sha256Stream, TaskId, TaskIdError};
+use crate::metrics::Metrics;
 use crate::source::{exact_body, Origin, SourceError};
 use crate::storage::{Lease, LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
 
@@ -125,6 +126,29 @@ impl FetchError {
         }
     }
 
+    /// A short cause name for metrics.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            FetchError::Source(s) => match s {
+                SourceError::ServerStatus { .. } => "server_error",
+                SourceError::ClientStatus { .. }
+                | SourceError::NotFound { .. }
+                | SourceError::Denied { .. } => "client_error",
+                SourceError::Transfer { detail, .. } if detail.contains("timed out") => "timeout",
+                SourceError::Transfer { .. } => "reset",
+                SourceError::Short { .. } | SourceError::Length { .. } => "short_body",
+                SourceError::BadRange { .. } | SourceError::RangeIgnored { .. } => "bad_range",
+                SourceError::Connect { .. } | SourceError::Dns { .. } => "connect",
+                SourceError::Tls { .. } | SourceError::CaCert { .. } => "tls",
+                SourceError::Changed { .. } | SourceError::UnknownLength { .. } => "origin_changed",
+            },
+            FetchError::Store(StoreError::PieceMismatch { .. })
+            | FetchError::DigestMismatch { .. } => "digest_mismatch",
+            FetchError::Store(_) => "storage",
+            FetchError::TaskId(_) | FetchError::Plan(_) => "bad_request",
+        }
+    }
+
     fn is_retryable(&self) -> bool {
         match self {
             FetchError::Source(e) => e.is_retryable(),
@@ -144,6 +168,7 @@ pub struct Fetcher {
     store: Store,
     origin: Origin,
     retry: retry::Retry,
+    metrics: Arc<Metrics>,
     cfg: Config,
 }
 
@@ -154,16 +179,22 @@ impl Fetcher {
             Duration::from_millis(cfg.storage.commit_interval_ms),
         )?;
         let origin = Origin::new(&cfg.source)?;
+        let metrics = Arc::new(Metrics::new());
         Ok(Fetcher {
             store,
             origin,
-            retry: retry::Retry::new(&cfg.source),
+            retry: retry::Retry::new(&cfg.source, metrics.clone()),
+            metrics,
             cfg,
         })
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// One GC pass with the configured policy; tasks in use by anyone are never touched.
@@ -187,9 +218,21 @@ impl Fetcher {
             PiecePlan::new(0, pl)?; // reject a bad length before any I/O
         }
         let id = TaskId::resolve(&req.url, req.digest, &self.cfg.source.filtered_query_params)?;
-        self.fetch_task(id, req, progress)
+        self.metrics.started();
+        let res = self
+            .fetch_task(id, req, progress)
             .instrument(tracing::info_span!("task", %id))
-            .await
+            .await;
+        self.metrics.finished(res.is_ok());
+        self.metrics
+            .add_bytes("origin", progress.origin_bytes.load(Ordering::Relaxed));
+        if let Ok(f) = &res {
+            if f.served == Served::Store {
+                self.metrics
+                    .add_bytes("local", f.manifest.plan().content_length());
+            }
+        }
+        res
     }
 
     async fn fetch_task(
@@ -277,7 +320,7 @@ impl Fetcher {
                 let shared = Arc::new(task);
                 let res = ranged::fetch(
                     &origin,
-                    self.retry,
+                    self.retry.clone(),
                     shared.clone(),
                     url,
                     missing,

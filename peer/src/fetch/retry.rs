@@ -1,25 +1,29 @@
 //! Retries with exponential backoff and jitter, for what a retry can fix.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::FetchError;
 use crate::config::SourceConfig;
+use crate::metrics::Metrics;
 
 /// The most a single backoff waits.
 const MAX_BACKOFF_MS: u64 = 5_000;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct Retry {
     attempts: u32,
     backoff_ms: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl Retry {
-    pub fn new(cfg: &SourceConfig) -> Retry {
+    pub fn new(cfg: &SourceConfig, metrics: Arc<Metrics>) -> Retry {
         Retry {
             attempts: cfg.attempts.max(1),
             backoff_ms: cfg.backoff_ms,
+            metrics,
         }
     }
 
@@ -32,7 +36,11 @@ impl Retry {
     {
         let mut attempt = 1;
         loop {
-            match op().await.map_err(Into::into) {
+            let res = op().await.map_err(Into::into);
+            if let Err(e) = &res {
+                self.metrics.failure(e.cause());
+            }
+            match res {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_retryable() && attempt < self.attempts => {
                     let wait = self.backoff(attempt);
@@ -65,6 +73,7 @@ mod tests {
         let r = Retry {
             attempts: 10,
             backoff_ms: 100,
+            metrics: Arc::default(),
         };
         let b1 = r.backoff(1).as_millis();
         let b3 = r.backoff(3).as_millis();
