@@ -98,6 +98,16 @@ mod tests {
         }
     }
 
+    fn victims(
+        e: &[GcEntry],
+        now: SystemTime,
+        ttl: u64,
+        used: u64,
+        capacity: u64,
+    ) -> Vec<(usize, Reason)> {
+        choose_victims(e, now, &cfg(ttl), Usage { used, capacity })
+    }
+
     #[test]
     fn ttl_evicts_idle_but_never_in_use() {
         let now = SystemTime::now();
@@ -106,15 +116,7 @@ mod tests {
             entry("busy", 10, 100, true, now),
             entry("new", 10, 1, false, now),
         ];
-        let v = choose_victims(
-            &e,
-            now,
-            &cfg(50),
-            Usage {
-                used: 30,
-                capacity: 1000,
-            },
-        );
+        let v = victims(&e, now, 50, 30, 1000);
         assert_eq!(v, vec![(0, Reason::Expired)]);
     }
 
@@ -128,15 +130,7 @@ mod tests {
             entry("d", 10, 5, false, now),
         ];
         // 100 used of 100: above 0.8; must get to <= 50.
-        let v = choose_victims(
-            &e,
-            now,
-            &cfg(3600),
-            Usage {
-                used: 100,
-                capacity: 100,
-            },
-        );
+        let v = victims(&e, now, 3600, 100, 100);
         assert_eq!(v, vec![(2, Reason::Watermark), (0, Reason::Watermark)]);
     }
 
@@ -144,26 +138,8 @@ mod tests {
     fn below_high_mark_nothing_happens() {
         let now = SystemTime::now();
         let e = [entry("a", 70, 10, false, now)];
-        assert!(choose_victims(
-            &e,
-            now,
-            &cfg(3600),
-            Usage {
-                used: 79,
-                capacity: 100
-            }
-        )
-        .is_empty());
-        assert!(choose_victims(
-            &e,
-            now,
-            &cfg(3600),
-            Usage {
-                used: 79,
-                capacity: 0
-            }
-        )
-        .is_empty());
+        assert!(victims(&e, now, 3600, 79, 100).is_empty());
+        assert!(victims(&e, now, 3600, 79, 0).is_empty());
     }
 
     #[test]
@@ -173,15 +149,7 @@ mod tests {
             entry("old", 60, 100, false, now),
             entry("x", 30, 1, false, now),
         ];
-        let v = choose_victims(
-            &e,
-            now,
-            &cfg(50),
-            Usage {
-                used: 90,
-                capacity: 100,
-            },
-        );
+        let v = victims(&e, now, 50, 90, 100);
         assert_eq!(v, vec![(0, Reason::Expired)]);
     }
 }

@@ -40,6 +40,12 @@ fn store(dir: &std::path::Path) -> Store {
     Store::open(dir, Duration::from_millis(20)).unwrap()
 }
 
+/// A fresh task for `h` under an exclusive lease.
+async fn fresh(s: &Store, h: &TaskHeader) -> TaskHandle {
+    let lease = s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap();
+    s.create(lease, h.clone()).unwrap()
+}
+
 async fn reopen(s: &Store, id: &TaskId) -> Option<TaskHandle> {
     let lease = s.acquire(id, LeaseMode::Exclusive).await.unwrap();
     s.load(lease).unwrap().ok()
@@ -104,12 +110,7 @@ async fn unflushed_pieces_are_not_reported_after_a_crash() {
     {
         // A long commit interval: nothing becomes durable before the "crash".
         let s = Store::open(d.path(), Duration::from_secs(60)).unwrap();
-        let t = s
-            .create(
-                s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
-                h.clone(),
-            )
-            .unwrap();
+        let t = fresh(&s, &h).await;
         put(&t, &data, &[0, 1]).await;
         t.flush().await.unwrap();
         put(&t, &data, &[2]).await;
@@ -141,12 +142,7 @@ async fn damaged_metadata_discards_the_task() {
         "content-truncated",
         "manifest-truncated",
     ] {
-        let t = s
-            .create(
-                s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
-                h.clone(),
-            )
-            .unwrap();
+        let t = fresh(&s, &h).await;
         put(&t, &data, &[0, 1, 2]).await;
         t.flush().await.unwrap();
         if damage == "manifest-truncated" {
@@ -192,12 +188,7 @@ async fn piece_that_disagrees_with_manifest_is_refused() {
     let data = content(len);
     let s = store(d.path());
     let h = header(len);
-    let t = s
-        .create(
-            s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
-            h.clone(),
-        )
-        .unwrap();
+    let t = fresh(&s, &h).await;
     put(&t, &data, &[0, 1]).await;
     t.complete(Digest::of(&data)).unwrap();
     let p = t.plan().piece(0).unwrap();
@@ -220,12 +211,7 @@ async fn gc_ttl_and_watermarks_spare_tasks_in_use() {
     for n in 0..4u64 {
         let mut h = header(2 * PL);
         h.id = TaskId::for_url(&format!("http://origin/{n}"), &[]).unwrap();
-        let t = s
-            .create(
-                s.acquire(&h.id, LeaseMode::Exclusive).await.unwrap(),
-                h.clone(),
-            )
-            .unwrap();
+        let t = fresh(&s, &h).await;
         put(&t, &content(2 * PL), &[0, 1]).await;
         // Distinct last-use times, oldest first.
         let age = Duration::from_secs(1000 - n * 100);
