@@ -35,6 +35,99 @@ pub struct Config {
     pub source: SourceConfig,
     pub storage: StorageConfig,
     pub daemon: DaemonConfig,
+    pub peer: PeerConfig,
+    pub scheduler: SchedulerSection,
+    pub tls: TlsConfig,
+}
+
+/// The daemon as a peer: where it serves pieces over QUIC and how it downloads from others.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// QUIC (UDP) address peers connect to. Default `0.0.0.0:7950`.
+    pub listen: String,
+    /// `host:port` other peers dial. Default: the listen port on the local address that routes
+    /// to the first scheduler (127.0.0.1 with the embedded scheduler).
+    pub advertise: String,
+    /// A seed peer is the one that goes back to source first. Default false.
+    pub seed: bool,
+    /// Upload capacity announced to the scheduler, in Mbit/s (0: unknown). Default 0.
+    pub upload_mbps: f64,
+    /// Parents downloaded from at once. Default 6.
+    pub max_parents: usize,
+    /// Whether a peer may go back to source for pieces no parent has (after
+    /// `source_wait_ms`) or when parents are too slow. Default true.
+    pub source_fallback: bool,
+    /// How long a download with nothing to fetch from parents waits before fetching the
+    /// pieces nobody has from source, in milliseconds. Default 3000.
+    pub source_wait_ms: u64,
+    /// Parents together slower than this (Mbit/s) for `source_wait_ms` send the rest to source
+    /// (0: never). Default 0.
+    pub source_min_mbps: f64,
+    /// A piece request unanswered this long (or 4x its expected time) is a strike. Default
+    /// 10000.
+    pub piece_timeout_ms: u64,
+    /// Milliseconds between announcements to the scheduler. Default 500.
+    pub announce_interval_ms: u64,
+    /// A finished task not uploaded for this long stops being served (and announced), so GC
+    /// may evict it. Default 3600.
+    pub serve_idle_seconds: u64,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        PeerConfig {
+            listen: "0.0.0.0:7950".into(),
+            advertise: String::new(),
+            seed: false,
+            upload_mbps: 0.0,
+            max_parents: 6,
+            source_fallback: true,
+            source_wait_ms: 3000,
+            source_min_mbps: 0.0,
+            piece_timeout_ms: 10_000,
+            announce_interval_ms: 500,
+            serve_idle_seconds: 3600,
+        }
+    }
+}
+
+/// Where the schedulers are (`starling daemon`) and how one behaves (`starling scheduler`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSection {
+    /// Schedulers (`host:port`); tasks are split among them by consistent hashing of the task
+    /// ID. Empty (default): the daemon embeds its own scheduler, which answers on its QUIC port.
+    pub addrs: Vec<String>,
+    /// Where `starling scheduler` listens (QUIC). Default `0.0.0.0:7960`.
+    pub listen: String,
+    /// A peer not heard from for this long is forgotten. Default 30.
+    pub peer_ttl_seconds: u64,
+    /// Children a parent is expected to feed at once before its rank falls. Default 4.
+    pub fanout: f64,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection {
+            addrs: Vec::new(),
+            listen: "0.0.0.0:7960".into(),
+            peer_ttl_seconds: 30,
+            fanout: 4.0,
+        }
+    }
+}
+
+/// The cluster CA. Unset (default): a CA is generated in `<data_dir>/tls/` on first start,
+/// which is enough for peers sharing one data directory's CA (one host). For a cluster, give
+/// every node the same CA certificate and key files; each node issues its own certificate.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the cluster CA certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file of the cluster CA private key.
+    pub ca_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -110,6 +203,9 @@ impl Default for Config {
             source: SourceConfig::default(),
             storage: StorageConfig::default(),
             daemon: DaemonConfig::default(),
+            peer: PeerConfig::default(),
+            scheduler: SchedulerSection::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -259,6 +355,55 @@ impl Config {
                 "daemon.gc_interval_seconds",
                 "0".into(),
                 "must be at least 1",
+            );
+        }
+        let addr = |key, v: &str| -> Result<(), ConfigError> {
+            match v.parse::<std::net::SocketAddr>() {
+                Ok(_) => Ok(()),
+                Err(_) => bad(key, v.to_string(), "must be ip:port, e.g. 0.0.0.0:7950"),
+            }
+        };
+        addr("peer.listen", &self.peer.listen)?;
+        if !self.peer.advertise.is_empty() {
+            addr("peer.advertise", &self.peer.advertise)?;
+        }
+        addr("scheduler.listen", &self.scheduler.listen)?;
+        for a in &self.scheduler.addrs {
+            addr("scheduler.addrs", a)?;
+        }
+        let p = &self.peer;
+        if !(1..=64).contains(&p.max_parents) {
+            return bad(
+                "peer.max_parents",
+                p.max_parents.to_string(),
+                "must be 1 to 64",
+            );
+        }
+        if !(p.upload_mbps >= 0.0 && p.source_min_mbps >= 0.0) {
+            return bad("peer.*_mbps", "negative".into(), "rates must be 0 or more");
+        }
+        if p.piece_timeout_ms < 100 || p.announce_interval_ms < 10 {
+            return bad(
+                "peer.piece_timeout_ms / peer.announce_interval_ms",
+                format!("{} / {}", p.piece_timeout_ms, p.announce_interval_ms),
+                "must be at least 100 / 10",
+            );
+        }
+        if self.scheduler.peer_ttl_seconds == 0 || self.scheduler.fanout < 1.0 {
+            return bad(
+                "scheduler.peer_ttl_seconds / scheduler.fanout",
+                format!(
+                    "{} / {}",
+                    self.scheduler.peer_ttl_seconds, self.scheduler.fanout
+                ),
+                "must be at least 1",
+            );
+        }
+        if self.tls.ca_cert.is_some() != self.tls.ca_key.is_some() {
+            return bad(
+                "tls.ca_cert / tls.ca_key",
+                "only one set".into(),
+                "set both (the cluster CA's certificate and key) or neither",
             );
         }
         if self.storage.commit_interval_ms == 0 || self.storage.commit_interval_ms > 60_000 {

@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod scheduler;
 pub mod source;
 pub mod storage;
+pub mod swarm;
 pub mod transport;

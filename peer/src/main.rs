@@ -50,9 +50,19 @@ enum Command {
     Get(GetArgs),
     /// Run one garbage-collection pass over the store (TTL and disk watermarks).
     Gc,
-    /// Run the daemon: it owns the store and serves `starling get` through its local API
-    /// (a unix socket, `daemon.socket`), so clients share one store and one download per task.
+    /// Run the daemon, a peer (`peer.seed = true`: a seed peer): it owns the store, serves
+    /// `starling get` through its local API (a unix socket, `daemon.socket`), downloads from
+    /// other peers and serves them over QUIC with mutual TLS. Without `scheduler.addrs` it
+    /// embeds a scheduler.
     Daemon,
+    /// Run a scheduler (the tracker) for daemons configured with it in `scheduler.addrs`.
+    Scheduler,
+    /// Create a cluster CA in DIR (ca.pem, and ca.key with mode 0600), or show the one there.
+    /// Give every node both files in [tls] ca_cert / ca_key.
+    Ca {
+        /// Directory for ca.pem and ca.key.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -146,6 +156,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             Failure(code, e.into())
         }),
+        Command::Ca { dir } => {
+            starling::transport::tls::ClusterCa::load_or_create(&dir)
+                .map_err(|e| fail(exit::LOCAL)(e.into()))?;
+            println!(
+                "[tls]\nca_cert = {:?}\nca_key = {:?}",
+                dir.join("ca.pem"),
+                dir.join("ca.key")
+            );
+            Ok(())
+        }
+        Command::Scheduler => rt
+            .block_on(starling::swarm::run_scheduler(cfg))
+            .map_err(|e| Failure(exit::LOCAL, e.into())),
     }
 }
 
@@ -201,6 +224,7 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
                 digest,
                 from_store,
                 origin_bytes,
+                parent_bytes,
                 placed,
             })) => {
                 finish_bar(bar);
@@ -208,7 +232,9 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
                     let from = if from_store {
                         "local store, 0 bytes from the origin".to_string()
                     } else {
-                        format!("origin, {origin_bytes} bytes received")
+                        format!(
+                            "{parent_bytes} bytes from peers and {origin_bytes} from the origin"
+                        )
                     };
                     eprintln!(
                         "starling: saved {} ({bytes} bytes, {digest}) from {from} via {placed} (daemon) in {:.2}s",
@@ -271,6 +297,11 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
             Served::Store => "local store, 0 bytes from the origin".to_string(),
             Served::Origin => format!(
                 "origin, {} bytes received",
+                progress.origin_bytes.load(Ordering::Relaxed)
+            ),
+            Served::Swarm => format!(
+                "peers, {} bytes from parents and {} from the origin",
+                progress.parent_bytes.load(Ordering::Relaxed),
                 progress.origin_bytes.load(Ordering::Relaxed)
             ),
         };

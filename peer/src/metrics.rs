@@ -1,13 +1,15 @@
 //! Prometheus metrics (prometheus-client), served by the daemon at `/metrics`.
 //!
-//! Every series here is incremented by a code path that exists today: bytes by source (origin,
-//! local store), failed requests by cause, tasks downloading and finished. Parent and upload
-//! series join when the peer-to-peer path does.
+//! Series: bytes downloaded by source (parent, origin, local store) and uploaded; failed origin
+//! requests and failed parent pieces by cause; tasks downloading, served and finished;
+//! per-parent throughput; parents blacklisted.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+
+type Labels2 = Vec<(&'static str, String)>;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
@@ -18,6 +20,11 @@ pub struct Metrics {
     failures: Family<Labels, Counter>,
     downloading: Gauge<i64, std::sync::atomic::AtomicI64>,
     finished: Family<Labels, Counter>,
+    uploaded: Counter,
+    piece_failures: Family<Labels, Counter>,
+    serving: Gauge<i64, std::sync::atomic::AtomicI64>,
+    parent_rate: Family<Labels2, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    blacklisted: Counter,
 }
 
 impl Default for Metrics {
@@ -53,12 +60,47 @@ impl Metrics {
             "Tasks finished, by result (ok, failed)",
             finished.clone(),
         );
+        let uploaded = Counter::default();
+        registry.register(
+            "bytes_uploaded",
+            "Piece bytes sent to other peers",
+            uploaded.clone(),
+        );
+        let piece_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "piece_failures",
+            "Pieces that failed from a parent, by cause (digest_mismatch, timeout, reset, refused)",
+            piece_failures.clone(),
+        );
+        let serving = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "tasks_serving",
+            "Tasks this peer serves to others (downloading or complete)",
+            serving.clone(),
+        );
+        let parent_rate = Family::<Labels2, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "parent_throughput_bytes_per_second",
+            "Measured download rate from each parent (by its advertised address), latest task",
+            parent_rate.clone(),
+        );
+        let blacklisted = Counter::default();
+        registry.register(
+            "parents_blacklisted",
+            "Parents blacklisted for serving corrupt pieces",
+            blacklisted.clone(),
+        );
         Metrics {
             registry,
             bytes,
             failures,
             downloading,
             finished,
+            uploaded,
+            piece_failures,
+            serving,
+            parent_rate,
+            blacklisted,
         }
     }
 
@@ -81,6 +123,30 @@ impl Metrics {
         self.finished
             .get_or_create(&vec![("result", if ok { "ok" } else { "failed" })])
             .inc();
+    }
+
+    pub fn uploaded(&self, n: u64) {
+        self.uploaded.inc_by(n);
+    }
+
+    pub fn piece_failure(&self, cause: &'static str) {
+        self.piece_failures
+            .get_or_create(&vec![("cause", cause)])
+            .inc();
+    }
+
+    pub fn set_serving(&self, n: usize) {
+        self.serving.set(n as i64);
+    }
+
+    pub fn parent_rate(&self, parent: &str, bytes_per_second: f64) {
+        self.parent_rate
+            .get_or_create(&vec![("parent", parent.to_string())])
+            .set(bytes_per_second);
+    }
+
+    pub fn blacklisted(&self) {
+        self.blacklisted.inc();
     }
 
     /// The text exposition format.

@@ -83,8 +83,14 @@ impl Scratch {
         } else {
             "[daemon]\nmetrics_addr = \"\"\n"
         };
+        // Nor over the default peer port.
+        let peer = if extra.contains("[peer]") {
+            ""
+        } else {
+            "[peer]\nlisten = \"127.0.0.1:0\"\n"
+        };
         let text = format!(
-            "data_dir = {:?}\n{extra}\n{daemon}[source]\nbackoff_ms = 20\nattempts = 6\nidle_timeout_seconds = 5\n",
+            "data_dir = {:?}\n{extra}\n{daemon}{peer}[source]\nbackoff_ms = 20\nattempts = 6\nidle_timeout_seconds = 5\n",
             self.data_dir()
         );
         std::fs::write(self.config_path(), text).expect("write config");

@@ -66,6 +66,10 @@ impl Manifest {
         self.pieces.get(index as usize).copied()
     }
 
+    pub fn piece_digests(&self) -> &[Digest] {
+        &self.pieces
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + 32 * self.pieces.len() + 4);
         out.extend_from_slice(MAGIC);

@@ -117,6 +117,20 @@ impl TaskId {
     }
 }
 
+/// On the wire (scheduler JSON) a task ID is its directory name: `sha256-<hex>` or `url-<hex>`.
+impl serde::Serialize for TaskId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.dir_name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TaskId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TaskId, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        TaskId::from_dir_name(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {

@@ -38,6 +38,8 @@ pub enum ApiEvent {
         digest: String,
         from_store: bool,
         origin_bytes: u64,
+        #[serde(default)]
+        parent_bytes: u64,
         placed: String,
     },
     Error {

@@ -2,8 +2,9 @@
 //! clients through its API (see [`api`]). Duplicate requests for one task are served once (the
 //! task's lease serialises them; the second is a store hit). GC runs periodically.
 //!
-//! Status: back to source only. Serving peers over QUIC, the embedded scheduler and the p2p
-//! download driver (engine + transport) are the next steps.
+//! The daemon is also a peer (see [`crate::swarm`]): it serves what it holds over QUIC,
+//! announces it to the scheduler (its own embedded one unless `scheduler.addrs` is set), and
+//! downloads from other peers.
 
 pub mod api;
 
@@ -20,6 +21,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::config::Config;
 use crate::core::Digest;
 use crate::fetch::{exit, Fetcher, Progress, Request, Served};
+use crate::swarm::Swarm;
 use api::{ApiEvent, ApiRequest, GetRequest};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
+    #[error("cannot start the peer: {0}; check peer.listen and the [tls] files")]
+    Swarm(#[from] crate::swarm::SwarmError),
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -47,6 +51,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let metrics_addr = cfg.daemon.metrics_addr.clone();
     let fetcher = Arc::new(Fetcher::new(cfg)?);
     let listener = bind(&socket).await?;
+    let swarm = Swarm::start(fetcher.clone()).await?;
     let metrics = if metrics_addr.is_empty() {
         None
     } else {
@@ -62,10 +67,12 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tracing::info!(socket = %socket.display(), "daemon listening");
     let gc = {
         let f = fetcher.clone();
+        let s = swarm.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(gc_every);
             loop {
                 tick.tick().await;
+                s.expire_served();
                 let f = f.clone();
                 let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
             }
@@ -80,7 +87,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
-                    tokio::spawn(serve(fetcher.clone(), stream));
+                    tokio::spawn(serve(swarm.clone(), stream));
                 }
                 Err(e) => tracing::warn!(error = %e, "accept failed"),
             },
@@ -161,7 +168,8 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
 /// A client has this long to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn serve(fetcher: Arc<Fetcher>, stream: UnixStream) {
+async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
+    let fetcher = swarm.fetcher().clone();
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let line = match tokio::time::timeout(REQUEST_TIMEOUT, api::read_line(&mut r)).await {
@@ -173,7 +181,7 @@ async fn serve(fetcher: Arc<Fetcher>, stream: UnixStream) {
             Ok(ApiRequest::Get(req)) => {
                 let f = fetcher.clone();
                 let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
-                handle_get(&fetcher, req, &mut w).await
+                handle_get(&swarm, req, &mut w).await
             }
             Err(e) => ApiEvent::Error {
                 code: exit::USAGE,
@@ -197,7 +205,7 @@ fn usage(message: String) -> ApiEvent {
 }
 
 async fn handle_get(
-    fetcher: &Fetcher,
+    swarm: &Arc<Swarm>,
     req: GetRequest,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> ApiEvent {
@@ -230,7 +238,7 @@ async fn handle_get(
         headers,
     };
     let progress = Arc::new(Progress::default());
-    let fetch = fetcher.fetch(&request, &progress);
+    let fetch = swarm.fetch(&request, &progress);
     tokio::pin!(fetch);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let res = loop {
@@ -261,6 +269,7 @@ async fn handle_get(
             digest: fetched.manifest.content_digest().to_string(),
             from_store: fetched.served == Served::Store,
             origin_bytes: progress.origin_bytes.load(Ordering::Relaxed),
+            parent_bytes: progress.parent_bytes.load(Ordering::Relaxed),
             placed: placed.to_string(),
         },
         Err(e) => ApiEvent::Error {

@@ -16,8 +16,11 @@
 //! - **Endgame**: once every missing piece is in flight and at most `endgame_pieces` remain,
 //!   idle capacity requests duplicates of pieces outstanding for longer than `endgame_after` (at
 //!   most `endgame_copies` per piece); the first copy to arrive cancels the rest.
-//! - **Source**: only when no usable parent holds a piece, or when the parents together have
-//!   been slower than `source_min_rate` for `source_grace`, and only if `source_allowed`.
+//! - **Source**: only if `source_allowed`, and then only for pieces no usable parent holds once
+//!   no parent has announced a new piece for `source_wait` (parents that are themselves still
+//!   downloading, a seed at the start above all, get that long to produce more), or for any
+//!   piece once the parents together have been slower than `source_min_rate` for
+//!   `source_grace`.
 
 #[cfg(test)]
 mod tests;
@@ -72,6 +75,9 @@ pub struct EngineConfig {
     /// Bytes per second below which the parents count as too slow (0: never too slow).
     pub source_min_rate: u64,
     pub source_grace: Duration,
+    /// How long without news from parents (a piece newly held) before pieces nobody holds go
+    /// to source.
+    pub source_wait: Duration,
     /// Source requests in flight at once.
     pub source_window: u32,
 }
@@ -92,6 +98,7 @@ impl Default for EngineConfig {
             source_allowed: true,
             source_min_rate: 0,
             source_grace: Duration::from_secs(10),
+            source_wait: Duration::ZERO,
             source_window: 4,
         }
     }
@@ -138,6 +145,9 @@ pub struct Engine {
     parents: BTreeMap<ParentId, ParentState>,
     streaming: Option<u32>,
     slow_since: Option<Duration>,
+    /// When a parent last announced a piece (None before the first poll).
+    news_at: Option<Duration>,
+    news_pending: bool,
     out: Vec<Action>,
 }
 
@@ -160,6 +170,8 @@ impl Engine {
             parents: BTreeMap::new(),
             streaming: None,
             slow_since: None,
+            news_at: None,
+            news_pending: false,
             out: Vec::new(),
         }
     }
@@ -183,6 +195,7 @@ impl Engine {
         p.has = (0..n)
             .map(|i| has.get(i).copied().unwrap_or(false))
             .collect();
+        self.news_pending = true;
     }
 
     /// A parent announced one more piece.
@@ -193,6 +206,7 @@ impl Engine {
             .and_then(|p| p.has.get_mut(piece as usize))
         {
             *slot = true;
+            self.news_pending = true;
         }
     }
 
@@ -491,6 +505,13 @@ impl Engine {
         let slow_for_long = self
             .slow_since
             .is_some_and(|t| now.saturating_sub(t) >= self.cfg.source_grace);
+        if self.news_pending || self.news_at.is_none() {
+            self.news_at = Some(now);
+            self.news_pending = false;
+        }
+        let starved = self
+            .news_at
+            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.source_wait);
         let mut room = self
             .cfg
             .source_window
@@ -503,7 +524,7 @@ impl Engine {
                 .parents
                 .iter()
                 .any(|(id, p)| self.usable(p, now) && self.may_ask(*id, piece));
-            if !held || slow_for_long {
+            if (!held && starved) || slow_for_long {
                 self.request(Peer::Source, piece, now);
                 room -= 1;
             }

@@ -250,6 +250,35 @@ fn source_only_for_pieces_no_parent_has() {
 }
 
 #[test]
+fn pieces_nobody_has_wait_while_parents_keep_gaining_pieces() {
+    let cfg = EngineConfig {
+        source_wait: Duration::from_secs(3),
+        ..EngineConfig::default()
+    };
+    // A seed that has verified nothing yet, and keeps announcing new pieces every second.
+    let mut e = Engine::new(plan(8), &[], cfg);
+    e.add_parent(1, &[false; 8]);
+    let from_source = |a: &[Action]| requests(a).iter().filter(|x| x.0 == Peer::Source).count();
+    for t in 0..6u32 {
+        e.parent_has(1, t);
+        let a = e.poll(Duration::from_secs(t as u64));
+        assert_eq!(
+            from_source(&a),
+            0,
+            "at {t}s the seed is still producing: {a:?}"
+        );
+    }
+    // The seed stops (killed): after the wait, what nobody has goes to source.
+    assert_eq!(from_source(&e.poll(Duration::from_millis(7_900))), 0);
+    let a = e.poll(Duration::from_millis(8_100));
+    assert!(from_source(&a) > 0, "{a:?}");
+    assert!(requests(&a)
+        .iter()
+        .filter(|x| x.0 == Peer::Source)
+        .all(|x| x.1 >= 6));
+}
+
+#[test]
 fn slow_parents_send_us_back_to_source_after_the_grace() {
     let cfg = EngineConfig {
         source_min_rate: 10_000_000,

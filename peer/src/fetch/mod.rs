@@ -49,6 +49,8 @@ pub struct Progress {
     pub done: AtomicU64,
     /// Body bytes received from the origin, failed attempts included.
     pub origin_bytes: AtomicU64,
+    /// Piece bytes received from parents, failed (corrupt) ones included.
+    pub parent_bytes: AtomicU64,
 }
 
 /// Where the content came from.
@@ -58,6 +60,8 @@ pub enum Served {
     Store,
     /// At least partly from the origin.
     Origin,
+    /// From other peers (and the origin only for pieces no parent had).
+    Swarm,
 }
 
 pub struct Fetched {
@@ -158,8 +162,12 @@ impl FetchError {
     }
 }
 
+/// Called with a task's handle as soon as it exists (created or resumed), before any piece is
+/// fetched: the swarm starts serving it to peers from there.
+pub type OnOpen<'a> = &'a (dyn Fn(&TaskHandle) + Send + Sync);
+
 /// What the store lacks for a task: a partial download, or nothing (with the lease kept).
-enum Missing {
+pub enum Missing {
     Partial(TaskHandle),
     Absent(Arc<Lease>),
 }
@@ -195,6 +203,14 @@ impl Fetcher {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// One GC pass with the configured policy; tasks in use by anyone are never touched.
@@ -241,15 +257,36 @@ impl Fetcher {
         req: &Request,
         progress: &Arc<Progress>,
     ) -> Result<Fetched, FetchError> {
-        let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
-        let stored = match self.store.load(lease)? {
-            Ok(task) => match self.check_stored(task, progress).await? {
-                Ok(done) => return Ok(done),
-                Err(missing) => missing,
-            },
-            Err(lease) => Missing::Absent(lease),
-        };
+        match self.lookup(id, progress).await? {
+            Ok(done) => Ok(done),
+            Err(missing) => self.from_source(id, missing, req, progress, &|_| {}).await,
+        }
+    }
 
+    /// Takes the task's exclusive lease and looks it up: complete and verified end to end, or
+    /// what is missing.
+    pub async fn lookup(
+        &self,
+        id: TaskId,
+        progress: &Arc<Progress>,
+    ) -> Result<Result<Fetched, Missing>, FetchError> {
+        let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
+        Ok(match self.store.load(lease)? {
+            Ok(task) => self.check_stored(task, progress).await?,
+            Err(lease) => Err(Missing::Absent(lease)),
+        })
+    }
+
+    /// Downloads what is missing back to source (resuming a partial task whose origin content
+    /// has not changed).
+    pub async fn from_source(
+        &self,
+        id: TaskId,
+        stored: Missing,
+        req: &Request,
+        progress: &Arc<Progress>,
+        on_open: OnOpen<'_>,
+    ) -> Result<Fetched, FetchError> {
         let url = req.url.as_str();
         let origin = self.origin.with_headers(req.headers.clone());
         let probe = self.retry.run("probe", || origin.probe(url)).await?;
@@ -279,7 +316,7 @@ impl Fetcher {
             Missing::Absent(lease) => self.create(lease, id, req, len, &probe.validator)?,
         };
 
-        self.download(task, req, probe.ranged, probe.full_body, progress)
+        self.download(task, req, probe.ranged, probe.full_body, progress, on_open)
             .await
     }
 
@@ -293,6 +330,7 @@ impl Fetcher {
         ranged: bool,
         full_body: Option<Response>,
         progress: &Arc<Progress>,
+        on_open: OnOpen<'_>,
     ) -> Result<Fetched, FetchError> {
         let url = req.url.as_str();
         let origin = self.origin.with_headers(req.headers.clone());
@@ -300,6 +338,7 @@ impl Fetcher {
         let mut full_body = full_body;
         let mut ranged = ranged;
         loop {
+            on_open(&task);
             let plan = task.plan();
             let have = task.piece_digests();
             let missing: Vec<u32> = (0..plan.count())
@@ -405,7 +444,8 @@ impl Fetcher {
         }))
     }
 
-    fn create(
+    /// Creates a fresh task under `lease` (the plan from `--piece-length` or the default rule).
+    pub fn create(
         &self,
         lease: Arc<Lease>,
         id: TaskId,

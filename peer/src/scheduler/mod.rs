@@ -12,10 +12,12 @@
 //! of (R, C), so different requesters see different orders and the swarm forms a mesh rather
 //! than a chain. `ring.rs` splits tasks across several schedulers by consistent hashing.
 //!
-//! Status: the state machine and ring are tested here; the network service around them and the
-//! daemon's client are not built yet.
+//! When nobody holds a task yet, [`Scheduler::advise`] decides who goes back to source: a seed
+//! peer when there is one (the requester then orders it to fetch), else the first requester;
+//! everyone else waits for that peer's pieces. `service.rs` puts this on the network.
 
 pub mod ring;
+pub mod service;
 
 #[cfg(test)]
 mod tests;
@@ -24,12 +26,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::core::TaskId;
 
 pub type PeerId = String;
 
 /// Measured quality of the link from a parent, as the child reports it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LinkReport {
     /// Bytes per second received from that parent.
     pub throughput: f64,
@@ -39,17 +43,22 @@ pub struct LinkReport {
 }
 
 /// What a peer holds of one task.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Holding {
     /// The whole bitmap (first announcement, or after a restart).
-    Full { pieces: u32, have: Vec<bool> },
+    Full {
+        pieces: u32,
+        #[serde(with = "bits")]
+        have: Vec<bool>,
+    },
     /// Pieces verified since the last announcement.
     Added(Vec<u32>),
     /// The peer dropped the task.
     Gone,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Announce {
     pub peer: PeerId,
     pub addr: SocketAddr,
@@ -63,7 +72,7 @@ pub struct Announce {
     pub links: Vec<(PeerId, LinkReport)>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     pub peer: PeerId,
     pub addr: SocketAddr,
@@ -71,6 +80,20 @@ pub struct Candidate {
     /// Pieces it has that the requester lacks.
     pub useful: u32,
     pub score: f64,
+}
+
+/// Who should go back to source when the candidates are not enough.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Advice {
+    /// Download from the candidates.
+    Parents,
+    /// Nobody holds the task: the requester itself goes back to source.
+    Source,
+    /// Nobody holds it yet: order this seed peer to fetch it, and download from it.
+    AskSeed { peer: PeerId, addr: SocketAddr },
+    /// Another peer is fetching it from source; ask again shortly.
+    Wait,
 }
 
 #[derive(Clone, Debug)]
@@ -81,6 +104,9 @@ pub struct SchedulerConfig {
     pub fanout: f64,
     /// How long a handed-out parent assignment counts against the parent.
     pub assignment_ttl: Duration,
+    /// How long a peer told to go back to source has to show up as a holder before another
+    /// one is told.
+    pub fetch_ttl: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -89,6 +115,7 @@ impl Default for SchedulerConfig {
             ttl: Duration::from_secs(30),
             fanout: 4.0,
             assignment_ttl: Duration::from_secs(10),
+            fetch_ttl: Duration::from_secs(10),
         }
     }
 }
@@ -108,6 +135,8 @@ struct PeerState {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     peers: BTreeMap<PeerId, PeerState>,
+    /// Who was told to go back to source for a task nobody held, and when.
+    fetchers: HashMap<TaskId, (PeerId, Duration)>,
 }
 
 impl Scheduler {
@@ -115,6 +144,7 @@ impl Scheduler {
         Scheduler {
             cfg,
             peers: BTreeMap::new(),
+            fetchers: HashMap::new(),
         }
     }
 
@@ -145,6 +175,9 @@ impl Scheduler {
         for (task, holding) in a.tasks {
             match holding {
                 Holding::Full { pieces, mut have } => {
+                    if pieces > crate::transport::wire::MAX_WIRE_PIECES {
+                        continue;
+                    }
                     have.resize(pieces as usize, false);
                     p.tasks.insert(task, have);
                 }
@@ -186,6 +219,60 @@ impl Scheduler {
         for p in self.peers.values_mut() {
             p.assigned.retain(|t| now.saturating_sub(*t) <= keep);
         }
+        let fetch_ttl = self.cfg.fetch_ttl;
+        let peers = &self.peers;
+        self.fetchers.retain(|_, (peer, since)| {
+            now.saturating_sub(*since) <= fetch_ttl && peers.contains_key(peer)
+        });
+    }
+
+    /// Candidates plus advice on going back to source. A requester that is itself a seed
+    /// goes to source when nobody holds the task; otherwise a seed is preferred (chosen per
+    /// task by hash, so tasks spread over seeds), and only without one does the first
+    /// requester fetch. A fetcher that does not become a holder within `fetch_ttl` is
+    /// replaced.
+    pub fn advise(
+        &mut self,
+        requester: &str,
+        task: &TaskId,
+        max: usize,
+        now: Duration,
+    ) -> (Vec<Candidate>, Advice) {
+        let parents = self.candidates(requester, task, max, now);
+        if !parents.is_empty() {
+            return (parents, Advice::Parents);
+        }
+        let fetcher = self
+            .fetchers
+            .get(task)
+            .filter(|(_, since)| now.saturating_sub(*since) <= self.cfg.fetch_ttl)
+            .map(|(p, _)| p.clone());
+        let advice = |s: &Scheduler, who: &str| match s.peers.get(who) {
+            Some(p) if who != requester && p.seed => Advice::AskSeed {
+                peer: who.to_string(),
+                addr: p.addr,
+            },
+            Some(_) if who != requester => Advice::Wait,
+            _ => Advice::Source,
+        };
+        if let Some(f) = fetcher {
+            if self.peers.contains_key(&f) {
+                return (parents, advice(self, &f));
+            }
+        }
+        let requester_is_seed = self.peers.get(requester).is_some_and(|p| p.seed);
+        let seed = if requester_is_seed {
+            None
+        } else {
+            self.peers
+                .iter()
+                .filter(|(id, p)| p.seed && id.as_str() != requester)
+                .min_by_key(|(id, _)| tie(&task.dir_name(), id))
+                .map(|(id, _)| id.clone())
+        };
+        let chosen = seed.unwrap_or_else(|| requester.to_string());
+        self.fetchers.insert(*task, (chosen.clone(), now));
+        (parents, advice(self, &chosen))
     }
 
     /// Up to `max` ranked parents for `requester` on `task`. Each one handed out counts as an
@@ -228,7 +315,9 @@ impl Scheduler {
                         .is_some_and(|m| m.get(*i).copied().unwrap_or(false))
                 })
                 .count() as u32;
-            if useful == 0 {
+            // A holder with nothing new is still worth watching while it downloads (at the
+            // start, a seed that has verified nothing yet); a complete one is not.
+            if useful == 0 && have.iter().all(|h| *h) {
                 continue;
             }
             let load = p.uploads as f64 + p.assigned.len() as f64;
@@ -272,4 +361,39 @@ fn tie(requester: &str, candidate: &str) -> u64 {
     u64::from_le_bytes([
         d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
     ])
+}
+
+/// Bitmaps in JSON as hex of packed bits (piece i is bit i%8 of byte i/8): 1024 pieces take
+/// 256 characters rather than thousands.
+mod bits {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(have: &[bool], s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = vec![0u8; have.len().div_ceil(8)];
+        for (i, h) in have.iter().enumerate() {
+            if *h {
+                bytes[i / 8] |= 1 << (i % 8);
+            }
+        }
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<bool>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let bad = || serde::de::Error::custom("a piece bitmap must be hex digits in pairs");
+        if s.len() % 2 != 0 {
+            return Err(bad());
+        }
+        let bytes = (0..s.len() / 2)
+            .map(|i| {
+                s.get(2 * i..2 * i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(bad)?;
+        Ok((0..bytes.len() * 8)
+            .map(|i| bytes[i / 8] & (1 << (i % 8)) != 0)
+            .collect())
+    }
 }

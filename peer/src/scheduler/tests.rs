@@ -66,10 +66,9 @@ fn incremental_announcements_update_bitmaps() {
     let mut s = Scheduler::new(SchedulerConfig::default());
     s.announce(ann("a", 1, false, vec![false; 4]), Duration::ZERO);
     s.announce(ann("b", 2, false, vec![false; 4]), Duration::ZERO);
-    assert!(
-        s.candidates("a", &task(), 5, Duration::ZERO).is_empty(),
-        "b has nothing useful"
-    );
+    // b has nothing useful yet, but it is downloading: worth watching, ranked with score 0.
+    let c = s.candidates("a", &task(), 5, Duration::ZERO);
+    assert_eq!((names(&c), c[0].useful, c[0].score), (vec!["b"], 0, 0.0));
     let mut add = ann("b", 2, false, vec![]);
     add.tasks = vec![(task(), Holding::Added(vec![1, 3, 99]))];
     s.announce(add, S);
@@ -132,7 +131,9 @@ fn ranking_prefers_useful_well_connected_parents() {
     );
     let c = s.candidates("me", &task(), 10, Duration::ZERO);
     assert_eq!(names(&c)[..2], ["fast", "lossy"]);
-    assert!(!names(&c).contains(&"useless") && !names(&c).contains(&"me"));
+    assert!(!names(&c).contains(&"me"));
+    // A downloading holder with nothing useful is still listed (it may get more), last.
+    assert_eq!(names(&c).last(), Some(&"useless"));
     assert_eq!(
         c.iter().find(|c| c.peer == "little").map(|c| c.useful),
         Some(1)
@@ -200,4 +201,63 @@ fn the_ring_balances_and_moves_little() {
         }
     }
     assert!(Ring::default().owner(&tasks[0]).is_none());
+}
+
+#[test]
+fn nobody_holds_it_a_seed_is_asked_once_and_others_wait() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    s.announce(ann("seed", 0, true, vec![]), Duration::ZERO);
+    s.announce(ann("a", 1, false, vec![]), Duration::ZERO);
+    s.announce(ann("b", 2, false, vec![]), Duration::ZERO);
+    for t in [0, 1, 2] {
+        let (parents, advice) = s.advise("a", &task(), 4, t * S);
+        assert!(parents.is_empty());
+        assert_eq!(
+            advice,
+            Advice::AskSeed {
+                peer: "seed".into(),
+                addr: addr(0)
+            }
+        );
+    }
+    let (_, advice) = s.advise("b", &task(), 4, 2 * S);
+    assert!(matches!(advice, Advice::AskSeed { .. }), "{advice:?}");
+    // The seed itself, asked to fetch, goes to source.
+    assert_eq!(s.advise("seed", &task(), 4, 2 * S).1, Advice::Source);
+    // Once the seed holds the task, it is a parent.
+    s.announce(ann("seed", 0, true, vec![true, false]), 3 * S);
+    let (parents, advice) = s.advise("a", &task(), 4, 3 * S);
+    assert_eq!((names(&parents), advice), (vec!["seed"], Advice::Parents));
+}
+
+#[test]
+fn without_seeds_the_first_requester_fetches_and_is_replaced_if_it_never_shows() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    s.announce(ann("a", 1, false, vec![]), Duration::ZERO);
+    s.announce(ann("b", 2, false, vec![]), Duration::ZERO);
+    assert_eq!(s.advise("a", &task(), 4, Duration::ZERO).1, Advice::Source);
+    assert_eq!(s.advise("b", &task(), 4, S).1, Advice::Wait);
+    // `a` keeps announcing but never holds the task: after fetch_ttl someone else is told.
+    s.announce(ann("a", 1, false, vec![]), 11 * S);
+    s.announce(ann("b", 2, false, vec![]), 11 * S);
+    s.expire(11 * S);
+    assert_eq!(s.advise("b", &task(), 4, 11 * S).1, Advice::Source);
+}
+
+#[test]
+fn announcements_survive_json_with_packed_bitmaps() {
+    let mut have = vec![false; 1000];
+    have[0] = true;
+    have[999] = true;
+    let a = ann("a", 1, false, have);
+    let text = serde_json::to_string(&a).unwrap();
+    assert!(text.len() < 700, "{}", text.len());
+    let back: Announce = serde_json::from_str(&text).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    s.announce(back, Duration::ZERO);
+    s.announce(ann("b", 2, false, vec![false; 1000]), Duration::ZERO);
+    assert_eq!(s.candidates("b", &task(), 1, Duration::ZERO)[0].useful, 2);
+    assert!(
+        serde_json::from_str::<Announce>(&text.replace("\"have\":\"01", "\"have\":\"zz")).is_err()
+    );
 }

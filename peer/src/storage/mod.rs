@@ -7,6 +7,7 @@
 //!
 //! See `record` for the on-disk formats, `uring` for the storage thread, `gc` for eviction.
 
+mod book;
 mod gc;
 mod lease;
 mod record;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use book::LogSlice;
 pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
 pub use lease::{Lease, Mode as LeaseMode};
 pub use record::TaskHeader;

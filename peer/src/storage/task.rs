@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use super::book::Book;
 use super::lease::Lease;
 use super::record::{decode_journal, write_atomic, TaskHeader};
 use super::uring::{FileKey, Uring};
@@ -28,7 +29,7 @@ pub struct TaskHandle {
     /// SHA-256 of every verified piece, None where not verified. Verified means: hashed, checked
     /// against the manifest when there is one, and written. It becomes durable (journaled) at
     /// the next group commit.
-    pieces: Arc<Mutex<Vec<Option<Digest>>>>,
+    pieces: Arc<Book>,
     file: OpenKey,
     durable: watch::Receiver<u64>,
 }
@@ -56,7 +57,7 @@ impl TaskHandle {
                     lease,
                     header,
                     manifest: Arc::new(Mutex::new(manifest)),
-                    pieces: Arc::new(Mutex::new(pieces)),
+                    pieces: Arc::new(Book::new(pieces)),
                     file: OpenKey {
                         uring: uring.clone(),
                         key,
@@ -180,7 +181,7 @@ impl TaskHandle {
             lease,
             header,
             manifest: Arc::new(Mutex::new(None)),
-            pieces: Arc::new(Mutex::new(vec![None; count])),
+            pieces: Arc::new(Book::new(vec![None; count])),
             file: OpenKey {
                 uring: uring.clone(),
                 key,
@@ -215,14 +216,11 @@ impl TaskHandle {
 
     /// The verified pieces' digests (None = missing).
     pub fn piece_digests(&self) -> Vec<Option<Digest>> {
-        self.pieces.lock().map(|p| p.clone()).unwrap_or_default()
+        self.pieces.digests()
     }
 
     pub fn verified_count(&self) -> u32 {
-        self.pieces
-            .lock()
-            .map(|p| p.iter().flatten().count() as u32)
-            .unwrap_or(0)
+        self.pieces.count()
     }
 
     pub fn is_complete(&self) -> bool {
@@ -268,9 +266,7 @@ impl TaskHandle {
     }
 
     fn mark(&self, index: u32, digest: Digest) -> Result<(), StoreError> {
-        if let Ok(mut p) = self.pieces.lock() {
-            p[index as usize] = Some(digest);
-        }
+        self.pieces.mark(index, digest);
         self.file
             .uring
             .journal(self.file.key, index, digest)
@@ -297,11 +293,7 @@ impl TaskHandle {
         if self.hash_content().await? != m.content_digest() {
             return Ok(Some(false));
         }
-        if let Ok(mut p) = self.pieces.lock() {
-            for (i, d) in p.iter_mut().enumerate() {
-                *d = m.piece_digest(i as u32);
-            }
-        }
+        self.pieces.mark_all(m.piece_digests().iter().copied());
         Ok(Some(true))
     }
 
@@ -321,6 +313,7 @@ impl TaskHandle {
             *m = Some(manifest.clone());
         }
         self.file.uring.sealed(self.file.key);
+        self.pieces.touch();
         Ok(manifest)
     }
 
@@ -347,12 +340,10 @@ impl TaskHandle {
     /// changed under a resumed download.
     pub fn discard(self) -> Result<Arc<Lease>, StoreError> {
         // Upload views share these: they stop serving the discarded bytes at once.
-        if let Ok(mut p) = self.pieces.lock() {
-            p.iter_mut().for_each(|d| *d = None);
-        }
         if let Ok(mut m) = self.manifest.lock() {
             *m = None;
         }
+        self.pieces.reset();
         let lease = self.into_lease();
         wipe(lease.dir())?;
         Ok(lease)

@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use super::book::{Book, LogSlice};
+
 use bytes::Bytes;
 use memmap2::Mmap;
 
@@ -15,7 +17,7 @@ pub struct UploadView {
     task: TaskId,
     plan: PiecePlan,
     map: Option<Arc<Mmap>>,
-    pieces: Arc<Mutex<Vec<Option<Digest>>>>,
+    pieces: Arc<Book>,
     manifest: Arc<Mutex<Option<Manifest>>>,
     _lease: Arc<Lease>,
 }
@@ -38,7 +40,7 @@ impl UploadView {
         task: TaskId,
         plan: PiecePlan,
         content: &Path,
-        pieces: Arc<Mutex<Vec<Option<Digest>>>>,
+        pieces: Arc<Book>,
         manifest: Arc<Mutex<Option<Manifest>>>,
         lease: Arc<Lease>,
     ) -> Result<UploadView, StoreError> {
@@ -68,14 +70,7 @@ impl UploadView {
 
     /// A verified piece's bytes, or None (not verified yet, or out of range).
     pub fn piece(&self, index: u32) -> Option<Bytes> {
-        let verified = self
-            .pieces
-            .lock()
-            .ok()?
-            .get(index as usize)
-            .copied()
-            .flatten()
-            .is_some();
+        let verified = self.pieces.digest(index).is_some();
         let p = self.plan.piece(index)?;
         let map = self.map.as_ref()?;
         verified.then(|| {
@@ -85,6 +80,38 @@ impl UploadView {
                 end: p.end() as usize,
             })
         })
+    }
+
+    pub fn plan(&self) -> PiecePlan {
+        self.plan
+    }
+
+    /// Which pieces are verified.
+    pub fn bitmap(&self) -> Vec<bool> {
+        self.pieces.digests().iter().map(Option::is_some).collect()
+    }
+
+    /// Pieces verified since position `since` of the verification log (see [`Book`]).
+    pub fn log_since(&self, epoch: u32, since: u32) -> LogSlice {
+        self.pieces.since(epoch, since)
+    }
+
+    /// Woken whenever a piece is verified or the task is sealed or reset.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.pieces.subscribe()
+    }
+
+    /// The content digest, once the task is complete and sealed.
+    pub fn content_digest(&self) -> Option<Digest> {
+        self.manifest
+            .lock()
+            .ok()?
+            .as_ref()
+            .map(|m| m.content_digest())
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.content_digest().is_some()
     }
 
     /// The encoded manifest, once the task is complete.

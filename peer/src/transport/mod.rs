@@ -2,9 +2,8 @@
 //! bidirectional stream per request (see [`wire`]). A node serves manifests and verified pieces
 //! from a [`PieceSource`] while it downloads, and fetches from its parents.
 //!
-//! Status: the protocol, the TLS identity and the QUIC node exist and are tested on loopback;
-//! the daemon that drives them (with the engine and a store-backed, mmap'd `PieceSource`) is
-//! not built yet.
+//! The daemon serves its store through [`PieceSource`]; the scheduler's RPCs ride the same
+//! endpoint and the same mutual TLS (`PieceSource::call`).
 
 pub mod tls;
 pub mod wire;
@@ -17,10 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 
 use crate::core::{Manifest, TaskId};
 use tls::Identity;
-use wire::{Request, Status, WireError, REQUEST_LEN, RESPONSE_HEADER_LEN};
+use wire::{HaveReply, Request, Status, WireError, REQUEST_LEN, RESPONSE_HEADER_LEN};
+
+/// UDP socket buffers asked for: a 1 Gbit/s burst of 60 ms fits, so the kernel does not drop
+/// datagrams while the runtime is busy. Above `net.core.rmem_max` this needs CAP_NET_ADMIN.
+pub const SOCKET_BUFFER: usize = 8 << 20;
 
 /// A request that sends nothing for this long is dropped (a slowloris peer holds no stream).
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,10 +51,30 @@ pub enum TransportError {
 }
 
 /// What a node serves: manifests and verified pieces, as shared buffers (no copy on the way to
-/// QUIC's encryption).
+/// QUIC's encryption), plus the long-polled verification log and body-carrying calls.
 pub trait PieceSource: Send + Sync + 'static {
     fn manifest(&self, task: &TaskId) -> Option<Bytes>;
     fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes>;
+    /// An encoded [`HaveReply`]: news since `since` in the log of `epoch`, waiting a little
+    /// for some when there is none. None: the task is unknown here.
+    fn have(
+        self: Arc<Self>,
+        _task: TaskId,
+        _epoch: u32,
+        _since: u32,
+    ) -> BoxFuture<'static, Option<Bytes>> {
+        Box::pin(async { None })
+    }
+    /// Fetch orders and scheduler calls: the answer, or the status to refuse with.
+    fn call(
+        self: Arc<Self>,
+        _req: Request,
+        _body: Bytes,
+    ) -> BoxFuture<'static, Result<Bytes, Status>> {
+        Box::pin(async { Err(Status::BadRequest) })
+    }
+    /// `bytes` of piece data were sent to a peer.
+    fn uploaded(&self, _bytes: u64) {}
 }
 
 /// A QUIC endpoint that serves and fetches.
@@ -62,12 +86,30 @@ impl Node {
     pub fn bind(addr: SocketAddr, id: &Identity) -> Result<Node, TransportError> {
         let mut server = tls::server_config(id)?;
         let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(256u32.into());
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        transport.max_concurrent_bidi_streams(1024u32.into());
+        transport.keep_alive_interval(Some(Duration::from_secs(2)));
+        transport.max_idle_timeout(Some(
+            Duration::from_secs(8)
+                .try_into()
+                .map_err(|e| TransportError::Stream(format!("{e}")))?,
+        ));
+        // Several pieces in flight per connection: the connection window must hold them.
+        transport.stream_receive_window((16u32 << 20).into());
+        transport.receive_window((64u32 << 20).into());
+        transport.send_window(64 << 20);
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
-        let mut endpoint = quinn::Endpoint::server(server, addr)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let bind_err = |source| TransportError::Bind { addr, source };
+        let socket = udp_socket(addr).map_err(bind_err)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_err)?;
         let mut client = tls::client_config(id)?;
         client.transport_config(transport);
         endpoint.set_default_client_config(client);
@@ -119,30 +161,78 @@ impl Node {
     }
 }
 
+/// A UDP socket with large buffers (forced when privileged, else as large as allowed).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
+    }
+    if sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
+    }
+    let got = sockopt::socket_recv_buffer_size(&socket).unwrap_or(0);
+    if got < SOCKET_BUFFER {
+        tracing::info!(
+            got,
+            wanted = SOCKET_BUFFER,
+            "UDP receive buffer is capped by net.core.rmem_max; raise it (or run with CAP_NET_ADMIN) to avoid drops at high rates"
+        );
+    }
+    Ok(socket)
+}
+
 async fn serve_stream(
     source: Arc<dyn PieceSource>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let mut buf = [0u8; REQUEST_LEN];
-    let read = tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut buf)).await;
-    let (status, payload) = match read {
-        Ok(Ok(())) => match Request::decode(&buf) {
-            Ok(Request::Manifest { task }) => found(source.manifest(&task)),
-            Ok(Request::Piece { task, index }) => found(source.piece(&task, index)),
-            Err(e) => {
-                tracing::info!(error = %e, "bad request from a peer");
-                (Status::BadRequest, Bytes::new())
-            }
-        },
-        // Short, slow or reset: nothing sensible to answer.
-        _ => (Status::BadRequest, Bytes::new()),
-    };
+    let (status, payload) = answer(source.clone(), &mut recv).await;
     let header = wire::encode_response_header(status, payload.len() as u64);
+    let n = payload.len() as u64;
     if send.write_all(&header).await.is_ok()
         && (payload.is_empty() || send.write_chunk(payload).await.is_ok())
     {
         let _ = send.finish();
+        if status == Status::Ok && n > 0 {
+            source.uploaded(n);
+        }
+    }
+}
+
+async fn answer(source: Arc<dyn PieceSource>, recv: &mut quinn::RecvStream) -> (Status, Bytes) {
+    let bad = (Status::BadRequest, Bytes::new());
+    let mut buf = [0u8; REQUEST_LEN];
+    // Short, slow or reset: nothing sensible to answer.
+    let Ok(Ok(())) = tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut buf)).await
+    else {
+        return bad;
+    };
+    let req = match Request::decode(&buf) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(error = %e, "bad request from a peer");
+            return bad;
+        }
+    };
+    // The length was checked against MAX_BODY by decode, before this allocation.
+    let mut body = vec![0u8; req.body_len() as usize];
+    if !body.is_empty()
+        && !matches!(
+            tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut body)).await,
+            Ok(Ok(()))
+        )
+    {
+        return bad;
+    }
+    match req {
+        Request::Manifest { task } => found(source.manifest(&task)),
+        Request::Piece { task, index } => found(source.piece(&task, index)),
+        Request::Have { task, epoch, since } => found(source.have(task, epoch, since).await),
+        _ => match source.call(req, Bytes::from(body)).await {
+            Ok(b) => (Status::Ok, b),
+            Err(s) => (s, Bytes::new()),
+        },
     }
 }
 
@@ -154,15 +244,23 @@ fn found(b: Option<Bytes>) -> (Status, Bytes) {
 }
 
 /// A connection to one parent.
+#[derive(Clone)]
 pub struct Parent {
     conn: quinn::Connection,
 }
 
 impl Parent {
     async fn ask(&self, req: Request) -> Result<Vec<Bytes>, TransportError> {
+        self.ask_with(req, &[]).await
+    }
+
+    async fn ask_with(&self, req: Request, body: &[u8]) -> Result<Vec<Bytes>, TransportError> {
         let s = |e: &dyn std::fmt::Display| TransportError::Stream(e.to_string());
         let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| s(&e))?;
         send.write_all(&req.encode()).await.map_err(|e| s(&e))?;
+        if !body.is_empty() {
+            send.write_all(body).await.map_err(|e| s(&e))?;
+        }
         let _ = send.finish();
         let mut h = [0u8; RESPONSE_HEADER_LEN];
         recv.read_exact(&mut h).await.map_err(|e| s(&e))?;
@@ -201,6 +299,47 @@ impl Parent {
     /// A piece's bytes as received (chunks, not concatenated); the caller verifies them.
     pub async fn piece(&self, task: TaskId, index: u32) -> Result<Vec<Bytes>, TransportError> {
         self.ask(Request::Piece { task, index }).await
+    }
+
+    /// News from the parent's verification log since `since` (of `epoch`); the parent may hold
+    /// the answer about a second while it has none.
+    pub async fn have(
+        &self,
+        task: TaskId,
+        epoch: u32,
+        since: u32,
+    ) -> Result<HaveReply, TransportError> {
+        let chunks = self.ask(Request::Have { task, epoch, since }).await?;
+        Ok(HaveReply::decode(&chunks.concat())?)
+    }
+
+    /// A body-carrying call (fetch order, scheduler RPC); `make` builds the request for the
+    /// body's length, which must be within [`wire::MAX_BODY`].
+    pub async fn call(
+        &self,
+        make: impl FnOnce(u32) -> Request,
+        body: &[u8],
+    ) -> Result<Bytes, TransportError> {
+        let len = u32::try_from(body.len())
+            .ok()
+            .filter(|l| *l <= wire::MAX_BODY)
+            .ok_or(WireError::BodyTooLong(u32::MAX))?;
+        let chunks = self.ask_with(make(len), body).await?;
+        Ok(Bytes::from(chunks.concat()))
+    }
+
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
+    }
+
+    /// Waits until the connection closes, and says why.
+    pub async fn closed(&self) -> String {
+        self.conn.closed().await.to_string()
+    }
+
+    /// Whether the connection has closed (the parent went away or timed out).
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
     }
 
     /// QUIC's own view of the path: RTT, lost packets, MTU.

@@ -1,25 +1,65 @@
 //! The peer wire protocol: one QUIC bidirectional stream per request.
 //!
-//! Request (fixed 43 bytes): `"STLP" | version u8 | kind u8 | task kind u8 | task hash [32] |
-//! piece u32 LE`. Kinds: 1 = manifest, 2 = piece.
-//! Response header (fixed 13 bytes): `"STLR" | version u8 | status u8 | reserved u8 |
-//! length u48 LE in 6 bytes`, then `length` payload bytes (the encoded manifest, or the piece).
+//! Request (fixed 51 bytes): `"STLP" | version u8 | kind u8 | task kind u8 | task hash [32] |
+//! index u32 | aux u32 | body length u32` (all LE), then `body length` bytes (at most
+//! [`MAX_BODY`], and only for the kinds that carry one).
 //!
-//! Everything is fixed-size until the payload, and the payload length is checked against the
-//! request's limit before a byte of it is allocated or read.
+//! Kinds:
+//! - 1 manifest: the sealed manifest of a complete task;
+//! - 2 piece `index`: a verified piece's bytes;
+//! - 3 have (`index` = log position, `aux` = log epoch): the pieces verified since that
+//!   position of the parent's verification log, with their SHA-256s (see [`HaveReply`]); the
+//!   parent holds the answer up to about a second while it has no news (long poll);
+//! - 4 fetch (body: JSON [`FetchOrder`](crate::swarm::FetchOrder)): asks a seed peer to go
+//!   back to source for a task, which it then serves;
+//! - 5 announce, 6 candidates (body: JSON): scheduler calls (see `scheduler::service`).
+//!
+//! Response header (fixed 13 bytes): `"STLR" | version u8 | status u8 | reserved u8 |
+//! length u48 LE in 6 bytes`, then `length` payload bytes.
+//!
+//! Everything is fixed-size until a body, and every length is checked against its limit
+//! before a byte of the body is allocated or read.
 
 use crate::core::{Digest, TaskId, TaskKind, MAX_PIECE_LENGTH};
 
 pub const VERSION: u8 = 1;
-pub const REQUEST_LEN: usize = 43;
+pub const REQUEST_LEN: usize = 51;
+/// The longest request body (scheduler announcements of many tasks included).
+pub const MAX_BODY: u32 = 4 << 20;
+/// The longest JSON answer (scheduler replies).
+pub const MAX_RPC_REPLY: u64 = 4 << 20;
 pub const RESPONSE_HEADER_LEN: usize = 13;
-/// Manifests hold 32 bytes per piece; 2^21 pieces (at least 32 TiB of content) is plenty.
-pub const MAX_MANIFEST_LEN: u64 = 64 + 32 * (1 << 21);
+/// Most pieces a task exchanged between peers may have: 2^21 (32 GiB at the smallest piece
+/// length, 128 TiB at the largest; the default rule picks about 1024).
+pub const MAX_WIRE_PIECES: u32 = 1 << 21;
+/// Manifests hold 32 bytes per piece.
+pub const MAX_MANIFEST_LEN: u64 = 64 + 32 * MAX_WIRE_PIECES as u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
-    Manifest { task: TaskId },
-    Piece { task: TaskId, index: u32 },
+    Manifest {
+        task: TaskId,
+    },
+    Piece {
+        task: TaskId,
+        index: u32,
+    },
+    Have {
+        task: TaskId,
+        epoch: u32,
+        since: u32,
+    },
+    Fetch {
+        task: TaskId,
+        body: u32,
+    },
+    Announce {
+        body: u32,
+    },
+    Candidates {
+        task: TaskId,
+        body: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,16 +80,26 @@ pub enum WireError {
     Kind(u8),
     #[error("unknown task kind {0}")]
     TaskKind(u8),
+    #[error("malformed have reply")]
+    BadHave,
     #[error("unknown status {0}")]
     Status(u8),
+    #[error("request body of {0} bytes exceeds the limit of {MAX_BODY}")]
+    BodyTooLong(u32),
+    #[error("a {0} request carries no body")]
+    UnexpectedBody(&'static str),
     #[error("payload of {got} bytes exceeds the limit of {limit} for this request")]
     TooLong { got: u64, limit: u64 },
 }
 
 impl Request {
-    pub fn task(&self) -> TaskId {
+    /// The body length that follows the fixed part.
+    pub fn body_len(&self) -> u32 {
         match *self {
-            Request::Manifest { task } | Request::Piece { task, .. } => task,
+            Request::Fetch { body, .. }
+            | Request::Announce { body }
+            | Request::Candidates { body, .. } => body,
+            _ => 0,
         }
     }
 
@@ -58,6 +108,10 @@ impl Request {
         match self {
             Request::Manifest { .. } => MAX_MANIFEST_LEN,
             Request::Piece { .. } => MAX_PIECE_LENGTH,
+            Request::Have { .. } => MAX_HAVE_LEN,
+            Request::Fetch { .. } | Request::Announce { .. } | Request::Candidates { .. } => {
+                MAX_RPC_REPLY
+            }
         }
     }
 
@@ -65,9 +119,15 @@ impl Request {
         let mut b = [0u8; REQUEST_LEN];
         b[..4].copy_from_slice(b"STLP");
         b[4] = VERSION;
-        let (kind, task, index) = match *self {
-            Request::Manifest { task } => (1, task, 0),
-            Request::Piece { task, index } => (2, task, index),
+        // Scheduler announcements concern many tasks: the task field is zero there.
+        let none = TaskId::for_content(Digest([0; 32]));
+        let (kind, task, index, aux) = match *self {
+            Request::Manifest { task } => (1, task, 0, 0),
+            Request::Piece { task, index } => (2, task, index, 0),
+            Request::Have { task, epoch, since } => (3, task, since, epoch),
+            Request::Fetch { task, .. } => (4, task, 0, 0),
+            Request::Announce { .. } => (5, none, 0, 0),
+            Request::Candidates { task, .. } => (6, task, 0, 0),
         };
         b[5] = kind;
         b[6] = match task.kind {
@@ -76,6 +136,8 @@ impl Request {
         };
         b[7..39].copy_from_slice(&task.hash.0);
         b[39..43].copy_from_slice(&index.to_le_bytes());
+        b[43..47].copy_from_slice(&aux.to_le_bytes());
+        b[47..51].copy_from_slice(&self.body_len().to_le_bytes());
         b
     }
 
@@ -97,12 +159,105 @@ impl Request {
             kind,
             hash: Digest(h),
         };
-        let index = u32::from_le_bytes([b[39], b[40], b[41], b[42]]);
+        let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let (index, aux, body) = (word(39), word(43), word(47));
+        if body > MAX_BODY {
+            return Err(WireError::BodyTooLong(body));
+        }
+        let bodiless = |name, r| {
+            if body == 0 {
+                Ok(r)
+            } else {
+                Err(WireError::UnexpectedBody(name))
+            }
+        };
         match b[5] {
-            1 => Ok(Request::Manifest { task }),
-            2 => Ok(Request::Piece { task, index }),
+            1 => bodiless("manifest", Request::Manifest { task }),
+            2 => bodiless("piece", Request::Piece { task, index }),
+            3 => bodiless(
+                "have",
+                Request::Have {
+                    task,
+                    epoch: aux,
+                    since: index,
+                },
+            ),
+            4 => Ok(Request::Fetch { task, body }),
+            5 => Ok(Request::Announce { body }),
+            6 => Ok(Request::Candidates { task, body }),
             k => Err(WireError::Kind(k)),
         }
+    }
+}
+
+/// A parent's answer to a have request: its plan for the task, its content digest once sealed,
+/// and the news from its verification log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaveReply {
+    pub content_length: u64,
+    pub piece_length: u64,
+    pub content: Option<Digest>,
+    pub epoch: u32,
+    /// The parent's log length after these entries: the child's next `since`.
+    pub end: u32,
+    pub entries: Vec<(u32, Digest)>,
+}
+
+const HAVE_HEADER: usize = 4 + 8 + 8 + 1 + 32 + 4 + 4 + 4;
+/// Header plus 2^21 entries of 36 bytes.
+pub const MAX_HAVE_LEN: u64 = HAVE_HEADER as u64 + 36 * MAX_WIRE_PIECES as u64;
+
+impl HaveReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HAVE_HEADER + 36 * self.entries.len());
+        b.extend_from_slice(b"STLH");
+        b.extend_from_slice(&self.content_length.to_le_bytes());
+        b.extend_from_slice(&self.piece_length.to_le_bytes());
+        b.push(self.content.is_some() as u8);
+        b.extend_from_slice(&self.content.map_or([0; 32], |d| d.0));
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.end.to_le_bytes());
+        b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for (i, d) in &self.entries {
+            b.extend_from_slice(&i.to_le_bytes());
+            b.extend_from_slice(&d.0);
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<HaveReply, WireError> {
+        if b.len() < HAVE_HEADER || &b[..4] != b"STLH" {
+            return Err(WireError::BadHave);
+        }
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(a)
+        };
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let digest_at = |i: usize| {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(&b[i..i + 32]);
+            Digest(d)
+        };
+        let n = u32_at(61) as usize;
+        if b.len() != HAVE_HEADER + 36 * n {
+            return Err(WireError::BadHave);
+        }
+        let entries = (0..n)
+            .map(|k| {
+                let at = HAVE_HEADER + 36 * k;
+                (u32_at(at), digest_at(at + 4))
+            })
+            .collect();
+        Ok(HaveReply {
+            content_length: u64_at(4),
+            piece_length: u64_at(12),
+            content: (b[20] == 1).then(|| digest_at(21)),
+            epoch: u32_at(53),
+            end: u32_at(57),
+            entries,
+        })
     }
 }
 
@@ -163,6 +318,19 @@ mod tests {
                 task: task(),
                 index: u32::MAX,
             },
+            Request::Have {
+                task: task(),
+                epoch: 3,
+                since: 9,
+            },
+            Request::Fetch {
+                task: task(),
+                body: 100,
+            },
+            Request::Candidates {
+                task: task(),
+                body: 5,
+            },
         ] {
             assert_eq!(Request::decode(&r.encode()), Ok(r));
         }
@@ -205,6 +373,43 @@ mod tests {
         assert_eq!(decode_response_header(&h, 0), Ok((Status::NotFound, 0)));
     }
 
+    #[test]
+    fn have_replies_round_trip_and_reject_bad_lengths() {
+        let r = HaveReply {
+            content_length: 10 << 20,
+            piece_length: 1 << 20,
+            content: Some(Digest::of(b"c")),
+            epoch: 2,
+            end: 7,
+            entries: vec![(3, Digest::of(b"3")), (0, Digest::of(b"0"))],
+        };
+        let b = r.encode();
+        assert_eq!(HaveReply::decode(&b), Ok(r));
+        assert_eq!(
+            HaveReply::decode(&b[..b.len() - 1]),
+            Err(WireError::BadHave)
+        );
+        assert_eq!(HaveReply::decode(&b[..10]), Err(WireError::BadHave));
+    }
+
+    #[test]
+    fn bodies_are_bounded_and_only_where_expected() {
+        let mut b = Request::Announce { body: 10 }.encode();
+        assert_eq!(Request::decode(&b), Ok(Request::Announce { body: 10 }));
+        b[47..51].copy_from_slice(&(MAX_BODY + 1).to_le_bytes());
+        assert_eq!(
+            Request::decode(&b),
+            Err(WireError::BodyTooLong(MAX_BODY + 1))
+        );
+        let mut b = Request::Piece {
+            task: task(),
+            index: 1,
+        }
+        .encode();
+        b[47] = 1;
+        assert_eq!(Request::decode(&b), Err(WireError::UnexpectedBody("piece")));
+    }
+
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), REQUEST_LEN)) {
@@ -214,6 +419,7 @@ mod tests {
             let mut h = [0u8; RESPONSE_HEADER_LEN];
             h.copy_from_slice(&bytes[..RESPONSE_HEADER_LEN]);
             let _ = decode_response_header(&h, MAX_MANIFEST_LEN);
+            let _ = HaveReply::decode(&bytes);
         }
     }
 }

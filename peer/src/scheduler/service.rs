@@ -1,0 +1,120 @@
+//! The scheduler on the network: JSON calls over the peers' own QUIC endpoint and mutual TLS
+//! (wire kinds 5 announce and 6 candidates), so only cluster members can announce or ask.
+//! `starling scheduler` serves only these; a daemon without configured schedulers answers
+//! them itself (the embedded scheduler).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{Advice, Announce, Candidate, PeerId, Scheduler, SchedulerConfig};
+use crate::core::TaskId;
+use crate::transport::wire::{Request, Status};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceReply {
+    /// Tasks the scheduler needs the full bitmap of (it restarted, or never saw one).
+    pub resend: Vec<TaskId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidatesCall {
+    pub peer: PeerId,
+    pub max: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidatesReply {
+    pub parents: Vec<Candidate>,
+    pub advice: Advice,
+}
+
+/// Most candidates one call may ask for.
+const MAX_CANDIDATES: u32 = 64;
+
+/// A scheduler behind a lock, with its clock.
+pub struct SchedulerService {
+    state: Mutex<Scheduler>,
+    start: Instant,
+}
+
+impl SchedulerService {
+    pub fn new(cfg: SchedulerConfig) -> Arc<SchedulerService> {
+        Arc::new(SchedulerService {
+            state: Mutex::new(Scheduler::new(cfg)),
+            start: Instant::now(),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Scheduler) -> T) -> T {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.expire(self.start.elapsed());
+        f(&mut s)
+    }
+
+    pub fn announce(&self, a: Announce) -> AnnounceReply {
+        let now = self.start.elapsed();
+        self.with(|s| {
+            let peer = a.peer.clone();
+            let tasks: Vec<TaskId> = a.tasks.iter().map(|(t, _)| *t).collect();
+            s.announce(a, now);
+            AnnounceReply {
+                resend: tasks.into_iter().filter(|t| !s.knows(&peer, t)).collect(),
+            }
+        })
+    }
+
+    pub fn candidates(&self, task: &TaskId, call: &CandidatesCall) -> CandidatesReply {
+        let now = self.start.elapsed();
+        let max = call.max.min(MAX_CANDIDATES) as usize;
+        self.with(|s| {
+            let (parents, advice) = s.advise(&call.peer, task, max, now);
+            CandidatesReply { parents, advice }
+        })
+    }
+
+    /// Answers a scheduler call from the wire; other kinds are refused.
+    pub fn call(&self, req: Request, body: &Bytes) -> Result<Bytes, Status> {
+        let reply = match req {
+            Request::Announce { .. } => {
+                let a: Announce = parse(body)?;
+                serde_json::to_vec(&self.announce(a))
+            }
+            Request::Candidates { task, .. } => {
+                let c: CandidatesCall = parse(body)?;
+                serde_json::to_vec(&self.candidates(&task, &c))
+            }
+            _ => return Err(Status::BadRequest),
+        };
+        reply.map(Bytes::from).map_err(|_| Status::BadRequest)
+    }
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Status> {
+    serde_json::from_slice(body).map_err(|e| {
+        tracing::info!(error = %e, "malformed scheduler call");
+        Status::BadRequest
+    })
+}
+
+/// What `starling scheduler` serves: the scheduler calls, and no pieces.
+pub struct StandaloneScheduler(pub Arc<SchedulerService>);
+
+impl crate::transport::PieceSource for StandaloneScheduler {
+    fn manifest(&self, _task: &TaskId) -> Option<Bytes> {
+        None
+    }
+    fn piece(&self, _task: &TaskId, _index: u32) -> Option<Bytes> {
+        None
+    }
+    fn call(
+        self: Arc<Self>,
+        req: Request,
+        body: Bytes,
+    ) -> futures::future::BoxFuture<'static, Result<Bytes, Status>> {
+        let r = self.0.call(req, &body);
+        Box::pin(async move { r })
+    }
+}

@@ -1,0 +1,148 @@
+//! Announcements: every `peer.announce_interval_ms`, each scheduler that owns some of this
+//! peer's tasks hears what changed (pieces verified since the last announcement, or the whole
+//! bitmap when it asks again or the task is new to it), plus this peer's upload capacity, load
+//! and measured links. Every scheduler also gets a heartbeat, so it knows the peer (and
+//! whether it is a seed) before it holds anything. A scheduler that fails to answer gets full
+//! bitmaps next time: it may have restarted.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Schedulers, Swarm};
+use crate::core::TaskId;
+use crate::scheduler::service::AnnounceReply;
+use crate::scheduler::{Announce, Holding};
+use crate::transport::wire::Request as Wire;
+
+#[derive(Default)]
+pub(super) struct State {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Per task: (log epoch, log position) announced so far.
+    sent: HashMap<TaskId, (u32, u32)>,
+    /// Tasks to announce in full next time.
+    resend: HashSet<TaskId>,
+}
+
+pub(super) async fn run(swarm: Arc<Swarm>) {
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(swarm.cfg.peer.announce_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        announce_once(&swarm).await;
+    }
+}
+
+async fn announce_once(swarm: &Arc<Swarm>) {
+    let views: Vec<(TaskId, Arc<crate::storage::UploadView>)> = match swarm.served.lock() {
+        Ok(s) => s.iter().map(|(id, t)| (*id, t.view.clone())).collect(),
+        Err(_) => return,
+    };
+    let mut tasks: Vec<(TaskId, Holding)> = Vec::new();
+    {
+        let Ok(mut st) = swarm.announcer.inner.lock() else {
+            return;
+        };
+        let current: HashSet<TaskId> = views.iter().map(|(id, _)| *id).collect();
+        let gone: Vec<TaskId> = st
+            .sent
+            .keys()
+            .filter(|t| !current.contains(t))
+            .copied()
+            .collect();
+        for t in gone {
+            st.sent.remove(&t);
+            tasks.push((t, Holding::Gone));
+        }
+        for (id, view) in &views {
+            let full = st.resend.remove(id);
+            let (epoch, pos) = st.sent.get(id).copied().unwrap_or((u32::MAX, 0));
+            let slice = view.log_since(epoch, pos);
+            let holding = if full || slice.epoch != epoch {
+                Holding::Full {
+                    pieces: view.plan().count(),
+                    have: view.bitmap(),
+                }
+            } else {
+                Holding::Added(slice.entries.iter().map(|(i, _)| *i).collect())
+            };
+            st.sent.insert(*id, (slice.epoch, slice.end));
+            tasks.push((*id, holding));
+        }
+    }
+    let links = swarm
+        .links
+        .lock()
+        .map(|l| l.iter().map(|(k, v)| (k.clone(), *v)).collect())
+        .unwrap_or_default();
+    let base = Announce {
+        peer: swarm.me.clone(),
+        addr: swarm.addr,
+        seed: swarm.seed,
+        upload_capacity: swarm.cfg.peer.upload_mbps * 125_000.0,
+        uploads: swarm.served_pieces.swap(0, Ordering::Relaxed),
+        tasks: Vec::new(),
+        links,
+    };
+    match &swarm.schedulers {
+        Schedulers::Embedded(s) => {
+            let mut a = base;
+            a.tasks = tasks;
+            let reply = s.announce(a);
+            resend(swarm, reply.resend);
+        }
+        Schedulers::Remote { ring, .. } => {
+            let mut by_owner: HashMap<String, Vec<(TaskId, Holding)>> = swarm
+                .cfg
+                .scheduler
+                .addrs
+                .iter()
+                .map(|a| (a.clone(), Vec::new()))
+                .collect();
+            for (id, h) in tasks {
+                if let Some(owner) = ring.owner(&id) {
+                    by_owner.entry(owner.to_string()).or_default().push((id, h));
+                }
+            }
+            for (owner, tasks) in by_owner {
+                let mut a = base.clone();
+                let ids: Vec<TaskId> = tasks
+                    .iter()
+                    .filter(|(_, h)| *h != Holding::Gone)
+                    .map(|(t, _)| *t)
+                    .collect();
+                a.tasks = tasks;
+                let Ok(body) = serde_json::to_vec(&a) else {
+                    continue;
+                };
+                let reply = swarm
+                    .remote(&owner, |len| Wire::Announce { body: len }, &body)
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<AnnounceReply>(&b).ok());
+                match reply {
+                    Some(r) => resend(swarm, r.resend),
+                    None => {
+                        tracing::debug!(scheduler = %owner, "announcement failed; full bitmaps next time");
+                        resend(swarm, ids);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn resend(swarm: &Swarm, tasks: Vec<TaskId>) {
+    if tasks.is_empty() {
+        return;
+    }
+    if let Ok(mut st) = swarm.announcer.inner.lock() {
+        st.resend.extend(tasks);
+    }
+}

@@ -1,0 +1,846 @@
+//! The peer-to-peer download driver: the I/O shell around the sans-IO [`Engine`].
+//!
+//! Per parent, a poller connects (QUIC, mutual TLS) and long-polls the parent's verification
+//! log, which gives the task's plan, each piece's SHA-256 as the origin-reading peer computed
+//! it, and which pieces the parent holds. The engine decides what to request from whom; each
+//! request is one stream; each piece is hashed on arrival and stored only if it matches.
+//! Pieces go back to source only as the engine's rules allow. At the end the whole content is
+//! hashed and checked against the expected digest (or the digest the parents sealed) before
+//! the task is sealed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::{FetchOrder, Swarm, MAX_PIECES};
+use crate::core::{Digest, Piece, PiecePlan, Sha256Stream, TaskId};
+use crate::engine::{Action, Engine, EngineConfig, Failure, ParentId, Peer};
+use crate::fetch::{FetchError, Fetched, Missing, Progress, Request, Served};
+use crate::scheduler::service::CandidatesReply;
+use crate::scheduler::{Advice, LinkReport, PeerId};
+use crate::source::{Origin, SourceError};
+use crate::storage::{Lease, StoreError, TaskHandle, TaskHeader};
+use crate::transport::wire::{HaveReply, Request as Wire, Status};
+use crate::transport::{Parent, TransportError};
+
+pub(super) enum Outcome {
+    Done(Fetched),
+    /// Nobody could serve the task: fetch it back to source.
+    Source(Missing),
+}
+
+enum Event {
+    Connected { pid: ParentId, conn: Parent },
+    Have { pid: ParentId, reply: HaveReply },
+    Down { pid: ParentId, why: String },
+    Advice(CandidatesReply),
+}
+
+enum JobError {
+    Fail(Failure, &'static str),
+    Fatal(FetchError),
+}
+
+struct JobDone {
+    from: Peer,
+    piece: u32,
+    elapsed: Duration,
+    res: Result<(), JobError>,
+}
+
+struct ParentInfo {
+    peer: PeerId,
+    conn: Option<Parent>,
+    have: Vec<bool>,
+    in_engine: bool,
+    poller: AbortHandle,
+}
+
+/// Reconnecting to a parent that went down waits this long.
+const REDIAL_AFTER: Duration = Duration::from_secs(5);
+/// At the end, how long to wait for a parent to report the sealed content digest.
+const CONTENT_WAIT: Duration = Duration::from_secs(10);
+/// With no way to make progress (no parent, no source), a download fails after this long.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
+
+struct Driver<'a> {
+    swarm: &'a Arc<Swarm>,
+    id: TaskId,
+    req: &'a Request,
+    progress: &'a Arc<Progress>,
+    origin: Origin,
+    start: Instant,
+    task: Option<Arc<TaskHandle>>,
+    lease: Option<Arc<Lease>>,
+    engine: Option<Engine>,
+    engine_cfg: EngineConfig,
+    known: Vec<Option<Digest>>,
+    content: Option<Digest>,
+    parents: HashMap<ParentId, ParentInfo>,
+    by_peer: HashMap<PeerId, ParentId>,
+    down_at: HashMap<PeerId, Instant>,
+    banned: HashSet<PeerId>,
+    ordered: HashSet<PeerId>,
+    next_pid: ParentId,
+    jobs: JoinSet<JobDone>,
+    running: HashMap<(Peer, u32), AbortHandle>,
+    tx: mpsc::UnboundedSender<Event>,
+    told_source: bool,
+    source_mismatches: u32,
+    last_progress: Instant,
+    wanted_parents: Arc<AtomicUsize>,
+    helpers: Vec<AbortHandle>,
+}
+
+impl Drop for Driver<'_> {
+    fn drop(&mut self) {
+        for p in self.parents.values() {
+            p.poller.abort();
+        }
+        for h in &self.helpers {
+            h.abort();
+        }
+    }
+}
+
+pub(super) async fn run(
+    swarm: &Arc<Swarm>,
+    id: TaskId,
+    req: &Request,
+    missing: Missing,
+    progress: &Arc<Progress>,
+    first: CandidatesReply,
+) -> Result<Outcome, FetchError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let pc = &swarm.cfg.peer;
+    let wait = Duration::from_millis(pc.source_wait_ms);
+    let engine_cfg = EngineConfig {
+        piece_timeout: Duration::from_millis(pc.piece_timeout_ms),
+        source_allowed: pc.source_fallback,
+        source_min_rate: (pc.source_min_mbps * 125_000.0) as u64,
+        source_grace: wait,
+        source_wait: wait,
+        ..EngineConfig::default()
+    };
+    let mut d = Driver {
+        swarm,
+        id,
+        req,
+        progress,
+        origin: swarm.fetcher.origin().with_headers(req.headers.clone()),
+        start: Instant::now(),
+        task: None,
+        lease: None,
+        engine: None,
+        engine_cfg,
+        known: Vec::new(),
+        content: None,
+        parents: HashMap::new(),
+        by_peer: HashMap::new(),
+        down_at: HashMap::new(),
+        banned: HashSet::new(),
+        ordered: HashSet::new(),
+        next_pid: 0,
+        jobs: JoinSet::new(),
+        running: HashMap::new(),
+        tx: tx.clone(),
+        told_source: false,
+        source_mismatches: 0,
+        last_progress: Instant::now(),
+        wanted_parents: Arc::new(AtomicUsize::new(pc.max_parents)),
+        helpers: Vec::new(),
+    };
+    match missing {
+        Missing::Partial(t) => {
+            tracing::info!(
+                verified = t.verified_count(),
+                of = t.plan().count(),
+                "resuming from peers"
+            );
+            d.open(t);
+        }
+        Missing::Absent(lease) => d.lease = Some(lease),
+    }
+    d.on_advice(first);
+    let asker = tokio::spawn(ask_loop(
+        swarm.clone(),
+        id,
+        tx.clone(),
+        d.wanted_parents.clone(),
+    ));
+    d.helpers.push(asker.abort_handle());
+    // Without a plan after this long (nobody answered with one), go back to source.
+    let plan_deadline = wait * 3 + Duration::from_secs(5);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_links = Instant::now();
+    loop {
+        tokio::select! {
+            Some(ev) = rx.recv() => d.on_event(ev)?,
+            Some(done) = d.jobs.join_next(), if !d.jobs.is_empty() => d.on_job(done)?,
+            _ = tick.tick() => {}
+        }
+        let Some(engine) = &d.engine else {
+            let waited = d.start.elapsed();
+            if d.swarm.cfg.peer.source_fallback
+                && (d.told_source && d.parents.is_empty() || waited >= plan_deadline)
+            {
+                tracing::info!(
+                    waited_ms = waited.as_millis() as u64,
+                    "no parent has this task"
+                );
+                return d.into_missing().map(Outcome::Source);
+            }
+            if waited >= STALL_LIMIT {
+                return Err(stalled());
+            }
+            continue;
+        };
+        if engine.is_complete() && d.jobs.is_empty() {
+            break;
+        }
+        d.step()?;
+        if last_links.elapsed() >= Duration::from_secs(1) {
+            last_links = Instant::now();
+            d.measure_links();
+        }
+        if d.last_progress.elapsed() >= STALL_LIMIT && d.jobs.is_empty() {
+            return Err(stalled());
+        }
+    }
+    d.measure_links();
+    d.finish(&mut rx).await.map(Outcome::Done)
+}
+
+fn stalled() -> FetchError {
+    FetchError::Source(SourceError::Transfer {
+        url: "peers".into(),
+        detail: format!(
+            "no parent could serve the remaining pieces for {}s and going back to source is off (peer.source_fallback)",
+            STALL_LIMIT.as_secs()
+        ),
+    })
+}
+
+/// Asks the scheduler for parents periodically: often while short of parents, rarely after.
+async fn ask_loop(
+    swarm: Arc<Swarm>,
+    id: TaskId,
+    tx: mpsc::UnboundedSender<Event>,
+    wanted: Arc<AtomicUsize>,
+) {
+    let mut since_ask = Duration::ZERO;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        since_ask += Duration::from_millis(250);
+        let every = if wanted.load(Ordering::Relaxed) > 0 {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(5)
+        };
+        if since_ask < every {
+            continue;
+        }
+        since_ask = Duration::ZERO;
+        match swarm.ask(id).await {
+            Ok(r) => {
+                if tx.send(Event::Advice(r)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "scheduler call failed; retrying"),
+        }
+    }
+}
+
+impl Driver<'_> {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Starts from a stored (partial) task: its plan and verified pieces.
+    fn open(&mut self, t: TaskHandle) {
+        let digests = t.piece_digests();
+        let have: Vec<bool> = digests.iter().map(Option::is_some).collect();
+        self.known = digests;
+        self.engine = Some(Engine::new(t.plan(), &have, self.engine_cfg.clone()));
+        let stored: u64 = t
+            .plan()
+            .pieces()
+            .filter(|p| have[p.index as usize])
+            .map(|p| p.length)
+            .sum();
+        self.progress
+            .total
+            .store(t.plan().content_length(), Ordering::Relaxed);
+        self.progress.done.store(stored, Ordering::Relaxed);
+        self.swarm.register(&t);
+        self.task = Some(Arc::new(t));
+    }
+
+    /// Gives the task (or its lease) back for a download from source. Before a plan is
+    /// known no piece job exists, so the task is not shared.
+    fn into_missing(mut self) -> Result<Missing, FetchError> {
+        self.jobs.abort_all();
+        if let Some(t) = self.task.take().and_then(Arc::into_inner) {
+            return Ok(Missing::Partial(t));
+        }
+        self.lease.take().map(Missing::Absent).ok_or_else(|| {
+            FetchError::Store(StoreError::Uring(std::io::Error::other(
+                "the download lost its task lease",
+            )))
+        })
+    }
+
+    fn on_advice(&mut self, r: CandidatesReply) {
+        match &r.advice {
+            Advice::Source => self.told_source = true,
+            Advice::AskSeed { peer, addr } => {
+                let (peer, addr) = (peer.clone(), *addr);
+                if self.ordered.insert(peer.clone()) {
+                    self.order(addr);
+                }
+                self.add_parent(peer, addr);
+            }
+            Advice::Parents | Advice::Wait => {}
+        }
+        for c in r.parents {
+            self.add_parent(c.peer, c.addr);
+        }
+        let max = self.swarm.cfg.peer.max_parents;
+        self.wanted_parents
+            .store(max.saturating_sub(self.parents.len()), Ordering::Relaxed);
+    }
+
+    /// Orders a seed to fetch the task from source (it serves it to us as it goes).
+    fn order(&mut self, addr: std::net::SocketAddr) {
+        let order = FetchOrder {
+            url: self.req.url.clone(),
+            digest: self.req.digest.map(|d| d.to_string()),
+            headers: self
+                .req
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
+                .collect(),
+            piece_length: self.req.piece_length,
+        };
+        let Ok(body) = serde_json::to_vec(&order) else {
+            return;
+        };
+        let (swarm, task) = (self.swarm.clone(), self.id);
+        let h = tokio::spawn(async move {
+            let res = async {
+                let conn = swarm.node.connect(addr).await?;
+                conn.call(|len| Wire::Fetch { task, body: len }, &body)
+                    .await
+            };
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), res).await {
+                tracing::warn!(seed = %addr, error = %e, "fetch order not delivered");
+            }
+        });
+        self.helpers.push(h.abort_handle());
+    }
+
+    fn add_parent(&mut self, peer: PeerId, addr: std::net::SocketAddr) {
+        if peer == self.swarm.me
+            || self.banned.contains(&peer)
+            || self.by_peer.contains_key(&peer)
+            || self.parents.len() >= self.swarm.cfg.peer.max_parents
+            || self
+                .down_at
+                .get(&peer)
+                .is_some_and(|t| t.elapsed() < REDIAL_AFTER)
+        {
+            return;
+        }
+        let pid = self.next_pid;
+        self.next_pid += 1;
+        let poller = tokio::spawn(poll_parent(
+            self.swarm.clone(),
+            self.id,
+            pid,
+            addr,
+            self.tx.clone(),
+        ));
+        self.by_peer.insert(peer.clone(), pid);
+        self.parents.insert(
+            pid,
+            ParentInfo {
+                peer,
+                conn: None,
+                have: Vec::new(),
+                in_engine: false,
+                poller: poller.abort_handle(),
+            },
+        );
+    }
+
+    fn drop_parent(&mut self, pid: ParentId, ban: bool) {
+        if let Some(p) = self.parents.remove(&pid) {
+            p.poller.abort();
+            self.by_peer.remove(&p.peer);
+            if ban {
+                self.banned.insert(p.peer);
+            } else {
+                self.down_at.insert(p.peer, Instant::now());
+            }
+        }
+        if let Some(e) = &mut self.engine {
+            e.remove_parent(pid);
+        }
+        let mine: Vec<(Peer, u32)> = self
+            .running
+            .keys()
+            .filter(|(f, _)| *f == Peer::Parent(pid))
+            .copied()
+            .collect();
+        for k in mine {
+            if let Some(h) = self.running.remove(&k) {
+                h.abort();
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) -> Result<(), FetchError> {
+        match ev {
+            Event::Advice(r) => self.on_advice(r),
+            Event::Connected { pid, conn } => {
+                if let Some(p) = self.parents.get_mut(&pid) {
+                    p.conn = Some(conn);
+                }
+            }
+            Event::Down { pid, why } => {
+                if let Some(p) = self.parents.get(&pid) {
+                    tracing::info!(parent = %p.peer, %why, "parent gone");
+                }
+                self.drop_parent(pid, false);
+            }
+            Event::Have { pid, reply } => self.on_have(pid, reply)?,
+        }
+        Ok(())
+    }
+
+    /// The first plan heard decides the task's layout; a parent with another one is dropped.
+    fn on_have(&mut self, pid: ParentId, r: HaveReply) -> Result<(), FetchError> {
+        if !self.parents.contains_key(&pid) {
+            return Ok(());
+        }
+        let plan = match PiecePlan::new(r.content_length, r.piece_length) {
+            Ok(p) if p.count() <= MAX_PIECES => p,
+            _ => {
+                tracing::warn!("a parent sent an invalid piece plan; dropping it");
+                self.drop_parent(pid, true);
+                return Ok(());
+            }
+        };
+        if self.engine.is_none() {
+            self.create(plan)?;
+        }
+        let ours = self.task.as_ref().map(|t| t.plan());
+        if ours != Some(plan) {
+            tracing::warn!(
+                theirs = ?plan,
+                "a parent has this task with another piece plan; not using it"
+            );
+            self.drop_parent(pid, true);
+            return Ok(());
+        }
+        if let (Some(c), Some(want)) = (r.content, self.req.digest) {
+            if c != want {
+                tracing::warn!(%c, %want, "a parent sealed other content under this digest; not using it");
+                self.drop_parent(pid, true);
+                return Ok(());
+            }
+        }
+        if r.content.is_some() {
+            self.content = r.content;
+        }
+        let n = plan.count() as usize;
+        let Some(p) = self.parents.get_mut(&pid) else {
+            return Ok(());
+        };
+        p.have.resize(n, false);
+        let mut fresh = Vec::new();
+        for (i, d) in r.entries {
+            let Some(slot) = self.known.get_mut(i as usize) else {
+                continue;
+            };
+            match slot {
+                None => *slot = Some(d),
+                Some(k) if *k != d => {
+                    // Two parents disagree on a piece's hash: trust the first, and let this
+                    // parent's copy fail verification if it is requested elsewhere.
+                    tracing::warn!(piece = i, "parents disagree on a piece's SHA-256");
+                    continue;
+                }
+                Some(_) => {}
+            }
+            if !p.have[i as usize] {
+                p.have[i as usize] = true;
+                fresh.push(i);
+            }
+        }
+        let Some(engine) = &mut self.engine else {
+            return Ok(());
+        };
+        if !p.in_engine {
+            engine.add_parent(pid, &p.have);
+            p.in_engine = true;
+        } else {
+            for i in fresh {
+                engine.parent_has(pid, i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the task in the store with the swarm's plan and starts serving it.
+    fn create(&mut self, plan: PiecePlan) -> Result<(), FetchError> {
+        let Some(lease) = self.lease.take() else {
+            return Ok(());
+        };
+        let header = TaskHeader {
+            id: self.id,
+            plan,
+            expected: self.req.digest,
+            validator: String::new(),
+            url: self.req.url.clone(),
+        };
+        let task = self.swarm.fetcher.store().create(lease, header)?;
+        self.open(task);
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<(), FetchError> {
+        let now = self.now();
+        let Some(engine) = &mut self.engine else {
+            return Ok(());
+        };
+        for a in engine.poll(now) {
+            match a {
+                Action::Request { from, piece } => self.spawn(from, piece),
+                Action::Cancel { from, piece } => {
+                    if let Some(h) = self.running.remove(&(from, piece)) {
+                        h.abort();
+                    }
+                }
+                Action::Blacklist { parent } => {
+                    if let Some(p) = self.parents.get(&parent) {
+                        tracing::warn!(parent = %p.peer, "blacklisted: it served corrupt pieces");
+                        self.swarm.fetcher.metrics().blacklisted();
+                        self.banned.insert(p.peer.clone());
+                        p.poller.abort();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self, from: Peer, index: u32) {
+        let Some(task) = self.task.clone() else {
+            return;
+        };
+        let Some(piece) = task.plan().piece(index) else {
+            return;
+        };
+        let want = self.known.get(index as usize).copied().flatten();
+        let progress = self.progress.clone();
+        let id = self.id;
+        let started = Instant::now();
+        let fut: futures::future::BoxFuture<'static, Result<(), JobError>> = match from {
+            Peer::Parent(pid) => {
+                let conn = self.parents.get(&pid).and_then(|p| p.conn.clone());
+                match (conn, want) {
+                    (Some(conn), Some(want)) => {
+                        Box::pin(
+                            async move { from_parent(conn, id, task, piece, want, progress).await },
+                        )
+                    }
+                    // Not connected (yet), or no hash to check against: a refusal.
+                    _ => Box::pin(async { Err(JobError::Fail(Failure::Refused, "refused")) }),
+                }
+            }
+            Peer::Source => {
+                let origin = self.origin.clone();
+                let url = self.req.url.clone();
+                Box::pin(async move { from_source(origin, url, task, piece, want, progress).await })
+            }
+        };
+        let h = self.jobs.spawn(async move {
+            let res = fut.await;
+            JobDone {
+                from,
+                piece: index,
+                elapsed: started.elapsed(),
+                res,
+            }
+        });
+        self.running.insert((from, index), h);
+    }
+
+    fn on_job(&mut self, done: Result<JobDone, tokio::task::JoinError>) -> Result<(), FetchError> {
+        let done = match done {
+            Ok(d) => d,
+            Err(e) if e.is_cancelled() => return Ok(()),
+            Err(e) => {
+                return Err(FetchError::Store(StoreError::Uring(std::io::Error::other(
+                    format!("a piece job failed: {e}"),
+                ))))
+            }
+        };
+        self.running.remove(&(done.from, done.piece));
+        let now = self.now();
+        let Some(engine) = &mut self.engine else {
+            return Ok(());
+        };
+        match done.res {
+            Ok(()) => {
+                let len = self
+                    .task
+                    .as_ref()
+                    .and_then(|t| t.plan().piece(done.piece))
+                    .map_or(0, |p| p.length);
+                if !engine.has(done.piece) {
+                    self.progress.done.fetch_add(len, Ordering::Relaxed);
+                }
+                if let (Some(t), None) = (&self.task, self.known[done.piece as usize]) {
+                    self.known[done.piece as usize] = t.piece_digests()[done.piece as usize];
+                }
+                engine.on_piece(done.from, done.piece, done.elapsed, now);
+                self.last_progress = Instant::now();
+            }
+            Err(JobError::Fail(f, cause)) => {
+                if let Peer::Parent(pid) = done.from {
+                    let who = self.parents.get(&pid).map_or("?", |p| p.peer.as_str());
+                    tracing::info!(parent = who, piece = done.piece, cause, "piece failed");
+                    self.swarm.fetcher.metrics().piece_failure(cause);
+                } else if f == Failure::Mismatch {
+                    self.source_mismatches += 1;
+                    if self.source_mismatches >= 3 {
+                        return Err(SourceError::Changed {
+                            url: self.req.url.clone(),
+                            detail: "the origin's pieces do not match the swarm's hashes".into(),
+                        }
+                        .into());
+                    }
+                }
+                engine.on_failure(done.from, done.piece, f, now);
+            }
+            Err(JobError::Fatal(e)) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Feeds QUIC's path measurements to the engine and the scheduler's link reports.
+    fn measure_links(&mut self) {
+        let Some(engine) = &mut self.engine else {
+            return;
+        };
+        let rates: HashMap<ParentId, f64> = engine
+            .report()
+            .into_iter()
+            .filter_map(|r| Some((r.parent, r.rate?)))
+            .collect();
+        for (pid, p) in &self.parents {
+            let Some(conn) = &p.conn else { continue };
+            let s = conn.stats();
+            let loss = s.path.lost_packets as f64 / s.path.sent_packets.max(1) as f64;
+            engine.link_quality(*pid, s.path.rtt, loss);
+            if let Some(rate) = rates.get(pid) {
+                self.swarm.record_link(
+                    &p.peer,
+                    LinkReport {
+                        throughput: *rate,
+                        rtt: s.path.rtt,
+                        loss,
+                    },
+                );
+                self.swarm.fetcher.metrics().parent_rate(&p.peer, *rate);
+            }
+        }
+    }
+
+    /// Every piece is verified: check the whole content and seal the task.
+    async fn finish(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> Result<Fetched, FetchError> {
+        let Some(task) = self.task.take() else {
+            return Err(stalled());
+        };
+        self.jobs.abort_all();
+        while self.jobs.join_next().await.is_some() {}
+        let task = Arc::into_inner(task).ok_or_else(|| {
+            FetchError::Store(StoreError::Uring(std::io::Error::other(
+                "a piece job outlived its download",
+            )))
+        })?;
+        let actual = task.hash_content().await?;
+        let mut expected = self.req.digest.or(self.content);
+        let deadline = Instant::now() + CONTENT_WAIT;
+        while expected.is_none() && Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+                Ok(Some(Event::Have { reply, .. })) => expected = reply.content,
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        match expected {
+            Some(e) if e != actual => {
+                task.discard()?;
+                return Err(FetchError::DigestMismatch {
+                    url: self.req.url.clone(),
+                    expected: e,
+                    actual,
+                });
+            }
+            Some(_) => {}
+            None => tracing::warn!(
+                %actual,
+                "no parent reported the sealed content digest; every piece matched the swarm's hashes"
+            ),
+        }
+        let manifest = task.complete(actual)?;
+        Ok(Fetched {
+            task,
+            manifest,
+            served: Served::Swarm,
+        })
+    }
+}
+
+/// Connects to a parent and long-polls its verification log until it goes away.
+async fn poll_parent(
+    swarm: Arc<Swarm>,
+    task: TaskId,
+    pid: ParentId,
+    addr: std::net::SocketAddr,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let down = |why: String| {
+        let _ = tx.send(Event::Down { pid, why });
+    };
+    let conn = match tokio::time::timeout(Duration::from_secs(3), swarm.node.connect(addr)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return down(e.to_string()),
+        Err(_) => return down(format!("connecting to {addr} timed out")),
+    };
+    if tx
+        .send(Event::Connected {
+            pid,
+            conn: conn.clone(),
+        })
+        .is_err()
+    {
+        return;
+    }
+    let (mut epoch, mut since) = (u32::MAX, 0u32);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), conn.have(task, epoch, since)).await {
+            Ok(Ok(r)) => {
+                let sealed = r.content.is_some() && r.entries.is_empty() && r.epoch == epoch;
+                epoch = r.epoch;
+                since = r.end;
+                if tx.send(Event::Have { pid, reply: r }).is_err() {
+                    return;
+                }
+                if sealed {
+                    // A complete parent has no more news: just notice when it goes away.
+                    let reason = conn.closed().await;
+                    return down(reason);
+                }
+            }
+            Ok(Err(TransportError::Refused(Status::NotFound))) => {
+                // Not (yet) holding the task, e.g. a seed that just took our fetch order.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Err(e)) => return down(e.to_string()),
+            Err(_) => return down("have request timed out".into()),
+        }
+    }
+}
+
+async fn from_parent(
+    conn: Parent,
+    task_id: TaskId,
+    task: Arc<TaskHandle>,
+    piece: Piece,
+    want: Digest,
+    progress: Arc<Progress>,
+) -> Result<(), JobError> {
+    let chunks = conn
+        .piece(task_id, piece.index)
+        .await
+        .map_err(|e| match e {
+            TransportError::Refused(_) => JobError::Fail(Failure::Refused, "refused"),
+            TransportError::Wire(_) => JobError::Fail(Failure::Mismatch, "malformed"),
+            _ => JobError::Fail(Failure::Reset, "reset"),
+        })?;
+    let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    progress.parent_bytes.fetch_add(n, Ordering::Relaxed);
+    verify_and_store(&task, piece, chunks, Some(want)).await
+}
+
+async fn from_source(
+    origin: Origin,
+    url: String,
+    task: Arc<TaskHandle>,
+    piece: Piece,
+    want: Option<Digest>,
+    progress: Arc<Progress>,
+) -> Result<(), JobError> {
+    let total = task.plan().content_length();
+    let fail = |e: SourceError| {
+        if e.is_retryable() {
+            JobError::Fail(Failure::Reset, "origin")
+        } else {
+            JobError::Fatal(e.into())
+        }
+    };
+    let body = origin
+        .range(&url, piece.offset, piece.length, total, "")
+        .await
+        .map_err(fail)?;
+    let mut body = std::pin::pin!(body);
+    let mut chunks = Vec::new();
+    while let Some(c) = body.next().await {
+        let c = c.map_err(fail)?;
+        progress
+            .origin_bytes
+            .fetch_add(c.len() as u64, Ordering::Relaxed);
+        chunks.push(c);
+    }
+    verify_and_store(&task, piece, chunks, want).await
+}
+
+/// Hashes a piece and stores it if it is whole and matches `want` (when known).
+async fn verify_and_store(
+    task: &TaskHandle,
+    piece: Piece,
+    chunks: Vec<Bytes>,
+    want: Option<Digest>,
+) -> Result<(), JobError> {
+    let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    if n != piece.length {
+        return Err(JobError::Fail(Failure::Mismatch, "digest_mismatch"));
+    }
+    let mut h = Sha256Stream::new();
+    for c in &chunks {
+        h.update(c);
+    }
+    let got = h.finish();
+    if want.is_some_and(|w| w != got) {
+        return Err(JobError::Fail(Failure::Mismatch, "digest_mismatch"));
+    }
+    task.write_piece(piece, chunks, got)
+        .await
+        .map_err(|e| JobError::Fatal(e.into()))
+}

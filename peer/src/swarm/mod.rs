@@ -1,0 +1,578 @@
+//! The daemon as a peer: it serves every task it holds over QUIC (verified pieces only, from
+//! memory maps), announces what it holds to the scheduler that owns each task, asks that
+//! scheduler for parents, and downloads from them (see [`download`]). A seed peer also takes
+//! fetch orders: "go back to source for this task", which it then serves.
+//!
+//! Wiring only: the planning is the engine's, the piece exchange the transport's, the storage
+//! the store's, the back-to-source pipeline the fetcher's.
+
+mod announce;
+mod download;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::core::{Digest, PiecePlan, TaskId};
+use crate::fetch::{FetchError, Fetched, Fetcher, Progress, Request, Served};
+use crate::scheduler::ring::Ring;
+use crate::scheduler::service::{CandidatesCall, CandidatesReply, SchedulerService};
+use crate::scheduler::{Advice, LinkReport, PeerId, SchedulerConfig};
+use crate::storage::{LeaseMode, TaskHandle, UploadView};
+use crate::transport::tls::{ClusterCa, TlsError};
+use crate::transport::wire::{self, HaveReply, Request as Wire, Status};
+use crate::transport::{Node, Parent, PieceSource, TransportError};
+
+/// How long a have request is held open while the parent has no news.
+const HAVE_WAIT: Duration = Duration::from_millis(1000);
+/// A scheduler call that takes longer than this has failed.
+const SCHEDULER_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwarmError {
+    #[error("cluster TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A seed's order to go back to source for a task (wire kind 4, JSON body).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FetchOrder {
+    pub url: String,
+    pub digest: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub piece_length: Option<u64>,
+}
+
+/// Where the schedulers are.
+enum Schedulers {
+    /// This daemon answers scheduler calls itself.
+    Embedded(Arc<SchedulerService>),
+    /// Remote schedulers, tasks split by consistent hashing.
+    Remote {
+        ring: Ring,
+        conns: tokio::sync::Mutex<HashMap<String, Parent>>,
+    },
+}
+
+/// A task this peer serves.
+struct ServedTask {
+    view: Arc<UploadView>,
+    last_used: Instant,
+}
+
+pub struct Swarm {
+    fetcher: Arc<Fetcher>,
+    node: Node,
+    me: PeerId,
+    addr: SocketAddr,
+    seed: bool,
+    cfg: Config,
+    schedulers: Schedulers,
+    served: Mutex<HashMap<TaskId, ServedTask>>,
+    /// Seed fetch orders in progress.
+    ordered: Mutex<HashSet<TaskId>>,
+    /// Link quality measured per parent, reported with announcements.
+    links: Mutex<HashMap<PeerId, LinkReport>>,
+    /// Pieces served since the last announcement (the load reported to the scheduler).
+    served_pieces: AtomicU32,
+    announcer: announce::State,
+}
+
+impl Swarm {
+    /// Binds the peer's QUIC endpoint under the cluster CA and starts serving and announcing.
+    pub async fn start(fetcher: Arc<Fetcher>) -> Result<Arc<Swarm>, SwarmError> {
+        let cfg = fetcher.config().clone();
+        let ca = match (&cfg.tls.ca_cert, &cfg.tls.ca_key) {
+            (Some(c), Some(k)) => {
+                let read = |p: &std::path::Path| {
+                    std::fs::read_to_string(p).map_err(|source| SwarmError::Read {
+                        path: p.to_path_buf(),
+                        source,
+                    })
+                };
+                ClusterCa::from_pem(&read(c)?, &read(k)?)?
+            }
+            _ => ClusterCa::load_or_create(&cfg.data_dir.join("tls"))?,
+        };
+        let listen: SocketAddr =
+            cfg.peer.listen.parse().map_err(|_| {
+                TransportError::Stream(format!("peer.listen {:?}", cfg.peer.listen))
+            })?;
+        let remote: Vec<SocketAddr> = cfg
+            .scheduler
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        // Peers are authenticated by the CA's signature; the certificate's common name is
+        // informational (the peer ID is the advertised address, known only after binding).
+        let identity = ca.issue("starling-peer")?;
+        let node = Node::bind(listen, &identity)?;
+        let bound = node.local_addr()?;
+        let addr = advertise(&cfg, bound, remote.first().copied());
+        let schedulers = if remote.is_empty() {
+            Schedulers::Embedded(SchedulerService::new(scheduler_config(&cfg)))
+        } else {
+            Schedulers::Remote {
+                ring: Ring::new(&cfg.scheduler.addrs),
+                conns: tokio::sync::Mutex::new(HashMap::new()),
+            }
+        };
+        let swarm = Arc::new(Swarm {
+            me: addr.to_string(),
+            addr,
+            seed: cfg.peer.seed,
+            fetcher,
+            node,
+            cfg,
+            schedulers,
+            served: Mutex::new(HashMap::new()),
+            ordered: Mutex::new(HashSet::new()),
+            links: Mutex::new(HashMap::new()),
+            served_pieces: AtomicU32::new(0),
+            announcer: announce::State::default(),
+        });
+        swarm.node.serve(swarm.clone());
+        tokio::spawn(announce::run(swarm.clone()));
+        tracing::info!(peer = %swarm.me, seed = swarm.seed, embedded_scheduler = matches!(swarm.schedulers, Schedulers::Embedded(_)), "peer listening (QUIC, mutual TLS)");
+        Ok(swarm)
+    }
+
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.fetcher
+    }
+
+    pub fn id(&self) -> &str {
+        &self.me
+    }
+
+    /// Downloads a task through the swarm (or from the store, or back to source when the
+    /// scheduler says so), and keeps serving it.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        req: &Request,
+        progress: &Arc<Progress>,
+    ) -> Result<Fetched, FetchError> {
+        if let Some(pl) = req.piece_length {
+            PiecePlan::new(0, pl)?;
+        }
+        let cfg = self.fetcher.config();
+        let id = TaskId::resolve(&req.url, req.digest, &cfg.source.filtered_query_params)?;
+        let metrics = self.fetcher.metrics().clone();
+        metrics.started();
+        let res = self
+            .fetch_task(id, req, progress)
+            .instrument(tracing::info_span!("task", %id))
+            .await;
+        metrics.finished(res.is_ok());
+        metrics.add_bytes("origin", progress.origin_bytes.load(Ordering::Relaxed));
+        metrics.add_bytes("parent", progress.parent_bytes.load(Ordering::Relaxed));
+        if let Ok(f) = &res {
+            if f.served == Served::Store {
+                metrics.add_bytes("local", f.manifest.plan().content_length());
+            }
+            // Other local readers and uploads share the task from here on.
+            if let Err(e) = f.task.lease().downgrade() {
+                tracing::warn!(error = %e, "cannot downgrade the task lease");
+            }
+        }
+        res
+    }
+
+    async fn fetch_task(
+        self: &Arc<Self>,
+        id: TaskId,
+        req: &Request,
+        progress: &Arc<Progress>,
+    ) -> Result<Fetched, FetchError> {
+        if let Some(done) = self.served_copy(id, progress).await? {
+            return Ok(done);
+        }
+        let missing = match self.fetcher.lookup(id, progress).await? {
+            Ok(done) => {
+                self.register(&done.task);
+                return Ok(done);
+            }
+            Err(missing) => missing,
+        };
+        let reply = match self.ask(id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler unreachable; going back to source");
+                CandidatesReply {
+                    parents: Vec::new(),
+                    advice: Advice::Source,
+                }
+            }
+        };
+        let missing = if reply.advice == Advice::Source {
+            missing
+        } else {
+            match download::run(self, id, req, missing, progress, reply).await? {
+                download::Outcome::Done(f) => return Ok(f),
+                download::Outcome::Source(m) => m,
+            }
+        };
+        tracing::info!("fetching back to source");
+        self.fetcher
+            .from_source(id, missing, req, progress, &|t| self.register(t))
+            .await
+    }
+
+    /// A complete task this daemon already serves: its views hold a shared lease, so read it
+    /// under another shared lease (re-verified end to end, as every store hit is).
+    async fn served_copy(
+        &self,
+        id: TaskId,
+        progress: &Arc<Progress>,
+    ) -> Result<Option<Fetched>, FetchError> {
+        let complete = self
+            .served
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&id).map(|t| t.view.is_complete()))
+            .unwrap_or(false);
+        if !complete {
+            return Ok(None);
+        }
+        let store = self.fetcher.store();
+        let lease = store.acquire(&id, LeaseMode::Shared).await?;
+        let Ok(task) = store.load(lease)? else {
+            return Ok(None);
+        };
+        let Some(manifest) = task.manifest() else {
+            return Ok(None);
+        };
+        if task.verify_sealed().await? != Some(true) {
+            tracing::warn!("a served task's stored content is damaged; it will be fetched again");
+            self.unregister(&id);
+            return Ok(None);
+        }
+        let len = manifest.plan().content_length();
+        progress.total.store(len, Ordering::Relaxed);
+        progress.done.store(len, Ordering::Relaxed);
+        Ok(Some(Fetched {
+            task,
+            manifest,
+            served: Served::Store,
+        }))
+    }
+
+    /// Serves `task` to peers from now on (replacing an older view of it).
+    fn register(&self, task: &TaskHandle) {
+        match task.upload_view() {
+            Ok(v) => {
+                if let Ok(mut s) = self.served.lock() {
+                    s.insert(
+                        task.header().id,
+                        ServedTask {
+                            view: Arc::new(v),
+                            last_used: Instant::now(),
+                        },
+                    );
+                    self.fetcher.metrics().set_serving(s.len());
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot serve this task to peers"),
+        }
+    }
+
+    fn unregister(&self, id: &TaskId) {
+        if let Ok(mut s) = self.served.lock() {
+            s.remove(id);
+            self.fetcher.metrics().set_serving(s.len());
+        }
+    }
+
+    /// Stops serving complete tasks nobody fetched for `peer.serve_idle_seconds`, so GC may
+    /// evict them.
+    pub fn expire_served(&self) {
+        let idle = Duration::from_secs(self.cfg.peer.serve_idle_seconds);
+        if let Ok(mut s) = self.served.lock() {
+            s.retain(|_, t| !t.view.is_complete() || t.last_used.elapsed() < idle);
+            self.fetcher.metrics().set_serving(s.len());
+        }
+    }
+
+    fn view(&self, task: &TaskId) -> Option<Arc<UploadView>> {
+        let mut s = self.served.lock().ok()?;
+        let t = s.get_mut(task)?;
+        t.last_used = Instant::now();
+        Some(t.view.clone())
+    }
+
+    /// Candidates and advice from the scheduler that owns `task`.
+    async fn ask(&self, task: TaskId) -> Result<CandidatesReply, TransportError> {
+        let call = CandidatesCall {
+            peer: self.me.clone(),
+            max: self.cfg.peer.max_parents as u32,
+        };
+        match &self.schedulers {
+            Schedulers::Embedded(s) => Ok(s.candidates(&task, &call)),
+            Schedulers::Remote { ring, .. } => {
+                let owner = ring.owner(&task).unwrap_or_default().to_string();
+                let body =
+                    serde_json::to_vec(&call).map_err(|e| TransportError::Stream(e.to_string()))?;
+                let reply = self
+                    .remote(&owner, |len| Wire::Candidates { task, body: len }, &body)
+                    .await?;
+                serde_json::from_slice(&reply)
+                    .map_err(|e| TransportError::Stream(format!("scheduler reply: {e}")))
+            }
+        }
+    }
+
+    /// One call to a remote scheduler, reconnecting once if the connection went away.
+    async fn remote(
+        &self,
+        addr: &str,
+        make: impl Fn(u32) -> Wire,
+        body: &[u8],
+    ) -> Result<Bytes, TransportError> {
+        let Schedulers::Remote { conns, .. } = &self.schedulers else {
+            return Err(TransportError::Stream("no remote scheduler".into()));
+        };
+        let sock: SocketAddr = addr
+            .parse()
+            .map_err(|_| TransportError::Stream(format!("scheduler address {addr:?}")))?;
+        let mut last = None;
+        for _ in 0..2 {
+            let conn = {
+                let mut c = conns.lock().await;
+                match c.get(addr).filter(|p| !p.is_closed()) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = tokio::time::timeout(SCHEDULER_TIMEOUT, self.node.connect(sock))
+                            .await
+                            .map_err(|_| TransportError::Connect {
+                                addr: sock,
+                                detail: "timed out".into(),
+                            })??;
+                        c.insert(addr.to_string(), p.clone());
+                        p
+                    }
+                }
+            };
+            match tokio::time::timeout(SCHEDULER_TIMEOUT, conn.call(&make, body)).await {
+                Ok(Ok(b)) => return Ok(b),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(TransportError::Stream("scheduler call timed out".into())),
+            }
+            conns.lock().await.remove(addr);
+        }
+        Err(last.unwrap_or_else(|| TransportError::Stream("scheduler call failed".into())))
+    }
+
+    /// Records the measured link from a parent, for the next announcement.
+    fn record_link(&self, parent: &str, link: LinkReport) {
+        if let Ok(mut l) = self.links.lock() {
+            l.insert(parent.to_string(), link);
+        }
+    }
+
+    /// A fetch order from another peer: only a seed takes them.
+    fn take_order(self: Arc<Self>, task: TaskId, body: &[u8]) -> Result<Bytes, Status> {
+        if !self.seed {
+            return Err(Status::BadRequest);
+        }
+        let order: FetchOrder = serde_json::from_slice(body).map_err(|_| Status::BadRequest)?;
+        let digest = match order
+            .digest
+            .as_deref()
+            .map(str::parse::<Digest>)
+            .transpose()
+        {
+            Ok(d) => d,
+            Err(_) => return Err(Status::BadRequest),
+        };
+        let filtered = &self.cfg.source.filtered_query_params;
+        if TaskId::resolve(&order.url, digest, filtered).ok() != Some(task) {
+            return Err(Status::BadRequest);
+        }
+        let mut headers = http::HeaderMap::new();
+        for (k, v) in &order.headers {
+            let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) else {
+                return Err(Status::BadRequest);
+            };
+            headers.append(k, v);
+        }
+        let fresh = self
+            .ordered
+            .lock()
+            .map(|mut o| o.insert(task))
+            .unwrap_or(false);
+        let have = self
+            .served
+            .lock()
+            .map(|s| s.contains_key(&task))
+            .unwrap_or(false);
+        if fresh && !have {
+            let req = Request {
+                url: order.url,
+                digest,
+                piece_length: order.piece_length,
+                headers,
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let progress = Arc::new(Progress::default());
+                match me.fetch(&req, &progress).await {
+                    Ok(_) => tracing::info!(%task, "seeded on order"),
+                    Err(e) => tracing::warn!(%task, error = %e, "fetch order failed"),
+                }
+                if let Ok(mut o) = me.ordered.lock() {
+                    o.remove(&task);
+                }
+            });
+        } else if let Ok(mut o) = self.ordered.lock() {
+            if have {
+                o.remove(&task);
+            }
+        }
+        Ok(Bytes::from_static(b"{}"))
+    }
+
+    async fn have(self: Arc<Self>, task: TaskId, epoch: u32, since: u32) -> Option<Bytes> {
+        let view = self.view(&task)?;
+        let mut changes = view.subscribe();
+        let mut slice = view.log_since(epoch, since);
+        if slice.entries.is_empty() && slice.epoch == epoch && !view.is_complete() {
+            let _ = tokio::time::timeout(HAVE_WAIT, changes.changed()).await;
+            slice = view.log_since(epoch, since);
+        }
+        let plan = view.plan();
+        Some(Bytes::from(
+            HaveReply {
+                content_length: plan.content_length(),
+                piece_length: plan.piece_length(),
+                content: view.content_digest(),
+                epoch: slice.epoch,
+                end: slice.end,
+                entries: slice.entries,
+            }
+            .encode(),
+        ))
+    }
+}
+
+impl PieceSource for Swarm {
+    fn manifest(&self, task: &TaskId) -> Option<Bytes> {
+        self.view(task)?.manifest()
+    }
+
+    fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes> {
+        let p = self.view(task)?.piece(index);
+        if p.is_some() {
+            self.served_pieces.fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+
+    fn have(
+        self: Arc<Self>,
+        task: TaskId,
+        epoch: u32,
+        since: u32,
+    ) -> BoxFuture<'static, Option<Bytes>> {
+        Box::pin(Swarm::have(self, task, epoch, since))
+    }
+
+    fn call(self: Arc<Self>, req: Wire, body: Bytes) -> BoxFuture<'static, Result<Bytes, Status>> {
+        let r = match (&self.schedulers, req) {
+            (_, Wire::Fetch { task, .. }) => self.clone().take_order(task, &body),
+            (Schedulers::Embedded(s), _) => s.call(req, &body),
+            _ => Err(Status::BadRequest),
+        };
+        Box::pin(async move { r })
+    }
+
+    fn uploaded(&self, bytes: u64) {
+        self.fetcher.metrics().uploaded(bytes);
+    }
+}
+
+fn scheduler_config(cfg: &Config) -> SchedulerConfig {
+    SchedulerConfig {
+        ttl: Duration::from_secs(cfg.scheduler.peer_ttl_seconds),
+        fanout: cfg.scheduler.fanout,
+        ..SchedulerConfig::default()
+    }
+}
+
+/// Runs `starling scheduler`: scheduler calls only, over QUIC with mutual TLS.
+pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
+    let ca = match (&cfg.tls.ca_cert, &cfg.tls.ca_key) {
+        (Some(c), Some(k)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(|source| SwarmError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })
+            };
+            ClusterCa::from_pem(&read(c)?, &read(k)?)?
+        }
+        _ => ClusterCa::load_or_create(&cfg.data_dir.join("tls"))?,
+    };
+    let listen: SocketAddr = cfg.scheduler.listen.parse().map_err(|_| {
+        TransportError::Stream(format!("scheduler.listen {:?}", cfg.scheduler.listen))
+    })?;
+    let node = Node::bind(listen, &ca.issue("starling-scheduler")?)?;
+    let service = SchedulerService::new(scheduler_config(&cfg));
+    let served = node.serve(Arc::new(crate::scheduler::service::StandaloneScheduler(
+        service,
+    )));
+    tracing::info!(addr = %node.local_addr()?, "scheduler listening (QUIC, mutual TLS)");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| SwarmError::Read {
+            path: "signal".into(),
+            source,
+        })?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = served => {}
+    }
+    node.close();
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
+
+/// The address other peers dial: `peer.advertise`, else the bound port on the local address
+/// that routes to the scheduler (loopback with the embedded scheduler).
+fn advertise(cfg: &Config, bound: SocketAddr, scheduler: Option<SocketAddr>) -> SocketAddr {
+    if let Ok(a) = cfg.peer.advertise.parse::<SocketAddr>() {
+        return a;
+    }
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let ip = scheduler
+        .and_then(|s| {
+            let u = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+            u.connect(s).ok()?;
+            u.local_addr().ok().map(|a| a.ip())
+        })
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+    SocketAddr::new(ip, bound.port())
+}
+
+/// Wire limit on pieces, re-exported for the downloader.
+const MAX_PIECES: u32 = wire::MAX_WIRE_PIECES;
