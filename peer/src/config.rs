@@ -53,6 +53,8 @@ pub struct PeerConfig {
     pub seed: bool,
     /// Upload capacity announced to the scheduler, in Mbit/s (0: unknown). Default 0.
     pub upload_mbps: f64,
+    /// Upload rate limit for piece data, in Mbit/s (0: unlimited). Default 0.
+    pub upload_limit_mbps: f64,
     /// Parents downloaded from at once. Default 6.
     pub max_parents: usize,
     /// Whether a peer may go back to source for pieces no parent has (after
@@ -81,6 +83,7 @@ impl Default for PeerConfig {
             advertise: String::new(),
             seed: false,
             upload_mbps: 0.0,
+            upload_limit_mbps: 0.0,
             max_parents: 6,
             source_fallback: true,
             source_wait_ms: 3000,
@@ -379,7 +382,7 @@ impl Config {
                 "must be 1 to 64",
             );
         }
-        if !(p.upload_mbps >= 0.0 && p.source_min_mbps >= 0.0) {
+        if !(p.upload_mbps >= 0.0 && p.source_min_mbps >= 0.0 && p.upload_limit_mbps >= 0.0) {
             return bad("peer.*_mbps", "negative".into(), "rates must be 0 or more");
         }
         if p.piece_timeout_ms < 100 || p.announce_interval_ms < 10 {

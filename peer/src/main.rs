@@ -249,6 +249,15 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
                 return Err(Failure(code, anyhow::anyhow!(message)));
             }
             Ok(Some(ApiEvent::Progress { .. })) | Ok(None) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // It took the request and died (killed, crashed): its verified pieces are
+                // kept, and retrying resumes; working in-process now would bypass the swarm.
+                finish_bar(bar);
+                return Err(Failure(
+                    exit::NETWORK,
+                    anyhow::anyhow!("the daemon at {} stopped before finishing; its verified pieces are kept: restart it and run the command again", cfg.socket_path().display()),
+                ));
+            }
             Err(e) => {
                 tracing::warn!(socket = %cfg.socket_path().display(), error = %e, "the daemon did not answer; working in-process");
             }

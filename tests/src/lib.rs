@@ -3,7 +3,9 @@
 //! origin for what real servers do on a bad day. Every process started here is killed by PID
 //! when its guard drops.
 
+mod cluster;
 mod fault;
+mod lab;
 mod netns;
 mod servers;
 
@@ -11,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+pub use cluster::{free_udp_port, metric_value, scrape, scrape_at, Cluster, Node, SchedulerProc};
 pub use fault::{FaultOrigin, Faults};
+pub use lab::Lab;
 pub use netns::Netns;
 pub use servers::{Nginx, PyHttp};
 
@@ -40,6 +44,8 @@ pub fn starling_bin() -> PathBuf {
 /// retry delays. Removed on drop.
 pub struct Scratch {
     pub dir: tempfile::TempDir,
+    /// The network namespace its daemon runs in (a lab host), if any.
+    pub netns: Option<String>,
 }
 
 impl Scratch {
@@ -48,7 +54,7 @@ impl Scratch {
             .prefix("starling-test-")
             .tempdir()
             .expect("create a temp dir");
-        let s = Scratch { dir };
+        let s = Scratch { dir, netns: None };
         std::fs::create_dir_all(s.out_dir()).expect("create out dir");
         s.write_config("");
         s
@@ -100,6 +106,20 @@ impl Scratch {
     pub fn starling(&self) -> Command {
         let mut c = Command::new(starling_bin());
         c.env("STARLING_CONFIG", self.config_path())
+            .env_remove("STARLING_DATA_DIR")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// `starling` in this scratch's namespace (for the daemon), else as [`Scratch::starling`].
+    pub fn starling_in_ns(&self) -> Command {
+        let Some(ns) = &self.netns else {
+            return self.starling();
+        };
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns])
+            .arg(starling_bin())
+            .env("STARLING_CONFIG", self.config_path())
             .env_remove("STARLING_DATA_DIR")
             .env_remove("RUST_LOG");
         c
@@ -216,8 +236,13 @@ pub fn free_port() -> u16 {
 
 /// Waits until something accepts on 127.0.0.1:port.
 pub fn wait_for_port(port: u16, what: &str) {
+    wait_for_addr("127.0.0.1", port, what);
+}
+
+/// Waits until something accepts on host:port.
+pub fn wait_for_addr(host: &str, port: u16, what: &str) {
     wait_until(Duration::from_secs(15), what, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        std::net::TcpStream::connect((host, port)).is_ok()
     });
 }
 
@@ -259,15 +284,21 @@ impl Daemon {
         let socket = s.data_dir().join("starling.sock");
         let log = std::fs::File::create(s.path().join("daemon.log")).expect("daemon log");
         let child = s
-            .starling()
+            .starling_in_ns()
             .args(["-v", "daemon"])
             .stderr(log)
             .spawn()
             .expect("start the daemon");
-        let d = Daemon { child, socket };
-        wait_until(Duration::from_secs(15), "the daemon's socket", || {
-            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
-        });
+        let mut d = Daemon { child, socket };
+        let start = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            let exited = d.child.try_wait().ok().flatten();
+            if exited.is_some() || start.elapsed() > Duration::from_secs(15) {
+                let log = std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
+                panic!("the daemon did not open its socket ({exited:?}); its log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         d
     }
 

@@ -3,12 +3,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use crate::{free_port, kill_pid, wait_for_port};
+use crate::{free_port, kill_pid, wait_for_addr, wait_for_port};
 
 /// nginx on 127.0.0.1, serving `www` over HTTP (and HTTPS when given a cert), logging each
 /// request's status and body bytes.
 pub struct Nginx {
     child: Child,
+    /// The address it listens on (127.0.0.1, or a lab host's).
+    pub host: String,
     pub port: u16,
     pub tls_port: Option<u16>,
     dir: tempfile::TempDir,
@@ -21,6 +23,16 @@ impl Nginx {
 
     /// With `tls = Some((cert_pem_path, key_pem_path))`, also serves HTTPS.
     pub fn start_with(www: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
+        Self::start_in(www, tls, None, "127.0.0.1")
+    }
+
+    /// In a lab host's namespace (`ns`), listening on `host` (reachable from the caller).
+    pub fn start_in(
+        www: &Path,
+        tls: Option<(&Path, &Path)>,
+        ns: Option<&str>,
+        host: &str,
+    ) -> Nginx {
         let dir = tempfile::Builder::new()
             .prefix("starling-nginx-")
             .tempdir()
@@ -30,7 +42,7 @@ impl Nginx {
         let tls_port = tls.map(|_| free_port());
         let tls_server = match (tls, tls_port) {
             (Some((cert, key)), Some(p)) => format!(
-                "server {{ listen 127.0.0.1:{p} ssl; server_name localhost; ssl_certificate {}; ssl_certificate_key {}; root {}; }}",
+                "server {{ listen {host}:{p} ssl; server_name localhost; ssl_certificate {}; ssl_certificate_key {}; root {}; }}",
                 cert.display(),
                 key.display(),
                 www.display()
@@ -44,12 +56,20 @@ impl Nginx {
              access_log {d}/access.log bytes;\n  client_body_temp_path {d}/cbt;\n  proxy_temp_path {d}/pt;\n  \
              fastcgi_temp_path {d}/ft;\n  uwsgi_temp_path {d}/ut;\n  scgi_temp_path {d}/st;\n  \
              sendfile on;\n  keepalive_requests 100000;\n  \
-             server {{ listen 127.0.0.1:{port}; root {www}; }}\n  {tls_server}\n}}\n",
+             server {{ listen {host}:{port}; root {www}; }}\n  {tls_server}\n}}\n",
             d = d.display(),
             www = www.display(),
         );
         std::fs::write(d.join("nginx.conf"), conf).expect("write nginx.conf");
-        let child = Command::new("nginx")
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nginx"]);
+                c
+            }
+            None => Command::new("nginx"),
+        };
+        let child = cmd
             .arg("-c")
             .arg(d.join("nginx.conf"))
             .arg("-e")
@@ -58,12 +78,13 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nginx (apt-get install nginx-light, or run `cargo xtask setup`)");
-        wait_for_port(port, "nginx to listen");
+        wait_for_addr(host, port, "nginx to listen");
         if let Some(p) = tls_port {
-            wait_for_port(p, "nginx to listen on TLS");
+            wait_for_addr(host, p, "nginx to listen on TLS");
         }
         Nginx {
             child,
+            host: host.to_string(),
             port,
             tls_port,
             dir,
@@ -71,7 +92,7 @@ impl Nginx {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/{path}", self.port)
+        format!("http://{}:{}/{path}", self.host, self.port)
     }
 
     fn log(&self) -> Vec<(String, u16, u64)> {

@@ -1,129 +1,97 @@
-//! `cargo xtask demo`: the main job, live. A local nginx origin serves a generated file;
-//! `starling get` fetches it (progress bar on a terminal), a second get is served from the
-//! store, and `curl -o` runs as the baseline. A summary table follows.
+//! `cargo xtask demo`: the main job, live. A local nginx origin, a scheduler, one seed and 4
+//! peers distribute a generated 1 GiB file; the peers all ask at once. As root, every host is a
+//! network namespace with tbf-shaped links (1 Gbit/s by default); otherwise all runs on
+//! loopback. Live progress bars, then a summary table.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use starling_tests::{sha256_file, Nginx};
+use starling_tests::{is_root, sha256_file, Lab};
 
+use crate::swarm::{self, Job, MIB};
 use crate::{cargo, root, setup, sh};
 
-const MIB: u64 = 1024 * 1024;
-
-struct Row {
-    what: &'static str,
-    secs: f64,
-    requests: usize,
-    bytes: u64,
-    verified: bool,
-}
-
 pub fn run(args: &[&str]) -> Result<()> {
-    let size_mib: u64 = match args {
-        [] => 1024,
-        ["--size-mib", n] => n.parse().context("--size-mib takes a number")?,
-        _ => bail!("usage: cargo xtask demo [--size-mib N]"),
-    };
+    let (mut size_mib, mut peers, mut mbit) = (1024u64, 4usize, 1000u32);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().context("every option takes a value")?;
+        match *a {
+            "--size-mib" => size_mib = v.parse().context("--size-mib takes a number")?,
+            "--peers" => peers = v.parse().context("--peers takes a number")?,
+            "--mbit" => mbit = v.parse().context("--mbit takes a number")?,
+            _ => bail!("usage: cargo xtask demo [--size-mib N] [--peers N] [--mbit N]"),
+        }
+    }
     setup::ensure_apt_packages()?;
     sh(cargo().args(["build", "--release", "--package", "starling"]))?;
-    let bin = root().join("target/release/starling");
+    crate::use_release_binary();
     let dir = root().join("target/demo");
-    let (www, out, data) = (dir.join("www"), dir.join("out"), dir.join("data"));
-    for d in [&www, &out] {
-        std::fs::create_dir_all(d)?;
-    }
-    let _ = std::fs::remove_dir_all(&data);
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
     let file = www.join("artifact.bin");
     make_file(&file, size_mib * MIB)?;
     let want = sha256_file(&file);
-    let nginx = Nginx::start(&www);
-    let url = nginx.url("artifact.bin");
-    println!("\nDemo: {size_mib} MiB artifact served by nginx at {url}\nexpected {want}\n");
-
-    let mut rows = Vec::new();
-    let mut measure = |what, cmd: &mut Command, output: &Path| -> Result<()> {
-        let _ = std::fs::remove_file(output);
-        let (r0, b0) = (nginx.requests(), nginx.bytes_sent());
-        println!("$ {}", crate::show(cmd));
-        let t = Instant::now();
-        let status = cmd
-            .status()
-            .with_context(|| format!("cannot run {}", crate::show(cmd)))?;
-        let secs = t.elapsed().as_secs_f64();
-        if !status.success() {
-            bail!("{} failed ({status})", crate::show(cmd));
-        }
-        let verified = sha256_file(output) == want;
-        rows.push(Row {
-            what,
-            secs,
-            requests: nginx.requests() - r0,
-            bytes: nginx.bytes_sent() - b0,
-            verified,
-        });
-        Ok(())
+    let lab = if is_root() {
+        Some(Lab::new("d", 201, peers + 1, mbit).map_err(anyhow::Error::msg)?)
+    } else {
+        println!("(not root: running on loopback, without shaped links)");
+        None
     };
-    let o1 = out.join("starling-1.bin");
-    measure(
-        "starling get (cold store)",
-        Command::new(&bin)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["get", &url, "-O"])
-            .arg(&o1),
-        &o1,
-    )?;
-    let o2 = out.join("starling-2.bin");
-    measure(
-        "starling get (again: local store)",
-        Command::new(&bin)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["get", &url, "-O"])
-            .arg(&o2),
-        &o2,
-    )?;
-    let o3 = out.join("curl.bin");
-    measure(
-        "curl -o (baseline)",
-        Command::new("curl").args(["-sS", "-o"]).arg(&o3).arg(&url),
-        &o3,
-    )?;
-
     println!(
-        "\n{:<36} {:>9} {:>16} {:>14} {:>10}",
-        "run", "wall (s)", "origin requests", "origin bytes", "verified"
+        "\nDemo: one seed and {peers} peers distribute a {size_mib} MiB artifact from an nginx origin.\n\
+         {}\nexpected {want}\n",
+        match &lab {
+            Some(_) => format!("Each host is a network namespace; every link is {mbit} Mbit/s each way (tbf)."),
+            None => "All on loopback.".to_string(),
+        }
     );
-    for r in &rows {
+    let job = Job {
+        lab: lab.as_ref(),
+        peers,
+        www: &www,
+        file: "artifact.bin",
+        want: &want,
+        live: true,
+    };
+    let o = swarm::run(&job)?;
+    println!(
+        "\n{:<8} {:>9} {:>16} {:>16} {:>9}",
+        "peer", "time (s)", "from peers", "from origin", "verified"
+    );
+    for (i, p) in o.peers.iter().enumerate() {
         println!(
-            "{:<36} {:>9.2} {:>16} {:>14} {:>10}",
-            r.what,
-            r.secs,
-            r.requests,
-            r.bytes,
-            if r.verified { "yes" } else { "NO" }
+            "{:<8} {:>9.2} {:>16} {:>16} {:>9}",
+            format!("peer {}", i + 1),
+            p.secs,
+            p.from_peers,
+            p.from_origin,
+            if p.verified { "yes" } else { "NO" }
         );
     }
-    if let [cold, _, curl] = &rows[..] {
+    println!(
+        "\nall peers done in {:.2} s; the origin served {} bytes for a {}-byte file ({:.3}x); daemons used {:.1} CPU-seconds",
+        o.wall,
+        o.origin_bytes,
+        o.size,
+        o.origin_bytes as f64 / o.size as f64,
+        o.cpu_secs
+    );
+    if lab.is_some() {
+        let t = swarm::t_min(o.size, peers, mbit);
         println!(
-            "\nstarling (cold) / curl wall time: {:.2}",
-            cold.secs / curl.secs
+            "theoretical bound T_min = {t:.2} s; time / T_min = {:.2}",
+            o.wall / t
         );
     }
-    drop(nginx);
-    let _ = std::fs::remove_dir_all(&out);
-    let _ = std::fs::remove_dir_all(&data);
-    if rows.iter().any(|r| !r.verified) {
+    if o.peers.iter().any(|p| !p.verified) {
         bail!("an output did not match the expected digest");
     }
     Ok(())
 }
 
 /// Writes `len` pseudo-random bytes to `path` unless it already has that size.
-fn make_file(path: &Path, len: u64) -> Result<()> {
+pub fn make_file(path: &Path, len: u64) -> Result<()> {
     if std::fs::metadata(path)
         .map(|m| m.len() == len)
         .unwrap_or(false)

@@ -8,6 +8,7 @@
 
 mod demo;
 mod setup;
+mod swarm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,6 +40,13 @@ fn main() -> Result<()> {
 }
 
 /// The workspace root.
+/// Points the test harness (which starts the daemons) at the release binary. Called before
+/// any thread starts.
+pub fn use_release_binary() {
+    // SAFETY: single-threaded at this point: no other thread reads the environment.
+    unsafe { std::env::set_var("STARLING_BIN", root().join("target/release/starling")) };
+}
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

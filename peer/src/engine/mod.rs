@@ -148,6 +148,8 @@ pub struct Engine {
     /// When a parent last announced a piece (None before the first poll).
     news_at: Option<Duration>,
     news_pending: bool,
+    /// Requests that timed out since the driver last asked (for its logs and metrics).
+    timed_out: Vec<(Peer, u32)>,
     out: Vec<Action>,
 }
 
@@ -172,6 +174,7 @@ impl Engine {
             slow_since: None,
             news_at: None,
             news_pending: false,
+            timed_out: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -314,6 +317,11 @@ impl Engine {
         std::mem::take(&mut self.out)
     }
 
+    /// The requests that timed out (each was cancelled and struck), since the last call.
+    pub fn take_timeouts(&mut self) -> Vec<(Peer, u32)> {
+        std::mem::take(&mut self.timed_out)
+    }
+
     pub fn report(&self) -> Vec<ParentReport> {
         self.parents
             .iter()
@@ -368,6 +376,7 @@ impl Engine {
             }
         }
         for (from, piece) in late {
+            self.timed_out.push((from, piece));
             self.out.push(Action::Cancel { from, piece });
             self.on_failure(from, piece, Failure::Timeout, now);
         }

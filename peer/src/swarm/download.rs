@@ -523,7 +523,15 @@ impl Driver<'_> {
         let Some(engine) = &mut self.engine else {
             return Ok(());
         };
-        for a in engine.poll(now) {
+        let actions = engine.poll(now);
+        for (from, piece) in engine.take_timeouts() {
+            if let Peer::Parent(pid) = from {
+                let who = self.parents.get(&pid).map_or("?", |p| p.peer.as_str());
+                tracing::info!(parent = who, piece, "piece timed out");
+                self.swarm.fetcher.metrics().piece_failure("timeout");
+            }
+        }
+        for a in actions {
             match a {
                 Action::Request { from, piece } => self.spawn(from, piece),
                 Action::Cancel { from, piece } => {

@@ -86,11 +86,31 @@ pub struct Swarm {
     served: Mutex<HashMap<TaskId, ServedTask>>,
     /// Seed fetch orders in progress.
     ordered: Mutex<HashSet<TaskId>>,
+    /// One download per task at a time in this daemon; later requests wait, then find it
+    /// served. (The store's lease cannot do this here: our own upload views hold it.)
+    gates: Mutex<HashMap<TaskId, Arc<tokio::sync::Mutex<()>>>>,
     /// Link quality measured per parent, reported with announcements.
     links: Mutex<HashMap<PeerId, LinkReport>>,
     /// Pieces served since the last announcement (the load reported to the scheduler).
     served_pieces: AtomicU32,
     announcer: announce::State,
+    /// Upload rate limit: when the next piece may start (None: unlimited).
+    pacer: Option<Pacer>,
+}
+
+/// A rate limit on piece uploads: each piece reserves its share of time in order.
+struct Pacer {
+    bytes_per_second: f64,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn reserve(&self, bytes: u64) -> Instant {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let start = (*next).max(Instant::now());
+        *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second);
+        start
+    }
 }
 
 impl Swarm {
@@ -133,6 +153,7 @@ impl Swarm {
                 conns: tokio::sync::Mutex::new(HashMap::new()),
             }
         };
+        let cfg_limit = cfg.peer.upload_limit_mbps;
         let swarm = Arc::new(Swarm {
             me: addr.to_string(),
             addr,
@@ -143,9 +164,14 @@ impl Swarm {
             schedulers,
             served: Mutex::new(HashMap::new()),
             ordered: Mutex::new(HashSet::new()),
+            gates: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
             served_pieces: AtomicU32::new(0),
             announcer: announce::State::default(),
+            pacer: (cfg_limit > 0.0).then(|| Pacer {
+                bytes_per_second: cfg_limit * 125_000.0,
+                next: Mutex::new(Instant::now()),
+            }),
         });
         swarm.node.serve(swarm.clone());
         tokio::spawn(announce::run(swarm.clone()));
@@ -200,6 +226,40 @@ impl Swarm {
         req: &Request,
         progress: &Arc<Progress>,
     ) -> Result<Fetched, FetchError> {
+        let gate = match self.gates.lock() {
+            Ok(mut g) => g.entry(id).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let res = {
+            let _one_at_a_time = gate.lock().await;
+            self.fetch_gated(id, req, progress).await
+        };
+        if let Ok(mut g) = self.gates.lock() {
+            // Ours and the map's: nobody else waits on it.
+            if Arc::strong_count(&gate) == 2 {
+                g.remove(&id);
+            }
+        }
+        if res.is_err() {
+            // A failed download's view would hold the task's lease against the next attempt.
+            let partial = self
+                .served
+                .lock()
+                .map(|s| s.get(&id).is_some_and(|t| !t.view.is_complete()))
+                .unwrap_or(false);
+            if partial {
+                self.unregister(&id);
+            }
+        }
+        res
+    }
+
+    async fn fetch_gated(
+        self: &Arc<Self>,
+        id: TaskId,
+        req: &Request,
+        progress: &Arc<Progress>,
+    ) -> Result<Fetched, FetchError> {
         if let Some(done) = self.served_copy(id, progress).await? {
             return Ok(done);
         }
@@ -212,6 +272,12 @@ impl Swarm {
         };
         let reply = match self.ask(id).await {
             Ok(r) => r,
+            Err(e) if !self.cfg.peer.source_fallback => {
+                return Err(FetchError::Source(crate::source::SourceError::Transfer {
+                    url: req.url.clone(),
+                    detail: format!("the scheduler is unreachable ({e}) and peer.source_fallback is off; check scheduler.addrs and the [tls] CA"),
+                }));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler unreachable; going back to source");
                 CandidatesReply {
@@ -220,7 +286,10 @@ impl Swarm {
                 }
             }
         };
-        let missing = if reply.advice == Advice::Source {
+        // With source fallback off only a seed goes to source; others wait for parents.
+        let to_source =
+            reply.advice == Advice::Source && (self.seed || self.cfg.peer.source_fallback);
+        let missing = if to_source {
             missing
         } else {
             match download::run(self, id, req, missing, progress, reply).await? {
@@ -506,6 +575,16 @@ impl PieceSource for Swarm {
 
     fn uploaded(&self, bytes: u64) {
         self.fetcher.metrics().uploaded(bytes);
+    }
+
+    fn pace(&self, bytes: u64) -> BoxFuture<'static, ()> {
+        match &self.pacer {
+            Some(p) => {
+                let at = p.reserve(bytes);
+                Box::pin(tokio::time::sleep_until(at.into()))
+            }
+            None => Box::pin(async {}),
+        }
     }
 }
 

@@ -75,6 +75,10 @@ pub trait PieceSource: Send + Sync + 'static {
     }
     /// `bytes` of piece data were sent to a peer.
     fn uploaded(&self, _bytes: u64) {}
+    /// Waits for the upload rate limit to allow sending `bytes` of piece data.
+    fn pace(&self, _bytes: u64) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A QUIC endpoint that serves and fetches.
@@ -87,9 +91,10 @@ impl Node {
         let mut server = tls::server_config(id)?;
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(1024u32.into());
-        transport.keep_alive_interval(Some(Duration::from_secs(2)));
+        // A parent that vanishes (killed, unplugged) is noticed within 5 s.
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
         transport.max_idle_timeout(Some(
-            Duration::from_secs(8)
+            Duration::from_secs(5)
                 .try_into()
                 .map_err(|e| TransportError::Stream(format!("{e}")))?,
         ));
@@ -187,21 +192,28 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let (status, payload) = answer(source.clone(), &mut recv).await;
+    let (status, payload, piece) = answer(source.clone(), &mut recv).await;
     let header = wire::encode_response_header(status, payload.len() as u64);
     let n = payload.len() as u64;
+    if piece && status == Status::Ok {
+        source.pace(n).await;
+    }
     if send.write_all(&header).await.is_ok()
         && (payload.is_empty() || send.write_chunk(payload).await.is_ok())
     {
         let _ = send.finish();
-        if status == Status::Ok && n > 0 {
+        if piece && status == Status::Ok {
             source.uploaded(n);
         }
     }
 }
 
-async fn answer(source: Arc<dyn PieceSource>, recv: &mut quinn::RecvStream) -> (Status, Bytes) {
-    let bad = (Status::BadRequest, Bytes::new());
+/// The answer to one request, and whether it is piece data (paced, counted as upload).
+async fn answer(
+    source: Arc<dyn PieceSource>,
+    recv: &mut quinn::RecvStream,
+) -> (Status, Bytes, bool) {
+    let bad = (Status::BadRequest, Bytes::new(), false);
     let mut buf = [0u8; REQUEST_LEN];
     // Short, slow or reset: nothing sensible to answer.
     let Ok(Ok(())) = tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut buf)).await
@@ -225,15 +237,19 @@ async fn answer(source: Arc<dyn PieceSource>, recv: &mut quinn::RecvStream) -> (
     {
         return bad;
     }
-    match req {
+    let (status, bytes) = match req {
         Request::Manifest { task } => found(source.manifest(&task)),
-        Request::Piece { task, index } => found(source.piece(&task, index)),
+        Request::Piece { task, index } => {
+            let (s, b) = found(source.piece(&task, index));
+            return (s, b, true);
+        }
         Request::Have { task, epoch, since } => found(source.have(task, epoch, since).await),
         _ => match source.call(req, Bytes::from(body)).await {
             Ok(b) => (Status::Ok, b),
             Err(s) => (s, Bytes::new()),
         },
-    }
+    };
+    (status, bytes, false)
 }
 
 fn found(b: Option<Bytes>) -> (Status, Bytes) {
@@ -330,6 +346,18 @@ impl Parent {
 
     pub fn remote_address(&self) -> SocketAddr {
         self.conn.remote_address()
+    }
+
+    /// Sends `frame` as-is on a fresh stream and returns the response header's status and
+    /// length (for diagnostics and tests of hostile input; the payload is not read).
+    pub async fn raw_exchange(&self, frame: &[u8]) -> Result<(Status, u64), TransportError> {
+        let s = |e: &dyn std::fmt::Display| TransportError::Stream(e.to_string());
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| s(&e))?;
+        send.write_all(frame).await.map_err(|e| s(&e))?;
+        let _ = send.finish();
+        let mut h = [0u8; RESPONSE_HEADER_LEN];
+        recv.read_exact(&mut h).await.map_err(|e| s(&e))?;
+        Ok(wire::decode_response_header(&h, u64::MAX)?)
     }
 
     /// Waits until the connection closes, and says why.

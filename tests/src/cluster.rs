@@ -1,0 +1,263 @@
+//! A local swarm of real processes: one cluster CA, a `starling scheduler`, and daemons (one
+//! data directory, socket, QUIC port and metrics port each), all on loopback.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use crate::{free_port, kill_pid, starling_bin, wait_until, Daemon, Scratch};
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral UDP port")
+}
+
+/// A `starling scheduler` process, killed on drop.
+pub struct SchedulerProc {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl SchedulerProc {
+    pub fn start(dir: &std::path::Path, ca: &std::path::Path, port: u16) -> SchedulerProc {
+        Self::start_in(dir, ca, None, "127.0.0.1", port)
+    }
+
+    /// In namespace `ns` (a lab host), listening on `host:port`.
+    pub fn start_in(
+        dir: &std::path::Path,
+        ca: &std::path::Path,
+        ns: Option<&str>,
+        host: &str,
+        port: u16,
+    ) -> SchedulerProc {
+        let cfg = dir.join("scheduler.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\n[tls]\nca_cert = {:?}\nca_key = {:?}\n[scheduler]\nlisten = \"{host}:{port}\"\n",
+                dir.join("sched-data"),
+                ca.join("ca.pem"),
+                ca.join("ca.key"),
+            ),
+        )
+        .expect("write scheduler config");
+        let log = dir.join(format!("scheduler-{}.log", std::process::id()));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("scheduler log");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(starling_bin());
+                c
+            }
+            None => Command::new(starling_bin()),
+        };
+        let child = cmd
+            .env("STARLING_CONFIG", &cfg)
+            .env_remove("RUST_LOG")
+            .args(["-v", "scheduler"])
+            .stderr(logf)
+            .spawn()
+            .expect("start the scheduler");
+        let s = SchedulerProc { child, port, log };
+        wait_until(Duration::from_secs(15), "the scheduler to listen", || {
+            std::fs::read_to_string(&s.log)
+                .is_ok_and(|t| t.matches("scheduler listening").count() > 0)
+        });
+        s
+    }
+
+    pub fn kill(mut self) {
+        kill_pid(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for SchedulerProc {
+    fn drop(&mut self) {
+        kill_pid(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// One node: its scratch area and, while running, its daemon.
+pub struct Node {
+    pub scratch: Scratch,
+    pub daemon: Option<Daemon>,
+    pub metrics_host: String,
+    pub metrics_port: u16,
+    pub seed: bool,
+}
+
+impl Node {
+    pub fn start(&mut self) {
+        self.daemon = Some(Daemon::start(&self.scratch));
+    }
+
+    /// kill -9 of the daemon.
+    pub fn kill(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            drop(d); // SIGKILL and wait
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.child.id())
+    }
+
+    /// The daemon's Prometheus text.
+    pub fn metrics(&self) -> String {
+        scrape_at(&self.metrics_host, self.metrics_port)
+    }
+
+    /// One series' value (0 when absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.scratch.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
+/// The cluster: CA, scheduler, nodes (node 0 is the seed).
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub scheduler: Option<SchedulerProc>,
+    pub scheduler_port: u16,
+    pub scheduler_host: String,
+    pub scheduler_ns: Option<String>,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// A CA, a scheduler, one seed and `peers` peers (not started); `extra` TOML goes into
+    /// every node's `[peer]` table.
+    pub fn new(peers: usize, extra_peer: &str, extra: &str) -> Cluster {
+        Self::new_in(None, peers, extra_peer, extra)
+    }
+
+    /// With a lab, node i runs in host i (the seed and the scheduler in host 0), each on its
+    /// host's address; else everything is on loopback.
+    pub fn new_in(
+        lab: Option<&crate::Lab>,
+        peers: usize,
+        extra_peer: &str,
+        extra: &str,
+    ) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("starling-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        let ca = dir.path().join("ca");
+        let st = Command::new(starling_bin())
+            .arg("ca")
+            .arg(&ca)
+            .output()
+            .expect("run starling ca");
+        assert!(st.status.success(), "starling ca: {st:?}");
+        let host = |i: usize| lab.map_or("127.0.0.1".to_string(), |l| l.hosts[i].addr.clone());
+        let ns = |i: usize| lab.map(|l| l.hosts[i].ns.clone());
+        let scheduler_port = if lab.is_some() { 7960 } else { free_udp_port() };
+        let scheduler = Some(SchedulerProc::start_in(
+            dir.path(),
+            &ca,
+            ns(0).as_deref(),
+            &host(0),
+            scheduler_port,
+        ));
+        let nodes = (0..=peers)
+            .map(|i| {
+                let mut scratch = Scratch::new();
+                scratch.netns = ns(i);
+                let (metrics_port, listen) = match lab {
+                    Some(_) => (9464, format!("{}:7950", host(i))),
+                    None => (free_port(), "127.0.0.1:0".to_string()),
+                };
+                scratch.write_config(&format!(
+                    "{extra}\n[daemon]\nmetrics_addr = \"{}:{metrics_port}\"\n\
+                     [peer]\nlisten = \"{listen}\"\nseed = {}\n{extra_peer}\n\
+                     [tls]\nca_cert = {:?}\nca_key = {:?}\n\
+                     [scheduler]\naddrs = [\"{}:{scheduler_port}\"]\n",
+                    host(i),
+                    i == 0,
+                    ca.join("ca.pem"),
+                    ca.join("ca.key"),
+                    host(0),
+                ));
+                Node {
+                    scratch,
+                    daemon: None,
+                    metrics_host: host(i),
+                    metrics_port,
+                    seed: i == 0,
+                }
+            })
+            .collect();
+        Cluster {
+            dir,
+            ca,
+            scheduler,
+            scheduler_port,
+            scheduler_host: host(0),
+            scheduler_ns: ns(0),
+            nodes,
+        }
+    }
+
+    pub fn start_all(&mut self) {
+        for n in &mut self.nodes {
+            n.start();
+        }
+    }
+
+    pub fn restart_scheduler(&mut self) {
+        if let Some(s) = self.scheduler.take() {
+            s.kill();
+        }
+        self.scheduler = Some(SchedulerProc::start_in(
+            self.dir.path(),
+            &self.ca,
+            self.scheduler_ns.as_deref(),
+            &self.scheduler_host,
+            self.scheduler_port,
+        ));
+    }
+}
+
+/// GET /metrics from 127.0.0.1:port (plain HTTP/1.0).
+pub fn scrape(port: u16) -> String {
+    scrape_at("127.0.0.1", port)
+}
+
+/// GET /metrics from host:port.
+pub fn scrape_at(host: &str, port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect((host, port)) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The value of `series` (exact name with labels) in Prometheus text; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == series).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,130 @@
+//! A network lab: one namespace per host, each joined to a bridge by a veth pair, every link
+//! shaped with tbf in both directions (the host's egress is its upload, the bridge port's
+//! egress its download). Addresses are 198.18.<subnet>.<host+1>/24 (RFC 2544's benchmarking
+//! range); the bridge itself is .254, so the caller's namespace reaches every host (to scrape
+//! metrics and wait for ports). Everything is deleted when the guard drops.
+
+use std::process::Command;
+
+pub struct Lab {
+    pub bridge: String,
+    pub subnet: u8,
+    pub hosts: Vec<Host>,
+}
+
+pub struct Host {
+    pub ns: String,
+    pub addr: String,
+    /// The bridge-side veth end, in the caller's namespace.
+    port: String,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    run("ip", args)
+}
+
+/// tbf at `mbit` on `dev` (in namespace `ns` when given): a burst of a few packets' worth at
+/// line rate and about 20 ms of queue.
+fn shape(ns: Option<&str>, dev: &str, mbit: u32) -> Result<(), String> {
+    let rate = format!("{mbit}mbit");
+    // At least 32 KiB, and about 1 ms worth of line rate.
+    let burst = format!("{}", (mbit as u64 * 1000 / 8).max(32 * 1024));
+    let mut args: Vec<&str> = Vec::new();
+    if let Some(ns) = ns {
+        args.extend(["-n", ns]);
+    }
+    args.extend([
+        "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst, "latency",
+        "20ms",
+    ]);
+    run("tc", &args)
+}
+
+impl Lab {
+    /// `hosts` namespaces on one bridge, every link shaped at `mbit` (0: unshaped).
+    pub fn new(tag: &str, subnet: u8, hosts: usize, mbit: u32) -> Result<Lab, String> {
+        let pid = std::process::id() % 100_000;
+        let mut lab = Lab {
+            bridge: format!("stl{tag}b{pid}"),
+            subnet,
+            hosts: Vec::new(),
+        };
+        ip(&["link", "add", &lab.bridge, "type", "bridge"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("198.18.{subnet}.254/24"),
+            "dev",
+            &lab.bridge,
+        ])?;
+        ip(&["link", "set", &lab.bridge, "up"])?;
+        for i in 0..hosts {
+            let h = Host {
+                ns: format!("stl{tag}{pid}h{i}"),
+                addr: format!("198.18.{subnet}.{}", i + 1),
+                port: format!("stl{tag}{i}p{pid}"),
+            };
+            let inner = format!("stl{tag}{i}i{pid}");
+            ip(&["netns", "add", &h.ns])?;
+            lab.hosts.push(h);
+            let h = &lab.hosts[i];
+            ip(&[
+                "link", "add", &h.port, "type", "veth", "peer", "name", &inner,
+            ])?;
+            ip(&["link", "set", &inner, "netns", &h.ns])?;
+            ip(&["-n", &h.ns, "link", "set", &inner, "name", "eth0"])?;
+            ip(&[
+                "-n",
+                &h.ns,
+                "addr",
+                "add",
+                &format!("{}/24", h.addr),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &h.ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &h.ns, "link", "set", "lo", "up"])?;
+            ip(&["link", "set", &h.port, "master", &lab.bridge])?;
+            ip(&["link", "set", &h.port, "up"])?;
+            if mbit > 0 {
+                shape(Some(&h.ns), "eth0", mbit)?;
+                shape(None, &h.port, mbit)?;
+            }
+        }
+        Ok(lab)
+    }
+
+    /// `program args...` inside host `i`'s namespace. `ip netns exec` execs the program, so
+    /// the child's PID is the program's.
+    pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[i].ns]).arg(program);
+        c
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.ns]);
+            let _ = ip(&["link", "del", &h.port]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}

@@ -1,0 +1,558 @@
+//! The swarm, multi-process: a `starling scheduler`, a seed daemon and peer daemons on
+//! loopback, with nginx as the origin. Every test checks each output against the digest.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use starling_tests::*;
+
+const MIB: usize = 1 << 20;
+
+struct Setup {
+    cluster: Cluster,
+    nginx: Nginx,
+    url: String,
+    sum: String,
+    len: u64,
+    _www: tempfile::TempDir,
+}
+
+fn setup(peers: usize, mib: usize, extra_peer: &str, extra: &str) -> Setup {
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(mib * MIB, 7);
+    std::fs::write(www.path().join("blob"), &data).expect("write blob");
+    let sum = sha256_bytes(&data);
+    let nginx = Nginx::start(www.path());
+    let url = nginx.url("blob");
+    let mut cluster = Cluster::new(peers, extra_peer, extra);
+    cluster.start_all();
+    Setup {
+        cluster,
+        nginx,
+        url,
+        sum,
+        len: data.len() as u64,
+        _www: www,
+    }
+}
+
+impl Setup {
+    /// `get` on node `i` through its daemon.
+    fn get(&self, i: usize, name: &str) -> Run {
+        self.cluster.nodes[i].scratch.get(&self.url, name, &[])
+    }
+
+    fn out_sum(&self, i: usize, name: &str) -> String {
+        sha256_file(&self.cluster.nodes[i].scratch.out(name))
+    }
+
+    /// Gets on the given nodes at once; each must succeed with the right content.
+    fn get_all(&self, nodes: &[usize]) {
+        std::thread::scope(|s| {
+            let runs: Vec<_> = nodes
+                .iter()
+                .map(|&i| s.spawn(move || self.get(i, "out")))
+                .collect();
+            for r in runs {
+                r.join().expect("get thread").ok();
+            }
+        });
+        for &i in nodes {
+            assert_eq!(self.out_sum(i, "out"), self.sum, "node {i}'s output");
+        }
+    }
+
+    fn origin_bytes(&self) -> u64 {
+        self.nginx.bytes_sent()
+    }
+}
+
+#[test]
+fn a_seed_and_six_peers_read_the_origin_about_once() {
+    let s = setup(6, 64, "", "");
+    s.get_all(&[1, 2, 3, 4, 5, 6]);
+    let origin = s.origin_bytes();
+    assert!(
+        origin as f64 <= 1.05 * s.len as f64,
+        "origin served {origin} bytes for a {}-byte file",
+        s.len
+    );
+    // The peers got it from each other and the seed, not from the origin.
+    let from_parents: f64 = (1..=6)
+        .map(|i| s.cluster.nodes[i].metric("starling_bytes_downloaded_total{source=\"parent\"}"))
+        .sum();
+    assert!(from_parents >= 6.0 * s.len as f64, "{from_parents}");
+    let seed_up = s.cluster.nodes[0].metric("starling_bytes_uploaded_total");
+    let peers_up: f64 = (1..=6)
+        .map(|i| s.cluster.nodes[i].metric("starling_bytes_uploaded_total"))
+        .sum();
+    assert!(
+        seed_up > 0.0 && peers_up > 0.0,
+        "seed {seed_up}, peers {peers_up}: a mesh, not a star"
+    );
+}
+
+/// Flips a byte in every piece of a node's stored copy (what a bad disk does).
+fn corrupt_store(node: &Node, len: u64, piece: u64) {
+    use std::os::unix::fs::FileExt;
+    let tasks = node.scratch.tasks();
+    let content = tasks
+        .iter()
+        .map(|t| t.join("content"))
+        .find(|c| c.exists())
+        .expect("a stored task");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&content)
+        .expect("open the stored content (as root, despite mode 0444)");
+    let mut off = 100;
+    while off < len {
+        f.write_all_at(b"\xff\x00\xff", off).expect("corrupt");
+        off += piece;
+    }
+}
+
+#[test]
+fn a_peer_serving_corrupt_pieces_is_detected_refetched_around_and_blacklisted() {
+    if !is_root() {
+        eprintln!("skipped: needs root to write the read-only stored content");
+        return;
+    }
+    let s = setup(2, 32, "", "");
+    s.get_all(&[1]);
+    // Node 1 now serves every piece from its (corrupted) store.
+    corrupt_store(&s.cluster.nodes[1], s.len, MIB as u64);
+    s.get_all(&[2]);
+    let n2 = &s.cluster.nodes[2];
+    assert!(
+        n2.metric("starling_piece_failures_total{cause=\"digest_mismatch\"}") >= 1.0,
+        "{}",
+        n2.metrics()
+    );
+    assert!(n2.metric("starling_parents_blacklisted_total") >= 1.0);
+    assert!(n2.log().contains("blacklisted"), "{}", n2.log());
+    assert!(s.origin_bytes() as f64 <= 1.05 * s.len as f64);
+}
+
+#[test]
+fn a_parent_killed_mid_transfer_leaves_its_children_to_finish_from_others() {
+    // 80 Mbit/s uploads: the second download takes a few seconds.
+    let mut s = setup(2, 48, "upload_limit_mbps = 80", "");
+    s.get_all(&[1]);
+    let n1_port = s.cluster.nodes[1].metrics_port;
+    let n1_pid = s.cluster.nodes[1].pid().expect("node 1 runs");
+    let uploaded_at_kill = std::thread::scope(|sc| {
+        let getter = sc.spawn(|| s.get(2, "out"));
+        let mut up = 0.0;
+        wait_until(
+            Duration::from_secs(30),
+            "node 1 to upload to node 2",
+            || {
+                up = metric_value(&scrape(n1_port), "starling_bytes_uploaded_total");
+                up >= 4.0 * MIB as f64
+            },
+        );
+        kill_pid(n1_pid, libc::SIGKILL);
+        getter.join().expect("get thread").ok();
+        up
+    });
+    s.cluster.nodes[1].kill();
+    // Node 1 was killed mid-transfer; node 2 got the rest from the seed.
+    assert!(uploaded_at_kill < s.len as f64, "{uploaded_at_kill}");
+    assert_eq!(s.out_sum(2, "out"), s.sum);
+    let seed_up = s.cluster.nodes[0].metric("starling_bytes_uploaded_total");
+    assert!(seed_up + uploaded_at_kill >= 2.0 * s.len as f64 - 4.0 * MIB as f64);
+    assert!(s.origin_bytes() as f64 <= 1.05 * s.len as f64);
+}
+
+/// Pieces durable in a node's journal (40-byte records).
+fn durable_pieces(node: &Node) -> u64 {
+    node.scratch
+        .tasks()
+        .iter()
+        .filter_map(|t| std::fs::metadata(t.join("journal")).ok())
+        .map(|m| m.len() / 40)
+        .sum()
+}
+
+#[test]
+fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces() {
+    // The seed uploads at 64 Mbit/s; pieces become durable every 100 ms.
+    let mut s = setup(
+        1,
+        48,
+        "upload_limit_mbps = 64",
+        "[storage]\ncommit_interval_ms = 100",
+    );
+    s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
+    let pid = s.cluster.nodes[1].pid().expect("node 1 runs");
+    std::thread::scope(|sc| {
+        let getter = sc.spawn(|| s.get(1, "out"));
+        wait_until(
+            Duration::from_secs(30),
+            "a third of the pieces durable at node 1",
+            || durable_pieces(&s.cluster.nodes[1]) >= 16,
+        );
+        kill_pid(pid, libc::SIGKILL);
+        // The client sees its daemon die.
+        let r = getter.join().expect("get thread");
+        assert_ne!(r.code, 0);
+    });
+    s.cluster.nodes[1].kill();
+    let durable = durable_pieces(&s.cluster.nodes[1]);
+    assert!((16..48).contains(&durable), "{durable} pieces durable");
+    s.cluster.nodes[1].start();
+    s.get(1, "out").ok();
+    assert_eq!(s.out_sum(1, "out"), s.sum);
+    let refetched = s.cluster.nodes[1].metric("starling_bytes_downloaded_total{source=\"parent\"}");
+    let missing = (48 - durable) * MIB as u64;
+    // Only what was missing, give or take endgame duplicates.
+    assert!(
+        refetched <= (missing + 4 * MIB as u64) as f64,
+        "refetched {refetched} bytes; {missing} were missing"
+    );
+    assert!(s.cluster.nodes[1].log().contains("resuming from peers"));
+}
+
+#[test]
+fn a_scheduler_restart_mid_swarm_does_not_stop_the_downloads() {
+    let mut s = setup(3, 48, "upload_limit_mbps = 80", "");
+    let seed_port = s.cluster.nodes[0].metrics_port;
+    let old = s.cluster.scheduler.take().expect("a scheduler");
+    let shared = &s;
+    let restarted = std::thread::scope(|sc| {
+        let getters: Vec<_> = [1usize, 2, 3]
+            .iter()
+            .map(|&i| sc.spawn(move || shared.get(i, "out")))
+            .collect();
+        wait_until(Duration::from_secs(30), "the swarm to be under way", || {
+            metric_value(&scrape(seed_port), "starling_bytes_uploaded_total") >= 8.0 * MIB as f64
+        });
+        old.kill();
+        let c = &shared.cluster;
+        let fresh = SchedulerProc::start(c.dir.path(), &c.ca, c.scheduler_port);
+        for g in getters {
+            g.join().expect("get thread").ok();
+        }
+        fresh
+    });
+    s.cluster.scheduler = Some(restarted);
+    for i in 1..=3 {
+        assert_eq!(s.out_sum(i, "out"), s.sum, "node {i}");
+    }
+    assert!(s.origin_bytes() as f64 <= 1.05 * s.len as f64);
+    // The restarted scheduler rebuilt its state from announcements: a newcomer finds parents.
+    let before = s.origin_bytes();
+    let late = &s.cluster.nodes[1];
+    late.scratch.get(&s.url, "again", &[]).ok();
+    assert_eq!(s.origin_bytes(), before);
+}
+
+#[test]
+fn a_peer_without_the_cluster_ca_is_refused_no_piece_no_manifest() {
+    let s = setup(1, 8, "", "");
+    s.get_all(&[1]);
+    // An outsider: its own CA (generated in its data dir), pointed at the cluster.
+    let outsider = Scratch::new();
+    outsider.write_config(&format!(
+        "[peer]\nlisten = \"127.0.0.1:0\"\nsource_fallback = false\n[scheduler]\naddrs = [\"127.0.0.1:{}\"]\n",
+        s.cluster.scheduler_port
+    ));
+    let d = Daemon::start(&outsider);
+    let r = outsider.get(&s.url, "out", &[]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("scheduler is unreachable"),
+        "{}",
+        r.stderr
+    );
+    assert!(!outsider.out("out").exists());
+    drop(d);
+    // Straight at the seed's QUIC port with a foreign certificate: refused before any request.
+    let seed_addr = quic_addr(&s.cluster.nodes[0]);
+    let refused = foreign_fetch(seed_addr, &s.cluster.ca, url_task(&s.url));
+    assert!(refused.is_err(), "a foreign peer got {refused:?}");
+    assert_eq!(
+        s.cluster.nodes[0].metric("starling_bytes_uploaded_total") as u64,
+        s.len
+    );
+}
+
+/// The daemon's QUIC address, from its start-up log line.
+fn quic_addr(node: &Node) -> std::net::SocketAddr {
+    let log = node.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("peer listening"))
+        .expect("the daemon logged its peer address");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("peer="))
+        .expect("peer= in the log line");
+    addr.parse().expect("a socket address")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn loopback() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+fn url_task(url: &str) -> starling::core::TaskId {
+    let defaults = starling::config::Config::default();
+    starling::core::TaskId::for_url(url, &defaults.source.filtered_query_params).expect("task id")
+}
+
+/// A member of the cluster (certificate from its CA), as the tests' own client or rogue.
+fn member(ca_dir: &std::path::Path) -> starling::transport::tls::Identity {
+    let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).expect("read the cluster CA");
+    starling::transport::tls::ClusterCa::from_pem(&read("ca.pem"), &read("ca.key"))
+        .and_then(|ca| ca.issue("test"))
+        .expect("issue a member certificate")
+}
+
+/// A peer whose certificate is from another CA, but which trusts the cluster CA (it copied
+/// ca.pem): it must get neither a manifest nor a piece.
+fn foreign_fetch(
+    addr: std::net::SocketAddr,
+    ca_dir: &std::path::Path,
+    task: starling::core::TaskId,
+) -> Result<(), String> {
+    use starling::transport::{tls::ClusterCa, Node};
+    rt().block_on(async {
+        let mut id = ClusterCa::generate().unwrap().issue("intruder").unwrap();
+        id.ca = member(ca_dir).ca;
+        let node = Node::bind(loopback(), &id).map_err(|e| e.to_string())?;
+        let parent = node.connect(addr).await.map_err(|e| e.to_string())?;
+        match parent.manifest(task).await {
+            Ok(_) => return Ok(()),
+            Err(e) => eprintln!("manifest refused: {e}"),
+        }
+        parent
+            .piece(task, 0)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+fn malformed_and_oversized_frames_get_errors_and_no_peer_crashes() {
+    use starling::transport::wire::{self, Request, Status, REQUEST_LEN};
+    use starling::transport::Node;
+    let s = setup(1, 8, "", "");
+    s.get_all(&[1]);
+    let seed = quic_addr(&s.cluster.nodes[0]);
+    let task = url_task(&s.url);
+    let id = member(&s.cluster.ca);
+    rt().block_on(async {
+        let node = Node::bind(loopback(), &id).unwrap();
+        let parent = node.connect(seed).await.expect("a member connects");
+        let good = Request::Have {
+            task,
+            epoch: 0,
+            since: 0,
+        }
+        .encode();
+        let mut bad_kind = good;
+        bad_kind[5] = 99;
+        let mut huge_body = Request::Announce { body: 0 }.encode();
+        huge_body[47..51].copy_from_slice(&(wire::MAX_BODY + 1).to_le_bytes());
+        let mut short_body = Request::Fetch { task, body: 100 }.encode().to_vec();
+        short_body.extend_from_slice(b"{");
+        let mut junk_order = Request::Fetch { task, body: 5 }.encode().to_vec();
+        junk_order.extend_from_slice(b"nope!");
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("garbage", vec![0xAB; REQUEST_LEN]),
+            ("truncated", good[..20].to_vec()),
+            ("unknown kind", bad_kind.to_vec()),
+            ("oversized body", huge_body.to_vec()),
+            ("short body", short_body),
+            ("junk fetch order", junk_order),
+        ];
+        for (what, frame) in cases {
+            let got = parent.raw_exchange(&frame).await;
+            assert!(
+                matches!(got, Ok((Status::BadRequest, 0))),
+                "{what}: {got:?}"
+            );
+        }
+        // Still serving, to this very connection.
+        let have = parent
+            .have(task, u32::MAX, 0)
+            .await
+            .expect("a good request after the bad");
+        assert_eq!(have.content_length, s.len);
+    });
+    assert!(s.cluster.nodes[0].pid().is_some());
+    // The seed still serves a newcomer.
+    s.cluster.nodes[1].scratch.get(&s.url, "again", &[]).ok();
+}
+
+/// A rogue cluster member: announces that it holds the whole task, answers have requests
+/// honestly (right hashes), and answers every piece request with an oversized frame header.
+struct Rogue {
+    _rt: tokio::runtime::Runtime,
+    pieces_asked: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Rogue {
+    fn start(
+        ca: &std::path::Path,
+        scheduler: u16,
+        task: starling::core::TaskId,
+        data: Vec<u8>,
+    ) -> Rogue {
+        use starling::core::{Digest, PiecePlan};
+        use starling::scheduler::{Announce, Holding};
+        use starling::transport::wire::{self, HaveReply, Request, Status, REQUEST_LEN};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let id = member(ca);
+        let plan = PiecePlan::with_default(data.len() as u64);
+        let hashes: Vec<Digest> = plan
+            .pieces()
+            .map(|p| Digest::of(&data[p.offset as usize..p.end() as usize]))
+            .collect();
+        let content = Digest::of(&data);
+        let pieces_asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = starling::transport::tls::server_config(&id).expect("server config");
+        let endpoint = rt
+            .block_on(async { quinn::Endpoint::server(server, loopback()) })
+            .expect("bind");
+        let addr = endpoint.local_addr().expect("addr");
+        let asked = pieces_asked.clone();
+        rt.spawn(async move {
+            while let Some(inc) = endpoint.accept().await {
+                let (hashes, asked) = (hashes.clone(), asked.clone());
+                tokio::spawn(async move {
+                    let Ok(conn) = inc.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let (hashes, asked) = (hashes.clone(), asked.clone());
+                        tokio::spawn(async move {
+                            let mut b = [0u8; REQUEST_LEN];
+                            if recv.read_exact(&mut b).await.is_err() {
+                                return;
+                            }
+                            let (status, len, payload) = match Request::decode(&b) {
+                                Ok(Request::Have { since, .. }) => {
+                                    let n = hashes.len() as u32;
+                                    let entries = if since < n {
+                                        hashes
+                                            .iter()
+                                            .enumerate()
+                                            .map(|(i, d)| (i as u32, *d))
+                                            .collect()
+                                    } else {
+                                        Vec::new()
+                                    };
+                                    let r = HaveReply {
+                                        content_length: plan.content_length(),
+                                        piece_length: plan.piece_length(),
+                                        content: Some(content),
+                                        epoch: 0,
+                                        end: n,
+                                        entries,
+                                    }
+                                    .encode();
+                                    (Status::Ok, r.len() as u64, r)
+                                }
+                                Ok(Request::Piece { .. }) => {
+                                    asked.fetch_add(1, Ordering::Relaxed);
+                                    (
+                                        Status::Ok,
+                                        starling::core::MAX_PIECE_LENGTH + 1,
+                                        vec![0u8; 4096],
+                                    )
+                                }
+                                _ => (Status::NotFound, 0, Vec::new()),
+                            };
+                            let _ = send
+                                .write_all(&wire::encode_response_header(status, len))
+                                .await;
+                            let _ = send.write_all(&payload).await;
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+        // Keep announcing, like a real peer.
+        let stop2 = stop.clone();
+        rt.spawn(async move {
+            let node = starling::transport::Node::bind(loopback(), &id).expect("client node");
+            let sched: std::net::SocketAddr = format!("127.0.0.1:{scheduler}").parse().unwrap();
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok(p) = node.connect(sched).await {
+                    let a = Announce {
+                        peer: addr.to_string(),
+                        addr,
+                        seed: false,
+                        upload_capacity: 1e10,
+                        uploads: 0,
+                        tasks: vec![(
+                            task,
+                            Holding::Full {
+                                pieces: plan.count(),
+                                have: vec![true; plan.count() as usize],
+                            },
+                        )],
+                        links: vec![],
+                    };
+                    let body = serde_json::to_vec(&a).unwrap();
+                    let _ = p.call(|len| Request::Announce { body: len }, &body).await;
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+        Rogue {
+            _rt: rt,
+            pieces_asked,
+            stop,
+        }
+    }
+}
+
+impl Drop for Rogue {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn a_parent_sending_oversized_frames_is_dropped_and_the_download_completes() {
+    let s = setup(1, 16, "", "");
+    // The seed holds it.
+    s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
+    let data = std::fs::read(s.cluster.nodes[0].scratch.out("seed-out")).expect("read");
+    let rogue = Rogue::start(
+        &s.cluster.ca,
+        s.cluster.scheduler_port,
+        url_task(&s.url),
+        data,
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    s.get_all(&[1]);
+    let n1 = &s.cluster.nodes[1];
+    assert!(
+        rogue.pieces_asked.load(Ordering::Relaxed) >= 1,
+        "the rogue was never asked"
+    );
+    assert!(
+        n1.metric("starling_piece_failures_total{cause=\"malformed\"}") >= 1.0,
+        "{}",
+        n1.metrics()
+    );
+    assert!(n1.pid().is_some());
+}

@@ -1,0 +1,170 @@
+//! One distribution job, shared by `cargo xtask demo` and `cargo xtask bench swarm`: an nginx
+//! origin, a `starling scheduler` and a seed on host 0, N peer daemons on hosts 1..=N (network
+//! namespaces with tbf-shaped links when root, else loopback), every peer asking for the file at
+//! once through its daemon's local API. It measures per-peer time, bytes from peers and from the
+//! origin, the origin's bytes served, and the daemons' CPU time.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use starling::daemon::api::{ApiEvent, GetRequest};
+use starling_tests::{sha256_file, Cluster, Lab, Nginx};
+
+pub const MIB: u64 = 1024 * 1024;
+
+pub struct Job<'a> {
+    pub lab: Option<&'a Lab>,
+    pub peers: usize,
+    /// The file to distribute, already in `www`.
+    pub www: &'a Path,
+    pub file: &'a str,
+    pub want: &'a str,
+    /// Show live progress bars.
+    pub live: bool,
+}
+
+pub struct PeerResult {
+    pub secs: f64,
+    pub from_peers: u64,
+    pub from_origin: u64,
+    pub verified: bool,
+}
+
+pub struct Outcome {
+    pub wall: f64,
+    pub peers: Vec<PeerResult>,
+    pub origin_bytes: u64,
+    pub cpu_secs: f64,
+    pub size: u64,
+}
+
+/// CPU seconds (user + system) a process has used so far.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+pub fn run(job: &Job) -> Result<Outcome> {
+    let size = std::fs::metadata(job.www.join(job.file))?.len();
+    let nginx = match job.lab {
+        Some(lab) => Nginx::start_in(job.www, None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr),
+        None => Nginx::start(job.www),
+    };
+    let url = nginx.url(job.file);
+    let mut cluster = Cluster::new_in(job.lab, job.peers, "", "");
+    cluster.start_all();
+    let pids: Vec<u32> = cluster
+        .nodes
+        .iter()
+        .filter_map(|n| n.pid())
+        .chain(cluster.scheduler.as_ref().map(|s| s.child.id()))
+        .collect();
+    let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let origin0 = nginx.bytes_sent();
+
+    let bars = indicatif::MultiProgress::new();
+    if !job.live {
+        bars.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:>8} [{bar:40}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    let start = Instant::now();
+    let results: Vec<Result<PeerResult>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (1..=job.peers)
+            .map(|i| {
+                let bar = bars.add(indicatif::ProgressBar::new(size));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("peer {i}"));
+                let node = &cluster.nodes[i];
+                let url = url.clone();
+                sc.spawn(move || -> Result<PeerResult> {
+                    let out = node.scratch.out("artifact.bin");
+                    let t = Instant::now();
+                    let ev = get_via_api(
+                        &node.scratch.data_dir().join("starling.sock"),
+                        &url,
+                        &out,
+                        &bar,
+                    )?;
+                    let secs = t.elapsed().as_secs_f64();
+                    bar.finish();
+                    match ev {
+                        ApiEvent::Done {
+                            parent_bytes,
+                            origin_bytes,
+                            ..
+                        } => Ok(PeerResult {
+                            secs,
+                            from_peers: parent_bytes,
+                            from_origin: origin_bytes,
+                            verified: sha256_file(&out) == job.want,
+                        }),
+                        ApiEvent::Error { code, message } => {
+                            bail!("peer {i}: exit code {code}: {message}")
+                        }
+                        ApiEvent::Progress { .. } => bail!("peer {i}: no final answer"),
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a peer thread panicked")))
+            .collect()
+    });
+    let wall = start.elapsed().as_secs_f64();
+    let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let peers = results.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok(Outcome {
+        wall,
+        peers,
+        origin_bytes: nginx.bytes_sent() - origin0,
+        cpu_secs: cpu1 - cpu0,
+        size,
+    })
+}
+
+/// A `get` through a daemon's local API, feeding `bar` with its progress.
+fn get_via_api(
+    socket: &Path,
+    url: &str,
+    out: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<ApiEvent> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let req = GetRequest {
+        url: url.to_string(),
+        digest: None,
+        headers: Vec::new(),
+        piece_length: None,
+        output: PathBuf::from(out),
+        no_hardlink: false,
+    };
+    let ev = rt.block_on(starling::daemon::client_get(socket, &req, |total, d| {
+        bar.set_length(total.max(1));
+        bar.set_position(d);
+    }))?;
+    ev.context("no daemon answered on its socket")
+}
+
+/// T_min = max(F/U_seed, F/D_peer, N·F/(U_seed + ΣU_peers)), with every link at `mbit`.
+pub fn t_min(size: u64, peers: usize, mbit: u32) -> f64 {
+    let rate = mbit as f64 * 1e6 / 8.0;
+    let f = size as f64;
+    let n = peers as f64;
+    (f / rate).max(n * f / ((n + 1.0) * rate))
+}
