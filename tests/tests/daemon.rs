@@ -103,16 +103,6 @@ fn daemon_errors_keep_their_exit_codes_and_leave_nothing() {
     s.get(&o.url("x"), "d", &[]).ok();
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn value(text: &str, series: &str) -> u64 {
     text.lines()
         .find_map(|l| {

@@ -3,9 +3,11 @@
 //! - `setup`: idempotent machine setup (nightly rust-src, bpf-linker, apt packages, tracefs).
 //! - `build-ebpf`: builds the eBPF programs in `ebpf/` for bpfel-unknown-none.
 //! - `test`: setup, format and lint checks, eBPF build, then the whole test suite.
-//! - `demo`: the main job: a live download from a local origin.
+//! - `demo`: the main job: a live swarm (origin, scheduler, seed, 4 peers) distributing a file.
 //! - `bench get`: release benchmarks with ratios against a baseline in the same run.
+//! - `bench swarm`: the swarm in shaped namespaces against T_min and plain HTTP.
 
+mod bench_swarm;
 mod demo;
 mod setup;
 mod swarm;
@@ -31,8 +33,9 @@ fn main() -> Result<()> {
                  setup        install what builds and tests need (idempotent)\n  \
                  build-ebpf   build the eBPF programs in ebpf/\n  \
                  test         setup, fmt + clippy checks, eBPF build, the whole test suite\n  \
-                 demo         the main job: a live verified download from a local origin\n  \
-                 bench get    SHA-256 path, io_uring store and `starling get` vs curl, as ratios"
+                 demo         the main job: a live swarm distributing a file, verified\n  \
+                 bench get    SHA-256 path, io_uring store and `starling get` vs curl, as ratios\n  \
+                 bench swarm  one seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP"
             );
             bail!("no command given")
         }
@@ -158,7 +161,10 @@ fn run_tests(extra: &[&str]) -> Result<()> {
 fn bench(args: &[&str]) -> Result<()> {
     match args.first() {
         Some(&"get") => {}
-        _ => bail!("usage: cargo xtask bench get [--size-mib N] [--runs N]"),
+        Some(&"swarm") => return bench_swarm::run(&args[1..]),
+        _ => bail!(
+            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]"
+        ),
     }
     setup::run()?;
     sh(cargo().args([

@@ -26,6 +26,8 @@ pub struct Job<'a> {
 
 pub struct PeerResult {
     pub secs: f64,
+    /// When it finished, seconds after all peers started.
+    pub done_at: f64,
     pub from_peers: u64,
     pub from_origin: u64,
     pub verified: bool,
@@ -37,6 +39,8 @@ pub struct Outcome {
     pub origin_bytes: u64,
     pub cpu_secs: f64,
     pub size: u64,
+    /// Piece bytes each node uploaded (node 0 is the seed).
+    pub uploaded: Vec<u64>,
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -99,6 +103,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                         &bar,
                     )?;
                     let secs = t.elapsed().as_secs_f64();
+                    let done_at = start.elapsed().as_secs_f64();
                     bar.finish();
                     match ev {
                         ApiEvent::Done {
@@ -107,6 +112,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                             ..
                         } => Ok(PeerResult {
                             secs,
+                            done_at,
                             from_peers: parent_bytes,
                             from_origin: origin_bytes,
                             verified: sha256_file(&out) == job.want,
@@ -124,15 +130,22 @@ pub fn run(job: &Job) -> Result<Outcome> {
             .map(|h| h.join().unwrap_or_else(|_| bail!("a peer thread panicked")))
             .collect()
     });
-    let wall = start.elapsed().as_secs_f64();
     let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     let peers = results.into_iter().collect::<Result<Vec<_>>>()?;
+    // Until the last peer had its file (the outputs' own checks come after).
+    let wall = peers.iter().map(|p| p.done_at).fold(0.0, f64::max);
+    let uploaded = cluster
+        .nodes
+        .iter()
+        .map(|n| n.metric("starling_bytes_uploaded_total") as u64)
+        .collect();
     Ok(Outcome {
         wall,
         peers,
         origin_bytes: nginx.bytes_sent() - origin0,
         cpu_secs: cpu1 - cpu0,
         size,
+        uploaded,
     })
 }
 
@@ -167,4 +180,65 @@ pub fn t_min(size: u64, peers: usize, mbit: u32) -> f64 {
     let f = size as f64;
     let n = peers as f64;
     (f / rate).max(n * f / ((n + 1.0) * rate))
+}
+
+/// Plain HTTP baseline: every peer host runs curl against the origin at once. Returns the wall
+/// time, the curls' CPU seconds, and whether every output verified.
+pub fn http_baseline(
+    lab: &Lab,
+    peers: usize,
+    www: &Path,
+    file: &str,
+    want: &str,
+    out: &Path,
+) -> Result<(f64, f64, bool)> {
+    let nginx = Nginx::start_in(www, None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+    let url = nginx.url(file);
+    std::fs::create_dir_all(out)?;
+    let outs: Vec<PathBuf> = (1..=peers)
+        .map(|i| out.join(format!("curl-{i}.bin")))
+        .collect();
+    let start = Instant::now();
+    let children = (1..=peers)
+        .map(|i| {
+            lab.command(i, "curl")
+                .args(["-sS", "--fail", "-o"])
+                .arg(&outs[i - 1])
+                .arg(&url)
+                .spawn()
+                .context("cannot start curl")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut cpu = 0.0;
+    let mut ok = true;
+    for c in children {
+        let (status, secs) = wait_with_cpu(c.id())?;
+        cpu += secs;
+        ok &= status == 0;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let verified = ok && outs.iter().all(|o| sha256_file(o) == want);
+    for o in &outs {
+        let _ = std::fs::remove_file(o);
+    }
+    Ok((wall, cpu, verified))
+}
+
+/// Waits for a child by PID and returns its exit status and CPU seconds (user + system).
+fn wait_with_cpu(pid: u32) -> Result<(i32, f64)> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child, with valid pointers.
+    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    if r < 0 {
+        bail!("wait4({pid}): {}", std::io::Error::last_os_error());
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    Ok((code, t(usage.ru_utime) + t(usage.ru_stime)))
 }

@@ -4,8 +4,10 @@
 //! back to source). Time is a `Duration` since any fixed instant the driver chooses.
 //!
 //! Policy:
-//! - **Order**: rarest first among the candidate parents (ties by index, so plans are
-//!   deterministic); sequential from a cursor while a streaming client waits.
+//! - **Order**: rarest first among the candidate parents; equally rare pieces in an order
+//!   shuffled by `tie_seed` (each peer its own, so peers fetch different pieces from a seed and
+//!   then have something to trade), or by index without one; sequential from a cursor while a
+//!   streaming client waits.
 //! - **Windows**: each parent's in-flight window is its bandwidth-delay product in pieces,
 //!   `ceil(throughput × RTT / piece) + 1`, clamped to `[min_window, max_window]`; before any
 //!   measurement it is `initial_window`. Faster parents therefore carry more.
@@ -80,6 +82,8 @@ pub struct EngineConfig {
     pub source_wait: Duration,
     /// Source requests in flight at once.
     pub source_window: u32,
+    /// Shuffles equally rare pieces (None: by index). Give each peer its own.
+    pub tie_seed: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +104,7 @@ impl Default for EngineConfig {
             source_grace: Duration::from_secs(10),
             source_wait: Duration::ZERO,
             source_window: 4,
+            tie_seed: None,
         }
     }
 }
@@ -413,7 +418,8 @@ impl Engine {
             .map(|i| (usable.iter().filter(|p| p.has[i as usize]).count(), i))
             .collect();
         // Pieces nobody has sort last (rarity 0 would otherwise come first); they go to source.
-        pieces.sort_by_key(|&(rarity, i)| (rarity == 0, rarity, i));
+        let tie = |i: u32| self.cfg.tie_seed.map_or(i as u64, |s| mix(s ^ i as u64));
+        pieces.sort_by_key(|&(rarity, i)| (rarity == 0, rarity, tie(i)));
         pieces.into_iter().map(|(_, i)| i).collect()
     }
 
@@ -589,6 +595,14 @@ impl Engine {
         self.in_flight.entry(piece).or_default().insert(from);
         self.out.push(Action::Request { from, piece });
     }
+}
+
+/// splitmix64's finaliser: a cheap, well-spread permutation of u64.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// The window from the bandwidth-delay product, or the initial window before measurements;

@@ -126,6 +126,11 @@ pub(super) async fn run(
         source_min_rate: (pc.source_min_mbps * 125_000.0) as u64,
         source_grace: wait,
         source_wait: wait,
+        tie_seed: Some(u64::from_le_bytes(
+            Digest::of(swarm.me.as_bytes()).0[..8]
+                .try_into()
+                .unwrap_or([0; 8]),
+        )),
         ..EngineConfig::default()
     };
     let mut d = Driver {
@@ -299,6 +304,7 @@ impl Driver<'_> {
     }
 
     fn on_advice(&mut self, r: CandidatesReply) {
+        tracing::debug!(parents = r.parents.len(), advice = ?r.advice, "scheduler advice");
         match &r.advice {
             Advice::Source => self.told_source = true,
             Advice::AskSeed { peer, addr } => {
@@ -362,6 +368,7 @@ impl Driver<'_> {
         }
         let pid = self.next_pid;
         self.next_pid += 1;
+        tracing::debug!(%peer, pid, "adding a parent");
         let poller = tokio::spawn(poll_parent(
             self.swarm.clone(),
             self.id,
@@ -429,6 +436,7 @@ impl Driver<'_> {
 
     /// The first plan heard decides the task's layout; a parent with another one is dropped.
     fn on_have(&mut self, pid: ParentId, r: HaveReply) -> Result<(), FetchError> {
+        tracing::debug!(pid, entries = r.entries.len(), end = r.end, "have");
         if !self.parents.contains_key(&pid) {
             return Ok(());
         }
@@ -533,7 +541,10 @@ impl Driver<'_> {
         }
         for a in actions {
             match a {
-                Action::Request { from, piece } => self.spawn(from, piece),
+                Action::Request { from, piece } => {
+                    tracing::debug!(?from, piece, "request");
+                    self.spawn(from, piece)
+                }
                 Action::Cancel { from, piece } => {
                     if let Some(h) = self.running.remove(&(from, piece)) {
                         h.abort();

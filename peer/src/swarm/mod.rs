@@ -117,18 +117,7 @@ impl Swarm {
     /// Binds the peer's QUIC endpoint under the cluster CA and starts serving and announcing.
     pub async fn start(fetcher: Arc<Fetcher>) -> Result<Arc<Swarm>, SwarmError> {
         let cfg = fetcher.config().clone();
-        let ca = match (&cfg.tls.ca_cert, &cfg.tls.ca_key) {
-            (Some(c), Some(k)) => {
-                let read = |p: &std::path::Path| {
-                    std::fs::read_to_string(p).map_err(|source| SwarmError::Read {
-                        path: p.to_path_buf(),
-                        source,
-                    })
-                };
-                ClusterCa::from_pem(&read(c)?, &read(k)?)?
-            }
-            _ => ClusterCa::load_or_create(&cfg.data_dir.join("tls"))?,
-        };
+        let ca = cluster_ca(&cfg)?;
         let listen: SocketAddr =
             cfg.peer.listen.parse().map_err(|_| {
                 TransportError::Stream(format!("peer.listen {:?}", cfg.peer.listen))
@@ -588,6 +577,22 @@ impl PieceSource for Swarm {
     }
 }
 
+/// The cluster CA from `[tls]`, else the one in `<data_dir>/tls/` (created on first use).
+fn cluster_ca(cfg: &Config) -> Result<ClusterCa, SwarmError> {
+    match (&cfg.tls.ca_cert, &cfg.tls.ca_key) {
+        (Some(c), Some(k)) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(|source| SwarmError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })
+            };
+            Ok(ClusterCa::from_pem(&read(c)?, &read(k)?)?)
+        }
+        _ => Ok(ClusterCa::load_or_create(&cfg.data_dir.join("tls"))?),
+    }
+}
+
 fn scheduler_config(cfg: &Config) -> SchedulerConfig {
     SchedulerConfig {
         ttl: Duration::from_secs(cfg.scheduler.peer_ttl_seconds),
@@ -598,18 +603,7 @@ fn scheduler_config(cfg: &Config) -> SchedulerConfig {
 
 /// Runs `starling scheduler`: scheduler calls only, over QUIC with mutual TLS.
 pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
-    let ca = match (&cfg.tls.ca_cert, &cfg.tls.ca_key) {
-        (Some(c), Some(k)) => {
-            let read = |p: &std::path::Path| {
-                std::fs::read_to_string(p).map_err(|source| SwarmError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })
-            };
-            ClusterCa::from_pem(&read(c)?, &read(k)?)?
-        }
-        _ => ClusterCa::load_or_create(&cfg.data_dir.join("tls"))?,
-    };
+    let ca = cluster_ca(&cfg)?;
     let listen: SocketAddr = cfg.scheduler.listen.parse().map_err(|_| {
         TransportError::Stream(format!("scheduler.listen {:?}", cfg.scheduler.listen))
     })?;

@@ -1,0 +1,100 @@
+//! `cargo xtask bench swarm`: one seed plus N downloaders (default 8), each host a network
+//! namespace on one bridge with every link shaped by tbf both ways (default 100 Mbit/s), a file
+//! of F bytes (default 256 MiB). Prints Starling's wall time until all peers finish, T_min,
+//! Starling/T_min, and plain HTTP (nginx on the seed host, N concurrent curls) / Starling, all
+//! from the same run, plus CPU use (all hosts share this machine's cores).
+
+use anyhow::{bail, Context, Result};
+use starling_tests::{is_root, sha256_file, Lab};
+
+use crate::demo::make_file;
+use crate::swarm::{self, Job, MIB};
+use crate::{cargo, root, setup, sh};
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let (mut peers, mut size_mib, mut mbit, mut http) = (8usize, 256u64, 100u32, true);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--no-http" => http = false,
+            "--peers" | "--size-mib" | "--mbit" => {
+                let v = it.next().with_context(|| format!("{a} takes a value"))?;
+                match *a {
+                    "--peers" => peers = v.parse()?,
+                    "--size-mib" => size_mib = v.parse()?,
+                    _ => mbit = v.parse()?,
+                }
+            }
+            _ => bail!(
+                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]"
+            ),
+        }
+    }
+    if !is_root() {
+        bail!("bench swarm builds network namespaces: run it as root");
+    }
+    setup::ensure_apt_packages()?;
+    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
+    crate::use_release_binary();
+    let dir = root().join("target/bench-swarm");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    make_file(&www.join("artifact.bin"), size_mib * MIB)?;
+    let want = sha256_file(&www.join("artifact.bin"));
+    let lab = Lab::new("s", 202, peers + 1, mbit).map_err(anyhow::Error::msg)?;
+    println!(
+        "bench swarm: 1 seed + {peers} peers, {size_mib} MiB, {mbit} Mbit/s links (tbf both ways)"
+    );
+    let job = Job {
+        lab: Some(&lab),
+        peers,
+        www: &www,
+        file: "artifact.bin",
+        want: &want,
+        live: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let o = swarm::run(&job)?;
+    if o.peers.iter().any(|p| !p.verified) {
+        bail!("a Starling output did not match the digest");
+    }
+    let t_min = swarm::t_min(o.size, peers, mbit);
+    let delivered_gib = (o.size * peers as u64) as f64 / (1u64 << 30) as f64;
+    let mut times: Vec<f64> = o.peers.iter().map(|p| p.secs).collect();
+    times.sort_by(f64::total_cmp);
+    println!("\nstarling: all {peers} peers done in {:.2} s (per peer min {:.2} / median {:.2} / max {:.2})", o.wall, times[0], times[times.len() / 2], times[times.len() - 1]);
+    println!("T_min = max(F/U_seed, F/D_peer, N*F/(U_seed+sum U_peers)) = {t_min:.2} s");
+    println!(
+        "starling / T_min = {:.2}   (target <= 1.15)",
+        o.wall / t_min
+    );
+    println!(
+        "origin served {:.3} x F; starling daemons used {:.1} CPU-s ({:.2} CPU-s per GiB delivered)",
+        o.origin_bytes as f64 / o.size as f64,
+        o.cpu_secs,
+        o.cpu_secs / delivered_gib
+    );
+    let up: Vec<String> = o
+        .uploaded
+        .iter()
+        .map(|b| format!("{:.2}", *b as f64 / o.size as f64))
+        .collect();
+    println!(
+        "uploaded, in F: seed {} | peers {}",
+        up[0],
+        up[1..].join(" ")
+    );
+    if http {
+        let (wall, cpu, ok) =
+            swarm::http_baseline(&lab, peers, &www, "artifact.bin", &want, &dir.join("out"))?;
+        if !ok {
+            bail!("a curl output did not verify");
+        }
+        println!("plain HTTP ({peers} concurrent curls from nginx on the seed host): {wall:.2} s, curl CPU {cpu:.1} s");
+        println!(
+            "HTTP / starling = {:.2}   HTTP / T_min = {:.2}",
+            wall / o.wall,
+            wall / t_min
+        );
+    }
+    Ok(())
+}
