@@ -50,6 +50,9 @@ pub enum Failure {
     Refused,
     /// The bytes did not hash to the manifest's digest.
     Mismatch,
+    /// The parent declined for now (a seed spreading its uploads): not a strike; that piece is
+    /// not asked of that parent again for `busy_backoff`.
+    Busy,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -84,6 +87,8 @@ pub struct EngineConfig {
     pub source_window: u32,
     /// Shuffles equally rare pieces (None: by index). Give each peer its own.
     pub tie_seed: Option<u64>,
+    /// How long a piece a parent declined (busy) is not asked of it again.
+    pub busy_backoff: Duration,
 }
 
 impl Default for EngineConfig {
@@ -105,6 +110,7 @@ impl Default for EngineConfig {
             source_wait: Duration::ZERO,
             source_window: 4,
             tie_seed: None,
+            busy_backoff: Duration::from_millis(500),
         }
     }
 }
@@ -155,6 +161,8 @@ pub struct Engine {
     news_pending: bool,
     /// Requests that timed out since the driver last asked (for its logs and metrics).
     timed_out: Vec<(Peer, u32)>,
+    /// (parent, piece) pairs declined as busy, and until when they are not asked again.
+    busy: BTreeMap<(ParentId, u32), Duration>,
     out: Vec<Action>,
 }
 
@@ -180,6 +188,7 @@ impl Engine {
             news_at: None,
             news_pending: false,
             timed_out: Vec::new(),
+            busy: BTreeMap::new(),
             out: Vec::new(),
         }
     }
@@ -278,6 +287,10 @@ impl Engine {
     pub fn on_failure(&mut self, from: Peer, piece: u32, cause: Failure, now: Duration) {
         self.forget(from, piece);
         let Peer::Parent(id) = from else { return };
+        if cause == Failure::Busy {
+            self.busy.insert((id, piece), now + self.cfg.busy_backoff);
+            return;
+        }
         let hard = self
             .avoid
             .entry(piece)
@@ -371,6 +384,7 @@ impl Engine {
 
     /// Times out requests that took too long.
     fn expire(&mut self, now: Duration) {
+        self.busy.retain(|_, until| *until > now);
         let mut late = Vec::new();
         for (id, p) in &self.parents {
             let limit = self.timeout_for(p);
@@ -546,10 +560,12 @@ impl Engine {
         }
     }
 
-    /// Whether `id` holds `piece` and has not served it corrupt before.
+    /// Whether `id` holds `piece`, has not served it corrupt before, and has not just declined
+    /// it.
     fn may_ask(&self, id: ParentId, piece: u32) -> bool {
         self.parents.get(&id).is_some_and(|p| p.has[piece as usize])
             && self.avoid.get(&piece).and_then(|a| a.get(&id)) != Some(&true)
+            && !self.busy.contains_key(&(id, piece))
     }
 
     /// `piece` recently failed at `id`, and another usable holder has not failed it.

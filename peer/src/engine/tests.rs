@@ -524,3 +524,21 @@ fn peers_with_their_own_tie_seeds_pick_different_pieces_from_one_seed() {
     // The same seed plans the same way (deterministic).
     assert_eq!(a, picks(1));
 }
+
+#[test]
+fn a_busy_answer_is_no_strike_and_the_piece_waits_a_little_at_that_parent() {
+    let cfg = EngineConfig {
+        initial_window: 4,
+        ..no_source()
+    };
+    let mut e = Engine::new(plan(4), &[], cfg);
+    e.add_parent(1, &all(4));
+    let first = requests(&e.poll(Duration::ZERO));
+    let (_, p) = first[0];
+    e.on_failure(Peer::Parent(1), p, Failure::Busy, Duration::ZERO);
+    assert_eq!(e.report()[0].strikes, 0);
+    let again = requests(&e.poll(Duration::from_millis(100)));
+    assert!(again.is_empty(), "{again:?}");
+    let later = requests(&e.poll(Duration::from_millis(600)));
+    assert!(later.contains(&(Peer::Parent(1), p)), "{later:?}");
+}

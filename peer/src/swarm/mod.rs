@@ -8,6 +8,7 @@
 
 mod announce;
 mod download;
+mod tasks;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -73,6 +74,56 @@ enum Schedulers {
 struct ServedTask {
     view: Arc<UploadView>,
     last_used: Instant,
+    spread: Spread,
+}
+
+/// How long a seed may decline a piece it has sent before (see [`Spread`]): long enough for
+/// its receiver to pass it on, short enough that a receiver that died does not starve anyone.
+const SPREAD_HOLD: Duration = Duration::from_secs(10);
+
+/// A seed's record of what it has sent. It sends the pieces it has sent least first: a request
+/// for a piece already sent more often than some other piece, within [`SPREAD_HOLD`] of its
+/// last send, is declined (`Busy`), and the child gets it from whoever received it. Otherwise
+/// children that pick the same rare pieces at once would spend the seed's upload, which bounds
+/// the whole swarm, on duplicates.
+struct Spread {
+    sent: Vec<u32>,
+    last_sent: Vec<Option<Instant>>,
+    /// The lowest send count, and how many pieces are at it.
+    min: u32,
+    at_min: usize,
+}
+
+impl Spread {
+    fn new(pieces: u32) -> Spread {
+        Spread {
+            sent: vec![0; pieces as usize],
+            last_sent: vec![None; pieces as usize],
+            min: 0,
+            at_min: pieces as usize,
+        }
+    }
+
+    /// Whether to send `index` now (and record it).
+    fn admit(&mut self, index: u32) -> bool {
+        let i = index as usize;
+        let (Some(count), Some(last)) = (self.sent.get(i).copied(), self.last_sent.get(i)) else {
+            return true;
+        };
+        if count > self.min && last.is_some_and(|t| t.elapsed() < SPREAD_HOLD) {
+            return false;
+        }
+        if count == self.min {
+            self.at_min -= 1;
+            if self.at_min == 0 {
+                self.min += 1;
+                self.at_min = self.sent.iter().filter(|c| **c == self.min).count() + 1;
+            }
+        }
+        self.sent[i] = count + 1;
+        self.last_sent[i] = Some(Instant::now());
+        true
+    }
 }
 
 pub struct Swarm {
@@ -341,6 +392,7 @@ impl Swarm {
                         ServedTask {
                             view: Arc::new(v),
                             last_used: Instant::now(),
+                            spread: Spread::new(task.plan().count()),
                         },
                     );
                     self.fetcher.metrics().set_serving(s.len());
@@ -537,11 +589,19 @@ impl PieceSource for Swarm {
     }
 
     fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes> {
-        let p = self.view(task)?.piece(index);
-        if p.is_some() {
-            self.served_pieces.fetch_add(1, Ordering::Relaxed);
+        self.piece_status(task, index).ok()
+    }
+
+    fn piece_status(&self, task: &TaskId, index: u32) -> Result<Bytes, Status> {
+        let mut s = self.served.lock().map_err(|_| Status::NotFound)?;
+        let t = s.get_mut(task).ok_or(Status::NotFound)?;
+        t.last_used = Instant::now();
+        let p = t.view.piece(index).ok_or(Status::NotFound)?;
+        if self.seed && !t.spread.admit(index) {
+            return Err(Status::Busy);
         }
-        p
+        self.served_pieces.fetch_add(1, Ordering::Relaxed);
+        Ok(p)
     }
 
     fn have(
@@ -649,3 +709,23 @@ fn advertise(cfg: &Config, bound: SocketAddr, scheduler: Option<SocketAddr>) -> 
 
 /// Wire limit on pieces, re-exported for the downloader.
 const MAX_PIECES: u32 = wire::MAX_WIRE_PIECES;
+
+#[cfg(test)]
+mod tests {
+    use super::Spread;
+
+    #[test]
+    fn a_seed_sends_every_piece_once_before_any_twice() {
+        let mut s = Spread::new(3);
+        assert!(s.admit(0));
+        assert!(!s.admit(0), "0 again while 1 and 2 were never sent");
+        assert!(s.admit(1));
+        assert!(!s.admit(1));
+        assert!(s.admit(2));
+        // Every piece sent once: the next round opens.
+        assert!(s.admit(0));
+        assert!(!s.admit(0));
+        assert!(s.admit(2) && s.admit(1));
+        assert!(s.admit(7), "out of range is not ours to police");
+    }
+}

@@ -55,6 +55,10 @@ pub enum TransportError {
 pub trait PieceSource: Send + Sync + 'static {
     fn manifest(&self, task: &TaskId) -> Option<Bytes>;
     fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes>;
+    /// A piece, or why not: `NotFound`, or `Busy` (declined for now; ask later or elsewhere).
+    fn piece_status(&self, task: &TaskId, index: u32) -> Result<Bytes, Status> {
+        self.piece(task, index).ok_or(Status::NotFound)
+    }
     /// An encoded [`HaveReply`]: news since `since` in the log of `epoch`, waiting a little
     /// for some when there is none. None: the task is unknown here.
     fn have(
@@ -240,8 +244,10 @@ async fn answer(
     let (status, bytes) = match req {
         Request::Manifest { task } => found(source.manifest(&task)),
         Request::Piece { task, index } => {
-            let (s, b) = found(source.piece(&task, index));
-            return (s, b, true);
+            return match source.piece_status(&task, index) {
+                Ok(b) => (Status::Ok, b, true),
+                Err(s) => (s, Bytes::new(), true),
+            };
         }
         Request::Have { task, epoch, since } => found(source.have(task, epoch, since).await),
         _ => match source.call(req, Bytes::from(body)).await {

@@ -1,0 +1,192 @@
+//! The driver's I/O tasks: asking the scheduler, long-polling each parent's verification log,
+//! and fetching one piece (from a parent or the origin), verified before it is stored.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::Swarm;
+use crate::core::{Digest, Piece, Sha256Stream, TaskId};
+use crate::engine::{Failure, ParentId};
+use crate::fetch::{FetchError, Progress};
+use crate::scheduler::service::CandidatesReply;
+use crate::source::{Origin, SourceError};
+use crate::storage::TaskHandle;
+use crate::transport::wire::{HaveReply, Status};
+use crate::transport::{Parent, TransportError};
+
+pub(super) enum Event {
+    Connected { pid: ParentId, conn: Parent },
+    Have { pid: ParentId, reply: HaveReply },
+    Down { pid: ParentId, why: String },
+    Advice(CandidatesReply),
+}
+
+pub(super) enum JobError {
+    Fail(Failure, &'static str),
+    Fatal(FetchError),
+}
+
+/// Asks the scheduler for parents periodically: often while short of parents, rarely after.
+pub(super) async fn ask_loop(
+    swarm: Arc<Swarm>,
+    id: TaskId,
+    tx: mpsc::UnboundedSender<Event>,
+    wanted: Arc<AtomicUsize>,
+) {
+    let mut since_ask = Duration::ZERO;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        since_ask += Duration::from_millis(250);
+        let every = if wanted.load(Ordering::Relaxed) > 0 {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(5)
+        };
+        if since_ask < every {
+            continue;
+        }
+        since_ask = Duration::ZERO;
+        match swarm.ask(id).await {
+            Ok(r) => {
+                if tx.send(Event::Advice(r)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "scheduler call failed; retrying"),
+        }
+    }
+}
+
+/// Connects to a parent and long-polls its verification log until it goes away.
+pub(super) async fn poll_parent(
+    swarm: Arc<Swarm>,
+    task: TaskId,
+    pid: ParentId,
+    addr: std::net::SocketAddr,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let down = |why: String| {
+        let _ = tx.send(Event::Down { pid, why });
+    };
+    let conn = match tokio::time::timeout(Duration::from_secs(3), swarm.node.connect(addr)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return down(e.to_string()),
+        Err(_) => return down(format!("connecting to {addr} timed out")),
+    };
+    if tx
+        .send(Event::Connected {
+            pid,
+            conn: conn.clone(),
+        })
+        .is_err()
+    {
+        return;
+    }
+    let (mut epoch, mut since) = (u32::MAX, 0u32);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), conn.have(task, epoch, since)).await {
+            Ok(Ok(r)) => {
+                let sealed = r.content.is_some() && r.entries.is_empty() && r.epoch == epoch;
+                epoch = r.epoch;
+                since = r.end;
+                if tx.send(Event::Have { pid, reply: r }).is_err() {
+                    return;
+                }
+                if sealed {
+                    // A complete parent has no more news: just notice when it goes away.
+                    let reason = conn.closed().await;
+                    return down(reason);
+                }
+            }
+            Ok(Err(TransportError::Refused(Status::NotFound))) => {
+                // Not (yet) holding the task, e.g. a seed that just took our fetch order.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(Err(e)) => return down(e.to_string()),
+            Err(_) => return down("have request timed out".into()),
+        }
+    }
+}
+
+pub(super) async fn from_parent(
+    conn: Parent,
+    task_id: TaskId,
+    task: Arc<TaskHandle>,
+    piece: Piece,
+    want: Digest,
+    progress: Arc<Progress>,
+) -> Result<(), JobError> {
+    let chunks = conn
+        .piece(task_id, piece.index)
+        .await
+        .map_err(|e| match e {
+            TransportError::Refused(Status::Busy) => JobError::Fail(Failure::Busy, "busy"),
+            TransportError::Refused(_) => JobError::Fail(Failure::Refused, "refused"),
+            TransportError::Wire(_) => JobError::Fail(Failure::Mismatch, "malformed"),
+            _ => JobError::Fail(Failure::Reset, "reset"),
+        })?;
+    let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    progress.parent_bytes.fetch_add(n, Ordering::Relaxed);
+    verify_and_store(&task, piece, chunks, Some(want)).await
+}
+
+pub(super) async fn from_source(
+    origin: Origin,
+    url: String,
+    task: Arc<TaskHandle>,
+    piece: Piece,
+    want: Option<Digest>,
+    progress: Arc<Progress>,
+) -> Result<(), JobError> {
+    let total = task.plan().content_length();
+    let fail = |e: SourceError| {
+        if e.is_retryable() {
+            JobError::Fail(Failure::Reset, "origin")
+        } else {
+            JobError::Fatal(e.into())
+        }
+    };
+    let body = origin
+        .range(&url, piece.offset, piece.length, total, "")
+        .await
+        .map_err(fail)?;
+    let mut body = std::pin::pin!(body);
+    let mut chunks = Vec::new();
+    while let Some(c) = body.next().await {
+        let c = c.map_err(fail)?;
+        progress
+            .origin_bytes
+            .fetch_add(c.len() as u64, Ordering::Relaxed);
+        chunks.push(c);
+    }
+    verify_and_store(&task, piece, chunks, want).await
+}
+
+/// Hashes a piece and stores it if it is whole and matches `want` (when known).
+async fn verify_and_store(
+    task: &TaskHandle,
+    piece: Piece,
+    chunks: Vec<Bytes>,
+    want: Option<Digest>,
+) -> Result<(), JobError> {
+    let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    if n != piece.length {
+        return Err(JobError::Fail(Failure::Mismatch, "digest_mismatch"));
+    }
+    let mut h = Sha256Stream::new();
+    for c in &chunks {
+        h.update(c);
+    }
+    let got = h.finish();
+    if want.is_some_and(|w| w != got) {
+        return Err(JobError::Fail(Failure::Mismatch, "digest_mismatch"));
+    }
+    task.write_piece(piece, chunks, got)
+        .await
+        .map_err(|e| JobError::Fatal(e.into()))
+}
