@@ -42,7 +42,7 @@ impl Metrics {
         let finished = Family::<Labels, Counter>::default();
         registry.register(
             "bytes_downloaded",
-            "Content bytes obtained, by source: origin (piece bodies received, retries included) or local (store hits)",
+            "Content bytes obtained, by source: parent (piece bytes from peers), origin (piece bodies received, retries included) or local (store hits)",
             bytes.clone(),
         );
         registry.register(
