@@ -155,6 +155,22 @@ impl Cluster {
         extra_peer: &str,
         extra: &str,
     ) -> Cluster {
+        Self::build(lab, 1, peers, extra_peer, extra).0
+    }
+
+    /// On loopback with `schedulers` standalone schedulers, every daemon configured with all of
+    /// them (tasks split by consistent hashing). Returns the extra schedulers beside the cluster.
+    pub fn with_schedulers(schedulers: usize, peers: usize) -> (Cluster, Vec<SchedulerProc>) {
+        Self::build(None, schedulers, peers, "", "")
+    }
+
+    fn build(
+        lab: Option<&crate::Lab>,
+        schedulers: usize,
+        peers: usize,
+        extra_peer: &str,
+        extra: &str,
+    ) -> (Cluster, Vec<SchedulerProc>) {
         let dir = tempfile::Builder::new()
             .prefix("starling-cluster-")
             .tempdir()
@@ -176,6 +192,22 @@ impl Cluster {
             &host(0),
             scheduler_port,
         ));
+        // Extra schedulers (loopback only), each in its own directory.
+        let extra_scheds: Vec<SchedulerProc> = (1..schedulers)
+            .map(|k| {
+                let d = dir.path().join(format!("sched{k}"));
+                std::fs::create_dir_all(&d).expect("scheduler dir");
+                SchedulerProc::start(&d, &ca, free_udp_port())
+            })
+            .collect();
+        let addrs: Vec<String> = std::iter::once(format!("\"{}:{scheduler_port}\"", host(0)))
+            .chain(
+                extra_scheds
+                    .iter()
+                    .map(|s| format!("\"127.0.0.1:{}\"", s.port)),
+            )
+            .collect();
+        let addrs = addrs.join(", ");
         let nodes = (0..=peers)
             .map(|i| {
                 let mut scratch = Scratch::new();
@@ -188,12 +220,11 @@ impl Cluster {
                     "{extra}\n[daemon]\nmetrics_addr = \"{}:{metrics_port}\"\n\
                      [peer]\nlisten = \"{listen}\"\nseed = {}\n{extra_peer}\n\
                      [tls]\nca_cert = {:?}\nca_key = {:?}\n\
-                     [scheduler]\naddrs = [\"{}:{scheduler_port}\"]\n",
+                     [scheduler]\naddrs = [{addrs}]\n",
                     host(i),
                     i == 0,
                     ca.join("ca.pem"),
                     ca.join("ca.key"),
-                    host(0),
                 ));
                 Node {
                     scratch,
@@ -204,7 +235,7 @@ impl Cluster {
                 }
             })
             .collect();
-        Cluster {
+        let c = Cluster {
             dir,
             ca,
             scheduler,
@@ -212,7 +243,8 @@ impl Cluster {
             scheduler_host: host(0),
             scheduler_ns: ns(0),
             nodes,
-        }
+        };
+        (c, extra_scheds)
     }
 
     pub fn start_all(&mut self) {

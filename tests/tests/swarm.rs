@@ -556,3 +556,65 @@ fn a_parent_sending_oversized_frames_is_dropped_and_the_download_completes() {
     );
     assert!(n1.pid().is_some());
 }
+
+#[test]
+fn two_schedulers_split_the_tasks_by_consistent_hashing() {
+    use starling::scheduler::ring::Ring;
+    let (mut cluster, extra) = Cluster::with_schedulers(2, 2);
+    cluster.start_all();
+    let addrs = [
+        format!("127.0.0.1:{}", cluster.scheduler_port),
+        format!("127.0.0.1:{}", extra[0].port),
+    ];
+    let ring = Ring::new(&addrs);
+    let www = tempfile::tempdir().expect("www");
+    let nginx = Nginx::start(www.path());
+    // Files named so that each scheduler owns two of the tasks.
+    let (mut names, mut owned) = (Vec::new(), [0; 2]);
+    for k in 0..1000 {
+        let name = format!("f{k}");
+        let owner = ring.owner(&url_task(&nginx.url(&name))).expect("an owner");
+        let i = usize::from(owner == addrs[1]);
+        if owned[i] < 2 {
+            owned[i] += 1;
+            names.push(name);
+        }
+        if owned == [2, 2] {
+            break;
+        }
+    }
+    assert_eq!(owned, [2, 2]);
+    let mut total = 0;
+    for (k, name) in names.iter().enumerate() {
+        let data = random_bytes(4 * MIB, 100 + k as u64);
+        total += data.len();
+        std::fs::write(www.path().join(name), &data).expect("write");
+        let sum = sha256_bytes(&data);
+        let url = nginx.url(name);
+        std::thread::scope(|s| {
+            for i in [1, 2] {
+                let node = &cluster.nodes[i];
+                let url = &url;
+                s.spawn(move || node.scratch.get(url, name, &[]).ok());
+            }
+        });
+        for i in [1, 2] {
+            assert_eq!(sha256_file(&cluster.nodes[i].scratch.out(name)), sum);
+        }
+    }
+    assert!(nginx.bytes_sent() as f64 <= 1.05 * total as f64);
+    // Each scheduler placed the tasks it owns (and only those).
+    let logs = [
+        cluster
+            .scheduler
+            .as_ref()
+            .map(|s| s.log.clone())
+            .expect("scheduler"),
+        extra[0].log.clone(),
+    ];
+    for (i, log) in logs.iter().enumerate() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let placed = text.matches("nobody holds this task").count();
+        assert_eq!(placed, 2, "scheduler {i}:\n{text}");
+    }
+}

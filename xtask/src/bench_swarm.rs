@@ -13,20 +13,22 @@ use crate::{cargo, root, setup, sh};
 
 pub fn run(args: &[&str]) -> Result<()> {
     let (mut peers, mut size_mib, mut mbit, mut http) = (8usize, 256u64, 100u32, true);
+    let mut piece_kib: Option<u64> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match *a {
             "--no-http" => http = false,
-            "--peers" | "--size-mib" | "--mbit" => {
+            "--peers" | "--size-mib" | "--mbit" | "--piece-kib" => {
                 let v = it.next().with_context(|| format!("{a} takes a value"))?;
                 match *a {
                     "--peers" => peers = v.parse()?,
                     "--size-mib" => size_mib = v.parse()?,
+                    "--piece-kib" => piece_kib = Some(v.parse()?),
                     _ => mbit = v.parse()?,
                 }
             }
             _ => bail!(
-                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]"
+                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--no-http]"
             ),
         }
     }
@@ -52,6 +54,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         file: "artifact.bin",
         want: &want,
         live: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        piece_length: piece_kib.map(|k| k * 1024),
     };
     let o = swarm::run(&job)?;
     if o.peers.iter().any(|p| !p.verified) {

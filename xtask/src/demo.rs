@@ -53,6 +53,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         file: "artifact.bin",
         want: &want,
         live: true,
+        piece_length: None,
     };
     let o = swarm::run(&job)?;
     println!(

@@ -22,6 +22,8 @@ pub struct Job<'a> {
     pub want: &'a str,
     /// Show live progress bars.
     pub live: bool,
+    /// Piece length for the task (None: Starling's default rule).
+    pub piece_length: Option<u64>,
 }
 
 pub struct PeerResult {
@@ -96,12 +98,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 sc.spawn(move || -> Result<PeerResult> {
                     let out = node.scratch.out("artifact.bin");
                     let t = Instant::now();
-                    let ev = get_via_api(
-                        &node.scratch.data_dir().join("starling.sock"),
-                        &url,
-                        &out,
-                        &bar,
-                    )?;
+                    let socket = node.scratch.data_dir().join("starling.sock");
+                    let ev = get_via_api(&socket, &url, job.piece_length, &out, &bar)?;
                     let secs = t.elapsed().as_secs_f64();
                     let done_at = start.elapsed().as_secs_f64();
                     bar.finish();
@@ -153,6 +151,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
 fn get_via_api(
     socket: &Path,
     url: &str,
+    piece_length: Option<u64>,
     out: &Path,
     bar: &indicatif::ProgressBar,
 ) -> Result<ApiEvent> {
@@ -163,7 +162,7 @@ fn get_via_api(
         url: url.to_string(),
         digest: None,
         headers: Vec::new(),
-        piece_length: None,
+        piece_length,
         output: PathBuf::from(out),
         no_hardlink: false,
     };

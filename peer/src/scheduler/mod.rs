@@ -271,6 +271,7 @@ impl Scheduler {
                 .map(|(id, _)| id.clone())
         };
         let chosen = seed.unwrap_or_else(|| requester.to_string());
+        tracing::info!(%task, fetcher = %chosen, "nobody holds this task; choosing who fetches it from source");
         self.fetchers.insert(*task, (chosen.clone(), now));
         (parents, advice(self, &chosen))
     }
