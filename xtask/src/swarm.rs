@@ -87,7 +87,26 @@ pub fn run(job: &Job) -> Result<Outcome> {
     .map(|s| s.progress_chars("=> "))
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     let start = Instant::now();
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let seed = &cluster.nodes[0];
     let results: Vec<Result<PeerResult>> = std::thread::scope(|sc| {
+        // With STARLING_BENCH_TRACE set: the seed's upload rate every second.
+        if std::env::var_os("STARLING_BENCH_TRACE").is_some() {
+            let running = &running;
+            sc.spawn(move || {
+                let mut last = 0.0;
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                    let up = seed.metric("starling_bytes_uploaded_total");
+                    eprintln!(
+                        "t={:5.1}s seed upload {:6.2} MB/s",
+                        start.elapsed().as_secs_f64(),
+                        (up - last) / 1e6
+                    );
+                    last = up;
+                }
+            });
+        }
         let handles: Vec<_> = (1..=job.peers)
             .map(|i| {
                 let bar = bars.add(indicatif::ProgressBar::new(size));
@@ -123,10 +142,12 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 })
             })
             .collect();
-        handles
+        let results = handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| bail!("a peer thread panicked")))
-            .collect()
+            .collect();
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        results
     });
     let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     let peers = results.into_iter().collect::<Result<Vec<_>>>()?;

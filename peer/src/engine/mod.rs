@@ -549,10 +549,11 @@ impl Engine {
             if room == 0 {
                 break;
             }
+            // A parent that declined a piece for now (busy) still holds it: wait for it.
             let held = self
                 .parents
                 .iter()
-                .any(|(id, p)| self.usable(p, now) && self.may_ask(*id, piece));
+                .any(|(id, p)| self.usable(p, now) && self.holds(*id, piece));
             if (!held && starved) || slow_for_long {
                 self.request(Peer::Source, piece, now);
                 room -= 1;
@@ -560,12 +561,15 @@ impl Engine {
         }
     }
 
-    /// Whether `id` holds `piece`, has not served it corrupt before, and has not just declined
-    /// it.
-    fn may_ask(&self, id: ParentId, piece: u32) -> bool {
+    /// Whether `id` holds `piece` and has not served it corrupt before.
+    fn holds(&self, id: ParentId, piece: u32) -> bool {
         self.parents.get(&id).is_some_and(|p| p.has[piece as usize])
             && self.avoid.get(&piece).and_then(|a| a.get(&id)) != Some(&true)
-            && !self.busy.contains_key(&(id, piece))
+    }
+
+    /// Whether to ask `id` for `piece` now: it holds it and has not just declined it.
+    fn may_ask(&self, id: ParentId, piece: u32) -> bool {
+        self.holds(id, piece) && !self.busy.contains_key(&(id, piece))
     }
 
     /// `piece` recently failed at `id`, and another usable holder has not failed it.

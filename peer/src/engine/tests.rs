@@ -542,3 +542,17 @@ fn a_busy_answer_is_no_strike_and_the_piece_waits_a_little_at_that_parent() {
     let later = requests(&e.poll(Duration::from_millis(600)));
     assert!(later.contains(&(Peer::Parent(1), p)), "{later:?}");
 }
+
+#[test]
+fn a_busy_holder_still_counts_as_holding_so_no_source() {
+    let mut e = Engine::new(plan(2), &[], EngineConfig::default());
+    e.add_parent(1, &all(2));
+    let first = requests(&e.poll(Duration::ZERO));
+    for (from, p) in first {
+        e.on_failure(from, p, Failure::Busy, Duration::ZERO);
+    }
+    for t in 1..20 {
+        let a = requests(&e.poll(Duration::from_millis(t * 100)));
+        assert!(a.iter().all(|x| x.0 != Peer::Source), "{a:?}");
+    }
+}

@@ -77,51 +77,35 @@ struct ServedTask {
     spread: Spread,
 }
 
-/// How long a seed may decline a piece it has sent before (see [`Spread`]): long enough for
-/// its receiver to pass it on, short enough that a receiver that died does not starve anyone.
-const SPREAD_HOLD: Duration = Duration::from_secs(10);
+/// How long a seed declines to send a piece again (see [`Spread`]): long enough for its
+/// receiver to pass it on, short enough that a receiver that died does not starve anyone.
+const SPREAD_HOLD: Duration = Duration::from_secs(5);
 
-/// A seed's record of what it has sent. It sends the pieces it has sent least first: a request
-/// for a piece already sent more often than some other piece, within [`SPREAD_HOLD`] of its
-/// last send, is declined (`Busy`), and the child gets it from whoever received it. Otherwise
-/// children that pick the same rare pieces at once would spend the seed's upload, which bounds
-/// the whole swarm, on duplicates.
+/// A seed's record of what it has sent: it sends each piece to one peer at most once per
+/// [`SPREAD_HOLD`]; another peer asking for it sooner is declined (`Busy`) and gets it from
+/// the receiver. (The same peer asking again, after a failure or a restart, is served.)
+/// Otherwise children that pick the same rare pieces at once would spend the seed's upload,
+/// which bounds the whole swarm, on duplicates.
 struct Spread {
-    sent: Vec<u32>,
-    last_sent: Vec<Option<Instant>>,
-    /// The lowest send count, and how many pieces are at it.
-    min: u32,
-    at_min: usize,
+    last_sent: Vec<Option<(Instant, SocketAddr)>>,
 }
 
 impl Spread {
     fn new(pieces: u32) -> Spread {
         Spread {
-            sent: vec![0; pieces as usize],
             last_sent: vec![None; pieces as usize],
-            min: 0,
-            at_min: pieces as usize,
         }
     }
 
-    /// Whether to send `index` now (and record it).
-    fn admit(&mut self, index: u32) -> bool {
-        let i = index as usize;
-        let (Some(count), Some(last)) = (self.sent.get(i).copied(), self.last_sent.get(i)) else {
+    /// Whether to send `index` to `to` now (and record it).
+    fn admit(&mut self, index: u32, to: SocketAddr) -> bool {
+        let Some(last) = self.last_sent.get_mut(index as usize) else {
             return true;
         };
-        if count > self.min && last.is_some_and(|t| t.elapsed() < SPREAD_HOLD) {
+        if last.is_some_and(|(t, who)| who != to && t.elapsed() < SPREAD_HOLD) {
             return false;
         }
-        if count == self.min {
-            self.at_min -= 1;
-            if self.at_min == 0 {
-                self.min += 1;
-                self.at_min = self.sent.iter().filter(|c| **c == self.min).count() + 1;
-            }
-        }
-        self.sent[i] = count + 1;
-        self.last_sent[i] = Some(Instant::now());
+        *last = Some((Instant::now(), to));
         true
     }
 }
@@ -589,15 +573,16 @@ impl PieceSource for Swarm {
     }
 
     fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes> {
-        self.piece_status(task, index).ok()
+        self.piece_status(task, index, SocketAddr::from(([0, 0, 0, 0], 0)))
+            .ok()
     }
 
-    fn piece_status(&self, task: &TaskId, index: u32) -> Result<Bytes, Status> {
+    fn piece_status(&self, task: &TaskId, index: u32, to: SocketAddr) -> Result<Bytes, Status> {
         let mut s = self.served.lock().map_err(|_| Status::NotFound)?;
         let t = s.get_mut(task).ok_or(Status::NotFound)?;
         t.last_used = Instant::now();
         let p = t.view.piece(index).ok_or(Status::NotFound)?;
-        if self.seed && !t.spread.admit(index) {
+        if self.seed && !t.spread.admit(index, to) {
             return Err(Status::Busy);
         }
         self.served_pieces.fetch_add(1, Ordering::Relaxed);
@@ -715,17 +700,21 @@ mod tests {
     use super::Spread;
 
     #[test]
-    fn a_seed_sends_every_piece_once_before_any_twice() {
+    fn a_seed_sends_a_piece_once_per_hold() {
+        let (a, b) = (
+            std::net::SocketAddr::from(([10, 0, 0, 1], 1)),
+            std::net::SocketAddr::from(([10, 0, 0, 2], 1)),
+        );
         let mut s = Spread::new(3);
-        assert!(s.admit(0));
-        assert!(!s.admit(0), "0 again while 1 and 2 were never sent");
-        assert!(s.admit(1));
-        assert!(!s.admit(1));
-        assert!(s.admit(2));
-        // Every piece sent once: the next round opens.
-        assert!(s.admit(0));
-        assert!(!s.admit(0));
-        assert!(s.admit(2) && s.admit(1));
-        assert!(s.admit(7), "out of range is not ours to police");
+        assert!(s.admit(0, a));
+        assert!(!s.admit(0, b), "0 to another peer at once");
+        assert!(s.admit(0, a), "the same peer asking again is served");
+        assert!(s.admit(1, b) && s.admit(2, b));
+        assert!(!s.admit(1, a) && !s.admit(2, a));
+        // After the hold, it may go again (its receiver may have died).
+        let old = std::time::Instant::now().checked_sub(super::SPREAD_HOLD);
+        s.last_sent[0] = old.map(|t| (t, a));
+        assert!(s.admit(0, b));
+        assert!(s.admit(7, a), "out of range is not ours to police");
     }
 }

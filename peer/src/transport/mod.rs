@@ -55,8 +55,9 @@ pub enum TransportError {
 pub trait PieceSource: Send + Sync + 'static {
     fn manifest(&self, task: &TaskId) -> Option<Bytes>;
     fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes>;
-    /// A piece, or why not: `NotFound`, or `Busy` (declined for now; ask later or elsewhere).
-    fn piece_status(&self, task: &TaskId, index: u32) -> Result<Bytes, Status> {
+    /// A piece for the peer at `to`, or why not: `NotFound`, or `Busy` (declined for now; ask
+    /// later or elsewhere).
+    fn piece_status(&self, task: &TaskId, index: u32, _to: SocketAddr) -> Result<Bytes, Status> {
         self.piece(task, index).ok_or(Status::NotFound)
     }
     /// An encoded [`HaveReply`]: news since `since` in the log of `epoch`, waiting a little
@@ -146,7 +147,8 @@ impl Node {
                         }
                     };
                     while let Ok((send, recv)) = conn.accept_bi().await {
-                        tokio::spawn(serve_stream(source.clone(), send, recv));
+                        let to = conn.remote_address();
+                        tokio::spawn(serve_stream(source.clone(), send, recv, to));
                     }
                 });
             }
@@ -195,8 +197,9 @@ async fn serve_stream(
     source: Arc<dyn PieceSource>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    to: SocketAddr,
 ) {
-    let (status, payload, piece) = answer(source.clone(), &mut recv).await;
+    let (status, payload, piece) = answer(source.clone(), &mut recv, to).await;
     let header = wire::encode_response_header(status, payload.len() as u64);
     let n = payload.len() as u64;
     if piece && status == Status::Ok {
@@ -216,6 +219,7 @@ async fn serve_stream(
 async fn answer(
     source: Arc<dyn PieceSource>,
     recv: &mut quinn::RecvStream,
+    to: SocketAddr,
 ) -> (Status, Bytes, bool) {
     let bad = (Status::BadRequest, Bytes::new(), false);
     let mut buf = [0u8; REQUEST_LEN];
@@ -244,7 +248,7 @@ async fn answer(
     let (status, bytes) = match req {
         Request::Manifest { task } => found(source.manifest(&task)),
         Request::Piece { task, index } => {
-            return match source.piece_status(&task, index) {
+            return match source.piece_status(&task, index, to) {
                 Ok(b) => (Status::Ok, b, true),
                 Err(s) => (s, Bytes::new(), true),
             };
