@@ -40,7 +40,7 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
-    #[error("cannot start the peer: {0}; check peer.listen and the [tls] files")]
+    #[error("cannot start the peer (check peer.listen and the [tls] files)")]
     Swarm(#[from] crate::swarm::SwarmError),
 }
 
@@ -51,7 +51,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let metrics_addr = cfg.daemon.metrics_addr.clone();
     let fetcher = Arc::new(Fetcher::new(cfg)?);
     let listener = bind(&socket).await?;
-    let swarm = Swarm::start(fetcher.clone()).await?;
+    let swarm = match Swarm::start(fetcher.clone()).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e.into());
+        }
+    };
     let metrics = if metrics_addr.is_empty() {
         None
     } else {

@@ -39,7 +39,7 @@ const SCHEDULER_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
-    #[error("cluster TLS: {0}")]
+    #[error("cluster TLS")]
     Tls(#[from] TlsError),
     #[error(transparent)]
     Transport(#[from] TransportError),

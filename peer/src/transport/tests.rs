@@ -196,6 +196,12 @@ async fn the_ca_is_created_once_and_reloaded() {
         .mode()
         & 0o777;
     assert_eq!(mode, 0o600);
+    // A creation interrupted after the key (kill -9): the next start makes a fresh CA.
+    std::fs::remove_file(d.path().join("ca.pem")).unwrap();
+    let c = ClusterCa::load_or_create(d.path()).unwrap();
+    assert_ne!(c.cert_pem(), a.cert_pem());
+    assert!(!d.path().join("ca.key.tmp").exists() && !d.path().join("ca.pem.tmp").exists());
+    // A certificate without its key is an error that says so.
     std::fs::remove_file(d.path().join("ca.key")).unwrap();
     assert!(matches!(
         ClusterCa::load_or_create(d.path()),

@@ -75,6 +75,11 @@ impl ClusterCa {
     }
 
     /// Loads `dir/ca.pem` and `dir/ca.key`, or creates them (key mode 0600) if neither exists.
+    ///
+    /// Creation is crash-safe: each file is written under a temporary name, synced and renamed,
+    /// the key first and the certificate last. A key without a certificate is therefore an
+    /// interrupted creation (no node can have trusted it yet) and is replaced; a certificate
+    /// without its key is an error.
     pub fn load_or_create(dir: &Path) -> Result<ClusterCa, TlsError> {
         let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
         let io = |op, path: &Path| {
@@ -90,17 +95,22 @@ impl ClusterCa {
                     detail: e.to_string(),
                 })
             }
-            (false, false) => {
+            (false, _) => {
                 let ca = ClusterCa::generate()?;
                 std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-                write_private(&key_path, ca.key.serialize_pem().as_bytes())
-                    .map_err(io("write", &key_path))?;
-                std::fs::write(&cert_path, &ca.pem).map_err(io("write", &cert_path))?;
+                let key_tmp = dir.join("ca.key.tmp");
+                let _ = std::fs::remove_file(&key_tmp);
+                write_private(&key_tmp, ca.key.serialize_pem().as_bytes())
+                    .map_err(io("write", &key_tmp))?;
+                std::fs::rename(&key_tmp, &key_path).map_err(io("rename", &key_path))?;
+                let cert_tmp = dir.join("ca.pem.tmp");
+                write_synced(&cert_tmp, ca.pem.as_bytes()).map_err(io("write", &cert_tmp))?;
+                std::fs::rename(&cert_tmp, &cert_path).map_err(io("rename", &cert_path))?;
                 Ok(ca)
             }
-            _ => Err(TlsError::BadCa {
+            (true, false) => Err(TlsError::BadCa {
                 dir: dir.into(),
-                detail: "one of ca.pem and ca.key is missing".into(),
+                detail: "ca.pem is there but ca.key is missing".into(),
             }),
         }
     }
@@ -145,6 +155,13 @@ impl ClusterCa {
             ca: self.der.clone(),
         })
     }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
 }
 
 fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
