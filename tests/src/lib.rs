@@ -290,15 +290,13 @@ impl Daemon {
             .spawn()
             .expect("start the daemon");
         let mut d = Daemon { child, socket };
-        let start = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
-            let exited = d.child.try_wait().ok().flatten();
-            if exited.is_some() || start.elapsed() > Duration::from_secs(15) {
+        wait_until(Duration::from_secs(15), "the daemon's socket", || {
+            if let Some(exited) = d.child.try_wait().ok().flatten() {
                 let log = std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
-                panic!("the daemon did not open its socket ({exited:?}); its log:\n{log}");
+                panic!("the daemon exited ({exited}) before opening its socket; its log:\n{log}");
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
+        });
         d
     }
 

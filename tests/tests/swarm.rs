@@ -400,6 +400,8 @@ fn malformed_and_oversized_frames_get_errors_and_no_peer_crashes() {
 struct Rogue {
     _rt: tokio::runtime::Runtime,
     pieces_asked: Arc<std::sync::atomic::AtomicU64>,
+    /// Announcements the scheduler accepted.
+    announced: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -490,10 +492,14 @@ impl Rogue {
         });
         // Keep announcing, like a real peer.
         let stop2 = stop.clone();
+        let announced = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let announced2 = announced.clone();
         rt.spawn(async move {
             let node = starling::transport::Node::bind(loopback(), &id).expect("client node");
             let sched: std::net::SocketAddr = format!("127.0.0.1:{scheduler}").parse().unwrap();
+            let mut every = tokio::time::interval(Duration::from_millis(300));
             while !stop2.load(Ordering::Relaxed) {
+                every.tick().await;
                 if let Ok(p) = node.connect(sched).await {
                     let a = Announce {
                         peer: addr.to_string(),
@@ -511,14 +517,19 @@ impl Rogue {
                         links: vec![],
                     };
                     let body = serde_json::to_vec(&a).unwrap();
-                    let _ = p.call(|len| Request::Announce { body: len }, &body).await;
+                    if p.call(|len| Request::Announce { body: len }, &body)
+                        .await
+                        .is_ok()
+                    {
+                        announced2.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
             }
         });
         Rogue {
             _rt: rt,
             pieces_asked,
+            announced,
             stop,
         }
     }
@@ -542,7 +553,11 @@ fn a_parent_sending_oversized_frames_is_dropped_and_the_download_completes() {
         url_task(&s.url),
         data,
     );
-    std::thread::sleep(Duration::from_millis(700));
+    wait_until(
+        Duration::from_secs(10),
+        "the rogue to announce itself",
+        || rogue.announced.load(Ordering::Relaxed) >= 1,
+    );
     s.get_all(&[1]);
     let n1 = &s.cluster.nodes[1];
     assert!(

@@ -76,16 +76,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.cpu_secs,
         o.cpu_secs / delivered_gib
     );
-    let up: Vec<String> = o
-        .uploaded
-        .iter()
-        .map(|b| format!("{:.2}", *b as f64 / o.size as f64))
-        .collect();
-    println!(
-        "uploaded, in F: seed {} | peers {}",
-        up[0],
-        up[1..].join(" ")
-    );
+    println!("uploaded, in F: {}", swarm::uploads_line(&o));
     if http {
         let (wall, cpu, ok) =
             swarm::http_baseline(&lab, peers, &www, "artifact.bin", &want, &dir.join("out"))?;

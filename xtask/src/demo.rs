@@ -78,16 +78,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.origin_bytes as f64 / o.size as f64,
         o.cpu_secs
     );
-    let up: Vec<String> = o
-        .uploaded
-        .iter()
-        .map(|b| format!("{:.2}", *b as f64 / o.size as f64))
-        .collect();
-    println!(
-        "uploaded, in file sizes: seed {} | peers {}",
-        up[0],
-        up[1..].join(" ")
-    );
+    println!("uploaded, in file sizes: {}", swarm::uploads_line(&o));
     if lab.is_some() {
         let t = swarm::t_min(o.size, peers, mbit);
         println!(

@@ -87,16 +87,19 @@ pub fn run(job: &Job) -> Result<Outcome> {
     .map(|s| s.progress_chars("=> "))
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     let start = Instant::now();
-    let running = std::sync::atomic::AtomicBool::new(true);
+    // Dropped when every peer is done, which stops the sampler below at once.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let seed = &cluster.nodes[0];
     let results: Vec<Result<PeerResult>> = std::thread::scope(|sc| {
         // With STARLING_BENCH_TRACE set: the seed's upload rate every second.
         if std::env::var_os("STARLING_BENCH_TRACE").is_some() {
-            let running = &running;
+            let done_rx = done_rx;
             sc.spawn(move || {
                 let mut last = 0.0;
-                while running.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::thread::sleep(std::time::Duration::from_secs(1));
+                let second = std::time::Duration::from_secs(1);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    done_rx.recv_timeout(second)
+                {
                     let up = seed.metric("starling_bytes_uploaded_total");
                     eprintln!(
                         "t={:5.1}s seed upload {:6.2} MB/s",
@@ -146,7 +149,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| bail!("a peer thread panicked")))
             .collect();
-        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        drop(done_tx);
         results
     });
     let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
@@ -192,6 +195,16 @@ fn get_via_api(
         bar.set_position(d);
     }))?;
     ev.context("no daemon answered on its socket")
+}
+
+/// The bytes each node uploaded, in file sizes: "seed X | peers Y Z ...".
+pub fn uploads_line(o: &Outcome) -> String {
+    let up: Vec<String> = o
+        .uploaded
+        .iter()
+        .map(|b| format!("{:.2}", *b as f64 / o.size as f64))
+        .collect();
+    format!("seed {} | peers {}", up[0], up[1..].join(" "))
 }
 
 /// T_min = max(F/U_seed, F/D_peer, N·F/(U_seed + ΣU_peers)), with every link at `mbit`.

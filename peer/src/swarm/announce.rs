@@ -84,7 +84,7 @@ async fn announce_once(swarm: &Arc<Swarm>) {
     let base = Announce {
         peer: swarm.me.clone(),
         addr: swarm.addr,
-        seed: swarm.seed,
+        seed: swarm.cfg.peer.seed,
         upload_capacity: swarm.cfg.peer.upload_mbps * 125_000.0,
         uploads: swarm.served_pieces.swap(0, Ordering::Relaxed),
         tasks: Vec::new(),

@@ -115,7 +115,6 @@ pub struct Swarm {
     node: Node,
     me: PeerId,
     addr: SocketAddr,
-    seed: bool,
     cfg: Config,
     schedulers: Schedulers,
     served: Mutex<HashMap<TaskId, ServedTask>>,
@@ -181,7 +180,6 @@ impl Swarm {
         let swarm = Arc::new(Swarm {
             me: addr.to_string(),
             addr,
-            seed: cfg.peer.seed,
             fetcher,
             node,
             cfg,
@@ -199,7 +197,7 @@ impl Swarm {
         });
         swarm.node.serve(swarm.clone());
         tokio::spawn(announce::run(swarm.clone()));
-        tracing::info!(peer = %swarm.me, seed = swarm.seed, embedded_scheduler = matches!(swarm.schedulers, Schedulers::Embedded(_)), "peer listening (QUIC, mutual TLS)");
+        tracing::info!(peer = %swarm.me, seed = swarm.cfg.peer.seed, embedded_scheduler = matches!(swarm.schedulers, Schedulers::Embedded(_)), "peer listening (QUIC, mutual TLS)");
         Ok(swarm)
     }
 
@@ -312,7 +310,7 @@ impl Swarm {
         };
         // With source fallback off only a seed goes to source; others wait for parents.
         let to_source =
-            reply.advice == Advice::Source && (self.seed || self.cfg.peer.source_fallback);
+            reply.advice == Advice::Source && (self.cfg.peer.seed || self.cfg.peer.source_fallback);
         let missing = if to_source {
             missing
         } else {
@@ -481,7 +479,7 @@ impl Swarm {
 
     /// A fetch order from another peer: only a seed takes them.
     fn take_order(self: Arc<Self>, task: TaskId, body: &[u8]) -> Result<Bytes, Status> {
-        if !self.seed {
+        if !self.cfg.peer.seed {
             return Err(Status::BadRequest);
         }
         let order: FetchOrder = serde_json::from_slice(body).map_err(|_| Status::BadRequest)?;
@@ -582,7 +580,7 @@ impl PieceSource for Swarm {
         let t = s.get_mut(task).ok_or(Status::NotFound)?;
         t.last_used = Instant::now();
         let p = t.view.piece(index).ok_or(Status::NotFound)?;
-        if self.seed && !t.spread.admit(index, to) {
+        if self.cfg.peer.seed && !t.spread.admit(index, to) {
             return Err(Status::Busy);
         }
         self.served_pieces.fetch_add(1, Ordering::Relaxed);

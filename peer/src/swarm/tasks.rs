@@ -38,10 +38,12 @@ pub(super) async fn ask_loop(
     tx: mpsc::UnboundedSender<Event>,
     wanted: Arc<AtomicUsize>,
 ) {
+    let step = Duration::from_millis(250);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
     let mut since_ask = Duration::ZERO;
     loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        since_ask += Duration::from_millis(250);
+        tick.tick().await;
+        since_ask += step;
         let every = if wanted.load(Ordering::Relaxed) > 0 {
             Duration::from_millis(500)
         } else {
@@ -88,6 +90,8 @@ pub(super) async fn poll_parent(
         return;
     }
     let (mut epoch, mut since) = (u32::MAX, 0u32);
+    // Asking again for a task the parent does not hold yet goes at this pace.
+    let mut not_yet = tokio::time::interval(Duration::from_millis(200));
     loop {
         match tokio::time::timeout(Duration::from_secs(5), conn.have(task, epoch, since)).await {
             Ok(Ok(r)) => {
@@ -105,7 +109,7 @@ pub(super) async fn poll_parent(
             }
             Ok(Err(TransportError::Refused(Status::NotFound))) => {
                 // Not (yet) holding the task, e.g. a seed that just took our fetch order.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                not_yet.tick().await;
             }
             Ok(Err(e)) => return down(e.to_string()),
             Err(_) => return down("have request timed out".into()),
