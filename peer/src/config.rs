@@ -38,6 +38,58 @@ pub struct Config {
     pub peer: PeerConfig,
     pub scheduler: SchedulerSection,
     pub tls: TlsConfig,
+    pub proxy: ProxyConfig,
+}
+
+/// The registry mirror and HTTP(S) proxy in front of local container runtimes (see
+/// [`crate::proxy`]).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Where the mirror / proxy listens (`host:port`); empty disables it. Default
+    /// `127.0.0.1:65001`.
+    pub listen: String,
+    /// Regexes on the request path: a GET that matches one goes peer to peer, everything else
+    /// passes through unchanged. Default: `/v2/.+/blobs/sha256:[0-9a-f]{64}$` (OCI blobs).
+    pub rules: Vec<String>,
+    /// The upstream registry (`https://host[:port]`) for mirror requests that name none (no
+    /// `ns=` query parameter and no `upstream_header`), such as Docker's `registry-mirrors`.
+    /// Default `https://registry-1.docker.io`.
+    pub default_upstream: String,
+    /// A request header that names the upstream registry for a mirror request. Default
+    /// `X-Starling-Upstream`.
+    pub upstream_header: String,
+    /// Registries (`host[:port]`) reached over plain HTTP instead of HTTPS in mirror mode.
+    /// Default none.
+    pub insecure_registries: Vec<String>,
+    /// Regexes on `host:port` of CONNECT requests that are intercepted (TLS terminated with a
+    /// leaf certificate from `mitm_ca_cert`, so their blob GETs can go peer to peer). Every other
+    /// CONNECT is tunnelled untouched. Default none.
+    pub intercept: Vec<String>,
+    /// PEM certificate of the CA that signs intercepted hosts' leaf certificates (clients must
+    /// trust it). Required with `intercept`.
+    pub mitm_ca_cert: Option<PathBuf>,
+    /// PEM private key of that CA.
+    pub mitm_ca_key: Option<PathBuf>,
+    /// Largest request head (request line and headers) accepted, in bytes; larger gets 431.
+    /// Default 65536.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:65001".into(),
+            rules: vec![r"/v2/.+/blobs/sha256:[0-9a-f]{64}$".into()],
+            default_upstream: "https://registry-1.docker.io".into(),
+            upstream_header: "X-Starling-Upstream".into(),
+            insecure_registries: Vec::new(),
+            intercept: Vec::new(),
+            mitm_ca_cert: None,
+            mitm_ca_key: None,
+            max_header_bytes: 65536,
+        }
+    }
 }
 
 /// The daemon as a peer: where it serves pieces over QUIC and how it downloads from others.
@@ -209,6 +261,7 @@ impl Default for Config {
             peer: PeerConfig::default(),
             scheduler: SchedulerSection::default(),
             tls: TlsConfig::default(),
+            proxy: ProxyConfig::default(),
         }
     }
 }
@@ -303,6 +356,61 @@ impl Config {
             .socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join("starling.sock"))
+    }
+
+    fn validate_proxy(&self) -> Result<(), ConfigError> {
+        let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
+        let p = &self.proxy;
+        if !p.listen.is_empty() && p.listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "proxy.listen",
+                p.listen.clone(),
+                "must be ip:port, e.g. 127.0.0.1:65001, or empty to disable the proxy",
+            );
+        }
+        for r in p.rules.iter().chain(&p.intercept) {
+            if regex::Regex::new(r).is_err() {
+                return bad(
+                    "proxy.rules / proxy.intercept",
+                    r.clone(),
+                    "is not a valid regular expression",
+                );
+            }
+        }
+        match url::Url::parse(&p.default_upstream) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+            _ => {
+                return bad(
+                    "proxy.default_upstream",
+                    p.default_upstream.clone(),
+                    "must be an http(s) URL such as https://registry-1.docker.io",
+                )
+            }
+        }
+        if http::HeaderName::from_bytes(p.upstream_header.as_bytes()).is_err() {
+            return bad(
+                "proxy.upstream_header",
+                p.upstream_header.clone(),
+                "must be a valid HTTP header name",
+            );
+        }
+        if p.mitm_ca_cert.is_some() != p.mitm_ca_key.is_some()
+            || (!p.intercept.is_empty() && p.mitm_ca_cert.is_none())
+        {
+            return bad(
+                "proxy.mitm_ca_cert / proxy.mitm_ca_key",
+                "missing".into(),
+                "set both to a CA's PEM certificate and key; proxy.intercept needs them",
+            );
+        }
+        if !(8192..=1 << 20).contains(&p.max_header_bytes) {
+            return bad(
+                "proxy.max_header_bytes",
+                p.max_header_bytes.to_string(),
+                "must be 8192 to 1048576",
+            );
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -409,6 +517,7 @@ impl Config {
                 "set both (the cluster CA's certificate and key) or neither",
             );
         }
+        self.validate_proxy()?;
         if self.storage.commit_interval_ms == 0 || self.storage.commit_interval_ms > 60_000 {
             return bad(
                 "storage.commit_interval_ms",

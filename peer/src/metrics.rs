@@ -25,6 +25,9 @@ pub struct Metrics {
     serving: Gauge<i64, std::sync::atomic::AtomicI64>,
     parent_rate: Family<Labels2, Gauge<f64, std::sync::atomic::AtomicU64>>,
     blacklisted: Counter,
+    proxy_requests: Family<Labels, Counter>,
+    proxy_bytes: Family<Labels, Counter>,
+    proxy_aborts: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,7 +93,28 @@ impl Metrics {
             "Parents blacklisted for serving corrupt pieces",
             blacklisted.clone(),
         );
+        let proxy_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "proxy_requests",
+            "Proxy / mirror requests, by route: p2p (peer to peer), pass (passed through), tunnel (CONNECT, untouched), intercept (CONNECT, TLS terminated), rejected (4xx from the proxy itself)",
+            proxy_requests.clone(),
+        );
+        let proxy_bytes = Family::<Labels, Counter>::default();
+        registry.register(
+            "proxy_bytes",
+            "Response body bytes sent to proxy clients, by route (p2p, pass)",
+            proxy_bytes.clone(),
+        );
+        let proxy_aborts = Family::<Labels, Counter>::default();
+        registry.register(
+            "proxy_aborts",
+            "Peer-to-peer responses aborted before their last byte, by cause (digest_mismatch, fetch_failed)",
+            proxy_aborts.clone(),
+        );
         Metrics {
+            proxy_requests,
+            proxy_bytes,
+            proxy_aborts,
             registry,
             bytes,
             failures,
@@ -147,6 +171,24 @@ impl Metrics {
 
     pub fn blacklisted(&self) {
         self.blacklisted.inc();
+    }
+
+    pub fn proxy_request(&self, route: &'static str) {
+        self.proxy_requests
+            .get_or_create(&vec![("route", route)])
+            .inc();
+    }
+
+    pub fn proxy_bytes(&self, route: &'static str, n: u64) {
+        self.proxy_bytes
+            .get_or_create(&vec![("route", route)])
+            .inc_by(n);
+    }
+
+    pub fn proxy_abort(&self, cause: &'static str) {
+        self.proxy_aborts
+            .get_or_create(&vec![("cause", cause)])
+            .inc();
     }
 
     /// The text exposition format.

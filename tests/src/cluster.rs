@@ -155,13 +155,18 @@ impl Cluster {
         extra_peer: &str,
         extra: &str,
     ) -> Cluster {
-        Self::build(lab, 1, peers, extra_peer, extra).0
+        Self::build(lab, 1, peers, extra_peer, &|_| extra.to_string()).0
+    }
+
+    /// As [`Cluster::new_in`] on loopback, with `extra(i)` TOML for node i (node 0: the seed).
+    pub fn new_each(peers: usize, extra_peer: &str, extra: &dyn Fn(usize) -> String) -> Cluster {
+        Self::build(None, 1, peers, extra_peer, extra).0
     }
 
     /// On loopback with `schedulers` standalone schedulers, every daemon configured with all of
     /// them (tasks split by consistent hashing). Returns the extra schedulers beside the cluster.
     pub fn with_schedulers(schedulers: usize, peers: usize) -> (Cluster, Vec<SchedulerProc>) {
-        Self::build(None, schedulers, peers, "", "")
+        Self::build(None, schedulers, peers, "", &|_| String::new())
     }
 
     fn build(
@@ -169,7 +174,7 @@ impl Cluster {
         schedulers: usize,
         peers: usize,
         extra_peer: &str,
-        extra: &str,
+        extra: &dyn Fn(usize) -> String,
     ) -> (Cluster, Vec<SchedulerProc>) {
         let dir = tempfile::Builder::new()
             .prefix("starling-cluster-")
@@ -225,6 +230,7 @@ impl Cluster {
                     i == 0,
                     ca.join("ca.pem"),
                     ca.join("ca.key"),
+                    extra = extra(i),
                 ));
                 Node {
                     scratch,

@@ -95,8 +95,20 @@ impl Scratch {
         } else {
             "[peer]\nlisten = \"127.0.0.1:0\"\n"
         };
+        // Nor over the default proxy port.
+        let proxy = if extra.contains("[proxy]") {
+            ""
+        } else {
+            "[proxy]\nlisten = \"\"\n"
+        };
+        // And short retry delays, unless the test sets its own [source].
+        let source = if extra.contains("[source]") {
+            ""
+        } else {
+            "[source]\nbackoff_ms = 20\nattempts = 6\nidle_timeout_seconds = 5\n"
+        };
         let text = format!(
-            "data_dir = {:?}\n{extra}\n{daemon}{peer}[source]\nbackoff_ms = 20\nattempts = 6\nidle_timeout_seconds = 5\n",
+            "data_dir = {:?}\n{extra}\n{daemon}{peer}{proxy}{source}",
             self.data_dir()
         );
         std::fs::write(self.config_path(), text).expect("write config");

@@ -40,6 +40,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Fetch(#[from] crate::fetch::FetchError),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
     #[error("cannot start the peer (check peer.listen and the [tls] files)")]
     Swarm(#[from] crate::swarm::SwarmError),
 }
@@ -53,6 +55,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let listener = bind(&socket).await?;
     let swarm = match Swarm::start(fetcher.clone()).await {
         Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e.into());
+        }
+    };
+    let proxy = match crate::proxy::Proxy::start(swarm.clone()).await {
+        Ok(p) => p,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
             return Err(e.into());
@@ -102,6 +111,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         }
     }
     gc.abort();
+    if let Some(p) = proxy {
+        p.abort();
+    }
     if let Some(m) = metrics {
         m.abort();
     }

@@ -24,6 +24,39 @@ pub use error::SourceError;
 
 use crate::config::SourceConfig;
 
+/// An HTTP client builder with the configured timeouts and extra CA certificates. It never
+/// uses the environment's proxy variables: the daemon may itself be the proxy they name.
+pub fn client_builder(cfg: &SourceConfig) -> Result<reqwest::ClientBuilder, SourceError> {
+    let mut b = Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(cfg.connect_timeout_seconds))
+        .read_timeout(Duration::from_secs(cfg.idle_timeout_seconds))
+        .pool_max_idle_per_host(cfg.concurrency.max(4))
+        .tcp_nodelay(true)
+        .user_agent(concat!("starling/", env!("CARGO_PKG_VERSION")));
+    for path in &cfg.ca_certs {
+        let pem = std::fs::read(path).map_err(|e| SourceError::CaCert {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SourceError::CaCert {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        if certs.is_empty() {
+            return Err(SourceError::CaCert {
+                path: path.clone(),
+                detail: "no PEM certificate in it".into(),
+            });
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    Ok(b)
+}
+
 /// What the probe learned.
 pub struct Probe {
     /// The content length, when the origin said.
@@ -45,36 +78,12 @@ pub struct Origin {
 
 impl Origin {
     pub fn new(cfg: &SourceConfig) -> Result<Origin, SourceError> {
-        let mut b = Client::builder()
-            .connect_timeout(Duration::from_secs(cfg.connect_timeout_seconds))
-            .read_timeout(Duration::from_secs(cfg.idle_timeout_seconds))
-            .pool_max_idle_per_host(cfg.concurrency.max(4))
-            .tcp_nodelay(true)
-            .user_agent(concat!("starling/", env!("CARGO_PKG_VERSION")));
-        for path in &cfg.ca_certs {
-            let pem = std::fs::read(path).map_err(|e| SourceError::CaCert {
-                path: path.clone(),
-                detail: e.to_string(),
+        let client = client_builder(cfg)?
+            .build()
+            .map_err(|e| SourceError::CaCert {
+                path: Default::default(),
+                detail: format!("cannot build the HTTP client: {e}"),
             })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SourceError::CaCert {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-            if certs.is_empty() {
-                return Err(SourceError::CaCert {
-                    path: path.clone(),
-                    detail: "no PEM certificate in it".into(),
-                });
-            }
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
-        let client = b.build().map_err(|e| SourceError::CaCert {
-            path: Default::default(),
-            detail: format!("cannot build the HTTP client: {e}"),
-        })?;
         Ok(Origin {
             client,
             headers: HeaderMap::new(),

@@ -401,7 +401,7 @@ impl Swarm {
         }
     }
 
-    fn view(&self, task: &TaskId) -> Option<Arc<UploadView>> {
+    pub(crate) fn view(&self, task: &TaskId) -> Option<Arc<UploadView>> {
         let mut s = self.served.lock().ok()?;
         let t = s.get_mut(task)?;
         t.last_used = Instant::now();

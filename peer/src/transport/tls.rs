@@ -157,6 +157,25 @@ impl ClusterCa {
     }
 }
 
+impl ClusterCa {
+    /// A TLS server certificate for `host` (a DNS name or an IP address) signed by this CA,
+    /// with the CA in its chain: what the intercepting proxy presents for that host.
+    pub fn issue_server(&self, host: &str) -> Result<Identity, TlsError> {
+        let mut params = CertificateParams::new(vec![host.to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, host);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Identity {
+            chain: vec![cert.der().clone(), self.der.clone()],
+            key: Arc::new(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                key.serialize_der(),
+            ))),
+            ca: self.der.clone(),
+        })
+    }
+}
+
 fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::File::create(path)?;

@@ -1,0 +1,353 @@
+//! Where a proxied request goes, decided without I/O: which upstream it is for, whether its path
+//! is a well-formed registry path, and whether it goes peer to peer.
+
+use std::sync::OnceLock;
+
+use regex::Regex;
+
+use crate::config::ProxyConfig;
+use crate::core::Digest;
+
+/// Why the proxy itself refuses a request (a 400 with an OCI error body).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error(
+        "repository name {0:?} is invalid: use lowercase path components such as library/alpine"
+    )]
+    Name(String),
+    #[error("digest {0:?} is invalid: expected sha256: and 64 lowercase hex digits")]
+    Digest(String),
+    #[error("upstream registry {0:?} is invalid: expected host[:port]")]
+    Upstream(String),
+}
+
+impl RouteError {
+    /// The OCI distribution error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RouteError::Name(_) => "NAME_INVALID",
+            RouteError::Digest(_) => "DIGEST_INVALID",
+            RouteError::Upstream(_) => "UNSUPPORTED",
+        }
+    }
+}
+
+fn name_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    // The distribution spec's repository name grammar: lowercase components joined by '/';
+    // separators only between alphanumerics, so "..", "." and "%2e" never pass.
+    RE.get_or_init(|| {
+        Regex::new(
+            r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$",
+        )
+        .expect("static regex")
+    })
+}
+
+fn digest_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$").expect("static regex")
+    })
+}
+
+/// A registry API path, checked: `/v2/<name>/(blobs|manifests|tags|referrers)/...`.
+/// Returns the blob digest for `/v2/<name>/blobs/sha256:<hex>`.
+pub fn check_path(path: &str) -> Result<Option<Digest>, RouteError> {
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Ok(None);
+    };
+    const KINDS: [&str; 4] = ["/blobs/", "/manifests/", "/tags/", "/referrers/"];
+    let Some((at, kind)) = KINDS
+        .iter()
+        .filter_map(|k| rest.rfind(k).map(|i| (i, *k)))
+        .max_by_key(|(i, _)| *i)
+    else {
+        // /v2/ itself, /v2/_catalog: no repository name in it.
+        if rest.contains("..") || rest.contains('%') {
+            return Err(RouteError::Name(rest.to_string()));
+        }
+        return Ok(None);
+    };
+    let name = &rest[..at];
+    if name.len() > 255 || !name_re().is_match(name) {
+        return Err(RouteError::Name(name.to_string()));
+    }
+    let tail = &rest[at + kind.len()..];
+    if kind != "/blobs/" || tail.starts_with("uploads") {
+        return Ok(None);
+    }
+    if !digest_re().is_match(tail) {
+        return Err(RouteError::Digest(tail.to_string()));
+    }
+    if tail.starts_with("sha256:") {
+        return tail
+            .parse::<Digest>()
+            .map(Some)
+            .map_err(|_| RouteError::Digest(tail.to_string()));
+    }
+    // Another algorithm: well-formed, passed through.
+    Ok(None)
+}
+
+/// The upstream (`scheme://host[:port]`) of a mirror request, and its query with `ns` removed.
+///
+/// containerd names the registry in `ns=`; other clients may name it in the configured header;
+/// Docker's `registry-mirrors` names none, so the default upstream applies.
+pub fn mirror_upstream(
+    cfg: &ProxyConfig,
+    query: Option<&str>,
+    header: Option<&str>,
+) -> Result<(String, Option<String>), RouteError> {
+    let mut ns = None;
+    let mut rest = Vec::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.strip_prefix("ns=") {
+            Some(v) => ns = Some(v.to_string()),
+            None => rest.push(pair),
+        }
+    }
+    let rest = (!rest.is_empty()).then(|| rest.join("&"));
+    if let Some(host) = ns {
+        return Ok((registry_base(cfg, &host)?, rest));
+    }
+    if let Some(h) = header.map(str::trim).filter(|h| !h.is_empty()) {
+        let base = if let Some(u) = h.strip_prefix("https://").or(h.strip_prefix("http://")) {
+            let scheme = if h.starts_with("https") {
+                "https"
+            } else {
+                "http"
+            };
+            check_authority(u.trim_end_matches('/'))?;
+            format!("{scheme}://{}", u.trim_end_matches('/'))
+        } else {
+            registry_base(cfg, h)?
+        };
+        return Ok((base, rest));
+    }
+    Ok((cfg.default_upstream.trim_end_matches('/').to_string(), rest))
+}
+
+/// `https://host` for a registry host (`http://` for the configured insecure ones); Docker Hub's
+/// name `docker.io` is its API host `registry-1.docker.io`.
+fn registry_base(cfg: &ProxyConfig, host: &str) -> Result<String, RouteError> {
+    check_authority(host)?;
+    let host = if host == "docker.io" || host == "index.docker.io" {
+        "registry-1.docker.io"
+    } else {
+        host
+    };
+    let scheme = if cfg.insecure_registries.iter().any(|h| h == host) {
+        "http"
+    } else {
+        "https"
+    };
+    Ok(format!("{scheme}://{host}"))
+}
+
+/// `host[:port]` with nothing else in it (no path, user info or query that could redirect the
+/// upstream request elsewhere).
+pub fn check_authority(a: &str) -> Result<(), RouteError> {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        Regex::new(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+            .expect("static regex")
+    });
+    if a.len() <= 261 && re.is_match(a) {
+        Ok(())
+    } else {
+        Err(RouteError::Upstream(a.to_string()))
+    }
+}
+
+/// Compiled `proxy.rules` and `proxy.intercept`.
+pub struct Rules {
+    p2p: Vec<Regex>,
+    intercept: Vec<Regex>,
+}
+
+impl Rules {
+    /// Compiles the rules (validated with the config, so this cannot fail on a loaded config).
+    pub fn new(cfg: &ProxyConfig) -> Result<Rules, regex::Error> {
+        let compile = |v: &[String]| {
+            v.iter()
+                .map(|r| Regex::new(r))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(Rules {
+            p2p: compile(&cfg.rules)?,
+            intercept: compile(&cfg.intercept)?,
+        })
+    }
+
+    /// Whether a GET of `path` goes peer to peer.
+    pub fn p2p(&self, path: &str) -> bool {
+        self.p2p.iter().any(|r| r.is_match(path))
+    }
+
+    /// Whether a CONNECT to `authority` (host:port) is intercepted.
+    pub fn intercept(&self, authority: &str) -> bool {
+        self.intercept.iter().any(|r| r.is_match(authority))
+    }
+}
+
+/// A parsed single `Range: bytes=` header against a content of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Range {
+    /// Serve the whole content (no Range, or one this proxy does not narrow: several ranges,
+    /// another unit, or malformed, all of which a server may ignore).
+    Full,
+    /// Serve `start..=end`.
+    Part { start: u64, end: u64 },
+    /// 416.
+    Unsatisfiable,
+}
+
+pub fn parse_range(header: Option<&str>, len: u64) -> Range {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Range::Full;
+    };
+    if spec.contains(',') {
+        return Range::Full;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Range::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let num = |s: &str| s.parse::<u64>().ok();
+    match (a.is_empty(), b.is_empty()) {
+        (true, false) => match num(b) {
+            // Suffix: the last n bytes.
+            Some(0) => Range::Unsatisfiable,
+            Some(n) if len > 0 => Range::Part {
+                start: len.saturating_sub(n),
+                end: len - 1,
+            },
+            Some(_) => Range::Unsatisfiable,
+            None => Range::Full,
+        },
+        (false, _) => {
+            let Some(start) = num(a) else {
+                return Range::Full;
+            };
+            let end = if b.is_empty() { Some(u64::MAX) } else { num(b) };
+            match end {
+                None => Range::Full,
+                Some(end) if end < start => Range::Full,
+                Some(_) if start >= len => Range::Unsatisfiable,
+                Some(end) => Range::Part {
+                    start,
+                    end: end.min(len - 1),
+                },
+            }
+        }
+        (true, true) => Range::Full,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn blob_paths_are_checked() {
+        let d = check_path(&format!("/v2/library/alpine/blobs/sha256:{HEX}")).unwrap();
+        assert_eq!(d.unwrap().to_string(), format!("sha256:{HEX}"));
+        assert_eq!(check_path("/v2/").unwrap(), None);
+        assert_eq!(check_path("/v2/a/b/manifests/latest").unwrap(), None);
+        assert_eq!(check_path("/v2/a/blobs/uploads/").unwrap(), None);
+        assert_eq!(
+            check_path("/v2/a/blobs/sha512:abcd").unwrap(),
+            None,
+            "another algorithm passes through"
+        );
+        for bad in [
+            "/v2/a/blobs/sha256:zz",
+            "/v2/a/blobs/sha256:0123",
+            "/v2/a/blobs/notadigest",
+            "/v2/a/blobs/sha256:../../x",
+        ] {
+            assert!(
+                matches!(check_path(bad), Err(RouteError::Digest(_))),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "/v2/../etc/blobs/sha256:00",
+            "/v2/a/../../b/manifests/x",
+            "/v2/%2e%2e/a/blobs/x",
+            "/v2/A/manifests/x",
+            "/v2//a/manifests/x",
+            "/v2/a./manifests/x",
+            "/v2/../../x",
+        ] {
+            assert!(matches!(check_path(bad), Err(RouteError::Name(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upstream_comes_from_ns_then_header_then_default() {
+        let mut cfg = ProxyConfig::default();
+        cfg.insecure_registries = vec!["plain:5000".into()];
+        let up = |q: Option<&str>, h: Option<&str>| mirror_upstream(&cfg, q, h);
+        assert_eq!(
+            up(Some("ns=reg.example:5000"), None).unwrap(),
+            ("https://reg.example:5000".into(), None)
+        );
+        assert_eq!(
+            up(Some("a=1&ns=docker.io&b=2"), None).unwrap(),
+            (
+                "https://registry-1.docker.io".into(),
+                Some("a=1&b=2".into())
+            )
+        );
+        assert_eq!(
+            up(Some("ns=plain:5000"), None).unwrap().0,
+            "http://plain:5000"
+        );
+        assert_eq!(
+            up(None, Some("http://h:1")).unwrap().0,
+            "http://h:1",
+            "the header may name a scheme"
+        );
+        assert_eq!(up(None, Some("quay.io")).unwrap().0, "https://quay.io");
+        assert_eq!(up(None, None).unwrap().0, "https://registry-1.docker.io");
+        for bad in ["evil.com/x", "user@evil.com", "a b", "h:1?x", ""] {
+            let q = format!("ns={bad}");
+            assert!(up(Some(&q), None).is_err(), "{bad:?}");
+        }
+        assert!(up(None, Some("https://evil.com/path")).is_err());
+    }
+
+    #[test]
+    fn rules_match_paths_and_hosts() {
+        let mut cfg = ProxyConfig::default();
+        cfg.intercept = vec![r"^registry\.test:443$".into()];
+        let r = Rules::new(&cfg).unwrap();
+        assert!(r.p2p(&format!("/v2/a/b/blobs/sha256:{HEX}")));
+        assert!(!r.p2p(&format!("/v2/a/b/blobs/sha256:{HEX}/x")));
+        assert!(!r.p2p("/v2/a/manifests/latest"));
+        assert!(r.intercept("registry.test:443"));
+        assert!(!r.intercept("other.test:443"));
+    }
+
+    #[test]
+    fn ranges() {
+        let r = |h: &str, len| parse_range(Some(h), len);
+        assert_eq!(parse_range(None, 10), Range::Full);
+        assert_eq!(r("bytes=0-4", 10), Range::Part { start: 0, end: 4 });
+        assert_eq!(r("bytes=5-", 10), Range::Part { start: 5, end: 9 });
+        assert_eq!(r("bytes=5-100", 10), Range::Part { start: 5, end: 9 });
+        assert_eq!(r("bytes=-3", 10), Range::Part { start: 7, end: 9 });
+        assert_eq!(r("bytes=-30", 10), Range::Part { start: 0, end: 9 });
+        assert_eq!(r("bytes=10-", 10), Range::Unsatisfiable);
+        assert_eq!(r("bytes=-0", 10), Range::Unsatisfiable);
+        assert_eq!(r("bytes=0-0", 0), Range::Unsatisfiable);
+        assert_eq!(r("bytes=4-2", 10), Range::Full);
+        assert_eq!(r("bytes=0-1,3-4", 10), Range::Full);
+        assert_eq!(r("items=0-1", 10), Range::Full);
+        assert_eq!(r("bytes=x-1", 10), Range::Full);
+    }
+}
