@@ -264,7 +264,7 @@ fn serve(
     head_out.push_str(&format!(
         "ETag: {etag}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n"
     ));
-    if conn.write_all(head_out.as_bytes()).is_err() {
+    if conn.write_all(head_out.as_bytes()).is_err() || head.starts_with("HEAD ") {
         return;
     }
     let limit = [reset_at, short_at]

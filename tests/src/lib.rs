@@ -7,6 +7,7 @@ mod cluster;
 mod fault;
 mod lab;
 mod netns;
+pub mod registry;
 mod servers;
 
 use std::path::{Path, PathBuf};

@@ -52,21 +52,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let gc_every = Duration::from_secs(cfg.daemon.gc_interval_seconds);
     let metrics_addr = cfg.daemon.metrics_addr.clone();
     let fetcher = Arc::new(Fetcher::new(cfg)?);
+    if UnixStream::connect(&socket).await.is_ok() {
+        return Err(DaemonError::AlreadyRunning(socket));
+    }
+    // The socket opens last: a client that reaches it finds the peer and the proxy up.
+    let swarm = Swarm::start(fetcher.clone()).await?;
+    let proxy = crate::proxy::Proxy::start(swarm.clone()).await?;
     let listener = bind(&socket).await?;
-    let swarm = match Swarm::start(fetcher.clone()).await {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = std::fs::remove_file(&socket);
-            return Err(e.into());
-        }
-    };
-    let proxy = match crate::proxy::Proxy::start(swarm.clone()).await {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = std::fs::remove_file(&socket);
-            return Err(e.into());
-        }
-    };
     let metrics = if metrics_addr.is_empty() {
         None
     } else {

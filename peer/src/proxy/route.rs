@@ -103,7 +103,12 @@ pub fn mirror_upstream(
     let mut rest = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         match pair.strip_prefix("ns=") {
-            Some(v) => ns = Some(v.to_string()),
+            // containerd percent-encodes it ("host%3A5000").
+            Some(_) => {
+                ns = url::form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+            }
             None => rest.push(pair),
         }
     }
