@@ -319,12 +319,19 @@ pub struct Dockerd {
 }
 
 impl Dockerd {
+    /// Its daemon.json (written as `{}` by [`Dockerd::start`] unless it exists).
+    pub fn config_path(dir: &Path) -> PathBuf {
+        dir.join("dkr").join("daemon.json")
+    }
+
     pub fn start(dir: &Path, containerd: &Containerd, proxy: &str) -> Dockerd {
         let root = dir.join("dkr");
         std::fs::create_dir_all(&root).expect("docker dir");
         let socket = root.join("d.sock");
         let log = root.join("dockerd.log");
-        std::fs::write(root.join("daemon.json"), "{}").expect("daemon.json");
+        if !root.join("daemon.json").exists() {
+            std::fs::write(root.join("daemon.json"), "{}").expect("daemon.json");
+        }
         let child = Command::new("dockerd")
             .arg("--config-file")
             .arg(root.join("daemon.json"))

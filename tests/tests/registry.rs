@@ -140,16 +140,31 @@ fn skopeo_containerd_and_docker_pull_through_two_nodes_and_the_registry_sends_ea
 
     // Node B (2): containerd, mirror named in hosts.toml (ns= names the registry).
     let ctd = Containerd::start(f.dir.path());
-    let hosts = f.dir.path().join("hosts").join(&f.registry.addr);
-    std::fs::create_dir_all(&hosts).expect("hosts dir");
-    std::fs::write(
-        hosts.join("hosts.toml"),
-        format!(
-            "server = \"https://{}\"\n[host.\"http://127.0.0.1:{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
-            f.registry.addr, f.ports[2]
-        ),
+    // Its hosts.toml comes from `starling init containerd --write`.
+    run(f.cluster.nodes[2]
+        .scratch
+        .starling()
+        .args([
+            "init",
+            "containerd",
+            "--write",
+            "--registry",
+            &f.registry.addr,
+            "--hosts-dir",
+        ])
+        .arg(f.dir.path().join("hosts")));
+    let hosts = std::fs::read_to_string(
+        f.dir
+            .path()
+            .join("hosts")
+            .join(&f.registry.addr)
+            .join("hosts.toml"),
     )
-    .expect("hosts.toml");
+    .expect("hosts.toml written");
+    assert!(
+        hosts.contains(&format!("127.0.0.1:{}", f.ports[2])),
+        "{hosts}"
+    );
     let out = ctd
         .ctr()
         .args(["images", "pull", "--hosts-dir"])
@@ -180,6 +195,14 @@ fn skopeo_containerd_and_docker_pull_through_two_nodes_and_the_registry_sends_ea
     // Node A again, as dockerd's HTTPS proxy with TLS interception: dockerd trusts only the
     // interception CA for this registry, so a pull that bypassed the proxy would fail.
     let _trust = DockerTrust::install(&f.registry.addr, &f.mitm_ca.ca_cert);
+    // dockerd's daemon.json from `starling init docker --write` (dockerd refuses a bad one).
+    std::fs::create_dir_all(f.dir.path().join("dkr")).expect("docker dir");
+    std::fs::write(Dockerd::config_path(f.dir.path()), "{\"debug\": false}").expect("daemon.json");
+    run(f.cluster.nodes[1]
+        .scratch
+        .starling()
+        .args(["init", "docker", "--write", "--daemon-json"])
+        .arg(Dockerd::config_path(f.dir.path())));
     let dockerd = Dockerd::start(
         f.dir.path(),
         &ctd,

@@ -15,6 +15,11 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "ca-certificates",
+    // The registry tests and bench: the distribution registry, skopeo, containerd, dockerd.
+    "docker-registry",
+    "skopeo",
+    "containerd",
+    "docker.io",
 ];
 
 pub fn run() -> Result<()> {

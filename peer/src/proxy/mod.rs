@@ -17,6 +17,7 @@
 
 mod blob;
 mod connect;
+pub mod init;
 mod pass;
 pub mod route;
 
