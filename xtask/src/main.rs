@@ -6,7 +6,9 @@
 //! - `demo`: the main job: a live swarm (origin, scheduler, seed, 4 peers) distributing a file.
 //! - `bench get`: release benchmarks with ratios against a baseline in the same run.
 //! - `bench swarm`: the swarm in shaped namespaces against T_min and plain HTTP.
+//! - `bench registry`: image pulls through Starling's mirror against pulls from the registry.
 
+mod bench_registry;
 mod bench_swarm;
 mod demo;
 mod setup;
@@ -35,7 +37,8 @@ fn main() -> Result<()> {
                  test         setup, fmt + clippy checks, eBPF build, the whole test suite\n  \
                  demo         the main job: a live swarm distributing a file, verified\n  \
                  bench get    SHA-256 path, io_uring store and `starling get` vs curl, as ratios\n  \
-                 bench swarm  one seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP"
+                 bench swarm  one seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP\n  \
+                 bench registry  N nodes pull a multi-layer image with skopeo: through Starling vs straight from the registry"
             );
             bail!("no command given")
         }
@@ -162,8 +165,9 @@ fn bench(args: &[&str]) -> Result<()> {
     match args.first() {
         Some(&"get") => {}
         Some(&"swarm") => return bench_swarm::run(&args[1..]),
+        Some(&"registry") => return bench_registry::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]"
+            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]\n       cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]"
         ),
     }
     setup::run()?;

@@ -1,0 +1,240 @@
+//! `cargo xtask bench registry`: N nodes (default 4) pull one multi-layer image (default 1 GiB)
+//! at once with `skopeo copy`, first straight from the registry, then through Starling (each
+//! node's mirror, a seed and the swarm), in the same run and the same shaped lab: the registry,
+//! the seed and every node are network namespaces on one bridge, each link tbf-shaped both ways
+//! (default 200 Mbit/s). Prints both wall times, their ratio, and what the registry sent.
+
+use std::process::Child;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use starling_tests::registry::{skopeo, OciImage, Registry, TestCa};
+use starling_tests::{is_root, sha256_file, Cluster, Lab};
+
+use crate::swarm::{cpu_secs, MIB};
+use crate::{cargo, root, setup, sh};
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let (mut nodes, mut size_mib, mut mbit) = (4usize, 1024u64, 200u32);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().with_context(|| format!("{a} takes a value"));
+        match *a {
+            "--nodes" => nodes = v?.parse()?,
+            "--size-mib" => size_mib = v?.parse()?,
+            "--mbit" => mbit = v?.parse()?,
+            _ => bail!("usage: cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]"),
+        }
+    }
+    if !is_root() {
+        bail!("bench registry builds network namespaces: run it as root");
+    }
+    setup::ensure_apt_packages()?;
+    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
+    crate::use_release_binary();
+    let dir = root().join("target/bench-registry");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // Hosts 0..=nodes: the seed and the nodes (Cluster's layout); the registry is the last.
+    let lab = Lab::new("g", 203, nodes + 2, mbit).map_err(anyhow::Error::msg)?;
+    let reg_host = nodes + 1;
+    let ca = TestCa::new(&dir, "registry", &[&lab.hosts[reg_host].addr]);
+    let registry = Registry::start_in(&lab, reg_host, &dir, &ca);
+    let layers = layer_sizes(size_mib);
+    println!(
+        "bench registry: {nodes} nodes pull a {size_mib} MiB image ({} layers) at once, {mbit} Mbit/s links (tbf both ways)",
+        layers.len()
+    );
+    let image = OciImage::build(&dir, &layers, 7);
+    let image_bytes: u64 = image.blobs.iter().map(|(_, n)| n).sum();
+    sh(skopeo()
+        .arg("copy")
+        .arg("--dest-cert-dir")
+        .arg(&ca.cert_dir)
+        .arg(format!("oci:{}:v1", image.layout.display()))
+        .arg(format!("docker://{}/bench/app:v1", registry.addr)))?;
+    let sent =
+        |r: &Registry| -> u64 { image.blobs.iter().map(|(d, _)| r.blob_bytes_sent(d)).sum() };
+
+    // Directly from the registry.
+    let before = sent(&registry);
+    let direct = pull_all(&lab, nodes, &dir, "direct", |i, out| {
+        let mut c = lab.command(i, "skopeo");
+        c.arg("--insecure-policy")
+            .arg("copy")
+            .arg("--src-cert-dir")
+            .arg(&ca.cert_dir)
+            .arg(format!("docker://{}/bench/app:v1", registry.addr))
+            .arg(format!("oci:{out}:v1"));
+        c
+    })?;
+    let direct_sent = sent(&registry) - before;
+    check_outputs(&image, &dir, "direct", nodes)?;
+
+    // Through Starling: every node's mirror on its own 127.0.0.1:65001.
+    let extra = format!(
+        "[proxy]\nlisten = \"127.0.0.1:65001\"\ndefault_upstream = \"https://{}\"\n[source]\nca_certs = [{:?}]\n",
+        registry.addr, ca.ca_cert
+    );
+    let mut cluster = Cluster::new_in(Some(&lab), nodes, "", &extra);
+    cluster.start_all();
+    let conf = dir.join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[[registry]]\nlocation = \"{}\"\n[[registry.mirror]]\nlocation = \"127.0.0.1:65001\"\ninsecure = true\n",
+            registry.addr
+        ),
+    )?;
+    let cpu0: f64 = daemon_cpu(&cluster);
+    let before = sent(&registry);
+    let starling = pull_all(&lab, nodes, &dir, "starling", |i, out| {
+        let mut c = lab.command(i, "skopeo");
+        c.arg("--insecure-policy")
+            .arg("--registries-conf")
+            .arg(&conf)
+            .arg("copy")
+            .arg("--src-cert-dir")
+            .arg(&ca.cert_dir)
+            .arg(format!("docker://{}/bench/app:v1", registry.addr))
+            .arg(format!("oci:{out}:v1"));
+        c
+    })?;
+    let starling_sent = sent(&registry) - before;
+    let cpu = daemon_cpu(&cluster) - cpu0;
+    check_outputs(&image, &dir, "starling", nodes)?;
+
+    let gib = image_bytes as f64 / (1u64 << 30) as f64;
+    println!("\n| pull of {size_mib} MiB on {nodes} nodes | wall time (all done) | per node min / max | registry sent | machine CPU busy |");
+    println!("|---|---|---|---|---|");
+    for (name, r, s) in [
+        ("direct from the registry", &direct, direct_sent),
+        ("through Starling", &starling, starling_sent),
+    ] {
+        println!(
+            "| {name} | {:.2} s | {:.2} / {:.2} s | {:.2} x image | {:.0}% |",
+            r.wall,
+            r.min,
+            r.max,
+            s as f64 / image_bytes as f64,
+            r.busy * 100.0
+        );
+    }
+    println!(
+        "\ndirect / starling = {:.2}  (Starling is {:.2}x faster); starling daemons used {:.1} CPU-s ({:.2} per GiB pulled)",
+        direct.wall / starling.wall,
+        direct.wall / starling.wall,
+        cpu,
+        cpu / (gib * nodes as f64)
+    );
+    println!("every pulled blob verified by sha256sum");
+    // Keep the logs for a look; drop the bulky layouts.
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        std::fs::write(dir.join(format!("node-{i}.log")), n.log())?;
+    }
+    std::fs::write(dir.join("registry.log"), registry.log())?;
+    drop(cluster);
+    drop(registry);
+    for e in std::fs::read_dir(&dir)?.flatten() {
+        if e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    println!("logs: {}", dir.display());
+    Ok(())
+}
+
+/// Layers of growing size (8, 24, 64, 128 MiB, ...) summing to `total_mib`.
+fn layer_sizes(total_mib: u64) -> Vec<usize> {
+    let mut left = total_mib;
+    let mut out = Vec::new();
+    for mib in [8u64, 24, 64, 128, 256] {
+        if left <= mib {
+            break;
+        }
+        out.push((mib * MIB) as usize);
+        left -= mib;
+    }
+    out.push((left * MIB) as usize);
+    out
+}
+
+struct Timing {
+    wall: f64,
+    min: f64,
+    max: f64,
+    /// Fraction of the machine's CPU time busy meanwhile (all processes).
+    busy: f64,
+}
+
+/// (busy, total) jiffies of the whole machine, from /proc/stat.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn pull_all(
+    _lab: &Lab,
+    nodes: usize,
+    dir: &std::path::Path,
+    name: &str,
+    cmd: impl Fn(usize, &str) -> std::process::Command,
+) -> Result<Timing> {
+    let start = Instant::now();
+    let j0 = machine_jiffies();
+    let mut children: Vec<(Child, Option<f64>)> = (1..=nodes)
+        .map(|i| {
+            let out = dir.join(format!("{name}-{i}"));
+            cmd(i, &out.display().to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .map(|c| (c, None))
+        })
+        .collect::<std::io::Result<_>>()?;
+    while children.iter().any(|(_, t)| t.is_none()) {
+        for (c, t) in children.iter_mut().filter(|(_, t)| t.is_none()) {
+            if let Some(st) = c.try_wait()? {
+                if !st.success() {
+                    bail!("{name}: a skopeo pull failed ({st})");
+                }
+                *t = Some(start.elapsed().as_secs_f64());
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let times: Vec<f64> = children.iter().filter_map(|(_, t)| *t).collect();
+    let j1 = machine_jiffies();
+    Ok(Timing {
+        busy: (j1.0 - j0.0) as f64 / (j1.1 - j0.1).max(1) as f64,
+        wall: start.elapsed().as_secs_f64(),
+        min: times.iter().copied().fold(f64::MAX, f64::min),
+        max: times.iter().copied().fold(0.0, f64::max),
+    })
+}
+
+fn check_outputs(image: &OciImage, dir: &std::path::Path, name: &str, nodes: usize) -> Result<()> {
+    for i in 1..=nodes {
+        let layout = dir.join(format!("{name}-{i}"));
+        for (d, _) in &image.blobs {
+            let got = sha256_file(&OciImage::blob_path(&layout, d));
+            if &got != d {
+                bail!("{name}: node {i} has blob {d} with content {got}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn daemon_cpu(c: &Cluster) -> f64 {
+    c.nodes.iter().filter_map(|n| n.pid()).map(cpu_secs).sum()
+}
