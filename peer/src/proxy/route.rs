@@ -294,8 +294,10 @@ mod tests {
 
     #[test]
     fn upstream_comes_from_ns_then_header_then_default() {
-        let mut cfg = ProxyConfig::default();
-        cfg.insecure_registries = vec!["plain:5000".into()];
+        let cfg = ProxyConfig {
+            insecure_registries: vec!["plain:5000".into()],
+            ..ProxyConfig::default()
+        };
         let up = |q: Option<&str>, h: Option<&str>| mirror_upstream(&cfg, q, h);
         assert_eq!(
             up(Some("ns=reg.example:5000"), None).unwrap(),
@@ -328,8 +330,10 @@ mod tests {
 
     #[test]
     fn rules_match_paths_and_hosts() {
-        let mut cfg = ProxyConfig::default();
-        cfg.intercept = vec![r"^registry\.test:443$".into()];
+        let cfg = ProxyConfig {
+            intercept: vec![r"^registry\.test:443$".into()],
+            ..ProxyConfig::default()
+        };
         let r = Rules::new(&cfg).unwrap();
         assert!(r.p2p(&format!("/v2/a/b/blobs/sha256:{HEX}")));
         assert!(!r.p2p(&format!("/v2/a/b/blobs/sha256:{HEX}/x")));
