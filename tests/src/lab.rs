@@ -10,16 +10,20 @@ pub struct Lab {
     pub bridge: String,
     pub subnet: u8,
     pub hosts: Vec<Host>,
+    /// More namespaces (a router) and links (bridges, veth ends) a topology added, deleted on
+    /// drop.
+    pub(crate) extra_ns: Vec<String>,
+    pub(crate) extra_links: Vec<String>,
 }
 
 pub struct Host {
     pub ns: String,
     pub addr: String,
     /// The bridge-side veth end, in the caller's namespace.
-    port: String,
+    pub(crate) port: String,
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -35,13 +39,13 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+pub(crate) fn ip(args: &[&str]) -> Result<(), String> {
     run("ip", args)
 }
 
 /// tbf at `mbit` on `dev` (in namespace `ns` when given): a burst of a few packets' worth at
 /// line rate and about 20 ms of queue.
-fn shape(ns: Option<&str>, dev: &str, mbit: u32) -> Result<(), String> {
+pub(crate) fn shape(ns: Option<&str>, dev: &str, mbit: u32) -> Result<(), String> {
     let rate = format!("{mbit}mbit");
     // At least 32 KiB, and about 1 ms worth of line rate.
     let burst = format!("{}", (mbit as u64 * 1000 / 8).max(32 * 1024));
@@ -64,6 +68,8 @@ impl Lab {
             bridge: format!("stl{tag}b{pid}"),
             subnet,
             hosts: Vec::new(),
+            extra_ns: Vec::new(),
+            extra_links: Vec::new(),
         };
         ip(&["link", "add", &lab.bridge, "type", "bridge"])?;
         ip(&[
@@ -121,6 +127,12 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for ns in &self.extra_ns {
+            let _ = ip(&["netns", "del", ns]);
+        }
+        for l in &self.extra_links {
+            let _ = ip(&["link", "del", l]);
+        }
         for h in &self.hosts {
             let _ = ip(&["netns", "del", &h.ns]);
             let _ = ip(&["link", "del", &h.port]);

@@ -6,6 +6,7 @@
 mod cluster;
 mod fault;
 mod lab;
+pub mod netlab;
 mod netns;
 pub mod registry;
 mod servers;

@@ -11,6 +11,7 @@
 mod bench_registry;
 mod bench_swarm;
 mod demo;
+mod netlab;
 mod setup;
 mod swarm;
 
@@ -28,6 +29,7 @@ fn main() -> Result<()> {
         Some("test") => test(&rest),
         Some("demo") => demo::run(&rest),
         Some("bench") => bench(&rest),
+        Some("netlab") => netlab::run(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -38,7 +40,8 @@ fn main() -> Result<()> {
                  demo         the main job: a live swarm distributing a file, verified\n  \
                  bench get    SHA-256 path, io_uring store and `starling get` vs curl, as ratios\n  \
                  bench swarm  one seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP\n  \
-                 bench registry  N nodes pull a multi-layer image with skopeo: through Starling vs straight from the registry"
+                 bench registry  N nodes pull a multi-layer image with skopeo: through Starling vs straight from the registry\n  \
+                 netlab       build a namespace topology (clean, dind, vxlan, jumbo, lossy), check its path MTU"
             );
             bail!("no command given")
         }

@@ -20,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "skopeo",
     "containerd",
     "docker.io",
+    // netlab's path-MTU checks.
+    "iputils-ping",
 ];
 
 pub fn run() -> Result<()> {

@@ -1,0 +1,74 @@
+//! `cargo xtask netlab TOPOLOGY [--hosts N] [--mbit N] [--hold]`: builds one of the namespace
+//! topologies the tests and benches share (see `starling_tests::netlab`), checks its path MTU
+//! with DF pings from a client to the server, prints the layout, and tears it down (after
+//! Enter, with `--hold`). `cargo xtask netlab list` names them.
+
+use anyhow::{bail, Context, Result};
+use starling_tests::is_root;
+use starling_tests::netlab::{self, Topology};
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let usage = "usage: cargo xtask netlab clean|dind|vxlan|jumbo|lossy [--hosts N] [--mbit N] [--hold]\n       cargo xtask netlab list";
+    let Some(name) = args.first() else {
+        bail!(usage)
+    };
+    if *name == "list" {
+        for t in Topology::ALL {
+            println!(
+                "{:6} path MTU {:5}, loss {:.0}%",
+                t.name(),
+                t.path_mtu(),
+                t.loss() * 100.0
+            );
+        }
+        return Ok(());
+    }
+    let topo =
+        Topology::parse(name).with_context(|| format!("unknown topology {name:?}\n{usage}"))?;
+    let (mut hosts, mut mbit, mut hold) = (3usize, 1000u32, false);
+    let mut it = args[1..].iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--hold" => hold = true,
+            "--hosts" => hosts = it.next().context("--hosts N")?.parse()?,
+            "--mbit" => mbit = it.next().context("--mbit N")?.parse()?,
+            _ => bail!(usage),
+        }
+    }
+    if !is_root() {
+        bail!("netlab builds network namespaces: run it as root");
+    }
+    let lab = netlab::build("x", 230, hosts.max(2), mbit, topo).map_err(anyhow::Error::msg)?;
+    println!(
+        "netlab {}: {} hosts, {mbit} Mbit/s links (tbf both ways)",
+        topo.name(),
+        lab.hosts.len()
+    );
+    for (i, h) in lab.hosts.iter().enumerate() {
+        let side = if i == 0 { "server side" } else { "client side" };
+        println!("  host {i}: netns {} addr {} ({side})", h.ns, h.addr);
+    }
+    let server = lab.hosts[0].addr.clone();
+    let mtu = topo.path_mtu();
+    let at = netlab::df_ping(&lab, 1, &server, mtu);
+    let over = netlab::df_ping(&lab, 1, &server, mtu + 1);
+    println!(
+        "  DF ping host 1 -> host 0: {mtu} bytes {}, {} bytes {}",
+        if at { "passes" } else { "FAILS" },
+        mtu + 1,
+        if over { "PASSES" } else { "fails" }
+    );
+    if hold {
+        println!("held; press Enter to tear it down");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
+    drop(lab);
+    if !at || over {
+        bail!(
+            "the {} topology does not have its path MTU of {mtu}",
+            topo.name()
+        );
+    }
+    Ok(())
+}
