@@ -39,6 +39,31 @@ pub struct Config {
     pub scheduler: SchedulerSection,
     pub tls: TlsConfig,
     pub proxy: ProxyConfig,
+    pub netprobe: NetprobeConfig,
+}
+
+/// The eBPF path probes (see [`crate::netprobe`]).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetprobeConfig {
+    /// Load the eBPF probes. Without privileges the daemon logs one line and uses QUIC's own
+    /// statistics. Default true.
+    pub enabled: bool,
+    /// The probe object file. Default: `$STARLING_PROBES`, else `starling-probes.bpf.o` beside
+    /// the executable.
+    pub object: Option<PathBuf>,
+    /// Interfaces to attach to. Default (empty): every interface that is up, loopback aside.
+    pub interfaces: Vec<String>,
+}
+
+impl Default for NetprobeConfig {
+    fn default() -> Self {
+        NetprobeConfig {
+            enabled: true,
+            object: None,
+            interfaces: Vec::new(),
+        }
+    }
 }
 
 /// The registry mirror and HTTP(S) proxy in front of local container runtimes (see
@@ -262,6 +287,7 @@ impl Default for Config {
             scheduler: SchedulerSection::default(),
             tls: TlsConfig::default(),
             proxy: ProxyConfig::default(),
+            netprobe: NetprobeConfig::default(),
         }
     }
 }

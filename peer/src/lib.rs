@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod engine;
 pub mod fetch;
 pub mod metrics;
+pub mod netprobe;
 pub mod proxy;
 pub mod scheduler;
 pub mod source;

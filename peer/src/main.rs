@@ -63,6 +63,13 @@ enum Command {
         /// Directory for ca.pem and ca.key.
         dir: PathBuf,
     },
+    /// The daemon's network paths, per peer connection: path MTU (and where it was measured:
+    /// ICMP, eBPF or QUIC), RTT, loss, congestion window.
+    Probe {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print (or, with --write, install) a container runtime's configuration that pulls
     /// through this daemon's registry mirror / proxy (`proxy.listen`).
     #[command(subcommand)]
@@ -206,6 +213,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 dir.join("ca.pem"),
                 dir.join("ca.key")
             );
+            Ok(())
+        }
+        Command::Probe { json } => {
+            let socket = cfg.socket_path();
+            let report = rt
+                .block_on(daemon::client_probe(&socket))
+                .map_err(|e| Failure(exit::LOCAL, anyhow::anyhow!("daemon at {}: {e}", socket.display())))?
+                .ok_or_else(|| {
+                    Failure(
+                        exit::LOCAL,
+                        anyhow::anyhow!(
+                            "no daemon answers at {}; start `starling daemon` (probe reports its connections)",
+                            socket.display()
+                        ),
+                    )
+                })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Failure(exit::OTHER, e.into()))?);
+            } else {
+                print!("{}", report.table());
+            }
             Ok(())
         }
         Command::Init(what) => init(&cfg, what).map_err(|e| Failure(exit::USAGE, e)),
@@ -367,6 +395,13 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
             Ok(Some(ApiEvent::Error { code, message })) => {
                 finish_bar(bar);
                 return Err(Failure(code, anyhow::anyhow!(message)));
+            }
+            Ok(Some(ApiEvent::Probe(_))) => {
+                finish_bar(bar);
+                return Err(Failure(
+                    exit::OTHER,
+                    anyhow::anyhow!("the daemon answered a get with a probe report"),
+                ));
             }
             Ok(Some(ApiEvent::Progress { .. })) | Ok(None) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {

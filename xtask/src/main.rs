@@ -99,7 +99,16 @@ fn build_ebpf() -> Result<()> {
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("CARGO");
     c.args(["+nightly", "build", "--release"]);
-    sh(&mut c)
+    sh(&mut c)?;
+    // The daemon looks for the object beside its executable.
+    let obj = root().join("ebpf/target/bpfel-unknown-none/release/starling-probes");
+    for profile in ["debug", "release"] {
+        let dir = root().join("target").join(profile);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&obj, dir.join("starling-probes.bpf.o"))
+            .with_context(|| format!("copy {} into {}", obj.display(), dir.display()))?;
+    }
+    Ok(())
 }
 
 fn test(extra: &[&str]) -> Result<()> {

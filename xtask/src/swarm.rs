@@ -140,7 +140,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
                         ApiEvent::Error { code, message } => {
                             bail!("peer {i}: exit code {code}: {message}")
                         }
-                        ApiEvent::Progress { .. } => bail!("peer {i}: no final answer"),
+                        ApiEvent::Progress { .. } | ApiEvent::Probe(_) => {
+                            bail!("peer {i}: no final answer")
+                        }
                     }
                 })
             })

@@ -27,3 +27,70 @@ impl PacketCounters {
 // SAFETY: plain-old-data: #[repr(C)], two u64s, no padding, every bit pattern valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PacketCounters {}
+
+/// Entries in the `FLOWS` map (LRU: the least recently updated flow goes first).
+pub const MAX_FLOWS: u32 = 16384;
+/// Entries in the `PMTU` map (LRU).
+pub const MAX_PMTU: u32 = 4096;
+
+/// One flow, seen from this host: the remote end (an IPv4 address is IPv4-mapped,
+/// `::ffff:a.b.c.d`), its port, our port and the IP protocol (6 TCP, 17 UDP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub remote: [u8; 16],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Per-CPU counters of one flow (user space sums packets and bytes, and takes the largest of
+/// the maxima and of the timestamps). Sizes are IP packet bytes (what an MTU limits).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// The largest packet received from the remote: what its path lets through.
+    pub rx_max: u32,
+    /// The largest packet sent (segment size for GSO packets).
+    pub tx_max: u32,
+    /// bpf_ktime_get_ns() of the last packet.
+    pub last_ns: u64,
+}
+
+impl FlowStats {
+    /// Adds another CPU's counters.
+    pub fn add(&mut self, o: &FlowStats) {
+        self.rx_packets = self.rx_packets.wrapping_add(o.rx_packets);
+        self.rx_bytes = self.rx_bytes.wrapping_add(o.rx_bytes);
+        self.tx_packets = self.tx_packets.wrapping_add(o.tx_packets);
+        self.tx_bytes = self.tx_bytes.wrapping_add(o.tx_bytes);
+        self.rx_max = self.rx_max.max(o.rx_max);
+        self.tx_max = self.tx_max.max(o.tx_max);
+        self.last_ns = self.last_ns.max(o.last_ns);
+    }
+}
+
+/// A next-hop MTU learnt from an ICMP "fragmentation needed" or ICMPv6 "packet too big" for a
+/// destination (the inner packet's destination), with when it arrived.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PmtuEntry {
+    pub mtu: u32,
+    pub _pad: u32,
+    pub at_ns: u64,
+}
+
+// SAFETY: plain-old-data: #[repr(C)], explicit padding, every bit pattern valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowKey {}
+// SAFETY: as above: u64s and u32s, no implicit padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FlowStats {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PmtuEntry {}

@@ -1,16 +1,33 @@
-//! Starling's eBPF programs. For now: tc (clsact) classifiers that count packets and bytes per
-//! direction on an interface; the per-flow MTU and loss probes build on them.
+//! Starling's eBPF programs.
+//!
+//! - `count_ingress` / `count_egress` (tc): packets and bytes per direction on an interface.
+//! - `flow_ingress` / `flow_egress` (tc, clsact): per-flow counters keyed by remote address and
+//!   ports (TCP and UDP, IPv4 and IPv6): packets, bytes, the largest packet each way, and when
+//!   the flow was last seen. On ingress, ICMP "fragmentation needed" and ICMPv6 "packet too big"
+//!   are parsed into `PMTU`: the next-hop MTU per destination.
+//!
+//! Maps are LRU-bounded; user space also expires entries it has not seen change.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::TC_ACT_PIPE;
+use aya_ebpf::bindings::{BPF_NOEXIST, TC_ACT_PIPE};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{classifier, map};
-use aya_ebpf::maps::PerCpuArray;
+use aya_ebpf::maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
-use starling_netprobe_common::{PacketCounters, DIRECTIONS, DIR_EGRESS, DIR_INGRESS};
+use starling_netprobe_common::{
+    FlowKey, FlowStats, PacketCounters, PmtuEntry, DIRECTIONS, DIR_EGRESS, DIR_INGRESS, MAX_FLOWS,
+    MAX_PMTU,
+};
 
 #[map]
 static COUNTERS: PerCpuArray<PacketCounters> = PerCpuArray::with_max_entries(DIRECTIONS, 0);
+
+#[map]
+static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> = LruPerCpuHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map]
+static PMTU: LruHashMap<[u8; 16], PmtuEntry> = LruHashMap::with_max_entries(MAX_PMTU, 0);
 
 #[classifier]
 pub fn count_ingress(ctx: TcContext) -> i32 {
@@ -24,6 +41,18 @@ pub fn count_egress(ctx: TcContext) -> i32 {
     TC_ACT_PIPE
 }
 
+#[classifier]
+pub fn flow_ingress(ctx: TcContext) -> i32 {
+    let _ = observe(&ctx, false);
+    TC_ACT_PIPE
+}
+
+#[classifier]
+pub fn flow_egress(ctx: TcContext) -> i32 {
+    let _ = observe(&ctx, true);
+    TC_ACT_PIPE
+}
+
 #[inline(always)]
 fn count(ctx: &TcContext, dir: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(dir) {
@@ -34,6 +63,134 @@ fn count(ctx: &TcContext, dir: u32) {
             (*c).bytes += ctx.len() as u64;
         }
     }
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
+
+fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+/// Parses one packet and updates the maps. Errors (short packets) just skip it.
+#[inline(always)]
+fn observe(ctx: &TcContext, egress: bool) -> Result<(), i64> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    let (proto, src, dst, l4, size) = match ethertype {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN)?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return Ok(());
+            }
+            let total = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?) as u32;
+            let proto: u8 = ctx.load(ETH_HLEN + 9)?;
+            let src: [u8; 4] = ctx.load(ETH_HLEN + 12)?;
+            let dst: [u8; 4] = ctx.load(ETH_HLEN + 16)?;
+            let l4 = ETH_HLEN + ihl;
+            if proto == IPPROTO_ICMP && !egress {
+                let ty: u8 = ctx.load(l4)?;
+                let code: u8 = ctx.load(l4 + 1)?;
+                if ty == 3 && code == 4 {
+                    let mtu = u16::from_be(ctx.load::<u16>(l4 + 6)?) as u32;
+                    let inner_dst: [u8; 4] = ctx.load(l4 + 8 + 16)?;
+                    record_pmtu(mapped(inner_dst), mtu);
+                }
+                return Ok(());
+            }
+            (proto, mapped(src), mapped(dst), l4, total)
+        }
+        ETH_P_IPV6 => {
+            let payload = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?) as u32;
+            let proto: u8 = ctx.load(ETH_HLEN + 6)?;
+            let src: [u8; 16] = ctx.load(ETH_HLEN + 8)?;
+            let dst: [u8; 16] = ctx.load(ETH_HLEN + 24)?;
+            let l4 = ETH_HLEN + 40;
+            if proto == IPPROTO_ICMPV6 && !egress {
+                let ty: u8 = ctx.load(l4)?;
+                if ty == 2 {
+                    let mtu = u32::from_be(ctx.load::<u32>(l4 + 4)?);
+                    let inner_dst: [u8; 16] = ctx.load(l4 + 8 + 24)?;
+                    record_pmtu(inner_dst, mtu);
+                }
+                return Ok(());
+            }
+            (proto, src, dst, l4, payload + 40)
+        }
+        _ => return Ok(()),
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Ok(());
+    }
+    let sport = u16::from_be(ctx.load::<u16>(l4)?);
+    let dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size };
+    let size = if egress && gso > 0 {
+        // A GSO packet leaves as segments of gso_size payload bytes plus the headers.
+        let l4_header = if proto == IPPROTO_UDP { 8 } else { 20 };
+        gso + (l4 - ETH_HLEN) as u32 + l4_header
+    } else {
+        size
+    };
+    let key = if egress {
+        FlowKey {
+            remote: dst,
+            remote_port: dport,
+            local_port: sport,
+            proto,
+            _pad: [0; 3],
+        }
+    } else {
+        FlowKey {
+            remote: src,
+            remote_port: sport,
+            local_port: dport,
+            proto,
+            _pad: [0; 3],
+        }
+    };
+    let bytes = ctx.len() as u64;
+    if FLOWS.get_ptr_mut(&key).is_none() {
+        let _ = FLOWS.insert(&key, &FlowStats::default(), BPF_NOEXIST as u64);
+    }
+    if let Some(s) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's copy of the value; programs on one CPU do not preempt each other.
+        unsafe {
+            let s = &mut *s;
+            if egress {
+                s.tx_packets += 1;
+                s.tx_bytes += bytes;
+                if size > s.tx_max {
+                    s.tx_max = size;
+                }
+            } else {
+                s.rx_packets += 1;
+                s.rx_bytes += bytes;
+                if size > s.rx_max {
+                    s.rx_max = size;
+                }
+            }
+            s.last_ns = bpf_ktime_get_ns();
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn record_pmtu(dst: [u8; 16], mtu: u32) {
+    let e = PmtuEntry {
+        mtu,
+        _pad: 0,
+        // SAFETY: a helper without preconditions.
+        at_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = PMTU.insert(&dst, &e, 0);
 }
 
 #[cfg(not(test))]

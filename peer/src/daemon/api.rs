@@ -13,6 +13,8 @@ pub const MAX_LINE: usize = 1 << 20;
 #[serde(rename_all = "snake_case")]
 pub enum ApiRequest {
     Get(GetRequest),
+    /// The per-connection path report (`starling probe`).
+    Probe,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -46,6 +48,7 @@ pub enum ApiEvent {
         code: u8,
         message: String,
     },
+    Probe(crate::netprobe::ProbeReport),
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; `None` at end of stream.

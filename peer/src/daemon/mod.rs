@@ -188,6 +188,7 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
     };
     let ev = match line {
         Ok(Some(line)) => match serde_json::from_str::<ApiRequest>(&line) {
+            Ok(ApiRequest::Probe) => ApiEvent::Probe(swarm.probe_report()),
             Ok(ApiRequest::Get(req)) => {
                 let f = fetcher.clone();
                 let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
@@ -291,6 +292,38 @@ async fn handle_get(
 
 /// Sends a get to the daemon at `socket`. `Ok(None)` when no daemon answers there (the caller
 /// then works in-process). `on_progress(total, done)` is called as the daemon reports.
+/// Asks the daemon on `socket` for its path report. `None`: no daemon answers there.
+pub async fn client_probe(socket: &Path) -> std::io::Result<Option<crate::netprobe::ProbeReport>> {
+    let stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(&ApiRequest::Probe).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut r = BufReader::new(r);
+    match api::read_line(&mut r).await? {
+        Some(line) => match serde_json::from_str::<ApiEvent>(&line).map_err(std::io::Error::other)? {
+            ApiEvent::Probe(report) => Ok(Some(report)),
+            ApiEvent::Error { message, .. } => Err(std::io::Error::other(message)),
+            other => Err(std::io::Error::other(format!("unexpected answer {other:?}"))),
+        },
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection",
+        )),
+    }
+}
+
 pub async fn client_get(
     socket: &Path,
     req: &GetRequest,

@@ -40,6 +40,9 @@ pub struct LinkReport {
     pub rtt: Duration,
     /// Fraction of packets lost, 0..=1.
     pub loss: f64,
+    /// Path MTU toward that parent in IP bytes, as QUIC validated it (0: unknown).
+    #[serde(default)]
+    pub mtu: u32,
 }
 
 /// What a peer holds of one task.

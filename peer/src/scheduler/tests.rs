@@ -97,6 +97,7 @@ fn ranking_prefers_useful_well_connected_parents() {
                 throughput: 100e6,
                 rtt: Duration::from_millis(1),
                 loss: 0.0,
+                mtu: 1500,
             },
         ),
         (
@@ -105,6 +106,7 @@ fn ranking_prefers_useful_well_connected_parents() {
                 throughput: 100e6,
                 rtt: Duration::from_millis(1),
                 loss: 0.5,
+                mtu: 1500,
             },
         ),
     ];

@@ -299,7 +299,7 @@ impl Driver<'_> {
         let (swarm, task) = (self.swarm.clone(), self.id);
         let h = tokio::spawn(async move {
             let res = async {
-                let conn = swarm.node.connect(addr).await?;
+                let conn = swarm.connect(addr).await?;
                 conn.call(|len| Wire::Fetch { task, body: len }, &body)
                     .await
             };
@@ -638,6 +638,7 @@ impl Driver<'_> {
                         throughput: *rate,
                         rtt: s.path.rtt,
                         loss,
+                        mtu: s.path.current_mtu as u32 + 28,
                     },
                 );
                 self.swarm.fetcher.metrics().parent_rate(&p.peer, *rate);

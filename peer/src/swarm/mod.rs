@@ -30,7 +30,18 @@ use crate::scheduler::{Advice, LinkReport, PeerId, SchedulerConfig};
 use crate::storage::{LeaseMode, TaskHandle, UploadView};
 use crate::transport::tls::{ClusterCa, TlsError};
 use crate::transport::wire::{self, HaveReply, Request as Wire, Status};
-use crate::transport::{Node, Parent, PieceSource, TransportError};
+use crate::transport::{MtuPolicy, Node, Parent, PieceSource, TransportError};
+
+/// Attaches the probes to interfaces that come up later, and expires idle flows.
+async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let Some(s) = swarm.upgrade() else { return };
+        s.probe.attach_new();
+        s.probe.expire(Duration::from_secs(300));
+    }
+}
 
 /// How long a have request is held open while the parent has no news.
 const HAVE_WAIT: Duration = Duration::from_millis(1000);
@@ -128,6 +139,8 @@ pub struct Swarm {
     /// Pieces served since the last announcement (the load reported to the scheduler).
     served_pieces: AtomicU32,
     announcer: announce::State,
+    /// The eBPF path probes (or their absence).
+    probe: crate::netprobe::NetProbe,
     /// Upload rate limit: when the next piece may start (None: unlimited).
     pacer: Option<Pacer>,
 }
@@ -165,7 +178,12 @@ impl Swarm {
         // Peers are authenticated by the CA's signature; the certificate's common name is
         // informational (the peer ID is the advertised address, known only after binding).
         let identity = ca.issue("starling-peer")?;
-        let node = Node::bind(listen, &identity)?;
+        let probe = crate::netprobe::NetProbe::start(&cfg.netprobe);
+        let policy = MtuPolicy {
+            upper_bound: crate::netprobe::udp_upper_bound(),
+            ..MtuPolicy::default()
+        };
+        let node = Node::bind_with(listen, &identity, policy)?;
         let bound = node.local_addr()?;
         let addr = advertise(&cfg, bound, remote.first().copied());
         let schedulers = if remote.is_empty() {
@@ -190,6 +208,7 @@ impl Swarm {
             links: Mutex::new(HashMap::new()),
             served_pieces: AtomicU32::new(0),
             announcer: announce::State::default(),
+            probe,
             pacer: (cfg_limit > 0.0).then(|| Pacer {
                 bytes_per_second: cfg_limit * 125_000.0,
                 next: Mutex::new(Instant::now()),
@@ -197,8 +216,36 @@ impl Swarm {
         });
         swarm.node.serve(swarm.clone());
         tokio::spawn(announce::run(swarm.clone()));
+        tokio::spawn(probe_upkeep(Arc::downgrade(&swarm)));
         tracing::info!(peer = %swarm.me, seed = swarm.cfg.peer.seed, embedded_scheduler = matches!(swarm.schedulers, Schedulers::Embedded(_)), "peer listening (QUIC, mutual TLS)");
         Ok(swarm)
+    }
+
+    /// Connects to a peer, starting at the packet size already validated toward its host.
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Parent, TransportError> {
+        let hint = crate::netprobe::view::known_udp_mtu(&self.node.connections(), addr.ip());
+        self.node.connect_with(addr, hint).await
+    }
+
+    /// The per-connection path view (`starling probe`).
+    pub fn probe_report(&self) -> crate::netprobe::ProbeReport {
+        let conns = self.node.connections();
+        let local_port = self.node.local_addr().map(|a| a.port()).unwrap_or(0);
+        let (ebpf, detail) = match self.probe.status() {
+            Ok(ifaces) => (true, format!("attached to {}", ifaces.join(", "))),
+            Err(why) => (false, why),
+        };
+        crate::netprobe::ProbeReport {
+            ebpf,
+            detail,
+            udp_upper_bound: self.node.mtu_policy().upper_bound,
+            paths: crate::netprobe::join(
+                &conns,
+                local_port,
+                &self.probe.flows(),
+                &self.probe.icmp_mtus(),
+            ),
+        }
     }
 
     pub fn fetcher(&self) -> &Arc<Fetcher> {

@@ -75,7 +75,7 @@ pub(super) async fn poll_parent(
     let down = |why: String| {
         let _ = tx.send(Event::Down { pid, why });
     };
-    let conn = match tokio::time::timeout(Duration::from_secs(3), swarm.node.connect(addr)).await {
+    let conn = match tokio::time::timeout(Duration::from_secs(3), swarm.connect(addr)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return down(e.to_string()),
         Err(_) => return down(format!("connecting to {addr} timed out")),

@@ -86,15 +86,52 @@ pub trait PieceSource: Send + Sync + 'static {
     }
 }
 
+/// How QUIC sizes its packets (see [`Node::bind_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MtuPolicy {
+    /// The largest UDP payload PLPMTUD may try: the local interfaces' MTU less IP and UDP
+    /// headers (8972 on a 9000-byte fabric). quinn's own default is 1452.
+    pub upper_bound: u16,
+    /// PLPMTUD stops searching when the bounds are this close (quinn's default: 20).
+    pub minimum_change: u16,
+    /// After a black hole, wait this long before searching upward again (quinn's: 60 s).
+    pub black_hole_cooldown: Duration,
+}
+
+impl Default for MtuPolicy {
+    fn default() -> Self {
+        MtuPolicy {
+            upper_bound: 1452,
+            minimum_change: 8,
+            black_hole_cooldown: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The smallest UDP payload every IPv6 path carries, and QUIC's floor.
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+
+/// One live QUIC connection, for the path report.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    /// Whether the peer connected to us (we upload to it), or we to it (a parent).
+    pub incoming: bool,
+    pub stats: quinn::ConnectionStats,
+}
+
+type ConnRegistry = Arc<std::sync::Mutex<Vec<(std::sync::Weak<quinn::Connection>, bool)>>>;
+
 /// A QUIC endpoint that serves and fetches.
 pub struct Node {
     endpoint: quinn::Endpoint,
+    identity: Identity,
+    policy: MtuPolicy,
+    conns: ConnRegistry,
 }
 
-impl Node {
-    pub fn bind(addr: SocketAddr, id: &Identity) -> Result<Node, TransportError> {
-        let mut server = tls::server_config(id)?;
-        let mut transport = quinn::TransportConfig::default();
+fn transport_config(policy: &MtuPolicy) -> Result<quinn::TransportConfig, TransportError> {
+    let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(1024u32.into());
         // A parent that vanishes (killed, unplugged) is noticed within 5 s.
         transport.keep_alive_interval(Some(Duration::from_secs(1)));
@@ -107,8 +144,26 @@ impl Node {
         transport.stream_receive_window((16u32 << 20).into());
         transport.receive_window((64u32 << 20).into());
         transport.send_window(64 << 20);
-        let transport = Arc::new(transport);
-        server.transport_config(transport.clone());
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(policy.upper_bound.max(MIN_UDP_PAYLOAD))
+            .minimum_change(policy.minimum_change.max(1))
+            .black_hole_cooldown(policy.black_hole_cooldown);
+        transport.mtu_discovery_config(Some(mtu));
+        Ok(transport)
+}
+
+impl Node {
+    pub fn bind(addr: SocketAddr, id: &Identity) -> Result<Node, TransportError> {
+        Node::bind_with(addr, id, MtuPolicy::default())
+    }
+
+    /// Binds with PLPMTUD searching up to `policy.upper_bound`, converging within
+    /// `policy.minimum_change` bytes, and recovering from black holes after
+    /// `policy.black_hole_cooldown`.
+    pub fn bind_with(addr: SocketAddr, id: &Identity, policy: MtuPolicy) -> Result<Node, TransportError> {
+        let mut server = tls::server_config(id)?;
+        let shared = Arc::new(transport_config(&policy)?);
+        server.transport_config(shared.clone());
         let bind_err = |source| TransportError::Bind { addr, source };
         let socket = udp_socket(addr).map_err(bind_err)?;
         let runtime = quinn::default_runtime()
@@ -121,9 +176,40 @@ impl Node {
         )
         .map_err(bind_err)?;
         let mut client = tls::client_config(id)?;
-        client.transport_config(transport);
+        client.transport_config(shared);
         endpoint.set_default_client_config(client);
-        Ok(Node { endpoint })
+        Ok(Node {
+            endpoint,
+            identity: id.clone(),
+            policy,
+            conns: Arc::default(),
+        })
+    }
+
+    pub fn mtu_policy(&self) -> MtuPolicy {
+        self.policy
+    }
+
+    fn track(conns: &ConnRegistry, conn: &Arc<quinn::Connection>, incoming: bool) {
+        let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.retain(|(w, _)| w.strong_count() > 0);
+        c.push((Arc::downgrade(conn), incoming));
+    }
+
+    /// Every live connection with its QUIC statistics.
+    pub fn connections(&self) -> Vec<ConnInfo> {
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.retain(|(w, _)| w.strong_count() > 0);
+        c.iter()
+            .filter_map(|(w, incoming)| {
+                let conn = w.upgrade()?;
+                conn.close_reason().is_none().then(|| ConnInfo {
+                    remote: conn.remote_address(),
+                    incoming: *incoming,
+                    stats: conn.stats(),
+                })
+            })
+            .collect()
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
@@ -135,17 +221,20 @@ impl Node {
     /// Serves `source` to every peer that passes mutual TLS, until the endpoint closes.
     pub fn serve(&self, source: Arc<dyn PieceSource>) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
+        let conns = self.conns.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let source = source.clone();
+                let conns = conns.clone();
                 tokio::spawn(async move {
                     let conn = match incoming.await {
-                        Ok(c) => c,
+                        Ok(c) => Arc::new(c),
                         Err(e) => {
                             tracing::info!(error = %e, "refused a peer connection");
                             return;
                         }
                     };
+                    Node::track(&conns, &conn, true);
                     while let Ok((send, recv)) = conn.accept_bi().await {
                         let to = conn.remote_address();
                         tokio::spawn(serve_stream(source.clone(), send, recv, to));
@@ -157,13 +246,35 @@ impl Node {
 
     /// Connects to a parent, verifying it against the cluster CA.
     pub async fn connect(&self, addr: SocketAddr) -> Result<Parent, TransportError> {
+        self.connect_with(addr, None).await
+    }
+
+    /// Connects starting at `initial_mtu` (UDP payload bytes, a size known to pass on this
+    /// path) instead of QUIC's 1200; PLPMTUD still searches upward and falls back on a black
+    /// hole.
+    pub async fn connect_with(
+        &self,
+        addr: SocketAddr,
+        initial_mtu: Option<u16>,
+    ) -> Result<Parent, TransportError> {
         let err = |detail: String| TransportError::Connect { addr, detail };
-        let conn = self
-            .endpoint
-            .connect(addr, tls::SERVER_NAME)
+        let connecting = match initial_mtu.filter(|m| *m > MIN_UDP_PAYLOAD) {
+            Some(mtu) => {
+                let mut t = transport_config(&self.policy)?;
+                t.initial_mtu(mtu.min(self.policy.upper_bound.max(MIN_UDP_PAYLOAD)));
+                let mut client = tls::client_config(&self.identity)?;
+                client.transport_config(Arc::new(t));
+                self.endpoint
+                    .connect_with(client, addr, tls::SERVER_NAME)
+            }
+            None => self.endpoint.connect(addr, tls::SERVER_NAME),
+        };
+        let conn = connecting
             .map_err(|e| err(e.to_string()))?
             .await
             .map_err(|e| err(e.to_string()))?;
+        let conn = Arc::new(conn);
+        Node::track(&self.conns, &conn, false);
         Ok(Parent { conn })
     }
 
@@ -272,7 +383,8 @@ fn found(b: Option<Bytes>) -> (Status, Bytes) {
 /// A connection to one parent.
 #[derive(Clone)]
 pub struct Parent {
-    conn: quinn::Connection,
+    /// Shared with the path report's registry only weakly: dropping the last Parent closes it.
+    conn: Arc<quinn::Connection>,
 }
 
 impl Parent {

@@ -1,0 +1,252 @@
+//! netprobe: what the network paths look like, per connection.
+//!
+//! The eBPF programs in `ebpf/` (tc, on every interface that is up, loopback aside) count
+//! packets and bytes per flow, keep the largest packet each way, and parse ICMP "fragmentation
+//! needed" / ICMPv6 "packet too big" into a next-hop MTU per destination. This module loads and
+//! attaches them with aya, reads their maps, and joins them with quinn's own statistics into one
+//! view per QUIC connection ([`PathView`]): path MTU, loss, RTT, congestion window.
+//!
+//! Without BPF privileges, without the object file, or on a kernel that refuses the programs,
+//! the daemon logs one line and the view comes from quinn's statistics alone.
+
+pub mod view;
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap as BpfHashMap, PerCpuHashMap};
+use aya::programs::{tc, SchedClassifier, TcAttachType};
+use starling_netprobe_common::{FlowKey, FlowStats, PmtuEntry};
+
+use crate::config::NetprobeConfig;
+
+pub use view::{join, PathView, ProbeReport};
+
+/// The object file's name beside the executable (where `cargo xtask build-ebpf` puts it).
+pub const OBJECT_NAME: &str = "starling-probes.bpf.o";
+
+enum State {
+    Off(String),
+    On {
+        bpf: aya::Ebpf,
+        attached: HashSet<String>,
+    },
+}
+
+pub struct NetProbe {
+    state: Mutex<State>,
+    only: Vec<String>,
+}
+
+/// Network interfaces that are up, loopback aside, with their MTUs (from /sys/class/net, which
+/// `ip netns exec` remounts for the namespace).
+pub fn interfaces() -> Vec<(String, u32)> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u32)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+            let flags = u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16).ok()?;
+            const IFF_UP: u32 = 0x1;
+            const IFF_LOOPBACK: u32 = 0x8;
+            if flags & IFF_UP == 0 || flags & IFF_LOOPBACK != 0 {
+                return None;
+            }
+            let mtu = read("mtu").trim().parse().ok()?;
+            Some((name, mtu))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The largest UDP payload worth trying for QUIC: the largest interface MTU less the IPv4 and
+/// UDP headers, at least 1200 (quinn's floor) and at least quinn's own default (1452) when no
+/// interface is known.
+pub fn udp_upper_bound() -> u16 {
+    let mtu = interfaces().iter().map(|(_, m)| *m).max().unwrap_or(1500);
+    (mtu.saturating_sub(28)).clamp(1200, 65_507) as u16
+}
+
+fn default_object() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("STARLING_PROBES").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.join(OBJECT_NAME))
+}
+
+impl NetProbe {
+    /// Loads and attaches the probes, or explains in one log line why not.
+    pub fn start(cfg: &NetprobeConfig) -> NetProbe {
+        let state = if !cfg.enabled {
+            tracing::info!("eBPF probes disabled (netprobe.enabled = false); paths are measured with QUIC's own statistics only");
+            State::Off("disabled by netprobe.enabled = false".into())
+        } else {
+            let object = cfg.object.clone().or_else(default_object);
+            match object.as_deref().map(load) {
+                Some(Ok(bpf)) => State::On {
+                    bpf,
+                    attached: HashSet::new(),
+                },
+                Some(Err(why)) => {
+                    tracing::warn!("eBPF probes unavailable ({why}); paths are measured with QUIC's own statistics only");
+                    State::Off(why)
+                }
+                None => {
+                    let why = "no probe object (set netprobe.object)".to_string();
+                    tracing::warn!("eBPF probes unavailable ({why}); paths are measured with QUIC's own statistics only");
+                    State::Off(why)
+                }
+            }
+        };
+        let probe = NetProbe {
+            state: Mutex::new(state),
+            only: cfg.interfaces.clone(),
+        };
+        probe.attach_new();
+        probe
+    }
+
+    /// Whether the probes run, and why not.
+    pub fn status(&self) -> Result<Vec<String>, String> {
+        match &*self.lock() {
+            State::Off(why) => Err(why.clone()),
+            State::On { attached, .. } => {
+                let mut v: Vec<String> = attached.iter().cloned().collect();
+                v.sort();
+                Ok(v)
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches the flow programs to interfaces that came up since the last call.
+    pub fn attach_new(&self) {
+        let mut st = self.lock();
+        let State::On { bpf, attached } = &mut *st else {
+            return;
+        };
+        for (name, _) in interfaces() {
+            if attached.contains(&name) || (!self.only.is_empty() && !self.only.contains(&name)) {
+                continue;
+            }
+            match attach(bpf, &name) {
+                Ok(()) => {
+                    tracing::info!(interface = %name, "eBPF flow probes attached");
+                    attached.insert(name);
+                }
+                Err(e) => tracing::warn!(interface = %name, error = %e, "cannot attach eBPF flow probes"),
+            }
+        }
+    }
+
+    /// Every flow's counters, summed over CPUs (empty without probes).
+    pub fn flows(&self) -> HashMap<FlowKey, FlowStats> {
+        let st = self.lock();
+        let State::On { bpf, .. } = &*st else {
+            return HashMap::new();
+        };
+        let Some(map) = bpf.map("FLOWS") else {
+            return HashMap::new();
+        };
+        let Ok(flows) = PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map) else {
+            return HashMap::new();
+        };
+        flows
+            .iter()
+            .flatten()
+            .map(|(k, per_cpu)| {
+                let mut total = FlowStats::default();
+                for s in per_cpu.iter() {
+                    total.add(s);
+                }
+                (k, total)
+            })
+            .collect()
+    }
+
+    /// Next-hop MTUs learnt from ICMP, per destination.
+    pub fn icmp_mtus(&self) -> HashMap<IpAddr, u32> {
+        let st = self.lock();
+        let State::On { bpf, .. } = &*st else {
+            return HashMap::new();
+        };
+        let Some(map) = bpf.map("PMTU") else {
+            return HashMap::new();
+        };
+        let Ok(pmtu) = BpfHashMap::<_, [u8; 16], PmtuEntry>::try_from(map) else {
+            return HashMap::new();
+        };
+        pmtu.iter()
+            .flatten()
+            .map(|(k, e)| (view::unmap(k), e.mtu))
+            .collect()
+    }
+
+    /// Drops flows not seen for `idle` (the map is LRU-bounded too; this keeps it current).
+    pub fn expire(&self, idle: std::time::Duration) {
+        let now = monotonic_ns();
+        let stale: Vec<FlowKey> = self
+            .flows()
+            .into_iter()
+            .filter(|(_, s)| now.saturating_sub(s.last_ns) > idle.as_nanos() as u64)
+            .map(|(k, _)| k)
+            .collect();
+        let mut st = self.lock();
+        let State::On { bpf, .. } = &mut *st else {
+            return;
+        };
+        if let Some(map) = bpf.map_mut("FLOWS") {
+            if let Ok(mut flows) = PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map) {
+                for k in stale {
+                    let _ = flows.remove(&k);
+                }
+            }
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: bpf_ktime_get_ns()'s clock.
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn load(path: &Path) -> Result<aya::Ebpf, String> {
+    let mut bpf = aya::Ebpf::load_file(path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+    for name in ["flow_ingress", "flow_egress"] {
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(name)
+            .ok_or_else(|| format!("{} has no program {name}", path.display()))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.load().map_err(|e| format!("the kernel refused {name}: {e}"))?;
+    }
+    Ok(bpf)
+}
+
+fn attach(bpf: &mut aya::Ebpf, iface: &str) -> Result<(), String> {
+    // An existing clsact qdisc is fine.
+    let _ = tc::qdisc_add_clsact(iface);
+    for (name, at) in [
+        ("flow_ingress", TcAttachType::Ingress),
+        ("flow_egress", TcAttachType::Egress),
+    ] {
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(name)
+            .ok_or_else(|| format!("no program {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.attach(iface, at).map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(())
+}
