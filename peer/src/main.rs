@@ -230,7 +230,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     )
                 })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).map_err(|e| Failure(exit::OTHER, e.into()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Failure(exit::OTHER, e.into()))?
+                );
             } else {
                 print!("{}", report.table());
             }

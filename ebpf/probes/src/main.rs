@@ -24,7 +24,8 @@ use starling_netprobe_common::{
 static COUNTERS: PerCpuArray<PacketCounters> = PerCpuArray::with_max_entries(DIRECTIONS, 0);
 
 #[map]
-static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> = LruPerCpuHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> =
+    LruPerCpuHashMap::with_max_entries(MAX_FLOWS, 0);
 
 #[map]
 static PMTU: LruHashMap<[u8; 16], PmtuEntry> = LruHashMap::with_max_entries(MAX_PMTU, 0);
@@ -74,7 +75,9 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 
 fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
 }
 
 /// Parses one packet and updates the maps. Errors (short packets) just skip it.
@@ -131,8 +134,9 @@ fn observe(ctx: &TcContext, egress: bool) -> Result<(), i64> {
     let dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
     // SAFETY: the context's skb pointer is valid for the program's run.
     let gso = unsafe { (*ctx.skb.skb).gso_size };
-    let size = if egress && gso > 0 {
-        // A GSO packet leaves as segments of gso_size payload bytes plus the headers.
+    let size = if gso > 0 {
+        // A GSO packet leaves (a GRO packet arrived) as segments of gso_size payload bytes
+        // plus the headers.
         let l4_header = if proto == IPPROTO_UDP { 8 } else { 20 };
         gso + (l4 - ETH_HLEN) as u32 + l4_header
     } else {

@@ -312,11 +312,15 @@ pub async fn client_probe(socket: &Path) -> std::io::Result<Option<crate::netpro
     w.write_all(&line).await?;
     let mut r = BufReader::new(r);
     match api::read_line(&mut r).await? {
-        Some(line) => match serde_json::from_str::<ApiEvent>(&line).map_err(std::io::Error::other)? {
-            ApiEvent::Probe(report) => Ok(Some(report)),
-            ApiEvent::Error { message, .. } => Err(std::io::Error::other(message)),
-            other => Err(std::io::Error::other(format!("unexpected answer {other:?}"))),
-        },
+        Some(line) => {
+            match serde_json::from_str::<ApiEvent>(&line).map_err(std::io::Error::other)? {
+                ApiEvent::Probe(report) => Ok(Some(report)),
+                ApiEvent::Error { message, .. } => Err(std::io::Error::other(message)),
+                other => Err(std::io::Error::other(format!(
+                    "unexpected answer {other:?}"
+                ))),
+            }
+        }
         None => Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "the daemon closed the connection",

@@ -51,7 +51,8 @@ pub fn interfaces() -> Vec<(String, u32)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let read = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
-            let flags = u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16).ok()?;
+            let flags =
+                u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16).ok()?;
             const IFF_UP: u32 = 0x1;
             const IFF_LOOPBACK: u32 = 0x8;
             if flags & IFF_UP == 0 || flags & IFF_LOOPBACK != 0 {
@@ -144,7 +145,9 @@ impl NetProbe {
                     tracing::info!(interface = %name, "eBPF flow probes attached");
                     attached.insert(name);
                 }
-                Err(e) => tracing::warn!(interface = %name, error = %e, "cannot attach eBPF flow probes"),
+                Err(e) => {
+                    tracing::warn!(interface = %name, error = %e, "cannot attach eBPF flow probes")
+                }
             }
         }
     }
@@ -222,14 +225,16 @@ fn monotonic_ns() -> u64 {
 }
 
 fn load(path: &Path) -> Result<aya::Ebpf, String> {
-    let mut bpf = aya::Ebpf::load_file(path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+    let mut bpf =
+        aya::Ebpf::load_file(path).map_err(|e| format!("cannot load {}: {e}", path.display()))?;
     for name in ["flow_ingress", "flow_egress"] {
         let prog: &mut SchedClassifier = bpf
             .program_mut(name)
             .ok_or_else(|| format!("{} has no program {name}", path.display()))?
             .try_into()
             .map_err(|e| format!("{name}: {e}"))?;
-        prog.load().map_err(|e| format!("the kernel refused {name}: {e}"))?;
+        prog.load()
+            .map_err(|e| format!("the kernel refused {name}: {e}"))?;
     }
     Ok(bpf)
 }

@@ -16,6 +16,8 @@ pub struct PathView {
     pub peer: String,
     /// `parent` (we download from it) or `child` (it downloads from us).
     pub role: String,
+    /// Whether the connection is open (else: its last statistics, kept for 10 minutes).
+    pub live: bool,
     /// Best estimate of the path MTU in IP packet bytes (see `mtu_source`).
     pub path_mtu: u32,
     /// Where `path_mtu` comes from: `icmp` (a "fragmentation needed" / "packet too big" for this
@@ -108,6 +110,7 @@ pub fn join(
             PathView {
                 peer: remote.to_string(),
                 role: if c.incoming { "child" } else { "parent" }.into(),
+                live: c.live,
                 path_mtu,
                 mtu_source: source.into(),
                 quic_mtu,
@@ -157,14 +160,25 @@ impl ProbeReport {
         );
         s.push_str(&format!(
             "{:<22} {:<6} {:>8} {:<6} {:>8} {:>8} {:>6} {:>9} {:>7} {:>10} {:>6}\n",
-            "peer", "role", "path_mtu", "from", "quic_mtu", "rx_max", "icmp", "rtt_ms", "loss_%", "sent", "blkhol"
+            "peer",
+            "role",
+            "path_mtu",
+            "from",
+            "quic_mtu",
+            "rx_max",
+            "icmp",
+            "rtt_ms",
+            "loss_%",
+            "sent",
+            "blkhol"
         ));
         for p in &self.paths {
             let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
             s.push_str(&format!(
-                "{:<22} {:<6} {:>8} {:<6} {:>8} {:>8} {:>6} {:>9.2} {:>7.2} {:>10} {:>6}\n",
+                "{:<22} {:<6} {:<6} {:>8} {:<6} {:>8} {:>8} {:>6} {:>9.2} {:>7.2} {:>10} {:>6}\n",
                 p.peer,
                 p.role,
+                if p.live { "open" } else { "closed" },
                 p.path_mtu,
                 p.mtu_source,
                 p.quic_mtu,
@@ -217,6 +231,7 @@ mod tests {
             remote,
             incoming: false,
             stats,
+            live: true,
         }];
         let key = FlowKey {
             remote: key_addr(remote.ip()),

@@ -34,12 +34,18 @@ use crate::transport::{MtuPolicy, Node, Parent, PieceSource, TransportError};
 
 /// Attaches the probes to interfaces that come up later, and expires idle flows.
 async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
     loop {
         tick.tick().await;
         let Some(s) = swarm.upgrade() else { return };
-        s.probe.attach_new();
-        s.probe.expire(Duration::from_secs(300));
+        // Keeps each connection's last statistics fresh for after it closes.
+        let _ = s.node.connections();
+        n += 1;
+        if n % 10 == 0 {
+            s.probe.attach_new();
+            s.probe.expire(Duration::from_secs(300));
+        }
     }
 }
 
@@ -697,7 +703,14 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
     let listen: SocketAddr = cfg.scheduler.listen.parse().map_err(|_| {
         TransportError::Stream(format!("scheduler.listen {:?}", cfg.scheduler.listen))
     })?;
-    let node = Node::bind(listen, &ca.issue("starling-scheduler")?)?;
+    let node = Node::bind_with(
+        listen,
+        &ca.issue("starling-scheduler")?,
+        MtuPolicy {
+            upper_bound: crate::netprobe::udp_upper_bound(),
+            ..MtuPolicy::default()
+        },
+    )?;
     let service = SchedulerService::new(scheduler_config(&cfg));
     let served = node.serve(Arc::new(crate::scheduler::service::StandaloneScheduler(
         service,

@@ -111,16 +111,57 @@ impl Default for MtuPolicy {
 /// The smallest UDP payload every IPv6 path carries, and QUIC's floor.
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
 
-/// One live QUIC connection, for the path report.
+/// One QUIC connection, live or closed recently, for the path report.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     /// Whether the peer connected to us (we upload to it), or we to it (a parent).
     pub incoming: bool,
     pub stats: quinn::ConnectionStats,
+    /// False: the connection has closed; `stats` are its last snapshot.
+    pub live: bool,
 }
 
-type ConnRegistry = Arc<std::sync::Mutex<Vec<(std::sync::Weak<quinn::Connection>, bool)>>>;
+/// How long a closed connection's last statistics stay in the path report.
+const CLOSED_KEPT: Duration = Duration::from_secs(600);
+
+struct Tracked {
+    conn: std::sync::Weak<Conn>,
+    incoming: bool,
+    remote: SocketAddr,
+    /// The latest statistics, and when the connection was last seen open.
+    last: quinn::ConnectionStats,
+    seen: std::time::Instant,
+    live: bool,
+}
+
+type ConnRegistry = Arc<std::sync::Mutex<Vec<Tracked>>>;
+
+/// A connection that leaves its final statistics in the registry when its last handle drops.
+pub(crate) struct Conn {
+    inner: quinn::Connection,
+    registry: ConnRegistry,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = quinn::Connection;
+    fn deref(&self) -> &quinn::Connection {
+        &self.inner
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let stats = self.inner.stats();
+        let me: *const Conn = self;
+        let mut c = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = c.iter_mut().find(|t| std::ptr::eq(t.conn.as_ptr(), me)) {
+            t.last = stats;
+            t.seen = std::time::Instant::now();
+            t.live = false;
+        }
+    }
+}
 
 /// A QUIC endpoint that serves and fetches.
 pub struct Node {
@@ -132,24 +173,24 @@ pub struct Node {
 
 fn transport_config(policy: &MtuPolicy) -> Result<quinn::TransportConfig, TransportError> {
     let mut transport = quinn::TransportConfig::default();
-        transport.max_concurrent_bidi_streams(1024u32.into());
-        // A parent that vanishes (killed, unplugged) is noticed within 5 s.
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        transport.max_idle_timeout(Some(
-            Duration::from_secs(5)
-                .try_into()
-                .map_err(|e| TransportError::Stream(format!("{e}")))?,
-        ));
-        // Several pieces in flight per connection: the connection window must hold them.
-        transport.stream_receive_window((16u32 << 20).into());
-        transport.receive_window((64u32 << 20).into());
-        transport.send_window(64 << 20);
-        let mut mtu = quinn::MtuDiscoveryConfig::default();
-        mtu.upper_bound(policy.upper_bound.max(MIN_UDP_PAYLOAD))
-            .minimum_change(policy.minimum_change.max(1))
-            .black_hole_cooldown(policy.black_hole_cooldown);
-        transport.mtu_discovery_config(Some(mtu));
-        Ok(transport)
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    // A parent that vanishes (killed, unplugged) is noticed within 5 s.
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(5)
+            .try_into()
+            .map_err(|e| TransportError::Stream(format!("{e}")))?,
+    ));
+    // Several pieces in flight per connection: the connection window must hold them.
+    transport.stream_receive_window((16u32 << 20).into());
+    transport.receive_window((64u32 << 20).into());
+    transport.send_window(64 << 20);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(policy.upper_bound.max(MIN_UDP_PAYLOAD))
+        .minimum_change(policy.minimum_change.max(1))
+        .black_hole_cooldown(policy.black_hole_cooldown);
+    transport.mtu_discovery_config(Some(mtu));
+    Ok(transport)
 }
 
 impl Node {
@@ -160,7 +201,11 @@ impl Node {
     /// Binds with PLPMTUD searching up to `policy.upper_bound`, converging within
     /// `policy.minimum_change` bytes, and recovering from black holes after
     /// `policy.black_hole_cooldown`.
-    pub fn bind_with(addr: SocketAddr, id: &Identity, policy: MtuPolicy) -> Result<Node, TransportError> {
+    pub fn bind_with(
+        addr: SocketAddr,
+        id: &Identity,
+        policy: MtuPolicy,
+    ) -> Result<Node, TransportError> {
         let mut server = tls::server_config(id)?;
         let shared = Arc::new(transport_config(&policy)?);
         server.transport_config(shared.clone());
@@ -168,13 +213,14 @@ impl Node {
         let socket = udp_socket(addr).map_err(bind_err)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
-        let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(bind_err)?;
+        // The largest datagram we accept, advertised to peers: it caps their PLPMTUD (quinn's
+        // default, 1472, would keep a 9000-byte fabric at 1500).
+        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        endpoint_cfg
+            .max_udp_payload_size(policy.upper_bound.max(MIN_UDP_PAYLOAD))
+            .map_err(|e| TransportError::Stream(format!("max_udp_payload_size: {e}")))?;
+        let mut endpoint =
+            quinn::Endpoint::new(endpoint_cfg, Some(server), socket, runtime).map_err(bind_err)?;
         let mut client = tls::client_config(id)?;
         client.transport_config(shared);
         endpoint.set_default_client_config(client);
@@ -190,26 +236,60 @@ impl Node {
         self.policy
     }
 
-    fn track(conns: &ConnRegistry, conn: &Arc<quinn::Connection>, incoming: bool) {
+    fn track(conns: &ConnRegistry, conn: quinn::Connection, incoming: bool) -> Arc<Conn> {
+        let conn = Arc::new(Conn {
+            inner: conn,
+            registry: conns.clone(),
+        });
         let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
-        c.retain(|(w, _)| w.strong_count() > 0);
-        c.push((Arc::downgrade(conn), incoming));
+        c.push(Tracked {
+            conn: Arc::downgrade(&conn),
+            incoming,
+            remote: conn.remote_address(),
+            last: conn.stats(),
+            seen: std::time::Instant::now(),
+            live: true,
+        });
+        conn
     }
 
-    /// Every live connection with its QUIC statistics.
+    /// Every connection, live or closed in the last 10 minutes, with its QUIC statistics (a
+    /// closed one's as last seen: call this every second or so to keep them fresh).
     pub fn connections(&self) -> Vec<ConnInfo> {
         let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        c.retain(|(w, _)| w.strong_count() > 0);
-        c.iter()
-            .filter_map(|(w, incoming)| {
-                let conn = w.upgrade()?;
-                conn.close_reason().is_none().then(|| ConnInfo {
-                    remote: conn.remote_address(),
-                    incoming: *incoming,
-                    stats: conn.stats(),
-                })
-            })
-            .collect()
+        for t in c.iter_mut().filter(|t| t.live) {
+            match t
+                .conn
+                .upgrade()
+                .filter(|conn| conn.close_reason().is_none())
+            {
+                Some(conn) => {
+                    t.last = conn.stats();
+                    t.seen = std::time::Instant::now();
+                }
+                None => t.live = false,
+            }
+        }
+        c.retain(|t| t.live || t.seen.elapsed() < CLOSED_KEPT);
+        // Every open connection, and per remote and direction the closed one that carried the
+        // most packets (short-lived control connections would hide the data one).
+        let mut out: Vec<ConnInfo> = Vec::new();
+        let info = |t: &Tracked| ConnInfo {
+            remote: t.remote,
+            incoming: t.incoming,
+            stats: t.last,
+            live: t.live,
+        };
+        out.extend(c.iter().filter(|t| t.live).map(info));
+        for t in c.iter().filter(|t| !t.live) {
+            let same = |o: &ConnInfo| !o.live && o.remote == t.remote && o.incoming == t.incoming;
+            match out.iter_mut().find(|o| same(o)) {
+                Some(o) if o.stats.path.sent_packets < t.last.path.sent_packets => *o = info(t),
+                Some(_) => {}
+                None => out.push(info(t)),
+            }
+        }
+        out
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
@@ -228,13 +308,12 @@ impl Node {
                 let conns = conns.clone();
                 tokio::spawn(async move {
                     let conn = match incoming.await {
-                        Ok(c) => Arc::new(c),
+                        Ok(c) => Node::track(&conns, c, true),
                         Err(e) => {
                             tracing::info!(error = %e, "refused a peer connection");
                             return;
                         }
                     };
-                    Node::track(&conns, &conn, true);
                     while let Ok((send, recv)) = conn.accept_bi().await {
                         let to = conn.remote_address();
                         tokio::spawn(serve_stream(source.clone(), send, recv, to));
@@ -264,8 +343,7 @@ impl Node {
                 t.initial_mtu(mtu.min(self.policy.upper_bound.max(MIN_UDP_PAYLOAD)));
                 let mut client = tls::client_config(&self.identity)?;
                 client.transport_config(Arc::new(t));
-                self.endpoint
-                    .connect_with(client, addr, tls::SERVER_NAME)
+                self.endpoint.connect_with(client, addr, tls::SERVER_NAME)
             }
             None => self.endpoint.connect(addr, tls::SERVER_NAME),
         };
@@ -273,8 +351,7 @@ impl Node {
             .map_err(|e| err(e.to_string()))?
             .await
             .map_err(|e| err(e.to_string()))?;
-        let conn = Arc::new(conn);
-        Node::track(&self.conns, &conn, false);
+        let conn = Node::track(&self.conns, conn, false);
         Ok(Parent { conn })
     }
 
@@ -384,7 +461,7 @@ fn found(b: Option<Bytes>) -> (Status, Bytes) {
 #[derive(Clone)]
 pub struct Parent {
     /// Shared with the path report's registry only weakly: dropping the last Parent closes it.
-    conn: Arc<quinn::Connection>,
+    conn: Arc<Conn>,
 }
 
 impl Parent {

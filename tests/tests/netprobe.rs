@@ -1,0 +1,183 @@
+//! The eBPF path probes and QUIC's packet sizing on the netlab topologies: after a transfer,
+//! `starling probe` reports the path MTU within 8 bytes of the truth (dind's black hole, the
+//! VXLAN overlay, a jumbo fabric); and the daemon runs, and transfers, with the probes disabled
+//! or refused.
+
+use std::time::Duration;
+
+use starling::netprobe::ProbeReport;
+use starling_tests::netlab::{self, Topology};
+use starling_tests::*;
+
+const MIB: usize = 1 << 20;
+
+fn probe(node: &Node) -> ProbeReport {
+    let out = node
+        .scratch
+        .starling()
+        .args(["probe", "--json"])
+        .output()
+        .expect("run starling probe");
+    assert!(
+        out.status.success(),
+        "starling probe: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("probe JSON")
+}
+
+/// A seed on the server side and one peer on the client side of `topo`; the peer gets a file
+/// through its daemon. Returns the lab, the cluster and the origin.
+fn transfer(
+    topo: Topology,
+    tag: &str,
+    subnet: u8,
+    extra: &str,
+) -> (Lab, Cluster, Nginx, tempfile::TempDir) {
+    let lab = netlab::build(tag, subnet, 2, 0, topo).expect("netlab");
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(24 * MIB, 5);
+    std::fs::write(www.path().join("blob"), &data).expect("blob");
+    let nginx = Nginx::start_in(www.path(), None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+    let mut cluster = Cluster::new_in(Some(&lab), 1, "", extra);
+    cluster.start_all();
+    let url = nginx.url("blob");
+    cluster.nodes[1].scratch.get(&url, "blob", &[]).ok();
+    assert_eq!(
+        sha256_file(&cluster.nodes[1].scratch.out("blob")),
+        sha256_bytes(&data)
+    );
+    (lab, cluster, nginx, www)
+}
+
+#[test]
+fn probe_reports_the_path_mtu_within_8_bytes_on_dind_vxlan_and_jumbo() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, eBPF)");
+        return;
+    }
+    for (k, topo) in [Topology::Dind, Topology::Vxlan, Topology::Jumbo]
+        .into_iter()
+        .enumerate()
+    {
+        let (lab, cluster, _nginx, _www) = transfer(topo, &format!("p{k}"), 236 + 2 * k as u8, "");
+        let seed = lab.hosts[0].addr.clone();
+        let truth = topo.path_mtu();
+        let peer = &cluster.nodes[1];
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let r = loop {
+            let r = probe(peer);
+            assert!(
+                r.ebpf,
+                "{}: eBPF probes should run as root: {}",
+                topo.name(),
+                r.detail
+            );
+            let best = r
+                .paths
+                .iter()
+                .filter(|p| p.peer.starts_with(&format!("{seed}:")))
+                .map(|p| p.path_mtu)
+                .max();
+            if best.is_some_and(|m| m <= truth && truth - m <= 8) {
+                break r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}: path MTU toward the seed not within 8 bytes of {truth}:\n{}",
+                topo.name(),
+                r.table()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        eprintln!("{}:\n{}", topo.name(), r.table());
+        // eBPF saw the flow to the seed.
+        assert!(
+            r.paths.iter().any(|p| p.peer.starts_with(&format!("{seed}:")) && p.rx_packets.unwrap_or(0) > 100),
+            "{}: eBPF counted the seed's packets:\n{}",
+            topo.name(),
+            r.table()
+        );
+    }
+}
+
+#[test]
+fn the_daemon_runs_with_probes_disabled_or_refused() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    // Disabled by configuration.
+    let (_lab, cluster, _nginx, _www) =
+        transfer(Topology::Clean, "q", 242, "[netprobe]\nenabled = false\n");
+    let r = probe(&cluster.nodes[1]);
+    assert!(!r.ebpf && r.detail.contains("disabled"), "{r:?}");
+    assert!(r
+        .paths
+        .iter()
+        .all(|p| p.rx_packets.is_none() && p.path_mtu >= 1200));
+    assert!(cluster.nodes[1].log().contains("eBPF probes disabled"));
+    drop(cluster);
+
+    // Refused: the object cannot be loaded (a file that is not an eBPF object), as on a kernel
+    // or a user without BPF: one clear line, and the transfer still works.
+    let bogus = tempfile::NamedTempFile::new().expect("temp");
+    std::fs::write(bogus.path(), b"not an ELF object").expect("write");
+    let extra = format!("[netprobe]\nobject = {:?}\n", bogus.path());
+    let (_lab2, cluster, _nginx2, _www2) = transfer(Topology::Clean, "w", 244, &extra);
+    let r = probe(&cluster.nodes[1]);
+    assert!(!r.ebpf, "{r:?}");
+    let log = cluster.nodes[1].log();
+    assert_eq!(
+        log.matches("eBPF probes unavailable").count(),
+        1,
+        "one line:\n{log}"
+    );
+}
+
+#[test]
+fn loss_on_the_lossy_topology_is_measured_within_one_point_of_two_percent() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    // The seed uploads to the peer through a router dropping 2% of forwarded packets; the
+    // seed's view of its child connection carries QUIC's loss count over its packets.
+    let (_lab, cluster, _nginx, _www) = {
+        let lab = netlab::build("l", 246, 2, 0, Topology::Lossy).expect("netlab");
+        let www = tempfile::tempdir().expect("www");
+        let data = random_bytes(64 * MIB, 6);
+        std::fs::write(www.path().join("blob"), &data).expect("blob");
+        let nginx = Nginx::start_in(www.path(), None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+        let mut cluster = Cluster::new_in(Some(&lab), 1, "", "");
+        cluster.start_all();
+        cluster.nodes[1]
+            .scratch
+            .get(&nginx.url("blob"), "blob", &[])
+            .ok();
+        assert_eq!(
+            sha256_file(&cluster.nodes[1].scratch.out("blob")),
+            sha256_bytes(&data)
+        );
+        (lab, cluster, nginx, www)
+    };
+    let r = probe(&cluster.nodes[0]);
+    let child = r
+        .paths
+        .iter()
+        .filter(|p| p.role == "child")
+        .max_by_key(|p| p.sent_packets)
+        .unwrap_or_else(|| panic!("the seed has a child connection:\n{}", r.table()));
+    eprintln!("{}", r.table());
+    assert!(
+        child.sent_packets >= 10_000,
+        "{} packets",
+        child.sent_packets
+    );
+    assert!(
+        (child.loss - 0.02).abs() <= 0.01,
+        "loss {:.2}% over {} packets",
+        child.loss * 100.0,
+        child.sent_packets
+    );
+}
