@@ -181,3 +181,58 @@ fn loss_on_the_lossy_topology_is_measured_within_one_point_of_two_percent() {
         child.sent_packets
     );
 }
+
+#[test]
+fn a_back_to_source_tcp_download_across_the_dind_black_hole_completes() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, eBPF)");
+        return;
+    }
+    let lab = netlab::build("t", 248, 2, 0, Topology::Dind).expect("netlab");
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(8 * MIB, 8);
+    std::fs::write(www.path().join("blob"), &data).expect("blob");
+    let nginx = Nginx::start_in(www.path(), None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+    let url = nginx.url("blob");
+    // Plain curl stalls: the origin's full-size segments vanish, and so does the ICMP.
+    let curl = lab
+        .command(1, "curl")
+        .args(["-sS", "-o", "/dev/null", "--max-time", "6"])
+        .arg(&url)
+        .status()
+        .expect("run curl");
+    assert!(!curl.success(), "curl should stall across the black hole");
+    // A daemon on the client side goes back to source over the same path.
+    let mut s = Scratch::new();
+    s.netns = Some(lab.hosts[1].ns.clone());
+    s.write_config(&format!(
+        "[peer]\nlisten = \"{}:7950\"\n[source]\nidle_timeout_seconds = 2\nattempts = 8\nbackoff_ms = 20\n",
+        lab.hosts[1].addr
+    ));
+    let _daemon = Daemon::start(&s);
+    let run = s.get(&url, "blob", &[]);
+    assert_eq!(
+        run.code,
+        0,
+        "{}\ndaemon log:\n{}",
+        run.stderr,
+        std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default()
+    );
+    assert_eq!(sha256_file(&s.out("blob")), sha256_bytes(&data));
+    let out = s
+        .starling()
+        .args(["probe", "--json"])
+        .output()
+        .expect("probe");
+    let r: ProbeReport = serde_json::from_slice(&out.stdout).expect("probe JSON");
+    eprintln!("{}", r.table());
+    assert!(
+        r.tcp
+            .iter()
+            .any(|t| t.peer.starts_with(&lab.hosts[0].addr) && t.clamped_mss.is_some()),
+        "the origin's connections were clamped:\n{}",
+        r.table()
+    );
+    let log = std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
+    assert!(log.contains("MTU black hole suspected"), "{log}");
+}

@@ -94,3 +94,28 @@ unsafe impl aya::Pod for FlowStats {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PmtuEntry {}
+
+/// Entries in the `TCP` map (LRU) and the `CLAMP` map.
+pub const MAX_TCP: u32 = 4096;
+pub const MAX_CLAMP: u32 = 1024;
+
+/// A TCP connection of the daemon's cgroup, as sock_ops last saw it (keyed by [`FlowKey`] with
+/// `proto` 6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    pub srtt_us: u32,
+    pub mss: u32,
+    pub total_retrans: u32,
+    pub data_segs_in: u32,
+    pub data_segs_out: u32,
+    /// The kernel's TCP state (1 established, 7 close, ...).
+    pub state: u32,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+    pub last_ns: u64,
+}
+
+// SAFETY: u32s and u64s in an order without implicit padding.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TcpStats {}

@@ -6,18 +6,28 @@
 //!   the flow was last seen. On ingress, ICMP "fragmentation needed" and ICMPv6 "packet too big"
 //!   are parsed into `PMTU`: the next-hop MTU per destination.
 //!
+//! - `tcp_paths` (sock_ops, on the daemon's cgroup): per TCP connection (back-to-source and
+//!   proxy upstream): smoothed RTT, MSS, retransmits, segments and bytes each way. A connection
+//!   to a destination in `CLAMP` advertises that MSS in its SYN (set by user space when a path
+//!   turns out to be an MTU black hole), so full-size segments from the origin fit the path.
+//!
 //! Maps are LRU-bounded; user space also expires entries it has not seen change.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::{BPF_NOEXIST, TC_ACT_PIPE};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use aya_ebpf::macros::{classifier, map};
-use aya_ebpf::maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray};
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::bindings::{
+    BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+    BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTT_CB,
+    BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_PIPE,
+};
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_setsockopt};
+use aya_ebpf::macros::{classifier, map, sock_ops};
+use aya_ebpf::maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray};
+use aya_ebpf::programs::{SockOpsContext, TcContext};
 use starling_netprobe_common::{
-    FlowKey, FlowStats, PacketCounters, PmtuEntry, DIRECTIONS, DIR_EGRESS, DIR_INGRESS, MAX_FLOWS,
-    MAX_PMTU,
+    FlowKey, FlowStats, PacketCounters, PmtuEntry, TcpStats, DIRECTIONS, DIR_EGRESS, DIR_INGRESS,
+    MAX_CLAMP, MAX_FLOWS, MAX_PMTU, MAX_TCP,
 };
 
 #[map]
@@ -29,6 +39,94 @@ static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> =
 
 #[map]
 static PMTU: LruHashMap<[u8; 16], PmtuEntry> = LruHashMap::with_max_entries(MAX_PMTU, 0);
+
+#[map]
+static TCP: LruHashMap<FlowKey, TcpStats> = LruHashMap::with_max_entries(MAX_TCP, 0);
+
+#[map]
+static CLAMP: HashMap<[u8; 16], u32> = HashMap::with_max_entries(MAX_CLAMP, 0);
+
+const AF_INET: u32 = 2;
+const SOL_TCP: i32 = 6;
+const TCP_MAXSEG: i32 = 2;
+
+#[sock_ops]
+pub fn tcp_paths(ctx: SockOpsContext) -> u32 {
+    if ctx.family() != AF_INET {
+        return 1;
+    }
+    // remote_ip4 holds the address in network byte order.
+    let remote = mapped(ctx.remote_ip4().to_ne_bytes());
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // SAFETY: a map lookup; the value is copied out at once.
+            if let Some(mss) = unsafe { CLAMP.get(&remote) } {
+                let mut mss: i32 = *mss as i32;
+                // SAFETY: the helper reads optlen bytes from a live stack value.
+                unsafe {
+                    bpf_setsockopt(
+                        ctx.ops.cast(),
+                        SOL_TCP,
+                        TCP_MAXSEG,
+                        (&mut mss as *mut i32).cast(),
+                        4,
+                    );
+                }
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let _ = ctx.set_cb_flags(
+                (BPF_SOCK_OPS_RTT_CB_FLAG
+                    | BPF_SOCK_OPS_RETRANS_CB_FLAG
+                    | BPF_SOCK_OPS_STATE_CB_FLAG) as i32,
+            );
+            record_tcp(&ctx, remote);
+        }
+        BPF_SOCK_OPS_RTT_CB | BPF_SOCK_OPS_RETRANS_CB | BPF_SOCK_OPS_STATE_CB => {
+            record_tcp(&ctx, remote)
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn record_tcp(ctx: &SockOpsContext, remote: [u8; 16]) {
+    let key = FlowKey {
+        remote,
+        // The remote port is in network byte order in the upper 16 bits (little-endian hosts).
+        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        local_port: ctx.local_port() as u16,
+        proto: 6,
+        _pad: [0; 3],
+    };
+    let ops = ctx.ops;
+    // Each context field is read on its own, at its fixed offset: the verifier allows only
+    // such loads from the context.
+    macro_rules! field {
+        ($f:ident) => {
+            // SAFETY: a read of one field of the live context.
+            unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ops).$f)) }
+        };
+    }
+    let s = TcpStats {
+        srtt_us: field!(srtt_us) >> 3,
+        mss: field!(mss_cache),
+        total_retrans: field!(total_retrans),
+        data_segs_in: field!(data_segs_in),
+        data_segs_out: field!(data_segs_out),
+        state: if ctx.op() == BPF_SOCK_OPS_STATE_CB {
+            ctx.arg(1)
+        } else {
+            field!(state)
+        },
+        bytes_received: field!(bytes_received),
+        bytes_acked: field!(bytes_acked),
+        // SAFETY: a helper without preconditions.
+        last_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = TCP.insert(&key, &s, 0);
+}
 
 #[classifier]
 pub fn count_ingress(ctx: TcContext) -> i32 {

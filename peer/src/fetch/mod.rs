@@ -27,6 +27,7 @@ use crate::source::{exact_body, Origin, SourceError};
 use crate::storage::{Lease, LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
 
 pub use hasher::ContentHasher;
+pub use retry::StallHook;
 
 /// What to download.
 #[derive(Clone, Debug)]
@@ -199,6 +200,11 @@ impl Fetcher {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Sets what to call when an origin transfer stalls (once; later calls are ignored).
+    pub fn on_stall(&self, hook: retry::StallHook) {
+        let _ = self.retry.stall.set(hook);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

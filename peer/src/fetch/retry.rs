@@ -11,11 +11,16 @@ use crate::metrics::Metrics;
 /// The most a single backoff waits.
 const MAX_BACKOFF_MS: u64 = 5_000;
 
+/// Called with the URL when an origin transfer stalls (times out): the network layer may know
+/// why (an MTU black hole) and fix it for the retry.
+pub type StallHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Retry {
     attempts: u32,
     backoff_ms: u64,
     metrics: Arc<Metrics>,
+    pub(super) stall: Arc<std::sync::OnceLock<StallHook>>,
 }
 
 impl Retry {
@@ -24,6 +29,7 @@ impl Retry {
             attempts: cfg.attempts.max(1),
             backoff_ms: cfg.backoff_ms,
             metrics,
+            stall: Arc::default(),
         }
     }
 
@@ -39,6 +45,14 @@ impl Retry {
             let res = op().await.map_err(Into::into);
             if let Err(e) = &res {
                 self.metrics.failure(e.cause());
+                if let (
+                    "timeout",
+                    FetchError::Source(crate::source::SourceError::Transfer { url, .. }),
+                    Some(hook),
+                ) = (e.cause(), e, self.stall.get())
+                {
+                    hook(url);
+                }
             }
             match res {
                 Ok(v) => return Ok(v),
@@ -74,6 +88,7 @@ mod tests {
             attempts: 10,
             backoff_ms: 100,
             metrics: Arc::default(),
+            stall: Arc::default(),
         };
         let b1 = r.backoff(1).as_millis();
         let b3 = r.backoff(3).as_millis();

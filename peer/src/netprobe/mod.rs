@@ -17,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, PerCpuHashMap};
-use aya::programs::{tc, SchedClassifier, TcAttachType};
-use starling_netprobe_common::{FlowKey, FlowStats, PmtuEntry};
+use aya::programs::{tc, CgroupAttachMode, SchedClassifier, SockOps, TcAttachType};
+use starling_netprobe_common::{FlowKey, FlowStats, PmtuEntry, TcpStats};
 
 use crate::config::NetprobeConfig;
 
-pub use view::{join, PathView, ProbeReport};
+pub use view::{join, PathView, ProbeReport, TcpView};
 
 /// The object file's name beside the executable (where `cargo xtask build-ebpf` puts it).
 pub const OBJECT_NAME: &str = "starling-probes.bpf.o";
@@ -32,8 +32,14 @@ enum State {
     On {
         bpf: aya::Ebpf,
         attached: HashSet<String>,
+        /// The cgroup whose TCP connections sock_ops sees, or why none.
+        tcp: Result<PathBuf, String>,
     },
 }
+
+/// The MSS a connection advertises toward a destination behind an MTU black hole when no
+/// better size is known: fits a 1200-byte path (IPv4 + TCP headers are 40 bytes).
+pub const SAFE_MSS: u32 = 1160;
 
 pub struct NetProbe {
     state: Mutex<State>,
@@ -91,10 +97,22 @@ impl NetProbe {
         } else {
             let object = cfg.object.clone().or_else(default_object);
             match object.as_deref().map(load) {
-                Some(Ok(bpf)) => State::On {
-                    bpf,
-                    attached: HashSet::new(),
-                },
+                Some(Ok(mut bpf)) => {
+                    let tcp = attach_sock_ops(&mut bpf);
+                    match &tcp {
+                        Ok(cg) => {
+                            tracing::info!(cgroup = %cg.display(), "eBPF TCP probes attached to the daemon's cgroup")
+                        }
+                        Err(why) => tracing::warn!(
+                            "eBPF TCP probes unavailable ({why}); TCP paths are not measured"
+                        ),
+                    }
+                    State::On {
+                        bpf,
+                        attached: HashSet::new(),
+                        tcp,
+                    }
+                }
                 Some(Err(why)) => {
                     tracing::warn!("eBPF probes unavailable ({why}); paths are measured with QUIC's own statistics only");
                     State::Off(why)
@@ -118,9 +136,13 @@ impl NetProbe {
     pub fn status(&self) -> Result<Vec<String>, String> {
         match &*self.lock() {
             State::Off(why) => Err(why.clone()),
-            State::On { attached, .. } => {
+            State::On { attached, tcp, .. } => {
                 let mut v: Vec<String> = attached.iter().cloned().collect();
                 v.sort();
+                v.push(match tcp {
+                    Ok(cg) => format!("sock_ops on cgroup {}", cg.display()),
+                    Err(why) => format!("no sock_ops: {why}"),
+                });
                 Ok(v)
             }
         }
@@ -133,7 +155,7 @@ impl NetProbe {
     /// Attaches the flow programs to interfaces that came up since the last call.
     pub fn attach_new(&self) {
         let mut st = self.lock();
-        let State::On { bpf, attached } = &mut *st else {
+        let State::On { bpf, attached, .. } = &mut *st else {
             return;
         };
         for (name, _) in interfaces() {
@@ -195,6 +217,75 @@ impl NetProbe {
             .collect()
     }
 
+    /// TCP connections of the daemon's cgroup, as sock_ops last saw them.
+    pub fn tcp(&self) -> Vec<(FlowKey, TcpStats)> {
+        let st = self.lock();
+        let State::On { bpf, .. } = &*st else {
+            return Vec::new();
+        };
+        let Some(map) = bpf.map("TCP") else {
+            return Vec::new();
+        };
+        let Ok(tcp) = BpfHashMap::<_, FlowKey, TcpStats>::try_from(map) else {
+            return Vec::new();
+        };
+        tcp.iter().flatten().collect()
+    }
+
+    /// Destinations whose new TCP connections advertise a clamped MSS.
+    pub fn clamps(&self) -> HashMap<IpAddr, u32> {
+        let st = self.lock();
+        let State::On { bpf, .. } = &*st else {
+            return HashMap::new();
+        };
+        let Some(map) = bpf.map("CLAMP") else {
+            return HashMap::new();
+        };
+        let Ok(c) = BpfHashMap::<_, [u8; 16], u32>::try_from(map) else {
+            return HashMap::new();
+        };
+        c.iter()
+            .flatten()
+            .map(|(k, v)| (view::unmap(k), v))
+            .collect()
+    }
+
+    /// An origin transfer to `ip` stalled. If no full-size segment ever arrived from it on any
+    /// TCP connection (a path that drops large packets and the ICMP that would say so: an MTU
+    /// black hole), new connections to it advertise `mss` (or [`SAFE_MSS`]) from now on, so the
+    /// origin's segments fit. Returns the MSS set, if any.
+    pub fn stalled(&self, ip: IpAddr, mss: Option<u32>) -> Option<u32> {
+        let key = view::key_addr(ip);
+        let flows: Vec<FlowStats> = self
+            .flows()
+            .into_iter()
+            .filter(|(k, _)| k.proto == 6 && k.remote == key)
+            .map(|(_, s)| s)
+            .collect();
+        // Evidence: we sent requests, and nothing near a full segment ever came back.
+        let sent = flows.iter().any(|f| f.tx_packets > 0);
+        let largest = flows.iter().map(|f| f.rx_max).max().unwrap_or(0);
+        if !sent || largest >= 1000 {
+            return None;
+        }
+        let mss = mss.unwrap_or(SAFE_MSS).clamp(536, 65_495);
+        let mut st = self.lock();
+        let State::On {
+            bpf, tcp: Ok(_), ..
+        } = &mut *st
+        else {
+            return None;
+        };
+        let map = bpf.map_mut("CLAMP")?;
+        let mut clamp = BpfHashMap::<_, [u8; 16], u32>::try_from(map).ok()?;
+        if clamp.get(&key, 0).ok() == Some(mss) {
+            return None;
+        }
+        clamp.insert(key, mss, 0).ok()?;
+        tracing::warn!(%ip, largest_packet_seen = largest, mss, "MTU black hole suspected on the path from this origin (no full-size TCP segment ever arrived); new connections to it advertise a smaller MSS");
+        Some(mss)
+    }
+
     /// Drops flows not seen for `idle` (the map is LRU-bounded too; this keeps it current).
     pub fn expire(&self, idle: std::time::Duration) {
         let now = monotonic_ns();
@@ -237,6 +328,67 @@ fn load(path: &Path) -> Result<aya::Ebpf, String> {
             .map_err(|e| format!("the kernel refused {name}: {e}"))?;
     }
     Ok(bpf)
+}
+
+/// The cgroup v2 directory of this process: its own, from /proc/self/cgroup, under the
+/// cgroup2 mount (mounted privately when none is visible, as under `ip netns exec`).
+fn own_cgroup() -> Result<PathBuf, String> {
+    let rel = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .ok_or("no cgroup v2 membership in /proc/self/cgroup")?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mnt = mounts
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .map(Ok)
+        .unwrap_or_else(|| {
+            let dir = PathBuf::from("/run/starling/cgroup2");
+            std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+            rustix::mount::mount(
+                "none",
+                &dir,
+                "cgroup2",
+                rustix::mount::MountFlags::empty(),
+                None,
+            )
+            .map_err(|e| format!("mount cgroup2 on {}: {e}", dir.display()))?;
+            Ok::<PathBuf, String>(dir)
+        })?;
+    Ok(mnt.join(rel.trim_start_matches('/')))
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
+}
+
+fn attach_sock_ops(bpf: &mut aya::Ebpf) -> Result<PathBuf, String> {
+    let cg = own_cgroup()?;
+    let dir = std::fs::File::open(&cg).map_err(|e| format!("open {}: {e}", cg.display()))?;
+    let prog: &mut SockOps = bpf
+        .program_mut("tcp_paths")
+        .ok_or("no program tcp_paths")?
+        .try_into()
+        .map_err(|e| format!("tcp_paths: {e}"))?;
+    prog.load()
+        .map_err(|e| format!("the kernel refused tcp_paths: {e}"))?;
+    prog.attach(dir, CgroupAttachMode::Single)
+        .map_err(|e| format!("attach tcp_paths to {}: {}", cg.display(), chain(&e)))?;
+    Ok(cg)
 }
 
 fn attach(bpf: &mut aya::Ebpf, iface: &str) -> Result<(), String> {

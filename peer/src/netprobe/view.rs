@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
-use starling_netprobe_common::{FlowKey, FlowStats};
+use starling_netprobe_common::{FlowKey, FlowStats, TcpStats};
 
 use crate::transport::ConnInfo;
 
@@ -52,6 +52,48 @@ pub struct ProbeReport {
     /// The largest UDP payload QUIC may try (from the interfaces' MTUs).
     pub udp_upper_bound: u16,
     pub paths: Vec<PathView>,
+    /// TCP connections (back to source, proxy upstream) from sock_ops.
+    #[serde(default)]
+    pub tcp: Vec<TcpView>,
+}
+
+/// One TCP connection of the daemon, from sock_ops.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TcpView {
+    pub peer: String,
+    pub local_port: u16,
+    pub rtt_ms: f64,
+    pub mss: u32,
+    pub retransmits: u32,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The MSS new connections to this peer advertise, when clamped for an MTU black hole.
+    pub clamped_mss: Option<u32>,
+}
+
+pub fn tcp_views(tcp: &[(FlowKey, TcpStats)], clamps: &HashMap<IpAddr, u32>) -> Vec<TcpView> {
+    let mut v: Vec<TcpView> = tcp
+        .iter()
+        .map(|(k, s)| {
+            let ip = unmap(k.remote);
+            TcpView {
+                peer: SocketAddr::new(ip, k.remote_port).to_string(),
+                local_port: k.local_port,
+                rtt_ms: s.srtt_us as f64 / 1000.0,
+                mss: s.mss,
+                retransmits: s.total_retrans,
+                segs_in: s.data_segs_in,
+                segs_out: s.data_segs_out,
+                bytes_in: s.bytes_received,
+                bytes_out: s.bytes_acked,
+                clamped_mss: clamps.get(&ip).copied(),
+            }
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.peer, a.local_port).cmp(&(&b.peer, b.local_port)));
+    v
 }
 
 /// `::ffff:a.b.c.d` back to an IPv4 address; other keys as IPv6.
@@ -63,7 +105,7 @@ pub fn unmap(k: [u8; 16]) -> IpAddr {
     }
 }
 
-fn key_addr(ip: IpAddr) -> [u8; 16] {
+pub(crate) fn key_addr(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
@@ -192,6 +234,25 @@ impl ProbeReport {
         }
         if self.paths.is_empty() {
             s.push_str("(no peer connections)\n");
+        }
+        if !self.tcp.is_empty() {
+            s.push_str(&format!(
+                "\nTCP (back to source, proxy upstream)\n{:<22} {:>6} {:>9} {:>6} {:>7} {:>9} {:>12} {:>8}\n",
+                "peer", "lport", "rtt_ms", "mss", "retrans", "segs_in", "bytes_in", "clamp"
+            ));
+            for t in &self.tcp {
+                s.push_str(&format!(
+                    "{:<22} {:>6} {:>9.2} {:>6} {:>7} {:>9} {:>12} {:>8}\n",
+                    t.peer,
+                    t.local_port,
+                    t.rtt_ms,
+                    t.mss,
+                    t.retransmits,
+                    t.segs_in,
+                    t.bytes_in,
+                    t.clamped_mss.map_or("-".to_string(), |m| m.to_string())
+                ));
+            }
         }
         s
     }

@@ -221,6 +221,15 @@ impl Swarm {
             }),
         });
         swarm.node.serve(swarm.clone());
+        let weak = Arc::downgrade(&swarm);
+        swarm.fetcher.on_stall(Arc::new(move |url: &str| {
+            let (weak, url) = (weak.clone(), url.to_string());
+            tokio::task::spawn_blocking(move || {
+                if let Some(s) = weak.upgrade() {
+                    s.origin_stalled(&url);
+                }
+            });
+        }));
         tokio::spawn(announce::run(swarm.clone()));
         tokio::spawn(probe_upkeep(Arc::downgrade(&swarm)));
         tracing::info!(peer = %swarm.me, seed = swarm.cfg.peer.seed, embedded_scheduler = matches!(swarm.schedulers, Schedulers::Embedded(_)), "peer listening (QUIC, mutual TLS)");
@@ -231,6 +240,25 @@ impl Swarm {
     pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Parent, TransportError> {
         let hint = crate::netprobe::view::known_udp_mtu(&self.node.connections(), addr.ip());
         self.node.connect_with(addr, hint).await
+    }
+
+    /// An origin transfer stalled: if the probes show an MTU black hole toward it, clamp the
+    /// MSS of new connections to it (to what QUIC validated toward that host, if anything).
+    fn origin_stalled(&self, url: &str) {
+        use std::net::ToSocketAddrs;
+        let Ok(u) = url::Url::parse(url) else { return };
+        let Some(host) = u.host_str() else { return };
+        let port = u.port_or_known_default().unwrap_or(80);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let Ok(addrs) = (host, port).to_socket_addrs() else {
+            return;
+        };
+        let conns = self.node.connections();
+        for a in addrs {
+            let mss = crate::netprobe::view::known_udp_mtu(&conns, a.ip())
+                .map(|udp| u32::from(udp) + 28 - 40);
+            self.probe.stalled(a.ip(), mss);
+        }
     }
 
     /// The per-connection path view (`starling probe`).
@@ -251,6 +279,7 @@ impl Swarm {
                 &self.probe.flows(),
                 &self.probe.icmp_mtus(),
             ),
+            tcp: crate::netprobe::view::tcp_views(&self.probe.tcp(), &self.probe.clamps()),
         }
     }
 
