@@ -54,6 +54,11 @@ pub struct NetprobeConfig {
     pub object: Option<PathBuf>,
     /// Interfaces to attach to. Default (empty): every interface that is up, loopback aside.
     pub interfaces: Vec<String>,
+    /// Adapt transfers to the measured paths: QUIC packet size (PLPMTUD up to the interfaces'
+    /// MTU, 8-byte convergence, fast black-hole recovery, starting at the size validated toward
+    /// a host), congestion control from measured loss, and TCP MSS clamping across MTU black
+    /// holes. `false` keeps quinn's defaults (for comparison). Default true.
+    pub adapt: bool,
 }
 
 impl Default for NetprobeConfig {
@@ -62,6 +67,7 @@ impl Default for NetprobeConfig {
             enabled: true,
             object: None,
             interfaces: Vec::new(),
+            adapt: true,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! Without BPF privileges, without the object file, or on a kernel that refuses the programs,
 //! the daemon logs one line and the view comes from quinn's statistics alone.
 
+pub mod policy;
 pub mod view;
 
 use std::collections::{HashMap, HashSet};

@@ -51,10 +51,20 @@ pub struct ProbeReport {
     pub detail: String,
     /// The largest UDP payload QUIC may try (from the interfaces' MTUs).
     pub udp_upper_bound: u16,
+    /// Whether transfers adapt to the measurements (`netprobe.adapt`).
+    #[serde(default)]
+    pub adapt: bool,
+    /// The congestion controller new connections use.
+    #[serde(default = "cubic")]
+    pub congestion: crate::transport::Congestion,
     pub paths: Vec<PathView>,
     /// TCP connections (back to source, proxy upstream) from sock_ops.
     #[serde(default)]
     pub tcp: Vec<TcpView>,
+}
+
+fn cubic() -> crate::transport::Congestion {
+    crate::transport::Congestion::Cubic
 }
 
 /// One TCP connection of the daemon, from sock_ops.
@@ -192,13 +202,15 @@ impl ProbeReport {
     /// A fixed-width table for `starling probe`.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "eBPF probes: {}\nQUIC packet size upper bound: {} bytes of UDP payload\n",
+            "eBPF probes: {}\nadaptation: {}; QUIC packet size upper bound {} bytes of UDP payload; congestion control {:?}\n",
             if self.ebpf {
                 format!("on ({})", self.detail)
             } else {
                 format!("off ({})", self.detail)
             },
-            self.udp_upper_bound
+            if self.adapt { "on" } else { "off" },
+            self.udp_upper_bound,
+            self.congestion
         );
         s.push_str(&format!(
             "{:<22} {:<6} {:>8} {:<6} {:>8} {:>8} {:>6} {:>9} {:>7} {:>10} {:>6}\n",

@@ -32,6 +32,18 @@ use crate::transport::tls::{ClusterCa, TlsError};
 use crate::transport::wire::{self, HaveReply, Request as Wire, Status};
 use crate::transport::{MtuPolicy, Node, Parent, PieceSource, TransportError};
 
+/// How QUIC sizes packets: adapted to the interfaces, or quinn's defaults.
+fn mtu_policy(cfg: &Config) -> MtuPolicy {
+    if cfg.netprobe.adapt {
+        MtuPolicy {
+            upper_bound: crate::netprobe::udp_upper_bound(),
+            ..MtuPolicy::default()
+        }
+    } else {
+        MtuPolicy::quinn_defaults()
+    }
+}
+
 /// Attaches the probes to interfaces that come up later, and expires idle flows.
 async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -40,7 +52,14 @@ async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
         tick.tick().await;
         let Some(s) = swarm.upgrade() else { return };
         // Keeps each connection's last statistics fresh for after it closes.
-        let _ = s.node.connections();
+        let conns = s.node.connections();
+        if s.cfg.netprobe.adapt {
+            let live: Vec<_> = conns.into_iter().filter(|c| c.live).collect();
+            let c = crate::netprobe::policy::congestion(s.node.congestion(), &live);
+            if let Err(e) = s.node.set_congestion(c) {
+                tracing::warn!(error = %e, "cannot change the congestion controller");
+            }
+        }
         n += 1;
         if n % 10 == 0 {
             s.probe.attach_new();
@@ -185,11 +204,7 @@ impl Swarm {
         // informational (the peer ID is the advertised address, known only after binding).
         let identity = ca.issue("starling-peer")?;
         let probe = crate::netprobe::NetProbe::start(&cfg.netprobe);
-        let policy = MtuPolicy {
-            upper_bound: crate::netprobe::udp_upper_bound(),
-            ..MtuPolicy::default()
-        };
-        let node = Node::bind_with(listen, &identity, policy)?;
+        let node = Node::bind_with(listen, &identity, mtu_policy(&cfg))?;
         let bound = node.local_addr()?;
         let addr = advertise(&cfg, bound, remote.first().copied());
         let schedulers = if remote.is_empty() {
@@ -222,14 +237,16 @@ impl Swarm {
         });
         swarm.node.serve(swarm.clone());
         let weak = Arc::downgrade(&swarm);
-        swarm.fetcher.on_stall(Arc::new(move |url: &str| {
-            let (weak, url) = (weak.clone(), url.to_string());
-            tokio::task::spawn_blocking(move || {
-                if let Some(s) = weak.upgrade() {
-                    s.origin_stalled(&url);
-                }
-            });
-        }));
+        if swarm.cfg.netprobe.adapt {
+            swarm.fetcher.on_stall(Arc::new(move |url: &str| {
+                let (weak, url) = (weak.clone(), url.to_string());
+                tokio::task::spawn_blocking(move || {
+                    if let Some(s) = weak.upgrade() {
+                        s.origin_stalled(&url);
+                    }
+                });
+            }));
+        }
         tokio::spawn(announce::run(swarm.clone()));
         tokio::spawn(probe_upkeep(Arc::downgrade(&swarm)));
         tracing::info!(peer = %swarm.me, seed = swarm.cfg.peer.seed, embedded_scheduler = matches!(swarm.schedulers, Schedulers::Embedded(_)), "peer listening (QUIC, mutual TLS)");
@@ -238,7 +255,11 @@ impl Swarm {
 
     /// Connects to a peer, starting at the packet size already validated toward its host.
     pub(crate) async fn connect(&self, addr: SocketAddr) -> Result<Parent, TransportError> {
-        let hint = crate::netprobe::view::known_udp_mtu(&self.node.connections(), addr.ip());
+        let hint = if self.cfg.netprobe.adapt {
+            crate::netprobe::view::known_udp_mtu(&self.node.connections(), addr.ip())
+        } else {
+            None
+        };
         self.node.connect_with(addr, hint).await
     }
 
@@ -273,6 +294,8 @@ impl Swarm {
             ebpf,
             detail,
             udp_upper_bound: self.node.mtu_policy().upper_bound,
+            adapt: self.cfg.netprobe.adapt,
+            congestion: self.node.congestion(),
             paths: crate::netprobe::join(
                 &conns,
                 local_port,
@@ -732,14 +755,7 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
     let listen: SocketAddr = cfg.scheduler.listen.parse().map_err(|_| {
         TransportError::Stream(format!("scheduler.listen {:?}", cfg.scheduler.listen))
     })?;
-    let node = Node::bind_with(
-        listen,
-        &ca.issue("starling-scheduler")?,
-        MtuPolicy {
-            upper_bound: crate::netprobe::udp_upper_bound(),
-            ..MtuPolicy::default()
-        },
-    )?;
+    let node = Node::bind_with(listen, &ca.issue("starling-scheduler")?, mtu_policy(&cfg))?;
     let service = SchedulerService::new(scheduler_config(&cfg));
     let served = node.serve(Arc::new(crate::scheduler::service::StandaloneScheduler(
         service,

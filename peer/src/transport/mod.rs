@@ -108,6 +108,27 @@ impl Default for MtuPolicy {
     }
 }
 
+impl MtuPolicy {
+    /// quinn's own defaults (what Starling does with adaptation off).
+    pub fn quinn_defaults() -> MtuPolicy {
+        MtuPolicy {
+            upper_bound: 1452,
+            minimum_change: 20,
+            black_hole_cooldown: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The congestion controller for new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Congestion {
+    /// Loss-based (quinn's default): backs off on every loss.
+    Cubic,
+    /// Model-based: paces at the measured bottleneck rate, so random loss does not halve it.
+    Bbr,
+}
+
 /// The smallest UDP payload every IPv6 path carries, and QUIC's floor.
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
 
@@ -169,10 +190,17 @@ pub struct Node {
     identity: Identity,
     policy: MtuPolicy,
     conns: ConnRegistry,
+    congestion: std::sync::Mutex<Congestion>,
 }
 
-fn transport_config(policy: &MtuPolicy) -> Result<quinn::TransportConfig, TransportError> {
+fn transport_config(
+    policy: &MtuPolicy,
+    congestion: Congestion,
+) -> Result<quinn::TransportConfig, TransportError> {
     let mut transport = quinn::TransportConfig::default();
+    if congestion == Congestion::Bbr {
+        transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     transport.max_concurrent_bidi_streams(1024u32.into());
     // A parent that vanishes (killed, unplugged) is noticed within 5 s.
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
@@ -207,7 +235,7 @@ impl Node {
         policy: MtuPolicy,
     ) -> Result<Node, TransportError> {
         let mut server = tls::server_config(id)?;
-        let shared = Arc::new(transport_config(&policy)?);
+        let shared = Arc::new(transport_config(&policy, Congestion::Cubic)?);
         server.transport_config(shared.clone());
         let bind_err = |source| TransportError::Bind { addr, source };
         let socket = udp_socket(addr).map_err(bind_err)?;
@@ -229,7 +257,26 @@ impl Node {
             identity: id.clone(),
             policy,
             conns: Arc::default(),
+            congestion: std::sync::Mutex::new(Congestion::Cubic),
         })
+    }
+
+    pub fn congestion(&self) -> Congestion {
+        *self.congestion.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Uses `c` for connections made or accepted from now on (open ones keep theirs).
+    pub fn set_congestion(&self, c: Congestion) -> Result<(), TransportError> {
+        let mut cur = self.congestion.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur == c {
+            return Ok(());
+        }
+        let mut server = tls::server_config(&self.identity)?;
+        server.transport_config(Arc::new(transport_config(&self.policy, c)?));
+        self.endpoint.set_server_config(Some(server));
+        *cur = c;
+        tracing::info!(congestion = ?c, "congestion controller for new connections changed");
+        Ok(())
     }
 
     pub fn mtu_policy(&self) -> MtuPolicy {
@@ -337,15 +384,18 @@ impl Node {
         initial_mtu: Option<u16>,
     ) -> Result<Parent, TransportError> {
         let err = |detail: String| TransportError::Connect { addr, detail };
-        let connecting = match initial_mtu.filter(|m| *m > MIN_UDP_PAYLOAD) {
-            Some(mtu) => {
-                let mut t = transport_config(&self.policy)?;
+        let congestion = self.congestion();
+        let hint = initial_mtu.filter(|m| *m > MIN_UDP_PAYLOAD);
+        let connecting = if hint.is_some() || congestion != Congestion::Cubic {
+            let mut t = transport_config(&self.policy, congestion)?;
+            if let Some(mtu) = hint {
                 t.initial_mtu(mtu.min(self.policy.upper_bound.max(MIN_UDP_PAYLOAD)));
-                let mut client = tls::client_config(&self.identity)?;
-                client.transport_config(Arc::new(t));
-                self.endpoint.connect_with(client, addr, tls::SERVER_NAME)
             }
-            None => self.endpoint.connect(addr, tls::SERVER_NAME),
+            let mut client = tls::client_config(&self.identity)?;
+            client.transport_config(Arc::new(t));
+            self.endpoint.connect_with(client, addr, tls::SERVER_NAME)
+        } else {
+            self.endpoint.connect(addr, tls::SERVER_NAME)
         };
         let conn = connecting
             .map_err(|e| err(e.to_string()))?

@@ -1,0 +1,81 @@
+//! Adaptation rules, sans-IO: what the measured paths ask of new connections.
+//!
+//! - **Congestion control.** Random loss (a lossy link, not a full queue) makes a loss-based
+//!   controller halve its window again and again. When the connections that have carried
+//!   enough packets (at least [`MIN_SENT`] each, [`MIN_TOTAL`] together) lose more than
+//!   [`TO_BBR`] of them, new connections use BBR; below [`TO_CUBIC`] they go back to Cubic.
+//!   Between the two, the choice stays (hysteresis).
+//! - **Packet size** (in `transport::MtuPolicy` and `netprobe::udp_upper_bound`): PLPMTUD up
+//!   to the interfaces' MTU, converging within 8 bytes, 5 s black-hole cooldown; a new
+//!   connection starts at the size already validated toward that host.
+//! - **TCP MSS** (`NetProbe::stalled`): a stalled origin transfer with no full-size segment
+//!   ever received clamps the MSS of new connections to that host.
+
+use crate::transport::{Congestion, ConnInfo};
+
+/// A connection counts once it has sent this many packets.
+pub const MIN_SENT: u64 = 500;
+/// The counted connections must have sent this many together.
+pub const MIN_TOTAL: u64 = 2000;
+/// Loss above which new connections use BBR.
+pub const TO_BBR: f64 = 0.01;
+/// Loss below which they use Cubic again.
+pub const TO_CUBIC: f64 = 0.002;
+
+pub fn congestion(current: Congestion, conns: &[ConnInfo]) -> Congestion {
+    let (sent, lost) = conns
+        .iter()
+        .map(|c| &c.stats.path)
+        .filter(|p| p.sent_packets >= MIN_SENT)
+        .fold((0u64, 0u64), |(s, l), p| {
+            (s + p.sent_packets, l + p.lost_packets)
+        });
+    if sent < MIN_TOTAL {
+        return current;
+    }
+    let loss = lost as f64 / sent as f64;
+    if loss > TO_BBR {
+        Congestion::Bbr
+    } else if loss < TO_CUBIC {
+        Congestion::Cubic
+    } else {
+        current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(sent: u64, lost: u64) -> ConnInfo {
+        let mut stats = quinn::ConnectionStats::default();
+        stats.path.sent_packets = sent;
+        stats.path.lost_packets = lost;
+        ConnInfo {
+            remote: "127.0.0.1:1".parse().unwrap(),
+            incoming: true,
+            stats,
+            live: true,
+        }
+    }
+
+    #[test]
+    fn loss_picks_the_controller_with_hysteresis() {
+        use Congestion::*;
+        assert_eq!(congestion(Cubic, &[]), Cubic, "no evidence, no change");
+        assert_eq!(
+            congestion(Cubic, &[conn(1000, 100)]),
+            Cubic,
+            "too few packets"
+        );
+        assert_eq!(congestion(Cubic, &[conn(10_000, 200)]), Bbr, "2% loss");
+        assert_eq!(congestion(Bbr, &[conn(10_000, 50)]), Bbr, "0.5%: keep");
+        assert_eq!(congestion(Cubic, &[conn(10_000, 50)]), Cubic, "0.5%: keep");
+        assert_eq!(congestion(Bbr, &[conn(10_000, 1)]), Cubic, "clean again");
+        assert_eq!(
+            congestion(Cubic, &[conn(100, 100), conn(3000, 60)]),
+            Bbr,
+            "short connections do not count"
+        );
+    }
+}
