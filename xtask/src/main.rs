@@ -8,6 +8,7 @@
 //! - `bench swarm`: the swarm in shaped namespaces against T_min and plain HTTP.
 //! - `bench registry`: image pulls through Starling's mirror against pulls from the registry.
 
+mod bench_adapt;
 mod bench_registry;
 mod bench_swarm;
 mod demo;
@@ -41,6 +42,7 @@ fn main() -> Result<()> {
                  bench get    SHA-256 path, io_uring store and `starling get` vs curl, as ratios\n  \
                  bench swarm  one seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP\n  \
                  bench registry  N nodes pull a multi-layer image with skopeo: through Starling vs straight from the registry\n  \
+                 bench adapt  path adaptation on vs off on the netlab topologies (jumbo, dind, vxlan, lossy)\n  \
                  netlab       build a namespace topology (clean, dind, vxlan, jumbo, lossy), check its path MTU"
             );
             bail!("no command given")
@@ -90,7 +92,7 @@ pub fn cargo() -> Command {
     c
 }
 
-fn build_ebpf() -> Result<()> {
+pub fn build_ebpf() -> Result<()> {
     setup::ensure_ebpf_toolchain()?;
     // The nightly toolchain is named explicitly; the ebpf/ workspace's own .cargo/config.toml
     // sets the bpfel-unknown-none target and build-std.
@@ -178,8 +180,9 @@ fn bench(args: &[&str]) -> Result<()> {
         Some(&"get") => {}
         Some(&"swarm") => return bench_swarm::run(&args[1..]),
         Some(&"registry") => return bench_registry::run(&args[1..]),
+        Some(&"adapt") => return bench_adapt::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]\n       cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]"
+            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]\n       cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]\n       cargo xtask bench adapt [--size-mib N] [--mbit N]"
         ),
     }
     setup::run()?;

@@ -181,6 +181,20 @@ fn get_via_api(
     out: &Path,
     bar: &indicatif::ProgressBar,
 ) -> Result<ApiEvent> {
+    get_with_progress(socket, url, piece_length, out, |total, d| {
+        bar.set_length(total.max(1));
+        bar.set_position(d);
+    })
+}
+
+/// A `get` through a daemon's local API, calling `on_progress(total, done)` as it goes.
+pub fn get_with_progress(
+    socket: &Path,
+    url: &str,
+    piece_length: Option<u64>,
+    out: &Path,
+    on_progress: impl FnMut(u64, u64),
+) -> Result<ApiEvent> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -192,10 +206,7 @@ fn get_via_api(
         output: PathBuf::from(out),
         no_hardlink: false,
     };
-    let ev = rt.block_on(starling::daemon::client_get(socket, &req, |total, d| {
-        bar.set_length(total.max(1));
-        bar.set_position(d);
-    }))?;
+    let ev = rt.block_on(starling::daemon::client_get(socket, &req, on_progress))?;
     ev.context("no daemon answered on its socket")
 }
 

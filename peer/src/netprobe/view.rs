@@ -54,6 +54,9 @@ pub struct ProbeReport {
     /// Whether transfers adapt to the measurements (`netprobe.adapt`).
     #[serde(default)]
     pub adapt: bool,
+    /// The peer socket's receive drops and buffer.
+    #[serde(default)]
+    pub socket: crate::transport::SocketReport,
     /// The congestion controller new connections use.
     #[serde(default = "cubic")]
     pub congestion: crate::transport::Congestion,
@@ -202,7 +205,7 @@ impl ProbeReport {
     /// A fixed-width table for `starling probe`.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "eBPF probes: {}\nadaptation: {}; QUIC packet size upper bound {} bytes of UDP payload; congestion control {:?}\n",
+            "eBPF probes: {}\nadaptation: {}; QUIC packet size upper bound {} bytes of UDP payload; congestion control {:?}\nUDP socket: {} receive drops, receive buffer {} bytes{}\n",
             if self.ebpf {
                 format!("on ({})", self.detail)
             } else {
@@ -210,7 +213,14 @@ impl ProbeReport {
             },
             if self.adapt { "on" } else { "off" },
             self.udp_upper_bound,
-            self.congestion
+            self.congestion,
+            self.socket.rx_drops,
+            self.socket.rcvbuf,
+            if self.socket.at_limit {
+                " (at its limit: raise net.core.rmem_max)"
+            } else {
+                ""
+            }
         );
         s.push_str(&format!(
             "{:<22} {:<6} {:>8} {:<6} {:>8} {:>8} {:>6} {:>9} {:>7} {:>10} {:>6}\n",

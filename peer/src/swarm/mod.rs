@@ -54,6 +54,8 @@ async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
         // Keeps each connection's last statistics fresh for after it closes.
         let conns = s.node.connections();
         if s.cfg.netprobe.adapt {
+            let report = s.node.tune_buffers();
+            *s.socket.lock().unwrap_or_else(|p| p.into_inner()) = report;
             let live: Vec<_> = conns.into_iter().filter(|c| c.live).collect();
             let c = crate::netprobe::policy::congestion(s.node.congestion(), &live);
             if let Err(e) = s.node.set_congestion(c) {
@@ -166,6 +168,8 @@ pub struct Swarm {
     announcer: announce::State,
     /// The eBPF path probes (or their absence).
     probe: crate::netprobe::NetProbe,
+    /// The peer socket's receive side as last tuned.
+    socket: Mutex<crate::transport::SocketReport>,
     /// Upload rate limit: when the next piece may start (None: unlimited).
     pacer: Option<Pacer>,
 }
@@ -230,6 +234,7 @@ impl Swarm {
             served_pieces: AtomicU32::new(0),
             announcer: announce::State::default(),
             probe,
+            socket: Mutex::default(),
             pacer: (cfg_limit > 0.0).then(|| Pacer {
                 bytes_per_second: cfg_limit * 125_000.0,
                 next: Mutex::new(Instant::now()),
@@ -295,6 +300,7 @@ impl Swarm {
             detail,
             udp_upper_bound: self.node.mtu_policy().upper_bound,
             adapt: self.cfg.netprobe.adapt,
+            socket: *self.socket.lock().unwrap_or_else(|p| p.into_inner()),
             congestion: self.node.congestion(),
             paths: crate::netprobe::join(
                 &conns,

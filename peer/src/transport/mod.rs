@@ -191,6 +191,43 @@ pub struct Node {
     policy: MtuPolicy,
     conns: ConnRegistry,
     congestion: std::sync::Mutex<Congestion>,
+    /// A second handle on the endpoint's UDP socket, to resize its buffers.
+    socket: std::net::UdpSocket,
+    /// Receive drops seen at the last [`Node::tune_buffers`].
+    drops_seen: std::sync::atomic::AtomicU64,
+}
+
+/// The largest receive buffer [`Node::tune_buffers`] grows to.
+pub const MAX_SOCKET_BUFFER: usize = 64 << 20;
+
+/// The UDP socket's receive side, for the path report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SocketReport {
+    /// Datagrams the kernel dropped for this socket (receive buffer full), since it opened.
+    pub rx_drops: u64,
+    /// The receive buffer the kernel grants (SO_RCVBUF; about twice what was asked).
+    pub rcvbuf: u64,
+    /// True when drops happened and the buffer cannot grow: the limit itself is the problem
+    /// (raise net.core.rmem_max, or run with CAP_NET_ADMIN).
+    pub at_limit: bool,
+}
+
+/// Drops of the UDP socket bound to `port`, from /proc/net/udp{,6} (of this network namespace).
+fn udp_drops(port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.get(1)?.ends_with(&want)).then(|| f.last()?.parse::<u64>().ok())?
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 fn transport_config(
@@ -238,7 +275,12 @@ impl Node {
         let shared = Arc::new(transport_config(&policy, Congestion::Cubic)?);
         server.transport_config(shared.clone());
         let bind_err = |source| TransportError::Bind { addr, source };
-        let socket = udp_socket(addr).map_err(bind_err)?;
+        // Buffers hold whole datagrams: larger packets need proportionally more room (the
+        // kernel charges each one's full allocation).
+        let buffer = (SOCKET_BUFFER as u64 * u64::from(policy.upper_bound).max(1452) / 1452)
+            .min(MAX_SOCKET_BUFFER as u64) as usize;
+        let socket = udp_socket(addr, buffer).map_err(bind_err)?;
+        let tuning = socket.try_clone().map_err(bind_err)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
         // The largest datagram we accept, advertised to peers: it caps their PLPMTUD (quinn's
@@ -258,7 +300,44 @@ impl Node {
             policy,
             conns: Arc::default(),
             congestion: std::sync::Mutex::new(Congestion::Cubic),
+            socket: tuning,
+            drops_seen: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Kernel receive drops on the UDP socket: when they grew since the last call, double the
+    /// receive buffer (forced when privileged), up to [`MAX_SOCKET_BUFFER`].
+    pub fn tune_buffers(&self) -> SocketReport {
+        use rustix::net::sockopt;
+        use std::sync::atomic::Ordering;
+        let port = self.socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let drops = udp_drops(port);
+        let before = self.drops_seen.swap(drops, Ordering::Relaxed);
+        let granted = sockopt::socket_recv_buffer_size(&self.socket).unwrap_or(0);
+        let mut at_limit = false;
+        if drops > before {
+            // The kernel reports twice the size asked for.
+            let want = (granted / 2 * 2).clamp(SOCKET_BUFFER, MAX_SOCKET_BUFFER);
+            if granted / 2 < MAX_SOCKET_BUFFER {
+                let raised = sockopt::set_socket_recv_buffer_size_force(&self.socket, want)
+                    .or_else(|_| sockopt::set_socket_recv_buffer_size(&self.socket, want));
+                let now = sockopt::socket_recv_buffer_size(&self.socket).unwrap_or(0);
+                at_limit = raised.is_err() || now <= granted;
+                tracing::info!(
+                    drops = drops - before,
+                    rcvbuf = now,
+                    at_limit,
+                    "UDP receive drops: raised the socket's receive buffer"
+                );
+            } else {
+                at_limit = true;
+            }
+        }
+        SocketReport {
+            rx_drops: drops,
+            rcvbuf: sockopt::socket_recv_buffer_size(&self.socket).unwrap_or(0) as u64,
+            at_limit,
+        }
     }
 
     pub fn congestion(&self) -> Congestion {
@@ -411,20 +490,20 @@ impl Node {
 }
 
 /// A UDP socket with large buffers (forced when privileged, else as large as allowed).
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     use rustix::net::sockopt;
     let socket = std::net::UdpSocket::bind(addr)?;
-    if sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
-        let _ = sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
+    if sockopt::set_socket_recv_buffer_size_force(&socket, buffer).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(&socket, buffer);
     }
-    if sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
-        let _ = sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
+    if sockopt::set_socket_send_buffer_size_force(&socket, buffer).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(&socket, buffer);
     }
     let got = sockopt::socket_recv_buffer_size(&socket).unwrap_or(0);
-    if got < SOCKET_BUFFER {
+    if got < buffer {
         tracing::info!(
             got,
-            wanted = SOCKET_BUFFER,
+            wanted = buffer,
             "UDP receive buffer is capped by net.core.rmem_max; raise it (or run with CAP_NET_ADMIN) to avoid drops at high rates"
         );
     }
