@@ -236,3 +236,40 @@ fn a_back_to_source_tcp_download_across_the_dind_black_hole_completes() {
     let log = std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
     assert!(log.contains("MTU black hole suspected"), "{log}");
 }
+
+#[test]
+fn kernel_drops_are_counted_by_reason() {
+    if !is_root() {
+        eprintln!("skipped: needs root (eBPF)");
+        return;
+    }
+    let s = Scratch::new();
+    let _daemon = Daemon::start(&s);
+    let drops = |s: &Scratch| -> u64 {
+        let out = s
+            .starling()
+            .args(["probe", "--json"])
+            .output()
+            .expect("probe");
+        let r: ProbeReport = serde_json::from_slice(&out.stdout).expect("probe JSON");
+        let d = r
+            .kernel_drops
+            .unwrap_or_else(|| panic!("the kfree_skb probe runs as root: {}", r.detail));
+        d.iter()
+            .filter(|d| d.reason == "NO_SOCKET")
+            .map(|d| d.all)
+            .sum()
+    };
+    let before = drops(&s);
+    // Datagrams to a port nobody listens on are dropped with reason NO_SOCKET.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    for _ in 0..50 {
+        let _ = sock.send_to(b"x", ("127.0.0.1", port));
+    }
+    wait_until(Duration::from_secs(5), "NO_SOCKET drops counted", || {
+        drops(&s) >= before + 50
+    });
+}

@@ -119,3 +119,9 @@ pub struct TcpStats {
 // SAFETY: u32s and u64s in an order without implicit padding.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for TcpStats {}
+
+/// Entries in the `DROPS` and `OUR_DROPS` per-CPU arrays: one per kernel drop reason
+/// (`enum skb_drop_reason`); larger reasons count in the last slot.
+pub const DROP_REASONS: u32 = 256;
+/// Entries in the `OUR_SOCKETS` map (socket cookies of the daemon's sockets).
+pub const MAX_OUR_SOCKETS: u32 = 64;

@@ -11,6 +11,10 @@
 //!   to a destination in `CLAMP` advertises that MSS in its SYN (set by user space when a path
 //!   turns out to be an MTU black hole), so full-size segments from the origin fit the path.
 //!
+//! - `kfree_skb` (tp_btf): kernel packet drops by reason, all of them and those on the daemon's
+//!   own sockets (the receiving socket's cookie is in `OUR_SOCKETS`): receive-buffer overflow,
+//!   qdisc drops and the rest.
+//!
 //! Maps are LRU-bounded; user space also expires entries it has not seen change.
 #![no_std]
 #![no_main]
@@ -21,14 +25,53 @@ use aya_ebpf::bindings::{
     BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_PIPE,
 };
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_setsockopt};
-use aya_ebpf::macros::{classifier, map, sock_ops};
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt};
+use aya_ebpf::macros::{btf_tracepoint, classifier, map, sock_ops};
 use aya_ebpf::maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray};
-use aya_ebpf::programs::{SockOpsContext, TcContext};
+use aya_ebpf::programs::{BtfTracePointContext, SockOpsContext, TcContext};
 use starling_netprobe_common::{
     FlowKey, FlowStats, PacketCounters, PmtuEntry, TcpStats, DIRECTIONS, DIR_EGRESS, DIR_INGRESS,
-    MAX_CLAMP, MAX_FLOWS, MAX_PMTU, MAX_TCP,
+    DROP_REASONS, MAX_CLAMP, MAX_FLOWS, MAX_OUR_SOCKETS, MAX_PMTU, MAX_TCP,
 };
+
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
+
+#[map]
+static OUR_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASONS, 0);
+
+#[map]
+static OUR_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_OUR_SOCKETS, 0);
+
+/// kfree_skb(skb, location, reason, rx_sk).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let reason: u32 = ctx.arg(2);
+    let slot = if reason < DROP_REASONS {
+        reason
+    } else {
+        DROP_REASONS - 1
+    };
+    bump(&DROPS, slot);
+    let rx_sk: *mut core::ffi::c_void = ctx.arg(3);
+    if !rx_sk.is_null() {
+        // SAFETY: a non-null socket pointer the tracepoint hands over.
+        let cookie = unsafe { bpf_get_socket_cookie(rx_sk) };
+        // SAFETY: a lookup; only presence matters.
+        if unsafe { OUR_SOCKETS.get(&cookie) }.is_some() {
+            bump(&OUR_DROPS, slot);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, slot: u32) {
+    if let Some(c) = map.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot; programs on one CPU do not preempt each other.
+        unsafe { *c += 1 };
+    }
+}
 
 #[map]
 static COUNTERS: PerCpuArray<PacketCounters> = PerCpuArray::with_max_entries(DIRECTIONS, 0);

@@ -17,8 +17,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap as BpfHashMap, PerCpuHashMap};
-use aya::programs::{tc, CgroupAttachMode, SchedClassifier, SockOps, TcAttachType};
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap};
+use aya::programs::{tc, BtfTracePoint, CgroupAttachMode, SchedClassifier, SockOps, TcAttachType};
 use starling_netprobe_common::{FlowKey, FlowStats, PmtuEntry, TcpStats};
 
 use crate::config::NetprobeConfig;
@@ -35,7 +35,39 @@ enum State {
         attached: HashSet<String>,
         /// The cgroup whose TCP connections sock_ops sees, or why none.
         tcp: Result<PathBuf, String>,
+        /// Whether the kfree_skb drop counter runs, or why not.
+        drops: Result<(), String>,
     },
+}
+
+/// Kernel packet drops for one reason: all of them, and those on the daemon's own sockets.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DropCount {
+    pub reason: String,
+    pub all: u64,
+    pub ours: u64,
+}
+
+/// Drop reason names from the kfree_skb tracepoint's format (`{ 6, "SOCKET_RCVBUFF" }`), when
+/// tracefs is readable; else numbers.
+fn drop_reason_names() -> HashMap<u32, String> {
+    let text = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|d| std::fs::read_to_string(format!("{d}/events/skb/kfree_skb/format")).ok())
+        .unwrap_or_default();
+    let mut out = HashMap::new();
+    for part in text.split('{').skip(1) {
+        let Some((num, rest)) = part.split_once(',') else {
+            continue;
+        };
+        let Ok(n) = num.trim().parse::<u32>() else {
+            continue;
+        };
+        if let Some(name) = rest.split('"').nth(1) {
+            out.insert(n, name.to_string());
+        }
+    }
+    out
 }
 
 /// The MSS a connection advertises toward a destination behind an MTU black hole when no
@@ -100,6 +132,10 @@ impl NetProbe {
             match object.as_deref().map(load) {
                 Some(Ok(mut bpf)) => {
                     let tcp = attach_sock_ops(&mut bpf);
+                    let drops = attach_drops(&mut bpf);
+                    if let Err(why) = &drops {
+                        tracing::warn!("eBPF kernel-drop probe unavailable ({why}); drops are read from the socket's counter only");
+                    }
                     match &tcp {
                         Ok(cg) => {
                             tracing::info!(cgroup = %cg.display(), "eBPF TCP probes attached to the daemon's cgroup")
@@ -112,6 +148,7 @@ impl NetProbe {
                         bpf,
                         attached: HashSet::new(),
                         tcp,
+                        drops,
                     }
                 }
                 Some(Err(why)) => {
@@ -137,12 +174,21 @@ impl NetProbe {
     pub fn status(&self) -> Result<Vec<String>, String> {
         match &*self.lock() {
             State::Off(why) => Err(why.clone()),
-            State::On { attached, tcp, .. } => {
+            State::On {
+                attached,
+                tcp,
+                drops,
+                ..
+            } => {
                 let mut v: Vec<String> = attached.iter().cloned().collect();
                 v.sort();
                 v.push(match tcp {
                     Ok(cg) => format!("sock_ops on cgroup {}", cg.display()),
                     Err(why) => format!("no sock_ops: {why}"),
+                });
+                v.push(match drops {
+                    Ok(()) => "kfree_skb".to_string(),
+                    Err(why) => format!("no kfree_skb: {why}"),
                 });
                 Ok(v)
             }
@@ -231,6 +277,61 @@ impl NetProbe {
             return Vec::new();
         };
         tcp.iter().flatten().collect()
+    }
+
+    /// Counts drops on the socket with this cookie (SO_COOKIE) as the daemon's own.
+    pub fn watch_socket(&self, cookie: u64) {
+        let mut st = self.lock();
+        let State::On {
+            bpf, drops: Ok(()), ..
+        } = &mut *st
+        else {
+            return;
+        };
+        if let Some(map) = bpf.map_mut("OUR_SOCKETS") {
+            if let Ok(mut m) = BpfHashMap::<_, u64, u8>::try_from(map) {
+                let _ = m.insert(cookie, 1, 0);
+            }
+        }
+    }
+
+    /// Kernel drops by reason (nonzero ones, most first), or None without the probe.
+    pub fn kernel_drops(&self) -> Option<Vec<DropCount>> {
+        let st = self.lock();
+        let State::On {
+            bpf, drops: Ok(()), ..
+        } = &*st
+        else {
+            return None;
+        };
+        let read = |name: &str| -> Vec<u64> {
+            let Some(map) = bpf.map(name) else {
+                return Vec::new();
+            };
+            let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else {
+                return Vec::new();
+            };
+            (0..starling_netprobe_common::DROP_REASONS)
+                .map(|i| arr.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+                .collect()
+        };
+        let (all, ours) = (read("DROPS"), read("OUR_DROPS"));
+        let names = drop_reason_names();
+        let mut out: Vec<DropCount> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| DropCount {
+                reason: names
+                    .get(&(i as u32))
+                    .cloned()
+                    .unwrap_or_else(|| format!("reason {i}")),
+                all: *n,
+                ours: ours.get(i).copied().unwrap_or(0),
+            })
+            .collect();
+        out.sort_by(|a, b| b.all.cmp(&a.all));
+        Some(out)
     }
 
     /// Destinations whose new TCP connections advertise a clamped MSS.
@@ -375,6 +476,20 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+fn attach_drops(bpf: &mut aya::Ebpf) -> Result<(), String> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+    let prog: &mut BtfTracePoint = bpf
+        .program_mut("kfree_skb")
+        .ok_or("no program kfree_skb")?
+        .try_into()
+        .map_err(|e| format!("kfree_skb: {e}"))?;
+    prog.load("kfree_skb", &btf)
+        .map_err(|e| format!("the kernel refused kfree_skb: {}", chain(&e)))?;
+    prog.attach()
+        .map_err(|e| format!("attach kfree_skb: {}", chain(&e)))?;
+    Ok(())
 }
 
 fn attach_sock_ops(bpf: &mut aya::Ebpf) -> Result<PathBuf, String> {

@@ -64,6 +64,10 @@ pub struct ProbeReport {
     /// TCP connections (back to source, proxy upstream) from sock_ops.
     #[serde(default)]
     pub tcp: Vec<TcpView>,
+    /// Kernel packet drops by reason (kfree_skb), all and on the daemon's sockets; None
+    /// without the probe.
+    #[serde(default)]
+    pub kernel_drops: Option<Vec<super::DropCount>>,
 }
 
 fn cubic() -> crate::transport::Congestion {
@@ -256,6 +260,12 @@ impl ProbeReport {
         }
         if self.paths.is_empty() {
             s.push_str("(no peer connections)\n");
+        }
+        if let Some(drops) = &self.kernel_drops {
+            s.push_str("\nkernel drops (kfree_skb): reason, all, on Starling's sockets\n");
+            for d in drops.iter().take(10) {
+                s.push_str(&format!("  {:<28} {:>10} {:>8}\n", d.reason, d.all, d.ours));
+            }
         }
         if !self.tcp.is_empty() {
             s.push_str(&format!(

@@ -209,6 +209,9 @@ impl Swarm {
         let identity = ca.issue("starling-peer")?;
         let probe = crate::netprobe::NetProbe::start(&cfg.netprobe);
         let node = Node::bind_with(listen, &identity, mtu_policy(&cfg))?;
+        if let Some(cookie) = node.socket_cookie() {
+            probe.watch_socket(cookie);
+        }
         let bound = node.local_addr()?;
         let addr = advertise(&cfg, bound, remote.first().copied());
         let schedulers = if remote.is_empty() {
@@ -309,6 +312,7 @@ impl Swarm {
                 &self.probe.icmp_mtus(),
             ),
             tcp: crate::netprobe::view::tcp_views(&self.probe.tcp(), &self.probe.clamps()),
+            kernel_drops: self.probe.kernel_drops(),
         }
     }
 

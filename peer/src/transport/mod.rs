@@ -340,6 +340,24 @@ impl Node {
         }
     }
 
+    /// The UDP socket's cookie (SO_COOKIE), which names it in eBPF programs.
+    pub fn socket_cookie(&self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
+        let r = unsafe {
+            libc::getsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(cookie)
+    }
+
     pub fn congestion(&self) -> Congestion {
         *self.congestion.lock().unwrap_or_else(|p| p.into_inner())
     }
