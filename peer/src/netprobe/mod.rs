@@ -330,7 +330,7 @@ impl NetProbe {
                 ours: ours.get(i).copied().unwrap_or(0),
             })
             .collect();
-        out.sort_by(|a, b| b.all.cmp(&a.all));
+        out.sort_by_key(|d| std::cmp::Reverse(d.all));
         Some(out)
     }
 
