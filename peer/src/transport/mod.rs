@@ -129,6 +129,9 @@ pub enum Congestion {
     Bbr,
 }
 
+/// Datagrams quinn puts into one GSO send (its MAX_TRANSMIT_SEGMENTS).
+const GSO_BATCH: usize = 10;
+
 /// The smallest UDP payload every IPv6 path carries, and QUIC's floor.
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
 
@@ -255,6 +258,12 @@ fn transport_config(
         .minimum_change(policy.minimum_change.max(1))
         .black_hole_cooldown(policy.black_hole_cooldown);
     transport.mtu_discovery_config(Some(mtu));
+    // quinn batches up to 10 datagrams of the current MTU into one GSO send; the kernel
+    // refuses a batch over 64 KiB, and the whole batch is lost (which quinn then takes for an
+    // MTU black hole). Jumbo packets go one per send instead.
+    if usize::from(policy.upper_bound) * GSO_BATCH > 65_000 {
+        transport.enable_segmentation_offload(false);
+    }
     Ok(transport)
 }
 
