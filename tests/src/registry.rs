@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
-use crate::{kill_pid, random_bytes, sha256_file, wait_for_addr, wait_until, Lab};
+use crate::{kill_pid, poll_until, random_bytes, sha256_file, wait_for_addr, wait_until, Lab};
 
 /// A CA and one server certificate from it (for the given hosts / IP addresses), as PEM files.
 pub struct TestCa {
@@ -376,16 +376,15 @@ impl Dockerd {
 
 impl Drop for Dockerd {
     fn drop(&mut self) {
+        // dockerd shuts its containerd state down cleanly on SIGTERM; SIGKILL if it hangs.
         kill_pid(self.child.id(), libc::SIGTERM);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let child = &mut self.child;
+        if !poll_until(Duration::from_secs(10), || {
+            child.try_wait().ok().flatten().is_some()
+        }) {
+            kill_pid(self.child.id(), libc::SIGKILL);
+            let _ = self.child.wait();
         }
-        kill_pid(self.child.id(), libc::SIGKILL);
-        let _ = self.child.wait();
     }
 }
 

@@ -192,27 +192,33 @@ fn pull_all(
 ) -> Result<Timing> {
     let start = Instant::now();
     let j0 = machine_jiffies();
-    let mut children: Vec<(Child, Option<f64>)> = (1..=nodes)
+    let children: Vec<Child> = (1..=nodes)
         .map(|i| {
             let out = dir.join(format!("{name}-{i}"));
             cmd(i, &out.display().to_string())
                 .stdout(std::process::Stdio::null())
                 .spawn()
-                .map(|c| (c, None))
         })
         .collect::<std::io::Result<_>>()?;
-    while children.iter().any(|(_, t)| t.is_none()) {
-        for (c, t) in children.iter_mut().filter(|(_, t)| t.is_none()) {
-            if let Some(st) = c.try_wait()? {
-                if !st.success() {
-                    bail!("{name}: a skopeo pull failed ({st})");
-                }
-                *t = Some(start.elapsed().as_secs_f64());
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    // One waiter per pull: each records when its own process ends.
+    let times = std::thread::scope(|sc| {
+        let waiters: Vec<_> = children
+            .into_iter()
+            .map(|mut c| sc.spawn(move || c.wait().map(|st| (st, start.elapsed().as_secs_f64()))))
+            .collect();
+        waiters
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("a waiter panicked"))?
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<_>>>()
+    })?;
+    if let Some((st, _)) = times.iter().find(|(st, _)| !st.success()) {
+        bail!("{name}: a skopeo pull failed ({st})");
     }
-    let times: Vec<f64> = children.iter().filter_map(|(_, t)| *t).collect();
+    let times: Vec<f64> = times.iter().map(|(_, t)| *t).collect();
     let j1 = machine_jiffies();
     Ok(Timing {
         busy: (j1.0 - j0.0) as f64 / (j1.1 - j0.1).max(1) as f64,

@@ -13,7 +13,6 @@
 //! 4. A Range request is served once the whole blob is verified: 206 with Content-Range, or 416.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::channel::mpsc;
@@ -28,9 +27,6 @@ use super::{error_response, pass, Body, Proxy};
 use crate::core::{Digest, Sha256Stream, TaskId};
 use crate::fetch::{exit, FetchError, Progress, Request as FetchRequest};
 use crate::storage::UploadView;
-
-/// How often a waiting response looks for the task's (new) view.
-const POLL: Duration = Duration::from_millis(20);
 
 /// A background fetch's end, as an HTTP answer.
 #[derive(Clone, Debug)]
@@ -53,21 +49,34 @@ impl From<&FetchError> for Failure {
     }
 }
 
-type Done = watch::Receiver<Option<Result<(), Failure>>>;
-
-fn outcome(done: &Done) -> Option<Result<(), Failure>> {
-    done.borrow().clone()
+/// What a response waits on: the background fetch's end, and the swarm registering a (new)
+/// view of a task.
+struct Done {
+    fetch: watch::Receiver<Option<Result<(), Failure>>>,
+    views: watch::Receiver<u64>,
 }
 
-/// Waits for the fetch to end or for `POLL`, whichever is first.
+fn outcome(done: &Done) -> Option<Result<(), Failure>> {
+    match done.fetch.borrow().clone() {
+        Some(r) => Some(r),
+        // The fetch task ended without a word (it panicked).
+        None if done.fetch.has_changed().is_err() => Some(Err(Failure {
+            status: StatusCode::BAD_GATEWAY,
+            message: "the fetch stopped unexpectedly; retry".into(),
+        })),
+        None => None,
+    }
+}
+
+/// Waits until the fetch ends or a view is registered.
 async fn tick(done: &mut Done) {
-    if done.borrow().is_some() {
-        tokio::time::sleep(POLL).await;
+    if outcome(done).is_some() {
+        let _ = done.views.changed().await;
         return;
     }
     tokio::select! {
-        _ = done.changed() => {}
-        _ = tokio::time::sleep(POLL) => {}
+        _ = done.fetch.changed() => {}
+        _ = done.views.changed() => {}
     }
 }
 
@@ -168,6 +177,7 @@ fn value(s: &str) -> HeaderValue {
 /// Starts the swarm fetch in the background and returns its end.
 fn start_fetch(p: &Arc<Proxy>, url: &str, digest: Option<Digest>, headers: HeaderMap) -> Done {
     let (tx, rx) = watch::channel(None);
+    let views = p.swarm.view_changes();
     let swarm = p.swarm.clone();
     let req = FetchRequest {
         url: url.to_string(),
@@ -183,7 +193,7 @@ fn start_fetch(p: &Arc<Proxy>, url: &str, digest: Option<Digest>, headers: Heade
         }
         let _ = tx.send(Some(r.map(|_| ()).map_err(|e| Failure::from(&e))));
     });
-    rx
+    Done { fetch: rx, views }
 }
 
 /// The view to stream from: a download in progress, or a complete task once its fetch (which

@@ -156,6 +156,8 @@ pub struct Swarm {
     cfg: Config,
     schedulers: Schedulers,
     served: Mutex<HashMap<TaskId, ServedTask>>,
+    /// Bumped whenever a task's view is registered (the proxy waits on it).
+    views: tokio::sync::watch::Sender<u64>,
     /// Seed fetch orders in progress.
     ordered: Mutex<HashSet<TaskId>>,
     /// One download per task at a time in this daemon; later requests wait, then find it
@@ -231,6 +233,7 @@ impl Swarm {
             cfg,
             schedulers,
             served: Mutex::new(HashMap::new()),
+            views: tokio::sync::watch::Sender::new(0),
             ordered: Mutex::new(HashSet::new()),
             gates: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
@@ -494,9 +497,15 @@ impl Swarm {
                     );
                     self.fetcher.metrics().set_serving(s.len());
                 }
+                self.views.send_modify(|n| *n += 1);
             }
             Err(e) => tracing::warn!(error = %e, "cannot serve this task to peers"),
         }
+    }
+
+    /// Changes whenever a task's view is registered.
+    pub(crate) fn view_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.views.subscribe()
     }
 
     fn unregister(&self, id: &TaskId) {
