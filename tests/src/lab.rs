@@ -81,39 +81,67 @@ impl Lab {
         ])?;
         ip(&["link", "set", &lab.bridge, "up"])?;
         for i in 0..hosts {
-            let h = Host {
-                ns: format!("stl{tag}{pid}h{i}"),
-                addr: format!("198.18.{subnet}.{}", i + 1),
-                port: format!("stl{tag}{i}p{pid}"),
-            };
-            let inner = format!("stl{tag}{i}i{pid}");
-            ip(&["netns", "add", &h.ns])?;
-            lab.hosts.push(h);
-            let h = &lab.hosts[i];
-            ip(&[
-                "link", "add", &h.port, "type", "veth", "peer", "name", &inner,
-            ])?;
-            ip(&["link", "set", &inner, "netns", &h.ns])?;
-            ip(&["-n", &h.ns, "link", "set", &inner, "name", "eth0"])?;
-            ip(&[
-                "-n",
-                &h.ns,
-                "addr",
-                "add",
-                &format!("{}/24", h.addr),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&["-n", &h.ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &h.ns, "link", "set", "lo", "up"])?;
-            ip(&["link", "set", &h.port, "master", &lab.bridge])?;
-            ip(&["link", "set", &h.port, "up"])?;
-            if mbit > 0 {
-                shape(Some(&h.ns), "eth0", mbit)?;
-                shape(None, &h.port, mbit)?;
-            }
+            let addr = format!("198.18.{subnet}.{}", i + 1);
+            let bridge = lab.bridge.clone();
+            lab.add_host(tag, pid, i, &addr, &bridge, None, None, mbit)?;
         }
         Ok(lab)
+    }
+
+    /// Host `i`: a namespace whose `eth0` (a veth, `mtu` when given) has `addr`/24 and is a
+    /// port of `bridge`, with a default route via `gateway` when given, every direction
+    /// shaped at `mbit` (0: unshaped).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_host(
+        &mut self,
+        tag: &str,
+        pid: u32,
+        i: usize,
+        addr: &str,
+        bridge: &str,
+        mtu: Option<&str>,
+        gateway: Option<&str>,
+        mbit: u32,
+    ) -> Result<(), String> {
+        let h = Host {
+            ns: format!("stl{tag}{pid}h{i}"),
+            addr: addr.to_string(),
+            port: format!("stl{tag}{i}p{pid}"),
+        };
+        let inner = format!("stl{tag}{i}i{pid}");
+        ip(&["netns", "add", &h.ns])?;
+        self.hosts.push(h);
+        let h = &self.hosts[self.hosts.len() - 1];
+        ip(&[
+            "link", "add", &h.port, "type", "veth", "peer", "name", &inner,
+        ])?;
+        if let Some(mtu) = mtu {
+            ip(&["link", "set", &h.port, "mtu", mtu])?;
+            ip(&["link", "set", &inner, "mtu", mtu])?;
+        }
+        ip(&["link", "set", &inner, "netns", &h.ns])?;
+        ip(&["-n", &h.ns, "link", "set", &inner, "name", "eth0"])?;
+        ip(&[
+            "-n",
+            &h.ns,
+            "addr",
+            "add",
+            &format!("{}/24", h.addr),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &h.ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &h.ns, "link", "set", "lo", "up"])?;
+        if let Some(gw) = gateway {
+            ip(&["-n", &h.ns, "route", "add", "default", "via", gw])?;
+        }
+        ip(&["link", "set", &h.port, "master", bridge])?;
+        ip(&["link", "set", &h.port, "up"])?;
+        if mbit > 0 {
+            shape(Some(&h.ns), "eth0", mbit)?;
+            shape(None, &h.port, mbit)?;
+        }
+        Ok(())
     }
 
     /// `program args...` inside host `i`'s namespace. `ip netns exec` execs the program, so

@@ -22,7 +22,7 @@
 //! The caller's namespace gets `.253` on both bridges (and on the overlay), so it reaches every
 //! host directly, without the router.
 
-use crate::lab::{ip, run, shape, Host, Lab};
+use crate::lab::{ip, run, Lab};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Topology {
@@ -199,48 +199,9 @@ pub fn build(
         } else {
             (sb, bridge_b.clone(), i)
         };
-        let h = Host {
-            ns: format!("stl{tag}{pid}h{i}"),
-            addr: format!("198.18.{s}.{last}"),
-            port: format!("stl{tag}{i}p{pid}"),
-        };
-        let inner = format!("stl{tag}{i}i{pid}");
-        ip(&["netns", "add", &h.ns])?;
-        lab.hosts.push(h);
-        let h = &lab.hosts[i];
-        ip(&[
-            "link", "add", &h.port, "type", "veth", "peer", "name", &inner,
-        ])?;
-        ip(&["link", "set", &h.port, "mtu", &mtu])?;
-        ip(&["link", "set", &inner, "mtu", &mtu])?;
-        ip(&["link", "set", &inner, "netns", &h.ns])?;
-        ip(&["-n", &h.ns, "link", "set", &inner, "name", "eth0"])?;
-        ip(&[
-            "-n",
-            &h.ns,
-            "addr",
-            "add",
-            &format!("{}/24", h.addr),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&["-n", &h.ns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &h.ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &h.ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("198.18.{s}.254"),
-        ])?;
-        ip(&["link", "set", &h.port, "master", &br])?;
-        ip(&["link", "set", &h.port, "up"])?;
-        if mbit > 0 {
-            shape(Some(&h.ns), "eth0", mbit)?;
-            shape(None, &h.port, mbit)?;
-        }
+        let addr = format!("198.18.{s}.{last}");
+        let gateway = format!("198.18.{s}.254");
+        lab.add_host(tag, pid, i, &addr, &br, Some(&mtu), Some(&gateway), mbit)?;
     }
     // Routes from the caller's namespace are direct (it sits on both bridges); a client-side
     // host reaches the server side only through the router.

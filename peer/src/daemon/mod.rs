@@ -290,21 +290,26 @@ async fn handle_get(
     }
 }
 
-/// Sends a get to the daemon at `socket`. `Ok(None)` when no daemon answers there (the caller
-/// then works in-process). `on_progress(total, done)` is called as the daemon reports.
-/// Asks the daemon on `socket` for its path report. `None`: no daemon answers there.
-pub async fn client_probe(socket: &Path) -> std::io::Result<Option<crate::netprobe::ProbeReport>> {
-    let stream = match UnixStream::connect(socket).await {
-        Ok(s) => s,
+/// Connects to the daemon's socket; `Ok(None)` when no daemon answers there.
+async fn connect_api(socket: &Path) -> std::io::Result<Option<UnixStream>> {
+    match UnixStream::connect(socket).await {
+        Ok(s) => Ok(Some(s)),
         Err(e)
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Ok(None)
+            Ok(None)
         }
-        Err(e) => return Err(e),
+        Err(e) => Err(e),
+    }
+}
+
+/// Asks the daemon on `socket` for its path report. `None`: no daemon answers there.
+pub async fn client_probe(socket: &Path) -> std::io::Result<Option<crate::netprobe::ProbeReport>> {
+    let Some(stream) = connect_api(socket).await? else {
+        return Ok(None);
     };
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(&ApiRequest::Probe).map_err(std::io::Error::other)?;
@@ -328,22 +333,15 @@ pub async fn client_probe(socket: &Path) -> std::io::Result<Option<crate::netpro
     }
 }
 
+/// Sends a get to the daemon at `socket`. `Ok(None)` when no daemon answers there (the caller
+/// then works in-process). `on_progress(total, done)` is called as the daemon reports.
 pub async fn client_get(
     socket: &Path,
     req: &GetRequest,
     mut on_progress: impl FnMut(u64, u64),
 ) -> std::io::Result<Option<ApiEvent>> {
-    let stream = match UnixStream::connect(socket).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
+    let Some(stream) = connect_api(socket).await? else {
+        return Ok(None);
     };
     let (r, mut w) = stream.into_split();
     let mut line =

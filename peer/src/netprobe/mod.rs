@@ -223,60 +223,46 @@ impl NetProbe {
 
     /// Every flow's counters, summed over CPUs (empty without probes).
     pub fn flows(&self) -> HashMap<FlowKey, FlowStats> {
-        let st = self.lock();
-        let State::On { bpf, .. } = &*st else {
-            return HashMap::new();
-        };
-        let Some(map) = bpf.map("FLOWS") else {
-            return HashMap::new();
-        };
-        let Ok(flows) = PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map) else {
-            return HashMap::new();
-        };
-        flows
-            .iter()
-            .flatten()
-            .map(|(k, per_cpu)| {
-                let mut total = FlowStats::default();
-                for s in per_cpu.iter() {
-                    total.add(s);
-                }
-                (k, total)
-            })
-            .collect()
+        self.read_map("FLOWS", |m| {
+            let flows = PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(m).ok()?;
+            Some(
+                flows
+                    .iter()
+                    .flatten()
+                    .map(|(k, per_cpu)| {
+                        let mut total = FlowStats::default();
+                        for s in per_cpu.iter() {
+                            total.add(s);
+                        }
+                        (k, total)
+                    })
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
     }
 
     /// Next-hop MTUs learnt from ICMP, per destination.
     pub fn icmp_mtus(&self) -> HashMap<IpAddr, u32> {
-        let st = self.lock();
-        let State::On { bpf, .. } = &*st else {
-            return HashMap::new();
-        };
-        let Some(map) = bpf.map("PMTU") else {
-            return HashMap::new();
-        };
-        let Ok(pmtu) = BpfHashMap::<_, [u8; 16], PmtuEntry>::try_from(map) else {
-            return HashMap::new();
-        };
-        pmtu.iter()
-            .flatten()
-            .map(|(k, e)| (view::unmap(k), e.mtu))
-            .collect()
+        self.read_map("PMTU", |m| {
+            let pmtu = BpfHashMap::<_, [u8; 16], PmtuEntry>::try_from(m).ok()?;
+            Some(
+                pmtu.iter()
+                    .flatten()
+                    .map(|(k, e)| (view::unmap(k), e.mtu))
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
     }
 
     /// TCP connections of the daemon's cgroup, as sock_ops last saw them.
     pub fn tcp(&self) -> Vec<(FlowKey, TcpStats)> {
-        let st = self.lock();
-        let State::On { bpf, .. } = &*st else {
-            return Vec::new();
-        };
-        let Some(map) = bpf.map("TCP") else {
-            return Vec::new();
-        };
-        let Ok(tcp) = BpfHashMap::<_, FlowKey, TcpStats>::try_from(map) else {
-            return Vec::new();
-        };
-        tcp.iter().flatten().collect()
+        self.read_map("TCP", |m| {
+            let tcp = BpfHashMap::<_, FlowKey, TcpStats>::try_from(m).ok()?;
+            Some(tcp.iter().flatten().collect())
+        })
+        .unwrap_or_default()
     }
 
     /// Counts drops on the socket with this cookie (SO_COOKIE) as the daemon's own.
@@ -336,20 +322,29 @@ impl NetProbe {
 
     /// Destinations whose new TCP connections advertise a clamped MSS.
     pub fn clamps(&self) -> HashMap<IpAddr, u32> {
+        self.read_map("CLAMP", |m| {
+            let c = BpfHashMap::<_, [u8; 16], u32>::try_from(m).ok()?;
+            Some(
+                c.iter()
+                    .flatten()
+                    .map(|(k, v)| (view::unmap(k), v))
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
+    }
+
+    /// Reads the map `name` with `read`; None without probes or without that map.
+    fn read_map<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&aya::maps::Map) -> Option<T>,
+    ) -> Option<T> {
         let st = self.lock();
         let State::On { bpf, .. } = &*st else {
-            return HashMap::new();
+            return None;
         };
-        let Some(map) = bpf.map("CLAMP") else {
-            return HashMap::new();
-        };
-        let Ok(c) = BpfHashMap::<_, [u8; 16], u32>::try_from(map) else {
-            return HashMap::new();
-        };
-        c.iter()
-            .flatten()
-            .map(|(k, v)| (view::unmap(k), v))
-            .collect()
+        read(bpf.map(name)?)
     }
 
     /// An origin transfer to `ip` stalled. If no full-size segment ever arrived from it on any
