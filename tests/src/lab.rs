@@ -151,6 +151,16 @@ impl Lab {
         c.args(["netns", "exec", &self.hosts[i].ns]).arg(program);
         c
     }
+
+    /// Bytes host `i` has sent on its link so far (what its bridge port received: IP packets
+    /// with their Ethernet headers, every protocol, overlay encapsulation included).
+    pub fn host_sent_bytes(&self, i: usize) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/rx_bytes", self.hosts[i].port);
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for Lab {

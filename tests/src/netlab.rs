@@ -98,6 +98,20 @@ pub fn build(
     mbit: u32,
     topology: Topology,
 ) -> Result<Lab, String> {
+    build_with_loss(tag, subnet, hosts, mbit, topology, topology.loss())
+}
+
+/// [`build`], with the router dropping `loss` (0..1) of forwarded packets at random instead of
+/// the topology's own rate (`lossy` only; the other topologies ignore it).
+pub fn build_with_loss(
+    tag: &str,
+    subnet: u8,
+    hosts: usize,
+    mbit: u32,
+    topology: Topology,
+    loss: f64,
+) -> Result<Lab, String> {
+    let probability = format!("{loss}");
     let pid = std::process::id() % 100_000;
     let (sa, sb) = (subnet, subnet.wrapping_add(1));
     let mtu = topology.link_mtu().to_string();
@@ -185,7 +199,7 @@ pub fn build(
                 "--mode",
                 "random",
                 "--probability",
-                "0.02",
+                &probability,
                 "-j",
                 "DROP",
             ],

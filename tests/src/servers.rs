@@ -91,6 +91,11 @@ impl Nginx {
         }
     }
 
+    /// The master process (its workers are its children).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}:{}/{path}", self.host, self.port)
     }

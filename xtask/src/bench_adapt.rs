@@ -15,7 +15,8 @@ use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file, Cluster, Nginx};
 
 use crate::demo::make_file;
-use crate::swarm::{cpu_secs, get_with_progress, MIB};
+use crate::stock::cpu_secs;
+use crate::swarm::{get_with_progress, MIB};
 use crate::{cargo, root, setup, sh};
 
 struct Run {

@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use starling_tests::registry::{skopeo, OciImage, Registry, TestCa};
 use starling_tests::{is_root, sha256_file, Cluster, Lab};
 
-use crate::swarm::{cpu_secs, MIB};
+use crate::stock::cpu_secs;
+use crate::swarm::MIB;
 use crate::{cargo, root, setup, sh};
 
 pub fn run(args: &[&str]) -> Result<()> {

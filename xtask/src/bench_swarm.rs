@@ -79,11 +79,11 @@ pub fn run(args: &[&str]) -> Result<()> {
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
     if http {
         let (wall, cpu, ok) =
-            swarm::http_baseline(&lab, peers, &www, "artifact.bin", &want, &dir.join("out"))?;
+            swarm::http_baseline(&lab, peers, &www.join("artifact.bin"), &want, &dir.join("out"))?;
         if !ok {
             bail!("a curl output did not verify");
         }
-        println!("plain HTTP ({peers} concurrent curls from nginx on the seed host): {wall:.2} s, curl CPU {cpu:.1} s");
+        println!("plain HTTP ({peers} concurrent curls from nginx on the seed host): {wall:.2} s, curl + nginx CPU {cpu:.1} s");
         println!(
             "HTTP / starling = {:.2}   HTTP / T_min = {:.2}",
             wall / o.wall,

@@ -11,6 +11,7 @@
 mod bench_adapt;
 mod bench_registry;
 mod bench_swarm;
+mod stock;
 mod demo;
 mod netlab;
 mod setup;
@@ -181,8 +182,9 @@ fn bench(args: &[&str]) -> Result<()> {
         Some(&"swarm") => return bench_swarm::run(&args[1..]),
         Some(&"registry") => return bench_registry::run(&args[1..]),
         Some(&"adapt") => return bench_adapt::run(&args[1..]),
+        Some(&"stock") => return stock::run(&args[1..]),
         _ => bail!(
-            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]\n       cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]\n       cargo xtask bench adapt [--size-mib N] [--mbit N]"
+            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]\n       cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]\n       cargo xtask bench adapt [--size-mib N] [--mbit N]\n       cargo xtask bench stock [--matrix | --scenario NAME ...] [--systems ...] (see --help)"
         ),
     }
     setup::run()?;

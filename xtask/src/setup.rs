@@ -24,6 +24,19 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
 ];
 
+/// What `cargo xtask bench stock` compares against, beyond [`APT_PACKAGES`]: BitTorrent
+/// clients, the tracker, the torrent maker, and a font for the plots' labels.
+const STOCK_PACKAGES: &[&str] = &[
+    "aria2",
+    "python3-libtorrent",
+    "opentracker",
+    "mktorrent",
+    "fonts-dejavu-core",
+];
+
+/// rqbit, the Rust BitTorrent client, built from crates.io at a pinned version.
+const RQBIT_VERSION: &str = "9.1.0";
+
 pub fn run() -> Result<()> {
     ensure_ebpf_toolchain()?;
     ensure_apt_packages()?;
@@ -115,7 +128,32 @@ pub fn ensure_ebpf_toolchain() -> Result<()> {
 }
 
 pub fn ensure_apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    ensure_packages(APT_PACKAGES)
+}
+
+/// The stock peers `bench stock` runs: [`STOCK_PACKAGES`] from apt and, when `rqbit`, rqbit
+/// from crates.io.
+pub fn ensure_stock_peers(rqbit: bool) -> Result<()> {
+    ensure_packages(APT_PACKAGES)?;
+    ensure_packages(STOCK_PACKAGES)?;
+    if !rqbit {
+        return Ok(());
+    }
+    let have = Command::new("rqbit")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(RQBIT_VERSION))
+        .unwrap_or(false);
+    if !have {
+        sh(Command::new("cargo")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["install", "--locked", "rqbit", "--version", RQBIT_VERSION]))?;
+    }
+    Ok(())
+}
+
+fn ensure_packages(wanted: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
         .copied()
         .filter(|p| {

@@ -11,6 +11,8 @@ use anyhow::{bail, Context, Result};
 use starling::daemon::api::{ApiEvent, GetRequest};
 use starling_tests::{sha256_file, Cluster, Lab, Nginx};
 
+use crate::stock::{cpu_secs, peak_rss_kib, tree_cpu_secs};
+
 pub const MIB: u64 = 1024 * 1024;
 
 pub struct Job<'a> {
@@ -43,20 +45,12 @@ pub struct Outcome {
     pub size: u64,
     /// Piece bytes each node uploaded (node 0 is the seed).
     pub uploaded: Vec<u64>,
-}
-
-/// CPU seconds (user + system) a process has used so far.
-pub fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz.max(1.0)
+    /// Each daemon's peak resident set, KiB (node 0 is the seed).
+    pub peak_rss_kib: Vec<u64>,
+    /// The nginx origin's CPU seconds.
+    pub origin_cpu_secs: f64,
+    /// Bytes the seed host sent on its link (lab runs; 0 on loopback).
+    pub seed_sent: u64,
 }
 
 pub fn run(job: &Job) -> Result<Outcome> {
@@ -76,6 +70,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .collect();
     let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     let origin0 = nginx.bytes_sent();
+    let origin_cpu0 = tree_cpu_secs(nginx.pid());
+    let sent0 = job.lab.map_or(0, |l| l.host_sent_bytes(0));
 
     let bars = indicatif::MultiProgress::new();
     if !job.live {
@@ -155,6 +151,13 @@ pub fn run(job: &Job) -> Result<Outcome> {
         results
     });
     let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let origin_cpu_secs = tree_cpu_secs(nginx.pid()) - origin_cpu0;
+    let seed_sent = job.lab.map_or(0, |l| l.host_sent_bytes(0)) - sent0;
+    let peak_rss_kib = cluster
+        .nodes
+        .iter()
+        .map(|n| n.pid().map_or(0, peak_rss_kib))
+        .collect();
     let peers = results.into_iter().collect::<Result<Vec<_>>>()?;
     // Until the last peer had its file (the outputs' own checks come after).
     let wall = peers.iter().map(|p| p.done_at).fold(0.0, f64::max);
@@ -170,6 +173,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
         cpu_secs: cpu1 - cpu0,
         size,
         uploaded,
+        peak_rss_kib,
+        origin_cpu_secs,
+        seed_sent,
     })
 }
 
@@ -228,63 +234,22 @@ pub fn t_min(size: u64, peers: usize, mbit: u32) -> f64 {
     (f / rate).max(n * f / ((n + 1.0) * rate))
 }
 
-/// Plain HTTP baseline: every peer host runs curl against the origin at once. Returns the wall
-/// time, the curls' CPU seconds, and whether every output verified.
+/// Plain HTTP baseline: every peer host runs curl against nginx on the seed host at once.
+/// Returns the wall time, the CPU seconds (curls and nginx), and whether every output verified.
 pub fn http_baseline(
     lab: &Lab,
     peers: usize,
-    www: &Path,
-    file: &str,
+    file: &Path,
     want: &str,
     out: &Path,
 ) -> Result<(f64, f64, bool)> {
-    let nginx = Nginx::start_in(www, None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
-    let url = nginx.url(file);
-    std::fs::create_dir_all(out)?;
-    let outs: Vec<PathBuf> = (1..=peers)
-        .map(|i| out.join(format!("curl-{i}.bin")))
-        .collect();
-    let start = Instant::now();
-    let children = (1..=peers)
-        .map(|i| {
-            lab.command(i, "curl")
-                .args(["-sS", "--fail", "-o"])
-                .arg(&outs[i - 1])
-                .arg(&url)
-                .spawn()
-                .context("cannot start curl")
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut cpu = 0.0;
-    let mut ok = true;
-    for c in children {
-        let (status, secs) = wait_with_cpu(c.id())?;
-        cpu += secs;
-        ok &= status == 0;
-    }
-    let wall = start.elapsed().as_secs_f64();
-    let verified = ok && outs.iter().all(|o| sha256_file(o) == want);
-    for o in &outs {
-        let _ = std::fs::remove_file(o);
-    }
-    Ok((wall, cpu, verified))
-}
-
-/// Waits for a child by PID and returns its exit status and CPU seconds (user + system).
-fn wait_with_cpu(pid: u32) -> Result<(i32, f64)> {
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child, with valid pointers.
-    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    if r < 0 {
-        bail!("wait4({pid}): {}", std::io::Error::last_os_error());
-    }
-    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
+    let job = crate::stock::Job {
+        lab,
+        peers,
+        file,
+        want,
+        limit: std::time::Duration::from_secs(3600),
     };
-    Ok((code, t(usage.ru_utime) + t(usage.ru_stime)))
+    let o = crate::stock::http(&job, out)?;
+    Ok((o.wall().unwrap_or(f64::NAN), o.cpu_secs, o.ok()))
 }

@@ -1,0 +1,497 @@
+//! `cargo xtask bench stock`: the same distribution job, in the same netlab topology, for
+//! Starling and the systems users run today: plain HTTP (nginx + concurrent curl), aria2c,
+//! libtorrent-rasterbar over TCP and over uTP, and rqbit, the BitTorrent ones with 1 MiB and
+//! 4 MiB pieces. One seed (host 0, server side) plus N downloaders, every host link shaped by
+//! tbf both ways.
+//!
+//! For every run it records each downloader's completion time, the seed host's bytes sent, the
+//! CPU seconds of every process of the system (seed, downloaders, tracker or origin), each
+//! downloader's peak RSS, and whether every output matches the file's SHA-256. It writes
+//! `bench/results/<date>.md`, `<date>.csv` and PNG plots (completion-time CDF per scenario,
+//! time vs peer count), and prints the table.
+
+mod bt;
+mod procs;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use starling_tests::netlab::{self, Topology};
+use starling_tests::{is_root, sha256_file, Lab, Nginx};
+
+pub use procs::{cpu_secs, peak_rss_kib, tree_cpu_secs};
+
+use crate::demo::make_file;
+use crate::swarm::{self, MIB};
+use crate::{cargo, root, setup, sh};
+
+/// One distribution job.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub topology: Topology,
+    /// Random drop rate at the router (`lossy` only).
+    pub loss: f64,
+    pub peers: usize,
+    pub size_mib: u64,
+    pub mbit: u32,
+}
+
+impl Scenario {
+    fn new(name: &str, topology: Topology, peers: usize, size_mib: u64) -> Scenario {
+        Scenario {
+            name: name.to_string(),
+            topology,
+            loss: if topology == Topology::Lossy { 0.01 } else { 0.0 },
+            peers,
+            size_mib,
+            mbit: 100,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let loss = if self.topology == Topology::Lossy {
+            format!(" {:.0}% loss", self.loss * 100.0)
+        } else {
+            String::new()
+        };
+        format!(
+            "{}: 1 seed + {} peers, {} MiB, {} Mbit/s, {}{loss}",
+            self.name,
+            self.peers,
+            self.size_mib,
+            self.mbit,
+            self.topology.name()
+        )
+    }
+
+    /// T_min = max(F/U_seed, F/D_peer, N·F/(U_seed + ΣU_peers)), every link at `mbit`.
+    pub fn t_min(&self) -> f64 {
+        swarm::t_min(self.size_mib * MIB, self.peers, self.mbit)
+    }
+}
+
+/// The issue's matrix: the default job, then N ∈ {2,4,16}, F ∈ {64 MiB, 1 GiB}, and the netlab
+/// variants, each changing one thing from the default.
+fn matrix() -> Vec<Scenario> {
+    vec![
+        Scenario::new("default", Topology::Clean, 8, 256),
+        Scenario::new("n2", Topology::Clean, 2, 256),
+        Scenario::new("n4", Topology::Clean, 4, 256),
+        Scenario::new("n16", Topology::Clean, 16, 256),
+        Scenario::new("f64", Topology::Clean, 8, 64),
+        Scenario::new("f1024", Topology::Clean, 8, 1024),
+        Scenario::new("vxlan", Topology::Vxlan, 8, 256),
+        Scenario::new("dind", Topology::Dind, 8, 256),
+        Scenario::new("lossy", Topology::Lossy, 8, 256),
+        Scenario::new("jumbo", Topology::Jumbo, 8, 256),
+    ]
+}
+
+/// A system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum System {
+    Starling,
+    Http,
+    Bt(bt::Client, u64),
+}
+
+impl System {
+    fn name(self) -> String {
+        match self {
+            System::Starling => "starling".into(),
+            System::Http => "http".into(),
+            System::Bt(c, p) => format!("{}-{p}m", c.name()),
+        }
+    }
+}
+
+/// One run's inputs, shared by every system's runner.
+pub struct Job<'a> {
+    pub lab: &'a Lab,
+    pub peers: usize,
+    /// The file, on the seed host's disk.
+    pub file: &'a Path,
+    pub want: &'a str,
+    /// A run still going after this is stopped; its unfinished peers count as failed.
+    pub limit: Duration,
+}
+
+impl Job<'_> {
+    pub fn file_name(&self) -> &str {
+        self.file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("artifact.bin")
+    }
+}
+
+/// A downloader's state while a run goes on.
+pub enum Status {
+    Running,
+    /// Complete, this many seconds after the start.
+    Done(f64),
+    Failed(String),
+}
+
+/// What one system did in one scenario.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub system: String,
+    /// Per downloader: seconds from the start until it had the whole file.
+    pub done: Vec<Option<f64>>,
+    /// Why downloaders did not finish, if any did not.
+    pub failures: Vec<String>,
+    /// CPU seconds of every process of the system (all hosts share this machine's cores).
+    pub cpu_secs: f64,
+    /// Per downloader: peak resident set, KiB.
+    pub rss_kib: Vec<u64>,
+    /// Bytes the seed host sent on its link during the run.
+    pub seed_sent: u64,
+    /// Every finished downloader's file matches the SHA-256.
+    pub verified: bool,
+}
+
+impl Outcome {
+    pub fn new(
+        system: String,
+        status: Vec<Status>,
+        cpu_secs: f64,
+        rss_kib: Vec<u64>,
+        seed_sent: u64,
+        job: &Job,
+        outputs: &[PathBuf],
+    ) -> Outcome {
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        let mut verified = true;
+        for (i, s) in status.into_iter().enumerate() {
+            match s {
+                Status::Done(t) => {
+                    done.push(Some(t));
+                    if sha256_file(&outputs[i]) != job.want {
+                        verified = false;
+                        failures.push(format!("peer {}: output does not match", i + 1));
+                    }
+                }
+                Status::Failed(why) => {
+                    done.push(None);
+                    failures.push(format!("peer {}: {why}", i + 1));
+                }
+                Status::Running => done.push(None),
+            }
+        }
+        Outcome {
+            system,
+            done,
+            failures,
+            cpu_secs,
+            rss_kib,
+            seed_sent,
+            verified,
+        }
+    }
+
+    /// Until the last downloader was complete; None if any never was.
+    pub fn wall(&self) -> Option<f64> {
+        self.done
+            .iter()
+            .try_fold(0.0f64, |m, d| d.map(|t| m.max(t)))
+    }
+
+    /// Finished and verified everywhere.
+    pub fn ok(&self) -> bool {
+        self.verified && self.wall().is_some()
+    }
+}
+
+/// Polls every downloader (`poll(i)`, i from 0) every 20 ms until none is running or the job's
+/// limit passes; those still running then are failed as timed out.
+pub fn collect(
+    job: &Job,
+    start: Instant,
+    mut poll: impl FnMut(usize) -> Result<Status>,
+) -> Result<Vec<Status>> {
+    let mut status: Vec<Status> = (0..job.peers).map(|_| Status::Running).collect();
+    loop {
+        for (i, s) in status.iter_mut().enumerate() {
+            if matches!(s, Status::Running) {
+                *s = poll(i)?;
+            }
+        }
+        if !status.iter().any(|s| matches!(s, Status::Running)) {
+            return Ok(status);
+        }
+        if start.elapsed() > job.limit {
+            let why = format!("not complete after {:.0} s", job.limit.as_secs_f64());
+            for s in &mut status {
+                if matches!(s, Status::Running) {
+                    *s = Status::Failed(why.clone());
+                }
+            }
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Plain HTTP: nginx on the seed host, every downloader running curl at once.
+pub fn http(job: &Job, work: &Path) -> Result<Outcome> {
+    let lab = job.lab;
+    std::fs::create_dir_all(work)?;
+    let www = job.file.parent().context("the file has no directory")?;
+    let nginx = Nginx::start_in(www, None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+    let url = nginx.url(job.file_name());
+    let outs: Vec<PathBuf> = (1..=job.peers)
+        .map(|i| work.join(format!("curl-{i}.bin")))
+        .collect();
+    let nginx_cpu0 = tree_cpu_secs(nginx.pid());
+    let sent0 = lab.host_sent_bytes(0);
+    let start = Instant::now();
+    let mut curls = (1..=job.peers)
+        .map(|i| {
+            lab.command(i, "curl")
+                .args(["-sS", "--fail", "-o"])
+                .arg(&outs[i - 1])
+                .arg(&url)
+                .spawn()
+                .map(procs::Tracked::new)
+                .context("cannot start curl")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let status = collect(job, start, |i| {
+        if !curls[i].poll()? {
+            return Ok(Status::Running);
+        }
+        Ok(match curls[i].usage {
+            Some(u) if u.code == 0 => Status::Done(start.elapsed().as_secs_f64()),
+            Some(u) => Status::Failed(format!("curl exited with {}", u.code)),
+            None => Status::Running,
+        })
+    })?;
+    let seed_sent = lab.host_sent_bytes(0) - sent0;
+    let mut cpu = tree_cpu_secs(nginx.pid()) - nginx_cpu0;
+    let mut rss = Vec::new();
+    for c in &mut curls {
+        let u = c.stop()?;
+        cpu += u.cpu_secs;
+        rss.push(u.max_rss_kib);
+    }
+    drop(nginx);
+    let out = Outcome::new("http".into(), status, cpu, rss, seed_sent, job, &outs);
+    for o in &outs {
+        let _ = std::fs::remove_file(o);
+    }
+    Ok(out)
+}
+
+/// Starling: an nginx origin, the scheduler and the seed daemon on host 0, a daemon on every
+/// downloader host, each asked for the file through its local API at once.
+fn starling(job: &Job) -> Result<Outcome> {
+    let www = job.file.parent().context("the file has no directory")?;
+    let o = swarm::run(&swarm::Job {
+        lab: Some(job.lab),
+        peers: job.peers,
+        www,
+        file: job.file_name(),
+        want: job.want,
+        live: false,
+        piece_length: None,
+    })?;
+    // swarm::run has checked every output against the digest already.
+    let failures = o
+        .peers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| !p.verified)
+        .map(|(i, _)| format!("peer {}: output does not match", i + 1))
+        .collect::<Vec<_>>();
+    Ok(Outcome {
+        system: "starling".into(),
+        done: o.peers.iter().map(|p| Some(p.done_at)).collect(),
+        verified: failures.is_empty(),
+        failures,
+        cpu_secs: o.cpu_secs + o.origin_cpu_secs,
+        rss_kib: o.peak_rss_kib[1..].to_vec(),
+        seed_sent: o.seed_sent,
+    })
+}
+
+struct Options {
+    scenarios: Vec<Scenario>,
+    systems: Vec<String>,
+    pieces: Vec<u64>,
+}
+
+fn usage() -> anyhow::Error {
+    anyhow::anyhow!(
+        "usage: cargo xtask bench stock [--matrix | --scenario NAME ...] [--peers N] [--size-mib N] [--mbit N] [--topology clean|vxlan|dind|lossy|jumbo] [--systems starling,http,aria2,libtorrent,rqbit] [--pieces 1,4]\n\
+         scenarios: {}",
+        matrix().iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(" ")
+    )
+}
+
+fn parse(args: &[&str]) -> Result<Options> {
+    let mut picked: Vec<Scenario> = Vec::new();
+    let mut custom = Scenario::new("default", Topology::Clean, 8, 256);
+    let mut is_custom = false;
+    let mut systems = Vec::new();
+    let mut pieces = vec![1, 4];
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if *a == "--matrix" {
+            picked = matrix();
+            continue;
+        }
+        let v = *it.next().ok_or_else(usage)?;
+        match *a {
+            "--scenario" => picked.push(
+                matrix()
+                    .into_iter()
+                    .find(|s| s.name == v)
+                    .ok_or_else(usage)?,
+            ),
+            "--peers" => (custom.peers, is_custom) = (v.parse()?, true),
+            "--size-mib" => (custom.size_mib, is_custom) = (v.parse()?, true),
+            "--mbit" => (custom.mbit, is_custom) = (v.parse()?, true),
+            "--topology" => {
+                let t = Topology::parse(v).ok_or_else(usage)?;
+                custom = Scenario {
+                    loss: if t == Topology::Lossy { 0.01 } else { 0.0 },
+                    topology: t,
+                    ..custom
+                };
+                is_custom = true;
+            }
+            "--systems" => systems = v.split(',').map(str::to_string).collect(),
+            "--pieces" => {
+                pieces = v
+                    .split(',')
+                    .map(|p| p.parse::<u64>().map_err(|_| usage()))
+                    .collect::<Result<_>>()?;
+                if pieces.iter().any(|p| !p.is_power_of_two()) {
+                    bail!("--pieces takes MiB powers of two, like 1,4");
+                }
+            }
+            _ => return Err(usage()),
+        }
+    }
+    if is_custom {
+        custom.name = format!(
+            "n{}-f{}-{}",
+            custom.peers,
+            custom.size_mib,
+            custom.topology.name()
+        );
+        picked.push(custom);
+    } else if picked.is_empty() {
+        picked.push(custom);
+    }
+    Ok(Options {
+        scenarios: picked,
+        systems,
+        pieces,
+    })
+}
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let opts = parse(args)?;
+    if !is_root() {
+        bail!("bench stock builds network namespaces: run it as root");
+    }
+    let dir = root().join("target/bench-stock");
+    let mut systems = vec![System::Starling, System::Http];
+    for &p in &opts.pieces {
+        for c in [
+            bt::Client::Aria2,
+            bt::Client::Libtorrent { utp: false },
+            bt::Client::Libtorrent { utp: true },
+            bt::Client::Rqbit,
+        ] {
+            systems.push(System::Bt(c, p));
+        }
+    }
+    systems.retain(|s| {
+        opts.systems.is_empty() || opts.systems.iter().any(|w| s.name().starts_with(w.as_str()))
+    });
+    setup::ensure_stock_peers(systems.iter().any(|s| matches!(s, System::Bt(bt::Client::Rqbit, _))))?;
+    crate::build_ebpf()?;
+    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
+    crate::use_release_binary();
+    let mut results: Vec<(Scenario, Vec<Outcome>)> = Vec::new();
+    for (k, sc) in opts.scenarios.iter().enumerate() {
+        println!("\n== {}  (T_min {:.1} s)", sc.describe(), sc.t_min());
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www)?;
+        let file = www.join(format!("artifact-{}m.bin", sc.size_mib));
+        if std::fs::metadata(&file).map(|m| m.len()).ok() != Some(sc.size_mib * MIB) {
+            make_file(&file, sc.size_mib * MIB)?;
+        }
+        let want = sha256_file(&file);
+        let tag = format!("q{}", (b'a' + (k % 26) as u8) as char);
+        let lab = netlab::build_with_loss(
+            &tag,
+            140 + 2 * (k % 50) as u8,
+            sc.peers + 1,
+            sc.mbit,
+            sc.topology,
+            sc.loss,
+        )
+        .map_err(anyhow::Error::msg)?;
+        // Slow systems get room: plain HTTP needs about N·T_min.
+        let limit = Duration::from_secs_f64((sc.t_min() * (sc.peers as f64 + 4.0) * 2.0).max(120.0));
+        let job = Job {
+            lab: &lab,
+            peers: sc.peers,
+            file: &file,
+            want: &want,
+            limit,
+        };
+        let mut torrents = Vec::new();
+        let announce = format!("http://{}:{}/announce", lab.hosts[0].addr, bt::TRACKER_PORT);
+        let mut outcomes = Vec::new();
+        for s in &systems {
+            let work = dir.join("run").join(s.name());
+            let out = match *s {
+                System::Starling => starling(&job),
+                System::Http => http(&job, &work),
+                System::Bt(client, piece) => {
+                    if !torrents.iter().any(|t: &bt::Torrent| t.piece_mib == piece) {
+                        let path = dir.join(format!("{}-{piece}m.torrent", sc.name));
+                        torrents.push(bt::make_torrent(&file, &announce, piece, &path)?);
+                    }
+                    let t = torrents.iter().find(|t| t.piece_mib == piece).context("torrent")?;
+                    bt::run(client, &job, t, &work)
+                }
+            };
+            match out {
+                Ok(o) => {
+                    println!("  {}", report::line(sc, &o));
+                    outcomes.push(o);
+                }
+                Err(e) => {
+                    println!("  {:18} error: {e:#}", s.name());
+                    outcomes.push(Outcome {
+                        system: s.name(),
+                        done: vec![None; sc.peers],
+                        failures: vec![format!("{e:#}")],
+                        cpu_secs: 0.0,
+                        rss_kib: Vec::new(),
+                        seed_sent: 0,
+                        verified: false,
+                    });
+                }
+            }
+        }
+        results.push((sc.clone(), outcomes));
+        drop(lab);
+    }
+    let paths = report::write(&root().join("bench/results"), &results)?;
+    println!();
+    for p in paths {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! What a benchmarked process cost: CPU time and peak resident memory, read from /proc while it
+//! runs and from wait4's rusage when it ends.
+
+use std::process::Child;
+
+use anyhow::{bail, Result};
+
+/// CPU seconds (user + system) a live process has used so far.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+/// A live process and its live descendants (nginx's workers, a shell's children).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let p = all[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                all.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+            }
+        }
+        i += 1;
+    }
+    all
+}
+
+/// CPU seconds of a process tree so far.
+pub fn tree_cpu_secs(pid: u32) -> f64 {
+    tree(pid).into_iter().map(cpu_secs).sum()
+}
+
+/// The peak resident set of a live process (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// What an ended child used.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// Exit code; -1 when killed by a signal.
+    pub code: i32,
+    pub cpu_secs: f64,
+    pub max_rss_kib: u64,
+}
+
+/// Reaps `pid` (our child) with wait4; `None` with `nohang` while it still runs.
+pub fn reap(pid: u32, nohang: bool) -> Result<Option<Usage>> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let flags = if nohang { libc::WNOHANG } else { 0 };
+    // SAFETY: waiting for our own child, with valid pointers.
+    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, flags, &mut usage) };
+    if r < 0 {
+        bail!("wait4({pid}): {}", std::io::Error::last_os_error());
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    Ok(Some(Usage {
+        code,
+        cpu_secs: t(usage.ru_utime) + t(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss.max(0) as u64,
+    }))
+}
+
+/// A benchmarked child process, reaped exactly once.
+pub struct Tracked {
+    pub child: Child,
+    pub usage: Option<Usage>,
+}
+
+impl Tracked {
+    pub fn new(child: Child) -> Tracked {
+        Tracked { child, usage: None }
+    }
+
+    /// Whether it has ended (reaping it if so).
+    pub fn poll(&mut self) -> Result<bool> {
+        if self.usage.is_none() {
+            self.usage = reap(self.child.id(), true)?;
+        }
+        Ok(self.usage.is_some())
+    }
+
+    /// SIGKILL (if still running) and reap; what it used over its whole life.
+    pub fn stop(&mut self) -> Result<Usage> {
+        if let Some(u) = self.usage {
+            return Ok(u);
+        }
+        // SAFETY: signalling our own unreaped child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let u = reap(self.child.id(), false)?.unwrap_or_default();
+        self.usage = Some(u);
+        Ok(u)
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
