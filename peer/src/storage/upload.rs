@@ -29,6 +29,24 @@ struct MapSlice {
     end: usize,
 }
 
+/// When a served piece's last reference goes, its pages leave this process's resident set
+/// (they stay in the page cache): the daemon's RSS then tracks the pieces in flight, not the
+/// file size.
+impl Drop for MapSlice {
+    fn drop(&mut self) {
+        // SAFETY: a shared, read-only file mapping: MADV_DONTNEED drops only this process's
+        // page table entries for the range, and any later read (another slice of the same
+        // pages) faults the same bytes back in from the page cache.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.start,
+                self.end - self.start,
+            )
+        };
+    }
+}
+
 impl AsRef<[u8]> for MapSlice {
     fn as_ref(&self) -> &[u8] {
         &self.map[self.start..self.end]

@@ -225,18 +225,26 @@ impl Client {
                 c
             }
             Client::Rqbit => {
+                // rqbit has no switch for PEX; with one tracker that knows every peer it adds
+                // nothing.
                 let mut c = lab.command(i, "rqbit");
-                c.env("RUST_LOG", "warn")
-                    .args([
-                        "--disable-dht",
-                        "--disable-dht-persistence",
-                        "--http-api-listen-addr",
-                        &format!("{addr}:{RQBIT_API_PORT}"),
-                    ])
-                    .args(["download", "--disable-trackers=false"])
-                    .arg("-o")
-                    .arg(dir)
-                    .arg(&t.path);
+                c.args([
+                    "--disable-dht",
+                    "--disable-dht-persistence",
+                    "--disable-lsd",
+                    "--disable-upnp-port-forward",
+                    "--ipv4-only",
+                    "--listen-port",
+                    &PEER_PORT.to_string(),
+                    "--http-api-listen-addr",
+                    &format!("{addr}:{RQBIT_API_PORT}"),
+                    "download",
+                    // Without it rqbit refuses to open the seed's existing file.
+                    "--overwrite",
+                    "-o",
+                ])
+                .arg(dir)
+                .arg(&t.path);
                 c
             }
         }
