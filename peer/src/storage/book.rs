@@ -105,6 +105,11 @@ impl Book {
         self.bump();
     }
 
+    /// Bumped by every [`Book::reset`].
+    pub fn epoch(&self) -> u32 {
+        self.with(|i| i.epoch)
+    }
+
     /// Forgets every piece (the task was discarded).
     pub fn reset(&self) {
         self.with(|i| {

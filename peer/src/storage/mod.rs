@@ -8,6 +8,7 @@
 //! See `record` for the on-disk formats, `uring` for the storage thread, `gc` for eviction.
 
 mod book;
+mod follow;
 mod gc;
 mod lease;
 mod record;
@@ -25,6 +26,7 @@ pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
 pub use lease::{Lease, Mode as LeaseMode};
 pub use record::TaskHeader;
 pub use task::TaskHandle;
+pub use follow::FollowHash;
 pub use upload::UploadView;
 
 use crate::config::GcConfig;

@@ -214,6 +214,11 @@ impl TaskHandle {
         self.manifest.lock().ok().and_then(|m| m.clone())
     }
 
+    /// Changes whenever the task's pieces are forgotten.
+    pub fn epoch(&self) -> u32 {
+        self.pieces.epoch()
+    }
+
     /// The verified pieces' digests (None = missing).
     pub fn piece_digests(&self) -> Vec<Option<Digest>> {
         self.pieces.digests()

@@ -114,6 +114,11 @@ impl UploadView {
         self.pieces.since(epoch, since)
     }
 
+    /// Changes whenever the task's pieces are forgotten (reset).
+    pub fn epoch(&self) -> u32 {
+        self.pieces.epoch()
+    }
+
     /// Woken whenever a piece is verified or the task is sealed or reset.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.pieces.subscribe()

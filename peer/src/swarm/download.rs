@@ -6,7 +6,8 @@
 //! request is one stream; each piece is hashed on arrival and stored only if it matches.
 //! Pieces go back to source only as the engine's rules allow. At the end the whole content is
 //! hashed and checked against the expected digest (or the digest the parents sealed) before
-//! the task is sealed.
+//! the task is sealed; that hash follows the pieces in order as they verify ([`FollowHash`]),
+//! so it is ready when the last one lands.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,7 +25,7 @@ use crate::fetch::{FetchError, Fetched, Missing, Progress, Request, Served};
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::{Advice, LinkReport, PeerId};
 use crate::source::{Origin, SourceError};
-use crate::storage::{Lease, StoreError, TaskHandle, TaskHeader};
+use crate::storage::{FollowHash, Lease, StoreError, TaskHandle, TaskHeader};
 use crate::transport::wire::{HaveReply, Request as Wire};
 use crate::transport::Parent;
 
@@ -83,6 +84,8 @@ struct Driver<'a> {
     last_progress: Instant,
     wanted_parents: Arc<AtomicUsize>,
     helpers: Vec<AbortHandle>,
+    /// The whole-content hash, computed in order as pieces verify.
+    follow: Option<FollowHash>,
 }
 
 impl Drop for Driver<'_> {
@@ -143,6 +146,7 @@ pub(super) async fn run(
         running: HashMap::new(),
         tx: tx.clone(),
         told_source: false,
+        follow: None,
         source_mismatches: 0,
         last_progress: Instant::now(),
         wanted_parents: Arc::new(AtomicUsize::new(pc.max_parents)),
@@ -242,6 +246,7 @@ impl Driver<'_> {
             .store(t.plan().content_length(), Ordering::Relaxed);
         self.progress.done.store(stored, Ordering::Relaxed);
         self.swarm.register(&t);
+        self.follow = t.upload_view().ok().map(FollowHash::start);
         self.task = Some(Arc::new(t));
     }
 
@@ -661,7 +666,14 @@ impl Driver<'_> {
                 "a piece job outlived its download",
             )))
         })?;
-        let actual = task.hash_content().await?;
+        let followed = match self.follow.take() {
+            Some(f) => f.finish(task.epoch()).await,
+            None => None,
+        };
+        let actual = match followed {
+            Some(d) => d,
+            None => task.hash_content().await?,
+        };
         let mut expected = self.req.digest.or(self.content);
         let deadline = Instant::now() + CONTENT_WAIT;
         while expected.is_none() && Instant::now() < deadline {

@@ -367,3 +367,26 @@ pub fn run(client: Client, job: &Job, t: &Torrent, work: &Path) -> Result<Outcom
     let _ = std::fs::remove_dir_all(work);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_hash_is_the_sha1_of_the_info_dictionary_as_written() {
+        let info = b"d6:lengthi5e4:name1:a12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaae";
+        let mut t = b"d8:announce9:http://x/13:creation datei1e4:info".to_vec();
+        t.extend_from_slice(info);
+        t.extend_from_slice(b"e");
+        let want = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, info);
+        assert_eq!(info_hash(&t).unwrap().as_slice(), want.as_ref());
+    }
+
+    #[test]
+    fn torrents_without_info_or_truncated_are_refused() {
+        assert!(info_hash(b"d8:announce3:abce").is_err());
+        assert!(info_hash(b"d4:infod6:lengthi5e").is_err());
+        assert!(info_hash(b"l4:infoe").is_err());
+        assert!(info_hash(b"d4:info99:abce").is_err());
+    }
+}

@@ -396,7 +396,7 @@ fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
@@ -497,4 +497,31 @@ fn peers_plot(path: &Path, all: &[(Scenario, Vec<Outcome>)]) -> Result<bool> {
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_rows_read_back_with_failures_and_missing_peers() {
+        let sc = Scenario::new("lossy", Topology::Lossy, 3, 64);
+        let o = Outcome {
+            system: "aria2-4m".into(),
+            done: vec![Some(5.5), None, Some(7.25)],
+            failures: vec!["peer 2: not complete after 120 s".into()],
+            cpu_secs: 12.5,
+            rss_kib: vec![1024, 4096, 2048],
+            seed_sent: 64 * MIB,
+            verified: true,
+        };
+        let (sc2, o2) = parse_row(&csv_row(&sc, &o)).expect("row");
+        assert_eq!((sc2.name.as_str(), sc2.topology, sc2.peers), ("lossy", Topology::Lossy, 3));
+        assert_eq!(sc2.loss, 0.01);
+        assert_eq!(o2.done, o.done);
+        assert_eq!(o2.failures, o.failures);
+        assert_eq!(o2.wall(), None);
+        assert_eq!(o2.rss_kib, vec![4096]);
+        assert_eq!(o2.seed_sent, 64 * MIB);
+    }
 }
