@@ -14,10 +14,16 @@ use crate::{cargo, root, setup, sh};
 pub fn run(args: &[&str]) -> Result<()> {
     let (mut peers, mut size_mib, mut mbit, mut http) = (8usize, 256u64, 100u32, true);
     let mut piece_kib: Option<u64> = None;
+    let mut peer_toml = String::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match *a {
             "--no-http" => http = false,
+            "--peer-toml" => {
+                let v = it.next().context("--peer-toml takes TOML for [peer]")?;
+                peer_toml.push_str(v);
+                peer_toml.push('\n');
+            }
             "--peers" | "--size-mib" | "--mbit" | "--piece-kib" => {
                 let v = it.next().with_context(|| format!("{a} takes a value"))?;
                 match *a {
@@ -28,7 +34,7 @@ pub fn run(args: &[&str]) -> Result<()> {
                 }
             }
             _ => bail!(
-                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--no-http]"
+                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--peer-toml 'key = value'] [--no-http]"
             ),
         }
     }
@@ -55,6 +61,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         want: &want,
         live: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         piece_length: piece_kib.map(|k| k * 1024),
+        peer_toml: &peer_toml,
     };
     let o = swarm::run(&job)?;
     if o.peers.iter().any(|p| !p.verified) {

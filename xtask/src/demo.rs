@@ -54,6 +54,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         want: &want,
         live: true,
         piece_length: None,
+        peer_toml: "",
     };
     let o = swarm::run(&job)?;
     println!(

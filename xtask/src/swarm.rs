@@ -26,6 +26,8 @@ pub struct Job<'a> {
     pub live: bool,
     /// Piece length for the task (None: Starling's default rule).
     pub piece_length: Option<u64>,
+    /// More TOML for every node's `[peer]` table.
+    pub peer_toml: &'a str,
 }
 
 pub struct PeerResult {
@@ -60,7 +62,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         None => Nginx::start(job.www),
     };
     let url = nginx.url(job.file);
-    let mut cluster = Cluster::new_in(job.lab, job.peers, "", "");
+    let mut cluster = Cluster::new_in(job.lab, job.peers, job.peer_toml, "");
     cluster.start_all();
     let pids: Vec<u32> = cluster
         .nodes

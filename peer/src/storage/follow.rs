@@ -8,6 +8,9 @@ use tokio::task::JoinHandle;
 use super::UploadView;
 use crate::core::{Digest, Sha256Stream};
 
+/// Pieces hashed per blocking job.
+const BATCH: usize = 8;
+
 /// Follows one task; [`FollowHash::finish`] gives the digest once every piece is hashed.
 pub struct FollowHash {
     task: JoinHandle<Option<(u32, Digest)>>,
@@ -41,9 +44,10 @@ async fn follow(view: UploadView) -> Option<(u32, Digest)> {
     let mut hash = Sha256Stream::new();
     let mut next = 0u32;
     loop {
-        // Every verified piece from `next` on, hashed in one blocking job.
+        // The verified pieces from `next` on (up to BATCH), hashed in one blocking job; each
+        // piece's slice is dropped once hashed, so its pages leave the resident set.
         let mut batch = Vec::new();
-        while let Some(b) = (next + (batch.len() as u32) < count)
+        while let Some(b) = (next + (batch.len() as u32) < count && batch.len() < BATCH)
             .then(|| view.piece(next + batch.len() as u32))
             .flatten()
         {
@@ -52,8 +56,8 @@ async fn follow(view: UploadView) -> Option<(u32, Digest)> {
         if !batch.is_empty() {
             next += batch.len() as u32;
             hash = tokio::task::spawn_blocking(move || {
-                for b in &batch {
-                    hash.update(b);
+                for b in batch {
+                    hash.update(&b);
                 }
                 hash
             })

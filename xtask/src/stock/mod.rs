@@ -299,6 +299,7 @@ fn starling(job: &Job) -> Result<Outcome> {
         want: job.want,
         live: false,
         piece_length: None,
+        peer_toml: "",
     })?;
     // swarm::run has checked every output against the digest already.
     let failures = o
