@@ -85,8 +85,13 @@ pub fn run(args: &[&str]) -> Result<()> {
     );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
     if http {
-        let (wall, cpu, ok) =
-            swarm::http_baseline(&lab, peers, &www.join("artifact.bin"), &want, &dir.join("out"))?;
+        let (wall, cpu, ok) = swarm::http_baseline(
+            &lab,
+            peers,
+            &www.join("artifact.bin"),
+            &want,
+            &dir.join("out"),
+        )?;
         if !ok {
             bail!("a curl output did not verify");
         }

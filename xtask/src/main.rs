@@ -11,10 +11,10 @@
 mod bench_adapt;
 mod bench_registry;
 mod bench_swarm;
-mod stock;
 mod demo;
 mod netlab;
 mod setup;
+mod stock;
 mod swarm;
 
 use std::path::{Path, PathBuf};

@@ -145,9 +145,13 @@ pub fn ensure_stock_peers(rqbit: bool) -> Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains(RQBIT_VERSION))
         .unwrap_or(false);
     if !have {
-        sh(Command::new("cargo")
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .args(["install", "--locked", "rqbit", "--version", RQBIT_VERSION]))?;
+        sh(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+            "install",
+            "--locked",
+            "rqbit",
+            "--version",
+            RQBIT_VERSION,
+        ]))?;
     }
     Ok(())
 }

@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use book::LogSlice;
+pub use follow::FollowHash;
 pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
 pub use lease::{Lease, Mode as LeaseMode};
 pub use record::TaskHeader;
 pub use task::TaskHandle;
-pub use follow::FollowHash;
 pub use upload::UploadView;
 
 use crate::config::GcConfig;

@@ -58,7 +58,10 @@ fn skip(b: &[u8], i: usize) -> Result<usize> {
             Ok(j + 1)
         }
         Some(c) if c.is_ascii_digit() => {
-            let colon = i + b[i..].iter().position(|&c| c == b':').context("bad string")?;
+            let colon = i + b[i..]
+                .iter()
+                .position(|&c| c == b':')
+                .context("bad string")?;
             let len: usize = std::str::from_utf8(&b[i..colon])?.parse()?;
             Ok(colon + 1 + len)
         }
@@ -183,29 +186,28 @@ impl Client {
         match self {
             Client::Aria2 => {
                 let mut c = lab.command(i, "aria2c");
-                c.arg("-T")
-                    .arg(&t.path)
-                    .arg("-d")
-                    .arg(dir)
-                    .args([
-                        "--seed-ratio=0.0",
-                        "--enable-dht=false",
-                        "--enable-dht6=false",
-                        "--bt-enable-lpd=false",
-                        "--enable-peer-exchange=false",
-                        "--disable-ipv6=true",
-                        "--file-allocation=none",
-                        "--summary-interval=0",
-                        "--console-log-level=warn",
-                        "--bt-save-metadata=false",
-                        "--auto-save-interval=0",
-                        &format!("--listen-port={PEER_PORT}"),
-                    ]);
+                c.arg("-T").arg(&t.path).arg("-d").arg(dir).args([
+                    "--seed-ratio=0.0",
+                    "--enable-dht=false",
+                    "--enable-dht6=false",
+                    "--bt-enable-lpd=false",
+                    "--enable-peer-exchange=false",
+                    "--disable-ipv6=true",
+                    "--file-allocation=none",
+                    "--summary-interval=0",
+                    "--console-log-level=warn",
+                    "--bt-save-metadata=false",
+                    "--auto-save-interval=0",
+                    &format!("--listen-port={PEER_PORT}"),
+                ]);
                 if seed {
                     c.arg("--bt-seed-unverified=true");
                 } else {
                     // Called when the download completes, before seeding: args GID, file count, path.
-                    c.arg(format!("--on-bt-download-complete={}", done.with_extension("sh").display()));
+                    c.arg(format!(
+                        "--on-bt-download-complete={}",
+                        done.with_extension("sh").display()
+                    ));
                 }
                 c
             }
@@ -216,7 +218,12 @@ impl Client {
                     .arg(&t.path)
                     .arg("--save")
                     .arg(dir)
-                    .args(["--listen", addr, "--transport", if utp { "utp" } else { "tcp" }]);
+                    .args([
+                        "--listen",
+                        addr,
+                        "--transport",
+                        if utp { "utp" } else { "tcp" },
+                    ]);
                 if seed {
                     c.arg("--seed");
                 } else {
@@ -304,14 +311,21 @@ pub fn run(client: Client, job: &Job, t: &Torrent, work: &Path) -> Result<Outcom
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let dirs: Vec<PathBuf> = (1..=job.peers).map(|i| work.join(format!("peer-{i}"))).collect();
-    let dones: Vec<PathBuf> = (1..=job.peers).map(|i| work.join(format!("peer-{i}.done"))).collect();
+    let dirs: Vec<PathBuf> = (1..=job.peers)
+        .map(|i| work.join(format!("peer-{i}")))
+        .collect();
+    let dones: Vec<PathBuf> = (1..=job.peers)
+        .map(|i| work.join(format!("peer-{i}.done")))
+        .collect();
     for (d, done) in dirs.iter().zip(&dones) {
         std::fs::create_dir_all(d)?;
         let hook = done.with_extension("sh");
         std::fs::write(
             &hook,
-            format!("#!/bin/sh\ndate +%s.%N > {p}.tmp && mv {p}.tmp {p}\n", p = done.display()),
+            format!(
+                "#!/bin/sh\ndate +%s.%N > {p}.tmp && mv {p}.tmp {p}\n",
+                p = done.display()
+            ),
         )?;
         let mut perm = std::fs::metadata(&hook)?.permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);

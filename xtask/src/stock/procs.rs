@@ -27,8 +27,13 @@ pub fn tree(pid: u32) -> Vec<u32> {
         let p = all[i];
         if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
             for t in tasks.flatten() {
-                let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                all.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                let children =
+                    std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                all.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
         }
         i += 1;
