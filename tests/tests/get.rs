@@ -33,8 +33,9 @@ fn nginx_download_is_verified_and_the_second_get_never_reaches_the_origin() {
         "summary names the digest: {}",
         run.stderr
     );
-    // One probe plus one ranged GET per 1 MiB piece; every body byte sent once (+1 probe byte).
-    assert_eq!(nginx.requests(), 1 + data.len().div_ceil(MIB));
+    // One probe plus one ranged GET per piece; every body byte sent once (+1 probe byte).
+    let piece = starling::core::default_piece_length(data.len() as u64) as usize;
+    assert_eq!(nginx.requests(), 1 + data.len().div_ceil(piece));
     assert_eq!(nginx.bytes_sent(), data.len() as u64 + 1);
 
     let before = nginx.requests();

@@ -186,13 +186,15 @@ fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces()
         "[storage]\ncommit_interval_ms = 100",
     );
     s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
+    let piece = starling::core::default_piece_length(s.len);
+    let pieces = s.len.div_ceil(piece);
     let pid = s.cluster.nodes[1].pid().expect("node 1 runs");
     std::thread::scope(|sc| {
         let getter = sc.spawn(|| s.get(1, "out"));
         wait_until(
             Duration::from_secs(30),
             "a third of the pieces durable at node 1",
-            || durable_pieces(&s.cluster.nodes[1]) >= 16,
+            || durable_pieces(&s.cluster.nodes[1]) >= pieces / 3,
         );
         kill_pid(pid, libc::SIGKILL);
         // The client sees its daemon die.
@@ -201,12 +203,15 @@ fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces()
     });
     s.cluster.nodes[1].kill();
     let durable = durable_pieces(&s.cluster.nodes[1]);
-    assert!((16..48).contains(&durable), "{durable} pieces durable");
+    assert!(
+        (pieces / 3..pieces).contains(&durable),
+        "{durable} pieces durable"
+    );
     s.cluster.nodes[1].start();
     s.get(1, "out").ok();
     assert_eq!(s.out_sum(1, "out"), s.sum);
     let refetched = s.cluster.nodes[1].metric("starling_bytes_downloaded_total{source=\"parent\"}");
-    let missing = (48 - durable) * MIB as u64;
+    let missing = (pieces - durable) * piece;
     // Only what was missing, give or take endgame duplicates.
     assert!(
         refetched <= (missing + 4 * MIB as u64) as f64,
