@@ -420,16 +420,21 @@ impl Node {
     /// Every connection, live or closed in the last 10 minutes, with its QUIC statistics (a
     /// closed one's as last seen: call this every second or so to keep them fresh).
     pub fn connections(&self) -> Vec<ConnInfo> {
+        // Connections upgraded here are dropped only after the lock is released (locals drop
+        // in reverse order): if one of them turns out to be the last reference, its Drop takes
+        // this same lock, which would deadlock the runtime thread.
+        let mut upgraded: Vec<Arc<Conn>> = Vec::new();
         let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         for t in c.iter_mut().filter(|t| t.live) {
-            match t
-                .conn
-                .upgrade()
-                .filter(|conn| conn.close_reason().is_none())
-            {
-                Some(conn) => {
+            match t.conn.upgrade() {
+                Some(conn) if conn.close_reason().is_none() => {
                     t.last = conn.stats();
                     t.seen = std::time::Instant::now();
+                    upgraded.push(conn);
+                }
+                Some(conn) => {
+                    t.live = false;
+                    upgraded.push(conn);
                 }
                 None => t.live = false,
             }
