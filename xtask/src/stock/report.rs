@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use plotters::coord::ranged1d::Ranged;
 use plotters::prelude::*;
 use starling_tests::netlab::Topology;
 
@@ -390,11 +391,25 @@ fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
             .label(o.system.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
+    t_min_and_legend(&mut chart, vec![(sc.t_min(), 0.0), (sc.t_min(), 1.02)])?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// The T_min line through `points`, then the legend of every series.
+fn t_min_and_legend<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    points: Vec<(X::ValueType, Y::ValueType)>,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged,
+    Y: Ranged,
+    X::ValueType: Clone + 'static,
+    Y::ValueType: Clone + 'static,
+{
     chart
-        .draw_series(LineSeries::new(
-            vec![(sc.t_min(), 0.0), (sc.t_min(), 1.02)],
-            BLACK.stroke_width(1),
-        ))
+        .draw_series(LineSeries::new(points, BLACK.stroke_width(1)))
         .map_err(plot_err)?
         .label("T_min")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
@@ -405,7 +420,6 @@ fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
         .border_style(BLACK)
         .draw()
         .map_err(plot_err)?;
-    root.present().map_err(plot_err)?;
     Ok(())
 }
 
@@ -502,18 +516,7 @@ fn peers_plot(path: &Path, all: &[(Scenario, Vec<Outcome>)]) -> Result<bool> {
             (n as f64, s.t_min())
         })
         .collect();
-    chart
-        .draw_series(LineSeries::new(tmin, BLACK.stroke_width(1)))
-        .map_err(plot_err)?
-        .label("T_min")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    t_min_and_legend(&mut chart, tmin)?;
     root.present().map_err(plot_err)?;
     Ok(true)
 }
