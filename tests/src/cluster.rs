@@ -9,10 +9,12 @@ use crate::{free_port, kill_pid, starling_bin, wait_until, Daemon, Scratch};
 
 /// A UDP port on 127.0.0.1 that was free a moment ago.
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral UDP port")
+    crate::unique_port(|| {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral UDP port")
+    })
 }
 
 /// A `starling scheduler` process, killed on drop.

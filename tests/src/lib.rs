@@ -242,10 +242,27 @@ pub fn sha256_bytes(data: &[u8]) -> String {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    unique_port(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port")
+    })
+}
+
+/// A port from `pick` that this process has not handed out before: the kernel may give the
+/// same ephemeral port to two probes in a row (each probe's socket is closed at once), and two
+/// settings of one config (a proxy and a metrics address) must not collide.
+pub fn unique_port(pick: impl Fn() -> u16) -> u16 {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let p = pick();
+        if given.insert(p) {
+            return p;
+        }
+    }
 }
 
 /// Waits until something accepts on 127.0.0.1:port.
