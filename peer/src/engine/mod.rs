@@ -414,10 +414,20 @@ impl Engine {
         self.cfg.piece_timeout.max(expected * 4)
     }
 
-    /// Missing pieces not yet requested, in the order they should be requested.
-    fn order(&self, now: Duration) -> Vec<u32> {
+    /// Missing pieces not yet requested, in the order they should be requested. With
+    /// `takers`, only the pieces one of those parents holds: the rest cannot go to them, and
+    /// leaving them out keeps the sort small on the frequent polls where a parent with a free
+    /// slot has nothing we need.
+    fn order(&self, now: Duration, takers: Option<&[ParentId]>) -> Vec<u32> {
         let n = self.have.len() as u32;
-        let open = |i: &u32| !self.have[*i as usize] && !self.in_flight.contains_key(i);
+        let open = |i: &u32| {
+            !self.have[*i as usize]
+                && !self.in_flight.contains_key(i)
+                && takers.is_none_or(|ids| {
+                    ids.iter()
+                        .any(|id| self.parents.get(id).is_some_and(|p| p.has[*i as usize]))
+                })
+        };
         if let Some(cursor) = self.streaming {
             let cursor = cursor.min(n);
             return (cursor..n).chain(0..cursor).filter(open).collect();
@@ -439,14 +449,21 @@ impl Engine {
 
     /// Fills every usable parent's window, best parents first.
     fn fill(&mut self, now: Duration) {
-        let order = self.order(now);
         let piece_len = self.plan.piece_length();
+        // Only parents with a free slot can take a request (the endgame's too). Most polls
+        // follow an event that freed nothing, so the piece order is not worked out for them.
         let mut ids: Vec<ParentId> = self
             .parents
             .iter()
-            .filter(|(_, p)| self.usable(p, now))
+            .filter(|(_, p)| {
+                self.usable(p, now) && window_of(p, &self.cfg, piece_len) > p.in_flight.len() as u32
+            })
             .map(|(id, _)| *id)
             .collect();
+        if ids.is_empty() || self.missing == 0 {
+            return;
+        }
+        let order = self.order(now, Some(&ids));
         // Best measured rate first; unmeasured parents after, by id.
         ids.sort_by(|a, b| {
             let (ra, rb) = (
@@ -479,7 +496,7 @@ impl Engine {
         }
         // Endgame: everything missing is in flight and little is left; idle capacity takes
         // duplicates of pieces that have been outstanding for a while.
-        let endgame = order.iter().all(|p| taken.contains(p))
+        let endgame = self.in_flight.len() as u32 >= self.missing
             && self.missing > 0
             && self.missing <= self.cfg.endgame_pieces;
         if endgame {
@@ -545,7 +562,7 @@ impl Engine {
             .cfg
             .source_window
             .saturating_sub(self.source_in_flight.len() as u32);
-        for piece in self.order(now) {
+        for piece in self.order(now, None) {
             if room == 0 {
                 break;
             }
