@@ -5,6 +5,7 @@
 //! The daemon serves its store through [`PieceSource`]; the scheduler's RPCs ride the same
 //! endpoint and the same mutual TLS (`PieceSource::call`).
 
+mod gso;
 pub mod tls;
 pub mod wire;
 
@@ -132,9 +133,6 @@ pub enum Congestion {
 /// Ack-eliciting packets a receiver may take in before it must send an ACK (QUIC's default
 /// is 1: an ACK for every second packet).
 const ACK_EVERY: u32 = 7;
-
-/// Datagrams quinn puts into one GSO send (its MAX_TRANSMIT_SEGMENTS).
-const GSO_BATCH: usize = 10;
 
 /// The smallest UDP payload every IPv6 path carries, and QUIC's floor.
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
@@ -269,12 +267,6 @@ fn transport_config(
         .minimum_change(policy.minimum_change.max(1))
         .black_hole_cooldown(policy.black_hole_cooldown);
     transport.mtu_discovery_config(Some(mtu));
-    // quinn batches up to 10 datagrams of the current MTU into one GSO send; the kernel
-    // refuses a batch over 64 KiB, and the whole batch is lost (which quinn then takes for an
-    // MTU black hole). Jumbo packets go one per send instead.
-    if usize::from(policy.upper_bound) * GSO_BATCH > 65_000 {
-        transport.enable_segmentation_offload(false);
-    }
     Ok(transport)
 }
 
@@ -309,8 +301,14 @@ impl Node {
         endpoint_cfg
             .max_udp_payload_size(policy.upper_bound.max(MIN_UDP_PAYLOAD))
             .map_err(|e| TransportError::Stream(format!("max_udp_payload_size: {e}")))?;
+        // GSO batches that fit in one send at the largest packet size (see `gso`).
+        let socket = Arc::new(gso::CappedSocket::new(
+            runtime.wrap_udp_socket(socket).map_err(bind_err)?,
+            policy.upper_bound.max(MIN_UDP_PAYLOAD),
+        ));
         let mut endpoint =
-            quinn::Endpoint::new(endpoint_cfg, Some(server), socket, runtime).map_err(bind_err)?;
+            quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, Some(server), socket, runtime)
+                .map_err(bind_err)?;
         let mut client = tls::client_config(id)?;
         client.transport_config(shared);
         endpoint.set_default_client_config(client);
