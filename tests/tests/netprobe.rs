@@ -179,6 +179,13 @@ fn loss_on_the_lossy_topology_is_measured_within_one_point_of_two_percent() {
         child.loss * 100.0,
         child.sent_packets
     );
+    // Sustained loss switches the seed's connections to tolerating random loss (the policy
+    // looks once a second).
+    wait_until(
+        Duration::from_secs(10),
+        "the seed tolerates random loss",
+        || probe(&cluster.nodes[0]).congestion == starling::transport::Congestion::Tolerant,
+    );
 }
 
 #[test]

@@ -183,10 +183,12 @@ fn one(
         .max_by_key(|p| p.sent_packets)
         .map_or("no child path".to_string(), |p| {
             format!(
-                "{} packets, loss {:.2}%, path MTU {}, {:?}",
+                "{} packets, loss {:.2}%, path MTU {}, RTT {:.2} ms, cwnd {} KiB, {:?}",
                 p.sent_packets,
                 p.loss * 100.0,
                 p.path_mtu,
+                p.rtt_ms,
+                p.cwnd >> 10,
                 report.congestion
             )
         });

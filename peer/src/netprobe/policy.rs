@@ -3,9 +3,11 @@
 //! - **Congestion control.** Random loss (a lossy link, not a full queue) makes a loss-based
 //!   controller halve its window again and again. When the connections that have carried
 //!   enough packets (at least [`MIN_SENT`] each, [`MIN_TOTAL`] together) lose more than
-//!   [`TO_BBR`] of them, new connections use BBR; below [`TO_CUBIC`] they go back to Cubic.
-//!   Between the two, the choice stays (hysteresis).
-//! - **Packet size** (in `transport::MtuPolicy` and `netprobe::udp_upper_bound`): PLPMTUD up
+//!   [`TO_TOLERANT`] of them, every connection, open or new, tolerates random loss
+//!   (`transport::tolerant`: Cubic that backs off only when the loss comes with a queue, or
+//!   above 5%); below [`TO_CUBIC`] they back off on every loss again. Between the two, the
+//!   choice stays (hysteresis).
+//! - **Packet size** (in `transport::PathPolicy` and `netprobe::udp_upper_bound`): PLPMTUD up
 //!   to the interfaces' MTU, converging within 8 bytes, 5 s black-hole cooldown; a new
 //!   connection starts at the size already validated toward that host.
 //! - **TCP MSS** (`NetProbe::stalled`): a stalled origin transfer with no full-size segment
@@ -17,9 +19,9 @@ use crate::transport::{Congestion, ConnInfo};
 pub const MIN_SENT: u64 = 500;
 /// The counted connections must have sent this many together.
 pub const MIN_TOTAL: u64 = 2000;
-/// Loss above which new connections use BBR.
-pub const TO_BBR: f64 = 0.01;
-/// Loss below which they use Cubic again.
+/// Loss above which connections tolerate random loss.
+pub const TO_TOLERANT: f64 = 0.005;
+/// Loss below which they back off on every loss again.
 pub const TO_CUBIC: f64 = 0.002;
 
 pub fn congestion(current: Congestion, conns: &[ConnInfo]) -> Congestion {
@@ -34,8 +36,8 @@ pub fn congestion(current: Congestion, conns: &[ConnInfo]) -> Congestion {
         return current;
     }
     let loss = lost as f64 / sent as f64;
-    if loss > TO_BBR {
-        Congestion::Bbr
+    if loss > TO_TOLERANT {
+        Congestion::Tolerant
     } else if loss < TO_CUBIC {
         Congestion::Cubic
     } else {
@@ -68,13 +70,21 @@ mod tests {
             Cubic,
             "too few packets"
         );
-        assert_eq!(congestion(Cubic, &[conn(10_000, 200)]), Bbr, "2% loss");
-        assert_eq!(congestion(Bbr, &[conn(10_000, 50)]), Bbr, "0.5%: keep");
+        assert_eq!(congestion(Cubic, &[conn(10_000, 200)]), Tolerant, "2% loss");
+        assert_eq!(
+            congestion(Tolerant, &[conn(10_000, 50)]),
+            Tolerant,
+            "0.5%: keep"
+        );
         assert_eq!(congestion(Cubic, &[conn(10_000, 50)]), Cubic, "0.5%: keep");
-        assert_eq!(congestion(Bbr, &[conn(10_000, 1)]), Cubic, "clean again");
+        assert_eq!(
+            congestion(Tolerant, &[conn(10_000, 1)]),
+            Cubic,
+            "clean again"
+        );
         assert_eq!(
             congestion(Cubic, &[conn(100, 100), conn(3000, 60)]),
-            Bbr,
+            Tolerant,
             "short connections do not count"
         );
     }

@@ -30,17 +30,17 @@ use crate::scheduler::{Advice, LinkReport, PeerId, SchedulerConfig};
 use crate::storage::{LeaseMode, TaskHandle, UploadView};
 use crate::transport::tls::{ClusterCa, TlsError};
 use crate::transport::wire::{self, HaveReply, Request as Wire, Status};
-use crate::transport::{MtuPolicy, Node, Parent, PieceSource, TransportError};
+use crate::transport::{Node, Parent, PathPolicy, PieceSource, TransportError};
 
 /// How QUIC sizes packets: adapted to the interfaces, or quinn's defaults.
-fn mtu_policy(cfg: &Config) -> MtuPolicy {
+fn path_policy(cfg: &Config) -> PathPolicy {
     if cfg.netprobe.adapt {
-        MtuPolicy {
+        PathPolicy {
             upper_bound: crate::netprobe::udp_upper_bound(),
-            ..MtuPolicy::default()
+            ..PathPolicy::default()
         }
     } else {
-        MtuPolicy::quinn_defaults()
+        PathPolicy::quinn_defaults()
     }
 }
 
@@ -58,9 +58,7 @@ async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
             *s.socket.lock().unwrap_or_else(|p| p.into_inner()) = report;
             let live: Vec<_> = conns.into_iter().filter(|c| c.live).collect();
             let c = crate::netprobe::policy::congestion(s.node.congestion(), &live);
-            if let Err(e) = s.node.set_congestion(c) {
-                tracing::warn!(error = %e, "cannot change the congestion controller");
-            }
+            s.node.set_congestion(c);
         }
         n += 1;
         if n % 10 == 0 {
@@ -210,7 +208,7 @@ impl Swarm {
         // informational (the peer ID is the advertised address, known only after binding).
         let identity = ca.issue("starling-peer")?;
         let probe = crate::netprobe::NetProbe::start(&cfg.netprobe);
-        let node = Node::bind_with(listen, &identity, mtu_policy(&cfg))?;
+        let node = Node::bind_with(listen, &identity, path_policy(&cfg))?;
         if let Some(cookie) = node.socket_cookie() {
             probe.watch_socket(cookie);
         }
@@ -304,7 +302,7 @@ impl Swarm {
         crate::netprobe::ProbeReport {
             ebpf,
             detail,
-            udp_upper_bound: self.node.mtu_policy().upper_bound,
+            udp_upper_bound: self.node.path_policy().upper_bound,
             adapt: self.cfg.netprobe.adapt,
             socket: *self.socket.lock().unwrap_or_else(|p| p.into_inner()),
             congestion: self.node.congestion(),
@@ -774,7 +772,7 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
     let listen: SocketAddr = cfg.scheduler.listen.parse().map_err(|_| {
         TransportError::Stream(format!("scheduler.listen {:?}", cfg.scheduler.listen))
     })?;
-    let node = Node::bind_with(listen, &ca.issue("starling-scheduler")?, mtu_policy(&cfg))?;
+    let node = Node::bind_with(listen, &ca.issue("starling-scheduler")?, path_policy(&cfg))?;
     let service = SchedulerService::new(scheduler_config(&cfg));
     let served = node.serve(Arc::new(crate::scheduler::service::StandaloneScheduler(
         service,

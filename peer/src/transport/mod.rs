@@ -7,12 +7,14 @@
 
 mod gso;
 pub mod tls;
+mod tolerant;
 pub mod wire;
 
 #[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,7 +91,7 @@ pub trait PieceSource: Send + Sync + 'static {
 
 /// How QUIC sizes its packets (see [`Node::bind_with`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MtuPolicy {
+pub struct PathPolicy {
     /// The largest UDP payload PLPMTUD may try: the local interfaces' MTU less IP and UDP
     /// headers (8972 on a 9000-byte fabric). quinn's own default is 1452.
     pub upper_bound: u16,
@@ -97,37 +99,45 @@ pub struct MtuPolicy {
     pub minimum_change: u16,
     /// After a black hole, wait this long before searching upward again (quinn's: 60 s).
     pub black_hole_cooldown: Duration,
+    /// Connections run the loss-tolerant Cubic ([`tolerant`]), which the node switches
+    /// between backing off on every loss and only on congestion
+    /// ([`Node::set_congestion`]). Without it, quinn's Cubic.
+    pub loss_gate: bool,
 }
 
-impl Default for MtuPolicy {
+impl Default for PathPolicy {
     fn default() -> Self {
-        MtuPolicy {
+        PathPolicy {
             upper_bound: 1452,
             minimum_change: 8,
             black_hole_cooldown: Duration::from_secs(5),
+            loss_gate: true,
         }
     }
 }
 
-impl MtuPolicy {
+impl PathPolicy {
     /// quinn's own defaults (what Starling does with adaptation off).
-    pub fn quinn_defaults() -> MtuPolicy {
-        MtuPolicy {
+    pub fn quinn_defaults() -> PathPolicy {
+        PathPolicy {
             upper_bound: 1452,
             minimum_change: 20,
             black_hole_cooldown: Duration::from_secs(60),
+            loss_gate: false,
         }
     }
 }
 
-/// The congestion controller for new connections.
+/// How the node's connections answer loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Congestion {
-    /// Loss-based (quinn's default): backs off on every loss.
+    /// Backs off on every loss (Cubic).
     Cubic,
-    /// Model-based: paces at the measured bottleneck rate, so random loss does not halve it.
-    Bbr,
+    /// Backs off only for loss that looks like congestion (a queue built, or more loss than
+    /// random drops explain); random loss is repaired without shrinking the window. See
+    /// [`tolerant`].
+    Tolerant,
 }
 
 /// Ack-eliciting packets a receiver may take in before it must send an ACK (QUIC's default
@@ -193,9 +203,11 @@ impl Drop for Conn {
 pub struct Node {
     endpoint: quinn::Endpoint,
     identity: Identity,
-    policy: MtuPolicy,
+    policy: PathPolicy,
     conns: ConnRegistry,
-    congestion: std::sync::Mutex<Congestion>,
+    /// Set: random loss is tolerated ([`Congestion::Tolerant`]); read by every connection's
+    /// controller on each loss, so a switch applies to open connections too.
+    tolerate: Arc<AtomicBool>,
     /// A second handle on the endpoint's UDP socket, to resize its buffers.
     socket: std::net::UdpSocket,
     /// Receive drops seen at the last [`Node::tune_buffers`].
@@ -236,12 +248,14 @@ fn udp_drops(port: u16) -> u64 {
 }
 
 fn transport_config(
-    policy: &MtuPolicy,
-    congestion: Congestion,
+    policy: &PathPolicy,
+    tolerate: &Arc<AtomicBool>,
 ) -> Result<quinn::TransportConfig, TransportError> {
     let mut transport = quinn::TransportConfig::default();
-    if congestion == Congestion::Bbr {
-        transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    if policy.loss_gate {
+        transport.congestion_controller_factory(Arc::new(tolerant::TolerantConfig::new(
+            tolerate.clone(),
+        )));
     }
     transport.max_concurrent_bidi_streams(1024u32.into());
     // A parent that vanishes (killed, unplugged) is noticed within 5 s.
@@ -272,7 +286,7 @@ fn transport_config(
 
 impl Node {
     pub fn bind(addr: SocketAddr, id: &Identity) -> Result<Node, TransportError> {
-        Node::bind_with(addr, id, MtuPolicy::default())
+        Node::bind_with(addr, id, PathPolicy::default())
     }
 
     /// Binds with PLPMTUD searching up to `policy.upper_bound`, converging within
@@ -281,10 +295,11 @@ impl Node {
     pub fn bind_with(
         addr: SocketAddr,
         id: &Identity,
-        policy: MtuPolicy,
+        policy: PathPolicy,
     ) -> Result<Node, TransportError> {
         let mut server = tls::server_config(id)?;
-        let shared = Arc::new(transport_config(&policy, Congestion::Cubic)?);
+        let tolerate = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(transport_config(&policy, &tolerate)?);
         server.transport_config(shared.clone());
         let bind_err = |source| TransportError::Bind { addr, source };
         // Buffers hold whole datagrams: larger packets need proportionally more room (the
@@ -317,7 +332,7 @@ impl Node {
             identity: id.clone(),
             policy,
             conns: Arc::default(),
-            congestion: std::sync::Mutex::new(Congestion::Cubic),
+            tolerate,
             socket: tuning,
             drops_seen: std::sync::atomic::AtomicU64::new(0),
         })
@@ -377,24 +392,26 @@ impl Node {
     }
 
     pub fn congestion(&self) -> Congestion {
-        *self.congestion.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Uses `c` for connections made or accepted from now on (open ones keep theirs).
-    pub fn set_congestion(&self, c: Congestion) -> Result<(), TransportError> {
-        let mut cur = self.congestion.lock().unwrap_or_else(|p| p.into_inner());
-        if *cur == c {
-            return Ok(());
+        if self.tolerate.load(std::sync::atomic::Ordering::Relaxed) {
+            Congestion::Tolerant
+        } else {
+            Congestion::Cubic
         }
-        let mut server = tls::server_config(&self.identity)?;
-        server.transport_config(Arc::new(transport_config(&self.policy, c)?));
-        self.endpoint.set_server_config(Some(server));
-        *cur = c;
-        tracing::info!(congestion = ?c, "congestion controller for new connections changed");
-        Ok(())
     }
 
-    pub fn mtu_policy(&self) -> MtuPolicy {
+    /// Switches how every connection, open or new, answers loss. Without the policy's
+    /// `loss_gate` (quinn's defaults) connections run quinn's Cubic and this changes nothing.
+    pub fn set_congestion(&self, c: Congestion) {
+        if !self.policy.loss_gate {
+            return;
+        }
+        let on = c == Congestion::Tolerant;
+        if self.tolerate.swap(on, std::sync::atomic::Ordering::Relaxed) != on {
+            tracing::info!(congestion = ?c, "connections now answer loss differently");
+        }
+    }
+
+    pub fn path_policy(&self) -> PathPolicy {
         self.policy
     }
 
@@ -504,10 +521,9 @@ impl Node {
         initial_mtu: Option<u16>,
     ) -> Result<Parent, TransportError> {
         let err = |detail: String| TransportError::Connect { addr, detail };
-        let congestion = self.congestion();
         let hint = initial_mtu.filter(|m| *m > MIN_UDP_PAYLOAD);
-        let connecting = if hint.is_some() || congestion != Congestion::Cubic {
-            let mut t = transport_config(&self.policy, congestion)?;
+        let connecting = if hint.is_some() {
+            let mut t = transport_config(&self.policy, &self.tolerate)?;
             if let Some(mtu) = hint {
                 t.initial_mtu(mtu.min(self.policy.upper_bound.max(MIN_UDP_PAYLOAD)));
             }
