@@ -89,22 +89,26 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let seed = &cluster.nodes[0];
     let results: Vec<Result<PeerResult>> = std::thread::scope(|sc| {
-        // With STARLING_BENCH_TRACE set: the seed's upload rate every second.
+        // With STARLING_BENCH_TRACE set, every second: the piece bytes the seed handed to
+        // QUIC, and the bytes its link carried (in a lab).
         if std::env::var_os("STARLING_BENCH_TRACE").is_some() {
             let done_rx = done_rx;
+            let lab = job.lab;
             sc.spawn(move || {
-                let mut last = 0.0;
+                let wire = || lab.map_or(0, |l| l.host_sent_bytes(0)) as f64;
+                let (mut last, mut last_wire) = (0.0, wire());
                 let second = std::time::Duration::from_secs(1);
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     done_rx.recv_timeout(second)
                 {
-                    let up = seed.metric("starling_bytes_uploaded_total");
+                    let (up, w) = (seed.metric("starling_bytes_uploaded_total"), wire());
                     eprintln!(
-                        "t={:5.1}s seed upload {:6.2} MB/s",
+                        "t={:5.1}s seed pieces {:6.2} MB/s, link {:6.2} MB/s",
                         start.elapsed().as_secs_f64(),
-                        (up - last) / 1e6
+                        (up - last) / 1e6,
+                        (w - last_wire) / 1e6
                     );
-                    last = up;
+                    (last, last_wire) = (up, w);
                 }
             });
         }

@@ -574,6 +574,15 @@ async fn serve_stream(
     to: SocketAddr,
 ) {
     let (status, payload, piece) = answer(source.clone(), &mut recv, to).await;
+    // Pieces leave in the order they were asked for on this connection, one after another
+    // instead of interleaved: each is complete sooner, so its receiver verifies it and passes
+    // it on sooner. Everything else (have replies, manifests) is small and goes first.
+    let priority = if piece {
+        i32::try_from(send.id().index()).map_or(i32::MIN, |i| -i)
+    } else {
+        i32::MAX
+    };
+    let _ = send.set_priority(priority);
     let header = wire::encode_response_header(status, payload.len() as u64);
     let n = payload.len() as u64;
     if piece && status == Status::Ok {
