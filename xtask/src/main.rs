@@ -44,6 +44,7 @@ fn main() -> Result<()> {
                  bench swarm  one seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP\n  \
                  bench registry  N nodes pull a multi-layer image with skopeo: through Starling vs straight from the registry\n  \
                  bench adapt  path adaptation on vs off on the netlab topologies (jumbo, dind, vxlan, lossy)\n  \
+                 bench stock  the same swarm job for Starling, HTTP, aria2, libtorrent and rqbit: report, CSV, plots\n  \
                  netlab       build a namespace topology (clean, dind, vxlan, jumbo, lossy), check its path MTU"
             );
             bail!("no command given")
