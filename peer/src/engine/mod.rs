@@ -452,45 +452,39 @@ impl Engine {
         let piece_len = self.plan.piece_length();
         // Only parents with a free slot can take a request (the endgame's too). Most polls
         // follow an event that freed nothing, so the piece order is not worked out for them.
-        let mut ids: Vec<ParentId> = self
+        let mut free: Vec<(ParentId, u32)> = self
             .parents
             .iter()
-            .filter(|(_, p)| {
-                self.usable(p, now) && window_of(p, &self.cfg, piece_len) > p.in_flight.len() as u32
+            .filter(|(_, p)| self.usable(p, now))
+            .map(|(id, p)| {
+                let room =
+                    window_of(p, &self.cfg, piece_len).saturating_sub(p.in_flight.len() as u32);
+                (*id, room)
             })
-            .map(|(id, _)| *id)
+            .filter(|&(_, room)| room > 0)
             .collect();
-        if ids.is_empty() || self.missing == 0 {
+        if free.is_empty() || self.missing == 0 {
             return;
         }
-        let order = self.order(now, Some(&ids));
         // Best measured rate first; unmeasured parents after, by id.
-        ids.sort_by(|a, b| {
-            let (ra, rb) = (
-                self.parents[a].rate.unwrap_or(0.0),
-                self.parents[b].rate.unwrap_or(0.0),
-            );
-            rb.total_cmp(&ra).then(a.cmp(b))
-        });
+        let rate = |id: &ParentId| self.parents[id].rate.unwrap_or(0.0);
+        free.sort_by(|(a, _), (b, _)| rate(b).total_cmp(&rate(a)).then(a.cmp(b)));
+        let ids: Vec<ParentId> = free.iter().map(|&(id, _)| id).collect();
+        let order = self.order(now, Some(&ids));
         let mut taken: BTreeSet<u32> = BTreeSet::new();
-        for id in &ids {
-            let cfg = self.cfg.clone();
-            let Some(p) = self.parents.get(id) else {
-                continue;
-            };
-            let mut room = window_of(p, &cfg, piece_len).saturating_sub(p.in_flight.len() as u32);
+        for (id, mut room) in free {
             for &piece in &order {
                 if room == 0 {
                     break;
                 }
                 if taken.contains(&piece)
-                    || !self.may_ask(*id, piece)
-                    || self.better_elsewhere(*id, piece, now)
+                    || !self.may_ask(id, piece)
+                    || self.better_elsewhere(id, piece, now)
                 {
                     continue;
                 }
                 taken.insert(piece);
-                self.request(Peer::Parent(*id), piece, now);
+                self.request(Peer::Parent(id), piece, now);
                 room -= 1;
             }
         }
