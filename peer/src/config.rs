@@ -275,9 +275,10 @@ pub struct SourceConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Verified pieces are made durable (fdatasync, then journaled) in groups at this interval
-    /// in milliseconds: the most download progress a crash can lose. A download that
-    /// completes sooner never waits for fdatasync (its sealed manifest covers it). Default 5000.
+    /// Verified pieces are journaled in groups at this interval in milliseconds: the most
+    /// download progress a crash can lose. The journal is not synced with the content (a
+    /// resume re-hashes every journaled piece), so no transfer waits for an fdatasync; a
+    /// flush, and closing an unfinished task, do sync. Default 5000.
     pub commit_interval_ms: u64,
 }
 

@@ -155,7 +155,17 @@ impl Lab {
     /// Bytes host `i` has sent on its link so far (what its bridge port received: IP packets
     /// with their Ethernet headers, every protocol, overlay encapsulation included).
     pub fn host_sent_bytes(&self, i: usize) -> u64 {
-        let path = format!("/sys/class/net/{}/statistics/rx_bytes", self.hosts[i].port);
+        self.port_counter(i, "rx_bytes")
+    }
+
+    /// Bytes host `i`'s link carried to it (its download side).
+    pub fn host_received_bytes(&self, i: usize) -> u64 {
+        self.port_counter(i, "tx_bytes")
+    }
+
+    /// A counter of host `i`'s bridge port (0 when unreadable).
+    fn port_counter(&self, i: usize, name: &str) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/{name}", self.hosts[i].port);
         std::fs::read_to_string(path)
             .ok()
             .and_then(|s| s.trim().parse().ok())

@@ -96,19 +96,28 @@ pub fn run(job: &Job) -> Result<Outcome> {
             let lab = job.lab;
             sc.spawn(move || {
                 let wire = || lab.map_or(0, |l| l.host_sent_bytes(0)) as f64;
-                let (mut last, mut last_wire) = (0.0, wire());
+                let downs = || -> Vec<f64> {
+                    (1..=job.peers)
+                        .map(|i| lab.map_or(0, |l| l.host_received_bytes(i)) as f64)
+                        .collect()
+                };
+                let (mut last, mut last_wire, mut last_downs) = (0.0, wire(), downs());
                 let second = std::time::Duration::from_secs(1);
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     done_rx.recv_timeout(second)
                 {
-                    let (up, w) = (seed.metric("starling_bytes_uploaded_total"), wire());
+                    let (up, w, d) = (seed.metric("starling_bytes_uploaded_total"), wire(), downs());
+                    let mut rates: Vec<f64> =
+                        d.iter().zip(&last_downs).map(|(a, b)| (a - b) / 1e6).collect();
+                    rates.sort_by(f64::total_cmp);
                     eprintln!(
-                        "t={:5.1}s seed pieces {:6.2} MB/s, link {:6.2} MB/s",
+                        "t={:5.1}s seed pieces {:6.2} MB/s, link {:6.2} MB/s; peer links in {:?} MB/s",
                         start.elapsed().as_secs_f64(),
                         (up - last) / 1e6,
-                        (w - last_wire) / 1e6
+                        (w - last_wire) / 1e6,
+                        rates.iter().map(|r| (r * 10.0).round() / 10.0).collect::<Vec<_>>()
                     );
-                    (last, last_wire) = (up, w);
+                    (last, last_wire, last_downs) = (up, w, d);
                 }
             });
         }

@@ -430,6 +430,13 @@ impl Fetcher {
         progress: &Progress,
     ) -> Result<Result<Fetched, Missing>, FetchError> {
         let Some(manifest) = task.manifest() else {
+            let dropped = task.verify_journaled().await?;
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    "stored pieces no longer match their journaled digests (lost in a crash, or damaged on disk); fetching them again"
+                );
+            }
             return Ok(Err(Missing::Partial(task)));
         };
         // End to end, every time: the stored bytes must still hash to the manifest's digest. A

@@ -1,7 +1,7 @@
 //! The piece store. One directory per task under `<data_dir>/tasks/<task-id>/`:
 //! - `content`: the preallocated content file; pieces are written at their offsets via io_uring;
 //! - `header`: what the task is (ID, plan, expected digest, origin validator), written once;
-//! - `journal`: append-only records of pieces verified *and durable*;
+//! - `journal`: append-only records of verified pieces, re-hashed before a resume trusts them;
 //! - `manifest`: every piece's SHA-256 and the content's, written when the task completes;
 //! - `lock`: flock'd by whoever uses the task; its mtime is the last use.
 //!

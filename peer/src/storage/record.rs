@@ -1,6 +1,7 @@
 //! On-disk metadata for one task: the header (written once, at creation), the journal of
-//! verified pieces (append-only, one fixed-size record per piece made durable), and the
-//! manifest (written once the whole content is verified). Every record carries a CRC32.
+//! verified pieces (append-only, one fixed-size record per piece written; a resume re-hashes
+//! each), and the manifest (written once the whole content is verified). Every record carries
+//! a CRC32.
 //!
 //! A journal may end in a torn record after a crash during an append; that tail is ignored
 //! (the piece is simply not known to be verified). Anything else that fails to decode means the

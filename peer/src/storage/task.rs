@@ -27,11 +27,15 @@ pub struct TaskHandle {
     header: TaskHeader,
     manifest: Arc<Mutex<Option<Manifest>>>,
     /// SHA-256 of every verified piece, None where not verified. Verified means: hashed, checked
-    /// against the manifest when there is one, and written. It becomes durable (journaled) at
-    /// the next group commit.
+    /// against the manifest when there is one, and written. It is journaled at the next group
+    /// commit.
     pieces: Arc<Book>,
+    /// Pieces the journal names, from an earlier run: they count only once
+    /// [`TaskHandle::verify_journaled`] has re-hashed them (the journal is not synced with the
+    /// content, so after a power loss it may name bytes that never reached the disk).
+    journaled: Mutex<Vec<(u32, Digest)>>,
     file: OpenKey,
-    durable: watch::Receiver<u64>,
+    appended: watch::Receiver<u64>,
 }
 
 impl TaskHandle {
@@ -49,20 +53,22 @@ impl TaskHandle {
             Err(e) => return Err(io_err("read", &dir.join(HEADER))(e)),
         };
         match Self::load_checked(&dir, &header_bytes) {
-            Ok((header, manifest, pieces, content, journal, journal_len)) => {
-                let (key, durable) = uring
+            Ok((header, manifest, journaled, content, journal, journal_len)) => {
+                let (key, appended) = uring
                     .open(content, journal, journal_len)
                     .map_err(StoreError::Uring)?;
+                let count = header.plan.count() as usize;
                 Ok(Ok(TaskHandle {
                     lease,
                     header,
                     manifest: Arc::new(Mutex::new(manifest)),
-                    pieces: Arc::new(Book::new(pieces)),
+                    pieces: Arc::new(Book::new(vec![None; count])),
+                    journaled: Mutex::new(journaled),
                     file: OpenKey {
                         uring: uring.clone(),
                         key,
                     },
-                    durable,
+                    appended,
                 }))
             }
             Err(reason) => {
@@ -81,7 +87,7 @@ impl TaskHandle {
         (
             TaskHeader,
             Option<Manifest>,
-            Vec<Option<Digest>>,
+            Vec<(u32, Digest)>,
             File,
             File,
             u64,
@@ -106,18 +112,17 @@ impl TaskHandle {
         };
         let journal_bytes =
             std::fs::read(dir.join(JOURNAL)).map_err(|e| format!("journal: {e}"))?;
-        let mut pieces = vec![None; plan.count() as usize];
-        for (index, digest) in
-            decode_journal(&journal_bytes, &plan).map_err(|e| format!("journal: {e}"))?
-        {
-            if let Some(m) = &manifest {
-                if m.piece_digest(index) != Some(digest) {
-                    return Err(format!(
-                        "journal digest of piece {index} differs from the manifest"
-                    ));
-                }
+        let journaled =
+            decode_journal(&journal_bytes, &plan).map_err(|e| format!("journal: {e}"))?;
+        if let Some(m) = &manifest {
+            if let Some((index, _)) = journaled
+                .iter()
+                .find(|(i, d)| m.piece_digest(*i) != Some(*d))
+            {
+                return Err(format!(
+                    "journal digest of piece {index} differs from the manifest"
+                ));
             }
-            pieces[index as usize] = Some(digest);
         }
         let content = OpenOptions::new()
             .read(true)
@@ -142,7 +147,7 @@ impl TaskHandle {
         // Later appends go after the last whole record, overwriting any torn tail.
         let journal_len = (journal_bytes.len() / super::record::JOURNAL_RECORD
             * super::record::JOURNAL_RECORD) as u64;
-        Ok((header, manifest, pieces, content, journal, journal_len))
+        Ok((header, manifest, journaled, content, journal, journal_len))
     }
 
     /// Creates a fresh task in `lease`'s directory, replacing whatever was there: the content
@@ -175,18 +180,19 @@ impl TaskHandle {
             .map_err(io_err("create", &jpath))?;
         let hpath = dir.join(HEADER);
         write_atomic(&hpath, &header.encode()).map_err(io_err("write", &hpath))?;
-        let (key, durable) = uring.open(content, journal, 0).map_err(StoreError::Uring)?;
+        let (key, appended) = uring.open(content, journal, 0).map_err(StoreError::Uring)?;
         let count = header.plan.count() as usize;
         Ok(TaskHandle {
             lease,
             header,
             manifest: Arc::new(Mutex::new(None)),
             pieces: Arc::new(Book::new(vec![None; count])),
+            journaled: Mutex::new(Vec::new()),
             file: OpenKey {
                 uring: uring.clone(),
                 key,
             },
-            durable,
+            appended,
         })
     }
 
@@ -232,14 +238,39 @@ impl TaskHandle {
         self.manifest().is_some() && self.verified_count() == self.plan().count()
     }
 
-    /// Journal records made durable since this handle was opened.
-    pub fn durable_watch(&self) -> watch::Receiver<u64> {
-        self.durable.clone()
+    /// Journal records appended since this handle was opened.
+    pub fn journaled_watch(&self) -> watch::Receiver<u64> {
+        self.appended.clone()
+    }
+
+    /// For a task resumed from an earlier run: re-hashes every piece its journal names and
+    /// counts verified those whose stored bytes still hash to the journaled digest. Returns how
+    /// many were dropped (their bytes never reached the disk, or changed there); they are
+    /// fetched again.
+    pub async fn verify_journaled(&self) -> Result<u32, StoreError> {
+        let named = self
+            .journaled
+            .lock()
+            .map(|mut j| std::mem::take(&mut *j))
+            .unwrap_or_default();
+        let plan = self.plan();
+        let mut dropped = 0;
+        for (index, digest) in named {
+            let Some(piece) = plan.piece(index) else {
+                continue;
+            };
+            if Digest::of(&self.read_piece(piece).await?) == digest {
+                self.pieces.mark(index, digest);
+            } else {
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
     }
 
     /// Stores a piece whose bytes hashed to `digest`: checks it against the manifest when there
     /// is one, writes the chunks at the piece's offset, marks it verified and queues it for the
-    /// next durable commit.
+    /// next group commit.
     pub async fn write_piece(
         &self,
         piece: Piece,

@@ -67,7 +67,7 @@ async fn durable_pieces_survive_reopen_and_reads_match() {
         .unwrap();
     put(&t, &data, &[4, 1, 5]).await;
     t.flush().await.unwrap();
-    assert_eq!(*t.durable_watch().borrow(), 3);
+    assert_eq!(*t.journaled_watch().borrow(), 3);
     let p5 = t.plan().piece(5).unwrap();
     assert_eq!(
         &t.read_piece(p5).await.unwrap()[..],
@@ -77,6 +77,9 @@ async fn durable_pieces_survive_reopen_and_reads_match() {
 
     let t = reopen(&s, &id).await.expect("task must reload");
     assert_eq!(t.header(), &h);
+    // Journaled pieces count only once re-hashed.
+    assert_eq!(t.verified_count(), 0);
+    assert_eq!(t.verify_journaled().await.unwrap(), 0);
     let have: Vec<bool> = t.piece_digests().iter().map(Option::is_some).collect();
     assert_eq!(have, vec![false, true, false, false, true, true]);
     put(&t, &data, &[0, 2, 3]).await;
@@ -125,8 +128,44 @@ async fn unflushed_pieces_are_not_reported_after_a_crash() {
     }
     let s = store(d.path());
     let t = reopen(&s, &h.id).await.unwrap();
+    assert_eq!(t.verify_journaled().await.unwrap(), 0);
     let have: Vec<bool> = t.piece_digests().iter().map(Option::is_some).collect();
     assert_eq!(have, vec![true, true, false, false]);
+}
+
+/// The periodic commit journals pieces without syncing their data, so after a power loss the
+/// journal may name pieces whose bytes never reached the disk: a resume re-hashes them and
+/// fetches those again, keeping the rest.
+#[tokio::test]
+async fn journaled_pieces_whose_bytes_were_lost_are_dropped_on_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let len = 4 * PL;
+    let data = content(len);
+    let h = header(len);
+    let dir = {
+        // A short interval: the periodic commit journals the pieces, unsynced.
+        let s = store(d.path());
+        let t = fresh(&s, &h).await;
+        put(&t, &data, &[0, 1, 3]).await;
+        let mut journaled = t.journaled_watch();
+        journaled.wait_for(|n| *n == 3).await.unwrap();
+        t.dir().to_path_buf()
+    };
+    // The "power loss": piece 1's bytes are zeros on disk, piece 3's half written.
+    let mut b = std::fs::read(dir.join("content")).unwrap();
+    b[PL as usize..2 * PL as usize].fill(0);
+    b[3 * PL as usize + 100] ^= 0x55;
+    std::fs::write(dir.join("content"), b).unwrap();
+
+    let s = store(d.path());
+    let t = reopen(&s, &h.id).await.unwrap();
+    assert_eq!(t.verify_journaled().await.unwrap(), 2);
+    let have: Vec<bool> = t.piece_digests().iter().map(Option::is_some).collect();
+    assert_eq!(have, vec![true, false, false, false]);
+    // The dropped pieces are stored again and the task completes intact.
+    put(&t, &data, &[1, 2, 3]).await;
+    t.complete(Digest::of(&data)).unwrap();
+    assert_eq!(t.hash_content().await.unwrap(), Digest::of(&data));
 }
 
 #[tokio::test]

@@ -3,9 +3,13 @@
 //! - piece writes as one vectored write of the very `Bytes` chunks that came off the network
 //!   (no copy in user space);
 //! - reads of stored pieces;
-//! - the group commit that makes verified pieces durable: fdatasync the content, append their
-//!   journal records, fdatasync the journal. A piece is journaled (and so survives a restart)
-//!   only after its data is durable.
+//! - the group commit that journals verified pieces: append their records to the journal, in
+//!   groups at the commit interval, without fdatasync. A restart re-hashes every journaled
+//!   piece before trusting it (`TaskHandle::verify_journaled`), so a record whose data never
+//!   reached the disk (power loss) costs that piece, never correctness. Syncing on the hot
+//!   path wrote every task's dirty pages back in bursts that stalled transfers on a busy host.
+//!   An explicit flush, and closing an unsealed task, do sync: fdatasync the content, append,
+//!   fdatasync the journal.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,7 +36,7 @@ enum Cmd {
         content: std::fs::File,
         journal: std::fs::File,
         journal_len: u64,
-        durable: watch::Sender<u64>,
+        journaled: watch::Sender<u64>,
     },
     Write {
         key: FileKey,
@@ -102,8 +106,8 @@ impl Uring {
         })
     }
 
-    /// Hands a task's content and journal files to the storage thread. `durable` counts the
-    /// journal records made durable since open.
+    /// Hands a task's content and journal files to the storage thread. The watch counts the
+    /// journal records appended since open.
     pub fn open(
         &self,
         content: std::fs::File,
@@ -111,14 +115,14 @@ impl Uring {
         journal_len: u64,
     ) -> io::Result<(FileKey, watch::Receiver<u64>)> {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let (durable, rx) = watch::channel(0);
+        let (journaled, rx) = watch::channel(0);
         self.tx
             .send(Cmd::Open {
                 key,
                 content,
                 journal,
                 journal_len,
-                durable,
+                journaled,
             })
             .map_err(|_| gone())?;
         Ok((key, rx))
@@ -185,12 +189,23 @@ struct OpenFile {
     state: RefCell<CommitState>,
     /// One group commit at a time per task; piece writes and reads never wait for it.
     committing: tokio::sync::Mutex<()>,
-    durable: watch::Sender<u64>,
+    journaled: watch::Sender<u64>,
+}
+
+/// Whether a group commit makes its pieces durable before journaling them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Append only: the periodic commit (restarts re-hash what the journal names).
+    Later,
+    /// fdatasync the content, append, fdatasync the journal: flush, close, shutdown.
+    Now,
 }
 
 struct CommitState {
     journal_len: u64,
     pending: Vec<(u32, Digest)>,
+    /// Records appended by a [`Durability::Later`] commit since the last [`Durability::Now`] one.
+    unsynced: bool,
 }
 
 type Files = Rc<RefCell<HashMap<FileKey, Rc<OpenFile>>>>;
@@ -205,7 +220,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, commit_interval: Duration) {
             _ = tick.tick() => {
                 for f in files.borrow().values() {
                     if !f.state.borrow().pending.is_empty() {
-                        tokio_uring::spawn(commit(f.clone()));
+                        tokio_uring::spawn(commit(f.clone(), Durability::Later));
                     }
                 }
                 continue;
@@ -217,7 +232,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Cmd>, commit_interval: Duration) {
     // Every handle is gone: make what is queued durable before the thread exits.
     let all: Vec<_> = files.borrow_mut().drain().map(|(_, f)| f).collect();
     for f in all {
-        let _ = commit(f).await;
+        let _ = commit(f, Durability::Now).await;
     }
 }
 
@@ -253,7 +268,7 @@ fn handle(cmd: Cmd, files: &Files) {
             content,
             journal,
             journal_len,
-            durable,
+            journaled,
         } => {
             let f = OpenFile {
                 content: tokio_uring::fs::File::from_std(content),
@@ -261,9 +276,10 @@ fn handle(cmd: Cmd, files: &Files) {
                 state: RefCell::new(CommitState {
                     journal_len,
                     pending: Vec::new(),
+                    unsynced: false,
                 }),
                 committing: tokio::sync::Mutex::new(()),
-                durable,
+                journaled,
             };
             files.borrow_mut().insert(key, Rc::new(f));
         }
@@ -292,16 +308,19 @@ fn handle(cmd: Cmd, files: &Files) {
                 f.state.borrow_mut().pending.push((index, digest));
             }
         }
-        Cmd::Flush { key, reply } => spawn_op(files, key, reply, commit),
+        Cmd::Flush { key, reply } => spawn_op(files, key, reply, |f| commit(f, Durability::Now)),
         Cmd::Sealed { key } => {
             if let Ok(f) = lookup(files, key) {
-                f.state.borrow_mut().pending.clear();
+                // Nor do its appended records need syncing at close: nothing reads them.
+                let mut st = f.state.borrow_mut();
+                st.pending.clear();
+                st.unsynced = false;
             }
         }
         Cmd::Close { key } => {
             if let Some(f) = files.borrow_mut().remove(&key) {
                 tokio_uring::spawn(async move {
-                    let _ = commit(f).await;
+                    let _ = commit(f, Durability::Now).await;
                 });
             }
         }
@@ -342,14 +361,15 @@ async fn sync_data_off_ring(file: &tokio_uring::fs::File) -> io::Result<()> {
     .map_err(io::Error::other)?
 }
 
-/// The group commit. Data first, then the journal that vouches for it.
-async fn commit(f: Rc<OpenFile>) -> io::Result<()> {
+/// The group commit: append the queued records; with [`Durability::Now`], data first, then the
+/// journal that vouches for it, each made durable.
+async fn commit(f: Rc<OpenFile>, sync: Durability) -> io::Result<()> {
     let _one = f.committing.lock().await;
-    let (batch, at) = {
+    let (batch, at, unsynced) = {
         let mut st = f.state.borrow_mut();
-        (std::mem::take(&mut st.pending), st.journal_len)
+        (std::mem::take(&mut st.pending), st.journal_len, st.unsynced)
     };
-    if batch.is_empty() {
+    if batch.is_empty() && (sync == Durability::Later || !unsynced) {
         return Ok(());
     }
     let mut buf = Vec::with_capacity(batch.len() * super::record::JOURNAL_RECORD);
@@ -358,16 +378,24 @@ async fn commit(f: Rc<OpenFile>) -> io::Result<()> {
     }
     let n = buf.len() as u64;
     let res = async {
-        sync_data_off_ring(&f.content).await?;
+        if sync == Durability::Now {
+            sync_data_off_ring(&f.content).await?;
+        }
         let (res, _) = f.journal.write_all_at(buf, at).await;
         res?;
-        sync_data_off_ring(&f.journal).await
+        if sync == Durability::Now {
+            sync_data_off_ring(&f.journal).await?;
+        }
+        Ok(())
     }
     .await;
     match &res {
         Ok(()) => {
-            f.state.borrow_mut().journal_len = at + n;
-            f.durable.send_modify(|d| *d += batch.len() as u64);
+            let mut st = f.state.borrow_mut();
+            st.journal_len = at + n;
+            st.unsynced = sync == Durability::Later;
+            drop(st);
+            f.journaled.send_modify(|d| *d += batch.len() as u64);
         }
         Err(e) => {
             // A failed append may have left a partial record at `at`; the next commit
