@@ -20,6 +20,9 @@ struct Inner {
     log: Vec<u32>,
     /// Increases whenever the log is reset (discard), so a child's position is known stale.
     epoch: u32,
+    /// Pieces an earlier run's journal names: not verified (never served, not in `digests`)
+    /// until the task handle re-hashes them.
+    claimed: Vec<(u32, Digest)>,
 }
 
 /// News from a book: entries from `since` on, or everything when `since` is stale.
@@ -44,9 +47,23 @@ impl Book {
                 digests,
                 log,
                 epoch: 0,
+                claimed: Vec::new(),
             }),
             changed: watch::Sender::new(0),
         }
+    }
+
+    /// A book with nothing verified yet, and `claimed` pieces to re-check (see
+    /// [`Book::take_claims`]).
+    pub fn claimed(count: usize, claimed: Vec<(u32, Digest)>) -> Book {
+        let book = Book::new(vec![None; count]);
+        book.with(|i| i.claimed = claimed);
+        book
+    }
+
+    /// The claimed pieces, once: the caller verifies them and marks those that pass.
+    pub fn take_claims(&self) -> Vec<(u32, Digest)> {
+        self.with(|i| std::mem::take(&mut i.claimed))
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
@@ -115,6 +132,7 @@ impl Book {
         self.with(|i| {
             i.digests.iter_mut().for_each(|d| *d = None);
             i.log.clear();
+            i.claimed.clear();
             i.epoch += 1;
         });
         self.bump();

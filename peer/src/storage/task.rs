@@ -30,10 +30,9 @@ pub struct TaskHandle {
     /// against the manifest when there is one, and written. It is journaled at the next group
     /// commit.
     pieces: Arc<Book>,
-    /// Pieces the journal names, from an earlier run: they count only once
-    /// [`TaskHandle::verify_journaled`] has re-hashed them (the journal is not synced with the
+    /// Pieces the journal of an earlier run names are only claims in it, until
+    /// [`TaskHandle::verify_journaled`] re-hashes them (the journal is not synced with the
     /// content, so after a power loss it may name bytes that never reached the disk).
-    journaled: Mutex<Vec<(u32, Digest)>>,
     file: OpenKey,
     appended: watch::Receiver<u64>,
 }
@@ -62,8 +61,7 @@ impl TaskHandle {
                     lease,
                     header,
                     manifest: Arc::new(Mutex::new(manifest)),
-                    pieces: Arc::new(Book::new(vec![None; count])),
-                    journaled: Mutex::new(journaled),
+                    pieces: Arc::new(Book::claimed(count, journaled)),
                     file: OpenKey {
                         uring: uring.clone(),
                         key,
@@ -187,7 +185,6 @@ impl TaskHandle {
             header,
             manifest: Arc::new(Mutex::new(None)),
             pieces: Arc::new(Book::new(vec![None; count])),
-            journaled: Mutex::new(Vec::new()),
             file: OpenKey {
                 uring: uring.clone(),
                 key,
@@ -248,11 +245,7 @@ impl TaskHandle {
     /// many were dropped (their bytes never reached the disk, or changed there); they are
     /// fetched again.
     pub async fn verify_journaled(&self) -> Result<u32, StoreError> {
-        let named = self
-            .journaled
-            .lock()
-            .map(|mut j| std::mem::take(&mut *j))
-            .unwrap_or_default();
+        let named = self.pieces.take_claims();
         let plan = self.plan();
         let mut dropped = 0;
         for (index, digest) in named {
