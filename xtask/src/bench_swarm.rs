@@ -84,6 +84,12 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.cpu_secs / delivered_gib
     );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
+    let failures: Vec<String> = o
+        .piece_failures
+        .iter()
+        .map(|(cause, n)| format!("{cause} {n}"))
+        .collect();
+    println!("failed piece requests, all nodes: {}", failures.join(", "));
     if http {
         let (wall, cpu, ok) = swarm::http_baseline(
             &lab,

@@ -53,6 +53,8 @@ pub struct Outcome {
     pub origin_cpu_secs: f64,
     /// Bytes the seed host sent on its link (lab runs; 0 on loopback).
     pub seed_sent: u64,
+    /// Failed piece requests summed over every node, by cause (`piece_failures_total`).
+    pub piece_failures: std::collections::BTreeMap<String, f64>,
 }
 
 pub fn run(job: &Job) -> Result<Outcome> {
@@ -197,6 +199,18 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .iter()
         .map(|n| n.metric("starling_bytes_uploaded_total") as u64)
         .collect();
+    let mut piece_failures = std::collections::BTreeMap::new();
+    for n in &cluster.nodes {
+        for line in n.metrics().lines() {
+            let Some(rest) = line.strip_prefix("starling_piece_failures_total{cause=\"") else {
+                continue;
+            };
+            if let Some((cause, v)) = rest.split_once("\"} ") {
+                *piece_failures.entry(cause.to_string()).or_insert(0.0) +=
+                    v.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
     Ok(Outcome {
         wall,
         peers,
@@ -207,6 +221,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         peak_rss_kib,
         origin_cpu_secs,
         seed_sent,
+        piece_failures,
     })
 }
 
