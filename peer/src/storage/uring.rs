@@ -311,7 +311,7 @@ fn handle(cmd: Cmd, files: &Files) {
         Cmd::Flush { key, reply } => spawn_op(files, key, reply, |f| commit(f, Durability::Now)),
         Cmd::Sealed { key } => {
             if let Ok(f) = lookup(files, key) {
-                // Nor do its appended records need syncing at close: nothing reads them.
+                // Nor need its appended records be synced at close: the manifest vouches.
                 let mut st = f.state.borrow_mut();
                 st.pending.clear();
                 st.unsynced = false;
