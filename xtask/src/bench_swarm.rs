@@ -89,7 +89,12 @@ pub fn run(args: &[&str]) -> Result<()> {
         .iter()
         .map(|(cause, n)| format!("{cause} {n}"))
         .collect();
-    println!("failed piece requests, all nodes: {}", failures.join(", "));
+    let failures = if failures.is_empty() {
+        "none".to_string()
+    } else {
+        failures.join(", ")
+    };
+    println!("failed piece requests, all nodes: {failures}");
     if http {
         let (wall, cpu, ok) = swarm::http_baseline(
             &lab,

@@ -90,99 +90,55 @@ pub fn run(job: &Job) -> Result<Outcome> {
     // Dropped when every peer is done, which stops the sampler below at once.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let seed = &cluster.nodes[0];
-    let results: Vec<Result<PeerResult>> =
-        std::thread::scope(|sc| {
-            // With STARLING_BENCH_TRACE set, every second: the piece bytes the seed handed to
-            // QUIC, the bytes its link carried and each peer's link carried to it (in a lab).
-            if std::env::var_os("STARLING_BENCH_TRACE").is_some() {
-                let done_rx = done_rx;
-                let lab = job.lab;
-                sc.spawn(move || {
-                    let wire = || lab.map_or(0, |l| l.host_sent_bytes(0)) as f64;
-                    let downs = || -> Vec<f64> {
-                        (1..=job.peers)
-                            .map(|i| lab.map_or(0, |l| l.host_received_bytes(i)) as f64)
-                            .collect()
-                    };
-                    let (mut last, mut last_wire, mut last_downs) = (0.0, wire(), downs());
-                    // STARLING_BENCH_TRACE=0.1 samples every 100 ms instead of every second.
-                    let second = std::env::var("STARLING_BENCH_TRACE")
-                        .ok()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .filter(|s| *s >= 0.01)
-                        .map_or(
-                            std::time::Duration::from_secs(1),
-                            std::time::Duration::from_secs_f64,
-                        );
-                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                        done_rx.recv_timeout(second)
-                    {
-                        let (up, w, d) = (
-                            seed.metric("starling_bytes_uploaded_total"),
-                            wire(),
-                            downs(),
-                        );
-                        let mut rates: Vec<f64> = d
-                            .iter()
-                            .zip(&last_downs)
-                            .map(|(a, b)| (a - b) / 1e6)
-                            .collect();
-                        rates.sort_by(f64::total_cmp);
-                        eprintln!(
-                        "t={:5.1}s seed pieces {:6.2} MB, link {:6.2} MB; peer links in {:?} MB",
-                        start.elapsed().as_secs_f64(),
-                        (up - last) / 1e6,
-                        (w - last_wire) / 1e6,
-                        rates.iter().map(|r| (r * 10.0).round() / 10.0).collect::<Vec<_>>()
-                    );
-                        (last, last_wire, last_downs) = (up, w, d);
-                    }
-                });
-            }
-            let handles: Vec<_> = (1..=job.peers)
-                .map(|i| {
-                    let bar = bars.add(indicatif::ProgressBar::new(size));
-                    bar.set_style(style.clone());
-                    bar.set_prefix(format!("peer {i}"));
-                    let node = &cluster.nodes[i];
-                    let url = url.clone();
-                    sc.spawn(move || -> Result<PeerResult> {
-                        let out = node.scratch.out("artifact.bin");
-                        let t = Instant::now();
-                        let socket = node.scratch.data_dir().join("starling.sock");
-                        let ev = get_via_api(&socket, &url, job.piece_length, &out, &bar)?;
-                        let secs = t.elapsed().as_secs_f64();
-                        let done_at = start.elapsed().as_secs_f64();
-                        bar.finish();
-                        match ev {
-                            ApiEvent::Done {
-                                parent_bytes,
-                                origin_bytes,
-                                ..
-                            } => Ok(PeerResult {
-                                secs,
-                                done_at,
-                                from_peers: parent_bytes,
-                                from_origin: origin_bytes,
-                                verified: sha256_file(&out) == job.want,
-                            }),
-                            ApiEvent::Error { code, message } => {
-                                bail!("peer {i}: exit code {code}: {message}")
-                            }
-                            ApiEvent::Progress { .. } | ApiEvent::Probe(_) => {
-                                bail!("peer {i}: no final answer")
-                            }
+    let results: Vec<Result<PeerResult>> = std::thread::scope(|sc| {
+        if std::env::var_os("STARLING_BENCH_TRACE").is_some() {
+            let lab = job.lab;
+            sc.spawn(move || trace(lab, seed, job.peers, start, done_rx));
+        }
+        let handles: Vec<_> = (1..=job.peers)
+            .map(|i| {
+                let bar = bars.add(indicatif::ProgressBar::new(size));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("peer {i}"));
+                let node = &cluster.nodes[i];
+                let url = url.clone();
+                sc.spawn(move || -> Result<PeerResult> {
+                    let out = node.scratch.out("artifact.bin");
+                    let t = Instant::now();
+                    let socket = node.scratch.data_dir().join("starling.sock");
+                    let ev = get_via_api(&socket, &url, job.piece_length, &out, &bar)?;
+                    let secs = t.elapsed().as_secs_f64();
+                    let done_at = start.elapsed().as_secs_f64();
+                    bar.finish();
+                    match ev {
+                        ApiEvent::Done {
+                            parent_bytes,
+                            origin_bytes,
+                            ..
+                        } => Ok(PeerResult {
+                            secs,
+                            done_at,
+                            from_peers: parent_bytes,
+                            from_origin: origin_bytes,
+                            verified: sha256_file(&out) == job.want,
+                        }),
+                        ApiEvent::Error { code, message } => {
+                            bail!("peer {i}: exit code {code}: {message}")
                         }
-                    })
+                        ApiEvent::Progress { .. } | ApiEvent::Probe(_) => {
+                            bail!("peer {i}: no final answer")
+                        }
+                    }
                 })
-                .collect();
-            let results = handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| bail!("a peer thread panicked")))
-                .collect();
-            drop(done_tx);
-            results
-        });
+            })
+            .collect();
+        let results = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a peer thread panicked")))
+            .collect();
+        drop(done_tx);
+        results
+    });
     let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     let origin_cpu_secs = tree_cpu_secs(nginx.pid()) - origin_cpu0;
     let seed_sent = job.lab.map_or(0, |l| l.host_sent_bytes(0)) - sent0;
@@ -223,6 +179,53 @@ pub fn run(job: &Job) -> Result<Outcome> {
         seed_sent,
         piece_failures,
     })
+}
+
+/// With STARLING_BENCH_TRACE set (to seconds, default 1), every interval until `done` closes:
+/// the piece bytes the seed handed to QUIC, the bytes its link carried and each peer's link
+/// carried to it (in a lab).
+fn trace(
+    lab: Option<&Lab>,
+    seed: &starling_tests::Node,
+    peers: usize,
+    start: Instant,
+    done: std::sync::mpsc::Receiver<()>,
+) {
+    let every = std::env::var("STARLING_BENCH_TRACE")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s >= 0.01)
+        .map_or(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs_f64,
+        );
+    let wire = || lab.map_or(0, |l| l.host_sent_bytes(0)) as f64;
+    let downs = || -> Vec<f64> {
+        (1..=peers)
+            .map(|i| lab.map_or(0, |l| l.host_received_bytes(i)) as f64)
+            .collect()
+    };
+    let (mut last, mut last_wire, mut last_downs) = (0.0, wire(), downs());
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(every) {
+        let (up, w, d) = (
+            seed.metric("starling_bytes_uploaded_total"),
+            wire(),
+            downs(),
+        );
+        let mut mb: Vec<f64> = d
+            .iter()
+            .zip(&last_downs)
+            .map(|(a, b)| ((a - b) / 1e5).round() / 10.0)
+            .collect();
+        mb.sort_by(f64::total_cmp);
+        eprintln!(
+            "t={:5.1}s seed pieces {:6.2} MB, link {:6.2} MB; peer links in {mb:?} MB",
+            start.elapsed().as_secs_f64(),
+            (up - last) / 1e6,
+            (w - last_wire) / 1e6,
+        );
+        (last, last_wire, last_downs) = (up, w, d);
+    }
 }
 
 /// A `get` through a daemon's local API, feeding `bar` with its progress.

@@ -28,11 +28,10 @@ pub struct TaskHandle {
     manifest: Arc<Mutex<Option<Manifest>>>,
     /// SHA-256 of every verified piece, None where not verified. Verified means: hashed, checked
     /// against the manifest when there is one, and written. It is journaled at the next group
-    /// commit.
+    /// commit. The pieces an unsealed task's journal names from an earlier run are only claims
+    /// in it until [`TaskHandle::verify_journaled`] re-hashes them (the journal is not synced
+    /// with the content, so after a power loss it may name bytes that never reached the disk).
     pieces: Arc<Book>,
-    /// Pieces the journal of an earlier run names are only claims in it, until
-    /// [`TaskHandle::verify_journaled`] re-hashes them (the journal is not synced with the
-    /// content, so after a power loss it may name bytes that never reached the disk).
     file: OpenKey,
     appended: watch::Receiver<u64>,
 }
@@ -57,11 +56,17 @@ impl TaskHandle {
                     .open(content, journal, journal_len)
                     .map_err(StoreError::Uring)?;
                 let count = header.plan.count() as usize;
+                // A sealed task is vouched for by its manifest (`verify_sealed`), not its journal.
+                let claims = if manifest.is_some() {
+                    Vec::new()
+                } else {
+                    journaled
+                };
                 Ok(Ok(TaskHandle {
                     lease,
                     header,
                     manifest: Arc::new(Mutex::new(manifest)),
-                    pieces: Arc::new(Book::claimed(count, journaled)),
+                    pieces: Arc::new(Book::claimed(count, claims)),
                     file: OpenKey {
                         uring: uring.clone(),
                         key,

@@ -36,6 +36,11 @@ async fn put(t: &TaskHandle, data: &[u8], pieces: &[u32]) {
     }
 }
 
+/// Which pieces `t` counts verified.
+fn verified(t: &TaskHandle) -> Vec<bool> {
+    t.piece_digests().iter().map(Option::is_some).collect()
+}
+
 fn store(dir: &std::path::Path) -> Store {
     Store::open(dir, Duration::from_millis(20)).unwrap()
 }
@@ -80,7 +85,7 @@ async fn durable_pieces_survive_reopen_and_reads_match() {
     // Journaled pieces count only once re-hashed.
     assert_eq!(t.verified_count(), 0);
     assert_eq!(t.verify_journaled().await.unwrap(), 0);
-    let have: Vec<bool> = t.piece_digests().iter().map(Option::is_some).collect();
+    let have = verified(&t);
     assert_eq!(have, vec![false, true, false, false, true, true]);
     put(&t, &data, &[0, 2, 3]).await;
     let m = t.complete(Digest::of(&data)).unwrap();
@@ -111,7 +116,7 @@ async fn unflushed_pieces_are_not_reported_after_a_crash() {
     let data = content(len);
     let h = header(len);
     {
-        // A long commit interval: nothing becomes durable before the "crash".
+        // A long commit interval: only the flush journals anything before the "crash".
         let s = Store::open(d.path(), Duration::from_secs(60)).unwrap();
         let t = fresh(&s, &h).await;
         put(&t, &data, &[0, 1]).await;
@@ -129,7 +134,7 @@ async fn unflushed_pieces_are_not_reported_after_a_crash() {
     let s = store(d.path());
     let t = reopen(&s, &h.id).await.unwrap();
     assert_eq!(t.verify_journaled().await.unwrap(), 0);
-    let have: Vec<bool> = t.piece_digests().iter().map(Option::is_some).collect();
+    let have = verified(&t);
     assert_eq!(have, vec![true, true, false, false]);
 }
 
@@ -160,7 +165,7 @@ async fn journaled_pieces_whose_bytes_were_lost_are_dropped_on_resume() {
     let s = store(d.path());
     let t = reopen(&s, &h.id).await.unwrap();
     assert_eq!(t.verify_journaled().await.unwrap(), 2);
-    let have: Vec<bool> = t.piece_digests().iter().map(Option::is_some).collect();
+    let have = verified(&t);
     assert_eq!(have, vec![true, false, false, false]);
     // The dropped pieces are stored again and the task completes intact.
     put(&t, &data, &[1, 2, 3]).await;
