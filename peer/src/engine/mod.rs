@@ -7,7 +7,9 @@
 //! - **Order**: rarest first among the candidate parents; equally rare pieces in an order
 //!   shuffled by `tie_seed` (each peer its own, so peers fetch different pieces from a seed and
 //!   then have something to trade), or by index without one; sequential from a cursor while a
-//!   streaming client waits.
+//!   streaming client waits. The shuffle stays within spans of `tie_span` pieces, lower spans
+//!   first, so a download fills in roughly in order and the in-order whole-content hash keeps
+//!   pace with it (fully shuffled, nearly all of that hash ran after the last piece landed).
 //! - **Windows**: each parent's in-flight window is its bandwidth-delay product in pieces,
 //!   `ceil(throughput × RTT / piece) + 1`, clamped to `[min_window, max_window]`; before any
 //!   measurement it is `initial_window`. Faster parents therefore carry more.
@@ -87,6 +89,10 @@ pub struct EngineConfig {
     pub source_window: u32,
     /// Shuffles equally rare pieces (None: by index). Give each peer its own.
     pub tie_seed: Option<u64>,
+    /// Equally rare pieces are shuffled only within consecutive spans of this many pieces,
+    /// lower spans first, so a download fills in roughly in order and its in-order content
+    /// hash keeps up instead of hashing nearly everything after the last piece lands.
+    pub tie_span: u32,
     /// How long a piece a parent declined (busy) is not asked of it again.
     pub busy_backoff: Duration,
 }
@@ -110,6 +116,7 @@ impl Default for EngineConfig {
             source_wait: Duration::ZERO,
             source_window: 4,
             tie_seed: None,
+            tie_span: 64,
             busy_backoff: Duration::from_millis(500),
         }
     }
@@ -419,32 +426,52 @@ impl Engine {
     /// leaving them out keeps the sort small on the frequent polls where a parent with a free
     /// slot has nothing we need.
     fn order(&self, now: Duration, takers: Option<&[ParentId]>) -> Vec<u32> {
-        let n = self.have.len() as u32;
-        let open = |i: &u32| {
-            !self.have[*i as usize]
-                && !self.in_flight.contains_key(i)
-                && takers.is_none_or(|ids| {
-                    ids.iter()
-                        .any(|id| self.parents.get(id).is_some_and(|p| p.has[*i as usize]))
-                })
-        };
-        if let Some(cursor) = self.streaming {
-            let cursor = cursor.min(n);
-            return (cursor..n).chain(0..cursor).filter(open).collect();
+        // This runs on most polls, so it works on flat per-piece arrays (one pass per parent)
+        // rather than asking every parent about every piece.
+        let mut open: Vec<bool> = self.have.iter().map(|h| !h).collect();
+        for i in self.in_flight.keys() {
+            open[*i as usize] = false;
         }
-        let usable: Vec<&ParentState> = self
-            .parents
-            .values()
-            .filter(|p| self.usable(p, now))
-            .collect();
-        let mut pieces: Vec<(usize, u32)> = (0..n)
-            .filter(open)
-            .map(|i| (usable.iter().filter(|p| p.has[i as usize]).count(), i))
-            .collect();
+        if let Some(ids) = takers {
+            let mut held = vec![false; open.len()];
+            for p in ids.iter().filter_map(|id| self.parents.get(id)) {
+                for (h, has) in held.iter_mut().zip(&p.has) {
+                    *h |= *has;
+                }
+            }
+            for (o, h) in open.iter_mut().zip(&held) {
+                *o &= *h;
+            }
+        }
+        let open_at = |i: &u32| open[*i as usize];
+        if let Some(cursor) = self.streaming {
+            let n = self.have.len() as u32;
+            let cursor = cursor.min(n);
+            return (cursor..n).chain(0..cursor).filter(open_at).collect();
+        }
+        let mut rarity = vec![0u32; open.len()];
+        for p in self.parents.values().filter(|p| self.usable(p, now)) {
+            for (r, has) in rarity.iter_mut().zip(&p.has) {
+                *r += u32::from(*has);
+            }
+        }
         // Pieces nobody has sort last (rarity 0 would otherwise come first); they go to source.
-        let tie = |i: u32| self.cfg.tie_seed.map_or(i as u64, |s| mix(s ^ i as u64));
-        pieces.sort_by_key(|&(rarity, i)| (rarity == 0, rarity, tie(i)));
-        pieces.into_iter().map(|(_, i)| i).collect()
+        let span = self.cfg.tie_span.max(1);
+        let mut keyed: Vec<(u32, u64, u32)> = (0..self.have.len() as u32)
+            .filter(open_at)
+            .map(|i| {
+                let rank = match rarity[i as usize] {
+                    0 => u32::MAX,
+                    r => r,
+                };
+                let tie = self.cfg.tie_seed.map_or(u64::from(i), |s| {
+                    (u64::from(i / span) << 32) | (mix(s ^ u64::from(i)) >> 32)
+                });
+                (rank, tie, i)
+            })
+            .collect();
+        keyed.sort_unstable();
+        keyed.into_iter().map(|(_, _, i)| i).collect()
     }
 
     /// Fills every usable parent's window, best parents first.
@@ -556,6 +583,10 @@ impl Engine {
             .cfg
             .source_window
             .saturating_sub(self.source_in_flight.len() as u32);
+        // Nothing can go to source now: skip working out the order (most polls).
+        if room == 0 || !(starved || slow_for_long) {
+            return;
+        }
         for piece in self.order(now, None) {
             if room == 0 {
                 break;

@@ -556,3 +556,23 @@ fn a_busy_holder_still_counts_as_holding_so_no_source() {
         assert!(a.iter().all(|x| x.0 != Peer::Source), "{a:?}");
     }
 }
+
+#[test]
+fn shuffled_picks_stay_in_the_lowest_span_so_the_content_hash_keeps_up() {
+    let cfg = EngineConfig {
+        tie_seed: Some(7),
+        tie_span: 64,
+        initial_window: 16,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(plan(256), &[], cfg);
+    e.add_parent(1, &all(256));
+    let picks: Vec<u32> = requests(&e.poll(Duration::ZERO))
+        .iter()
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(picks.len(), 16);
+    assert!(picks.iter().all(|p| *p < 64), "{picks:?}");
+    // Shuffled within the span, not simply in index order.
+    assert_ne!(picks, (0..16).collect::<Vec<u32>>());
+}
