@@ -142,8 +142,9 @@ pub enum Congestion {
 
 /// Ack-eliciting packets a receiver may take in before it must send an ACK (QUIC's default
 /// is 1: an ACK for every second packet). 24 full packets are about 34 KB, near what TCP with
-/// GRO acknowledges at once. A sender whose congestion window holds fewer packets gets its ACK
-/// after the requested delay instead, which quinn keeps to about one RTT.
+/// GRO acknowledges at once. A sender whose congestion window holds fewer packets (the first
+/// two flights of slow start) gets its ACK after the delay instead: 25 ms, quinn's floor and
+/// QUIC's default max_ack_delay, which loss recovery already allows for.
 const ACK_EVERY: u32 = 23;
 
 /// The smallest UDP payload every IPv6 path carries, and QUIC's floor.
