@@ -292,12 +292,53 @@ pub fn scrape_at(host: &str, port: u16) -> String {
     out
 }
 
+/// Every sample in Prometheus text: the series (name with labels) and its value.
+fn samples(text: &str) -> impl Iterator<Item = (&str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            Some((series, v.trim().parse().ok()?))
+        })
+}
+
 /// The value of `series` (exact name with labels) in Prometheus text; 0 when absent.
 pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            let (name, v) = l.rsplit_once(' ')?;
-            (name == series).then(|| v.parse().ok()).flatten()
-        })
+    samples(text)
+        .find_map(|(s, v)| (s == series).then_some(v))
         .unwrap_or(0.0)
+}
+
+/// The series of metric `name` that carry only the label `label`, as (label value, value).
+pub fn metric_by_label(text: &str, name: &str, label: &str) -> Vec<(String, f64)> {
+    let prefix = format!("{name}{{{label}=\"");
+    samples(text)
+        .filter_map(|(s, v)| {
+            let rest = s.strip_prefix(prefix.as_str())?.strip_suffix("\"}")?;
+            Some((rest.to_string(), v))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod metric_tests {
+    use super::*;
+
+    #[test]
+    fn series_are_read_by_exact_name_and_by_label() {
+        let text = "# TYPE starling_piece_failures_total counter\n\
+                    starling_piece_failures_total{cause=\"busy\"} 3\n\
+                    starling_piece_failures_total{cause=\"timeout\"} 1.5\n\
+                    starling_bytes_uploaded_total 42\n";
+        assert_eq!(metric_value(text, "starling_bytes_uploaded_total"), 42.0);
+        assert_eq!(
+            metric_value(text, "starling_piece_failures_total{cause=\"busy\"}"),
+            3.0
+        );
+        assert_eq!(metric_value(text, "absent"), 0.0);
+        assert_eq!(
+            metric_by_label(text, "starling_piece_failures_total", "cause"),
+            vec![("busy".to_string(), 3.0), ("timeout".to_string(), 1.5)]
+        );
+    }
 }

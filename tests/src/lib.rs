@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-pub use cluster::{free_udp_port, metric_value, scrape, scrape_at, Cluster, Node, SchedulerProc};
+pub use cluster::{
+    free_udp_port, metric_by_label, metric_value, scrape, scrape_at, Cluster, Node, SchedulerProc,
+};
 pub use fault::{FaultOrigin, Faults};
 pub use lab::Lab;
 pub use netns::Netns;

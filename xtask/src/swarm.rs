@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use starling::daemon::api::{ApiEvent, GetRequest};
-use starling_tests::{sha256_file, Cluster, Lab, Nginx};
+use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx};
 
 use crate::stock::{cpu_secs, peak_rss_kib, tree_cpu_secs};
 
@@ -157,14 +157,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .collect();
     let mut piece_failures = std::collections::BTreeMap::new();
     for n in &cluster.nodes {
-        for line in n.metrics().lines() {
-            let Some(rest) = line.strip_prefix("starling_piece_failures_total{cause=\"") else {
-                continue;
-            };
-            if let Some((cause, v)) = rest.split_once("\"} ") {
-                *piece_failures.entry(cause.to_string()).or_insert(0.0) +=
-                    v.trim().parse::<f64>().unwrap_or(0.0);
-            }
+        for (cause, v) in metric_by_label(&n.metrics(), "starling_piece_failures_total", "cause") {
+            *piece_failures.entry(cause).or_insert(0.0) += v;
         }
     }
     Ok(Outcome {
