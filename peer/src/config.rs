@@ -227,6 +227,21 @@ pub struct DaemonConfig {
     /// Where Prometheus scrapes `/metrics` (`host:port`); empty disables it.
     /// Default `127.0.0.1:9464`.
     pub metrics_addr: String,
+    /// Threads that run the networking (QUIC, HTTP, the API) of every command. 1 runs it all on
+    /// one thread, with no wakeups between threads: the cheapest where the daemon shares a few
+    /// cores with the workload. Disk I/O, hashing of whole contents and GC have their own
+    /// threads either way. 0 (default): one per 4 cores, at least 1.
+    pub runtime_threads: usize,
+}
+
+impl DaemonConfig {
+    /// [`DaemonConfig::runtime_threads`], with 0 resolved for `cores` available cores.
+    pub fn threads(&self, cores: usize) -> usize {
+        match self.runtime_threads {
+            0 => (cores / 4).max(1),
+            n => n,
+        }
+    }
 }
 
 impl Default for DaemonConfig {
@@ -235,6 +250,7 @@ impl Default for DaemonConfig {
             socket: None,
             gc_interval_seconds: 300,
             metrics_addr: "127.0.0.1:9464".into(),
+            runtime_threads: 0,
         }
     }
 }
@@ -565,6 +581,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_threads_default_to_one_per_four_cores() {
+        let d = DaemonConfig::default();
+        assert_eq!(
+            (d.threads(1), d.threads(2), d.threads(8), d.threads(64)),
+            (1, 1, 2, 16)
+        );
+        let d = DaemonConfig {
+            runtime_threads: 3,
+            ..d
+        };
+        assert_eq!(d.threads(64), 3);
+    }
 
     #[test]
     fn defaults_are_valid_and_partial_files_merge() {

@@ -190,7 +190,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
     if let Some(d) = cli.global.data_dir {
         cfg.data_dir = d;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let threads = cfg
+        .daemon
+        .threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut rt = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let rt = rt
         .enable_all()
         .thread_name("starling-net")
         .build()
@@ -424,9 +435,10 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
     }
 
     cfg.source.ca_certs.extend(args.ca_certs.iter().cloned());
-    let fetcher = Fetcher::new(cfg).map_err(classify)?;
+    let fetcher = Arc::new(Fetcher::new(cfg).map_err(classify)?);
     // Make room before adding to the store.
-    tokio::task::block_in_place(|| fetcher.collect_garbage());
+    let f = fetcher.clone();
+    let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
     let req = Request {
         url: args.url.clone(),
         digest,

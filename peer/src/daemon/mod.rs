@@ -274,7 +274,23 @@ async fn handle_get(
             }
         }
     };
-    match fetched.deliver(&req.output, !req.no_hardlink) {
+    // A copy (no hard link across file systems) may take seconds: off the network thread.
+    let (out, link) = (req.output.clone(), !req.no_hardlink);
+    let (fetched, placed) = match tokio::task::spawn_blocking(move || {
+        let placed = fetched.deliver(&out, link);
+        (fetched, placed)
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiEvent::Error {
+                code: exit::LOCAL,
+                message: format!("cannot write {}: {e}", req.output.display()),
+            }
+        }
+    };
+    match placed {
         Ok(placed) => ApiEvent::Done {
             bytes: fetched.manifest.plan().content_length(),
             digest: fetched.manifest.content_digest().to_string(),
