@@ -89,6 +89,9 @@ pub trait PieceSource: Send + Sync + 'static {
     }
 }
 
+/// Bytes of our connection IDs (see [`Node::bind_with`]).
+const CID_LEN: usize = 4;
+
 /// How QUIC sizes its packets (see [`Node::bind_with`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PathPolicy {
@@ -321,6 +324,11 @@ impl Node {
         endpoint_cfg
             .max_udp_payload_size(policy.upper_bound.max(MIN_UDP_PAYLOAD))
             .map_err(|e| TransportError::Stream(format!("max_udp_payload_size: {e}")))?;
+        // Every short-header packet carries our connection ID: 4 random bytes (quinn's default
+        // is 8) tell this node's connections apart (quinn re-draws on a clash) and leave 4
+        // more bytes of each packet for data.
+        endpoint_cfg
+            .cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(CID_LEN)));
         // GSO batches that fit in one send at the largest packet size (see `gso`).
         let socket = Arc::new(gso::CappedSocket::new(
             runtime.wrap_udp_socket(socket).map_err(bind_err)?,
