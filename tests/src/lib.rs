@@ -52,6 +52,15 @@ pub struct Scratch {
     pub netns: Option<String>,
 }
 
+/// The test's own RUST_LOG never reaches `starling` (its output is checked); to debug a run,
+/// STARLING_TEST_RUST_LOG (e.g. `starling=debug`) does, as RUST_LOG.
+fn pass_log_filter(c: &mut Command) {
+    c.env_remove("RUST_LOG");
+    if let Some(filter) = std::env::var_os("STARLING_TEST_RUST_LOG") {
+        c.env("RUST_LOG", filter);
+    }
+}
+
 impl Scratch {
     pub fn new() -> Scratch {
         let dir = tempfile::Builder::new()
@@ -122,8 +131,8 @@ impl Scratch {
     pub fn starling(&self) -> Command {
         let mut c = Command::new(starling_bin());
         c.env("STARLING_CONFIG", self.config_path())
-            .env_remove("STARLING_DATA_DIR")
-            .env_remove("RUST_LOG");
+            .env_remove("STARLING_DATA_DIR");
+        pass_log_filter(&mut c);
         c
     }
 
@@ -136,8 +145,8 @@ impl Scratch {
         c.args(["netns", "exec", ns])
             .arg(starling_bin())
             .env("STARLING_CONFIG", self.config_path())
-            .env_remove("STARLING_DATA_DIR")
-            .env_remove("RUST_LOG");
+            .env_remove("STARLING_DATA_DIR");
+        pass_log_filter(&mut c);
         c
     }
 

@@ -155,6 +155,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .iter()
         .map(|n| n.metric("starling_bytes_uploaded_total") as u64)
         .collect();
+    if let Some(to) = std::env::var_os("STARLING_BENCH_LOGS") {
+        keep_logs(&cluster, Path::new(&to))?;
+    }
     let mut piece_failures = std::collections::BTreeMap::new();
     for n in &cluster.nodes {
         for (cause, v) in metric_by_label(&n.metrics(), "starling_piece_failures_total", "cause") {
@@ -173,6 +176,20 @@ pub fn run(job: &Job) -> Result<Outcome> {
         seed_sent,
         piece_failures,
     })
+}
+
+/// With STARLING_BENCH_LOGS set to a directory: every daemon's log copied there (`node-0.log` is
+/// the seed's), and the scheduler's when there is one.
+fn keep_logs(cluster: &Cluster, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        std::fs::write(to.join(format!("node-{i}.log")), n.log())?;
+    }
+    if let Some(s) = &cluster.scheduler {
+        std::fs::copy(&s.log, to.join("scheduler.log"))?;
+    }
+    println!("daemon logs kept in {}", to.display());
+    Ok(())
 }
 
 /// With STARLING_BENCH_TRACE set (to seconds, default 1), every interval until `done` closes:

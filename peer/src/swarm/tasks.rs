@@ -31,28 +31,38 @@ pub(super) enum JobError {
     Fatal(FetchError),
 }
 
-/// Asks the scheduler for parents periodically: often while short of parents, rarely after.
+/// Asks the scheduler for parents periodically: every 5 s once it has enough (sooner when one
+/// is lost); while short of parents, 100 ms after an ask that changed how many it lacks (at the
+/// start, everyone who asked at the same moment becomes visible within a round or two), backing
+/// off to 500 ms.
 pub(super) async fn ask_loop(
     swarm: Arc<Swarm>,
     id: TaskId,
     tx: mpsc::UnboundedSender<Event>,
     wanted: Arc<AtomicUsize>,
 ) {
-    let step = Duration::from_millis(250);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
-    let mut since_ask = Duration::ZERO;
+    const SOON: Duration = Duration::from_millis(100);
+    let mut short_every = SOON;
+    let mut last_wanted = wanted.load(Ordering::Relaxed);
     loop {
-        tick.tick().await;
-        since_ask += step;
-        let every = if wanted.load(Ordering::Relaxed) > 0 {
-            Duration::from_millis(500)
-        } else {
-            Duration::from_secs(5)
-        };
-        if since_ask < every {
-            continue;
+        let now_wanted = wanted.load(Ordering::Relaxed);
+        if now_wanted != last_wanted {
+            short_every = SOON;
+            last_wanted = now_wanted;
         }
-        since_ask = Duration::ZERO;
+        if now_wanted > 0 {
+            tokio::time::sleep(short_every).await;
+            short_every = (short_every * 2).min(Duration::from_millis(500));
+        } else {
+            // Enough parents: ask every 5 s, or as soon as one is lost.
+            let step = Duration::from_millis(250);
+            for _ in 0..20 {
+                tokio::time::sleep(step).await;
+                if wanted.load(Ordering::Relaxed) > 0 {
+                    break;
+                }
+            }
+        }
         match swarm.ask(id).await {
             Ok(r) => {
                 if tx.send(Event::Advice(r)).is_err() {
@@ -90,8 +100,9 @@ pub(super) async fn poll_parent(
         return;
     }
     let (mut epoch, mut since) = (u32::MAX, 0u32);
-    // Asking again for a task the parent does not hold yet goes at this pace.
-    let mut not_yet = tokio::time::interval(Duration::from_millis(200));
+    // Asking again for a task the parent does not hold yet: soon at first (a seed that was
+    // ordered to fetch it a moment ago holds it within milliseconds), then every 200 ms.
+    let mut not_yet = Duration::from_millis(5);
     loop {
         match tokio::time::timeout(Duration::from_secs(5), conn.have(task, epoch, since)).await {
             Ok(Ok(r)) => {
@@ -109,7 +120,8 @@ pub(super) async fn poll_parent(
             }
             Ok(Err(TransportError::Refused(Status::NotFound))) => {
                 // Not (yet) holding the task, e.g. a seed that just took our fetch order.
-                not_yet.tick().await;
+                tokio::time::sleep(not_yet).await;
+                not_yet = (not_yet * 2).min(Duration::from_millis(200));
             }
             Ok(Err(e)) => return down(e.to_string()),
             Err(_) => return down("have request timed out".into()),
