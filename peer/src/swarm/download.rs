@@ -10,7 +10,7 @@
 //! so it is ready when the last one lands.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,8 @@ struct Driver<'a> {
     told_source: bool,
     source_mismatches: u32,
     last_progress: Instant,
-    wanted_parents: Arc<AtomicUsize>,
+    /// How many more parents this download could use (the scheduler loop watches it).
+    wanted_parents: tokio::sync::watch::Sender<usize>,
     helpers: Vec<AbortHandle>,
     /// The whole-content hash, computed in order as pieces verify.
     follow: Option<FollowHash>,
@@ -149,7 +150,7 @@ pub(super) async fn run(
         follow: None,
         source_mismatches: 0,
         last_progress: Instant::now(),
-        wanted_parents: Arc::new(AtomicUsize::new(pc.max_parents)),
+        wanted_parents: tokio::sync::watch::Sender::new(pc.max_parents),
         helpers: Vec::new(),
     };
     match missing {
@@ -168,7 +169,7 @@ pub(super) async fn run(
         swarm.clone(),
         id,
         tx.clone(),
-        d.wanted_parents.clone(),
+        d.wanted_parents.subscribe(),
     ));
     d.helpers.push(asker.abort_handle());
     // Without a plan after this long (nobody answered with one), go back to source.
@@ -281,8 +282,9 @@ impl Driver<'_> {
             self.add_parent(c.peer, c.addr);
         }
         let max = self.swarm.cfg.peer.max_parents;
+        let wanted = max.saturating_sub(self.parents.len());
         self.wanted_parents
-            .store(max.saturating_sub(self.parents.len()), Ordering::Relaxed);
+            .send_if_modified(|w| std::mem::replace(w, wanted) != wanted);
     }
 
     /// Orders a seed to fetch the task from source (it serves it to us as it goes).

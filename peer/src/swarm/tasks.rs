@@ -1,7 +1,7 @@
 //! The driver's I/O tasks: asking the scheduler, long-polling each parent's verification log,
 //! and fetching one piece (from a parent or the origin), verified before it is stored.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ pub(super) enum JobError {
     Fatal(FetchError),
 }
 
-/// Asks the scheduler for parents periodically: every 5 s once it has enough (sooner when one
+/// Asks the scheduler for parents periodically: every 5 s once it has enough (at once when one
 /// is lost); while short of parents, 100 ms after an ask that changed how many it lacks (at the
 /// start, everyone who asked at the same moment becomes visible within a round or two), backing
 /// off to 500 ms.
@@ -39,29 +39,21 @@ pub(super) async fn ask_loop(
     swarm: Arc<Swarm>,
     id: TaskId,
     tx: mpsc::UnboundedSender<Event>,
-    wanted: Arc<AtomicUsize>,
+    mut wanted: tokio::sync::watch::Receiver<usize>,
 ) {
     const SOON: Duration = Duration::from_millis(100);
+    const SHORT_AT_MOST: Duration = Duration::from_millis(500);
+    const FULL_EVERY: Duration = Duration::from_secs(5);
     let mut short_every = SOON;
-    let mut last_wanted = wanted.load(Ordering::Relaxed);
     loop {
-        let now_wanted = wanted.load(Ordering::Relaxed);
-        if now_wanted != last_wanted {
+        if wanted.has_changed().unwrap_or(false) {
             short_every = SOON;
-            last_wanted = now_wanted;
         }
-        if now_wanted > 0 {
+        if *wanted.borrow_and_update() > 0 {
             tokio::time::sleep(short_every).await;
-            short_every = (short_every * 2).min(Duration::from_millis(500));
+            short_every = (short_every * 2).min(SHORT_AT_MOST);
         } else {
-            // Enough parents: ask every 5 s, or as soon as one is lost.
-            let step = Duration::from_millis(250);
-            for _ in 0..20 {
-                tokio::time::sleep(step).await;
-                if wanted.load(Ordering::Relaxed) > 0 {
-                    break;
-                }
-            }
+            let _ = tokio::time::timeout(FULL_EVERY, wanted.wait_for(|w| *w > 0)).await;
         }
         match swarm.ask(id).await {
             Ok(r) => {
