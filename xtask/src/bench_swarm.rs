@@ -84,6 +84,10 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.cpu_secs / delivered_gib
     );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
+    println!(
+        "peak RSS per daemon: max {} MiB",
+        o.peak_rss_kib.iter().max().copied().unwrap_or(0) / 1024
+    );
     let failures: Vec<String> = o
         .piece_failures
         .iter()

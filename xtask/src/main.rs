@@ -56,6 +56,10 @@ fn main() -> Result<()> {
 /// Points the test harness (which starts the daemons) at the release binary. Called before
 /// any thread starts.
 pub fn use_release_binary() {
+    // A binary named by the caller wins (A/B runs of two builds).
+    if std::env::var_os("STARLING_BIN").is_some() {
+        return;
+    }
     // SAFETY: single-threaded at this point: no other thread reads the environment.
     unsafe { std::env::set_var("STARLING_BIN", root().join("target/release/starling")) };
 }

@@ -25,7 +25,9 @@ use aya_ebpf::bindings::{
     BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
     BPF_SOCK_OPS_TCP_CONNECT_CB, TC_ACT_PIPE,
 };
-use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_setsockopt};
+use aya_ebpf::helpers::{
+    bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_setsockopt,
+};
 use aya_ebpf::macros::{btf_tracepoint, classifier, map, sock_ops};
 use aya_ebpf::maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray};
 use aya_ebpf::programs::{BtfTracePointContext, SockOpsContext, TcContext};
@@ -222,20 +224,25 @@ fn mapped(v4: [u8; 4]) -> [u8; 16] {
 }
 
 /// Parses one packet and updates the maps. Errors (short packets) just skip it.
+///
+/// It runs for every packet the host sends or receives, so it reads each header with one
+/// helper call and looks the flow up once (helper calls and map lookups are its cost).
 #[inline(always)]
 fn observe(ctx: &TcContext, egress: bool) -> Result<(), i64> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    // The Ethernet header and a 20-byte IPv4 header (anything shorter is not IP or TCP/UDP).
+    let h: [u8; ETH_HLEN + 20] = ctx.load(0)?;
+    let ethertype = u16::from_be_bytes([h[12], h[13]]);
     let (proto, src, dst, l4, size) = match ethertype {
         ETH_P_IP => {
-            let vihl: u8 = ctx.load(ETH_HLEN)?;
-            let ihl = ((vihl & 0x0f) as usize) * 4;
+            let ip = &h[ETH_HLEN..];
+            let ihl = ((ip[0] & 0x0f) as usize) * 4;
             if ihl < 20 {
                 return Ok(());
             }
-            let total = u16::from_be(ctx.load::<u16>(ETH_HLEN + 2)?) as u32;
-            let proto: u8 = ctx.load(ETH_HLEN + 9)?;
-            let src: [u8; 4] = ctx.load(ETH_HLEN + 12)?;
-            let dst: [u8; 4] = ctx.load(ETH_HLEN + 16)?;
+            let total = u16::from_be_bytes([ip[2], ip[3]]) as u32;
+            let proto = ip[9];
+            let src = [ip[12], ip[13], ip[14], ip[15]];
+            let dst = [ip[16], ip[17], ip[18], ip[19]];
             let l4 = ETH_HLEN + ihl;
             if proto == IPPROTO_ICMP && !egress {
                 let ty: u8 = ctx.load(l4)?;
@@ -250,10 +257,13 @@ fn observe(ctx: &TcContext, egress: bool) -> Result<(), i64> {
             (proto, mapped(src), mapped(dst), l4, total)
         }
         ETH_P_IPV6 => {
-            let payload = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4)?) as u32;
-            let proto: u8 = ctx.load(ETH_HLEN + 6)?;
-            let src: [u8; 16] = ctx.load(ETH_HLEN + 8)?;
-            let dst: [u8; 16] = ctx.load(ETH_HLEN + 24)?;
+            let ip: [u8; 40] = ctx.load(ETH_HLEN)?;
+            let payload = u16::from_be_bytes([ip[4], ip[5]]) as u32;
+            let proto = ip[6];
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&ip[8..24]);
+            let mut dst = [0u8; 16];
+            dst.copy_from_slice(&ip[24..40]);
             let l4 = ETH_HLEN + 40;
             if proto == IPPROTO_ICMPV6 && !egress {
                 let ty: u8 = ctx.load(l4)?;
@@ -271,8 +281,9 @@ fn observe(ctx: &TcContext, egress: bool) -> Result<(), i64> {
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Ok(());
     }
-    let sport = u16::from_be(ctx.load::<u16>(l4)?);
-    let dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+    let ports: [u8; 4] = ctx.load(l4)?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
     // SAFETY: the context's skb pointer is valid for the program's run.
     let gso = unsafe { (*ctx.skb.skb).gso_size };
     let size = if gso > 0 {
@@ -301,28 +312,35 @@ fn observe(ctx: &TcContext, egress: bool) -> Result<(), i64> {
         }
     };
     let bytes = ctx.len() as u64;
-    if FLOWS.get_ptr_mut(&key).is_none() {
-        let _ = FLOWS.insert(&key, &FlowStats::default(), BPF_NOEXIST as u64);
-    }
-    if let Some(s) = FLOWS.get_ptr_mut(&key) {
-        // SAFETY: this CPU's copy of the value; programs on one CPU do not preempt each other.
-        unsafe {
-            let s = &mut *s;
-            if egress {
-                s.tx_packets += 1;
-                s.tx_bytes += bytes;
-                if size > s.tx_max {
-                    s.tx_max = size;
-                }
-            } else {
-                s.rx_packets += 1;
-                s.rx_bytes += bytes;
-                if size > s.rx_max {
-                    s.rx_max = size;
-                }
+    let s = match FLOWS.get_ptr_mut(&key) {
+        Some(s) => s,
+        None => {
+            let _ = FLOWS.insert(&key, &FlowStats::default(), BPF_NOEXIST as u64);
+            match FLOWS.get_ptr_mut(&key) {
+                Some(s) => s,
+                None => return Ok(()),
             }
-            s.last_ns = bpf_ktime_get_ns();
         }
+    };
+    // SAFETY: this CPU's copy of the value; programs on one CPU do not preempt each other.
+    unsafe {
+        let s = &mut *s;
+        if egress {
+            s.tx_packets += 1;
+            s.tx_bytes += bytes;
+            if size > s.tx_max {
+                s.tx_max = size;
+            }
+        } else {
+            s.rx_packets += 1;
+            s.rx_bytes += bytes;
+            if size > s.rx_max {
+                s.rx_max = size;
+            }
+        }
+        // The coarse clock (CLOCK_MONOTONIC at tick resolution) is enough to expire idle
+        // flows and costs less than a precise read on every packet.
+        s.last_ns = bpf_ktime_get_coarse_ns();
     }
     Ok(())
 }
