@@ -89,6 +89,33 @@ async fn same_ca_peers_exchange_manifests_and_pieces() {
 }
 
 #[tokio::test]
+async fn requests_end_their_streams_without_stop_sending_or_resets() {
+    let ca = ClusterCa::generate().unwrap();
+    let (_seed, addr, task, m, pieces) = serving(&ca);
+    let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
+    let parent = peer.connect(addr).await.unwrap();
+    for _ in 0..4 {
+        for i in 0..pieces.len() {
+            parent.piece(task, i as u32).await.unwrap();
+        }
+        assert_eq!(parent.manifest(task).await.unwrap(), m);
+    }
+    // Anything either side queued for an earlier stream left before this answer did.
+    assert_eq!(parent.manifest(task).await.unwrap(), m);
+    let st = parent.stats();
+    assert_eq!(
+        (st.frame_tx.stop_sending, st.frame_tx.reset_stream),
+        (0, 0),
+        "the asking side read every answer to its end"
+    );
+    assert_eq!(
+        (st.frame_rx.stop_sending, st.frame_rx.reset_stream),
+        (0, 0),
+        "the serving side read every request to its end"
+    );
+}
+
+#[tokio::test]
 async fn a_peer_without_the_cluster_ca_gets_nothing() {
     let ca = ClusterCa::generate().unwrap();
     let (_seed, addr, task, _, _) = serving(&ca);

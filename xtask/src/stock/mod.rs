@@ -330,11 +330,13 @@ struct Options {
     scenarios: Vec<Scenario>,
     systems: Vec<String>,
     pieces: Vec<u64>,
+    /// Rounds per scenario (see [`run`]).
+    runs: usize,
 }
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: cargo xtask bench stock [--report] [--matrix | --scenario NAME ...] [--peers N] [--size-mib N] [--mbit N] [--topology clean|vxlan|dind|lossy|jumbo] [--systems starling,http,aria2,libtorrent,rqbit] [--pieces 1,4]\n\
+        "usage: cargo xtask bench stock [--report] [--matrix | --scenario NAME ...] [--peers N] [--size-mib N] [--mbit N] [--topology clean|vxlan|dind|lossy|jumbo] [--systems starling,http,aria2,libtorrent,rqbit] [--pieces 1,4] [--runs N]\n\
          scenarios: {}",
         matrix().iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(" ")
     )
@@ -347,6 +349,7 @@ fn parse(args: &[&str]) -> Result<Options> {
     let mut systems = Vec::new();
     let mut pieces = vec![1, 4];
     let mut report_only = false;
+    let mut runs = 1;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if *a == "--matrix" {
@@ -387,6 +390,12 @@ fn parse(args: &[&str]) -> Result<Options> {
                     bail!("--pieces takes MiB powers of two, like 1,4");
                 }
             }
+            "--runs" => {
+                runs = v.parse().map_err(|_| usage())?;
+                if runs == 0 {
+                    bail!("--runs takes a count of at least 1");
+                }
+            }
             _ => return Err(usage()),
         }
     }
@@ -406,6 +415,7 @@ fn parse(args: &[&str]) -> Result<Options> {
         scenarios: picked,
         systems,
         pieces,
+        runs,
     })
 }
 
@@ -467,62 +477,32 @@ pub fn run(args: &[&str]) -> Result<()> {
             sc.loss,
         )
         .map_err(anyhow::Error::msg)?;
-        // Plain HTTP needs about N·T_min; a swarm that needs 6·T_min has failed anyway.
-        let limit = |s: &System| {
-            let k = if *s == System::Http {
-                (sc.peers + 4) as f64 * 1.5
-            } else {
-                6.0
-            };
-            Duration::from_secs_f64((sc.t_min() * k).max(120.0))
-        };
         let mut torrents = Vec::new();
-        let announce = format!("http://{}:{}/announce", lab.hosts[0].addr, bt::TRACKER_PORT);
-        let mut outcomes = Vec::new();
-        for s in &systems {
-            let job = Job {
-                lab: &lab,
-                peers: sc.peers,
-                file: &file,
-                want: &want,
-                limit: limit(s),
-            };
-            let work = dir.join("run").join(s.name());
-            let out = match *s {
-                System::Starling => starling(&job),
-                System::Http => http(&job, &work),
-                System::Bt(client, piece) => {
-                    if !torrents.iter().any(|t: &bt::Torrent| t.piece_mib == piece) {
-                        let path = dir.join(format!("{}-{piece}m.torrent", sc.name));
-                        torrents.push(bt::make_torrent(&file, &announce, piece, &path)?);
-                    }
-                    let t = torrents
-                        .iter()
-                        .find(|t| t.piece_mib == piece)
-                        .context("torrent")?;
-                    bt::run(client, &job, t, &work)
-                }
-            };
-            match out {
-                Ok(o) => {
-                    println!("  {}", report::line(sc, &o));
-                    outcomes.push(o);
-                }
-                Err(e) => {
-                    println!("  {:18} error: {e:#}", s.name());
-                    outcomes.push(Outcome {
-                        system: s.name(),
-                        done: vec![None; sc.peers],
-                        failures: vec![format!("{e:#}")],
-                        cpu_secs: 0.0,
-                        rss_kib: Vec::new(),
-                        seed_sent: 0,
-                        verified: false,
-                    });
-                }
+        // Every system once per round; odd rounds go in reverse order, so no system always
+        // runs first (or right after the same neighbour) on the shared machine.
+        let mut runs: Vec<Vec<Outcome>> = vec![Vec::new(); systems.len()];
+        for round in 0..opts.runs {
+            if opts.runs > 1 {
+                println!("  round {} of {}", round + 1, opts.runs);
+            }
+            let mut order: Vec<usize> = (0..systems.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let out = run_one(&systems[i], sc, &lab, &file, &want, &dir, &mut torrents);
+                println!("  {}", report::line(sc, &out));
+                runs[i].push(out);
             }
         }
-        results.push((sc.clone(), outcomes));
+        if opts.runs > 1 {
+            println!("  median of {} runs:", opts.runs);
+            for r in &runs {
+                println!("  {}", report::summary_line(sc, r));
+            }
+        }
+        // Grouped by system, each system's runs in the order they ran.
+        results.push((sc.clone(), runs.into_iter().flatten().collect()));
         drop(lab);
     }
     let paths = report::write(&root().join("bench/results"), &results)?;
@@ -531,4 +511,56 @@ pub fn run(args: &[&str]) -> Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// One run of `s` in `sc` on `lab`; a system that could not run is an outcome with every
+/// downloader failed, and why.
+fn run_one(
+    s: &System,
+    sc: &Scenario,
+    lab: &Lab,
+    file: &Path,
+    want: &str,
+    dir: &Path,
+    torrents: &mut Vec<bt::Torrent>,
+) -> Outcome {
+    // Plain HTTP needs about N·T_min; a swarm that needs 6·T_min has failed anyway.
+    let k = if *s == System::Http {
+        (sc.peers + 4) as f64 * 1.5
+    } else {
+        6.0
+    };
+    let job = Job {
+        lab,
+        peers: sc.peers,
+        file,
+        want,
+        limit: Duration::from_secs_f64((sc.t_min() * k).max(120.0)),
+    };
+    let announce = format!("http://{}:{}/announce", lab.hosts[0].addr, bt::TRACKER_PORT);
+    let work = dir.join("run").join(s.name());
+    let out = match *s {
+        System::Starling => starling(&job),
+        System::Http => http(&job, &work),
+        System::Bt(client, piece) => (|| {
+            if !torrents.iter().any(|t| t.piece_mib == piece) {
+                let path = dir.join(format!("{}-{piece}m.torrent", sc.name));
+                torrents.push(bt::make_torrent(file, &announce, piece, &path)?);
+            }
+            let t = torrents
+                .iter()
+                .find(|t| t.piece_mib == piece)
+                .context("torrent")?;
+            bt::run(client, &job, t, &work)
+        })(),
+    };
+    out.unwrap_or_else(|e| Outcome {
+        system: s.name(),
+        done: vec![None; sc.peers],
+        failures: vec![format!("{e:#}")],
+        cpu_secs: 0.0,
+        rss_kib: Vec::new(),
+        seed_sent: 0,
+        verified: false,
+    })
 }

@@ -1,6 +1,7 @@
 //! `bench stock`'s outputs: a line per run on stdout, and under `bench/results/`:
-//! `<date>.csv` (one row per scenario and system; a later run the same day replaces the rows
-//! it redid and keeps the others), `<date>.md` (a table per scenario and the targets),
+//! `<date>.csv` (one row per scenario, system and run; a later invocation the same day replaces
+//! the scenario and system pairs it redid and keeps the others), `<date>.md` (a table per
+//! scenario, each system's median over its runs, and the targets),
 //! `<date>-<scenario>-cdf.png` (completion-time CDF per system) and `<date>-peers.png` (wall
 //! time vs peer count).
 
@@ -40,6 +41,138 @@ fn rss_max_mib(o: &Outcome) -> f64 {
     o.rss_kib.iter().copied().max().unwrap_or(0) as f64 / 1024.0
 }
 
+/// One system's runs in one scenario. Wall time and CPU are medians over the runs; the run
+/// with the median wall time stands for the system in per-peer figures and plots. A system
+/// that failed in any run counts as failed.
+pub struct Summary<'a> {
+    pub system: &'a str,
+    pub runs: Vec<&'a Outcome>,
+    /// The median run by wall time (a failed run counts as the slowest).
+    pub mid: &'a Outcome,
+}
+
+impl<'a> Summary<'a> {
+    /// `runs` must hold at least one outcome, all of one system.
+    fn new(runs: Vec<&'a Outcome>) -> Summary<'a> {
+        let mut by_wall = runs.clone();
+        by_wall.sort_by(|a, b| {
+            let w = |o: &Outcome| o.wall().filter(|_| o.ok()).unwrap_or(f64::INFINITY);
+            w(a).total_cmp(&w(b))
+        });
+        let mid = by_wall[by_wall.len() / 2];
+        Summary {
+            system: &mid.system,
+            runs,
+            mid,
+        }
+    }
+
+    /// Every run finished and verified everywhere.
+    pub fn ok(&self) -> bool {
+        self.runs.iter().all(|o| o.ok())
+    }
+
+    /// The median wall time, when every run finished.
+    pub fn wall(&self) -> Option<f64> {
+        self.mid.wall().filter(|_| self.ok())
+    }
+
+    fn walls(&self) -> Vec<f64> {
+        self.runs.iter().filter_map(|o| o.wall()).collect()
+    }
+
+    fn cpus_per_gib(&self, sc: &Scenario) -> Vec<f64> {
+        self.runs.iter().map(|o| cpu_per_gib(sc, o)).collect()
+    }
+
+    pub fn cpu_per_gib(&self, sc: &Scenario) -> f64 {
+        median_of(self.cpus_per_gib(sc))
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        median_of(self.runs.iter().map(|o| o.cpu_secs).collect())
+    }
+
+    fn rss_max_mib(&self) -> f64 {
+        self.runs.iter().map(|o| rss_max_mib(o)).fold(0.0, f64::max)
+    }
+
+    /// `median` and, with more than one run, the runs' range: "24.04 (23.91–24.40)".
+    fn with_range(&self, median: f64, all: &[f64], digits: usize) -> String {
+        let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = all.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if self.runs.len() > 1 && lo <= hi {
+            format!("{median:.digits$} ({lo:.digits$}–{hi:.digits$})")
+        } else {
+            format!("{median:.digits$}")
+        }
+    }
+
+    /// Why it failed: the first failure, and in how many runs.
+    fn failure(&self) -> String {
+        let failed: Vec<(usize, &&Outcome)> = self
+            .runs
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.ok())
+            .collect();
+        let first = failed
+            .first()
+            .and_then(|(_, o)| o.failures.first())
+            .map_or("", String::as_str);
+        if self.runs.len() > 1 {
+            format!(
+                "failed in {} of {} runs (run {}: {first})",
+                failed.len(),
+                self.runs.len(),
+                failed.first().map_or(0, |(i, _)| i + 1)
+            )
+        } else {
+            first.to_string()
+        }
+    }
+}
+
+/// The middle value (the upper one of an even count); NaN when empty.
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// `v`'s outcomes grouped by system, in order of first appearance.
+pub fn summaries(v: &[Outcome]) -> Vec<Summary<'_>> {
+    let mut names: Vec<&str> = Vec::new();
+    for o in v {
+        if !names.contains(&o.system.as_str()) {
+            names.push(&o.system);
+        }
+    }
+    names
+        .into_iter()
+        .map(|n| Summary::new(v.iter().filter(|o| o.system == n).collect()))
+        .collect()
+}
+
+/// One system's runs summed up in one line, for the terminal.
+pub fn summary_line(sc: &Scenario, runs: &[Outcome]) -> String {
+    let Some(s) = summaries(runs).into_iter().next() else {
+        return String::new();
+    };
+    let wall = match s.wall() {
+        Some(w) => format!(
+            "wall {} s ({:.2}x T_min)",
+            s.with_range(w, &s.walls(), 2),
+            w / sc.t_min()
+        ),
+        None => format!("FAILED: {}", s.failure()),
+    };
+    format!(
+        "{:20} {wall}  CPU/GiB {}",
+        s.system,
+        s.with_range(s.cpu_per_gib(sc), &s.cpus_per_gib(sc), 2)
+    )
+}
+
 /// The run in one line, for the terminal.
 pub fn line(sc: &Scenario, o: &Outcome) -> String {
     let t = sorted_times(o);
@@ -67,9 +200,10 @@ pub fn line(sc: &Scenario, o: &Outcome) -> String {
     )
 }
 
-const HEADER: &str = "scenario,topology,loss,peers,size_mib,mbit,system,wall_s,t_min_s,wall_over_t_min,peer_min_s,peer_median_s,peer_max_s,seed_sent_over_f,cpu_s,cpu_s_per_gib,rss_max_mib,verified,peer_times_s,failures";
+const HEADER: &str = "scenario,topology,loss,peers,size_mib,mbit,system,wall_s,t_min_s,wall_over_t_min,peer_min_s,peer_median_s,peer_max_s,seed_sent_over_f,cpu_s,cpu_s_per_gib,rss_max_mib,verified,peer_times_s,failures,run";
 
-fn csv_row(sc: &Scenario, o: &Outcome) -> String {
+/// `o` as a CSV row: the `run`-th run (from 1) of its system in `sc`.
+fn csv_row(sc: &Scenario, o: &Outcome, run: usize) -> String {
     let t = sorted_times(o);
     let f = |x: Option<f64>| x.map_or(String::new(), |v| format!("{v:.3}"));
     let wall = o.wall().filter(|_| o.verified);
@@ -99,11 +233,14 @@ fn csv_row(sc: &Scenario, o: &Outcome) -> String {
         o.verified.to_string(),
         times.join(";"),
         o.failures.join("; ").replace([',', '\n'], " "),
+        run.to_string(),
     ]
     .join(",")
 }
 
-/// A row written by [`csv_row`], back (per-peer RSS comes back as its maximum).
+/// A row written by [`csv_row`], back (per-peer RSS comes back as its maximum). The run number
+/// is not kept: a system's runs are its rows in order (rows from before runs were counted
+/// have no `run` column and read as one run each).
 fn parse_row(line: &str) -> Option<(Scenario, Outcome)> {
     let c: Vec<&str> = line.split(',').collect();
     if c.len() < 20 {
@@ -149,21 +286,28 @@ pub fn write(dir: &Path, results: &[(Scenario, Vec<Outcome>)]) -> Result<Vec<Pat
     std::fs::create_dir_all(dir)?;
     let date = today();
     let csv = dir.join(format!("{date}.csv"));
-    // Earlier scenarios from today, in their order, unless this run redid them.
-    let mut all: Vec<(Scenario, Vec<Outcome>)> = Vec::new();
+    // Today's earlier rows, in their order, less the scenario and system pairs this invocation
+    // redid; then this invocation's.
     let old = std::fs::read_to_string(&csv).unwrap_or_default();
-    let rows = old.lines().skip(1).filter_map(parse_row);
+    let redone = |sc: &Scenario, o: &Outcome| {
+        results
+            .iter()
+            .any(|(s, v)| s.name == sc.name && v.iter().any(|x| x.system == o.system))
+    };
+    let kept = old
+        .lines()
+        .skip(1)
+        .filter_map(parse_row)
+        .filter(|(sc, o)| !redone(sc, o));
     let new = results
         .iter()
         .flat_map(|(sc, v)| v.iter().map(move |o| (sc.clone(), o.clone())));
-    for (sc, o) in rows.chain(new) {
+    let mut all: Vec<(Scenario, Vec<Outcome>)> = Vec::new();
+    for (sc, o) in kept.chain(new) {
         match all.iter_mut().find(|(s, _)| s.name == sc.name) {
             Some((s, v)) => {
                 *s = sc;
-                match v.iter_mut().find(|x| x.system == o.system) {
-                    Some(x) => *x = o,
-                    None => v.push(o),
-                }
+                v.push(o);
             }
             None => all.push((sc, vec![o])),
         }
@@ -171,9 +315,11 @@ pub fn write(dir: &Path, results: &[(Scenario, Vec<Outcome>)]) -> Result<Vec<Pat
     let mut text = String::from(HEADER);
     text.push('\n');
     for (sc, v) in &all {
-        for o in v {
-            text.push_str(&csv_row(sc, o));
-            text.push('\n');
+        for s in summaries(v) {
+            for (i, o) in s.runs.iter().enumerate() {
+                text.push_str(&csv_row(sc, o, i + 1));
+                text.push('\n');
+            }
         }
     }
     std::fs::write(&csv, text)?;
@@ -224,17 +370,31 @@ pub fn write(dir: &Path, results: &[(Scenario, Vec<Outcome>)]) -> Result<Vec<Pat
 }
 
 fn scenario_md(sc: &Scenario, v: &[Outcome]) -> String {
+    let sums = summaries(v);
+    let most = sums.iter().map(|s| s.runs.len()).max().unwrap_or(1);
+    let runs_note = if most > 1 {
+        format!(
+            " Each system ran {most} times, the systems in alternating order; wall time and \
+             CPU are medians, with the runs' range in brackets, and the per-peer figures are \
+             from the run with the median wall time."
+        )
+    } else {
+        String::new()
+    };
     let mut s = format!(
-        "## {}\n\nT_min = {:.2} s.\n\n\
+        "## {}\n\nT_min = {:.2} s.{runs_note}\n\n\
          | system | wall s | wall / T_min | per peer min / median / max s | seed sent / F | CPU-s | CPU-s per GiB delivered | peak RSS per peer, max MiB | result |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         sc.describe(),
         sc.t_min()
     );
-    for o in v {
-        let t = sorted_times(o);
-        let (wall, ratio) = match o.wall().filter(|_| o.verified) {
-            Some(w) => (format!("{w:.2}"), format!("{:.2}", w / sc.t_min())),
+    for m in &sums {
+        let t = sorted_times(m.mid);
+        let (wall, ratio) = match m.wall() {
+            Some(w) => (
+                m.with_range(w, &m.walls(), 2),
+                format!("{:.2}", w / sc.t_min()),
+            ),
             None => ("-".into(), "-".into()),
         };
         let spread = if t.is_empty() {
@@ -242,41 +402,32 @@ fn scenario_md(sc: &Scenario, v: &[Outcome]) -> String {
         } else {
             format!("{:.1} / {:.1} / {:.1}", t[0], median(&t), t[t.len() - 1])
         };
-        let result = if o.ok() {
+        let result = if m.ok() {
             "all verified".to_string()
         } else {
-            format!(
-                "{}/{} complete; {}",
-                t.len(),
-                o.done.len(),
-                o.failures.first().map_or("", String::as_str)
-            )
+            format!("{}/{} complete; {}", t.len(), m.mid.done.len(), m.failure())
         };
         s.push_str(&format!(
-            "| {} | {wall} | {ratio} | {spread} | {:.2} | {:.1} | {:.2} | {:.0} | {result} |\n",
-            o.system,
-            o.seed_sent as f64 / (sc.size_mib * MIB) as f64,
-            o.cpu_secs,
-            cpu_per_gib(sc, o),
-            rss_max_mib(o)
+            "| {} | {wall} | {ratio} | {spread} | {:.2} | {:.1} | {} | {:.0} | {result} |\n",
+            m.system,
+            m.mid.seed_sent as f64 / (sc.size_mib * MIB) as f64,
+            m.cpu_secs(),
+            m.with_range(m.cpu_per_gib(sc), &m.cpus_per_gib(sc), 2),
+            m.rss_max_mib()
         ));
     }
-    s.push_str(&targets(sc, v));
+    s.push_str(&targets(sc, &sums));
     s
 }
 
-/// The issue's targets for this scenario, as ratios from the same run.
-fn targets(sc: &Scenario, v: &[Outcome]) -> String {
-    let Some(st) = v.iter().find(|o| o.system == "starling") else {
+/// The issue's targets for this scenario, as ratios of figures from the same invocation.
+fn targets(sc: &Scenario, sums: &[Summary]) -> String {
+    let Some(st) = sums.iter().find(|m| m.system == "starling") else {
         return String::new();
     };
-    let stock: Vec<&Outcome> = v
-        .iter()
-        .filter(|o| o.system != "starling" && o.ok())
-        .collect();
     let mut s = String::from("\n");
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
-    let Some(sw) = st.wall().filter(|_| st.ok()) else {
+    let Some(sw) = st.wall() else {
         s.push_str("Starling did not complete: every target is **not met**.\n");
         return s;
     };
@@ -288,9 +439,10 @@ fn targets(sc: &Scenario, v: &[Outcome]) -> String {
         ));
     }
     // "The best stock peer": the stock system that finished fastest in this scenario.
-    match stock
+    match sums
         .iter()
-        .filter_map(|o| o.wall().map(|w| (w, o)))
+        .filter(|m| m.system != "starling")
+        .filter_map(|m| m.wall().map(|w| (w, m)))
         .min_by(|a, b| a.0.total_cmp(&b.0))
     {
         Some((w, best)) => {
@@ -300,7 +452,7 @@ fn targets(sc: &Scenario, v: &[Outcome]) -> String {
                 best.system,
                 verdict(r <= 0.75)
             ));
-            let (a, b) = (cpu_per_gib(sc, st), cpu_per_gib(sc, best));
+            let (a, b) = (st.cpu_per_gib(sc), best.cpu_per_gib(sc));
             s.push_str(&format!(
                 "- CPU-s per GiB delivered: Starling {a:.2}, {} {b:.2} (target ≤: {})\n",
                 best.system,
@@ -309,7 +461,7 @@ fn targets(sc: &Scenario, v: &[Outcome]) -> String {
         }
         None => s.push_str("- No stock system completed: Starling is the only one that did.\n"),
     }
-    let rss = rss_max_mib(st);
+    let rss = st.rss_max_mib();
     s.push_str(&format!(
         "- Starling peak RSS per peer: {rss:.0} MiB (target ≤ 64: {})\n",
         verdict(rss <= 64.0)
@@ -376,7 +528,8 @@ fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
         .y_desc("fraction of peers complete")
         .draw()
         .map_err(plot_err)?;
-    for (i, o) in v.iter().enumerate() {
+    for (i, m) in summaries(v).iter().enumerate() {
+        let o = m.mid;
         let t = sorted_times(o);
         let n = o.done.len().max(1) as f64;
         let mut pts = vec![(0.0, 0.0)];
@@ -437,10 +590,10 @@ fn peers_plot(path: &Path, all: &[(Scenario, Vec<Outcome>)]) -> Result<bool> {
         .collect();
     let mut by_system: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for (sc, v) in &same {
-        for o in v {
-            if let Some(w) = o.wall().filter(|_| o.verified) {
+        for m in summaries(v) {
+            if let Some(w) = m.wall() {
                 by_system
-                    .entry(o.system.clone())
+                    .entry(m.system.to_string())
                     .or_default()
                     .push((sc.peers as f64, w));
             }
@@ -537,7 +690,7 @@ mod tests {
             seed_sent: 64 * MIB,
             verified: true,
         };
-        let (sc2, o2) = parse_row(&csv_row(&sc, &o)).expect("row");
+        let (sc2, o2) = parse_row(&csv_row(&sc, &o, 1)).expect("row");
         assert_eq!(
             (sc2.name.as_str(), sc2.topology, sc2.peers),
             ("lossy", Topology::Lossy, 3)
@@ -548,5 +701,84 @@ mod tests {
         assert_eq!(o2.wall(), None);
         assert_eq!(o2.rss_kib, vec![4096]);
         assert_eq!(o2.seed_sent, 64 * MIB);
+    }
+
+    fn run(system: &str, walls: &[Option<f64>], cpu: f64) -> Outcome {
+        Outcome {
+            system: system.into(),
+            failures: if walls.iter().all(Option::is_some) {
+                Vec::new()
+            } else {
+                vec!["peer 1: not complete after 120 s".into()]
+            },
+            done: walls.to_vec(),
+            cpu_secs: cpu,
+            rss_kib: vec![40 << 10],
+            seed_sent: MIB,
+            verified: true,
+        }
+    }
+
+    #[test]
+    fn a_systems_runs_sum_up_to_medians_and_any_failed_run_fails_it() {
+        let sc = Scenario::new("default", Topology::Clean, 2, 256);
+        let v = vec![
+            run("starling", &[Some(20.0), Some(26.0)], 40.0),
+            run("aria2-1m", &[Some(30.0), Some(33.0)], 30.0),
+            run("starling", &[Some(23.0), Some(24.0)], 30.0),
+            run("starling", &[Some(25.0), Some(25.5)], 35.0),
+            run("aria2-1m", &[Some(31.0), None], 29.0),
+        ];
+        let sums = summaries(&v);
+        assert_eq!(sums.len(), 2);
+        let st = &sums[0];
+        assert_eq!((st.system, st.runs.len()), ("starling", 3));
+        assert_eq!(st.wall(), Some(25.5), "the run with the median wall time");
+        assert_eq!(st.cpu_secs(), 35.0, "the median CPU, from whichever run");
+        assert_eq!(st.with_range(25.5, &st.walls(), 1), "25.5 (24.0–26.0)");
+        let aria = &sums[1];
+        assert!(!aria.ok());
+        assert_eq!(aria.wall(), None);
+        assert_eq!(
+            aria.failure(),
+            "failed in 1 of 2 runs (run 2: peer 1: not complete after 120 s)"
+        );
+        let md = scenario_md(&sc, &v);
+        assert!(md.contains("Each system ran 3 times"), "{md}");
+        assert!(md.contains("No stock system completed"), "{md}");
+    }
+
+    #[test]
+    fn a_later_invocation_replaces_every_run_of_what_it_redid_and_keeps_the_rest() {
+        let dir = std::env::temp_dir().join(format!("stock-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let sc = Scenario::new("n2", Topology::Clean, 2, 64);
+        let first = vec![(
+            sc.clone(),
+            vec![
+                run("starling", &[Some(9.0), Some(9.5)], 5.0),
+                run("starling", &[Some(8.0), Some(8.5)], 5.0),
+                run("aria2-1m", &[Some(12.0), Some(12.5)], 6.0),
+            ],
+        )];
+        write(&dir, &first).expect("first write");
+        let second = vec![(
+            sc.clone(),
+            vec![run("starling", &[Some(7.0), Some(7.5)], 4.0)],
+        )];
+        let paths = write(&dir, &second).expect("second write");
+        let csv = paths
+            .iter()
+            .find(|p| p.extension().is_some_and(|e| e == "csv"))
+            .expect("a csv");
+        let text = std::fs::read_to_string(csv).expect("read csv");
+        let rows: Vec<(Scenario, Outcome)> = text.lines().skip(1).filter_map(parse_row).collect();
+        let systems: Vec<&str> = rows.iter().map(|(_, o)| o.system.as_str()).collect();
+        assert_eq!(systems, ["aria2-1m", "starling"], "{text}");
+        assert_eq!(rows[1].1.wall(), Some(7.5));
+        assert!(text
+            .lines()
+            .all(|l| l.ends_with(",1") || l.ends_with(",run")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
