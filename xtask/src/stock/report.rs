@@ -373,18 +373,16 @@ fn scenario_md(sc: &Scenario, v: &[Outcome]) -> String {
     let sums = summaries(v);
     let most = sums.iter().map(|s| s.runs.len()).max().unwrap_or(1);
     let runs_note = if most > 1 {
-        format!(
-            " Each system ran {most} times, the systems in alternating order; wall time and \
-             CPU are medians, with the runs' range in brackets, and the per-peer figures are \
-             from the run with the median wall time."
-        )
+        " Systems with more than one run ran in alternating order; their wall time and CPU \
+         are medians, with the runs' range in brackets, and their per-peer figures are from \
+         the run with the median wall time."
     } else {
-        String::new()
+        ""
     };
     let mut s = format!(
         "## {}\n\nT_min = {:.2} s.{runs_note}\n\n\
-         | system | wall s | wall / T_min | per peer min / median / max s | seed sent / F | CPU-s | CPU-s per GiB delivered | peak RSS per peer, max MiB | result |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+         | system | runs | wall s | wall / T_min | per peer min / median / max s | seed sent / F | CPU-s | CPU-s per GiB delivered | peak RSS per peer, max MiB | result |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
         sc.describe(),
         sc.t_min()
     );
@@ -408,8 +406,9 @@ fn scenario_md(sc: &Scenario, v: &[Outcome]) -> String {
             format!("{}/{} complete; {}", t.len(), m.mid.done.len(), m.failure())
         };
         s.push_str(&format!(
-            "| {} | {wall} | {ratio} | {spread} | {:.2} | {:.1} | {} | {:.0} | {result} |\n",
+            "| {} | {} | {wall} | {ratio} | {spread} | {:.2} | {:.1} | {} | {:.0} | {result} |\n",
             m.system,
+            m.runs.len(),
             m.mid.seed_sent as f64 / (sc.size_mib * MIB) as f64,
             m.cpu_secs(),
             m.with_range(m.cpu_per_gib(sc), &m.cpus_per_gib(sc), 2),
@@ -448,7 +447,7 @@ fn targets(sc: &Scenario, sums: &[Summary]) -> String {
         Some((w, best)) => {
             let r = sw / w;
             s.push_str(&format!(
-                "- Starling / best stock peer ({}, {w:.2} s) = {r:.2} (target ≤ 0.75: {})\n",
+                "- Starling / best stock peer ({}, {w:.2} s) = {r:.3} (target ≤ 0.75: {})\n",
                 best.system,
                 verdict(r <= 0.75)
             ));
@@ -744,7 +743,10 @@ mod tests {
             "failed in 1 of 2 runs (run 2: peer 1: not complete after 120 s)"
         );
         let md = scenario_md(&sc, &v);
-        assert!(md.contains("Each system ran 3 times"), "{md}");
+        assert!(
+            md.contains("| starling | 3 | 25.50 (24.00–26.00) |"),
+            "{md}"
+        );
         assert!(md.contains("No stock system completed"), "{md}");
     }
 
