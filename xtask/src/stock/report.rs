@@ -136,7 +136,11 @@ impl<'a> Summary<'a> {
 /// The middle value (the upper one of an even count); NaN when empty.
 fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        median(&v)
+    }
 }
 
 /// `v`'s outcomes grouped by system, in order of first appearance.
@@ -506,9 +510,11 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
 fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let x_max = v
+    // Each system is drawn from its median run (see [`Summary`]), and so is the axis.
+    let sums = summaries(v);
+    let x_max = sums
         .iter()
-        .flat_map(|o| o.done.iter().flatten().copied())
+        .flat_map(|m| m.mid.done.iter().flatten().copied())
         .fold(sc.t_min(), f64::max)
         * 1.05;
     let mut chart = ChartBuilder::on(&root)
@@ -527,7 +533,7 @@ fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
         .y_desc("fraction of peers complete")
         .draw()
         .map_err(plot_err)?;
-    for (i, m) in summaries(v).iter().enumerate() {
+    for (i, m) in sums.iter().enumerate() {
         let o = m.mid;
         let t = sorted_times(o);
         let n = o.done.len().max(1) as f64;
