@@ -93,6 +93,24 @@ fn a_seed_and_six_peers_read_the_origin_about_once() {
     );
 }
 
+#[test]
+fn with_fewer_parent_slots_than_peers_every_peer_still_uploads() {
+    // Eight peers, two parent slots each: the peers that start together must spread over
+    // each other, not all take the one or two that announced first (which left the others
+    // with no children and the seed sending several copies).
+    let s = setup(8, 64, "max_parents = 2", "");
+    s.get_all(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    let up: Vec<f64> = (0..=8)
+        .map(|i| s.cluster.nodes[i].metric("starling_bytes_uploaded_total") / s.len as f64)
+        .collect();
+    let idle = (1..=8).filter(|i| up[*i] < 0.05).count();
+    assert!(
+        idle <= 1,
+        "{idle} of 8 peers uploaded under 5% of the file (uploads in F, seed first: {up:.2?})"
+    );
+    assert!(up[0] < 3.0, "the seed sent {:.2} x F: {up:.2?}", up[0]);
+}
+
 /// Flips a byte in every piece of a node's stored copy (what a bad disk does).
 fn corrupt_store(node: &Node, len: u64, piece: u64) {
     use std::os::unix::fs::FileExt;

@@ -136,6 +136,8 @@ struct ParentState {
     blacklisted: bool,
     /// Window after strikes halve it, until measurements recover it.
     penalty_window: Option<u32>,
+    /// Bytes delivered in the current replacement window ([`Engine::parent_to_replace`]).
+    window_bytes: u64,
 }
 
 /// Per-parent view for reports and the scheduler.
@@ -170,6 +172,8 @@ pub struct Engine {
     timed_out: Vec<(Peer, u32)>,
     /// (parent, piece) pairs declined as busy, and until when they are not asked again.
     busy: BTreeMap<(ParentId, u32), Duration>,
+    /// When the current parent-replacement window began.
+    window_start: Option<Duration>,
     out: Vec<Action>,
 }
 
@@ -196,6 +200,7 @@ impl Engine {
             news_pending: false,
             timed_out: Vec::new(),
             busy: BTreeMap::new(),
+            window_start: None,
             out: Vec::new(),
         }
     }
@@ -273,6 +278,7 @@ impl Engine {
                 if p.strikes == 0 {
                     p.penalty_window = None;
                 }
+                p.window_bytes += len;
             }
         }
         if !self.have[piece as usize] {
@@ -288,6 +294,34 @@ impl Engine {
             }
         }
         let _ = now;
+    }
+
+    /// With every parent slot taken, the parent to replace, if one has been delivering far
+    /// less than the others: over a window of at least `window`, under a third of the median
+    /// parent's bytes (a parent holding nothing this peer lacks delivers none). With a partial
+    /// mesh (more peers than slots), such a parent is overloaded with children or behind this
+    /// peer, while others it is not connected to are idle or ahead. Picking one starts a new
+    /// window for all, so one parent at most goes per window.
+    pub fn parent_to_replace(&mut self, now: Duration, window: Duration) -> Option<ParentId> {
+        let started = self.window_start.get_or_insert(now);
+        if now.saturating_sub(*started) < window || self.parents.len() < 2 {
+            return None;
+        }
+        let mut bytes: Vec<(u64, ParentId)> = self
+            .parents
+            .iter()
+            .map(|(id, p)| (p.window_bytes, *id))
+            .collect();
+        bytes.sort_unstable();
+        let median = bytes[bytes.len() / 2].0;
+        let (least, id) = bytes[0];
+        let pick =
+            (least.saturating_mul(3) < median || median == 0 && self.missing > 0).then_some(id);
+        self.window_start = Some(now);
+        for p in self.parents.values_mut() {
+            p.window_bytes = 0;
+        }
+        pick
     }
 
     /// A request failed. The piece goes back to the pool; the parent takes a strike.

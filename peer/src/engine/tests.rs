@@ -576,3 +576,50 @@ fn shuffled_picks_stay_in_the_lowest_span_so_the_content_hash_keeps_up() {
     // Shuffled within the span, not simply in index order.
     assert_ne!(picks, (0..16).collect::<Vec<u32>>());
 }
+
+#[test]
+fn the_parent_that_delivers_far_least_is_the_one_to_replace() {
+    let s = Duration::from_secs(1);
+    let mut e = Engine::new(
+        plan(16),
+        &[],
+        EngineConfig {
+            initial_window: 4,
+            ..no_source()
+        },
+    );
+    e.add_parent(1, &all(16));
+    e.add_parent(2, &all(16));
+    e.add_parent(3, &all(16));
+    assert_eq!(
+        e.parent_to_replace(Duration::ZERO, 3 * s),
+        None,
+        "window starts"
+    );
+    let r = requests(&e.poll(Duration::ZERO));
+    let from = |id| {
+        r.iter()
+            .filter(move |(p, _)| *p == Peer::Parent(id))
+            .map(|x| x.1)
+    };
+    // 1 and 2 deliver everything asked of them, twice over; 3 delivers one piece.
+    for (id, n) in [(1, 4), (2, 4), (3, 1)] {
+        for piece in from(id).take(n) {
+            e.on_piece(Peer::Parent(id), piece, 10 * MS, s);
+        }
+    }
+    for (p, piece) in requests(&e.poll(s)) {
+        if p != Peer::Parent(3) {
+            e.on_piece(p, piece, 10 * MS, s);
+        }
+    }
+    assert_eq!(e.parent_to_replace(2 * s, 3 * s), None, "window not over");
+    assert_eq!(e.parent_to_replace(3 * s, 3 * s), Some(3));
+    // A new window: parents that deliver alike are all kept.
+    e.remove_parent(3);
+    let r = requests(&e.poll(3 * s));
+    for (p, piece) in r {
+        e.on_piece(p, piece, 10 * MS, 4 * s);
+    }
+    assert_eq!(e.parent_to_replace(6 * s, 3 * s), None);
+}

@@ -140,6 +140,12 @@ pub struct Scheduler {
     peers: BTreeMap<PeerId, PeerState>,
     /// Who was told to go back to source for a task nobody held, and when.
     fetchers: HashMap<TaskId, (PeerId, Duration)>,
+    /// Peers that asked for a task's parents and have not announced it yet, and when: they
+    /// are downloading it, so they are candidates (holding nothing yet) for those who ask
+    /// next. Without this, peers that start together all got the one or two that happened
+    /// to announce first, and with `max_parents` under the swarm's size the rest got no
+    /// children.
+    joining: HashMap<TaskId, HashMap<PeerId, Duration>>,
 }
 
 impl Scheduler {
@@ -148,6 +154,7 @@ impl Scheduler {
             cfg,
             peers: BTreeMap::new(),
             fetchers: HashMap::new(),
+            joining: HashMap::new(),
         }
     }
 
@@ -224,6 +231,13 @@ impl Scheduler {
         }
         let fetch_ttl = self.cfg.fetch_ttl;
         let peers = &self.peers;
+        self.joining.retain(|task, j| {
+            j.retain(|peer, since| {
+                now.saturating_sub(*since) <= keep
+                    && peers.get(peer).is_some_and(|p| !p.tasks.contains_key(task))
+            });
+            !j.is_empty()
+        });
         self.fetchers.retain(|_, (peer, since)| {
             now.saturating_sub(*since) <= fetch_ttl && peers.contains_key(peer)
         });
@@ -239,10 +253,28 @@ impl Scheduler {
         requester: &str,
         task: &TaskId,
         max: usize,
+        exclude: &[PeerId],
         now: Duration,
     ) -> (Vec<Candidate>, Advice) {
-        let parents = self.candidates(requester, task, max, now);
-        if !parents.is_empty() {
+        let parents = self.candidates(requester, task, max, exclude, now);
+        if let Some(p) = self.peers.get(requester) {
+            if !p.tasks.contains_key(task) {
+                self.joining
+                    .entry(*task)
+                    .or_default()
+                    .insert(requester.to_string(), now);
+            }
+        }
+        // Holders the requester already has (or just left) still count as holders; peers
+        // still joining do not (someone must still be told to fetch).
+        let holds = |x: &str| {
+            x != requester
+                && self
+                    .peers
+                    .get(x)
+                    .is_some_and(|p| p.tasks.contains_key(task))
+        };
+        if parents.iter().any(|c| holds(&c.peer)) || exclude.iter().any(|x| holds(x)) {
             return (parents, Advice::Parents);
         }
         let fetcher = self
@@ -279,13 +311,15 @@ impl Scheduler {
         (parents, advice(self, &chosen))
     }
 
-    /// Up to `max` ranked parents for `requester` on `task`. Each one handed out counts as an
-    /// assignment against that parent for a while, which spreads later requesters.
+    /// Up to `max` ranked parents for `requester` on `task`, leaving out `exclude` (the
+    /// parents it has, and those it just left). Each one handed out counts as an assignment
+    /// against that parent for a while, which spreads later requesters.
     pub fn candidates(
         &mut self,
         requester: &str,
         task: &TaskId,
         max: usize,
+        exclude: &[PeerId],
         now: Duration,
     ) -> Vec<Candidate> {
         let (mine, my_links) = match self.peers.get(requester) {
@@ -302,13 +336,16 @@ impl Scheduler {
             v
         };
         let median = measured.get(measured.len() / 2).copied().unwrap_or(1.0);
+        let joining = self.joining.get(task);
         let mut out: Vec<Candidate> = Vec::new();
         for (id, p) in &self.peers {
-            if id == requester {
+            if id == requester || exclude.contains(id) {
                 continue;
             }
-            let Some(have) = p.tasks.get(task) else {
-                continue;
+            let (have, joined) = match p.tasks.get(task) {
+                Some(have) => (have.as_slice(), false),
+                None if joining.is_some_and(|j| j.contains_key(id)) => (&[][..], true),
+                None => continue,
             };
             let useful = have
                 .iter()
@@ -321,7 +358,7 @@ impl Scheduler {
                 .count() as u32;
             // A holder with nothing new is still worth watching while it downloads (at the
             // start, a seed that has verified nothing yet); a complete one is not.
-            if useful == 0 && have.iter().all(|h| *h) {
+            if useful == 0 && !joined && have.iter().all(|h| *h) {
                 continue;
             }
             let load = p.uploads as f64 + p.assigned.len() as f64;
@@ -335,7 +372,18 @@ impl Scheduler {
                 Some(l) => l.throughput.max(1.0) * (1.0 - l.loss.clamp(0.0, 0.9)),
                 None => median.min(capacity),
             };
-            let score = (1.0 + useful as f64).ln() * spare * link;
+            // A holder with nothing new yet still scores a little, so that load spreads
+            // requesters over such holders too: at the start every peer has nothing, and
+            // with a bare ln(1 + 0) = 0 for all, each requester took the same few peers by the
+            // tie-break (with `max_parents` under the swarm's size, half the peers got no
+            // children and the seed sent 2.7 x F).
+            //
+            // Past `USEFUL_ENOUGH` pieces, more does not rank higher: any such holder can keep
+            // a child's requests busy, and load should then decide, or the first peers to hold
+            // a few pieces collect every child while later ones (the same content a second
+            // later) get none.
+            let value = (1.0 + useful.min(USEFUL_ENOUGH) as f64).ln() + WATCH_SCORE;
+            let score = value * spare * link;
             out.push(Candidate {
                 peer: id.clone(),
                 addr: p.addr,
@@ -358,6 +406,13 @@ impl Scheduler {
         out
     }
 }
+
+/// What a downloading holder with nothing the requester lacks scores, before load and link:
+/// a twentieth of one useful piece's, so any useful holder outranks it unless far busier.
+const WATCH_SCORE: f64 = 0.05;
+
+/// How many useful pieces make a holder as good as any other (before load and link).
+const USEFUL_ENOUGH: u32 = 8;
 
 /// A stable per-(requester, candidate) order for equal scores.
 fn tie(requester: &str, candidate: &str) -> u64 {

@@ -23,6 +23,10 @@ pub struct AnnounceReply {
 pub struct CandidatesCall {
     pub peer: PeerId,
     pub max: u32,
+    /// Peers not to offer: the requester's parents and those it just left. Absent from older
+    /// peers' calls.
+    #[serde(default)]
+    pub exclude: Vec<PeerId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -33,6 +37,8 @@ pub struct CandidatesReply {
 
 /// Most candidates one call may ask for.
 const MAX_CANDIDATES: u32 = 64;
+/// Most peers one call may exclude (the rest are ignored).
+const MAX_EXCLUDE: usize = 256;
 
 /// A scheduler behind a lock, with its clock.
 pub struct SchedulerService {
@@ -69,8 +75,9 @@ impl SchedulerService {
     pub fn candidates(&self, task: &TaskId, call: &CandidatesCall) -> CandidatesReply {
         let now = self.start.elapsed();
         let max = call.max.min(MAX_CANDIDATES) as usize;
+        let exclude = &call.exclude[..call.exclude.len().min(MAX_EXCLUDE)];
         self.with(|s| {
-            let (parents, advice) = s.advise(&call.peer, task, max, now);
+            let (parents, advice) = s.advise(&call.peer, task, max, exclude, now);
             CandidatesReply { parents, advice }
         })
     }

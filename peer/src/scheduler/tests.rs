@@ -43,7 +43,7 @@ fn soft_state_expires_and_rebuilds_from_announcements() {
     s.announce(ann("seed", 0, true, vec![true; 8]), Duration::ZERO);
     s.announce(ann("a", 1, false, vec![false; 8]), Duration::ZERO);
     assert_eq!(
-        names(&s.candidates("a", &task(), 5, Duration::ZERO)),
+        names(&s.candidates("a", &task(), 5, &[], Duration::ZERO)),
         vec!["seed"]
     );
     // The seed keeps announcing; `a` goes quiet past the TTL.
@@ -56,7 +56,7 @@ fn soft_state_expires_and_rebuilds_from_announcements() {
     fresh.announce(ann("seed", 0, true, vec![true; 8]), 40 * S);
     fresh.announce(ann("a", 1, false, vec![false; 8]), 40 * S);
     assert_eq!(
-        names(&fresh.candidates("a", &task(), 5, 40 * S)),
+        names(&fresh.candidates("a", &task(), 5, &[], 40 * S)),
         vec!["seed"]
     );
 }
@@ -66,13 +66,14 @@ fn incremental_announcements_update_bitmaps() {
     let mut s = Scheduler::new(SchedulerConfig::default());
     s.announce(ann("a", 1, false, vec![false; 4]), Duration::ZERO);
     s.announce(ann("b", 2, false, vec![false; 4]), Duration::ZERO);
-    // b has nothing useful yet, but it is downloading: worth watching, ranked with score 0.
-    let c = s.candidates("a", &task(), 5, Duration::ZERO);
-    assert_eq!((names(&c), c[0].useful, c[0].score), (vec!["b"], 0, 0.0));
+    // b has nothing useful yet, but it is downloading: worth watching, with a small score.
+    let c = s.candidates("a", &task(), 5, &[], Duration::ZERO);
+    assert_eq!((names(&c), c[0].useful), (vec!["b"], 0));
+    assert!(c[0].score > 0.0 && c[0].score < 1.0, "{}", c[0].score);
     let mut add = ann("b", 2, false, vec![]);
     add.tasks = vec![(task(), Holding::Added(vec![1, 3, 99]))];
     s.announce(add, S);
-    let c = s.candidates("a", &task(), 5, S);
+    let c = s.candidates("a", &task(), 5, &[], S);
     assert_eq!(names(&c), vec!["b"]);
     assert_eq!(c[0].useful, 2);
     // Added before any full bitmap is ignored until the full one arrives.
@@ -83,7 +84,7 @@ fn incremental_announcements_update_bitmaps() {
     let mut gone = ann("b", 2, false, vec![]);
     gone.tasks = vec![(task(), Holding::Gone)];
     s.announce(gone, 2 * S);
-    assert!(s.candidates("a", &task(), 5, 2 * S).is_empty());
+    assert!(s.candidates("a", &task(), 5, &[], 2 * S).is_empty());
 }
 
 #[test]
@@ -131,7 +132,7 @@ fn ranking_prefers_useful_well_connected_parents() {
         ),
         Duration::ZERO,
     );
-    let c = s.candidates("me", &task(), 10, Duration::ZERO);
+    let c = s.candidates("me", &task(), 10, &[], Duration::ZERO);
     assert_eq!(names(&c)[..2], ["fast", "lossy"]);
     assert!(!names(&c).contains(&"me"));
     // A downloading holder with nothing useful is still listed (it may get more), last.
@@ -158,7 +159,7 @@ fn a_swarm_forms_a_mesh_not_a_star() {
     let mut indegree: HashMap<String, usize> = HashMap::new();
     let mut seed_everywhere = true;
     for i in 0..n {
-        let c = s.candidates(&format!("p{i}"), &task(), 3, Duration::ZERO);
+        let c = s.candidates(&format!("p{i}"), &task(), 3, &[], Duration::ZERO);
         assert_eq!(c.len(), 3);
         seed_everywhere &= names(&c).contains(&"seed");
         for x in c {
@@ -175,6 +176,84 @@ fn a_swarm_forms_a_mesh_not_a_star() {
         indegree.len() >= 6,
         "too few distinct parents: {indegree:?}"
     );
+}
+
+#[test]
+fn a_swarm_that_starts_together_spreads_over_every_peer() {
+    // Everyone asks before anyone holds a piece (the seed too: it was just ordered to fetch),
+    // with fewer parent slots than peers. Every peer must get children, or its upload idles.
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    let n = 8;
+    s.announce(ann("seed", 0, true, vec![false; 64]), Duration::ZERO);
+    for i in 0..n {
+        s.announce(
+            ann(&format!("p{i}"), i as u16 + 1, false, vec![false; 64]),
+            Duration::ZERO,
+        );
+    }
+    let mut indegree: HashMap<String, usize> = HashMap::new();
+    for i in 0..n {
+        for x in s.candidates(&format!("p{i}"), &task(), 4, &[], Duration::ZERO) {
+            *indegree.entry(x.peer).or_default() += 1;
+        }
+    }
+    let (min, max) = (
+        indegree.values().copied().min().unwrap_or(0),
+        indegree.values().copied().max().unwrap_or(0),
+    );
+    assert_eq!(
+        indegree.len(),
+        n + 1,
+        "someone got no children: {indegree:?}"
+    );
+    assert!(min >= 2 && max <= 6, "uneven: {indegree:?}");
+}
+
+#[test]
+fn peers_that_asked_are_candidates_before_they_announce() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    let idle = |peer: &str, n| Announce {
+        tasks: vec![],
+        ..ann(peer, n, false, vec![])
+    };
+    s.announce(ann("seed", 0, true, vec![false; 8]), Duration::ZERO);
+    for (i, p) in ["a", "b", "c"].iter().enumerate() {
+        s.announce(idle(p, i as u16 + 1), Duration::ZERO);
+    }
+    s.advise("a", &task(), 4, &[], Duration::ZERO);
+    // b is offered a (downloading, nothing yet) as well as the seed.
+    let (parents, advice) = s.advise("b", &task(), 4, &[], Duration::ZERO);
+    assert_eq!(advice, Advice::Parents);
+    assert!(names(&parents).contains(&"a"), "{:?}", names(&parents));
+    // Without a holder, a joining peer alone does not stop the seed being asked.
+    let mut t = Scheduler::new(SchedulerConfig::default());
+    t.announce(
+        Announce {
+            tasks: vec![],
+            ..ann("seed2", 9, true, vec![])
+        },
+        Duration::ZERO,
+    );
+    for (i, p) in ["a", "b"].iter().enumerate() {
+        t.announce(idle(p, i as u16 + 1), Duration::ZERO);
+    }
+    t.advise("a", &task(), 4, &[], Duration::ZERO);
+    let (parents, advice) = t.advise("b", &task(), 4, &[], Duration::ZERO);
+    assert_eq!(names(&parents), vec!["a"]);
+    assert!(matches!(advice, Advice::AskSeed { .. }), "{advice:?}");
+    // Once it announces, it is an ordinary holder; one that never does is forgotten.
+    t.expire(11 * S);
+    t.announce(idle("a", 1), 11 * S);
+    t.announce(idle("b", 2), 11 * S);
+    t.announce(
+        Announce {
+            tasks: vec![],
+            ..ann("seed2", 9, true, vec![])
+        },
+        11 * S,
+    );
+    t.expire(11 * S);
+    assert!(t.candidates("b", &task(), 4, &[], 11 * S).is_empty());
 }
 
 #[test]
@@ -212,7 +291,7 @@ fn nobody_holds_it_a_seed_is_asked_once_and_others_wait() {
     s.announce(ann("a", 1, false, vec![]), Duration::ZERO);
     s.announce(ann("b", 2, false, vec![]), Duration::ZERO);
     for t in [0, 1, 2] {
-        let (parents, advice) = s.advise("a", &task(), 4, t * S);
+        let (parents, advice) = s.advise("a", &task(), 4, &[], t * S);
         assert!(parents.is_empty());
         assert_eq!(
             advice,
@@ -222,13 +301,13 @@ fn nobody_holds_it_a_seed_is_asked_once_and_others_wait() {
             }
         );
     }
-    let (_, advice) = s.advise("b", &task(), 4, 2 * S);
+    let (_, advice) = s.advise("b", &task(), 4, &[], 2 * S);
     assert!(matches!(advice, Advice::AskSeed { .. }), "{advice:?}");
     // The seed itself, asked to fetch, goes to source.
-    assert_eq!(s.advise("seed", &task(), 4, 2 * S).1, Advice::Source);
+    assert_eq!(s.advise("seed", &task(), 4, &[], 2 * S).1, Advice::Source);
     // Once the seed holds the task, it is a parent.
     s.announce(ann("seed", 0, true, vec![true, false]), 3 * S);
-    let (parents, advice) = s.advise("a", &task(), 4, 3 * S);
+    let (parents, advice) = s.advise("a", &task(), 4, &[], 3 * S);
     assert_eq!((names(&parents), advice), (vec!["seed"], Advice::Parents));
 }
 
@@ -237,13 +316,16 @@ fn without_seeds_the_first_requester_fetches_and_is_replaced_if_it_never_shows()
     let mut s = Scheduler::new(SchedulerConfig::default());
     s.announce(ann("a", 1, false, vec![]), Duration::ZERO);
     s.announce(ann("b", 2, false, vec![]), Duration::ZERO);
-    assert_eq!(s.advise("a", &task(), 4, Duration::ZERO).1, Advice::Source);
-    assert_eq!(s.advise("b", &task(), 4, S).1, Advice::Wait);
+    assert_eq!(
+        s.advise("a", &task(), 4, &[], Duration::ZERO).1,
+        Advice::Source
+    );
+    assert_eq!(s.advise("b", &task(), 4, &[], S).1, Advice::Wait);
     // `a` keeps announcing but never holds the task: after fetch_ttl someone else is told.
     s.announce(ann("a", 1, false, vec![]), 11 * S);
     s.announce(ann("b", 2, false, vec![]), 11 * S);
     s.expire(11 * S);
-    assert_eq!(s.advise("b", &task(), 4, 11 * S).1, Advice::Source);
+    assert_eq!(s.advise("b", &task(), 4, &[], 11 * S).1, Advice::Source);
 }
 
 #[test]
@@ -258,7 +340,10 @@ fn announcements_survive_json_with_packed_bitmaps() {
     let mut s = Scheduler::new(SchedulerConfig::default());
     s.announce(back, Duration::ZERO);
     s.announce(ann("b", 2, false, vec![false; 1000]), Duration::ZERO);
-    assert_eq!(s.candidates("b", &task(), 1, Duration::ZERO)[0].useful, 2);
+    assert_eq!(
+        s.candidates("b", &task(), 1, &[], Duration::ZERO)[0].useful,
+        2
+    );
     assert!(
         serde_json::from_str::<Announce>(&text.replace("\"have\":\"01", "\"have\":\"zz")).is_err()
     );

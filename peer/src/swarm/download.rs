@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
-use super::tasks::{ask_loop, from_parent, from_source, poll_parent, Event, JobError};
+use super::tasks::{ask_loop, from_parent, from_source, poll_parent, Event, JobError, Wanted};
 use super::{FetchOrder, Swarm, MAX_PIECES};
 use crate::core::{Digest, PiecePlan, TaskId};
 use crate::engine::{Action, Engine, EngineConfig, Failure, ParentId, Peer};
@@ -52,6 +52,9 @@ struct ParentInfo {
 
 /// Reconnecting to a parent that went down waits this long.
 const REDIAL_AFTER: Duration = Duration::from_secs(5);
+/// With every parent slot taken, the parent that delivered far least over this long is
+/// replaced.
+const REPLACE_WINDOW: Duration = Duration::from_secs(3);
 /// At the end, how long to wait for a parent to report the sealed content digest.
 const CONTENT_WAIT: Duration = Duration::from_secs(10);
 /// With no way to make progress (no parent, no source), a download fails after this long.
@@ -80,10 +83,14 @@ struct Driver<'a> {
     running: HashMap<(Peer, u32), AbortHandle>,
     tx: mpsc::UnboundedSender<Event>,
     told_source: bool,
+    /// Whether the scheduler's last answer offered a peer that is not a parent (one could
+    /// replace a slow parent).
+    alternative: bool,
     source_mismatches: u32,
     last_progress: Instant,
-    /// How many more parents this download could use (the scheduler loop watches it).
-    wanted_parents: tokio::sync::watch::Sender<usize>,
+    /// How many more parents this download could use, and whom not to offer (the scheduler
+    /// loop watches it).
+    wanted_parents: tokio::sync::watch::Sender<Wanted>,
     helpers: Vec<AbortHandle>,
     /// The whole-content hash, computed in order as pieces verify.
     follow: Option<FollowHash>,
@@ -147,10 +154,14 @@ pub(super) async fn run(
         running: HashMap::new(),
         tx: tx.clone(),
         told_source: false,
+        alternative: false,
         follow: None,
         source_mismatches: 0,
         last_progress: Instant::now(),
-        wanted_parents: tokio::sync::watch::Sender::new(pc.max_parents),
+        wanted_parents: tokio::sync::watch::Sender::new(Wanted {
+            count: pc.max_parents,
+            exclude: Vec::new(),
+        }),
         helpers: Vec::new(),
     };
     match missing {
@@ -206,6 +217,7 @@ pub(super) async fn run(
         if last_links.elapsed() >= Duration::from_secs(1) {
             last_links = Instant::now();
             d.measure_links();
+            d.replace_slow_parent();
         }
         if d.last_progress.elapsed() >= STALL_LIMIT && d.jobs.is_empty() {
             return Err(stalled());
@@ -278,13 +290,37 @@ impl Driver<'_> {
             }
             Advice::Parents | Advice::Wait => {}
         }
-        for c in r.parents {
-            self.add_parent(c.peer, c.addr);
+        for c in &r.parents {
+            self.add_parent(c.peer.clone(), c.addr);
         }
+        self.alternative = r
+            .parents
+            .iter()
+            .any(|c| c.peer != self.swarm.me && !self.by_peer.contains_key(&c.peer));
+        self.update_wanted();
+    }
+
+    /// Tells the scheduler loop how many parents are missing (it asks soon while any are).
+    fn update_wanted(&self) {
         let max = self.swarm.cfg.peer.max_parents;
-        let wanted = max.saturating_sub(self.parents.len());
-        self.wanted_parents
-            .send_if_modified(|w| std::mem::replace(w, wanted) != wanted);
+        let count = max.saturating_sub(self.parents.len());
+        let exclude = self
+            .by_peer
+            .keys()
+            .chain(&self.banned)
+            .chain(
+                self.down_at
+                    .iter()
+                    .filter(|(_, t)| t.elapsed() < REDIAL_AFTER)
+                    .map(|(p, _)| p),
+            )
+            .cloned()
+            .collect();
+        self.wanted_parents.send_if_modified(|w| {
+            let changed = w.count != count;
+            *w = Wanted { count, exclude };
+            changed
+        });
     }
 
     /// Orders a seed to fetch the task from source (it serves it to us as it goes).
@@ -352,6 +388,33 @@ impl Driver<'_> {
         );
     }
 
+    /// With a partial mesh (more peers than `max_parents`) the parents first chosen are
+    /// those the scheduler knew of at that moment (the first to announce the task), so a few
+    /// peers get every child and the rest none. A parent that delivers far less than the others
+    /// (overloaded, or behind this peer) makes room, one per window; the scheduler, asked at
+    /// once, offers the others by what they hold that this peer lacks and by their load. Only
+    /// when its last answer offered a peer that is not a parent: with no one else to take,
+    /// dropping one would only leave the slot empty.
+    fn replace_slow_parent(&mut self) {
+        let now = self.now();
+        let full = self.parents.len() >= self.swarm.cfg.peer.max_parents && self.alternative;
+        let Some(pid) = self
+            .engine
+            .as_mut()
+            .and_then(|e| e.parent_to_replace(now, REPLACE_WINDOW))
+        else {
+            return;
+        };
+        if !full {
+            return;
+        }
+        self.alternative = false;
+        if let Some(p) = self.parents.get(&pid) {
+            tracing::debug!(parent = %p.peer, "replacing the parent that delivered least");
+        }
+        self.drop_parent(pid, false);
+    }
+
     fn drop_parent(&mut self, pid: ParentId, ban: bool) {
         if let Some(p) = self.parents.remove(&pid) {
             p.poller.abort();
@@ -376,6 +439,7 @@ impl Driver<'_> {
                 h.abort();
             }
         }
+        self.update_wanted();
     }
 
     fn on_event(&mut self, ev: Event) -> Result<(), FetchError> {

@@ -408,7 +408,7 @@ impl Swarm {
             }
             Err(missing) => missing,
         };
-        let reply = match self.ask(id).await {
+        let reply = match self.ask(id, self.cfg.peer.max_parents, Vec::new()).await {
             Ok(r) => r,
             Err(e) if !self.cfg.peer.source_fallback => {
                 return Err(FetchError::Source(crate::source::SourceError::Transfer {
@@ -530,11 +530,18 @@ impl Swarm {
         Some(t.view.clone())
     }
 
-    /// Candidates and advice from the scheduler that owns `task`.
-    async fn ask(&self, task: TaskId) -> Result<CandidatesReply, TransportError> {
+    /// Candidates and advice from the scheduler that owns `task`: `want` new parents at most
+    /// (at least one is always asked for, so the advice comes with one), none of `exclude`.
+    async fn ask(
+        &self,
+        task: TaskId,
+        want: usize,
+        exclude: Vec<PeerId>,
+    ) -> Result<CandidatesReply, TransportError> {
         let call = CandidatesCall {
             peer: self.me.clone(),
-            max: self.cfg.peer.max_parents as u32,
+            max: want.max(1) as u32,
+            exclude,
         };
         match &self.schedulers {
             Schedulers::Embedded(s) => Ok(s.candidates(&task, &call)),

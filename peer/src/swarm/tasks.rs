@@ -14,6 +14,7 @@ use crate::core::{Digest, Piece, Sha256Stream, TaskId};
 use crate::engine::{Failure, ParentId};
 use crate::fetch::{FetchError, Progress};
 use crate::scheduler::service::CandidatesReply;
+use crate::scheduler::PeerId;
 use crate::source::{Origin, SourceError};
 use crate::storage::TaskHandle;
 use crate::transport::wire::{HaveReply, Status};
@@ -31,6 +32,15 @@ pub(super) enum JobError {
     Fatal(FetchError),
 }
 
+/// What the download wants of the scheduler: how many more parents, and which peers not to
+/// offer (its parents, and those it just left or banned). Only a change of `count` wakes the
+/// asking loop.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Wanted {
+    pub count: usize,
+    pub exclude: Vec<PeerId>,
+}
+
 /// Asks the scheduler for parents periodically: every 5 s once it has enough (at once when one
 /// is lost); while short of parents, 100 ms after an ask that changed how many it lacks (at the
 /// start, everyone who asked at the same moment becomes visible within a round or two), backing
@@ -39,7 +49,7 @@ pub(super) async fn ask_loop(
     swarm: Arc<Swarm>,
     id: TaskId,
     tx: mpsc::UnboundedSender<Event>,
-    mut wanted: tokio::sync::watch::Receiver<usize>,
+    mut wanted: tokio::sync::watch::Receiver<Wanted>,
 ) {
     const SOON: Duration = Duration::from_millis(100);
     const SHORT_AT_MOST: Duration = Duration::from_millis(500);
@@ -49,13 +59,17 @@ pub(super) async fn ask_loop(
         if wanted.has_changed().unwrap_or(false) {
             short_every = SOON;
         }
-        if *wanted.borrow_and_update() > 0 {
+        if wanted.borrow_and_update().count > 0 {
             tokio::time::sleep(short_every).await;
             short_every = (short_every * 2).min(SHORT_AT_MOST);
         } else {
-            let _ = tokio::time::timeout(FULL_EVERY, wanted.wait_for(|w| *w > 0)).await;
+            let _ = tokio::time::timeout(FULL_EVERY, wanted.wait_for(|w| w.count > 0)).await;
         }
-        match swarm.ask(id).await {
+        let (want, exclude) = {
+            let w = wanted.borrow();
+            (w.count, w.exclude.clone())
+        };
+        match swarm.ask(id, want, exclude).await {
             Ok(r) => {
                 if tx.send(Event::Advice(r)).is_err() {
                     return;
