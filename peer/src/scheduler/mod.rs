@@ -22,7 +22,7 @@ pub mod service;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -337,9 +337,10 @@ impl Scheduler {
         };
         let median = measured.get(measured.len() / 2).copied().unwrap_or(1.0);
         let joining = self.joining.get(task);
+        let exclude: HashSet<&str> = exclude.iter().map(String::as_str).collect();
         let mut out: Vec<Candidate> = Vec::new();
         for (id, p) in &self.peers {
-            if id == requester || exclude.contains(id) {
+            if id == requester || exclude.contains(id.as_str()) {
                 continue;
             }
             let (have, joined) = match p.tasks.get(task) {

@@ -143,19 +143,26 @@ fn ranking_prefers_useful_well_connected_parents() {
     );
 }
 
-#[test]
-fn a_swarm_forms_a_mesh_not_a_star() {
+/// A seed holding `seed_has` and `n` peers `p0`.. holding `peer_has(i)`, all announced at 0.
+fn swarm(n: usize, seed_has: Vec<bool>, peer_has: impl Fn(usize) -> Vec<bool>) -> Scheduler {
     let mut s = Scheduler::new(SchedulerConfig::default());
-    let n = 8;
-    s.announce(ann("seed", 0, true, vec![true; 64]), Duration::ZERO);
+    s.announce(ann("seed", 0, true, seed_has), Duration::ZERO);
     for i in 0..n {
-        // Each peer holds a different quarter-ish of the pieces.
-        let have = (0..64).map(|p| (p * 7 + i * 13) % 4 == 0).collect();
         s.announce(
-            ann(&format!("p{i}"), i as u16 + 1, false, have),
+            ann(&format!("p{i}"), i as u16 + 1, false, peer_has(i)),
             Duration::ZERO,
         );
     }
+    s
+}
+
+#[test]
+fn a_swarm_forms_a_mesh_not_a_star() {
+    let n = 8;
+    // Each peer holds a different quarter-ish of the pieces.
+    let mut s = swarm(n, vec![true; 64], |i| {
+        (0..64).map(|p| (p * 7 + i * 13) % 4 == 0).collect()
+    });
     let mut indegree: HashMap<String, usize> = HashMap::new();
     let mut seed_everywhere = true;
     for i in 0..n {
@@ -182,15 +189,8 @@ fn a_swarm_forms_a_mesh_not_a_star() {
 fn a_swarm_that_starts_together_spreads_over_every_peer() {
     // Everyone asks before anyone holds a piece (the seed too: it was just ordered to fetch),
     // with fewer parent slots than peers. Every peer must get children, or its upload idles.
-    let mut s = Scheduler::new(SchedulerConfig::default());
     let n = 8;
-    s.announce(ann("seed", 0, true, vec![false; 64]), Duration::ZERO);
-    for i in 0..n {
-        s.announce(
-            ann(&format!("p{i}"), i as u16 + 1, false, vec![false; 64]),
-            Duration::ZERO,
-        );
-    }
+    let mut s = swarm(n, vec![false; 64], |_| vec![false; 64]);
     let mut indegree: HashMap<String, usize> = HashMap::new();
     for i in 0..n {
         for x in s.candidates(&format!("p{i}"), &task(), 4, &[], Duration::ZERO) {

@@ -396,8 +396,10 @@ impl Driver<'_> {
     /// when its last answer offered a peer that is not a parent: with no one else to take,
     /// dropping one would only leave the slot empty.
     fn replace_slow_parent(&mut self) {
+        if self.parents.len() < self.swarm.cfg.peer.max_parents || !self.alternative {
+            return;
+        }
         let now = self.now();
-        let full = self.parents.len() >= self.swarm.cfg.peer.max_parents && self.alternative;
         let Some(pid) = self
             .engine
             .as_mut()
@@ -405,9 +407,6 @@ impl Driver<'_> {
         else {
             return;
         };
-        if !full {
-            return;
-        }
         self.alternative = false;
         if let Some(p) = self.parents.get(&pid) {
             tracing::debug!(parent = %p.peer, "replacing the parent that delivered least");

@@ -35,7 +35,7 @@ pub(super) enum JobError {
 /// What the download wants of the scheduler: how many more parents, and which peers not to
 /// offer (its parents, and those it just left or banned). Only a change of `count` wakes the
 /// asking loop.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(super) struct Wanted {
     pub count: usize,
     pub exclude: Vec<PeerId>,
