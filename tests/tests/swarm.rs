@@ -111,6 +111,22 @@ fn with_fewer_parent_slots_than_peers_every_peer_still_uploads() {
     assert!(up[0] < 3.0, "the seed sent {:.2} x F: {up:.2?}", up[0]);
 }
 
+#[test]
+fn a_seed_slower_per_child_than_the_peers_is_kept_and_sends_each_piece_about_once() {
+    // Every node's upload is capped alike, so the seed, whose link all eight children share,
+    // gives each child far less than its other parent does. The children must not drop it as
+    // their slowest parent while it is their only way to most pieces (that cancelled what it
+    // was sending: the job took 13.6-14.1 s here against 9.5-9.9 s), and the seed must not
+    // send a piece to a second peer while the first copy is still on its way, nor free a piece
+    // for others because its receiver stopped the stream after reading it all (an earlier
+    // version of this change did: 1.35 x F in one run of two).
+    let s = setup(8, 64, "max_parents = 2\nupload_limit_mbps = 80", "");
+    s.get_all(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    let seed = s.cluster.nodes[0].metric("starling_bytes_uploaded_total") / s.len as f64;
+    assert!(seed <= 1.25, "the seed sent {seed:.2} x F");
+    assert!(s.origin_bytes() as f64 <= 1.05 * s.len as f64);
+}
+
 /// Flips a byte in every piece of a node's stored copy (what a bad disk does).
 fn corrupt_store(node: &Node, len: u64, piece: u64) {
     use std::os::unix::fs::FileExt;

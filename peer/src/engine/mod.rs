@@ -301,7 +301,10 @@ impl Engine {
     /// parent's bytes (a parent holding nothing this peer lacks delivers none). With a partial
     /// mesh (more peers than slots), such a parent is overloaded with children or behind this
     /// peer, while others it is not connected to are idle or ahead. Picking one starts a new
-    /// window for all, so one parent at most goes per window.
+    /// window for all, so one parent at most goes per window. A parent that is this peer's
+    /// only way to some piece it lacks (no other parent holds it) is never picked: that is a
+    /// seed early on, whose link is split among every child and so delivers little to each,
+    /// yet is where every new piece comes from; dropping it cancels what it was sending.
     pub fn parent_to_replace(&mut self, now: Duration, window: Duration) -> Option<ParentId> {
         let started = self.window_start.get_or_insert(now);
         if now.saturating_sub(*started) < window || self.parents.len() < 2 {
@@ -315,8 +318,9 @@ impl Engine {
         bytes.sort_unstable();
         let median = bytes[bytes.len() / 2].0;
         let (least, id) = bytes[0];
-        let pick =
-            (least.saturating_mul(3) < median || median == 0 && self.missing > 0).then_some(id);
+        let pick = (least.saturating_mul(3) < median || median == 0 && self.missing > 0)
+            .then_some(id)
+            .filter(|&id| !self.sole_holder_of_some(id));
         self.window_start = Some(now);
         for p in self.parents.values_mut() {
             p.window_bytes = 0;
@@ -638,6 +642,21 @@ impl Engine {
     }
 
     /// Whether `id` holds `piece` and has not served it corrupt before.
+    /// Whether `id` holds a piece this peer lacks that no other usable parent holds.
+    fn sole_holder_of_some(&self, id: ParentId) -> bool {
+        let Some(p) = self.parents.get(&id) else {
+            return false;
+        };
+        (0..self.have.len()).any(|i| {
+            !self.have[i]
+                && p.has[i]
+                && !self
+                    .parents
+                    .iter()
+                    .any(|(other, o)| *other != id && !o.blacklisted && o.has[i])
+        })
+    }
+
     fn holds(&self, id: ParentId, piece: u32) -> bool {
         self.parents.get(&id).is_some_and(|p| p.has[piece as usize])
             && self.avoid.get(&piece).and_then(|a| a.get(&id)) != Some(&true)

@@ -577,17 +577,22 @@ fn shuffled_picks_stay_in_the_lowest_span_so_the_content_hash_keeps_up() {
     assert_ne!(picks, (0..16).collect::<Vec<u32>>());
 }
 
-#[test]
-fn the_parent_that_delivers_far_least_is_the_one_to_replace() {
-    let s = Duration::from_secs(1);
-    let mut e = Engine::new(
+/// 16 pieces, nothing held, 4 requests per parent at first, no source.
+fn window4_engine16() -> Engine {
+    Engine::new(
         plan(16),
         &[],
         EngineConfig {
             initial_window: 4,
             ..no_source()
         },
-    );
+    )
+}
+
+#[test]
+fn the_parent_that_delivers_far_least_is_the_one_to_replace() {
+    let s = Duration::from_secs(1);
+    let mut e = window4_engine16();
     e.add_parent(1, &all(16));
     e.add_parent(2, &all(16));
     e.add_parent(3, &all(16));
@@ -622,4 +627,34 @@ fn the_parent_that_delivers_far_least_is_the_one_to_replace() {
         e.on_piece(p, piece, 10 * MS, 4 * s);
     }
     assert_eq!(e.parent_to_replace(6 * s, 3 * s), None);
+}
+
+#[test]
+fn a_parent_that_is_the_only_way_to_some_pieces_is_never_replaced() {
+    // A seed early on: it holds everything, the other parents a little, and its link is split
+    // among many children, so it delivers the least.
+    let s = Duration::from_secs(1);
+    let setup = |others_hold: usize| {
+        let mut e = window4_engine16();
+        e.add_parent(1, &all(16));
+        let some: Vec<bool> = (0..16).map(|i| i < others_hold).collect();
+        e.add_parent(2, &some);
+        e.add_parent(3, &some);
+        assert_eq!(e.parent_to_replace(Duration::ZERO, 3 * s), None);
+        for (p, piece) in requests(&e.poll(Duration::ZERO)) {
+            if p != Peer::Parent(1) {
+                e.on_piece(p, piece, 10 * MS, s);
+            }
+        }
+        e
+    };
+    let mut e = setup(4);
+    assert_eq!(
+        e.parent_to_replace(3 * s, 3 * s),
+        None,
+        "12 pieces only 1 holds"
+    );
+    // Once the others hold everything it has, it may go like any other.
+    let mut e2 = setup(16);
+    assert_eq!(e2.parent_to_replace(3 * s, 3 * s), Some(1));
 }

@@ -83,6 +83,10 @@ pub trait PieceSource: Send + Sync + 'static {
     }
     /// `bytes` of piece data were sent to a peer.
     fn uploaded(&self, _bytes: u64) {}
+    /// A piece handed out by `piece_status` to `to` has left for good: `delivered` when the
+    /// receiver acknowledged every byte of it or stopped the stream, false when it could not
+    /// have received it (the send failed, the connection is gone).
+    fn piece_ended(&self, _task: &TaskId, _index: u32, _to: SocketAddr, _delivered: bool) {}
     /// Waits for the upload rate limit to allow sending `bytes` of piece data.
     fn pace(&self, _bytes: u64) -> BoxFuture<'static, ()> {
         Box::pin(async {})
@@ -588,7 +592,8 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     to: SocketAddr,
 ) {
-    let (status, payload, piece) = answer(source.clone(), &mut recv, to).await;
+    let (status, payload, served) = answer(source.clone(), &mut recv, to).await;
+    let piece = served.is_some();
     // Pieces leave in the order they were asked for on this connection, one after another
     // instead of interleaved: each is complete sooner, so its receiver verifies it and passes
     // it on sooner. Everything else (have replies, manifests) is small and goes first.
@@ -603,23 +608,32 @@ async fn serve_stream(
     if piece && status == Status::Ok {
         source.pace(n).await;
     }
-    if send.write_all(&header).await.is_ok()
+    let sent = send.write_all(&header).await.is_ok()
         && (payload.is_empty() || send.write_chunk(payload).await.is_ok())
-    {
-        let _ = send.finish();
-        if piece && status == Status::Ok {
-            source.uploaded(n);
-        }
+        && send.finish().is_ok();
+    if sent && piece && status == Status::Ok {
+        source.uploaded(n);
+    }
+    if let Some((task, index)) = served.filter(|_| status == Status::Ok) {
+        // `write_chunk` returns once quinn has the bytes, not once they left: wait for the
+        // receiver's acknowledgement of the whole piece (a seed holds the piece back from
+        // other peers until then).
+        // Stopped by the receiver counts as an end, not a loss: it may stop the stream after
+        // reading every byte (before the stream's end arrived). Only a send that never got
+        // going or a connection that is gone means the receiver cannot pass the piece on.
+        let lost = !sent || send.stopped().await.is_err();
+        source.piece_ended(&task, index, to, !lost);
     }
 }
 
-/// The answer to one request, and whether it is piece data (paced, counted as upload).
+/// The answer to one request, and the piece it is about when it is a piece request (piece
+/// data is paced, counted as upload, and its end reported).
 async fn answer(
     source: Arc<dyn PieceSource>,
     recv: &mut quinn::RecvStream,
     to: SocketAddr,
-) -> (Status, Bytes, bool) {
-    let bad = (Status::BadRequest, Bytes::new(), false);
+) -> (Status, Bytes, Option<(TaskId, u32)>) {
+    let bad = (Status::BadRequest, Bytes::new(), None);
     let mut buf = [0u8; REQUEST_LEN];
     // Short, slow or reset: nothing sensible to answer.
     let Ok(Ok(())) = tokio::time::timeout(REQUEST_READ_TIMEOUT, recv.read_exact(&mut buf)).await
@@ -648,8 +662,8 @@ async fn answer(
         Request::Manifest { task } => found(source.manifest(&task)),
         Request::Piece { task, index } => {
             return match source.piece_status(&task, index, to) {
-                Ok(b) => (Status::Ok, b, true),
-                Err(s) => (s, Bytes::new(), true),
+                Ok(b) => (Status::Ok, b, Some((task, index))),
+                Err(s) => (s, Bytes::new(), Some((task, index))),
             };
         }
         Request::Have { task, epoch, since } => found(source.have(task, epoch, since).await),
@@ -658,7 +672,7 @@ async fn answer(
             Err(s) => (s, Bytes::new()),
         },
     };
-    (status, bytes, false)
+    (status, bytes, None)
 }
 
 /// Reads the end of a stream whose message was read whole, if the end has arrived (it
