@@ -641,7 +641,6 @@ impl Engine {
         }
     }
 
-    /// Whether `id` holds `piece` and has not served it corrupt before.
     /// Whether `id` holds a piece this peer lacks that no other usable parent holds.
     fn sole_holder_of_some(&self, id: ParentId) -> bool {
         let Some(p) = self.parents.get(&id) else {
@@ -657,6 +656,7 @@ impl Engine {
         })
     }
 
+    /// Whether `id` holds `piece` and has not served it corrupt before.
     fn holds(&self, id: ParentId, piece: u32) -> bool {
         self.parents.get(&id).is_some_and(|p| p.has[piece as usize])
             && self.avoid.get(&piece).and_then(|a| a.get(&id)) != Some(&true)

@@ -755,7 +755,6 @@ impl PieceSource for Swarm {
         if self.cfg.peer.seed && !t.spread.admit(index, to, Instant::now()) {
             return Err(Status::Busy);
         }
-
         self.served_pieces.fetch_add(1, Ordering::Relaxed);
         Ok(p)
     }

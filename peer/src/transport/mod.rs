@@ -615,12 +615,11 @@ async fn serve_stream(
         source.uploaded(n);
     }
     if let Some((task, index)) = served.filter(|_| status == Status::Ok) {
-        // `write_chunk` returns once quinn has the bytes, not once they left: wait for the
-        // receiver's acknowledgement of the whole piece (a seed holds the piece back from
-        // other peers until then).
-        // Stopped by the receiver counts as an end, not a loss: it may stop the stream after
-        // reading every byte (before the stream's end arrived). Only a send that never got
-        // going or a connection that is gone means the receiver cannot pass the piece on.
+        // `write_chunk` returns once quinn has the bytes, not once they left: the piece's end
+        // is the receiver's acknowledgement of all of it (a seed holds the piece back from
+        // other peers until then). A receiver that stopped the stream counts as an end too:
+        // it may stop it after reading every byte, before the stream's end arrived. Only a
+        // send that never got going, or a connection that is gone, is a loss.
         let lost = !sent || send.stopped().await.is_err();
         source.piece_ended(&task, index, to, !lost);
     }
