@@ -487,12 +487,7 @@ impl Engine {
             let cursor = cursor.min(n);
             return (cursor..n).chain(0..cursor).filter(open_at).collect();
         }
-        let mut rarity = vec![0u32; open.len()];
-        for p in self.parents.values().filter(|p| self.usable(p, now)) {
-            for (r, has) in rarity.iter_mut().zip(&p.has) {
-                *r += u32::from(*has);
-            }
-        }
+        let rarity = self.holders(|p| self.usable(p, now));
         // Pieces nobody has sort last (rarity 0 would otherwise come first); they go to source.
         let span = self.cfg.tie_span.max(1);
         let mut keyed: Vec<(u32, u64, u32)> = (0..self.have.len() as u32)
@@ -641,19 +636,26 @@ impl Engine {
         }
     }
 
-    /// Whether `id` holds a piece this peer lacks that no other usable parent holds.
+    /// Per piece, how many of the parents that `keep` admits hold it.
+    fn holders(&self, keep: impl Fn(&ParentState) -> bool) -> Vec<u32> {
+        let mut count = vec![0u32; self.have.len()];
+        for p in self.parents.values().filter(|p| keep(p)) {
+            for (c, has) in count.iter_mut().zip(&p.has) {
+                *c += u32::from(*has);
+            }
+        }
+        count
+    }
+
+    /// Whether `id` holds a piece this peer lacks that no other parent (short of blacklisted
+    /// ones) holds.
     fn sole_holder_of_some(&self, id: ParentId) -> bool {
         let Some(p) = self.parents.get(&id) else {
             return false;
         };
-        (0..self.have.len()).any(|i| {
-            !self.have[i]
-                && p.has[i]
-                && !self
-                    .parents
-                    .iter()
-                    .any(|(other, o)| *other != id && !o.blacklisted && o.has[i])
-        })
+        let held = self.holders(|o| !o.blacklisted);
+        let own = u32::from(!p.blacklisted);
+        (0..self.have.len()).any(|i| !self.have[i] && p.has[i] && held[i] == own)
     }
 
     /// Whether `id` holds `piece` and has not served it corrupt before.
