@@ -658,3 +658,88 @@ fn a_parent_that_is_the_only_way_to_some_pieces_is_never_replaced() {
     let mut e2 = setup(16);
     assert_eq!(e2.parent_to_replace(3 * s, 3 * s), Some(1));
 }
+
+/// [`window4_engine16`] with parents 1, 2 and 3 holding everything, and the replacement
+/// window started at 0 (3 s long in the tests).
+fn three_full_parents_window_started() -> Engine {
+    let mut e = window4_engine16();
+    for id in 1..=3 {
+        e.add_parent(id, &all(16));
+    }
+    assert_eq!(
+        e.parent_to_replace(Duration::ZERO, Duration::from_secs(3)),
+        None
+    );
+    e
+}
+
+#[test]
+fn a_replaced_parent_finishes_what_it_is_sending_and_is_asked_for_nothing_more() {
+    let s = Duration::from_secs(1);
+    let mut e = three_full_parents_window_started();
+    let r = requests(&e.poll(Duration::ZERO));
+    // 1 and 2 deliver everything asked of them; 3 delivers one of its four.
+    let mut slow: Vec<u32> = r
+        .iter()
+        .filter(|(p, _)| *p == Peer::Parent(3))
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(slow.len(), 4);
+    for (p, piece) in &r {
+        if *p != Peer::Parent(3) {
+            e.on_piece(*p, *piece, 10 * MS, s);
+        }
+    }
+    e.on_piece(Peer::Parent(3), slow.remove(0), 10 * MS, s);
+    assert_eq!(e.parent_to_replace(3 * s, 3 * s), Some(3));
+    // Its three pieces in flight are not cancelled, and nothing new goes to it.
+    assert!(e.drained().is_empty(), "still sending");
+    let actions = e.poll(3 * s);
+    assert!(
+        actions.iter().all(|a| match a {
+            Action::Request { from, .. } | Action::Cancel { from, .. } => *from != Peer::Parent(3),
+            Action::Blacklist { .. } => true,
+        }),
+        "{actions:?}"
+    );
+    let r = requests(&actions);
+    assert!(!r.is_empty(), "the others take the rest");
+    for (p, piece) in r {
+        e.on_piece(p, piece, 10 * MS, 4 * s);
+    }
+    for piece in slow {
+        e.on_piece(Peer::Parent(3), piece, 10 * MS, 5 * s);
+        assert!(e.has(piece));
+    }
+    assert_eq!(e.drained(), vec![3]);
+    e.remove_parent(3);
+    assert!(e.drained().is_empty());
+}
+
+#[test]
+fn a_retiring_parent_does_not_count_as_another_holder() {
+    let s = Duration::from_secs(1);
+    let mut e = three_full_parents_window_started();
+    // 1 and 2 deliver; 3 delivers nothing and is replaced.
+    let mut held = vec![false; 16];
+    for (p, piece) in requests(&e.poll(Duration::ZERO)) {
+        if p != Peer::Parent(3) {
+            e.on_piece(p, piece, 10 * MS, s);
+            held[piece as usize] = true;
+        }
+    }
+    assert_eq!(e.parent_to_replace(3 * s, 3 * s), Some(3));
+    // 1 turns out to hold only what this peer has, and one piece more, which it delivers;
+    // 2 delivers nothing. 2 is the least, but the rest only it and the retiring 3 hold.
+    let extra = held.iter().position(|h| !h).expect("a missing piece") as u32;
+    let mut one = held.clone();
+    one[extra as usize] = true;
+    e.add_parent(1, &one);
+    for (p, piece) in requests(&e.poll(3 * s)) {
+        if p == Peer::Parent(1) {
+            e.on_piece(p, piece, 10 * MS, 4 * s);
+        }
+    }
+    assert!(e.has(extra));
+    assert_eq!(e.parent_to_replace(6 * s, 3 * s), None);
+}

@@ -74,6 +74,9 @@ struct Driver<'a> {
     known: Vec<Option<Digest>>,
     content: Option<Digest>,
     parents: HashMap<ParentId, ParentInfo>,
+    /// Parents being replaced: they finish what they are sending, and do not count against
+    /// `max_parents` (see [`Engine::parent_to_replace`]).
+    retiring: HashSet<ParentId>,
     by_peer: HashMap<PeerId, ParentId>,
     down_at: HashMap<PeerId, Instant>,
     banned: HashSet<PeerId>,
@@ -145,6 +148,7 @@ pub(super) async fn run(
         known: Vec::new(),
         content: None,
         parents: HashMap::new(),
+        retiring: HashSet::new(),
         by_peer: HashMap::new(),
         down_at: HashMap::new(),
         banned: HashSet::new(),
@@ -303,7 +307,7 @@ impl Driver<'_> {
     /// Tells the scheduler loop how many parents are missing (it asks soon while any are).
     fn update_wanted(&self) {
         let max = self.swarm.cfg.peer.max_parents;
-        let count = max.saturating_sub(self.parents.len());
+        let count = max.saturating_sub(self.active_parents());
         let exclude = self
             .by_peer
             .keys()
@@ -357,7 +361,7 @@ impl Driver<'_> {
         if peer == self.swarm.me
             || self.banned.contains(&peer)
             || self.by_peer.contains_key(&peer)
-            || self.parents.len() >= self.swarm.cfg.peer.max_parents
+            || self.active_parents() >= self.swarm.cfg.peer.max_parents
             || self
                 .down_at
                 .get(&peer)
@@ -396,7 +400,7 @@ impl Driver<'_> {
     /// when its last answer offered a peer that is not a parent: with no one else to take,
     /// dropping one would only leave the slot empty.
     fn replace_slow_parent(&mut self) {
-        if self.parents.len() < self.swarm.cfg.peer.max_parents || !self.alternative {
+        if self.active_parents() < self.swarm.cfg.peer.max_parents || !self.alternative {
             return;
         }
         let now = self.now();
@@ -411,10 +415,19 @@ impl Driver<'_> {
         if let Some(p) = self.parents.get(&pid) {
             tracing::debug!(parent = %p.peer, "replacing the parent that delivered least");
         }
-        self.drop_parent(pid, false);
+        // It finishes what it is sending (dropped once drained, in `step`); its slot is free
+        // now.
+        self.retiring.insert(pid);
+        self.update_wanted();
+    }
+
+    /// Parents holding a slot: all but those retiring.
+    fn active_parents(&self) -> usize {
+        self.parents.len() - self.retiring.len()
     }
 
     fn drop_parent(&mut self, pid: ParentId, ban: bool) {
+        self.retiring.remove(&pid);
         if let Some(p) = self.parents.remove(&pid) {
             p.poller.abort();
             self.by_peer.remove(&p.peer);
@@ -558,6 +571,7 @@ impl Driver<'_> {
             return Ok(());
         };
         let actions = engine.poll(now);
+        let drained = engine.drained();
         for (from, piece) in engine.take_timeouts() {
             if let Peer::Parent(pid) = from {
                 let who = self.parents.get(&pid).map_or("?", |p| p.peer.as_str());
@@ -585,6 +599,12 @@ impl Driver<'_> {
                     }
                 }
             }
+        }
+        for pid in drained {
+            if let Some(p) = self.parents.get(&pid) {
+                tracing::debug!(parent = %p.peer, "replaced parent drained");
+            }
+            self.drop_parent(pid, false);
         }
         Ok(())
     }
