@@ -2,7 +2,7 @@
 //!
 //! Series: bytes downloaded by source (parent, origin, local store) and uploaded; failed origin
 //! requests and failed parent pieces by cause; tasks downloading, served and finished;
-//! per-parent throughput; parents blacklisted.
+//! per-parent throughput; parents blacklisted; answers to other peers' news long-polls.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -25,6 +25,7 @@ pub struct Metrics {
     serving: Gauge<i64, std::sync::atomic::AtomicI64>,
     parent_rate: Family<Labels2, Gauge<f64, std::sync::atomic::AtomicU64>>,
     blacklisted: Counter,
+    have_answers: Counter,
     proxy_requests: Family<Labels, Counter>,
     proxy_bytes: Family<Labels, Counter>,
     proxy_aborts: Family<Labels, Counter>,
@@ -93,6 +94,12 @@ impl Metrics {
             "Parents blacklisted for serving corrupt pieces",
             blacklisted.clone(),
         );
+        let have_answers = Counter::default();
+        registry.register(
+            "have_answers",
+            "Answers to other peers' long-polls for news of the pieces this peer verified",
+            have_answers.clone(),
+        );
         let proxy_requests = Family::<Labels, Counter>::default();
         registry.register(
             "proxy_requests",
@@ -125,6 +132,7 @@ impl Metrics {
             serving,
             parent_rate,
             blacklisted,
+            have_answers,
         }
     }
 
@@ -167,6 +175,10 @@ impl Metrics {
         self.parent_rate
             .get_or_create(&vec![("parent", parent.to_string())])
             .set(bytes_per_second);
+    }
+
+    pub fn have_answered(&self) {
+        self.have_answers.inc();
     }
 
     pub fn blacklisted(&self) {
@@ -212,6 +224,7 @@ mod tests {
         m.failure("server_error");
         m.started();
         m.finished(true);
+        m.have_answered();
         let text = m.render();
         assert!(
             text.contains("starling_bytes_downloaded_total{source=\"origin\"} 15"),
@@ -222,6 +235,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("starling_tasks_downloading 0"), "{text}");
+        assert!(text.contains("starling_have_answers_total 1"), "{text}");
         assert!(
             text.contains("starling_tasks_finished_total{result=\"ok\"} 1"),
             "{text}"

@@ -10,7 +10,7 @@
 //! so it is ready when the last one lands.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,8 @@ const REDIAL_AFTER: Duration = Duration::from_secs(5);
 /// With every parent slot taken, the parent that delivered far least over this long is
 /// replaced.
 const REPLACE_WINDOW: Duration = Duration::from_secs(3);
+/// With this few pieces missing, news of any of them is wanted at once.
+const CLOSING_PIECES: u32 = 16;
 /// At the end, how long to wait for a parent to report the sealed content digest.
 const CONTENT_WAIT: Duration = Duration::from_secs(10);
 /// With no way to make progress (no parent, no source), a download fails after this long.
@@ -95,6 +97,8 @@ struct Driver<'a> {
     /// loop watches it).
     wanted_parents: tokio::sync::watch::Sender<Wanted>,
     helpers: Vec<AbortHandle>,
+    /// Few pieces left: parents' news is wanted at once, not gathered (see `poll_parent`).
+    closing: Arc<AtomicBool>,
     /// The whole-content hash, computed in order as pieces verify.
     follow: Option<FollowHash>,
 }
@@ -167,6 +171,7 @@ pub(super) async fn run(
             exclude: Vec::new(),
         }),
         helpers: Vec::new(),
+        closing: Arc::default(),
     };
     match missing {
         Missing::Partial(t) => {
@@ -218,6 +223,10 @@ pub(super) async fn run(
             break;
         }
         d.step()?;
+        if let Some(e) = &d.engine {
+            d.closing
+                .store(e.missing() <= CLOSING_PIECES, Ordering::Relaxed);
+        }
         if last_links.elapsed() >= Duration::from_secs(1) {
             last_links = Instant::now();
             d.measure_links();
@@ -378,6 +387,7 @@ impl Driver<'_> {
             pid,
             addr,
             self.tx.clone(),
+            self.closing.clone(),
         ));
         self.by_peer.insert(peer.clone(), pid);
         self.parents.insert(

@@ -723,6 +723,7 @@ impl Swarm {
             slice = view.log_since(epoch, since);
         }
         let plan = view.plan();
+        self.fetcher.metrics().have_answered();
         Some(Bytes::from(
             HaveReply {
                 content_length: plan.content_length(),
