@@ -433,7 +433,7 @@ impl Driver<'_> {
 
     /// Parents holding a slot: all but those retiring.
     fn active_parents(&self) -> usize {
-        self.parents.len() - self.retiring.len()
+        self.parents.len().saturating_sub(self.retiring.len())
     }
 
     fn drop_parent(&mut self, pid: ParentId, ban: bool) {
