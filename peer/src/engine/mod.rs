@@ -341,6 +341,11 @@ impl Engine {
         pick
     }
 
+    /// How many parents are retiring (they hold no slot).
+    pub fn retiring(&self) -> usize {
+        self.parents.values().filter(|p| p.retiring).count()
+    }
+
     /// Retiring parents with nothing left in flight: the driver can let them go (and
     /// [`Engine::remove_parent`] them).
     pub fn drained(&self) -> Vec<ParentId> {

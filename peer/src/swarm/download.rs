@@ -10,7 +10,7 @@
 //! so it is ready when the last one lands.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,9 +76,6 @@ struct Driver<'a> {
     known: Vec<Option<Digest>>,
     content: Option<Digest>,
     parents: HashMap<ParentId, ParentInfo>,
-    /// Parents being replaced: they finish what they are sending, and do not count against
-    /// `max_parents` (see [`Engine::parent_to_replace`]).
-    retiring: HashSet<ParentId>,
     by_peer: HashMap<PeerId, ParentId>,
     down_at: HashMap<PeerId, Instant>,
     banned: HashSet<PeerId>,
@@ -98,7 +95,7 @@ struct Driver<'a> {
     wanted_parents: tokio::sync::watch::Sender<Wanted>,
     helpers: Vec<AbortHandle>,
     /// Few pieces left: parents' news is wanted at once, not gathered (see `poll_parent`).
-    closing: Arc<AtomicBool>,
+    closing: tokio::sync::watch::Sender<bool>,
     /// The whole-content hash, computed in order as pieces verify.
     follow: Option<FollowHash>,
 }
@@ -152,7 +149,6 @@ pub(super) async fn run(
         known: Vec::new(),
         content: None,
         parents: HashMap::new(),
-        retiring: HashSet::new(),
         by_peer: HashMap::new(),
         down_at: HashMap::new(),
         banned: HashSet::new(),
@@ -171,7 +167,7 @@ pub(super) async fn run(
             exclude: Vec::new(),
         }),
         helpers: Vec::new(),
-        closing: Arc::default(),
+        closing: tokio::sync::watch::Sender::new(false),
     };
     match missing {
         Missing::Partial(t) => {
@@ -224,8 +220,9 @@ pub(super) async fn run(
         }
         d.step()?;
         if let Some(e) = &d.engine {
+            let closing = e.missing() <= CLOSING_PIECES;
             d.closing
-                .store(e.missing() <= CLOSING_PIECES, Ordering::Relaxed);
+                .send_if_modified(|c| std::mem::replace(c, closing) != closing);
         }
         if last_links.elapsed() >= Duration::from_secs(1) {
             last_links = Instant::now();
@@ -387,7 +384,7 @@ impl Driver<'_> {
             pid,
             addr,
             self.tx.clone(),
-            self.closing.clone(),
+            self.closing.subscribe(),
         ));
         self.by_peer.insert(peer.clone(), pid);
         self.parents.insert(
@@ -425,19 +422,18 @@ impl Driver<'_> {
         if let Some(p) = self.parents.get(&pid) {
             tracing::debug!(parent = %p.peer, "replacing the parent that delivered least");
         }
-        // It finishes what it is sending (dropped once drained, in `step`); its slot is free
-        // now.
-        self.retiring.insert(pid);
+        // It retires: it finishes what it is sending (dropped once drained, in `step`), and
+        // its slot is free now.
         self.update_wanted();
     }
 
-    /// Parents holding a slot: all but those retiring.
+    /// Parents holding a slot: all but those retiring (see [`Engine::parent_to_replace`]).
     fn active_parents(&self) -> usize {
-        self.parents.len().saturating_sub(self.retiring.len())
+        let retiring = self.engine.as_ref().map_or(0, Engine::retiring);
+        self.parents.len().saturating_sub(retiring)
     }
 
     fn drop_parent(&mut self, pid: ParentId, ban: bool) {
-        self.retiring.remove(&pid);
         if let Some(p) = self.parents.remove(&pid) {
             p.poller.abort();
             self.by_peer.remove(&p.peer);

@@ -1,7 +1,7 @@
 //! The driver's I/O tasks: asking the scheduler, long-polling each parent's verification log,
 //! and fetching one piece (from a parent or the origin), verified before it is stored.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,7 +97,7 @@ pub(super) async fn poll_parent(
     pid: ParentId,
     addr: std::net::SocketAddr,
     tx: mpsc::UnboundedSender<Event>,
-    closing: Arc<AtomicBool>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     let down = |why: String| {
         let _ = tx.send(Event::Down { pid, why });
@@ -135,9 +135,9 @@ pub(super) async fn poll_parent(
                     let reason = conn.closed().await;
                     return down(reason);
                 }
-                if !closing.load(Ordering::Relaxed) {
-                    tokio::time::sleep_until(asked + HAVE_EVERY).await;
-                }
+                // Until the interval is over, or at once when the download is closing (a
+                // download that is over drops the sender, which ends the wait as well).
+                let _ = tokio::time::timeout_at(asked + HAVE_EVERY, closing.wait_for(|c| *c)).await;
             }
             Ok(Err(TransportError::Refused(Status::NotFound))) => {
                 // Not (yet) holding the task, e.g. a seed that just took our fetch order.
