@@ -209,7 +209,7 @@ impl ProbeReport {
     /// A fixed-width table for `starling probe`.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "eBPF probes: {}\nadaptation: {}; QUIC packet size upper bound {} bytes of UDP payload; congestion control {:?}\nUDP socket: {} receive drops, receive buffer {} bytes{}\n",
+            "eBPF probes: {}\nadaptation: {}; QUIC packet size upper bound {} bytes of UDP payload; congestion control {:?}\nUDP socket: {} receive drops, receive buffer {} bytes{}; {} sends found the send buffer full\n",
             if self.ebpf {
                 format!("on ({})", self.detail)
             } else {
@@ -224,7 +224,8 @@ impl ProbeReport {
                 " (at its limit: raise net.core.rmem_max)"
             } else {
                 ""
-            }
+            },
+            self.socket.sends_refused
         );
         s.push_str(&format!(
             "{:<22} {:<6} {:>8} {:<6} {:>8} {:>8} {:>6} {:>9} {:>7} {:>10} {:>6}\n",

@@ -5,7 +5,7 @@
 //! The daemon serves its store through [`PieceSource`]; the scheduler's RPCs ride the same
 //! endpoint and the same mutual TLS (`PieceSource::call`).
 
-mod gso;
+mod socket;
 pub mod tls;
 mod tolerant;
 pub mod wire;
@@ -221,6 +221,8 @@ pub struct Node {
     tolerate: Arc<AtomicBool>,
     /// A second handle on the endpoint's UDP socket, to resize its buffers.
     socket: std::net::UdpSocket,
+    /// The endpoint's socket as quinn drives it (see [`socket`]).
+    quiet: Arc<socket::QuietSocket>,
     /// Receive drops seen at the last [`Node::tune_buffers`].
     drops_seen: std::sync::atomic::AtomicU64,
 }
@@ -238,6 +240,10 @@ pub struct SocketReport {
     /// True when drops happened and the buffer cannot grow: the limit itself is the problem
     /// (raise net.core.rmem_max, or run with CAP_NET_ADMIN).
     pub at_limit: bool,
+    /// Sends that found the socket's send buffer full (each tried again 1 ms later), since it
+    /// opened. Growing fast: raise net.core.wmem_max.
+    #[serde(default)]
+    pub sends_refused: u64,
 }
 
 /// Drops of the UDP socket bound to `port`, from /proc/net/udp{,6} (of this network namespace).
@@ -335,14 +341,19 @@ impl Node {
         // more bytes of each packet for data.
         endpoint_cfg
             .cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(CID_LEN)));
-        // GSO batches that fit in one send at the largest packet size (see `gso`).
-        let socket = Arc::new(gso::CappedSocket::new(
-            runtime.wrap_udp_socket(socket).map_err(bind_err)?,
-            policy.upper_bound.max(MIN_UDP_PAYLOAD),
-        ));
-        let mut endpoint =
-            quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, Some(server), socket, runtime)
-                .map_err(bind_err)?;
+        // GSO batches that fit in one send at the largest packet size, and no wakeups for
+        // write space (see `socket`).
+        let socket = Arc::new(
+            socket::QuietSocket::new(socket, policy.upper_bound.max(MIN_UDP_PAYLOAD))
+                .map_err(bind_err)?,
+        );
+        let mut endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_cfg,
+            Some(server),
+            socket.clone(),
+            runtime,
+        )
+        .map_err(bind_err)?;
         let mut client = tls::client_config(id)?;
         client.transport_config(shared);
         endpoint.set_default_client_config(client);
@@ -353,6 +364,7 @@ impl Node {
             conns: Arc::default(),
             tolerate,
             socket: tuning,
+            quiet: socket,
             drops_seen: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -389,6 +401,7 @@ impl Node {
             rx_drops: drops,
             rcvbuf: sockopt::socket_recv_buffer_size(&self.socket).unwrap_or(0) as u64,
             at_limit,
+            sends_refused: self.quiet.sends_refused(),
         }
     }
 
