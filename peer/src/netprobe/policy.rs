@@ -13,6 +13,8 @@
 //! - **TCP MSS** (`NetProbe::stalled`): a stalled origin transfer with no full-size segment
 //!   ever received clamps the MSS of new connections to that host.
 
+use std::time::Duration;
+
 use crate::transport::{Congestion, ConnInfo};
 
 /// A connection counts once it has sent this many packets.
@@ -43,6 +45,19 @@ pub fn congestion(current: Congestion, conns: &[ConnInfo]) -> Congestion {
     } else {
         current
     }
+}
+
+/// The smoothed RTT every open connection must have before the endpoint gathers its reads by
+/// the tick (`transport::socket`): a read is then up to 2 ms late, a fifth of this.
+pub const GATHER_MIN_RTT: Duration = Duration::from_millis(10);
+
+/// Whether the endpoint may gather its reads: while it has open connections and every one's
+/// smoothed RTT is at least [`GATHER_MIN_RTT`]. Such RTTs on a busy node are queues on its links
+/// (a flow filling a bottleneck's queue loses nothing when its packets wait 2 ms more), or long
+/// paths. A short-RTT connection (a loss-limited flow, whose rate is proportional to 1/RTT, or
+/// any exchange on a quiet LAN) keeps every read immediate.
+pub fn gather_reads(conns: &[ConnInfo]) -> bool {
+    !conns.is_empty() && conns.iter().all(|c| c.stats.path.rtt >= GATHER_MIN_RTT)
 }
 
 #[cfg(test)]
@@ -86,6 +101,21 @@ mod tests {
             congestion(Cubic, &[conn(100, 100), conn(3000, 60)]),
             Tolerant,
             "short connections do not count"
+        );
+    }
+
+    #[test]
+    fn reads_are_gathered_only_while_every_connection_has_a_long_rtt() {
+        let rtt = |ms| {
+            let mut c = conn(10_000, 0);
+            c.stats.path.rtt = Duration::from_millis(ms);
+            c
+        };
+        assert!(!gather_reads(&[]), "nothing open: nothing to gather");
+        assert!(gather_reads(&[rtt(10), rtt(25)]), "queues on every path");
+        assert!(
+            !gather_reads(&[rtt(25), rtt(1)]),
+            "one short path (a loss-limited flow on a LAN) keeps reads immediate"
         );
     }
 }

@@ -59,6 +59,8 @@ async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
             let live: Vec<_> = conns.into_iter().filter(|c| c.live).collect();
             let c = crate::netprobe::policy::congestion(s.node.congestion(), &live);
             s.node.set_congestion(c);
+            s.node
+                .gather_reads(crate::netprobe::policy::gather_reads(&live));
         }
         n += 1;
         if n % 10 == 0 {

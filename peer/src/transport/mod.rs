@@ -431,6 +431,12 @@ impl Node {
         }
     }
 
+    /// Lets the endpoint gather its reads by the tick, or makes every read immediate again
+    /// (see [`socket`]).
+    pub fn gather_reads(&self, on: bool) {
+        self.quiet.gather(on);
+    }
+
     /// Switches how every connection, open or new, answers loss. Without the policy's
     /// `loss_gate` (quinn's defaults) connections run quinn's Cubic and this changes nothing.
     pub fn set_congestion(&self, c: Congestion) {

@@ -13,8 +13,19 @@
 //! again and again by its own transmissions, to find nothing to do. This socket registers for
 //! reading only. A send that finds the buffer full (8 MiB: rare; counted in
 //! [`QuietSocket::sends_refused`]) is tried again after [`SEND_RETRY`] instead of waiting for
-//! write space. On the default bench job (9 daemons, 100 Mbit/s links) this halved the
-//! daemons' context switches and cut their CPU by about 7%.
+//! write space.
+//!
+//! **Gathered reads.** A receiving node is still woken by every datagram that arrives: at
+//! 100 Mbit/s, often several times a millisecond for one or two packets each. While the node
+//! allows it ([`QuietSocket::gather`], set by the daemon when every connection's smoothed RTT
+//! is long enough that a millisecond or two more costs nothing: see
+//! `netprobe::policy::gather_reads`), a socket woken twice within a [`TICK`] leaves the
+//! runtime's poll set and reads whatever arrived once per tick instead (the receive buffer
+//! holds many ticks' worth). The first tick that finds nothing, or the node withdrawing its
+//! permission, registers it again, so an idle node sleeps until a datagram comes. Each read is
+//! up to two ticks late, which is why it needs the permission: on a sub-millisecond path a
+//! loss-limited flow (random loss, Cubic) runs at a rate proportional to 1/RTT, and ticking
+//! unconditionally made one 2.4 times slower (`cargo xtask bench adapt --only lossy`).
 
 use std::fmt;
 use std::future::Future;
@@ -22,7 +33,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -30,11 +41,16 @@ use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// UDP payload bytes one GSO send may carry: 64 KiB less the IPv6 and UDP headers, rounded
 /// down.
 const GSO_MAX_BYTES: usize = 65_000;
+
+/// While reads are gathered, how often the socket is read. The runtime's timer has
+/// millisecond resolution, so a tick lasts 1 to 2 ms: at 1 Gbit/s that is 250 KB, a small part
+/// of the receive buffer.
+pub const TICK: Duration = Duration::from_millis(1);
 
 /// A send that found the socket's buffer full is tried again after this long.
 const SEND_RETRY: Duration = Duration::from_millis(1);
@@ -44,11 +60,46 @@ pub fn segments_for(max_packet: u16) -> usize {
     (GSO_MAX_BYTES / usize::from(max_packet.max(1))).max(1)
 }
 
+/// How the endpoint learns that datagrams wait.
+enum Wait {
+    /// Registered with the runtime for reading (a duplicate of the socket's descriptor, so
+    /// leaving the poll set does not close the socket). `drained`: the last read found nothing,
+    /// so the next datagram is a wake; `last_wake`: when the last wake was.
+    Ready {
+        fd: AsyncFd<UdpSocket>,
+        drained: bool,
+        last_wake: Option<Instant>,
+    },
+    /// Not registered: the socket is read when `sleep` ends (`armed`) until it is empty; then
+    /// the next tick is armed if this one `found` datagrams.
+    Tick {
+        sleep: Pin<Box<Sleep>>,
+        armed: bool,
+        found: bool,
+    },
+}
+
+impl Wait {
+    fn ready(io: &UdpSocket) -> io::Result<Wait> {
+        // SAFETY: the duplicate is owned by the `AsyncFd` and closed only when it drops, so its
+        // descriptor stays open and the same for the registration's whole life.
+        let fd = unsafe { AsyncFd::register_with_interest(io.try_clone()?, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Wait::Ready {
+            fd,
+            drained: true,
+            last_wake: None,
+        })
+    }
+}
+
 /// The endpoint's socket (see the module doc).
 pub struct QuietSocket {
-    /// Registered with the runtime for reading only.
-    io: AsyncFd<UdpSocket>,
+    io: UdpSocket,
     state: UdpSocketState,
+    wait: Mutex<Wait>,
+    /// Reads may be gathered by the tick.
+    gather: AtomicBool,
     max_segments: usize,
     /// A send found the buffer full; senders wait [`SEND_RETRY`] before trying again.
     send_blocked: Arc<AtomicBool>,
@@ -60,17 +111,27 @@ impl QuietSocket {
     pub fn new(io: UdpSocket, max_packet: u16) -> io::Result<QuietSocket> {
         io.set_nonblocking(true)?;
         let state = UdpSocketState::new((&io).into())?;
-        // SAFETY: the `AsyncFd` owns the socket and closes it only when it drops, so the
-        // descriptor stays open and the same for the registration's whole life.
-        let io = unsafe { AsyncFd::register_with_interest(io, Interest::READABLE) }
-            .map_err(io::Error::from)?;
         Ok(QuietSocket {
+            wait: Mutex::new(Wait::ready(&io)?),
+            gather: AtomicBool::new(false),
             io,
             state,
             max_segments: segments_for(max_packet),
             send_blocked: Arc::default(),
             sends_refused: AtomicU64::new(0),
         })
+    }
+
+    /// Allows or stops gathering reads by the tick (see the module doc); a socket ticking now
+    /// registers again at its next read.
+    pub fn gather(&self, on: bool) {
+        if self.gather.swap(on, Ordering::Relaxed) != on {
+            tracing::debug!(on, "gathered reads");
+        }
+    }
+
+    fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        self.state.recv((&self.io).into(), bufs, meta)
     }
 
     /// Sends that found the socket's send buffer full, since it opened.
@@ -97,7 +158,7 @@ impl AsyncUdpSocket for QuietSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        let sent = self.state.send((&self.io).into(), transmit);
         if matches!(&sent, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
             self.sends_refused.fetch_add(1, Ordering::Relaxed);
             self.send_blocked.store(true, Ordering::Relaxed);
@@ -111,17 +172,70 @@ impl AsyncUdpSocket for QuietSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        let mut wait = self.wait.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            let mut guard = ready!(self.io.poll_read_ready(cx))?;
-            if let Ok(got) = guard.try_io(|io| self.state.recv(io.get_ref().into(), bufs, meta)) {
-                return Poll::Ready(got);
-            }
-            // Empty: `try_io` cleared the readiness, so the next poll waits for a datagram.
+            let next = match &mut *wait {
+                Wait::Ready {
+                    fd,
+                    drained,
+                    last_wake,
+                } => {
+                    let mut guard = ready!(fd.poll_read_ready(cx))?;
+                    let Ok(got) = guard.try_io(|_| self.recv(bufs, meta)) else {
+                        // Empty: `try_io` cleared the readiness, so the next poll waits.
+                        *drained = true;
+                        continue;
+                    };
+                    if !std::mem::take(drained) {
+                        return Poll::Ready(got);
+                    }
+                    let now = Instant::now();
+                    let busy = last_wake.is_some_and(|t| now - t < TICK);
+                    *last_wake = Some(now);
+                    if busy && self.gather.load(Ordering::Relaxed) {
+                        // Two wakes within a tick: read by the tick from now on, starting
+                        // with what is left now.
+                        *wait = Wait::Tick {
+                            sleep: Box::pin(tokio::time::sleep(TICK)),
+                            armed: false,
+                            found: true,
+                        };
+                    }
+                    return Poll::Ready(got);
+                }
+                Wait::Tick {
+                    sleep,
+                    armed,
+                    found,
+                } => {
+                    if *armed {
+                        ready!(sleep.as_mut().poll(cx));
+                        *armed = false;
+                    }
+                    match self.recv(bufs, meta) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if std::mem::take(found) && self.gather.load(Ordering::Relaxed) {
+                                sleep.as_mut().reset(Instant::now() + TICK);
+                                *armed = true;
+                                continue;
+                            }
+                            // A tick without a datagram, or no longer allowed: sleep until
+                            // one comes.
+                            Wait::ready(&self.io)?
+                        }
+                        got => {
+                            *found = true;
+                            return Poll::Ready(got);
+                        }
+                    }
+                }
+            };
+            *wait = next;
         }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.get_ref().local_addr()
+        self.io.local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
@@ -178,7 +292,10 @@ mod tests {
 
     use quinn::AsyncUdpSocket;
 
-    use super::{segments_for, QuietSocket, GSO_MAX_BYTES, SEND_RETRY};
+    use std::io::IoSliceMut;
+    use std::time::Duration;
+
+    use super::{segments_for, QuietSocket, Wait, GSO_MAX_BYTES, SEND_RETRY, TICK};
 
     #[test]
     fn a_batch_never_exceeds_one_gso_send() {
@@ -211,5 +328,81 @@ mod tests {
             .unwrap();
         assert!(t.elapsed() >= SEND_RETRY / 2, "waited {:?}", t.elapsed());
         assert!(poller.as_mut().poll_writable(&mut now).is_ready());
+    }
+
+    /// Receives until `want` datagrams (each led by its sequence number) arrived, checking
+    /// they come in order; returns whether the socket read by the tick meanwhile.
+    async fn receive(socket: &QuietSocket, next: &mut u32, want: u32) -> bool {
+        let lost = format!("datagrams from {next} to {want} did not all come");
+        tokio::time::timeout(Duration::from_secs(30), receive_all(socket, next, want))
+            .await
+            .expect(&lost)
+    }
+
+    async fn receive_all(socket: &QuietSocket, next: &mut u32, want: u32) -> bool {
+        use quinn::udp::{RecvMeta, BATCH_SIZE};
+        let mut ticked = false;
+        let mut storage = vec![[0u8; 2048]; BATCH_SIZE];
+        while *next < want {
+            let mut bufs: Vec<IoSliceMut> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut meta = [RecvMeta::default(); BATCH_SIZE];
+            let n = poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta))
+                .await
+                .unwrap();
+            ticked |= matches!(*socket.wait.lock().unwrap(), Wait::Tick { .. });
+            for (m, b) in meta.iter().zip(&bufs).take(n) {
+                for d in b[..m.len].chunks(m.stride) {
+                    assert_eq!(u32::from_le_bytes(d[..4].try_into().unwrap()), *next);
+                    *next += 1;
+                }
+            }
+        }
+        ticked
+    }
+
+    #[tokio::test]
+    async fn gathered_reads_lose_nothing_and_a_quiet_socket_is_woken_by_the_next_datagram() {
+        // Room for many ticks' worth: a datagram dropped here would be a stalled test.
+        let io = super::super::udp_socket("127.0.0.1:0".parse().unwrap(), 8 << 20).unwrap();
+        let to = io.local_addr().unwrap();
+        let socket = QuietSocket::new(io, 1452).unwrap();
+        socket.gather(true);
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let send = move |from: u32, to_seq: u32, every: u32| {
+            let sender = sender.try_clone().unwrap();
+            std::thread::spawn(move || {
+                for i in from..to_seq {
+                    let mut d = [0u8; 1200];
+                    d[..4].copy_from_slice(&i.to_le_bytes());
+                    sender.send_to(&d, to).unwrap();
+                    if i % every == every - 1 {
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                }
+            })
+        };
+        // Bursts every 100 us: many wakes within a tick, so reads are gathered.
+        let burst = send(0, 3000, 8);
+        let mut next = 0;
+        assert!(
+            receive(&socket, &mut next, 3000).await,
+            "never read by the tick"
+        );
+        burst.join().unwrap();
+        // Quiet: the socket, still polled, registers again after a tick that finds nothing,
+        // and the next datagram wakes it.
+        let quiet = tokio::time::timeout(TICK * 10, receive_all(&socket, &mut next, 3001));
+        assert!(quiet.await.is_err());
+        assert!(matches!(*socket.wait.lock().unwrap(), Wait::Ready { .. }));
+        send(3000, 3001, 1).join().unwrap();
+        assert!(!receive(&socket, &mut next, 3001).await);
+        // Withdrawn while ticking: the socket registers again at its next empty read.
+        let burst = send(3001, 6000, 8);
+        assert!(receive(&socket, &mut next, 4000).await);
+        socket.gather(false);
+        receive(&socket, &mut next, 6000).await;
+        burst.join().unwrap();
+        assert!(matches!(*socket.wait.lock().unwrap(), Wait::Ready { .. }));
     }
 }
