@@ -221,7 +221,17 @@ impl AsyncUdpSocket for QuietSocket {
                             }
                             // A tick without a datagram, or no longer allowed: sleep until
                             // one comes.
-                            Wait::ready(&self.io)?
+                            match Wait::ready(&self.io) {
+                                Ok(ready) => ready,
+                                Err(e) => {
+                                    // No descriptor to spare (EMFILE): a failed read would end
+                                    // the endpoint, so keep reading by the tick.
+                                    tracing::debug!(error = %e, "UDP socket stays on the tick");
+                                    sleep.as_mut().reset(Instant::now() + TICK);
+                                    *armed = true;
+                                    continue;
+                                }
+                            }
                         }
                         got => {
                             *found = true;
