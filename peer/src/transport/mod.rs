@@ -219,9 +219,8 @@ pub struct Node {
     /// Set: random loss is tolerated ([`Congestion::Tolerant`]); read by every connection's
     /// controller on each loss, so a switch applies to open connections too.
     tolerate: Arc<AtomicBool>,
-    /// A second handle on the endpoint's UDP socket, to resize its buffers.
-    socket: std::net::UdpSocket,
-    /// The endpoint's socket as quinn drives it (see [`socket`]).
+    /// The endpoint's socket as quinn drives it (see [`socket`]); its buffers are resized
+    /// through it.
     quiet: Arc<socket::QuietSocket>,
     /// Receive drops seen at the last [`Node::tune_buffers`].
     drops_seen: std::sync::atomic::AtomicU64,
@@ -327,7 +326,6 @@ impl Node {
         let buffer = (SOCKET_BUFFER as u64 * u64::from(policy.upper_bound).max(1452) / 1452)
             .min(MAX_SOCKET_BUFFER as u64) as usize;
         let socket = udp_socket(addr, buffer).map_err(bind_err)?;
-        let tuning = socket.try_clone().map_err(bind_err)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_err(std::io::Error::other("no async runtime")))?;
         // The largest datagram we accept, advertised to peers: it caps their PLPMTUD (quinn's
@@ -363,7 +361,6 @@ impl Node {
             policy,
             conns: Arc::default(),
             tolerate,
-            socket: tuning,
             quiet: socket,
             drops_seen: std::sync::atomic::AtomicU64::new(0),
         })
@@ -374,18 +371,18 @@ impl Node {
     pub fn tune_buffers(&self) -> SocketReport {
         use rustix::net::sockopt;
         use std::sync::atomic::Ordering;
-        let port = self.socket.local_addr().map(|a| a.port()).unwrap_or(0);
+        let port = self.quiet.io().local_addr().map(|a| a.port()).unwrap_or(0);
         let drops = udp_drops(port);
         let before = self.drops_seen.swap(drops, Ordering::Relaxed);
-        let granted = sockopt::socket_recv_buffer_size(&self.socket).unwrap_or(0);
+        let granted = sockopt::socket_recv_buffer_size(self.quiet.io()).unwrap_or(0);
         let mut at_limit = false;
         if drops > before {
             // The kernel reports twice the size asked for.
             let want = (granted / 2 * 2).clamp(SOCKET_BUFFER, MAX_SOCKET_BUFFER);
             if granted / 2 < MAX_SOCKET_BUFFER {
-                let raised = sockopt::set_socket_recv_buffer_size_force(&self.socket, want)
-                    .or_else(|_| sockopt::set_socket_recv_buffer_size(&self.socket, want));
-                let now = sockopt::socket_recv_buffer_size(&self.socket).unwrap_or(0);
+                let raised = sockopt::set_socket_recv_buffer_size_force(self.quiet.io(), want)
+                    .or_else(|_| sockopt::set_socket_recv_buffer_size(self.quiet.io(), want));
+                let now = sockopt::socket_recv_buffer_size(self.quiet.io()).unwrap_or(0);
                 at_limit = raised.is_err() || now <= granted;
                 tracing::info!(
                     drops = drops - before,
@@ -399,7 +396,7 @@ impl Node {
         }
         SocketReport {
             rx_drops: drops,
-            rcvbuf: sockopt::socket_recv_buffer_size(&self.socket).unwrap_or(0) as u64,
+            rcvbuf: sockopt::socket_recv_buffer_size(self.quiet.io()).unwrap_or(0) as u64,
             at_limit,
             sends_refused: self.quiet.sends_refused(),
         }
@@ -413,7 +410,7 @@ impl Node {
         // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
         let r = unsafe {
             libc::getsockopt(
-                self.socket.as_raw_fd(),
+                self.quiet.io().as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_COOKIE,
                 (&mut cookie as *mut u64).cast(),
