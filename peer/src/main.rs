@@ -204,6 +204,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let rt = rt
         .enable_all()
         .thread_name("starling-net")
+        .on_thread_park(starling::transport::slack::on_park)
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {

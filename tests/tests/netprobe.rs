@@ -26,6 +26,16 @@ fn probe(node: &Node) -> ProbeReport {
     serde_json::from_slice(&out.stdout).expect("probe JSON")
 }
 
+/// An origin (nginx) on host 0 of `lab` serving `mib` MiB of random bytes (from `seed`) as
+/// `blob`: the server, its directory and the bytes.
+fn origin(lab: &Lab, mib: usize, seed: u64) -> (Nginx, tempfile::TempDir, Vec<u8>) {
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(mib * MIB, seed);
+    std::fs::write(www.path().join("blob"), &data).expect("blob");
+    let nginx = Nginx::start_in(www.path(), None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+    (nginx, www, data)
+}
+
 /// A seed on the server side and one peer on the client side of `topo`; the peer gets a file
 /// through its daemon. Returns the lab, the cluster and the origin.
 fn transfer(
@@ -35,10 +45,7 @@ fn transfer(
     extra: &str,
 ) -> (Lab, Cluster, Nginx, tempfile::TempDir) {
     let lab = netlab::build(tag, subnet, 2, 0, topo).expect("netlab");
-    let www = tempfile::tempdir().expect("www");
-    let data = random_bytes(24 * MIB, 5);
-    std::fs::write(www.path().join("blob"), &data).expect("blob");
-    let nginx = Nginx::start_in(www.path(), None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+    let (nginx, www, data) = origin(&lab, 24, 5);
     let mut cluster = Cluster::new_in(Some(&lab), 1, "", extra);
     cluster.start_all();
     let url = nginx.url("blob");
@@ -144,10 +151,7 @@ fn loss_on_the_lossy_topology_is_measured_within_one_point_of_two_percent() {
     // seed's view of its child connection carries QUIC's loss count over its packets.
     let (_lab, cluster, _nginx, _www) = {
         let lab = netlab::build("l", 246, 2, 0, Topology::Lossy).expect("netlab");
-        let www = tempfile::tempdir().expect("www");
-        let data = random_bytes(64 * MIB, 6);
-        std::fs::write(www.path().join("blob"), &data).expect("blob");
-        let nginx = Nginx::start_in(www.path(), None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+        let (nginx, www, data) = origin(&lab, 64, 6);
         let mut cluster = Cluster::new_in(Some(&lab), 1, "", "");
         cluster.start_all();
         cluster.nodes[1]
@@ -195,10 +199,7 @@ fn a_back_to_source_tcp_download_across_the_dind_black_hole_completes() {
         return;
     }
     let lab = netlab::build("t", 248, 2, 0, Topology::Dind).expect("netlab");
-    let www = tempfile::tempdir().expect("www");
-    let data = random_bytes(8 * MIB, 8);
-    std::fs::write(www.path().join("blob"), &data).expect("blob");
-    let nginx = Nginx::start_in(www.path(), None, Some(&lab.hosts[0].ns), &lab.hosts[0].addr);
+    let (nginx, _www, data) = origin(&lab, 8, 8);
     let url = nginx.url("blob");
     // Plain curl stalls: the origin's full-size segments vanish, and so does the ICMP.
     let curl = lab
@@ -278,4 +279,84 @@ fn kernel_drops_are_counted_by_reason() {
     wait_until(Duration::from_secs(5), "NO_SOCKET drops counted", || {
         drops(&s) >= before + 50
     });
+}
+
+/// The largest timer slack among the threads of process `pid`, in nanoseconds.
+fn timer_slack_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        // Every thread has /proc/<tid>/timerslack_ns (not listed under /proc/<pid>/task).
+        .filter_map(|t| {
+            let tid = t.ok()?.file_name();
+            std::fs::read_to_string(format!("/proc/{}/timerslack_ns", tid.to_str()?)).ok()
+        })
+        .filter_map(|s| s.trim().parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn nodes_behind_queued_links_gather_their_wakeups_and_stop_once_idle() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    // A seed and two peers on 100 Mbit/s links, both peers downloading at once (each also
+    // uploads to the other): the queues on every link put each path's RTT past the policy's
+    // 10 ms, so the peers gather their reads and their runtime threads take a tick of timer
+    // slack. Idle again, the RTTs fall and the slack goes back to the default.
+    let lab = netlab::build("g", 250, 3, 100, Topology::Clean).expect("netlab");
+    let (nginx, _www, data) = origin(&lab, 64, 7);
+    let mut cluster = Cluster::new_in(Some(&lab), 2, "", "");
+    cluster.start_all();
+    let pids: Vec<u32> = cluster.nodes[1..]
+        .iter()
+        .map(|n| n.pid().expect("the peer's daemon runs"))
+        .collect();
+    let default = timer_slack_ns(pids[0]);
+    let slack = starling::transport::slack::SLACK.as_nanos() as u64;
+    assert!(default > 0 && default < slack, "default slack {default} ns");
+
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let most = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut most = vec![0; pids.len()];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for (m, pid) in most.iter_mut().zip(&pids) {
+                    *m = (*m).max(timer_slack_ns(*pid));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        });
+        let url = nginx.url("blob");
+        let gets: Vec<_> = cluster.nodes[1..]
+            .iter()
+            .map(|n| {
+                let url = url.clone();
+                s.spawn(move || n.scratch.get(&url, "blob", &[]).ok())
+            })
+            .collect();
+        for g in gets {
+            g.join().expect("get");
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().expect("sampler")
+    });
+    for n in &cluster.nodes[1..] {
+        assert_eq!(sha256_file(&n.scratch.out("blob")), sha256_bytes(&data));
+    }
+    assert_eq!(
+        most,
+        vec![slack; pids.len()],
+        "each peer's runtime took a tick of slack:\n{}",
+        cluster.nodes[1].log()
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the idle peers' threads are back to the default slack",
+        || pids.iter().all(|p| timer_slack_ns(*p) == default),
+    );
 }

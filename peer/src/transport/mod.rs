@@ -5,6 +5,7 @@
 //! The daemon serves its store through [`PieceSource`]; the scheduler's RPCs ride the same
 //! endpoint and the same mutual TLS (`PieceSource::call`).
 
+pub mod slack;
 mod socket;
 pub mod tls;
 mod tolerant;

@@ -25,7 +25,8 @@
 //! permission, registers it again, so an idle node sleeps until a datagram comes. Each read is
 //! up to two ticks late, which is why it needs the permission: on a sub-millisecond path a
 //! loss-limited flow (random loss, Cubic) runs at a rate proportional to 1/RTT, and ticking
-//! unconditionally made one 2.4 times slower (`cargo xtask bench adapt --only lossy`).
+//! unconditionally made one 2.4 times slower (`cargo xtask bench adapt --only lossy`). While a
+//! socket may gather, the runtime's threads also take a tick of timer slack (`slack`).
 
 use std::fmt;
 use std::future::Future;
@@ -126,6 +127,7 @@ impl QuietSocket {
     /// registers again at its next read.
     pub fn gather(&self, on: bool) {
         if self.gather.swap(on, Ordering::Relaxed) != on {
+            super::slack::gathering(on);
             tracing::debug!(on, "gathered reads");
         }
     }
@@ -142,6 +144,12 @@ impl QuietSocket {
     /// Sends that found the socket's send buffer full, since it opened.
     pub fn sends_refused(&self) -> u64 {
         self.sends_refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for QuietSocket {
+    fn drop(&mut self) {
+        self.gather(false);
     }
 }
 
