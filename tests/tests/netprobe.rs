@@ -355,3 +355,74 @@ fn nodes_behind_queued_links_gather_their_wakeups_and_stop_once_idle() {
         || pids.iter().all(|p| timer_slack_ns(*p) == default),
     );
 }
+
+#[test]
+fn a_seed_behind_random_loss_keeps_its_share_of_a_link_another_flow_keeps_queued() {
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces)");
+        return;
+    }
+    // The seed is behind a router dropping 2% at random; the peer's 100 Mbit/s link is also
+    // taken by a lossless TCP download from a host on its own side, which keeps that link's
+    // queue standing (Cubic fills it). The seed's connection tolerates random loss, so it
+    // should hold a fair part of the link. Judging its losses by queue depth alone made every
+    // random loss congestion (the queue never empties): it got 17% of what the link carried,
+    // against 31-34% now (release builds; about half would be an even split).
+    let lab = netlab::build("c", 252, 3, 100, Topology::Lossy).expect("netlab");
+    let (nginx, _www, data) = origin(&lab, 48, 9);
+    // The competing flow's file: sparse, more than the test can read at 100 Mbit/s.
+    let bulk = tempfile::tempdir().expect("bulk");
+    std::fs::File::create(bulk.path().join("bulk"))
+        .and_then(|f| f.set_len(1 << 30))
+        .expect("bulk file");
+    let other = Nginx::start_in(
+        bulk.path(),
+        None,
+        Some(&lab.hosts[2].ns),
+        &lab.hosts[2].addr,
+    );
+    let mut cluster = Cluster::new_in(Some(&lab), 1, "", "");
+    cluster.start_all();
+    let mut curl = lab
+        .command(1, "curl")
+        .args(["-sS", "-o", "/dev/null", "--max-time", "120"])
+        .arg(other.url("bulk"))
+        .spawn()
+        .expect("start curl");
+    // The TCP flow has the link (and its queue) first: 16 MB in, over a second at full rate.
+    let b0 = lab.host_received_bytes(1);
+    wait_until(
+        Duration::from_secs(30),
+        "the TCP download to fill the peer's link",
+        || lab.host_received_bytes(1) - b0 >= 16_000_000,
+    );
+    let (started, before) = (std::time::Instant::now(), lab.host_received_bytes(1));
+    let run = cluster.nodes[1]
+        .scratch
+        .get(&nginx.url("blob"), "blob", &[]);
+    let (secs, received) = (
+        started.elapsed().as_secs_f64(),
+        lab.host_received_bytes(1) - before,
+    );
+    let _ = curl.kill();
+    let _ = curl.wait();
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        sha256_file(&cluster.nodes[1].scratch.out("blob")),
+        sha256_bytes(&data)
+    );
+    let r = probe(&cluster.nodes[0]);
+    eprintln!("{}", r.table());
+    let share = data.len() as f64 / received as f64;
+    eprintln!(
+        "the seed's transfer: {secs:.2} s, {:.1} Mbit/s, {:.0}% of what the peer's link carried",
+        data.len() as f64 * 8.0 / secs / 1e6,
+        share * 100.0
+    );
+    assert_eq!(r.congestion, starling::transport::Congestion::Tolerant);
+    assert!(
+        share >= 0.25,
+        "the seed's connection got {:.0}% of the link (fair: about 50%)",
+        share * 100.0
+    );
+}

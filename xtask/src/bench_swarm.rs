@@ -1,10 +1,12 @@
 //! `cargo xtask bench swarm`: one seed plus N downloaders (default 8), each host a network
 //! namespace on one bridge with every link shaped by tbf both ways (default 100 Mbit/s), a file
-//! of F bytes (default 256 MiB). Prints Starling's wall time until all peers finish, T_min,
+//! of F bytes (default 256 MiB); `--topology` puts the hosts in a netlab topology instead (a
+//! router between two bridges, e.g. `lossy`, whose drop rate `--loss` sets). Prints Starling's wall time until all peers finish, T_min,
 //! Starling/T_min, and plain HTTP (nginx on the seed host, N concurrent curls) / Starling, all
 //! from the same run, plus CPU use (all hosts share this machine's cores).
 
 use anyhow::{bail, Context, Result};
+use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file, Lab};
 
 use crate::demo::make_file;
@@ -15,6 +17,8 @@ pub fn run(args: &[&str]) -> Result<()> {
     let (mut peers, mut size_mib, mut mbit, mut http) = (8usize, 256u64, 100u32, true);
     let mut piece_kib: Option<u64> = None;
     let mut peer_toml = String::new();
+    let mut topology: Option<Topology> = None;
+    let mut loss: Option<f64> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match *a {
@@ -23,6 +27,18 @@ pub fn run(args: &[&str]) -> Result<()> {
                 let v = it.next().context("--peer-toml takes TOML for [peer]")?;
                 peer_toml.push_str(v);
                 peer_toml.push('\n');
+            }
+            "--topology" => {
+                let v = it.next().context("--topology takes a netlab topology")?;
+                topology = Some(Topology::parse(v).with_context(|| {
+                    format!("unknown topology {v:?}: use one of clean, vxlan, dind, lossy, jumbo")
+                })?);
+            }
+            "--loss" => {
+                let v = it.next().context("--loss takes a drop rate from 0 to 1")?;
+                loss = Some(v.parse().ok().filter(|p| (0.0..1.0).contains(p)).with_context(
+                    || format!("--loss {v:?}: give a drop rate from 0 to 1, e.g. 0.01"),
+                )?);
             }
             "--peers" | "--size-mib" | "--mbit" | "--piece-kib" => {
                 let v = it.next().with_context(|| format!("{a} takes a value"))?;
@@ -34,9 +50,12 @@ pub fn run(args: &[&str]) -> Result<()> {
                 }
             }
             _ => bail!(
-                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--peer-toml 'key = value'] [--no-http]"
+                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--topology clean|vxlan|dind|lossy|jumbo [--loss P]] [--peer-toml 'key = value'] [--no-http]"
             ),
         }
+    }
+    if loss.is_some() && topology != Some(Topology::Lossy) {
+        bail!("--loss sets the lossy topology's drop rate: add --topology lossy");
     }
     if !is_root() {
         bail!("bench swarm builds network namespaces: run it as root");
@@ -49,9 +68,21 @@ pub fn run(args: &[&str]) -> Result<()> {
     std::fs::create_dir_all(&www)?;
     make_file(&www.join("artifact.bin"), size_mib * MIB)?;
     let want = sha256_file(&www.join("artifact.bin"));
-    let lab = Lab::new("s", 202, peers + 1, mbit).map_err(anyhow::Error::msg)?;
+    // The plain bridge unless a netlab topology is asked for (a router between two bridges).
+    let lab = match topology {
+        None => Lab::new("s", 202, peers + 1, mbit),
+        Some(t) => {
+            let loss = loss.unwrap_or(t.loss());
+            netlab::build_with_loss("s", 202, peers + 1, mbit, t, loss)
+        }
+    }
+    .map_err(anyhow::Error::msg)?;
+    let shape = topology.map_or(String::new(), |t| match loss {
+        Some(p) if t == Topology::Lossy => format!(", lossy topology ({}% loss)", p * 100.0),
+        _ => format!(", {} topology", t.name()),
+    });
     println!(
-        "bench swarm: 1 seed + {peers} peers, {size_mib} MiB, {mbit} Mbit/s links (tbf both ways)"
+        "bench swarm: 1 seed + {peers} peers, {size_mib} MiB, {mbit} Mbit/s links (tbf both ways){shape}"
     );
     let job = Job {
         lab: Some(&lab),
