@@ -1,9 +1,10 @@
 //! `cargo xtask bench swarm`: one seed plus N downloaders (default 8), each host a network
 //! namespace on one bridge with every link shaped by tbf both ways (default 100 Mbit/s), a file
 //! of F bytes (default 256 MiB); `--topology` puts the hosts in a netlab topology instead (a
-//! router between two bridges, e.g. `lossy`, whose drop rate `--loss` sets). Prints Starling's wall time until all peers finish, T_min,
-//! Starling/T_min, and plain HTTP (nginx on the seed host, N concurrent curls) / Starling, all
-//! from the same run, plus CPU use (all hosts share this machine's cores).
+//! router between two bridges, e.g. `lossy`, whose drop rate `--loss` sets). Prints Starling's
+//! wall time until all peers finish, T_min, Starling/T_min, and plain HTTP (nginx on the seed
+//! host, N concurrent curls) / Starling, all from the same run, plus CPU use (all hosts share
+//! this machine's cores).
 
 use anyhow::{bail, Context, Result};
 use starling_tests::netlab::{self, Topology};
