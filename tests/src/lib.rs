@@ -276,6 +276,21 @@ pub fn unique_port(pick: impl Fn() -> u16) -> u16 {
     }
 }
 
+static CPUS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Held by every test of a binary whose tests may run side by side, while one of them measures
+/// a rate that CPU contention would skew (see [`cpus_to_itself`]).
+pub fn sharing_the_cpus() -> std::sync::RwLockReadGuard<'static, ()> {
+    CPUS.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits until no other test of this binary holds [`sharing_the_cpus`], and keeps them out:
+/// for a test that measures a share of a link, which 2 cores shared with other swarms would
+/// decide instead of the code under test.
+pub fn cpus_to_itself() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CPUS.write().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Waits until something accepts on 127.0.0.1:port.
 pub fn wait_for_port(port: u16, what: &str) {
     wait_for_addr("127.0.0.1", port, what);

@@ -59,6 +59,7 @@ fn transfer(
 
 #[test]
 fn probe_reports_the_path_mtu_within_8_bytes_on_dind_vxlan_and_jumbo() {
+    let _cpus = sharing_the_cpus();
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces, eBPF)");
         return;
@@ -109,6 +110,7 @@ fn probe_reports_the_path_mtu_within_8_bytes_on_dind_vxlan_and_jumbo() {
 
 #[test]
 fn the_daemon_runs_with_probes_disabled_or_refused() {
+    let _cpus = sharing_the_cpus();
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
@@ -143,6 +145,7 @@ fn the_daemon_runs_with_probes_disabled_or_refused() {
 
 #[test]
 fn loss_on_the_lossy_topology_is_measured_within_one_point_of_two_percent() {
+    let _cpus = sharing_the_cpus();
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
@@ -194,6 +197,7 @@ fn loss_on_the_lossy_topology_is_measured_within_one_point_of_two_percent() {
 
 #[test]
 fn a_back_to_source_tcp_download_across_the_dind_black_hole_completes() {
+    let _cpus = sharing_the_cpus();
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces, eBPF)");
         return;
@@ -246,6 +250,7 @@ fn a_back_to_source_tcp_download_across_the_dind_black_hole_completes() {
 
 #[test]
 fn kernel_drops_are_counted_by_reason() {
+    let _cpus = sharing_the_cpus();
     if !is_root() {
         eprintln!("skipped: needs root (eBPF)");
         return;
@@ -299,6 +304,7 @@ fn timer_slack_ns(pid: u32) -> u64 {
 
 #[test]
 fn nodes_behind_queued_links_gather_their_wakeups_and_stop_once_idle() {
+    let _cpus = sharing_the_cpus();
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
@@ -324,25 +330,30 @@ fn nodes_behind_queued_links_gather_their_wakeups_and_stop_once_idle() {
     let mut most = vec![0; pids.len()];
     std::thread::scope(|s| {
         let url = nginx.url("blob");
+        let started = std::time::Instant::now();
         let gets: Vec<_> = cluster.nodes[1..]
             .iter()
             .map(|n| {
                 let url = url.clone();
-                s.spawn(move || n.scratch.get(&url, "blob", &[]).ok())
+                s.spawn(move || {
+                    n.scratch.get(&url, "blob", &[]).ok();
+                    started.elapsed()
+                })
             })
             .collect();
-        wait_until(
-            Duration::from_secs(60),
-            "each peer's runtime to take a tick of timer slack",
-            || {
-                for (m, pid) in most.iter_mut().zip(&pids) {
-                    *m = (*m).max(timer_slack_ns(*pid));
-                }
-                most.iter().all(|m| *m >= slack)
-            },
-        );
-        for g in gets {
-            g.join().expect("get");
+        let slacked = poll_until(Duration::from_secs(60), || {
+            for (m, pid) in most.iter_mut().zip(&pids) {
+                *m = (*m).max(timer_slack_ns(*pid));
+            }
+            most.iter().all(|m| *m >= slack)
+        });
+        let took: Vec<_> = gets.into_iter().map(|g| g.join().expect("get")).collect();
+        if !slacked {
+            // What each peer saw of its paths, for the RTTs the policy judged.
+            for n in &cluster.nodes[1..] {
+                eprintln!("{}", probe(n).table());
+            }
+            panic!("each peer's runtime to take a tick of timer slack: most {most:?} ns; the downloads took {took:?}");
         }
     });
     for n in &cluster.nodes[1..] {
@@ -358,6 +369,8 @@ fn nodes_behind_queued_links_gather_their_wakeups_and_stop_once_idle() {
 
 #[test]
 fn a_seed_behind_random_loss_keeps_its_share_of_a_link_another_flow_keeps_queued() {
+    // A share of the link is measured: no other swarm of this binary may take the CPUs.
+    let _cpus = cpus_to_itself();
     if !is_root() {
         eprintln!("skipped: needs root (network namespaces)");
         return;
@@ -366,8 +379,10 @@ fn a_seed_behind_random_loss_keeps_its_share_of_a_link_another_flow_keeps_queued
     // taken by a lossless TCP download from a host on its own side, which keeps that link's
     // queue standing (Cubic fills it). The seed's connection tolerates random loss, so it
     // should hold a fair part of the link. Judging its losses by queue depth alone made every
-    // random loss congestion (the queue never empties): it got 17% of what the link carried,
-    // against 31-34% now (release builds; about half would be an even split).
+    // random loss congestion (the queue never empties): it got 16-18% of what the link carried,
+    // against 27-41% now (debug or release builds; about half would be an even split); the
+    // bar is between the two. With the binary's other swarms beside it on the 2 cores, the
+    // new code got as little as 20%, so it runs alone.
     let lab = netlab::build("c", 252, 3, 100, Topology::Lossy).expect("netlab");
     let (nginx, _www, data) = origin(&lab, 48, 9);
     // The competing flow's file: sparse, more than the test can read at 100 Mbit/s.
@@ -421,7 +436,7 @@ fn a_seed_behind_random_loss_keeps_its_share_of_a_link_another_flow_keeps_queued
     );
     assert_eq!(r.congestion, starling::transport::Congestion::Tolerant);
     assert!(
-        share >= 0.25,
+        share >= 0.22,
         "the seed's connection got {:.0}% of the link (fair: about 50%)",
         share * 100.0
     );
