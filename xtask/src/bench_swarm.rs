@@ -116,6 +116,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.cpu_secs / delivered_gib
     );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
+    println!("CPU-s per daemon: {}", swarm::node_cpu_line(&o));
     println!(
         "peak RSS per daemon: max {} MiB",
         o.peak_rss_kib.iter().max().copied().unwrap_or(0) / 1024

@@ -45,7 +45,10 @@ pub struct Outcome {
     pub wall: f64,
     pub peers: Vec<PeerResult>,
     pub origin_bytes: u64,
+    /// CPU seconds of the daemons and the scheduler, together.
     pub cpu_secs: f64,
+    /// Each daemon's CPU seconds (node 0 is the seed).
+    pub node_cpu_secs: Vec<f64>,
     pub size: u64,
     /// Piece bytes each node uploaded (node 0 is the seed).
     pub uploaded: Vec<u64>,
@@ -68,13 +71,13 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let url = nginx.url(job.file);
     let mut cluster = Cluster::new_in(job.lab, job.peers, job.peer_toml, "");
     cluster.start_all();
-    let pids: Vec<u32> = cluster
-        .nodes
+    let daemons: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
+    let pids: Vec<u32> = daemons
         .iter()
-        .filter_map(|n| n.pid())
+        .copied()
         .chain(cluster.scheduler.as_ref().map(|s| s.child.id()))
         .collect();
-    let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let cpu0: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
     let origin0 = nginx.bytes_sent();
     let origin_cpu0 = tree_cpu_secs(nginx.pid());
     let sent0 = job.lab.map_or(0, |l| l.host_sent_bytes(0));
@@ -143,7 +146,11 @@ pub fn run(job: &Job) -> Result<Outcome> {
         drop(done_tx);
         results
     });
-    let cpu1: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
+    let cpu: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(p, c0)| cpu_secs(*p) - c0)
+        .collect();
     let origin_cpu_secs = tree_cpu_secs(nginx.pid()) - origin_cpu0;
     let seed_sent = job.lab.map_or(0, |l| l.host_sent_bytes(0)) - sent0;
     let peak_rss_kib = cluster
@@ -180,7 +187,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
         wall,
         peers,
         origin_bytes: nginx.bytes_sent() - origin0,
-        cpu_secs: cpu1 - cpu0,
+        cpu_secs: cpu.iter().sum(),
+        node_cpu_secs: cpu[..daemons.len()].to_vec(),
         size,
         uploaded,
         peak_rss_kib,
@@ -296,6 +304,15 @@ pub fn uploads_line(o: &Outcome) -> String {
         .map(|b| format!("{:.2}", *b as f64 / o.size as f64))
         .collect();
     format!("seed {} | peers {}", up[0], up[1..].join(" "))
+}
+
+/// "seed S | peers P1 P2 ...": each daemon's CPU seconds.
+pub fn node_cpu_line(o: &Outcome) -> String {
+    let cpu: Vec<String> = o.node_cpu_secs.iter().map(|c| format!("{c:.2}")).collect();
+    match cpu.split_first() {
+        Some((seed, peers)) => format!("seed {seed} | peers {}", peers.join(" ")),
+        None => "none".into(),
+    }
 }
 
 /// T_min = max(F/U_seed, F/D_peer, N·F/(U_seed + ΣU_peers)), with every link at `mbit`.
