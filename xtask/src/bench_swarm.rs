@@ -116,6 +116,15 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.cpu_secs / delivered_gib
     );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
+    if o.seed_shaped_sent > 0 {
+        // Every byte must leave the seed once, headers and all, through its shaper.
+        let shaped = o.seed_shaped_sent as f64 / o.size as f64;
+        println!(
+            "the seed's link carried {shaped:.3} x F by its shaper's count ({:.3} x F at its bridge port, where a GSO batch's headers count once): at the link's rate that alone takes {:.2} s",
+            o.seed_sent as f64 / o.size as f64,
+            o.seed_shaped_sent as f64 * 8.0 / (mbit as f64 * 1e6),
+        );
+    }
     println!("CPU-s per daemon: {}", swarm::node_cpu_line(&o));
     println!(
         "peak RSS per daemon: max {} MiB",

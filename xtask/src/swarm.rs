@@ -58,6 +58,8 @@ pub struct Outcome {
     pub origin_cpu_secs: f64,
     /// Bytes the seed host sent on its link (lab runs; 0 on loopback).
     pub seed_sent: u64,
+    /// The same, as the seed's upload shaper counts it (every packet's headers; 0 unshaped).
+    pub seed_shaped_sent: u64,
     /// Failed piece requests summed over every node, by cause (`piece_failures_total`).
     pub piece_failures: std::collections::BTreeMap<String, f64>,
 }
@@ -81,6 +83,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let origin0 = nginx.bytes_sent();
     let origin_cpu0 = tree_cpu_secs(nginx.pid());
     let sent0 = job.lab.map_or(0, |l| l.host_sent_bytes(0));
+    let shaped0 = job.lab.map_or(0, |l| l.host_shaped_sent_bytes(0));
 
     let bars = indicatif::MultiProgress::new();
     if !job.live {
@@ -153,6 +156,10 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .collect();
     let origin_cpu_secs = tree_cpu_secs(nginx.pid()) - origin_cpu0;
     let seed_sent = job.lab.map_or(0, |l| l.host_sent_bytes(0)) - sent0;
+    let seed_shaped_sent = job
+        .lab
+        .map_or(0, |l| l.host_shaped_sent_bytes(0))
+        .saturating_sub(shaped0);
     let peak_rss_kib = cluster
         .nodes
         .iter()
@@ -194,6 +201,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         peak_rss_kib,
         origin_cpu_secs,
         seed_sent,
+        seed_shaped_sent,
         piece_failures,
     })
 }
