@@ -382,7 +382,7 @@ fn a_seed_behind_random_loss_keeps_its_share_of_a_link_another_flow_keeps_queued
     // queue standing (Cubic fills it). The seed's connection tolerates random loss, so it
     // should hold a fair part of the link. Judging its losses by queue depth alone made every
     // random loss congestion (the queue never empties): it got 16-18% of what the link carried,
-    // against 27-41% now (debug or release builds; about half would be an even split); the
+    // against 27-54% now (debug or release builds; about half would be an even split); the
     // bar is between the two. With the binary's other swarms beside it on the 2 cores, the
     // new code got as little as 20%, so it runs alone.
     let lab = netlab::build("c", 252, 3, 100, Topology::Lossy).expect("netlab");
