@@ -72,16 +72,19 @@ pub fn run(args: &[&str]) -> Result<()> {
     // The plain bridge unless a netlab topology is asked for (a router between two bridges).
     let lab = match topology {
         None => Lab::new("s", 202, peers + 1, mbit),
-        Some(t) => {
-            let loss = loss.unwrap_or(t.loss());
-            netlab::build_with_loss("s", 202, peers + 1, mbit, t, loss)
-        }
+        Some(t) => netlab::build_with_loss("s", 202, peers + 1, mbit, t, loss.unwrap_or(t.loss())),
     }
     .map_err(anyhow::Error::msg)?;
-    let shape = topology.map_or(String::new(), |t| match loss {
-        Some(p) if t == Topology::Lossy => format!(", lossy topology ({}% loss)", p * 100.0),
-        _ => format!(", {} topology", t.name()),
-    });
+    let shape = match topology {
+        None => String::new(),
+        Some(t @ Topology::Lossy) => {
+            format!(
+                ", lossy topology ({}% loss)",
+                loss.unwrap_or(t.loss()) * 100.0
+            )
+        }
+        Some(t) => format!(", {} topology", t.name()),
+    };
     println!(
         "bench swarm: 1 seed + {peers} peers, {size_mib} MiB, {mbit} Mbit/s links (tbf both ways){shape}"
     );
