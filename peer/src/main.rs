@@ -14,7 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use starling::config::Config;
 use starling::core::Digest;
-use starling::daemon::{self, api::ApiEvent, api::GetRequest};
+use starling::daemon::{self, api::ApiEvent, api::GetRequest, api::ImportRequest};
 use starling::fetch::{exit, FetchError, Fetcher, Progress, Request, Served};
 use starling::storage::Store;
 
@@ -48,6 +48,11 @@ struct Global {
 enum Command {
     /// Download a URL, verified piece by piece and end to end, into a file.
     Get(GetArgs),
+    /// Add a local file to the store, so this node seeds it with no origin behind it. Prints
+    /// the content's digest (sha256:...), which peers name with `get --digest`. Through the
+    /// daemon when one runs (it seeds the file at once); otherwise into the store, for the
+    /// daemon that later serves that data directory.
+    Import(ImportArgs),
     /// Run one garbage-collection pass over the store (TTL and disk watermarks).
     Gc,
     /// Run the daemon, a peer (`peer.seed = true`: a seed peer): it owns the store, serves
@@ -143,6 +148,27 @@ struct GetArgs {
     no_daemon: bool,
 }
 
+#[derive(Args)]
+struct ImportArgs {
+    /// The file to import.
+    file: PathBuf,
+    /// The digest the content must have (sha256:<64 hex>); a mismatch fails and stores nothing.
+    #[arg(long, value_name = "DIGEST")]
+    digest: Option<String>,
+    /// Piece length, in bytes (suffixes K, M, KiB, MiB). A multiple of 4096 between 16 KiB and
+    /// 64 MiB. Default: chosen from the content length, as for a download.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    piece_length: Option<u64>,
+    /// Hard-link the file into the store instead of copying it: no second copy on disk, but it
+    /// must be on the store's file system, it becomes read-only, and it must not change
+    /// afterwards (the store re-verifies it on every use and drops it if it did).
+    #[arg(long)]
+    link: bool,
+    /// Work in this process even when a daemon is running.
+    #[arg(long)]
+    no_daemon: bool,
+}
+
 /// An error with the exit code it maps to.
 struct Failure(u8, anyhow::Error);
 
@@ -209,6 +235,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         .context("cannot start the async runtime")?;
     match cli.command {
         Command::Get(args) => rt.block_on(get(cfg, args, cli.global.quiet)),
+        Command::Import(args) => rt.block_on(import(cfg, args, cli.global.quiet)),
         Command::Gc => gc(cfg, cli.global.quiet),
         Command::Daemon => rt.block_on(daemon::run(cfg)).map_err(|e| {
             let code = match &e {
@@ -337,14 +364,7 @@ fn init(cfg: &Config, what: InitCommand) -> anyhow::Result<()> {
 }
 
 async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure> {
-    let usage = fail(exit::USAGE);
-    let digest = match &args.digest {
-        Some(d) => Some(
-            d.parse::<Digest>()
-                .map_err(|e| usage(anyhow::anyhow!("--digest: {e}")))?,
-        ),
-        None => None,
-    };
+    let digest = parse_digest(args.digest.as_deref())?;
     let headers = parse_headers(&args.headers).map_err(fail(exit::USAGE))?;
     let to_stdout = args.output.as_os_str() == "-";
     if !to_stdout {
@@ -352,14 +372,8 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
     }
     let progress = Arc::new(Progress::default());
     let started = Instant::now();
-    let bar =
+    let mut bar =
         (!quiet && std::io::stderr().is_terminal()).then(|| spawn_progress_bar(progress.clone()));
-    let finish_bar = |bar: Option<(indicatif::ProgressBar, tokio::task::JoinHandle<()>)>| {
-        if let Some((bar, ticker)) = bar {
-            ticker.abort();
-            bar.finish_and_clear();
-        }
-    };
 
     // A running daemon does the work (shared store, one download per task), unless the
     // request needs this process: stdout output or extra CAs for this request only.
@@ -376,12 +390,7 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
             output,
             no_hardlink: args.no_hardlink,
         };
-        let p = progress.clone();
-        let answer = daemon::client_get(&cfg.socket_path(), &req, |total, done| {
-            p.total.store(total, Ordering::Relaxed);
-            p.done.store(done, Ordering::Relaxed);
-        })
-        .await;
+        let answer = daemon::client_get(&cfg.socket_path(), &req, mirror(&progress)).await;
         match answer {
             Ok(Some(ApiEvent::Done {
                 bytes,
@@ -391,7 +400,7 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
                 parent_bytes,
                 placed,
             })) => {
-                finish_bar(bar);
+                finish_bar(bar.take());
                 if !quiet {
                     let from = if from_store {
                         "local store, 0 bytes from the origin".to_string()
@@ -409,11 +418,11 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
                 return Ok(());
             }
             Ok(Some(ApiEvent::Error { code, message })) => {
-                finish_bar(bar);
+                finish_bar(bar.take());
                 return Err(Failure(code, anyhow::anyhow!(message)));
             }
             Ok(Some(ApiEvent::Probe(_))) => {
-                finish_bar(bar);
+                finish_bar(bar.take());
                 return Err(Failure(
                     exit::OTHER,
                     anyhow::anyhow!("the daemon answered a get with a probe report"),
@@ -423,7 +432,7 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 // It took the request and died (killed, crashed): its verified pieces are
                 // kept, and retrying resumes; working in-process now would bypass the swarm.
-                finish_bar(bar);
+                finish_bar(bar.take());
                 return Err(Failure(
                     exit::NETWORK,
                     anyhow::anyhow!("the daemon at {} stopped before finishing; its verified pieces are kept: restart it and run the command again", cfg.socket_path().display()),
@@ -447,7 +456,7 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
         headers,
     };
     let res = fetcher.fetch(&req, &progress).await;
-    finish_bar(bar);
+    finish_bar(bar.take());
     let fetched = res.map_err(classify)?;
     let placed = if to_stdout {
         fetched
@@ -485,6 +494,7 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
                 progress.parent_bytes.load(Ordering::Relaxed),
                 progress.origin_bytes.load(Ordering::Relaxed)
             ),
+            Served::Local => "a local file".to_string(),
         };
         eprintln!(
             "starling: saved {} ({} bytes, {}) from {from} via {placed} in {:.2}s",
@@ -494,6 +504,93 @@ async fn get(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure>
             started.elapsed().as_secs_f64()
         );
     }
+    Ok(())
+}
+
+async fn import(cfg: Config, args: ImportArgs, quiet: bool) -> Result<(), Failure> {
+    let digest = parse_digest(args.digest.as_deref())?;
+    let path = std::path::absolute(&args.file).map_err(|e| fail(exit::USAGE)(e.into()))?;
+    let progress = Arc::new(Progress::default());
+    let started = Instant::now();
+    let mut bar =
+        (!quiet && std::io::stderr().is_terminal()).then(|| spawn_progress_bar(progress.clone()));
+    let how = if args.link { "hard-linked" } else { "copied" };
+    let report = |bytes: u64, digest: &str, stored: bool, via: &str| {
+        println!("{digest}");
+        if !quiet {
+            let what = if stored {
+                "already in the store".to_string()
+            } else {
+                format!("{how} into the store")
+            };
+            eprintln!(
+                "starling: imported {} ({bytes} bytes, {digest}): {what}{via} in {:.2}s",
+                args.file.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    };
+    if !args.no_daemon {
+        let req = ImportRequest {
+            path: path.clone(),
+            digest: args.digest.clone(),
+            piece_length: args.piece_length,
+            link: args.link,
+        };
+        let answer = daemon::client_import(&cfg.socket_path(), &req, mirror(&progress)).await;
+        match answer {
+            Ok(Some(ApiEvent::Done {
+                bytes,
+                digest,
+                from_store,
+                ..
+            })) => {
+                finish_bar(bar.take());
+                report(bytes, &digest, from_store, "; the daemon seeds it");
+                return Ok(());
+            }
+            Ok(Some(ApiEvent::Error { code, message })) => {
+                finish_bar(bar.take());
+                return Err(Failure(code, anyhow::anyhow!(message)));
+            }
+            Ok(Some(other)) => {
+                finish_bar(bar.take());
+                return Err(Failure(
+                    exit::OTHER,
+                    anyhow::anyhow!("the daemon answered an import with {other:?}"),
+                ));
+            }
+            Ok(None) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                finish_bar(bar.take());
+                return Err(Failure(
+                    exit::LOCAL,
+                    anyhow::anyhow!("the daemon at {} stopped before finishing the import; restart it and run the command again", cfg.socket_path().display()),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(socket = %cfg.socket_path().display(), error = %e, "the daemon did not answer; working in-process");
+            }
+        }
+    }
+    let fetcher = Arc::new(Fetcher::new(cfg).map_err(classify)?);
+    let f = fetcher.clone();
+    let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
+    let req = starling::fetch::Import {
+        path,
+        digest,
+        piece_length: args.piece_length,
+        link: args.link,
+    };
+    let res = fetcher.import(&req, &progress).await;
+    finish_bar(bar.take());
+    let f = res.map_err(classify)?;
+    report(
+        f.manifest.plan().content_length(),
+        &f.manifest.content_digest().to_string(),
+        f.served == Served::Store,
+        "; no daemon answered, so it is stored only: a daemon on this data directory serves it once asked for it",
+    );
     Ok(())
 }
 
@@ -522,6 +619,33 @@ fn gc(cfg: Config, quiet: bool) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// `--digest`, parsed (a usage error when malformed).
+fn parse_digest(arg: Option<&str>) -> Result<Option<Digest>, Failure> {
+    arg.map(|d| {
+        d.parse::<Digest>()
+            .map_err(|e| Failure(exit::USAGE, anyhow::anyhow!("--digest: {e}")))
+    })
+    .transpose()
+}
+
+/// A daemon's progress reports, copied into `progress` (which the bar shows).
+fn mirror(progress: &Arc<Progress>) -> impl FnMut(u64, u64) {
+    let p = progress.clone();
+    move |total, done| {
+        p.total.store(total, Ordering::Relaxed);
+        p.done.store(done, Ordering::Relaxed);
+    }
+}
+
+type Bar = (indicatif::ProgressBar, tokio::task::JoinHandle<()>);
+
+fn finish_bar(bar: Option<Bar>) {
+    if let Some((bar, ticker)) = bar {
+        ticker.abort();
+        bar.finish_and_clear();
+    }
 }
 
 /// Maps a pipeline error to its exit code.
@@ -580,7 +704,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn spawn_progress_bar(p: Arc<Progress>) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+fn spawn_progress_bar(p: Arc<Progress>) -> Bar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(

@@ -16,7 +16,7 @@ use starling_tests::{is_root, sha256_file, Cluster, Nginx};
 
 use crate::demo::make_file;
 use crate::stock::cpu_secs;
-use crate::swarm::{get_with_progress, MIB};
+use crate::swarm::{get_with_progress, Get, MIB};
 use crate::{cargo, root, setup, sh};
 
 struct Run {
@@ -154,18 +154,28 @@ fn one(
     // The seed holds both files; the peer warms up on the small one.
     for f in ["big.bin", "warm.bin"] {
         let out = cluster.nodes[0].scratch.out(f);
-        get_with_progress(&socket(0), &nginx.url(f), None, &out, |_, _| {})?;
+        get_with_progress(&socket(0), &Get::url(&nginx.url(f)), &out, |_, _| {})?;
     }
     let warm = cluster.nodes[1].scratch.out("warm.bin");
-    get_with_progress(&socket(1), &nginx.url("warm.bin"), None, &warm, |_, _| {})?;
+    get_with_progress(
+        &socket(1),
+        &Get::url(&nginx.url("warm.bin")),
+        &warm,
+        |_, _| {},
+    )?;
     let pids: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let cpu0: f64 = pids.iter().map(|p| cpu_secs(*p)).sum();
     let out = cluster.nodes[1].scratch.out("big.bin");
     let start = Instant::now();
     let mut samples: Vec<(f64, u64)> = Vec::new();
-    get_with_progress(&socket(1), &nginx.url("big.bin"), None, &out, |_, done| {
-        samples.push((start.elapsed().as_secs_f64(), done));
-    })?;
+    get_with_progress(
+        &socket(1),
+        &Get::url(&nginx.url("big.bin")),
+        &out,
+        |_, done| {
+            samples.push((start.elapsed().as_secs_f64(), done));
+        },
+    )?;
     let secs = start.elapsed().as_secs_f64();
     let cpu: f64 = pids.iter().map(|p| cpu_secs(*p)).sum::<f64>() - cpu0;
     if sha256_file(&out) != want {

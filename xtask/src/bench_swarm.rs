@@ -20,10 +20,12 @@ pub fn run(args: &[&str]) -> Result<()> {
     let mut peer_toml = String::new();
     let mut topology: Option<Topology> = None;
     let mut loss: Option<f64> = None;
+    let mut import = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match *a {
             "--no-http" => http = false,
+            "--import" => import = true,
             "--peer-toml" => {
                 let v = it.next().context("--peer-toml takes TOML for [peer]")?;
                 peer_toml.push_str(v);
@@ -51,7 +53,7 @@ pub fn run(args: &[&str]) -> Result<()> {
                 }
             }
             _ => bail!(
-                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--topology clean|vxlan|dind|lossy|jumbo [--loss P]] [--peer-toml 'key = value'] [--no-http]"
+                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--topology clean|vxlan|dind|lossy|jumbo [--loss P]] [--peer-toml 'key = value'] [--import] [--no-http]"
             ),
         }
     }
@@ -97,6 +99,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         live: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         piece_length: piece_kib.map(|k| k * 1024),
         peer_toml: &peer_toml,
+        import,
     };
     let o = swarm::run(&job)?;
     if o.peers.iter().any(|p| !p.verified) {
@@ -129,6 +132,12 @@ pub fn run(args: &[&str]) -> Result<()> {
         );
     }
     println!("CPU-s per daemon: {}", swarm::node_cpu_line(&o));
+    if let Some(i) = &o.import {
+        println!(
+            "before the timer, the seed imported the file (starling import): {:.2} s, {:.2} CPU-s",
+            i.secs, i.cpu_secs
+        );
+    }
     println!(
         "peak RSS per daemon: max {} MiB",
         o.peak_rss_kib.iter().max().copied().unwrap_or(0) / 1024

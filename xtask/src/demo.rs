@@ -55,6 +55,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         live: true,
         piece_length: None,
         peer_toml: "",
+        import: false,
     };
     let o = swarm::run(&job)?;
     println!(

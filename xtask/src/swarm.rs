@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use starling::daemon::api::{ApiEvent, GetRequest};
+use starling::daemon::api::{ApiEvent, GetRequest, ImportRequest};
 use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx};
 
 use crate::stock::{cpu_secs, peak_rss_kib, tree_cpu_secs};
@@ -28,6 +28,16 @@ pub struct Job<'a> {
     pub piece_length: Option<u64>,
     /// More TOML for every node's `[peer]` table.
     pub peer_toml: &'a str,
+    /// The seed starts with the file imported (`starling import` through its API, before the
+    /// timer) and the peers name it by digest; else the seed reads the origin during the run.
+    pub import: bool,
+}
+
+/// The seed's import, before the timer.
+pub struct Imported {
+    pub secs: f64,
+    /// The seed daemon's CPU seconds during it.
+    pub cpu_secs: f64,
 }
 
 pub struct PeerResult {
@@ -62,6 +72,7 @@ pub struct Outcome {
     pub seed_shaped_sent: u64,
     /// Failed piece requests summed over every node, by cause (`piece_failures_total`).
     pub piece_failures: std::collections::BTreeMap<String, f64>,
+    pub import: Option<Imported>,
 }
 
 pub fn run(job: &Job) -> Result<Outcome> {
@@ -74,6 +85,17 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let mut cluster = Cluster::new_in(job.lab, job.peers, job.peer_toml, "");
     cluster.start_all();
     let daemons: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
+    let import = if job.import {
+        Some(import_into_seed(
+            &cluster.nodes[0],
+            &job.www.join(job.file),
+            job.want,
+            job.piece_length,
+        )?)
+    } else {
+        None
+    };
+    let digest = job.import.then_some(job.want);
     let pids: Vec<u32> = daemons
         .iter()
         .copied()
@@ -111,10 +133,15 @@ pub fn run(job: &Job) -> Result<Outcome> {
                 let node = &cluster.nodes[i];
                 let url = url.clone();
                 sc.spawn(move || -> Result<PeerResult> {
+                    let get = Get {
+                        url: &url,
+                        digest,
+                        piece_length: job.piece_length,
+                    };
                     let out = node.scratch.out("artifact.bin");
                     let t = Instant::now();
                     let socket = node.scratch.data_dir().join("starling.sock");
-                    let ev = get_via_api(&socket, &url, job.piece_length, &out, &bar)?;
+                    let ev = get_via_api(&socket, &get, &out, &bar)?;
                     let secs = t.elapsed().as_secs_f64();
                     let done_at = start.elapsed().as_secs_f64();
                     bar.finish();
@@ -203,7 +230,40 @@ pub fn run(job: &Job) -> Result<Outcome> {
         seed_sent,
         seed_shaped_sent,
         piece_failures,
+        import,
     })
+}
+
+/// `starling import` of `file` through the seed daemon's API; the digest must come out `want`.
+fn import_into_seed(
+    seed: &starling_tests::Node,
+    file: &Path,
+    want: &str,
+    piece_length: Option<u64>,
+) -> Result<Imported> {
+    let pid = seed.pid().context("the seed daemon is not running")?;
+    let cpu0 = cpu_secs(pid);
+    let t = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let req = ImportRequest {
+        path: std::path::absolute(file)?,
+        digest: Some(want.to_string()),
+        piece_length,
+        link: false,
+    };
+    let socket = seed.scratch.data_dir().join("starling.sock");
+    match rt.block_on(starling::daemon::client_import(&socket, &req, |_, _| {}))? {
+        Some(ApiEvent::Done { .. }) => Ok(Imported {
+            secs: t.elapsed().as_secs_f64(),
+            cpu_secs: cpu_secs(pid) - cpu0,
+        }),
+        Some(ApiEvent::Error { code, message }) => {
+            bail!("the seed's import failed (exit code {code}): {message}")
+        }
+        other => bail!("the seed answered the import with {other:?}"),
+    }
 }
 
 /// With STARLING_BENCH_LOGS set to a directory: every daemon's log copied there (`node-0.log` is
@@ -268,14 +328,32 @@ fn trace(
 }
 
 /// A `get` through a daemon's local API, feeding `bar` with its progress.
+/// One peer's request.
+pub struct Get<'a> {
+    pub url: &'a str,
+    /// Names the task by content (as registries do); None names it by URL.
+    pub digest: Option<&'a str>,
+    pub piece_length: Option<u64>,
+}
+
+impl<'a> Get<'a> {
+    /// The task named by its URL, with Starling's default piece length.
+    pub fn url(url: &'a str) -> Get<'a> {
+        Get {
+            url,
+            digest: None,
+            piece_length: None,
+        }
+    }
+}
+
 fn get_via_api(
     socket: &Path,
-    url: &str,
-    piece_length: Option<u64>,
+    get: &Get,
     out: &Path,
     bar: &indicatif::ProgressBar,
 ) -> Result<ApiEvent> {
-    get_with_progress(socket, url, piece_length, out, |total, d| {
+    get_with_progress(socket, get, out, |total, d| {
         bar.set_length(total.max(1));
         bar.set_position(d);
     })
@@ -284,8 +362,7 @@ fn get_via_api(
 /// A `get` through a daemon's local API, calling `on_progress(total, done)` as it goes.
 pub fn get_with_progress(
     socket: &Path,
-    url: &str,
-    piece_length: Option<u64>,
+    get: &Get,
     out: &Path,
     on_progress: impl FnMut(u64, u64),
 ) -> Result<ApiEvent> {
@@ -293,10 +370,10 @@ pub fn get_with_progress(
         .enable_all()
         .build()?;
     let req = GetRequest {
-        url: url.to_string(),
-        digest: None,
+        url: get.url.to_string(),
+        digest: get.digest.map(str::to_string),
         headers: Vec::new(),
-        piece_length,
+        piece_length: get.piece_length,
         output: PathBuf::from(out),
         no_hardlink: false,
     };

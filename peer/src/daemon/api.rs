@@ -13,6 +13,8 @@ pub const MAX_LINE: usize = 1 << 20;
 #[serde(rename_all = "snake_case")]
 pub enum ApiRequest {
     Get(GetRequest),
+    /// Add a local file to the store and seed it (`starling import`).
+    Import(ImportRequest),
     /// The per-connection path report (`starling probe`).
     Probe,
 }
@@ -26,6 +28,17 @@ pub struct GetRequest {
     /// Absolute path of the output file.
     pub output: PathBuf,
     pub no_hardlink: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ImportRequest {
+    /// Absolute path of the file; the daemon reads it with its own permissions (the socket
+    /// admits only the daemon's user).
+    pub path: PathBuf,
+    pub digest: Option<String>,
+    pub piece_length: Option<u64>,
+    /// Hard-link instead of copying (same file system; the file becomes read-only).
+    pub link: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

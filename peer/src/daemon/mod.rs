@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::core::Digest;
 use crate::fetch::{exit, Fetcher, Progress, Request, Served};
 use crate::swarm::Swarm;
-use api::{ApiEvent, ApiRequest, GetRequest};
+use api::{ApiEvent, ApiRequest, GetRequest, ImportRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -194,6 +194,11 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
                 let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
                 handle_get(&swarm, req, &mut w).await
             }
+            Ok(ApiRequest::Import(req)) => {
+                let f = fetcher.clone();
+                let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
+                handle_import(&swarm, req, &mut w).await
+            }
             Err(e) => ApiEvent::Error {
                 code: exit::USAGE,
                 message: format!("bad API request: {e}"),
@@ -249,22 +254,7 @@ async fn handle_get(
         headers,
     };
     let progress = Arc::new(Progress::default());
-    let fetch = swarm.fetch(&request, &progress);
-    tokio::pin!(fetch);
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let res = loop {
-        tokio::select! {
-            r = &mut fetch => break r,
-            _ = tick.tick() => {
-                let ev = ApiEvent::Progress {
-                    total: progress.total.load(Ordering::Relaxed),
-                    done: progress.done.load(Ordering::Relaxed),
-                };
-                // A client that went away gets no output, but the download finishes for the store.
-                let _ = send(w, &ev).await;
-            }
-        }
-    };
+    let res = with_progress(swarm.fetch(&request, &progress), &progress, w).await;
     let fetched = match res {
         Ok(f) => f,
         Err(e) => {
@@ -304,6 +294,73 @@ async fn handle_get(
             message: format!("cannot write {}: {e}", req.output.display()),
         },
     }
+}
+
+/// Runs `work`, sending the client a progress line every 200 ms.
+async fn with_progress<T>(
+    work: impl std::future::Future<Output = T>,
+    progress: &Progress,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> T {
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => {
+                let ev = ApiEvent::Progress {
+                    total: progress.total.load(Ordering::Relaxed),
+                    done: progress.done.load(Ordering::Relaxed),
+                };
+                // A client that went away gets no output, but the work finishes for the store.
+                let _ = send(w, &ev).await;
+            }
+        }
+    }
+}
+
+async fn handle_import(
+    swarm: &Arc<Swarm>,
+    req: ImportRequest,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> ApiEvent {
+    let digest = match req.digest.as_deref().map(str::parse::<Digest>).transpose() {
+        Ok(d) => d,
+        Err(e) => return usage(format!("--digest: {e}")),
+    };
+    if !req.path.is_absolute() {
+        return usage(format!("{}: needs an absolute path", req.path.display()));
+    }
+    let import = crate::fetch::Import {
+        path: req.path,
+        digest,
+        piece_length: req.piece_length,
+        link: req.link,
+    };
+    let progress = Arc::new(Progress::default());
+    match with_progress(swarm.import(&import, &progress), &progress, w).await {
+        Ok(f) => ApiEvent::Done {
+            bytes: f.manifest.plan().content_length(),
+            digest: f.manifest.content_digest().to_string(),
+            from_store: f.served == Served::Store,
+            origin_bytes: 0,
+            parent_bytes: 0,
+            placed: if import.link { "hard link" } else { "copy" }.to_string(),
+        },
+        Err(e) => ApiEvent::Error {
+            code: e.exit_code(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Asks the daemon on `socket` to import a file. `Ok(None)`: no daemon answers there.
+pub async fn client_import(
+    socket: &Path,
+    req: &ImportRequest,
+    on_progress: impl FnMut(u64, u64),
+) -> std::io::Result<Option<ApiEvent>> {
+    client_call(socket, &ApiRequest::Import(req.clone()), on_progress).await
 }
 
 /// Connects to the daemon's socket; `Ok(None)` when no daemon answers there.
@@ -354,14 +411,22 @@ pub async fn client_probe(socket: &Path) -> std::io::Result<Option<crate::netpro
 pub async fn client_get(
     socket: &Path,
     req: &GetRequest,
+    on_progress: impl FnMut(u64, u64),
+) -> std::io::Result<Option<ApiEvent>> {
+    client_call(socket, &ApiRequest::Get(req.clone()), on_progress).await
+}
+
+/// Sends one request; progress lines go to `on_progress`, the final answer is returned.
+async fn client_call(
+    socket: &Path,
+    req: &ApiRequest,
     mut on_progress: impl FnMut(u64, u64),
 ) -> std::io::Result<Option<ApiEvent>> {
     let Some(stream) = connect_api(socket).await? else {
         return Ok(None);
     };
     let (r, mut w) = stream.into_split();
-    let mut line =
-        serde_json::to_vec(&ApiRequest::Get(req.clone())).map_err(std::io::Error::other)?;
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await?;
     let mut r = BufReader::new(r);

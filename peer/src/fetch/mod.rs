@@ -6,6 +6,7 @@
 //! which pieces are missing and where their bytes come from.
 
 mod hasher;
+mod import;
 pub mod output;
 mod ranged;
 mod retry;
@@ -27,6 +28,7 @@ use crate::source::{exact_body, Origin, SourceError};
 use crate::storage::{Lease, LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
 
 pub use hasher::ContentHasher;
+pub use import::{Import, Staged};
 pub use retry::StallHook;
 
 /// What to download.
@@ -63,6 +65,8 @@ pub enum Served {
     Origin,
     /// From other peers (and the origin only for pieces no parent had).
     Swarm,
+    /// From a local file (`starling import`).
+    Local,
 }
 
 pub struct Fetched {
@@ -94,6 +98,11 @@ pub enum FetchError {
     TaskId(#[from] TaskIdError),
     #[error("--piece-length: {0}")]
     Plan(#[from] PiecePlanError),
+    #[error("cannot import {}: {detail}", path.display())]
+    Input {
+        path: std::path::PathBuf,
+        detail: String,
+    },
     #[error("digest mismatch for {url}: expected {expected}, the content has {actual}; nothing was saved")]
     DigestMismatch {
         url: String,
@@ -117,7 +126,7 @@ impl FetchError {
     pub fn exit_code(&self) -> u8 {
         match self {
             FetchError::DigestMismatch { .. } => exit::INTEGRITY,
-            FetchError::TaskId(_) | FetchError::Plan(_) => exit::USAGE,
+            FetchError::TaskId(_) | FetchError::Plan(_) | FetchError::Input { .. } => exit::USAGE,
             FetchError::Store(StoreError::PieceMismatch { .. }) => exit::INTEGRITY,
             FetchError::Store(_) => exit::LOCAL,
             FetchError::Source(s) => match s {
@@ -150,7 +159,7 @@ impl FetchError {
             FetchError::Store(StoreError::PieceMismatch { .. })
             | FetchError::DigestMismatch { .. } => "digest_mismatch",
             FetchError::Store(_) => "storage",
-            FetchError::TaskId(_) | FetchError::Plan(_) => "bad_request",
+            FetchError::TaskId(_) | FetchError::Plan(_) | FetchError::Input { .. } => "bad_request",
         }
     }
 

@@ -95,8 +95,31 @@ impl Store {
             path: root.clone(),
             source,
         })?;
+        remove_stale_stages(&root);
         let uring = uring::Uring::start(commit_interval).map_err(StoreError::Uring)?;
         Ok(Store { root, uring })
+    }
+
+    /// A fresh path in the store's root (so on the store's file system, where a rename into a
+    /// task directory is atomic) to stage an imported file at. It is named after this process,
+    /// so what a crashed process left behind is recognised and removed by the next `open`.
+    pub fn stage_path(&self) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.root
+            .join(format!("{STAGE_PREFIX}{}-{n}", std::process::id()))
+    }
+
+    /// Makes the staged file at `staged` (see [`Store::stage_path`]), whose pieces and content
+    /// hash to `manifest`, a sealed task under this lease, replacing anything stored there.
+    pub fn adopt(
+        &self,
+        lease: impl Into<Arc<Lease>>,
+        header: TaskHeader,
+        staged: &Path,
+        manifest: &crate::core::Manifest,
+    ) -> Result<TaskHandle, StoreError> {
+        TaskHandle::adopt(lease.into(), header, staged, manifest, &self.uring)
     }
 
     pub fn task_dir(&self, id: &TaskId) -> PathBuf {
@@ -205,6 +228,37 @@ impl Store {
                     used: 0,
                     capacity: 0,
                 }
+            }
+        }
+    }
+}
+
+/// Staged imports are `<root>/.import-<pid>-<n>`.
+const STAGE_PREFIX: &str = ".import-";
+
+/// Removes staged imports whose process is gone (killed or crashed mid-import).
+fn remove_stale_stages(root: &Path) {
+    let Ok(dir) = std::fs::read_dir(root) else {
+        return;
+    };
+    for dirent in dir.flatten() {
+        let name = dirent.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(STAGE_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_file(dirent.path()) {
+            Ok(()) => {
+                tracing::info!(file = %dirent.path().display(), "removed an import left by a process that is gone")
+            }
+            Err(e) => {
+                tracing::warn!(file = %dirent.path().display(), error = %e, "cannot remove an abandoned import")
             }
         }
     }

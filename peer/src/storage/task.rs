@@ -198,6 +198,51 @@ impl TaskHandle {
         })
     }
 
+    /// Makes `staged` (a file on the store's file system whose pieces and whole content hash
+    /// to `manifest`) the content of a sealed task in `lease`'s directory, replacing whatever
+    /// was there. The content is synced and made read-only before the manifest and, last, the
+    /// header make the task exist, so a crash in between leaves no task rather than a wrong one.
+    pub(crate) fn adopt(
+        lease: Arc<Lease>,
+        header: TaskHeader,
+        staged: &Path,
+        manifest: &Manifest,
+        uring: &Uring,
+    ) -> Result<TaskHandle, StoreError> {
+        let dir = lease.dir().to_path_buf();
+        if *manifest.plan() != header.plan {
+            return Err(StoreError::Uring(io::Error::other(
+                "the imported file's plan differs from its header's",
+            )));
+        }
+        wipe(&dir)?;
+        File::open(staged)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("sync", staged))?;
+        std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o444))
+            .map_err(io_err("chmod", staged))?;
+        let cpath = dir.join(CONTENT);
+        std::fs::rename(staged, &cpath).map_err(io_err("move", staged))?;
+        let jpath = dir.join(JOURNAL);
+        File::create(&jpath).map_err(io_err("create", &jpath))?;
+        let mpath = dir.join(MANIFEST);
+        write_atomic(&mpath, &manifest.encode()).map_err(io_err("write", &mpath))?;
+        let hpath = dir.join(HEADER);
+        write_atomic(&hpath, &header.encode()).map_err(io_err("write", &hpath))?;
+        match TaskHandle::load(lease, uring)? {
+            Ok(task) => {
+                // Hashed a moment ago, from these very bytes.
+                task.pieces
+                    .mark_all(manifest.piece_digests().iter().copied());
+                Ok(task)
+            }
+            Err(_) => Err(StoreError::Uring(io::Error::other(format!(
+                "the imported task in {} did not load back",
+                dir.display()
+            )))),
+        }
+    }
+
     pub fn header(&self) -> &TaskHeader {
         &self.header
     }

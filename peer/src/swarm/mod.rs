@@ -409,20 +409,9 @@ impl Swarm {
         req: &Request,
         progress: &Arc<Progress>,
     ) -> Result<Fetched, FetchError> {
-        let gate = match self.gates.lock() {
-            Ok(mut g) => g.entry(id).or_default().clone(),
-            Err(_) => Arc::default(),
-        };
-        let res = {
-            let _one_at_a_time = gate.lock().await;
-            self.fetch_gated(id, req, progress).await
-        };
-        if let Ok(mut g) = self.gates.lock() {
-            // Ours and the map's: nobody else waits on it.
-            if Arc::strong_count(&gate) == 2 {
-                g.remove(&id);
-            }
-        }
+        let res = self
+            .one_at_a_time(id, self.fetch_gated(id, req, progress))
+            .await;
         if res.is_err() {
             // A failed download's view would hold the task's lease against the next attempt.
             let partial = self
@@ -432,6 +421,53 @@ impl Swarm {
                 .unwrap_or(false);
             if partial {
                 self.unregister(&id);
+            }
+        }
+        res
+    }
+
+    /// Runs `work` for task `id` once no other fetch or import of that task in this daemon runs.
+    async fn one_at_a_time<T>(&self, id: TaskId, work: impl std::future::Future<Output = T>) -> T {
+        let gate = match self.gates.lock() {
+            Ok(mut g) => g.entry(id).or_default().clone(),
+            Err(_) => Arc::default(),
+        };
+        let res = {
+            let _one_at_a_time = gate.lock().await;
+            work.await
+        };
+        if let Ok(mut g) = self.gates.lock() {
+            // Ours and the map's: nobody else waits on it.
+            if Arc::strong_count(&gate) == 2 {
+                g.remove(&id);
+            }
+        }
+        res
+    }
+
+    /// Imports a local file (`starling import`) and seeds it from now on.
+    pub async fn import(
+        self: &Arc<Self>,
+        req: &crate::fetch::Import,
+        progress: &Arc<Progress>,
+    ) -> Result<Fetched, FetchError> {
+        let staged = self.fetcher.stage(req, progress).await?;
+        let id = staged.id;
+        let res = self
+            .one_at_a_time(id, async {
+                // A task this daemon already serves holds a shared lease: read it under another.
+                if let Some(done) = self.served_copy(id, progress).await? {
+                    return Ok(done);
+                }
+                let f = self.fetcher.adopt(staged, progress).await?;
+                self.register(&f.task);
+                Ok(f)
+            })
+            .instrument(tracing::info_span!("task", %id))
+            .await;
+        if let Ok(f) = &res {
+            if let Err(e) = f.task.lease().downgrade() {
+                tracing::warn!(error = %e, "cannot downgrade the task lease");
             }
         }
         res

@@ -97,7 +97,11 @@ fn matrix() -> Vec<Scenario> {
 /// A system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum System {
+    /// The seed daemon starts with the file imported (`starling import`, before the timer), as
+    /// the BitTorrent seeds start with the file and its torrent.
     Starling,
+    /// The seed daemon fetches the file from an nginx origin on its host during the run.
+    StarlingOrigin,
     Http,
     Bt(bt::Client, u64),
 }
@@ -106,6 +110,7 @@ impl System {
     fn name(self) -> String {
         match self {
             System::Starling => "starling".into(),
+            System::StarlingOrigin => "starling-origin".into(),
             System::Http => "http".into(),
             System::Bt(c, p) => format!("{}-{p}m", c.name()),
         }
@@ -291,9 +296,17 @@ pub fn http(job: &Job, work: &Path) -> Result<Outcome> {
     Ok(out)
 }
 
+/// Whether `--systems` entry `wanted` picks the system `name`: the exact name, or a BitTorrent
+/// client's name without its piece size or transport (`aria2`, `libtorrent`).
+fn picks(name: &str, wanted: &str) -> bool {
+    name == wanted || (!name.starts_with("starling") && name.starts_with(wanted))
+}
+
 /// Starling: an nginx origin, the scheduler and the seed daemon on host 0, a daemon on every
-/// downloader host, each asked for the file through its local API at once.
-fn starling(job: &Job) -> Result<Outcome> {
+/// downloader host, each asked for the file through its local API at once. With `import`
+/// the seed has the file imported before the timer starts (its CPU is printed, not counted,
+/// like mktorrent's for the BitTorrent systems); without, it reads the origin during the run.
+fn starling(job: &Job, import: bool) -> Result<Outcome> {
     let www = job.file.parent().context("the file has no directory")?;
     let o = swarm::run(&swarm::Job {
         lab: Some(job.lab),
@@ -304,7 +317,14 @@ fn starling(job: &Job) -> Result<Outcome> {
         live: false,
         piece_length: None,
         peer_toml: "",
+        import,
     })?;
+    if let Some(i) = &o.import {
+        println!(
+            "    (before the timer: the seed imported the file in {:.2} s, {:.2} CPU-s)",
+            i.secs, i.cpu_secs
+        );
+    }
     // swarm::run has checked every output against the digest already.
     let failures = o
         .peers
@@ -314,7 +334,12 @@ fn starling(job: &Job) -> Result<Outcome> {
         .map(|(i, _)| format!("peer {}: output does not match", i + 1))
         .collect::<Vec<_>>();
     Ok(Outcome {
-        system: "starling".into(),
+        system: if import {
+            System::Starling
+        } else {
+            System::StarlingOrigin
+        }
+        .name(),
         done: o.peers.iter().map(|p| Some(p.done_at)).collect(),
         verified: failures.is_empty(),
         failures,
@@ -431,7 +456,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         bail!("bench stock builds network namespaces: run it as root");
     }
     let dir = root().join("target/bench-stock");
-    let mut systems = vec![System::Starling, System::Http];
+    let mut systems = vec![System::Starling, System::StarlingOrigin, System::Http];
     for &p in &opts.pieces {
         for c in [
             bt::Client::Aria2,
@@ -442,13 +467,7 @@ pub fn run(args: &[&str]) -> Result<()> {
             systems.push(System::Bt(c, p));
         }
     }
-    systems.retain(|s| {
-        opts.systems.is_empty()
-            || opts
-                .systems
-                .iter()
-                .any(|w| s.name().starts_with(w.as_str()))
-    });
+    systems.retain(|s| opts.systems.is_empty() || opts.systems.iter().any(|w| picks(&s.name(), w)));
     setup::ensure_stock_peers(
         systems
             .iter()
@@ -540,7 +559,8 @@ fn run_one(
     let announce = format!("http://{}:{}/announce", lab.hosts[0].addr, bt::TRACKER_PORT);
     let work = dir.join("run").join(s.name());
     let out = match *s {
-        System::Starling => starling(&job),
+        System::Starling => starling(&job, true),
+        System::StarlingOrigin => starling(&job, false),
         System::Http => http(&job, &work),
         System::Bt(client, piece) => (|| {
             if !torrents.iter().any(|t| t.piece_mib == piece) {

@@ -1,0 +1,180 @@
+//! `starling import`: a local file becomes a sealed task that a node seeds with no origin
+//! behind it. Every test runs the real binary.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+use starling_tests::*;
+
+const MIB: usize = 1 << 20;
+
+/// A URL nothing listens on: any request to the origin fails at once.
+fn dead_url() -> String {
+    format!("http://127.0.0.1:{}/blob", free_port())
+}
+
+fn import(s: &Scratch, args: &[&str]) -> Run {
+    let mut c = s.starling();
+    c.arg("import").args(args);
+    Run::of(&mut c)
+}
+
+fn printed_digest(r: &Run) -> String {
+    let out = String::from_utf8_lossy(&r.stdout).trim().to_string();
+    assert!(
+        out.starts_with("sha256:"),
+        "import printed {out:?}, not a digest"
+    );
+    out
+}
+
+#[test]
+fn a_file_imported_into_a_seed_reaches_the_peers_with_no_origin_at_all() {
+    let _cpus = sharing_the_cpus();
+    let mut cluster = Cluster::new(3, "", "");
+    cluster.start_all();
+    let seed = &cluster.nodes[0].scratch;
+    let data = random_bytes(24 * MIB + 12_345, 41);
+    let file = seed.path().join("model.bin");
+    std::fs::write(&file, &data).expect("write the file");
+    let sum = sha256_bytes(&data);
+    let r = import(seed, &[file.to_str().expect("path")]).ok();
+    assert_eq!(printed_digest(&r), sum);
+    assert!(r.stderr.contains("the daemon seeds it"), "{}", r.stderr);
+
+    // The peers name the content by digest; the URL leads nowhere.
+    let url = dead_url();
+    let digest = sum.clone();
+    std::thread::scope(|s| {
+        for i in 1..=3 {
+            let node = &cluster.nodes[i];
+            let (url, digest) = (&url, &digest);
+            s.spawn(move || node.scratch.get(url, "out", &["--digest", digest]).ok());
+        }
+    });
+    for i in 1..=3 {
+        let node = &cluster.nodes[i];
+        assert_eq!(
+            sha256_file(&node.scratch.out("out")),
+            sum,
+            "peer {i}'s output"
+        );
+        let from_parents = node.metric("starling_bytes_downloaded_total{source=\"parent\"}");
+        assert!(
+            from_parents >= data.len() as f64,
+            "peer {i} got {from_parents} bytes from parents"
+        );
+    }
+    assert!(cluster.nodes[0].metric("starling_bytes_uploaded_total") > 0.0);
+
+    // Importing it again keeps the stored copy.
+    let again = import(seed, &[file.to_str().expect("path")]).ok();
+    assert_eq!(printed_digest(&again), sum);
+    assert!(
+        again.stderr.contains("already in the store"),
+        "{}",
+        again.stderr
+    );
+}
+
+#[test]
+fn a_wrong_digest_or_a_bad_path_stores_nothing_and_says_why() {
+    let s = Scratch::new();
+    s.write_config("");
+    let file = s.path().join("layer.tar");
+    std::fs::write(&file, random_bytes(3 * MIB, 5)).expect("write");
+    let path = file.to_str().expect("path");
+
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let r = import(&s, &["--no-daemon", "--digest", &wrong, path]).fails_with(4);
+    assert!(r.stderr.contains("digest mismatch"), "{}", r.stderr);
+    assert!(r.stderr.contains(path), "names the file: {}", r.stderr);
+    let left: Vec<_> = std::fs::read_dir(s.data_dir().join("tasks"))
+        .map(|it| it.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "the store kept {left:?}");
+
+    let missing = s.path().join("no-such-file");
+    let r = import(&s, &["--no-daemon", missing.to_str().expect("path")]).fails_with(2);
+    assert!(r.stderr.contains("no-such-file"), "{}", r.stderr);
+    let r = import(&s, &["--no-daemon", s.path().to_str().expect("path")]).fails_with(2);
+    assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+    let r = import(&s, &["--no-daemon", "--piece-length", "1000", path]).fails_with(2);
+    assert!(r.stderr.contains("piece"), "{}", r.stderr);
+}
+
+#[test]
+fn an_import_without_a_daemon_is_a_store_hit_for_get_and_a_linked_file_is_rechecked() {
+    let s = Scratch::new();
+    s.write_config("");
+    let data = random_bytes(5 * MIB + 7, 9);
+    let sum = sha256_bytes(&data);
+    let file = s.path().join("weights.bin");
+    std::fs::write(&file, &data).expect("write");
+    let path = file.to_str().expect("path");
+    let r = import(&s, &["--no-daemon", "--piece-length", "1MiB", path]).ok();
+    assert_eq!(printed_digest(&r), sum);
+    let digest = sum.clone();
+    let r = s
+        .get(&dead_url(), "copy", &["--no-daemon", "--digest", &digest])
+        .ok();
+    assert!(r.stderr.contains("local store"), "{}", r.stderr);
+    assert_eq!(sha256_file(&s.out("copy")), sum);
+
+    // --link: the store shares the file's inode, and makes it read-only.
+    let other = Scratch::new();
+    other.write_config("");
+    let linked = other.data_dir().join("linked.bin");
+    std::fs::create_dir_all(other.data_dir()).expect("data dir");
+    std::fs::write(&linked, &data).expect("write");
+    let lpath = linked.to_str().expect("path");
+    import(&other, &["--no-daemon", "--link", lpath]).ok();
+    let content = other.tasks()[0].join("content");
+    assert_eq!(
+        std::fs::metadata(&content).expect("content").ino(),
+        std::fs::metadata(&linked).expect("file").ino()
+    );
+    assert_eq!(
+        std::fs::metadata(&linked)
+            .expect("file")
+            .permissions()
+            .mode()
+            & 0o222,
+        0,
+        "the linked file is read-only now"
+    );
+    // Someone changes it anyway: the store must not hand out the changed bytes.
+    std::fs::set_permissions(&linked, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut changed = data.clone();
+    changed[MIB] ^= 0xff;
+    std::fs::write(&linked, &changed).expect("write");
+    let www = tempfile::tempdir().expect("www");
+    std::fs::write(www.path().join("blob"), &data).expect("write");
+    let nginx = Nginx::start(www.path());
+    let r = other
+        .get(
+            &nginx.url("blob"),
+            "fresh",
+            &["--no-daemon", "--digest", &digest],
+        )
+        .ok();
+    assert!(!r.stderr.contains("local store"), "{}", r.stderr);
+    assert_eq!(sha256_file(&other.out("fresh")), sum);
+}
+
+#[test]
+fn an_import_left_behind_by_a_killed_process_is_removed() {
+    let s = Scratch::new();
+    s.write_config("");
+    let tasks = s.data_dir().join("tasks");
+    std::fs::create_dir_all(&tasks).expect("tasks dir");
+    // No process has this ID (above the kernel's pid_max); ours is alive.
+    let stale = tasks.join(".import-999999999-0");
+    let live = tasks.join(format!(".import-{}-0", std::process::id()));
+    std::fs::write(&stale, b"half a file").expect("write");
+    std::fs::write(&live, b"being imported").expect("write");
+    let mut c = s.starling();
+    c.arg("gc");
+    Run::of(&mut c).ok();
+    assert!(!stale.exists(), "the dead process's import is still there");
+    assert!(live.exists(), "a live process's import was removed");
+}
