@@ -425,10 +425,14 @@ fn scenario_md(sc: &Scenario, v: &[Outcome]) -> String {
 
 /// The targets for this scenario, as ratios of figures from the same invocation.
 fn targets(sc: &Scenario, sums: &[Summary]) -> String {
-    let Some(st) = sums.iter().find(|m| m.system == "starling") else {
+    // The seed-imported run, the setup the BitTorrent systems get; else the origin-fed one.
+    let Some(st) = ["starling", "starling-origin"]
+        .iter()
+        .find_map(|name| sums.iter().find(|m| m.system == *name))
+    else {
         return String::new();
     };
-    let mut s = String::from("\n");
+    let mut s = format!("\nTargets, for {}:\n", st.system);
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     let Some(sw) = st.wall() else {
         s.push_str("Starling did not complete: every target is **not met**.\n");
