@@ -220,14 +220,22 @@ fn usage(message: String) -> ApiEvent {
     }
 }
 
+/// A request's digest, or the usage error's message.
+fn parse_digest(digest: Option<&str>) -> Result<Option<Digest>, String> {
+    digest
+        .map(str::parse::<Digest>)
+        .transpose()
+        .map_err(|e| format!("--digest: {e}"))
+}
+
 async fn handle_get(
     swarm: &Arc<Swarm>,
     req: GetRequest,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> ApiEvent {
-    let digest = match req.digest.as_deref().map(str::parse::<Digest>).transpose() {
+    let digest = match parse_digest(req.digest.as_deref()) {
         Ok(d) => d,
-        Err(e) => return usage(format!("--digest: {e}")),
+        Err(e) => return usage(e),
     };
     let mut headers = HeaderMap::new();
     for (k, v) in &req.headers {
@@ -324,9 +332,9 @@ async fn handle_import(
     req: ImportRequest,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> ApiEvent {
-    let digest = match req.digest.as_deref().map(str::parse::<Digest>).transpose() {
+    let digest = match parse_digest(req.digest.as_deref()) {
         Ok(d) => d,
-        Err(e) => return usage(format!("--digest: {e}")),
+        Err(e) => return usage(e),
     };
     if !req.path.is_absolute() {
         return usage(format!("{}: needs an absolute path", req.path.display()));
