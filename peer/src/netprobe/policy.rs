@@ -47,17 +47,48 @@ pub fn congestion(current: Congestion, conns: &[ConnInfo]) -> Congestion {
     }
 }
 
-/// The smoothed RTT every open connection must have before the endpoint gathers its reads by
+/// The smoothed RTT every busy connection must have before the endpoint gathers its reads by
 /// the tick (`transport::socket`): a read is then up to 2 ms late, a fifth of this.
 pub const GATHER_MIN_RTT: Duration = Duration::from_millis(10);
 
-/// Whether the endpoint may gather its reads: while it has open connections and every one's
-/// smoothed RTT is at least [`GATHER_MIN_RTT`]. Such RTTs on a busy node are queues on its links
-/// (a flow filling a bottleneck's queue loses nothing when its packets wait 2 ms more), or long
-/// paths. A short-RTT connection (a loss-limited flow, whose rate is proportional to 1/RTT, or
-/// any exchange on a quiet LAN) keeps every read immediate.
-pub fn gather_reads(conns: &[ConnInfo]) -> bool {
-    !conns.is_empty() && conns.iter().all(|c| c.stats.path.rtt >= GATHER_MIN_RTT)
+/// Datagrams (sent and received) a connection must carry between two of [`Gather::decide`]'s
+/// looks (a second apart) to be busy: 100 a second is under 1.2 Mbit/s of full packets. A
+/// control connection (the scheduler's, a parent's held-open have request) carries a few.
+pub const BUSY_DATAGRAMS: u64 = 100;
+
+/// Whether the endpoint may gather its reads: while at least one open connection is busy and
+/// every busy one's smoothed RTT is at least [`GATHER_MIN_RTT`]. Such RTTs on a busy node are
+/// queues on its links (a flow filling a bottleneck's queue loses nothing when its packets wait
+/// 2 ms more), or long paths. A busy short-RTT connection (a loss-limited flow, whose rate is
+/// proportional to 1/RTT, or a transfer on a quiet LAN) keeps every read immediate. An idle one
+/// does not count: its RTT was sampled when the queues were empty (the scheduler's connection,
+/// next to the seed, kept 0.6 ms while the data connections beside it had 11-16 ms, and held a
+/// peer's reads immediate for its whole download), and a few requests read 2 ms later cost
+/// nothing.
+#[derive(Debug, Default)]
+pub struct Gather {
+    /// Datagrams each connection had carried at the last look, by id.
+    datagrams: std::collections::HashMap<usize, u64>,
+}
+
+impl Gather {
+    /// Looks at the open connections (once a second) and answers whether reads may be gathered
+    /// until the next look.
+    pub fn decide(&mut self, conns: &[ConnInfo]) -> bool {
+        let before = std::mem::take(&mut self.datagrams);
+        let mut busy = false;
+        let mut all_long = true;
+        for c in conns.iter().filter(|c| c.live) {
+            let now = c.stats.udp_tx.datagrams + c.stats.udp_rx.datagrams;
+            self.datagrams.insert(c.id, now);
+            let then = before.get(&c.id).copied().unwrap_or(0);
+            if now.saturating_sub(then) >= BUSY_DATAGRAMS {
+                busy = true;
+                all_long &= c.stats.path.rtt >= GATHER_MIN_RTT;
+            }
+        }
+        busy && all_long
+    }
 }
 
 #[cfg(test)]
@@ -69,6 +100,7 @@ mod tests {
         stats.path.sent_packets = sent;
         stats.path.lost_packets = lost;
         ConnInfo {
+            id: 0,
             remote: "127.0.0.1:1".parse().unwrap(),
             incoming: true,
             stats,
@@ -105,17 +137,38 @@ mod tests {
     }
 
     #[test]
-    fn reads_are_gathered_only_while_every_connection_has_a_long_rtt() {
-        let rtt = |ms| {
+    fn reads_are_gathered_only_while_every_busy_connection_has_a_long_rtt() {
+        // Connection `id` with an RTT of `ms` that has carried `datagrams` so far.
+        let c = |id, ms, datagrams| {
             let mut c = conn(10_000, 0);
+            c.id = id;
             c.stats.path.rtt = Duration::from_millis(ms);
+            c.stats.udp_rx.datagrams = datagrams;
             c
         };
-        assert!(!gather_reads(&[]), "nothing open: nothing to gather");
-        assert!(gather_reads(&[rtt(10), rtt(25)]), "queues on every path");
+        let mut g = Gather::default();
+        assert!(!g.decide(&[]), "nothing open: nothing to gather");
         assert!(
-            !gather_reads(&[rtt(25), rtt(1)]),
-            "one short path (a loss-limited flow on a LAN) keeps reads immediate"
+            g.decide(&[c(1, 10, 5000), c(2, 25, 5000)]),
+            "queues on every path"
+        );
+        assert!(
+            !g.decide(&[c(1, 25, 9000), c(2, 1, 9000)]),
+            "one busy short path (a loss-limited flow on a LAN) keeps reads immediate"
+        );
+        assert!(
+            g.decide(&[c(1, 25, 14_000), c(2, 1, 9050), c(3, 1, 20)]),
+            "short paths that carried little since the last look do not count"
+        );
+        assert!(
+            !g.decide(&[c(1, 25, 14_050), c(2, 1, 9100)]),
+            "nothing busy: nothing to gather"
+        );
+        let mut closed = c(4, 1, 1_000_000);
+        closed.live = false;
+        assert!(
+            g.decide(&[c(1, 25, 20_000), closed]),
+            "a closed connection does not count"
         );
     }
 }

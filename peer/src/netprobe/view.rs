@@ -322,6 +322,7 @@ mod tests {
         stats.path.sent_packets = 1000;
         stats.path.lost_packets = 20;
         let conns = vec![ConnInfo {
+            id: 0,
             remote,
             incoming: false,
             stats,

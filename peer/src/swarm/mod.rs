@@ -48,6 +48,7 @@ fn path_policy(cfg: &Config) -> PathPolicy {
 async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;
+    let mut gather = crate::netprobe::policy::Gather::default();
     loop {
         tick.tick().await;
         let Some(s) = swarm.upgrade() else { return };
@@ -59,8 +60,7 @@ async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
             let live: Vec<_> = conns.into_iter().filter(|c| c.live).collect();
             let c = crate::netprobe::policy::congestion(s.node.congestion(), &live);
             s.node.set_congestion(c);
-            s.node
-                .gather_reads(crate::netprobe::policy::gather_reads(&live));
+            s.node.gather_reads(gather.decide(&live));
         }
         n += 1;
         if n % 10 == 0 {

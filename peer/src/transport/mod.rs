@@ -162,6 +162,8 @@ pub const MIN_UDP_PAYLOAD: u16 = 1200;
 /// One QUIC connection, live or closed recently, for the path report.
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
+    /// quinn's stable id of the connection, unique among this endpoint's connections.
+    pub id: usize,
     pub remote: SocketAddr,
     /// Whether the peer connected to us (we upload to it), or we to it (a parent).
     pub incoming: bool,
@@ -175,6 +177,7 @@ const CLOSED_KEPT: Duration = Duration::from_secs(600);
 
 struct Tracked {
     conn: std::sync::Weak<Conn>,
+    id: usize,
     incoming: bool,
     remote: SocketAddr,
     /// The latest statistics, and when the connection was last seen open.
@@ -459,6 +462,7 @@ impl Node {
         let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
         c.push(Tracked {
             conn: Arc::downgrade(&conn),
+            id: conn.stable_id(),
             incoming,
             remote: conn.remote_address(),
             last: conn.stats(),
@@ -495,6 +499,7 @@ impl Node {
         // most packets (short-lived control connections would hide the data one).
         let mut out: Vec<ConnInfo> = Vec::new();
         let info = |t: &Tracked| ConnInfo {
+            id: t.id,
             remote: t.remote,
             incoming: t.incoming,
             stats: t.last,

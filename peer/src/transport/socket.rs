@@ -17,9 +17,9 @@
 //!
 //! **Gathered reads.** A receiving node is still woken by every datagram that arrives: at
 //! 100 Mbit/s, often several times a millisecond for one or two packets each. While the node
-//! allows it ([`QuietSocket::gather`], set by the daemon when every connection's smoothed RTT
-//! is long enough that a millisecond or two more costs nothing: see
-//! `netprobe::policy::gather_reads`), a socket woken twice within a [`TICK`] leaves the
+//! allows it ([`QuietSocket::gather`], set by the daemon when every busy connection's smoothed
+//! RTT is long enough that a millisecond or two more costs nothing: see
+//! `netprobe::policy::Gather`), a socket woken twice within a [`TICK`] leaves the
 //! runtime's poll set and reads whatever arrived once per tick instead (the receive buffer
 //! holds many ticks' worth). The first tick that finds nothing, or the node withdrawing its
 //! permission, registers it again, so an idle node sleeps until a datagram comes. Each read is
