@@ -262,10 +262,12 @@ fn a_corrupt_stored_blob_on_one_node_never_reaches_a_client_through_the_other() 
             .write(true)
             .open(task.join("content"))
             .expect("open the stored content as root");
+        // In every piece.
+        let piece = starling::core::default_piece_length(size);
         let mut off = 1000;
         while off < size {
             file.write_all_at(b"\x00\xff\x00", off).expect("corrupt");
-            off += 512 * 1024;
+            off += piece;
         }
     }
     // Node B pulls; its parents include node A. Every client-visible byte must be right.

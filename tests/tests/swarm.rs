@@ -129,7 +129,7 @@ fn a_seed_slower_per_child_than_the_peers_is_kept_and_sends_each_piece_about_onc
 
 #[test]
 fn news_of_verified_pieces_is_gathered_not_sent_one_answer_per_piece() {
-    // Four peers fetching 128 pieces from each other, every upload capped so the job lasts
+    // Four peers fetching 256 pieces from each other, every upload capped so the job lasts
     // a few seconds: each peer verifies a piece every few tens of milliseconds. A child asks a
     // parent for news at most every 100 ms until its last 16 pieces, so the answers per
     // parent and child are about the job's length over 100 ms plus 16, not one per piece
@@ -141,12 +141,12 @@ fn news_of_verified_pieces_is_gathered_not_sent_one_answer_per_piece() {
     let answers: f64 = (1..=4)
         .map(|i| s.cluster.nodes[i].metric("starling_have_answers_total"))
         .sum();
-    let pieces = (s.len / (512 * 1024) as u64) as f64;
+    let pieces = s.len.div_ceil(starling::core::default_piece_length(s.len)) as f64;
     // 4 peers, each a parent of the 3 others.
     let per_pair = answers / 12.0;
     // One per 100 ms of the job, the last 16 pieces one by one, and a few to spare (the
     // bound grows with the job's length, so a slow machine does not fail it; at the usual
-    // 3.3 s it is 57, against the 126-128 that one answer per piece gave).
+    // 3.3 s it is 57, against the 126-128 that one answer per piece gave with 128 pieces).
     let bound = secs / 0.1 + 16.0 + 8.0;
     assert!(
         per_pair <= bound,

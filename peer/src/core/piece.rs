@@ -13,14 +13,16 @@ pub const MAX_PIECE_LENGTH: u64 = 64 * 1024 * 1024;
 /// Pieces the default rule aims for. Enough pieces for peers to trade early and spread load;
 /// few enough that per-piece overhead (one request, one hash, one manifest entry) stays small.
 const TARGET_PIECES: u64 = 2048;
-const DEFAULT_MIN: u64 = 512 * 1024;
+const DEFAULT_MIN: u64 = 256 * 1024;
 const DEFAULT_MAX: u64 = 16 * 1024 * 1024;
 
 /// The default piece length for a content of `content_length` bytes: about
-/// [`TARGET_PIECES`] pieces, rounded up to a power of two, clamped to 512 KiB ..= 16 MiB.
+/// [`TARGET_PIECES`] pieces, rounded up to a power of two, clamped to 256 KiB ..= 16 MiB.
 /// Small pieces pass through a swarm sooner (a peer relays a piece only once it has all of it
 /// and has verified it): `bench swarm`'s default job ran 1.21 × T_min at 512 KiB against 1.26
-/// at 1 MiB and 1.35 at 2 MiB.
+/// at 1 MiB and 1.35 at 2 MiB, and later (`--import`, 4 alternating pairs) 23.61–23.69 s at
+/// 256 KiB against 23.93–23.99 s at 512 KiB, with no CPU cost the runs could show; 128 KiB
+/// was slower again (24.1 s).
 /// Small content still gets a plan (one piece) and still goes peer to peer.
 pub fn default_piece_length(content_length: u64) -> u64 {
     let want = content_length.div_ceil(TARGET_PIECES).max(1);
@@ -198,9 +200,11 @@ mod tests {
     #[test]
     fn default_rule() {
         const MIB: u64 = 1024 * 1024;
-        assert_eq!(default_piece_length(0), MIB / 2);
-        assert_eq!(default_piece_length(1), MIB / 2);
-        assert_eq!(default_piece_length(256 * MIB), MIB / 2);
+        assert_eq!(default_piece_length(0), MIB / 4);
+        assert_eq!(default_piece_length(1), MIB / 4);
+        assert_eq!(default_piece_length(256 * MIB), MIB / 4);
+        assert_eq!(default_piece_length(512 * MIB), MIB / 4);
+        assert_eq!(default_piece_length(512 * MIB + 1), MIB / 2);
         assert_eq!(default_piece_length(1024 * MIB), MIB / 2);
         assert_eq!(default_piece_length(2048 * MIB), MIB);
         assert_eq!(default_piece_length(4096 * MIB), 2 * MIB);
