@@ -2,6 +2,7 @@
 //! behind it. Every test runs the real binary.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::Duration;
 
 use starling_tests::*;
 
@@ -177,4 +178,79 @@ fn an_import_left_behind_by_a_killed_process_is_removed() {
     Run::of(&mut c).ok();
     assert!(!stale.exists(), "the dead process's import is still there");
     assert!(live.exists(), "a live process's import was removed");
+}
+
+#[test]
+fn a_restarted_seed_serves_what_it_imported_again_without_counting_that_as_a_use() {
+    let _cpus = sharing_the_cpus();
+    let mut cluster = Cluster::new(1, "", "");
+    cluster.start_all();
+    let data = random_bytes(6 * MIB + 4321, 46);
+    let seed = &cluster.nodes[0].scratch;
+    let file = seed.path().join("checkpoint.bin");
+    std::fs::write(&file, &data).expect("write the file");
+    let sum = printed_digest(&import(seed, &[file.to_str().expect("path")]).ok());
+    // Another, last used before serve_idle_seconds (3600 s by default): not served again.
+    let old = seed.path().join("old.bin");
+    std::fs::write(&old, random_bytes(MIB, 47)).expect("write the file");
+    let old_sum = printed_digest(&import(seed, &[old.to_str().expect("path")]).ok());
+    let lock_of = |sum: &str| {
+        seed.tasks()
+            .into_iter()
+            .find(|t| {
+                t.to_string_lossy()
+                    .ends_with(sum.trim_start_matches("sha256:"))
+            })
+            .expect("the imported task's directory")
+            .join("lock")
+    };
+    let set_used = |lock: &std::path::Path, ago: u64| {
+        let at = std::time::SystemTime::now() - Duration::from_secs(ago);
+        std::fs::File::options()
+            .write(true)
+            .open(lock)
+            .and_then(|f| f.set_modified(at))
+            .expect("set the task's last use");
+        at
+    };
+    let lock = lock_of(&sum);
+    // Last used 50 minutes ago: within serve_idle_seconds.
+    let used = set_used(&lock, 3000);
+    set_used(&lock_of(&old_sum), 7200);
+
+    // kill -9 and start again: the new daemon knows nothing of the import but its store.
+    cluster.nodes[0].kill();
+    cluster.nodes[0].start();
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted seed serving its stored task again",
+        || cluster.nodes[0].metric("starling_tasks_serving") >= 1.0,
+    );
+    // Re-verifying it to serve it is not a use: GC's order stays.
+    let mtime = std::fs::metadata(&lock)
+        .and_then(|m| m.modified())
+        .expect("lock mtime");
+    assert_eq!(mtime, used, "the restart touched the task's last use");
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted seed to finish looking through its store",
+        || {
+            cluster.nodes[0]
+                .log()
+                .contains("serving the store's complete tasks again")
+        },
+    );
+    assert_eq!(
+        cluster.nodes[0].metric("starling_tasks_serving"),
+        1.0,
+        "only the recently used task is served again"
+    );
+
+    // The peer names the content by digest; the URL leads nowhere, so only the seed can serve.
+    let peer = &cluster.nodes[1];
+    peer.scratch
+        .get(&dead_url(), "out", &["--digest", &sum])
+        .ok();
+    assert_eq!(sha256_file(&peer.scratch.out("out")), sum);
+    assert!(peer.metric("starling_bytes_downloaded_total{source=\"parent\"}") >= data.len() as f64);
 }

@@ -292,6 +292,24 @@ impl Fetcher {
         })
     }
 
+    /// The stored task `id` if it is complete, verified end to end (damaged content is
+    /// discarded); `None` when the store holds none of it or only part of it (left as it is,
+    /// not re-hashed).
+    pub async fn stored_complete(
+        &self,
+        id: TaskId,
+        progress: &Arc<Progress>,
+    ) -> Result<Option<Fetched>, FetchError> {
+        let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
+        let Ok(task) = self.store.load(lease)? else {
+            return Ok(None);
+        };
+        if task.manifest().is_none() {
+            return Ok(None);
+        }
+        Ok(self.check_stored(task, progress).await?.ok())
+    }
+
     /// Downloads what is missing back to source (resuming a partial task whose origin content
     /// has not changed).
     pub async fn from_source(

@@ -37,6 +37,14 @@ impl Lease {
         }
     }
 
+    /// Sets the task's last-use time back to `at` (a daemon that serves its store again after
+    /// a restart has not used the tasks it merely re-verified).
+    pub fn set_last_use(&self, at: SystemTime) {
+        if let Err(e) = self.file.set_modified(at) {
+            tracing::debug!(dir = %self.dir.display(), error = %e, "could not set the last-use time");
+        }
+    }
+
     /// Turns an exclusive lease into a shared one without a window where it is unlocked.
     pub fn downgrade(&self) -> io::Result<()> {
         flock(&self.file, FlockOperation::LockShared).map_err(io::Error::from)

@@ -158,6 +158,29 @@ impl Store {
         TaskHandle::create(lease.into(), header, &self.uring)
     }
 
+    /// The stored tasks last used within `within` of now (by their lock file's mtime), most
+    /// recent first, with that time. Unreadable entries are skipped.
+    pub fn used_within(&self, within: Duration) -> Result<Vec<(TaskId, SystemTime)>, StoreError> {
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for dirent in std::fs::read_dir(&self.root).map_err(io_err("list", &self.root))? {
+            let Ok(dirent) = dirent else { continue };
+            let Ok(id) = TaskId::from_dir_name(&dirent.file_name().to_string_lossy()) else {
+                continue;
+            };
+            let Ok(used) =
+                std::fs::metadata(dirent.path().join(lease::LOCK_FILE)).and_then(|m| m.modified())
+            else {
+                continue;
+            };
+            if now.duration_since(used).map_or(true, |age| age <= within) {
+                out.push((id, used));
+            }
+        }
+        out.sort_by_key(|e| std::cmp::Reverse(e.1));
+        Ok(out)
+    }
+
     /// One GC pass. Tasks in use by anyone are skipped.
     pub fn gc(&self, cfg: &GcConfig, now: SystemTime) -> Result<GcReport, StoreError> {
         let mut entries = Vec::new();

@@ -303,6 +303,7 @@ impl Swarm {
         }
         tokio::spawn(announce::run(swarm.clone()));
         tokio::spawn(probe_upkeep(Arc::downgrade(&swarm)));
+        tokio::spawn(swarm.clone().resume_serving());
         tracing::info!(peer = %swarm.me, seed = swarm.cfg.peer.seed, embedded_scheduler = matches!(swarm.schedulers, Schedulers::Embedded(_)), "peer listening (QUIC, mutual TLS)");
         Ok(swarm)
     }
@@ -443,6 +444,56 @@ impl Swarm {
             }
         }
         res
+    }
+
+    /// After a restart, serves again the complete tasks the store holds that were used within
+    /// `peer.serve_idle_seconds` (what the previous run was still serving: an imported file,
+    /// say, whose origin may not exist), most recent first, one at a time in the background.
+    /// Each is verified end to end first, as every store hit is; damaged content is discarded,
+    /// and partial downloads are left for the next fetch. Their last-use time stays as it was,
+    /// so a restart does not reorder GC.
+    async fn resume_serving(self: Arc<Self>) {
+        let within = Duration::from_secs(self.cfg.peer.serve_idle_seconds);
+        let recent = match self.fetcher.store().used_within(within) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the store; serving only what is fetched from now on");
+                return;
+            }
+        };
+        let mut resumed = 0usize;
+        for (id, last_use) in recent {
+            let progress = Arc::new(Progress::default());
+            let res = self
+                .one_at_a_time(id, async {
+                    if self.is_served(&id) {
+                        return Ok(false);
+                    }
+                    let Some(f) = self.fetcher.stored_complete(id, &progress).await? else {
+                        return Ok(false);
+                    };
+                    f.task.lease().set_last_use(last_use);
+                    self.register(&f.task);
+                    if let Err(e) = f.task.lease().downgrade() {
+                        tracing::warn!(error = %e, "cannot downgrade the task lease");
+                    }
+                    Ok::<bool, FetchError>(true)
+                })
+                .instrument(tracing::info_span!("task", %id))
+                .await;
+            match res {
+                Ok(true) => resumed += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(task = %id, error = %e, "not serving a stored task again"),
+            }
+        }
+        if resumed > 0 {
+            tracing::info!(tasks = resumed, "serving the store's complete tasks again");
+        }
+    }
+
+    fn is_served(&self, id: &TaskId) -> bool {
+        self.served.lock().is_ok_and(|s| s.contains_key(id))
     }
 
     /// Imports a local file (`starling import`) and seeds it from now on.
