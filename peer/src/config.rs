@@ -155,7 +155,8 @@ pub struct PeerConfig {
     /// Milliseconds between announcements to the scheduler. Default 500.
     pub announce_interval_ms: u64,
     /// A finished task not uploaded for this long stops being served (and announced), so GC
-    /// may evict it. Default 3600.
+    /// may evict it; a starting daemon serves again the stored complete tasks used within this
+    /// long. Default 3600.
     pub serve_idle_seconds: u64,
 }
 
