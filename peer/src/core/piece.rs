@@ -20,8 +20,9 @@ const DEFAULT_MAX: u64 = 16 * 1024 * 1024;
 /// [`TARGET_PIECES`] pieces, rounded up to a power of two, clamped to 256 KiB ..= 16 MiB.
 /// Small pieces pass through a swarm sooner (a peer relays a piece only once it has all of it
 /// and has verified it): `bench swarm`'s default job ran 1.21 × T_min at 512 KiB against 1.26
-/// at 1 MiB and 1.35 at 2 MiB, and later (`--import`, 4 alternating pairs) 23.61–23.69 s at
-/// 256 KiB against 23.93–23.99 s at 512 KiB, with no CPU cost the runs could show; 128 KiB
+/// at 1 MiB and 1.35 at 2 MiB, and later (`--import`, 8 alternating pairs) 23.60–23.80 s at
+/// 256 KiB against 23.88–23.99 s at 512 KiB, for about a tenth more CPU (medians 20.4 against
+/// 18.0 CPU-s; the per-piece work of a request stream, news and a journal record); 128 KiB
 /// was slower again (24.1 s).
 /// Small content still gets a plan (one piece) and still goes peer to peer.
 pub fn default_piece_length(content_length: u64) -> u64 {
