@@ -70,6 +70,14 @@ async fn probe_upkeep(swarm: std::sync::Weak<Swarm>) {
     }
 }
 
+/// Other local readers and uploads share `task` from here on: its exclusive lease becomes a
+/// shared one.
+fn share(task: &TaskHandle) {
+    if let Err(e) = task.lease().downgrade() {
+        tracing::warn!(error = %e, "cannot downgrade the task lease");
+    }
+}
+
 /// How long a have request is held open while the parent has no news.
 const HAVE_WAIT: Duration = Duration::from_millis(1000);
 /// A scheduler call that takes longer than this has failed.
@@ -396,10 +404,7 @@ impl Swarm {
             if f.served == Served::Store {
                 metrics.add_bytes("local", f.manifest.plan().content_length());
             }
-            // Other local readers and uploads share the task from here on.
-            if let Err(e) = f.task.lease().downgrade() {
-                tracing::warn!(error = %e, "cannot downgrade the task lease");
-            }
+            share(&f.task);
         }
         res
     }
@@ -474,9 +479,7 @@ impl Swarm {
                     };
                     f.task.lease().set_last_use(last_use);
                     self.register(&f.task);
-                    if let Err(e) = f.task.lease().downgrade() {
-                        tracing::warn!(error = %e, "cannot downgrade the task lease");
-                    }
+                    share(&f.task);
                     Ok::<bool, FetchError>(true)
                 })
                 .instrument(tracing::info_span!("task", %id))
@@ -517,9 +520,7 @@ impl Swarm {
             .instrument(tracing::info_span!("task", %id))
             .await;
         if let Ok(f) = &res {
-            if let Err(e) = f.task.lease().downgrade() {
-                tracing::warn!(error = %e, "cannot downgrade the task lease");
-            }
+            share(&f.task);
         }
         res
     }
