@@ -131,6 +131,16 @@ pub fn run(args: &[&str]) -> Result<()> {
             o.seed_shaped_sent as f64 * 8.0 / (mbit as f64 * 1e6),
         );
     }
+    if let Some(q) = o.seed_quic {
+        println!(
+            "the seed's QUIC: {} packets, {:.4} x F of UDP payload; QUIC declared {} packets lost ({:.2}%, {:.4} x F, sent again)",
+            q.packets,
+            q.bytes as f64 / o.size as f64,
+            q.lost_packets,
+            100.0 * q.lost_packets as f64 / q.packets.max(1) as f64,
+            q.lost_bytes as f64 / o.size as f64,
+        );
+    }
     println!("CPU-s per daemon: {}", swarm::node_cpu_line(&o));
     if let Some(i) = &o.import {
         println!(

@@ -73,6 +73,42 @@ pub struct Outcome {
     /// Failed piece requests summed over every node, by cause (`piece_failures_total`).
     pub piece_failures: std::collections::BTreeMap<String, f64>,
     pub import: Option<Imported>,
+    /// The seed's QUIC sends to its children, summed over its connections (`starling probe`).
+    pub seed_quic: Option<QuicSends>,
+}
+
+/// What a node's QUIC connections sent, summed over them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QuicSends {
+    pub packets: u64,
+    pub lost_packets: u64,
+    /// UDP payload bytes.
+    pub bytes: u64,
+    pub lost_bytes: u64,
+}
+
+/// The seed's sends to its children, from its probe report (closed connections included).
+fn quic_sends(node: &starling_tests::Node) -> Option<QuicSends> {
+    let socket = node.scratch.data_dir().join("starling.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let report = rt
+        .block_on(starling::daemon::client_probe(&socket))
+        .ok()??;
+    Some(
+        report
+            .paths
+            .iter()
+            .filter(|p| p.role == "child")
+            .fold(QuicSends::default(), |s, p| QuicSends {
+                packets: s.packets + p.sent_packets,
+                lost_packets: s.lost_packets + p.lost_packets,
+                bytes: s.bytes + p.sent_bytes,
+                lost_bytes: s.lost_bytes + p.lost_bytes,
+            }),
+    )
 }
 
 pub fn run(job: &Job) -> Result<Outcome> {
@@ -208,6 +244,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .iter()
         .map(|n| n.metric("starling_bytes_uploaded_total") as u64)
         .collect();
+    let seed_quic = quic_sends(&cluster.nodes[0]);
     if let Some(to) = std::env::var_os("STARLING_BENCH_LOGS") {
         keep_logs(&cluster, Path::new(&to))?;
     }
@@ -231,6 +268,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         seed_shaped_sent,
         piece_failures,
         import,
+        seed_quic,
     })
 }
 
@@ -388,7 +426,12 @@ pub fn uploads_line(o: &Outcome) -> String {
         .iter()
         .map(|b| format!("{:.2}", *b as f64 / o.size as f64))
         .collect();
-    format!("seed {} | peers {}", up[0], up[1..].join(" "))
+    // The seed's share decides the floor: anything over 1 is a piece it sent twice.
+    let seed = o
+        .uploaded
+        .first()
+        .map_or(0.0, |b| *b as f64 / o.size as f64);
+    format!("seed {seed:.4} | peers {}", up[1..].join(" "))
 }
 
 /// "seed S | peers P1 P2 ...": each daemon's CPU seconds.

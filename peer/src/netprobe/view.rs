@@ -34,6 +34,12 @@ pub struct PathView {
     pub cwnd: u64,
     pub sent_packets: u64,
     pub lost_packets: u64,
+    /// UDP payload bytes sent to the peer, and the bytes of packets QUIC declared lost (their
+    /// data is sent again).
+    #[serde(default)]
+    pub sent_bytes: u64,
+    #[serde(default)]
+    pub lost_bytes: u64,
     /// lost / sent packets, by QUIC's loss detection toward the peer.
     pub loss: f64,
     pub black_holes: u64,
@@ -179,6 +185,8 @@ pub fn join(
                 cwnd: p.cwnd,
                 sent_packets: p.sent_packets,
                 lost_packets: p.lost_packets,
+                sent_bytes: c.stats.udp_tx.bytes,
+                lost_bytes: p.lost_bytes,
                 loss: if p.sent_packets > 0 {
                     p.lost_packets as f64 / p.sent_packets as f64
                 } else {
@@ -321,6 +329,8 @@ mod tests {
         stats.path.current_mtu = 1422;
         stats.path.sent_packets = 1000;
         stats.path.lost_packets = 20;
+        stats.path.lost_bytes = 28_440;
+        stats.udp_tx.bytes = 1_422_000;
         let conns = vec![ConnInfo {
             id: 0,
             remote,
@@ -339,6 +349,7 @@ mod tests {
         let v = join(&conns, 5000, &flows, &HashMap::new());
         assert_eq!((v[0].path_mtu, v[0].mtu_source.as_str()), (1450, "quic"));
         assert!((v[0].loss - 0.02).abs() < 1e-9);
+        assert_eq!((v[0].sent_bytes, v[0].lost_bytes), (1_422_000, 28_440));
         flows.insert(
             key,
             FlowStats {
