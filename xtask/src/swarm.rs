@@ -431,7 +431,8 @@ pub fn uploads_line(o: &Outcome) -> String {
         .uploaded
         .first()
         .map_or(0.0, |b| *b as f64 / o.size as f64);
-    format!("seed {seed:.4} | peers {}", up[1..].join(" "))
+    let peers = up.get(1..).unwrap_or_default().join(" ");
+    format!("seed {seed:.4} | peers {peers}")
 }
 
 /// "seed S | peers P1 P2 ...": each daemon's CPU seconds.
