@@ -79,6 +79,11 @@ pub fn acquire(dir: &Path, mode: Mode) -> io::Result<Lease> {
     }
 }
 
+/// When the task in `dir` was last used: its lock file's mtime (each lease touches it).
+pub fn last_use(dir: &Path) -> io::Result<SystemTime> {
+    std::fs::metadata(dir.join(LOCK_FILE)).and_then(|m| m.modified())
+}
+
 /// Takes an exclusive lease only if nobody holds any lease now. `None` means: in use.
 pub fn try_exclusive(dir: &Path) -> io::Result<Option<Lease>> {
     let path = dir.join(LOCK_FILE);

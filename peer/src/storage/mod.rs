@@ -168,9 +168,7 @@ impl Store {
             let Ok(id) = TaskId::from_dir_name(&dirent.file_name().to_string_lossy()) else {
                 continue;
             };
-            let Ok(used) =
-                std::fs::metadata(dirent.path().join(lease::LOCK_FILE)).and_then(|m| m.modified())
-            else {
+            let Ok(used) = lease::last_use(&dirent.path()) else {
                 continue;
             };
             if now.duration_since(used).map_or(true, |age| age <= within) {
@@ -193,9 +191,7 @@ impl Store {
             }
             let dir = dirent.path();
             let lease = lease::try_exclusive(&dir).map_err(io_err("lock", &dir))?;
-            let last_used = std::fs::metadata(dir.join(lease::LOCK_FILE))
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let last_used = lease::last_use(&dir).unwrap_or(SystemTime::UNIX_EPOCH);
             entries.push(GcEntry {
                 name,
                 bytes: dir_bytes(&dir),
