@@ -163,25 +163,13 @@ impl Lab {
     /// batch's headers once (about 2.5% less for a QUIC sender at 1500 bytes). 0 when the link
     /// is not shaped or `tc` cannot tell.
     pub fn host_shaped_sent_bytes(&self, i: usize) -> u64 {
-        let out = Command::new("tc")
-            .args([
-                "-n",
-                &self.hosts[i].ns,
-                "-s",
-                "qdisc",
-                "show",
-                "dev",
-                "eth0",
-            ])
-            .output();
-        let Ok(out) = out else { return 0 };
-        let text = String::from_utf8_lossy(&out.stdout);
-        // "qdisc tbf 8001: root ... \n Sent 284237031 bytes 190317 pkt ...": the root's line.
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix("Sent "))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
+        shaper_sent_bytes(Some(&self.hosts[i].ns), "eth0")
+    }
+
+    /// Bytes host `i`'s download shaper (on its bridge port) has passed so far, each packet
+    /// whole, as [`Lab::host_shaped_sent_bytes`] counts the upload side.
+    pub fn host_shaped_received_bytes(&self, i: usize) -> u64 {
+        shaper_sent_bytes(None, &self.hosts[i].port)
     }
 
     /// Bytes host `i`'s link carried to it (its download side).
@@ -197,6 +185,25 @@ impl Lab {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// What the root qdisc on `dev` (in namespace `ns` when given) has sent, by `tc -s`; 0 when
+/// there is none or `tc` cannot tell.
+fn shaper_sent_bytes(ns: Option<&str>, dev: &str) -> u64 {
+    let mut c = Command::new("tc");
+    if let Some(ns) = ns {
+        c.args(["-n", ns]);
+    }
+    let Ok(out) = c.args(["-s", "qdisc", "show", "dev", dev]).output() else {
+        return 0;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "qdisc tbf 8001: root ... \n Sent 284237031 bytes 190317 pkt ...": the root's line.
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Sent "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Drop for Lab {

@@ -131,6 +131,24 @@ pub fn run(args: &[&str]) -> Result<()> {
             o.seed_shaped_sent as f64 * 8.0 / (mbit as f64 * 1e6),
         );
     }
+    let mut down: Vec<f64> = o
+        .peers_shaped_received
+        .iter()
+        .filter(|b| **b > 0)
+        .map(|b| *b as f64 / o.size as f64)
+        .collect();
+    if !down.is_empty() {
+        // Each peer's download link is as scarce as the seed's upload: every byte it carries
+        // beyond F (headers, pieces sent twice, lost packets' resends) costs the peer time.
+        down.sort_by(f64::total_cmp);
+        let mid = down[down.len() / 2];
+        println!(
+            "the peers' links carried {:.3} / {mid:.3} / {:.3} x F (min / median / max) by their download shapers' count: at the link's rate the median alone takes {:.2} s",
+            down[0],
+            down[down.len() - 1],
+            mid * o.size as f64 * 8.0 / (mbit as f64 * 1e6),
+        );
+    }
     if let Some(q) = o.seed_quic {
         println!(
             "the seed's QUIC: {} packets, {:.4} x F of UDP payload; QUIC declared {} packets lost ({:.2}%, {:.4} x F, sent again)",

@@ -70,6 +70,9 @@ pub struct Outcome {
     pub seed_sent: u64,
     /// The same, as the seed's upload shaper counts it (every packet's headers; 0 unshaped).
     pub seed_shaped_sent: u64,
+    /// What each downloading peer's download shaper passed, every packet's headers (0
+    /// unshaped).
+    pub peers_shaped_received: Vec<u64>,
     /// Failed piece requests summed over every node, by cause (`piece_failures_total`).
     pub piece_failures: std::collections::BTreeMap<String, f64>,
     pub import: Option<Imported>,
@@ -142,6 +145,12 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let origin_cpu0 = tree_cpu_secs(nginx.pid());
     let sent0 = job.lab.map_or(0, |l| l.host_sent_bytes(0));
     let shaped0 = job.lab.map_or(0, |l| l.host_shaped_sent_bytes(0));
+    let shaped_in = || -> Vec<u64> {
+        (1..=job.peers)
+            .map(|i| job.lab.map_or(0, |l| l.host_shaped_received_bytes(i)))
+            .collect()
+    };
+    let shaped_in0 = shaped_in();
 
     let bars = indicatif::MultiProgress::new();
     if !job.live {
@@ -223,6 +232,11 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .lab
         .map_or(0, |l| l.host_shaped_sent_bytes(0))
         .saturating_sub(shaped0);
+    let peers_shaped_received = shaped_in()
+        .iter()
+        .zip(&shaped_in0)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
     let peak_rss_kib = cluster
         .nodes
         .iter()
@@ -266,6 +280,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         origin_cpu_secs,
         seed_sent,
         seed_shaped_sent,
+        peers_shaped_received,
         piece_failures,
         import,
         seed_quic,
@@ -343,23 +358,28 @@ fn trace(
             .collect()
     };
     let (mut last, mut last_wire, mut last_downs) = (0.0, wire(), downs());
+    let mut last_at = Instant::now();
+    // Rates in MB/s (10^6 bytes), so that intervals of any length compare; a 100 Mbit/s link
+    // carries 12.5 MB/s.
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(every) {
         let (up, w, d) = (
             seed.metric("starling_bytes_uploaded_total"),
             wire(),
             downs(),
         );
+        let dt = last_at.elapsed().as_secs_f64().max(1e-3);
+        last_at = Instant::now();
         let mut mb: Vec<f64> = d
             .iter()
             .zip(&last_downs)
-            .map(|(a, b)| ((a - b) / 1e5).round() / 10.0)
+            .map(|(a, b)| ((a - b) / dt / 1e5).round() / 10.0)
             .collect();
         mb.sort_by(f64::total_cmp);
         eprintln!(
-            "t={:5.1}s seed pieces {:6.2} MB, link {:6.2} MB; peer links in {mb:?} MB",
+            "t={:6.2}s seed pieces {:6.2} MB/s, link {:6.2} MB/s; peer links in {mb:?} MB/s",
             start.elapsed().as_secs_f64(),
-            (up - last) / 1e6,
-            (w - last_wire) / 1e6,
+            (up - last) / dt / 1e6,
+            (w - last_wire) / dt / 1e6,
         );
         (last, last_wire, last_downs) = (up, w, d);
     }
