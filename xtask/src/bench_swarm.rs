@@ -128,7 +128,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         println!(
             "the seed's link carried {shaped:.3} x F by its shaper's count ({:.3} x F at its bridge port, where a GSO batch's headers count once): at the link's rate that alone takes {:.2} s",
             o.seed_sent as f64 / o.size as f64,
-            o.seed_shaped_sent as f64 * 8.0 / (mbit as f64 * 1e6),
+            swarm::link_secs(o.seed_shaped_sent as f64, mbit),
         );
     }
     let mut down: Vec<f64> = o
@@ -146,7 +146,7 @@ pub fn run(args: &[&str]) -> Result<()> {
             "the peers' links carried {:.3} / {mid:.3} / {:.3} x F (min / median / max) by their download shapers' count: at the link's rate the median alone takes {:.2} s",
             down[0],
             down[down.len() - 1],
-            mid * o.size as f64 * 8.0 / (mbit as f64 * 1e6),
+            swarm::link_secs(mid * o.size as f64, mbit),
         );
     }
     if let Some(q) = o.seed_quic {

@@ -441,18 +441,16 @@ pub fn get_with_progress(
 
 /// The bytes each node uploaded, in file sizes: "seed X | peers Y Z ...".
 pub fn uploads_line(o: &Outcome) -> String {
-    let up: Vec<String> = o
+    let share = |b: &u64| *b as f64 / o.size as f64;
+    // The seed's share decides the floor: anything over 1 is a piece it sent twice.
+    let seed = o.uploaded.first().map_or(0.0, share);
+    let peers: Vec<String> = o
         .uploaded
         .iter()
-        .map(|b| format!("{:.2}", *b as f64 / o.size as f64))
+        .skip(1)
+        .map(|b| format!("{:.2}", share(b)))
         .collect();
-    // The seed's share decides the floor: anything over 1 is a piece it sent twice.
-    let seed = o
-        .uploaded
-        .first()
-        .map_or(0.0, |b| *b as f64 / o.size as f64);
-    let peers = up.get(1..).unwrap_or_default().join(" ");
-    format!("seed {seed:.4} | peers {peers}")
+    format!("seed {seed:.4} | peers {}", peers.join(" "))
 }
 
 /// "seed S | peers P1 P2 ...": each daemon's CPU seconds.
@@ -464,12 +462,16 @@ pub fn node_cpu_line(o: &Outcome) -> String {
     }
 }
 
+/// Seconds a link at `mbit` takes to carry `bytes`.
+pub fn link_secs(bytes: f64, mbit: u32) -> f64 {
+    bytes * 8.0 / (mbit as f64 * 1e6)
+}
+
 /// T_min = max(F/U_seed, F/D_peer, N·F/(U_seed + ΣU_peers)), with every link at `mbit`.
 pub fn t_min(size: u64, peers: usize, mbit: u32) -> f64 {
-    let rate = mbit as f64 * 1e6 / 8.0;
-    let f = size as f64;
+    let one = link_secs(size as f64, mbit);
     let n = peers as f64;
-    (f / rate).max(n * f / ((n + 1.0) * rate))
+    one.max(n * one / (n + 1.0))
 }
 
 /// Plain HTTP baseline: every peer host runs curl against nginx on the seed host at once.
