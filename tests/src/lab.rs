@@ -158,18 +158,17 @@ impl Lab {
         self.port_counter(i, "rx_bytes")
     }
 
-    /// Bytes host `i` has sent through its upload shaper so far, as the shaper counts them: each
-    /// packet whole. The bridge port's count ([`Lab::host_sent_bytes`]) takes a GSO or TSO
-    /// batch's headers once (about 2.5% less for a QUIC sender at 1500 bytes). 0 when the link
-    /// is not shaped or `tc` cannot tell.
-    pub fn host_shaped_sent_bytes(&self, i: usize) -> u64 {
-        shaper_sent_bytes(Some(&self.hosts[i].ns), "eth0")
+    /// What host `i`'s upload shaper has counted so far: every packet whole (the bridge
+    /// port's count, [`Lab::host_sent_bytes`], takes a GSO or TSO batch's headers once: about
+    /// 2.5% less for a QUIC sender at 1500 bytes), and what it dropped.
+    pub fn host_upload_shaper(&self, i: usize) -> ShaperCount {
+        shaper_count(Some(&self.hosts[i].ns), "eth0")
     }
 
-    /// Bytes host `i`'s download shaper (on its bridge port) has passed so far, each packet
-    /// whole, as [`Lab::host_shaped_sent_bytes`] counts the upload side.
-    pub fn host_shaped_received_bytes(&self, i: usize) -> u64 {
-        shaper_sent_bytes(None, &self.hosts[i].port)
+    /// What host `i`'s download shaper (on its bridge port) has counted so far, as
+    /// [`Lab::host_upload_shaper`] counts the upload side.
+    pub fn host_download_shaper(&self, i: usize) -> ShaperCount {
+        shaper_count(None, &self.hosts[i].port)
     }
 
     /// Bytes host `i`'s link carried to it (its download side).
@@ -187,23 +186,51 @@ impl Lab {
     }
 }
 
-/// What the root qdisc on `dev` (in namespace `ns` when given) has sent, by `tc -s`; 0 when
-/// there is none or `tc` cannot tell.
-fn shaper_sent_bytes(ns: Option<&str>, dev: &str) -> u64 {
+/// What a link's shaper (its root qdisc) has counted, by `tc -s`; zeros when the link is not
+/// shaped or `tc` cannot tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShaperCount {
+    /// Bytes passed, each packet with all its headers.
+    pub bytes: u64,
+    /// Enqueues refused because the queue was full. A GSO batch is one enqueue, so one drop
+    /// may be ten packets.
+    pub dropped: u64,
+}
+
+impl ShaperCount {
+    /// What was counted since `before`.
+    pub fn since(self, before: ShaperCount) -> ShaperCount {
+        ShaperCount {
+            bytes: self.bytes.saturating_sub(before.bytes),
+            dropped: self.dropped.saturating_sub(before.dropped),
+        }
+    }
+
+    /// Reads the root qdisc's line of `tc -s qdisc show`: "qdisc tbf 8001: root ...\n Sent
+    /// 284237031 bytes 190317 pkt (dropped 205, overlimits 67914 requeues 0)".
+    fn parse(text: &str) -> ShaperCount {
+        let Some(rest) = text.lines().find_map(|l| l.trim().strip_prefix("Sent ")) else {
+            return ShaperCount::default();
+        };
+        let number = |s: Option<&str>| s.and_then(|n| n.trim_end_matches(',').parse().ok());
+        let bytes = number(rest.split_whitespace().next()).unwrap_or(0);
+        let dropped = rest
+            .split_once("(dropped ")
+            .and_then(|(_, d)| number(d.split_whitespace().next()))
+            .unwrap_or(0);
+        ShaperCount { bytes, dropped }
+    }
+}
+
+fn shaper_count(ns: Option<&str>, dev: &str) -> ShaperCount {
     let mut c = Command::new("tc");
     if let Some(ns) = ns {
         c.args(["-n", ns]);
     }
-    let Ok(out) = c.args(["-s", "qdisc", "show", "dev", dev]).output() else {
-        return 0;
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "qdisc tbf 8001: root ... \n Sent 284237031 bytes 190317 pkt ...": the root's line.
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("Sent "))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    match c.args(["-s", "qdisc", "show", "dev", dev]).output() {
+        Ok(out) => ShaperCount::parse(&String::from_utf8_lossy(&out.stdout)),
+        Err(_) => ShaperCount::default(),
+    }
 }
 
 impl Drop for Lab {
@@ -219,5 +246,36 @@ impl Drop for Lab {
             let _ = ip(&["link", "del", &h.port]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShaperCount;
+
+    #[test]
+    fn a_shapers_count_is_read_from_its_root_line() {
+        let text = "qdisc tbf 8001: root refcnt 2 rate 100Mbit burst 32Kb lat 20ms \n \
+                    Sent 284237031 bytes 190317 pkt (dropped 205, overlimits 67914 requeues 0) \n \
+                    backlog 0b 0p requeues 0\n";
+        assert_eq!(
+            ShaperCount::parse(text),
+            ShaperCount {
+                bytes: 284_237_031,
+                dropped: 205
+            }
+        );
+        assert_eq!(ShaperCount::parse(""), ShaperCount::default());
+        let later = ShaperCount {
+            bytes: 300_000_000,
+            dropped: 210,
+        };
+        assert_eq!(
+            later.since(ShaperCount::parse(text)),
+            ShaperCount {
+                bytes: 15_762_969,
+                dropped: 5
+            }
+        );
     }
 }

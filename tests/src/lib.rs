@@ -19,7 +19,7 @@ pub use cluster::{
     free_udp_port, metric_by_label, metric_value, scrape, scrape_at, Cluster, Node, SchedulerProc,
 };
 pub use fault::{FaultOrigin, Faults};
-pub use lab::Lab;
+pub use lab::{Lab, ShaperCount};
 pub use netns::Netns;
 pub use servers::{Nginx, PyHttp};
 

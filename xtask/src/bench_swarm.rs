@@ -122,20 +122,20 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.cpu_secs / delivered_gib
     );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
-    if o.seed_shaped_sent > 0 {
+    if o.seed_shaper.bytes > 0 {
         // Every byte must leave the seed once, headers and all, through its shaper.
-        let shaped = o.seed_shaped_sent as f64 / o.size as f64;
+        let shaped = o.seed_shaper.bytes as f64 / o.size as f64;
         println!(
             "the seed's link carried {shaped:.3} x F by its shaper's count ({:.3} x F at its bridge port, where a GSO batch's headers count once): at the link's rate that alone takes {:.2} s",
             o.seed_sent as f64 / o.size as f64,
-            swarm::link_secs(o.seed_shaped_sent as f64, mbit),
+            swarm::link_secs(o.seed_shaper.bytes as f64, mbit),
         );
     }
     let mut down: Vec<f64> = o
-        .peers_shaped_received
+        .peers_shaper
         .iter()
-        .filter(|b| **b > 0)
-        .map(|b| *b as f64 / o.size as f64)
+        .filter(|c| c.bytes > 0)
+        .map(|c| c.bytes as f64 / o.size as f64)
         .collect();
     if !down.is_empty() {
         // Each peer's download link is as scarce as the seed's upload: every byte it carries
@@ -157,6 +157,16 @@ pub fn run(args: &[&str]) -> Result<()> {
             q.lost_packets,
             100.0 * q.lost_packets as f64 / q.packets.max(1) as f64,
             q.lost_bytes as f64 / o.size as f64,
+        );
+    }
+    if o.seed_shaper.bytes > 0 {
+        // Where losses happen: a packet the seed's own shaper drops never crossed its link
+        // (only the connection backs off); one a peer's download shaper drops did, and its
+        // resend crosses it again.
+        println!(
+            "shaper drops (one GSO batch counts once): the seed's upload {}, the peers' downloads {} in all",
+            o.seed_shaper.dropped,
+            o.peers_shaper.iter().map(|c| c.dropped).sum::<u64>(),
         );
     }
     println!("CPU-s per daemon: {}", swarm::node_cpu_line(&o));

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use starling::daemon::api::{ApiEvent, GetRequest, ImportRequest};
-use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx};
+use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx, ShaperCount};
 
 use crate::stock::{cpu_secs, peak_rss_kib, tree_cpu_secs};
 
@@ -68,11 +68,11 @@ pub struct Outcome {
     pub origin_cpu_secs: f64,
     /// Bytes the seed host sent on its link (lab runs; 0 on loopback).
     pub seed_sent: u64,
-    /// The same, as the seed's upload shaper counts it (every packet's headers; 0 unshaped).
-    pub seed_shaped_sent: u64,
-    /// What each downloading peer's download shaper passed, every packet's headers (0
+    /// What the seed's upload shaper passed (every packet's headers) and dropped (zeros
     /// unshaped).
-    pub peers_shaped_received: Vec<u64>,
+    pub seed_shaper: ShaperCount,
+    /// The same for each downloading peer's download shaper.
+    pub peers_shaper: Vec<ShaperCount>,
     /// Failed piece requests summed over every node, by cause (`piece_failures_total`).
     pub piece_failures: std::collections::BTreeMap<String, f64>,
     pub import: Option<Imported>,
@@ -144,13 +144,17 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let origin0 = nginx.bytes_sent();
     let origin_cpu0 = tree_cpu_secs(nginx.pid());
     let sent0 = job.lab.map_or(0, |l| l.host_sent_bytes(0));
-    let shaped0 = job.lab.map_or(0, |l| l.host_shaped_sent_bytes(0));
-    let shaped_in = || -> Vec<u64> {
+    let seed_shaper = || job.lab.map(|l| l.host_upload_shaper(0)).unwrap_or_default();
+    let peers_shaper = || -> Vec<ShaperCount> {
         (1..=job.peers)
-            .map(|i| job.lab.map_or(0, |l| l.host_shaped_received_bytes(i)))
+            .map(|i| {
+                job.lab
+                    .map(|l| l.host_download_shaper(i))
+                    .unwrap_or_default()
+            })
             .collect()
     };
-    let shaped_in0 = shaped_in();
+    let (seed_shaper0, peers_shaper0) = (seed_shaper(), peers_shaper());
 
     let bars = indicatif::MultiProgress::new();
     if !job.live {
@@ -228,14 +232,11 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .collect();
     let origin_cpu_secs = tree_cpu_secs(nginx.pid()) - origin_cpu0;
     let seed_sent = job.lab.map_or(0, |l| l.host_sent_bytes(0)) - sent0;
-    let seed_shaped_sent = job
-        .lab
-        .map_or(0, |l| l.host_shaped_sent_bytes(0))
-        .saturating_sub(shaped0);
-    let peers_shaped_received = shaped_in()
-        .iter()
-        .zip(&shaped_in0)
-        .map(|(a, b)| a.saturating_sub(*b))
+    let seed_shaper = seed_shaper().since(seed_shaper0);
+    let peers_shaper = peers_shaper()
+        .into_iter()
+        .zip(peers_shaper0)
+        .map(|(now, before)| now.since(before))
         .collect();
     let peak_rss_kib = cluster
         .nodes
@@ -279,8 +280,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
         peak_rss_kib,
         origin_cpu_secs,
         seed_sent,
-        seed_shaped_sent,
-        peers_shaped_received,
+        seed_shaper,
+        peers_shaper,
         piece_failures,
         import,
         seed_quic,
