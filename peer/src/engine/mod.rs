@@ -487,11 +487,10 @@ impl Engine {
         self.cfg.piece_timeout.max(expected * 4)
     }
 
-    /// Missing pieces not yet requested, in the order they should be requested. With
-    /// `takers`, only the pieces one of those parents holds: the rest cannot go to them, and
-    /// leaving them out keeps the sort small on the frequent polls where a parent with a free
-    /// slot has nothing we need.
-    fn order(&self, now: Duration, takers: Option<&[ParentId]>) -> Vec<u32> {
+    /// Missing pieces not yet requested, each with a key that sorts it into the order the
+    /// pieces should be requested in (see [`Ranked`]). With `takers`, only the pieces one of
+    /// those parents holds: the rest cannot go to them.
+    fn candidates(&self, now: Duration, takers: Option<&[ParentId]>) -> Vec<(u32, u64, u32)> {
         // This runs on most polls, so it works on flat per-piece arrays (one pass per parent)
         // rather than asking every parent about every piece.
         let mut open: Vec<bool> = self.have.iter().map(|h| !h).collect();
@@ -513,12 +512,17 @@ impl Engine {
         if let Some(cursor) = self.streaming {
             let n = self.have.len() as u32;
             let cursor = cursor.min(n);
-            return (cursor..n).chain(0..cursor).filter(open_at).collect();
+            return (cursor..n)
+                .chain(0..cursor)
+                .filter(open_at)
+                .enumerate()
+                .map(|(at, i)| (0, at as u64, i))
+                .collect();
         }
         let rarity = self.holders(|p| self.usable(p, now));
         // Pieces nobody has sort last (rarity 0 would otherwise come first); they go to source.
         let span = self.cfg.tie_span.max(1);
-        let mut keyed: Vec<(u32, u64, u32)> = (0..self.have.len() as u32)
+        (0..self.have.len() as u32)
             .filter(open_at)
             .map(|i| {
                 let rank = match rarity[i as usize] {
@@ -530,9 +534,7 @@ impl Engine {
                 });
                 (rank, tie, i)
             })
-            .collect();
-        keyed.sort_unstable();
-        keyed.into_iter().map(|(_, _, i)| i).collect()
+            .collect()
     }
 
     /// Fills every usable parent's window, best parents first.
@@ -558,23 +560,38 @@ impl Engine {
         let rate = |id: &ParentId| self.parents[id].rate.unwrap_or(0.0);
         free.sort_by(|(a, _), (b, _)| rate(b).total_cmp(&rate(a)).then(a.cmp(b)));
         let ids: Vec<ParentId> = free.iter().map(|&(id, _)| id).collect();
-        let order = self.order(now, Some(&ids));
-        let mut taken: BTreeSet<u32> = BTreeSet::new();
-        for (id, mut room) in free {
-            for &piece in &order {
-                if room == 0 {
+        let keyed = self.candidates(now, Some(&ids));
+        // Nothing a pick depends on changes with a request, so the picks are made first.
+        let mut taken = vec![false; self.have.len()];
+        let mut picks: Vec<(ParentId, u32)> = Vec::new();
+        for &(id, mut room) in &free {
+            let Some(p) = self.parents.get(&id) else {
+                continue;
+            };
+            // Each parent ranks only the pieces it holds and no better parent took, and sorts
+            // no more of them than it can take (a few more for the rare ones skipped below).
+            let mine = keyed
+                .iter()
+                .filter(|k| !taken[k.2 as usize] && p.has[k.2 as usize])
+                .copied()
+                .collect();
+            let mut order = Ranked::new(mine, 2 * room as usize + 8);
+            let mut at = 0;
+            while room > 0 {
+                let Some(piece) = order.get(at) else {
                     break;
-                }
-                if taken.contains(&piece)
-                    || !self.may_ask(id, piece)
-                    || self.better_elsewhere(id, piece, now)
-                {
+                };
+                at += 1;
+                if !self.may_ask(id, piece) || self.better_elsewhere(id, piece, now) {
                     continue;
                 }
-                taken.insert(piece);
-                self.request(Peer::Parent(id), piece, now);
+                taken[piece as usize] = true;
+                picks.push((id, piece));
                 room -= 1;
             }
+        }
+        for (id, piece) in picks {
+            self.request(Peer::Parent(id), piece, now);
         }
         // Endgame: everything missing is in flight and little is left; idle capacity takes
         // duplicates of pieces that have been outstanding for a while.
@@ -648,7 +665,10 @@ impl Engine {
         if room == 0 || !(starved || slow_for_long) {
             return;
         }
-        for piece in self.order(now, None) {
+        let mut order = Ranked::new(self.candidates(now, None), self.cfg.source_window as usize);
+        let mut at = 0;
+        while let Some(piece) = order.get(at) {
+            at += 1;
             if room == 0 {
                 break;
             }
@@ -739,6 +759,44 @@ impl Engine {
         }
         self.in_flight.entry(piece).or_default().insert(from);
         self.out.push(Action::Request { from, piece });
+    }
+}
+
+/// Pieces in request order, sorted as far as they are read: the first ones at once (the
+/// smallest keys picked out in linear time), the rest on the first read past them. Sorting
+/// every open piece on every poll, and each parent with a free slot reading that order from
+/// the top, cost about a tenth of a peer's CPU with 4096 pieces.
+struct Ranked {
+    /// (rank, tie, piece), sorted up to `sorted`.
+    keyed: Vec<(u32, u64, u32)>,
+    sorted: usize,
+}
+
+impl Ranked {
+    fn new(mut keyed: Vec<(u32, u64, u32)>, first: usize) -> Ranked {
+        let first = first.max(1);
+        if keyed.len() > first {
+            // The `first` smallest keys before index `first`, unordered; the rest after.
+            keyed.select_nth_unstable(first);
+            keyed[..first].sort_unstable();
+            Ranked {
+                keyed,
+                sorted: first,
+            }
+        } else {
+            keyed.sort_unstable();
+            let sorted = keyed.len();
+            Ranked { keyed, sorted }
+        }
+    }
+
+    /// The `at`-th piece in order.
+    fn get(&mut self, at: usize) -> Option<u32> {
+        if at >= self.sorted && self.sorted < self.keyed.len() {
+            self.keyed[self.sorted..].sort_unstable();
+            self.sorted = self.keyed.len();
+        }
+        self.keyed.get(at).map(|&(_, _, i)| i)
     }
 }
 

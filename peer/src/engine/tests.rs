@@ -743,3 +743,24 @@ fn a_retiring_parent_does_not_count_as_another_holder() {
     assert!(e.has(extra));
     assert_eq!(e.parent_to_replace(6 * s, 3 * s), None);
 }
+
+proptest! {
+    /// However many pieces come sorted at once, reading them all gives the full sort.
+    #[test]
+    fn ranked_pieces_read_in_the_full_sort_order(
+        keys in proptest::collection::vec((0u32..4, 0u64..8), 0..200),
+        first in 0usize..250,
+    ) {
+        let keyed: Vec<(u32, u64, u32)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &(rank, tie))| (rank, tie, i as u32))
+            .collect();
+        let mut want = keyed.clone();
+        want.sort_unstable();
+        let mut ranked = Ranked::new(keyed, first);
+        let got: Vec<u32> = (0..want.len()).map_while(|at| ranked.get(at)).collect();
+        prop_assert_eq!(got, want.iter().map(|k| k.2).collect::<Vec<_>>());
+        prop_assert_eq!(ranked.get(want.len()), None);
+    }
+}
