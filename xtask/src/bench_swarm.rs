@@ -116,10 +116,12 @@ pub fn run(args: &[&str]) -> Result<()> {
         o.wall / t_min
     );
     println!(
-        "origin served {:.3} x F; starling daemons used {:.1} CPU-s ({:.2} CPU-s per GiB delivered)",
+        "origin served {:.3} x F; starling daemons used {:.1} CPU-s ({:.2} CPU-s per GiB delivered; user {:.1}, system {:.1})",
         o.origin_bytes as f64 / o.size as f64,
         o.cpu_secs,
-        o.cpu_secs / delivered_gib
+        o.cpu_secs / delivered_gib,
+        o.user_cpu_secs,
+        o.cpu_secs - o.user_cpu_secs
     );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
     if o.seed_shaper.bytes > 0 {

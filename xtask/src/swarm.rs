@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use starling::daemon::api::{ApiEvent, GetRequest, ImportRequest};
 use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx, ShaperCount};
 
-use crate::stock::{cpu_secs, peak_rss_kib, tree_cpu_secs};
+use crate::stock::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs};
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -57,6 +57,8 @@ pub struct Outcome {
     pub origin_bytes: u64,
     /// CPU seconds of the daemons and the scheduler, together.
     pub cpu_secs: f64,
+    /// The user-mode part of `cpu_secs`.
+    pub user_cpu_secs: f64,
     /// Each daemon's CPU seconds (node 0 is the seed).
     pub node_cpu_secs: Vec<f64>,
     pub size: u64,
@@ -140,7 +142,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .copied()
         .chain(cluster.scheduler.as_ref().map(|s| s.child.id()))
         .collect();
-    let cpu0: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
+    let cpu0: Vec<(f64, f64)> = pids.iter().map(|p| cpu_split(*p)).collect();
     let origin0 = nginx.bytes_sent();
     let origin_cpu0 = tree_cpu_secs(nginx.pid());
     let sent0 = job.lab.map_or(0, |l| l.host_sent_bytes(0));
@@ -225,11 +227,15 @@ pub fn run(job: &Job) -> Result<Outcome> {
         drop(done_tx);
         results
     });
-    let cpu: Vec<f64> = pids
+    let split: Vec<(f64, f64)> = pids
         .iter()
         .zip(&cpu0)
-        .map(|(p, c0)| cpu_secs(*p) - c0)
+        .map(|(p, (u0, s0))| {
+            let (u, s) = cpu_split(*p);
+            (u - u0, s - s0)
+        })
         .collect();
+    let cpu: Vec<f64> = split.iter().map(|(u, s)| u + s).collect();
     let origin_cpu_secs = tree_cpu_secs(nginx.pid()) - origin_cpu0;
     let seed_sent = job.lab.map_or(0, |l| l.host_sent_bytes(0)) - sent0;
     let seed_shaper = seed_shaper().since(seed_shaper0);
@@ -274,6 +280,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         peers,
         origin_bytes: nginx.bytes_sent() - origin0,
         cpu_secs: cpu.iter().sum(),
+        user_cpu_secs: split.iter().map(|(u, _)| u).sum(),
         node_cpu_secs: cpu[..daemons.len()].to_vec(),
         size,
         uploaded,

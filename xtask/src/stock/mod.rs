@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file, Lab, Nginx};
 
-pub use procs::{cpu_secs, peak_rss_kib, tree_cpu_secs};
+pub use procs::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs};
 
 use crate::demo::make_file;
 use crate::swarm::{self, MIB};
