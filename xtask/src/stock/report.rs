@@ -454,8 +454,15 @@ fn targets(sc: &Scenario, sums: &[Summary]) -> String {
     {
         Some((w, best)) => {
             let r = sw / w;
+            // A stock peer within 4/3 of T_min puts the bar where no system can reach.
+            let bar = 0.75 * w;
+            let unreachable = if bar < sc.t_min() {
+                format!("; the bar, {bar:.2} s, is under T_min: no system can meet it")
+            } else {
+                String::new()
+            };
             s.push_str(&format!(
-                "- Starling / best stock peer ({}, {w:.2} s) = {r:.3} (target ≤ 0.75: {})\n",
+                "- Starling / best stock peer ({}, {w:.2} s) = {r:.3} (target ≤ 0.75: {}{unreachable})\n",
                 best.system,
                 verdict(r <= 0.75)
             ));
@@ -758,6 +765,28 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("No stock system completed"), "{md}");
+    }
+
+    #[test]
+    fn a_bar_under_t_min_is_called_unreachable() {
+        // 256 MiB at 100 Mbit/s: T_min 21.47 s.
+        let sc = Scenario::new("n2", Topology::Clean, 2, 256);
+        let md = |aria2: f64| {
+            scenario_md(
+                &sc,
+                &[
+                    run("starling", &[Some(23.0), Some(23.2)], 4.0),
+                    run("aria2-1m", &[Some(aria2 - 1.0), Some(aria2)], 5.0),
+                ],
+            )
+        };
+        let near = md(28.0);
+        assert!(
+            near.contains("= 0.829 (target ≤ 0.75: **not met**; the bar, 21.00 s, is under T_min"),
+            "{near}"
+        );
+        let far = md(35.0);
+        assert!(far.contains("= 0.663 (target ≤ 0.75: met)\n"), "{far}");
     }
 
     #[test]
