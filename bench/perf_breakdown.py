@@ -63,11 +63,17 @@ def main():
         if name not in SYSTEMS or not secs:
             sys.exit(f"{arg!r}: expected SYSTEM=CPU_SECONDS with SYSTEM one of {', '.join(SYSTEMS)}")
         totals[name] = float(secs)
-    out = subprocess.run(
-        ["perf", "report", "-i", data, "--sort", "comm,sym", "--no-children", "--stdio",
-         "-g", "none", "--percent-limit", "0"],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    try:
+        report = subprocess.run(
+            ["perf", "report", "-i", data, "--sort", "comm,sym", "--no-children", "--stdio",
+             "-g", "none", "--percent-limit", "0"],
+            capture_output=True, text=True,
+        )
+    except FileNotFoundError:
+        sys.exit("perf is not installed: apt-get install linux-perf")
+    if report.returncode != 0:
+        sys.exit(f"perf report -i {data} failed: {report.stderr.strip()}")
+    out = report.stdout
     per = collections.defaultdict(collections.Counter)
     for line in out.splitlines():
         m = re.match(r"\s*([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*)", line)
