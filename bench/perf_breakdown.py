@@ -60,9 +60,12 @@ def main():
     totals = {}
     for arg in sys.argv[2:]:
         name, _, secs = arg.partition("=")
-        if name not in SYSTEMS or not secs:
+        try:
+            totals[name] = float(secs)
+        except ValueError:
+            totals[name] = None
+        if name not in SYSTEMS or totals[name] is None:
             sys.exit(f"{arg!r}: expected SYSTEM=CPU_SECONDS with SYSTEM one of {', '.join(SYSTEMS)}")
-        totals[name] = float(secs)
     try:
         report = subprocess.run(
             ["perf", "report", "-i", data, "--sort", "comm,sym", "--no-children", "--stdio",
@@ -85,18 +88,19 @@ def main():
             continue
         cat = next((c for c, rx in CATEGORIES if re.search(rx, sym, re.I)), "other")
         per[system][cat] += pct
+    samples = {s: sum(c.values()) for s, c in per.items()}
     # The systems named on the command line, else every one with samples.
-    systems = list(totals) or [s for s in SYSTEMS if sum(per.get(s, {}).values()) > 0]
-    systems = [s for s in systems if sum(per.get(s, {}).values()) > 0]
-    if not systems:
-        sys.exit(f"{data}: no samples of any known system")
-    unit = "CPU-s" if all(s in totals for s in systems) else "% of samples"
+    systems = list(totals) or [s for s in SYSTEMS if samples.get(s, 0) > 0]
+    missing = [s for s in systems if samples.get(s, 0) <= 0]
+    if missing or not systems:
+        sys.exit(f"{data}: no samples of {', '.join(missing) or 'any known system'}")
+    unit = "CPU-s" if totals else "% of samples"
     width = max(len(c) for c, _ in CATEGORIES)
     print(f"{'category':<{width}}  " + "  ".join(f"{s:>10}" for s in systems) + f"   ({unit})")
     for cat in [c for c, _ in CATEGORIES] + ["other"]:
         cells = []
         for s in systems:
-            share = per[s][cat] / sum(per[s].values())
+            share = per[s][cat] / samples[s]
             cells.append(share * totals[s] if unit == "CPU-s" else 100 * share)
         print(f"{cat:<{width}}  " + "  ".join(f"{v:>10.2f}" for v in cells))
     if unit == "CPU-s":
