@@ -8,6 +8,7 @@
 //! - [`config`]: the one TOML configuration file and every default.
 
 pub mod config;
+pub mod context;
 pub mod core;
 pub mod daemon;
 pub mod engine;

@@ -310,7 +310,7 @@ fn import_into_seed(
         .build()?;
     let req = ImportRequest {
         path: std::path::absolute(file)?,
-        digest: Some(want.to_string()),
+        digest: Some(want.parse().context("the bench's own digest")?),
         piece_length,
         link: false,
     };
@@ -436,10 +436,12 @@ pub fn get_with_progress(
         .enable_all()
         .build()?;
     let req = GetRequest {
-        url: get.url.to_string(),
-        digest: get.digest.map(str::to_string),
-        headers: Vec::new(),
-        piece_length: get.piece_length,
+        request: starling::core::Request {
+            url: get.url.to_string(),
+            digest: get.digest.map(str::parse).transpose().context("a digest")?,
+            headers: Default::default(),
+            piece_length: get.piece_length,
+        },
         output: PathBuf::from(out),
         no_hardlink: false,
     };

@@ -1,9 +1,11 @@
-//! Core types shared by every layer: digests, task IDs, the piece plan and the manifest.
+//! Core types shared by every layer: digests, task IDs, the piece plan, the manifest, and what a
+//! client asks for.
 
 pub mod codec;
 mod digest;
 mod manifest;
 mod piece;
+mod request;
 mod task_id;
 
 pub use digest::{Digest, DigestError, Sha256Stream};
@@ -11,4 +13,5 @@ pub use manifest::{Manifest, ManifestError};
 pub use piece::{
     default_piece_length, Piece, PiecePlan, PiecePlanError, MAX_PIECE_LENGTH, MIN_PIECE_LENGTH,
 };
+pub use request::{header, parse_headers, HeaderError, Import, Request};
 pub use task_id::{normalize_url, TaskId, TaskIdError, TaskKind};

@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use crate::core::{Import, Request};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 /// Longest line either side accepts (a request names a URL and a few headers).
@@ -19,27 +21,21 @@ pub enum ApiRequest {
     Probe,
 }
 
+/// A download, and where to put it. The request's digest and headers are checked when the line
+/// is read: a malformed one is a usage error naming it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct GetRequest {
-    pub url: String,
-    pub digest: Option<String>,
-    pub headers: Vec<(String, String)>,
-    pub piece_length: Option<u64>,
+    #[serde(flatten)]
+    pub request: Request,
     /// Absolute path of the output file.
     pub output: PathBuf,
+    #[serde(default)]
     pub no_hardlink: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ImportRequest {
-    /// Absolute path of the file; the daemon reads it with its own permissions (the socket
-    /// admits only the daemon's user).
-    pub path: PathBuf,
-    pub digest: Option<String>,
-    pub piece_length: Option<u64>,
-    /// Hard-link instead of copying (same file system; the file becomes read-only).
-    pub link: bool,
-}
+/// An import: the file's absolute path is read with the daemon's own permissions (the socket
+/// admits only the daemon's user).
+pub type ImportRequest = Import;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]

@@ -14,13 +14,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::Config;
-use crate::core::Digest;
-use crate::fetch::{exit, Fetcher, Progress, Request, Served};
+use crate::context::NodeContext;
+use crate::fetch::{exit, FetchError, Fetcher, Progress, Served};
 use crate::swarm::Swarm;
 use api::{ApiEvent, ApiRequest, GetRequest, ImportRequest};
 
@@ -51,12 +50,13 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let socket = cfg.socket_path();
     let gc_every = Duration::from_secs(cfg.daemon.gc_interval_seconds);
     let metrics_addr = cfg.daemon.metrics_addr.clone();
-    let fetcher = Arc::new(Fetcher::new(cfg)?);
+    let ctx = NodeContext::open(cfg).map_err(FetchError::from)?;
+    let fetcher = Arc::new(Fetcher::new(ctx.clone()));
     if UnixStream::connect(&socket).await.is_ok() {
         return Err(DaemonError::AlreadyRunning(socket));
     }
     // The socket opens last: a client that reaches it finds the peer and the proxy up.
-    let swarm = Swarm::start(fetcher.clone()).await?;
+    let swarm = Swarm::start(ctx.clone(), fetcher).await?;
     let proxy = crate::proxy::Proxy::start(swarm.clone()).await?;
     let listener = bind(&socket).await?;
     let metrics = if metrics_addr.is_empty() {
@@ -69,19 +69,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 source,
             })?;
         tracing::info!(addr = %metrics_addr, "serving /metrics");
-        Some(tokio::spawn(serve_metrics(l, fetcher.metrics().clone())))
+        Some(tokio::spawn(serve_metrics(l, ctx.metrics.clone())))
     };
     tracing::info!(socket = %socket.display(), "daemon listening");
     let gc = {
-        let f = fetcher.clone();
-        let s = swarm.clone();
+        let (ctx, s) = (ctx.clone(), swarm.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(gc_every);
             loop {
                 tick.tick().await;
                 s.expire_served();
-                let f = f.clone();
-                let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
+                ctx.collect_garbage_async().await;
             }
         })
     };
@@ -179,7 +177,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
-    let fetcher = swarm.fetcher().clone();
+    let ctx = swarm.context().clone();
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let line = match tokio::time::timeout(REQUEST_TIMEOUT, api::read_line(&mut r)).await {
@@ -190,13 +188,11 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
         Ok(Some(line)) => match serde_json::from_str::<ApiRequest>(&line) {
             Ok(ApiRequest::Probe) => ApiEvent::Probe(swarm.probe_report()),
             Ok(ApiRequest::Get(req)) => {
-                let f = fetcher.clone();
-                let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
+                ctx.collect_garbage_async().await;
                 handle_get(&swarm, req, &mut w).await
             }
             Ok(ApiRequest::Import(req)) => {
-                let f = fetcher.clone();
-                let _ = tokio::task::spawn_blocking(move || f.collect_garbage()).await;
+                ctx.collect_garbage_async().await;
                 handle_import(&swarm, req, &mut w).await
             }
             Err(e) => ApiEvent::Error {
@@ -220,49 +216,19 @@ fn usage(message: String) -> ApiEvent {
     }
 }
 
-/// A request's digest, or the usage error's message.
-fn parse_digest(digest: Option<&str>) -> Result<Option<Digest>, String> {
-    digest
-        .map(str::parse::<Digest>)
-        .transpose()
-        .map_err(|e| format!("--digest: {e}"))
-}
-
 async fn handle_get(
     swarm: &Arc<Swarm>,
     req: GetRequest,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> ApiEvent {
-    let digest = match parse_digest(req.digest.as_deref()) {
-        Ok(d) => d,
-        Err(e) => return usage(e),
-    };
-    let mut headers = HeaderMap::new();
-    for (k, v) in &req.headers {
-        match (
-            HeaderName::from_bytes(k.as_bytes()),
-            HeaderValue::from_str(v),
-        ) {
-            (Ok(k), Ok(v)) => {
-                headers.append(k, v);
-            }
-            _ => return usage(format!("header {k:?} is not valid")),
-        }
-    }
     if !req.output.is_absolute() || req.output.parent().is_none_or(|d| !d.is_dir()) {
         return usage(format!(
             "-O {}: needs an absolute path in an existing directory",
             req.output.display()
         ));
     }
-    let request = Request {
-        url: req.url.clone(),
-        digest,
-        piece_length: req.piece_length,
-        headers,
-    };
     let progress = Arc::new(Progress::default());
-    let res = with_progress(swarm.fetch(&request, &progress), &progress, w).await;
+    let res = with_progress(swarm.pull(&req.request, &progress), &progress, w).await;
     let fetched = match res {
         Ok(f) => f,
         Err(e) => {
@@ -332,19 +298,10 @@ async fn handle_import(
     req: ImportRequest,
     w: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> ApiEvent {
-    let digest = match parse_digest(req.digest.as_deref()) {
-        Ok(d) => d,
-        Err(e) => return usage(e),
-    };
     if !req.path.is_absolute() {
         return usage(format!("{}: needs an absolute path", req.path.display()));
     }
-    let import = crate::fetch::Import {
-        path: req.path,
-        digest,
-        piece_length: req.piece_length,
-        link: req.link,
-    };
+    let import = req;
     let progress = Arc::new(Progress::default());
     match with_progress(swarm.import(&import, &progress), &progress, w).await {
         Ok(f) => ApiEvent::Done {

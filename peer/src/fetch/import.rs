@@ -11,24 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::core::{Digest, Manifest, PiecePlan, Sha256Stream, TaskId};
+use crate::core::{Digest, Import, Manifest, PiecePlan, Sha256Stream, TaskId};
 use crate::storage::{StoreError, TaskHeader};
 
 use super::{FetchError, Fetched, Fetcher, Progress, Served};
-
-/// What to import.
-#[derive(Clone, Debug)]
-pub struct Import {
-    /// The file, absolute.
-    pub path: PathBuf,
-    /// The digest the content must have, when the caller knows it.
-    pub digest: Option<Digest>,
-    /// Piece length (validated); None picks it from the length, as a download would.
-    pub piece_length: Option<u64>,
-    /// Hard-link the file into the store instead of copying it. The file must be on the store's
-    /// file system; it becomes read-only, and must not change afterwards.
-    pub link: bool,
-}
 
 /// A file staged in the store's root and hashed; not yet a task. Dropping it removes the file.
 pub struct Staged {
@@ -77,7 +63,7 @@ impl Fetcher {
             });
         }
         progress.total.store(meta.len(), Ordering::Relaxed);
-        let path = self.store.stage_path();
+        let path = self.ctx.store.stage_path();
         let (src, dst, link) = (req.path.clone(), path.clone(), req.link);
         let placed = tokio::task::spawn_blocking(move || place(&src, &dst, link, meta.len()))
             .await
@@ -139,6 +125,7 @@ impl Fetcher {
                     url: format!("file://{}", staged.source.display()),
                 };
                 let task = self
+                    .ctx
                     .store
                     .adopt(lease, header, &staged.path, &staged.manifest)?;
                 progress

@@ -13,35 +13,22 @@ mod retry;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use http::HeaderMap;
 use reqwest::Response;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::config::Config;
-use crate::core::{Digest, Manifest, PiecePlan, PiecePlanError, Sha256Stream, TaskId, TaskIdError};
-use crate::metrics::Metrics;
+use crate::context::NodeContext;
+use crate::core::{
+    Digest, Manifest, PiecePlan, PiecePlanError, Request, Sha256Stream, TaskId, TaskIdError,
+};
 use crate::source::{exact_body, Origin, SourceError};
-use crate::storage::{Lease, LeaseMode, Store, StoreError, TaskHandle, TaskHeader};
+use crate::storage::{Lease, LeaseMode, StoreError, TaskHandle, TaskHeader};
 
 pub use hasher::ContentHasher;
-pub use import::{Import, Staged};
+pub use import::Staged;
 pub use retry::StallHook;
-
-/// What to download.
-#[derive(Clone, Debug)]
-pub struct Request {
-    pub url: String,
-    /// The whole content's digest, when known: it names the task and is checked at the end.
-    pub digest: Option<Digest>,
-    /// Forces a piece length for a new task (validated); None picks it from the length.
-    pub piece_length: Option<u64>,
-    /// Extra headers for the origin (credentials, for example).
-    pub headers: HeaderMap,
-}
 
 /// Live counters for a progress display and for reports.
 #[derive(Debug, Default)]
@@ -111,6 +98,15 @@ pub enum FetchError {
     },
 }
 
+impl From<crate::context::ContextError> for FetchError {
+    fn from(e: crate::context::ContextError) -> Self {
+        match e {
+            crate::context::ContextError::Store(e) => FetchError::Store(e),
+            crate::context::ContextError::Source(e) => FetchError::Source(e),
+        }
+    }
+}
+
 /// Process exit codes, shared by the CLI and the daemon's API (the README documents them).
 pub mod exit {
     pub const OTHER: u8 = 1;
@@ -119,6 +115,8 @@ pub mod exit {
     pub const INTEGRITY: u8 = 4;
     pub const NETWORK: u8 = 5;
     pub const LOCAL: u8 = 6;
+    /// The command needs a running daemon and none answers on its socket.
+    pub const NO_DAEMON: u8 = 7;
 }
 
 impl FetchError {
@@ -182,62 +180,24 @@ pub enum Missing {
     Absent(Arc<Lease>),
 }
 
+/// The origin pipeline of one node: downloads back to source, store look-ups and imports,
+/// over the node's [`NodeContext`].
 pub struct Fetcher {
-    store: Store,
-    origin: Origin,
+    ctx: Arc<NodeContext>,
     retry: retry::Retry,
-    metrics: Arc<Metrics>,
-    cfg: Config,
 }
 
 impl Fetcher {
-    pub fn new(cfg: Config) -> Result<Fetcher, FetchError> {
-        let store = Store::open(
-            &cfg.data_dir,
-            Duration::from_millis(cfg.storage.commit_interval_ms),
-        )?;
-        let origin = Origin::new(&cfg.source)?;
-        let metrics = Arc::new(Metrics::new());
-        Ok(Fetcher {
-            store,
-            origin,
-            retry: retry::Retry::new(&cfg.source, metrics.clone()),
-            metrics,
-            cfg,
-        })
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn new(ctx: Arc<NodeContext>) -> Fetcher {
+        Fetcher {
+            retry: retry::Retry::new(&ctx.cfg.source, ctx.metrics.clone()),
+            ctx,
+        }
     }
 
     /// Sets what to call when an origin transfer stalls (once; later calls are ignored).
     pub fn on_stall(&self, hook: retry::StallHook) {
         let _ = self.retry.stall.set(hook);
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    pub fn origin(&self) -> &Origin {
-        &self.origin
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    /// One GC pass with the configured policy; tasks in use by anyone are never touched.
-    /// Blocking file-system work: call it off the async runtime's workers.
-    pub fn collect_garbage(&self) {
-        match self.store.gc(&self.cfg.gc, SystemTime::now()) {
-            Ok(r) if !r.evicted.is_empty() => {
-                tracing::info!(evicted = r.evicted.len(), "garbage collected")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
-        }
     }
 
     pub async fn fetch(
@@ -248,18 +208,24 @@ impl Fetcher {
         if let Some(pl) = req.piece_length {
             PiecePlan::new(0, pl)?; // reject a bad length before any I/O
         }
-        let id = TaskId::resolve(&req.url, req.digest, &self.cfg.source.filtered_query_params)?;
-        self.metrics.started();
+        let id = TaskId::resolve(
+            &req.url,
+            req.digest,
+            &self.ctx.cfg.source.filtered_query_params,
+        )?;
+        self.ctx.metrics.started();
         let res = self
             .fetch_task(id, req, progress)
             .instrument(tracing::info_span!("task", %id))
             .await;
-        self.metrics.finished(res.is_ok());
-        self.metrics
+        self.ctx.metrics.finished(res.is_ok());
+        self.ctx
+            .metrics
             .add_bytes("origin", progress.origin_bytes.load(Ordering::Relaxed));
         if let Ok(f) = &res {
             if f.served == Served::Store {
-                self.metrics
+                self.ctx
+                    .metrics
                     .add_bytes("local", f.manifest.plan().content_length());
             }
         }
@@ -285,8 +251,8 @@ impl Fetcher {
         id: TaskId,
         progress: &Arc<Progress>,
     ) -> Result<Result<Fetched, Missing>, FetchError> {
-        let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
-        Ok(match self.store.load(lease)? {
+        let lease = self.ctx.store.acquire(&id, LeaseMode::Exclusive).await?;
+        Ok(match self.ctx.store.load(lease)? {
             Ok(task) => self.check_stored(task, progress).await?,
             Err(lease) => Err(Missing::Absent(lease)),
         })
@@ -300,8 +266,8 @@ impl Fetcher {
         id: TaskId,
         progress: &Arc<Progress>,
     ) -> Result<Option<Fetched>, FetchError> {
-        let lease = self.store.acquire(&id, LeaseMode::Exclusive).await?;
-        let Ok(task) = self.store.load(lease)? else {
+        let lease = self.ctx.store.acquire(&id, LeaseMode::Exclusive).await?;
+        let Ok(task) = self.ctx.store.load(lease)? else {
             return Ok(None);
         };
         if task.manifest().is_none() {
@@ -321,7 +287,7 @@ impl Fetcher {
         on_open: OnOpen<'_>,
     ) -> Result<Fetched, FetchError> {
         let url = req.url.as_str();
-        let origin = self.origin.with_headers(req.headers.clone());
+        let origin = self.ctx.origin.with_headers(req.headers.clone());
         let probe = self.retry.run("probe", || origin.probe(url)).await?;
         let len = probe
             .content_length
@@ -366,7 +332,7 @@ impl Fetcher {
         on_open: OnOpen<'_>,
     ) -> Result<Fetched, FetchError> {
         let url = req.url.as_str();
-        let origin = self.origin.with_headers(req.headers.clone());
+        let origin = self.ctx.origin.with_headers(req.headers.clone());
         let (id, validator) = (task.header().id, task.header().validator.clone());
         let mut full_body = full_body;
         let mut ranged = ranged;
@@ -397,7 +363,7 @@ impl Fetcher {
                     url,
                     missing,
                     fresh,
-                    self.cfg.source.concurrency,
+                    self.ctx.cfg.source.concurrency,
                     progress,
                 )
                 .await;
@@ -504,7 +470,7 @@ impl Fetcher {
             validator: validator.into(),
             url: req.url.clone(),
         };
-        Ok(self.store.create(lease, header)?)
+        Ok(self.ctx.store.create(lease, header)?)
     }
 
     /// Reads the whole body in order (an origin without Range), storing the missing pieces and

@@ -24,9 +24,11 @@ use tokio::sync::watch;
 
 use super::route::{self, Range};
 use super::{error_response, pass, Body, Proxy};
+use crate::core::Request as FetchRequest;
 use crate::core::{Digest, Sha256Stream, TaskId};
-use crate::fetch::{exit, FetchError, Progress, Request as FetchRequest};
+use crate::fetch::{exit, Progress};
 use crate::storage::UploadView;
+use crate::swarm::PullError;
 
 /// A background fetch's end, as an HTTP answer.
 #[derive(Clone, Debug)]
@@ -35,8 +37,8 @@ struct Failure {
     message: String,
 }
 
-impl From<&FetchError> for Failure {
-    fn from(e: &FetchError) -> Failure {
+impl From<&PullError> for Failure {
+    fn from(e: &PullError) -> Failure {
         let status = match e.exit_code() {
             exit::ORIGIN_REFUSED => StatusCode::NOT_FOUND,
             exit::USAGE => StatusCode::BAD_REQUEST,
@@ -105,7 +107,7 @@ pub async fn serve(
             );
         }
     }
-    let filtered = &p.swarm.fetcher().config().source.filtered_query_params;
+    let filtered = &p.swarm.context().cfg.source.filtered_query_params;
     let id = match TaskId::resolve(&url, digest, filtered) {
         Ok(id) => id,
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "UNSUPPORTED", &e.to_string()),
@@ -187,7 +189,7 @@ fn start_fetch(p: &Arc<Proxy>, url: &str, digest: Option<Digest>, headers: Heade
     };
     tokio::spawn(async move {
         let progress = Arc::new(Progress::default());
-        let r = swarm.fetch(&req, &progress).await;
+        let r = swarm.pull(&req, &progress).await;
         if let Err(e) = &r {
             tracing::warn!(url = %req.url, error = %e, "blob fetch failed");
         }

@@ -74,7 +74,7 @@ impl Proxy {
     pub async fn start(
         swarm: Arc<Swarm>,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, ProxyError> {
-        let full = swarm.fetcher().config().clone();
+        let full = swarm.context().cfg.clone();
         let cfg = full.proxy.clone();
         if cfg.listen.is_empty() {
             return Ok(None);
@@ -95,7 +95,7 @@ impl Proxy {
             })?;
         tracing::info!(addr = %cfg.listen, intercept = cfg.intercept.len(), "registry mirror / proxy listening");
         let proxy = Arc::new(Proxy {
-            metrics: swarm.fetcher().metrics().clone(),
+            metrics: swarm.context().metrics.clone(),
             rules: Rules::new(&cfg)?,
             swarm,
             cfg,

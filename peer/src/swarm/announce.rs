@@ -6,11 +6,11 @@
 //! bitmaps next time: it may have restarted.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Schedulers, Swarm};
+use super::schedulers::Schedulers;
+use super::Swarm;
 use crate::core::TaskId;
 use crate::scheduler::service::AnnounceReply;
 use crate::scheduler::{Announce, Holding};
@@ -30,8 +30,9 @@ struct Inner {
 }
 
 pub(super) async fn run(swarm: Arc<Swarm>) {
-    let mut tick =
-        tokio::time::interval(Duration::from_millis(swarm.cfg.peer.announce_interval_ms));
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        swarm.ctx.cfg.peer.announce_interval_ms,
+    ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -40,10 +41,7 @@ pub(super) async fn run(swarm: Arc<Swarm>) {
 }
 
 async fn announce_once(swarm: &Arc<Swarm>) {
-    let views: Vec<(TaskId, Arc<crate::storage::UploadView>)> = match swarm.served.lock() {
-        Ok(s) => s.iter().map(|(id, t)| (*id, t.view.clone())).collect(),
-        Err(_) => return,
-    };
+    let views = swarm.served.views();
     let mut tasks: Vec<(TaskId, Holding)> = Vec::new();
     {
         let Ok(mut st) = swarm.announcer.inner.lock() else {
@@ -84,9 +82,9 @@ async fn announce_once(swarm: &Arc<Swarm>) {
     let base = Announce {
         peer: swarm.me.clone(),
         addr: swarm.addr,
-        seed: swarm.cfg.peer.seed,
-        upload_capacity: swarm.cfg.peer.upload_mbps * 125_000.0,
-        uploads: swarm.served_pieces.swap(0, Ordering::Relaxed),
+        seed: swarm.ctx.cfg.peer.seed,
+        upload_capacity: swarm.ctx.cfg.peer.upload_mbps * 125_000.0,
+        uploads: swarm.served.take_load(),
         tasks: Vec::new(),
         links,
     };
@@ -99,6 +97,7 @@ async fn announce_once(swarm: &Arc<Swarm>) {
         }
         Schedulers::Remote { ring, .. } => {
             let mut by_owner: HashMap<String, Vec<(TaskId, Holding)>> = swarm
+                .ctx
                 .cfg
                 .scheduler
                 .addrs

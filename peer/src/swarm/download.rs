@@ -17,16 +17,18 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
-use super::tasks::{ask_loop, from_parent, from_source, poll_parent, Event, JobError, Wanted};
-use super::{FetchOrder, Swarm, MAX_PIECES};
-use crate::core::{Digest, PiecePlan, TaskId};
+use super::jobs::{ask_loop, from_parent, from_source, poll_parent, Event, JobError, Wanted};
+use super::pull::PullError;
+use super::serve::Holder;
+use super::{SeedOrder, Swarm};
+use crate::core::{Digest, PiecePlan, Request, TaskId};
 use crate::engine::{Action, Engine, EngineConfig, Failure, ParentId, Peer};
-use crate::fetch::{FetchError, Fetched, Missing, Progress, Request, Served};
+use crate::fetch::{FetchError, Fetched, Missing, Progress, Served};
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::{Advice, LinkReport, PeerId};
 use crate::source::{Origin, SourceError};
-use crate::storage::{FollowHash, Lease, StoreError, TaskHandle, TaskHeader};
-use crate::transport::wire::{HaveReply, Request as Wire};
+use crate::storage::{FollowHash, Lease, TaskHandle, TaskHeader};
+use crate::transport::wire::{HaveReply, Request as Wire, MAX_WIRE_PIECES};
 use crate::transport::Parent;
 
 pub(super) enum Outcome {
@@ -118,9 +120,9 @@ pub(super) async fn run(
     missing: Missing,
     progress: &Arc<Progress>,
     first: CandidatesReply,
-) -> Result<Outcome, FetchError> {
+) -> Result<Outcome, PullError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let pc = &swarm.cfg.peer;
+    let pc = &swarm.ctx.cfg.peer;
     let wait = Duration::from_millis(pc.source_wait_ms);
     let engine_cfg = EngineConfig {
         piece_timeout: Duration::from_millis(pc.piece_timeout_ms),
@@ -140,7 +142,7 @@ pub(super) async fn run(
         id,
         req,
         progress,
-        origin: swarm.fetcher.origin().with_headers(req.headers.clone()),
+        origin: swarm.ctx.origin.with_headers(req.headers.clone()),
         start: Instant::now(),
         task: None,
         lease: None,
@@ -201,7 +203,7 @@ pub(super) async fn run(
         }
         let Some(engine) = &d.engine else {
             let waited = d.start.elapsed();
-            if d.swarm.cfg.peer.source_fallback
+            if d.swarm.ctx.cfg.peer.source_fallback
                 && (d.told_source && d.parents.is_empty() || waited >= plan_deadline)
             {
                 tracing::info!(
@@ -211,7 +213,7 @@ pub(super) async fn run(
                 return d.into_missing().map(Outcome::Source);
             }
             if waited >= STALL_LIMIT {
-                return Err(stalled());
+                return Err(stalled(id));
             }
             continue;
         };
@@ -230,21 +232,26 @@ pub(super) async fn run(
             d.replace_slow_parent();
         }
         if d.last_progress.elapsed() >= STALL_LIMIT && d.jobs.is_empty() {
-            return Err(stalled());
+            return Err(stalled(id));
         }
     }
     d.measure_links();
     d.finish(&mut rx).await.map(Outcome::Done)
 }
 
-fn stalled() -> FetchError {
-    FetchError::Source(SourceError::Transfer {
-        url: "peers".into(),
-        detail: format!(
-            "no parent could serve the remaining pieces for {}s and going back to source is off (peer.source_fallback)",
-            STALL_LIMIT.as_secs()
-        ),
-    })
+fn stalled(task: TaskId) -> PullError {
+    PullError::PeersStalled {
+        task,
+        secs: STALL_LIMIT.as_secs(),
+    }
+}
+
+/// A piece job that could not be joined, or a task handle still shared when the download ends.
+fn join_failed(task: TaskId, detail: impl Into<String>) -> PullError {
+    PullError::JoinFailed {
+        task,
+        detail: detail.into(),
+    }
 }
 
 impl Driver<'_> {
@@ -268,23 +275,23 @@ impl Driver<'_> {
             .total
             .store(t.plan().content_length(), Ordering::Relaxed);
         self.progress.done.store(stored, Ordering::Relaxed);
-        self.swarm.register(&t);
+        self.swarm.register(&t, Holder::Relay);
         self.follow = t.upload_view().ok().map(FollowHash::start);
         self.task = Some(Arc::new(t));
     }
 
     /// Gives the task (or its lease) back for a download from source. Before a plan is
     /// known no piece job exists, so the task is not shared.
-    fn into_missing(mut self) -> Result<Missing, FetchError> {
+    fn into_missing(mut self) -> Result<Missing, PullError> {
         self.jobs.abort_all();
         if let Some(t) = self.task.take().and_then(Arc::into_inner) {
             return Ok(Missing::Partial(t));
         }
-        self.lease.take().map(Missing::Absent).ok_or_else(|| {
-            FetchError::Store(StoreError::Uring(std::io::Error::other(
-                "the download lost its task lease",
-            )))
-        })
+        let id = self.id;
+        self.lease
+            .take()
+            .map(Missing::Absent)
+            .ok_or_else(|| join_failed(id, "the download lost its task lease"))
     }
 
     fn on_advice(&mut self, r: CandidatesReply) {
@@ -312,7 +319,7 @@ impl Driver<'_> {
 
     /// Tells the scheduler loop how many parents are missing (it asks soon while any are).
     fn update_wanted(&self) {
-        let max = self.swarm.cfg.peer.max_parents;
+        let max = self.swarm.ctx.cfg.peer.max_parents;
         let count = max.saturating_sub(self.active_parents());
         let exclude = self
             .by_peer
@@ -335,18 +342,8 @@ impl Driver<'_> {
 
     /// Orders a seed to fetch the task from source (it serves it to us as it goes).
     fn order(&mut self, addr: std::net::SocketAddr) {
-        let order = FetchOrder {
-            url: self.req.url.clone(),
-            digest: self.req.digest.map(|d| d.to_string()),
-            headers: self
-                .req
-                .headers
-                .iter()
-                .filter_map(|(k, v)| Some((k.to_string(), v.to_str().ok()?.to_string())))
-                .collect(),
-            piece_length: self.req.piece_length,
-        };
-        let Ok(body) = serde_json::to_vec(&order) else {
+        let order: &SeedOrder = self.req;
+        let Ok(body) = serde_json::to_vec(order) else {
             return;
         };
         let (swarm, task) = (self.swarm.clone(), self.id);
@@ -367,7 +364,7 @@ impl Driver<'_> {
         if peer == self.swarm.me
             || self.banned.contains(&peer)
             || self.by_peer.contains_key(&peer)
-            || self.active_parents() >= self.swarm.cfg.peer.max_parents
+            || self.active_parents() >= self.swarm.ctx.cfg.peer.max_parents
             || self
                 .down_at
                 .get(&peer)
@@ -407,7 +404,7 @@ impl Driver<'_> {
     /// when its last answer offered a peer that is not a parent: with no one else to take,
     /// dropping one would only leave the slot empty.
     fn replace_slow_parent(&mut self) {
-        if self.active_parents() < self.swarm.cfg.peer.max_parents || !self.alternative {
+        if self.active_parents() < self.swarm.ctx.cfg.peer.max_parents || !self.alternative {
             return;
         }
         let now = self.now();
@@ -460,7 +457,7 @@ impl Driver<'_> {
         self.update_wanted();
     }
 
-    fn on_event(&mut self, ev: Event) -> Result<(), FetchError> {
+    fn on_event(&mut self, ev: Event) -> Result<(), PullError> {
         match ev {
             Event::Advice(r) => self.on_advice(r),
             Event::Connected { pid, conn } => {
@@ -480,13 +477,13 @@ impl Driver<'_> {
     }
 
     /// The first plan heard decides the task's layout; a parent with another one is dropped.
-    fn on_have(&mut self, pid: ParentId, r: HaveReply) -> Result<(), FetchError> {
+    fn on_have(&mut self, pid: ParentId, r: HaveReply) -> Result<(), PullError> {
         tracing::debug!(pid, entries = r.entries.len(), end = r.end, "have");
         if !self.parents.contains_key(&pid) {
             return Ok(());
         }
         let plan = match PiecePlan::new(r.content_length, r.piece_length) {
-            Ok(p) if p.count() <= MAX_PIECES => p,
+            Ok(p) if p.count() <= MAX_WIRE_PIECES => p,
             _ => {
                 tracing::warn!("a parent sent an invalid piece plan; dropping it");
                 self.drop_parent(pid, true);
@@ -555,7 +552,7 @@ impl Driver<'_> {
     }
 
     /// Creates the task in the store with the swarm's plan and starts serving it.
-    fn create(&mut self, plan: PiecePlan) -> Result<(), FetchError> {
+    fn create(&mut self, plan: PiecePlan) -> Result<(), PullError> {
         let Some(lease) = self.lease.take() else {
             return Ok(());
         };
@@ -566,12 +563,12 @@ impl Driver<'_> {
             validator: String::new(),
             url: self.req.url.clone(),
         };
-        let task = self.swarm.fetcher.store().create(lease, header)?;
+        let task = self.swarm.ctx.store.create(lease, header)?;
         self.open(task);
         Ok(())
     }
 
-    fn step(&mut self) -> Result<(), FetchError> {
+    fn step(&mut self) -> Result<(), PullError> {
         let now = self.now();
         let Some(engine) = &mut self.engine else {
             return Ok(());
@@ -582,7 +579,7 @@ impl Driver<'_> {
             if let Peer::Parent(pid) = from {
                 let who = self.parents.get(&pid).map_or("?", |p| p.peer.as_str());
                 tracing::info!(parent = who, piece, "piece timed out");
-                self.swarm.fetcher.metrics().piece_failure("timeout");
+                self.swarm.ctx.metrics.piece_failure("timeout");
             }
         }
         for a in actions {
@@ -599,7 +596,7 @@ impl Driver<'_> {
                 Action::Blacklist { parent } => {
                     if let Some(p) = self.parents.get(&parent) {
                         tracing::warn!(parent = %p.peer, "blacklisted: it served corrupt pieces");
-                        self.swarm.fetcher.metrics().blacklisted();
+                        self.swarm.ctx.metrics.blacklisted();
                         self.banned.insert(p.peer.clone());
                         p.poller.abort();
                     }
@@ -657,15 +654,11 @@ impl Driver<'_> {
         self.running.insert((from, index), h);
     }
 
-    fn on_job(&mut self, done: Result<JobDone, tokio::task::JoinError>) -> Result<(), FetchError> {
+    fn on_job(&mut self, done: Result<JobDone, tokio::task::JoinError>) -> Result<(), PullError> {
         let done = match done {
             Ok(d) => d,
             Err(e) if e.is_cancelled() => return Ok(()),
-            Err(e) => {
-                return Err(FetchError::Store(StoreError::Uring(std::io::Error::other(
-                    format!("a piece job failed: {e}"),
-                ))))
-            }
+            Err(e) => return Err(join_failed(self.id, format!("a piece job failed: {e}"))),
         };
         self.running.remove(&(done.from, done.piece));
         let now = self.now();
@@ -694,7 +687,7 @@ impl Driver<'_> {
                 } else if let Peer::Parent(pid) = done.from {
                     let who = self.parents.get(&pid).map_or("?", |p| p.peer.as_str());
                     tracing::info!(parent = who, piece = done.piece, cause, "piece failed");
-                    self.swarm.fetcher.metrics().piece_failure(cause);
+                    self.swarm.ctx.metrics.piece_failure(cause);
                 } else if f == Failure::Mismatch {
                     self.source_mismatches += 1;
                     if self.source_mismatches >= 3 {
@@ -737,7 +730,7 @@ impl Driver<'_> {
                         mtu: s.path.current_mtu as u32 + 28,
                     },
                 );
-                self.swarm.fetcher.metrics().parent_rate(&p.peer, *rate);
+                self.swarm.ctx.metrics.parent_rate(&p.peer, *rate);
             }
         }
     }
@@ -746,17 +739,14 @@ impl Driver<'_> {
     async fn finish(
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<Event>,
-    ) -> Result<Fetched, FetchError> {
+    ) -> Result<Fetched, PullError> {
         let Some(task) = self.task.take() else {
-            return Err(stalled());
+            return Err(stalled(self.id));
         };
         self.jobs.abort_all();
         while self.jobs.join_next().await.is_some() {}
-        let task = Arc::into_inner(task).ok_or_else(|| {
-            FetchError::Store(StoreError::Uring(std::io::Error::other(
-                "a piece job outlived its download",
-            )))
-        })?;
+        let task = Arc::into_inner(task)
+            .ok_or_else(|| join_failed(self.id, "a piece job outlived its download"))?;
         let followed = match self.follow.take() {
             Some(f) => f.finish(task.epoch()).await,
             None => None,
@@ -777,11 +767,11 @@ impl Driver<'_> {
         match expected {
             Some(e) if e != actual => {
                 task.discard()?;
-                return Err(FetchError::DigestMismatch {
+                return Err(PullError::Fetch(FetchError::DigestMismatch {
                     url: self.req.url.clone(),
                     expected: e,
                     actual,
-                });
+                }));
             }
             Some(_) => {}
             None => tracing::warn!(

@@ -9,10 +9,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::pull::PullError;
 use super::Swarm;
 use crate::core::{Digest, Piece, Sha256Stream, TaskId};
 use crate::engine::{Failure, ParentId};
-use crate::fetch::{FetchError, Progress};
+use crate::fetch::Progress;
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::PeerId;
 use crate::source::{Origin, SourceError};
@@ -29,7 +30,7 @@ pub(super) enum Event {
 
 pub(super) enum JobError {
     Fail(Failure, &'static str),
-    Fatal(FetchError),
+    Fatal(PullError),
 }
 
 /// What the download wants of the scheduler: how many more parents, and which peers not to

@@ -1,0 +1,180 @@
+//! The scheduler client: where this peer's schedulers are (embedded in the daemon, or remote and
+//! split by consistent hashing), asking the one that owns a task for parents, one call to a
+//! remote scheduler, and `starling scheduler` itself (a node that answers scheduler calls only).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{cluster_ca, path_policy, Swarm, SwarmError};
+use crate::config::Config;
+use crate::core::TaskId;
+use crate::scheduler::ring::Ring;
+use crate::scheduler::service::{CandidatesCall, CandidatesReply, SchedulerService};
+use crate::scheduler::{LinkReport, PeerId, SchedulerConfig};
+use crate::transport::wire::{Request as Wire, Status};
+use crate::transport::{Node, Parent, TransportError};
+
+/// A scheduler call that takes longer than this has failed.
+const SCHEDULER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where the schedulers are.
+pub(super) enum Schedulers {
+    /// This daemon answers scheduler calls itself.
+    Embedded(Arc<SchedulerService>),
+    /// Remote schedulers, tasks split by consistent hashing.
+    Remote {
+        ring: Ring,
+        conns: tokio::sync::Mutex<HashMap<String, Parent>>,
+    },
+}
+
+impl Schedulers {
+    pub(super) fn new(cfg: &Config) -> Schedulers {
+        if cfg.scheduler.addrs.is_empty() {
+            Schedulers::Embedded(SchedulerService::new(scheduler_config(cfg)))
+        } else {
+            Schedulers::Remote {
+                ring: Ring::new(&cfg.scheduler.addrs),
+                conns: tokio::sync::Mutex::new(HashMap::new()),
+            }
+        }
+    }
+
+    pub(super) fn is_embedded(&self) -> bool {
+        matches!(self, Schedulers::Embedded(_))
+    }
+
+    /// Answers another peer's scheduler call: only an embedded scheduler does.
+    pub(super) fn answer(&self, req: Wire, body: &Bytes) -> Result<Bytes, Status> {
+        match self {
+            Schedulers::Embedded(s) => s.call(req, body),
+            Schedulers::Remote { .. } => Err(Status::BadRequest),
+        }
+    }
+}
+
+impl Swarm {
+    /// Candidates and advice from the scheduler that owns `task`: `want` new parents at most
+    /// (at least one is always asked for, so the advice comes with one), none of `exclude`.
+    pub(super) async fn ask(
+        &self,
+        task: TaskId,
+        want: usize,
+        exclude: Vec<PeerId>,
+    ) -> Result<CandidatesReply, TransportError> {
+        let call = CandidatesCall {
+            peer: self.me.clone(),
+            max: want.max(1) as u32,
+            exclude,
+        };
+        match &self.schedulers {
+            Schedulers::Embedded(s) => Ok(s.candidates(&task, &call)),
+            Schedulers::Remote { ring, .. } => {
+                let owner = ring.owner(&task).unwrap_or_default().to_string();
+                let body =
+                    serde_json::to_vec(&call).map_err(|e| TransportError::Stream(e.to_string()))?;
+                let reply = self
+                    .remote(&owner, |len| Wire::Candidates { task, body: len }, &body)
+                    .await?;
+                serde_json::from_slice(&reply)
+                    .map_err(|e| TransportError::Stream(format!("scheduler reply: {e}")))
+            }
+        }
+    }
+
+    /// The address of the scheduler that owns `task`, for messages (`embedded` when it is this
+    /// daemon).
+    pub(super) fn scheduler_for(&self, task: &TaskId) -> String {
+        match &self.schedulers {
+            Schedulers::Embedded(_) => "embedded".into(),
+            Schedulers::Remote { ring, .. } => ring.owner(task).unwrap_or_default().to_string(),
+        }
+    }
+
+    /// One call to a remote scheduler, reconnecting once if the connection went away.
+    pub(super) async fn remote(
+        &self,
+        addr: &str,
+        make: impl Fn(u32) -> Wire,
+        body: &[u8],
+    ) -> Result<Bytes, TransportError> {
+        let Schedulers::Remote { conns, .. } = &self.schedulers else {
+            return Err(TransportError::Stream("no remote scheduler".into()));
+        };
+        let sock: SocketAddr = addr
+            .parse()
+            .map_err(|_| TransportError::Stream(format!("scheduler address {addr:?}")))?;
+        let mut last = None;
+        for _ in 0..2 {
+            let conn = {
+                let mut c = conns.lock().await;
+                match c.get(addr).filter(|p| !p.is_closed()) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let p = tokio::time::timeout(SCHEDULER_TIMEOUT, self.node.connect(sock))
+                            .await
+                            .map_err(|_| TransportError::Connect {
+                                addr: sock,
+                                detail: "timed out".into(),
+                            })??;
+                        c.insert(addr.to_string(), p.clone());
+                        p
+                    }
+                }
+            };
+            match tokio::time::timeout(SCHEDULER_TIMEOUT, conn.call(&make, body)).await {
+                Ok(Ok(b)) => return Ok(b),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => last = Some(TransportError::Stream("scheduler call timed out".into())),
+            }
+            conns.lock().await.remove(addr);
+        }
+        Err(last.unwrap_or_else(|| TransportError::Stream("scheduler call failed".into())))
+    }
+
+    /// Records the measured link from a parent, for the next announcement.
+    pub(super) fn record_link(&self, parent: &str, link: LinkReport) {
+        if let Ok(mut l) = self.links.lock() {
+            l.insert(parent.to_string(), link);
+        }
+    }
+}
+
+fn scheduler_config(cfg: &Config) -> SchedulerConfig {
+    SchedulerConfig {
+        ttl: Duration::from_secs(cfg.scheduler.peer_ttl_seconds),
+        fanout: cfg.scheduler.fanout,
+        ..SchedulerConfig::default()
+    }
+}
+
+/// Runs `starling scheduler`: scheduler calls only, over QUIC with mutual TLS.
+pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
+    let ca = cluster_ca(&cfg)?;
+    let listen: SocketAddr = cfg.scheduler.listen.parse().map_err(|_| {
+        TransportError::Stream(format!("scheduler.listen {:?}", cfg.scheduler.listen))
+    })?;
+    let node = Node::bind_with(listen, &ca.issue("starling-scheduler")?, path_policy(&cfg))?;
+    let service = SchedulerService::new(scheduler_config(&cfg));
+    let served = node.serve(Arc::new(crate::scheduler::service::StandaloneScheduler(
+        service,
+    )));
+    tracing::info!(addr = %node.local_addr()?, "scheduler listening (QUIC, mutual TLS)");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| SwarmError::Read {
+            path: "signal".into(),
+            source,
+        })?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = served => {}
+    }
+    node.close();
+    tracing::info!("scheduler stopped");
+    Ok(())
+}
