@@ -1,11 +1,22 @@
 //! Starling: a peer-to-peer distribution peer for container images and large artifacts.
 //!
-//! Layers (dependencies point down only):
-//! - [`fetch`]: the task pipeline that drives `source` and `storage` for one task.
-//! - [`source`]: back to source over HTTP(S) with parallel, compliance-checked Range requests.
-//! - [`storage`]: the io_uring piece store, its crash-safe metadata and its garbage collector.
-//! - [`core`]: task IDs, digests, the piece plan and the manifest, used by every layer.
-//! - [`config`]: the one TOML configuration file and every default.
+//! Layers; dependencies point down only (ARCHITECTURE.md has the same map):
+//!
+//! ```text
+//! daemon      the local API, /metrics, periodic GC           (the binary's cli/ sits above)
+//! proxy       registry mirror and HTTP(S) proxy
+//! swarm       the peer: pull a task, serve peers, talk to schedulers, path upkeep
+//!   engine      sans-IO piece planner
+//!   scheduler   sans-IO tracker state, and its service
+//!   transport   QUIC with mutual TLS, the wire protocol
+//!   netprobe    eBPF probes, the path view, the adaptation policy
+//! fetch       the origin pipeline: store look-up, ranged download, import, output
+//! context     NodeContext: config, store, origin client, metrics
+//! source      HTTP(S) origin client with checked Range requests
+//! storage     io_uring piece store, crash-safe records, leases, GC, upload views
+//! metrics, config
+//! core        Digest, TaskId, PiecePlan, Manifest, Request (used by every layer)
+//! ```
 
 pub mod config;
 pub mod context;

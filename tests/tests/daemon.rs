@@ -153,3 +153,35 @@ fn metrics_count_bytes_by_source_and_failures_by_cause() {
     );
     assert_eq!(value(&text, "starling_tasks_downloading"), 0);
 }
+
+#[test]
+fn probe_without_a_daemon_exits_7_and_says_what_to_start() {
+    let s = Scratch::new();
+    for args in [&["probe"][..], &["probe", "--json"][..]] {
+        let r = Run::of(s.starling().args(args));
+        assert_eq!(r.code, 7, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("no daemon answers"), "{}", r.stderr);
+        assert!(r.stderr.contains("start `starling daemon`"), "{}", r.stderr);
+    }
+    // With one running, the same command answers.
+    let d = Daemon::start(&s);
+    let r = Run::of(s.starling().args(["probe", "--json"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&r.stdout).expect("probe --json is JSON");
+    for field in [
+        "ebpf",
+        "detail",
+        "udp_upper_bound",
+        "adapt",
+        "congestion",
+        "socket",
+        "paths",
+    ] {
+        assert!(
+            report.get(field).is_some(),
+            "probe --json lacks {field}: {report}"
+        );
+    }
+    drop(d);
+}

@@ -29,6 +29,45 @@ fn printed_digest(r: &Run) -> String {
 }
 
 #[test]
+fn a_plain_node_that_imports_a_file_spreads_it_like_a_seed() {
+    // Node 1 is not a seed (`peer.seed = false`) but is the file's only holder. Every upload is
+    // capped alike and each peer has two parent slots, so five children asking at once would
+    // share the importer's link; it must send each piece to one child at a time and let the
+    // others relay it, as a seed does, not upload the file 1.4-1.8 times over.
+    let _cpus = sharing_the_cpus();
+    let mut cluster = Cluster::new(6, "max_parents = 2\nupload_limit_mbps = 80", "");
+    cluster.start_all();
+    let importer = &cluster.nodes[1];
+    assert!(!importer.seed);
+    let data = random_bytes(48 * MIB, 43);
+    let file = importer.scratch.path().join("layer.bin");
+    std::fs::write(&file, &data).expect("write the file");
+    let sum = sha256_bytes(&data);
+    let r = import(&importer.scratch, &[file.to_str().expect("path")]).ok();
+    assert_eq!(printed_digest(&r), sum);
+    let url = dead_url();
+    std::thread::scope(|s| {
+        for i in 2..=6 {
+            let (node, url, sum) = (&cluster.nodes[i], &url, &sum);
+            s.spawn(move || node.scratch.get(url, "out", &["--digest", sum]).ok());
+        }
+    });
+    for i in 2..=6 {
+        assert_eq!(
+            sha256_file(&cluster.nodes[i].scratch.out("out")),
+            sum,
+            "peer {i}"
+        );
+    }
+    let sent = importer.metric("starling_bytes_uploaded_total") / data.len() as f64;
+    assert!(sent <= 1.25, "the importer sent {sent:.2} x F");
+    assert_eq!(
+        cluster.nodes[0].metric("starling_bytes_uploaded_total"),
+        0.0
+    );
+}
+
+#[test]
 fn a_file_imported_into_a_seed_reaches_the_peers_with_no_origin_at_all() {
     let _cpus = sharing_the_cpus();
     let mut cluster = Cluster::new(3, "", "");

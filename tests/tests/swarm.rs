@@ -327,9 +327,15 @@ fn a_peer_without_the_cluster_ca_is_refused_no_piece_no_manifest() {
     ));
     let d = Daemon::start(&outsider);
     let r = outsider.get(&s.url, "out", &[]);
-    assert_ne!(r.code, 0, "{}", r.stderr);
+    // Its own failure, named as such (not an origin error), with the network exit code.
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    let scheduler = format!(
+        "the scheduler 127.0.0.1:{} is unreachable",
+        s.cluster.scheduler_port
+    );
+    assert!(r.stderr.contains(&scheduler), "{}", r.stderr);
     assert!(
-        r.stderr.contains("scheduler is unreachable"),
+        r.stderr.contains("peer.source_fallback = false"),
         "{}",
         r.stderr
     );

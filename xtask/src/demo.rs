@@ -3,29 +3,30 @@
 //! network namespace with tbf-shaped links (1 Gbit/s by default); otherwise all runs on
 //! loopback. Live progress bars, then a summary table.
 
-use std::path::Path;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use starling_tests::{is_root, sha256_file, Lab};
 
-use crate::swarm::{self, Job, MIB};
-use crate::{cargo, root, setup, sh};
+use crate::bench::run::{self as swarm, Job};
+use crate::bench::{make_file, release_build, MIB};
+use crate::root;
 
-pub fn run(args: &[&str]) -> Result<()> {
-    let (mut size_mib, mut peers, mut mbit) = (1024u64, 4usize, 1000u32);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let v = it.next().context("every option takes a value")?;
-        match *a {
-            "--size-mib" => size_mib = v.parse().context("--size-mib takes a number")?,
-            "--peers" => peers = v.parse().context("--peers takes a number")?,
-            "--mbit" => mbit = v.parse().context("--mbit takes a number")?,
-            _ => bail!("usage: cargo xtask demo [--size-mib N] [--peers N] [--mbit N]"),
-        }
-    }
-    setup::ensure_apt_packages()?;
-    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
-    crate::use_release_binary();
+#[derive(clap::Args)]
+pub struct Args {
+    /// Size of the artifact.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Peer daemons beside the seed.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=200))]
+    peers: u16,
+    /// Every link's rate, each way (tbf), when run as root.
+    #[arg(long, default_value_t = 1000)]
+    mbit: u32,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args { size_mib, mbit, .. } = args;
+    let peers = usize::from(args.peers);
+    release_build(false)?;
     let dir = root().join("target/demo");
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
@@ -91,27 +92,5 @@ pub fn run(args: &[&str]) -> Result<()> {
     if o.peers.iter().any(|p| !p.verified) {
         bail!("an output did not match the expected digest");
     }
-    Ok(())
-}
-
-/// Writes `len` pseudo-random bytes to `path` unless it already has that size.
-pub fn make_file(path: &Path, len: u64) -> Result<()> {
-    if std::fs::metadata(path)
-        .map(|m| m.len() == len)
-        .unwrap_or(false)
-    {
-        return Ok(());
-    }
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(4 * MIB as usize, std::fs::File::create(path)?);
-    let mut left = len;
-    let mut seed = 0x5eed;
-    while left > 0 {
-        let n = left.min(4 * MIB);
-        f.write_all(&starling_tests::random_bytes(n as usize, seed))?;
-        seed += 1;
-        left -= n;
-    }
-    f.flush()?;
     Ok(())
 }

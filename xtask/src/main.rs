@@ -4,51 +4,57 @@
 //! - `build-ebpf`: builds the eBPF programs in `ebpf/` for bpfel-unknown-none.
 //! - `test`: setup, format and lint checks, eBPF build, then the whole test suite.
 //! - `demo`: the main job: a live swarm (origin, scheduler, seed, 4 peers) distributing a file.
-//! - `bench get`: release benchmarks with ratios against a baseline in the same run.
-//! - `bench swarm`: the swarm in shaped namespaces against T_min and plain HTTP.
-//! - `bench registry`: image pulls through Starling's mirror against pulls from the registry.
+//! - `bench ...`: every benchmark, under [`bench`] with its shared harness.
+//! - `netlab`: builds one namespace topology and checks its path MTU.
 
-mod bench_adapt;
-mod bench_registry;
-mod bench_swarm;
+mod bench;
 mod demo;
 mod netlab;
 mod setup;
-mod stock;
-mod swarm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The project's automation: setup, tests, the demo, the benchmarks.
+#[derive(Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what builds and tests need (idempotent).
+    Setup,
+    /// Build the eBPF programs in ebpf/.
+    BuildEbpf,
+    /// Setup, fmt + clippy checks, eBPF build, then the whole test suite.
+    Test {
+        /// Passed to `cargo test --workspace` (a test name filter, `--`, test flags).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        extra: Vec<String>,
+    },
+    /// The main job: a live swarm distributing a file, verified.
+    Demo(demo::Args),
+    /// The benchmarks (bench/README.md).
+    #[command(subcommand)]
+    Bench(bench::Bench),
+    /// Build a namespace topology (clean, dind, vxlan, jumbo, lossy) and check its path MTU.
+    Netlab(netlab::Args),
+}
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
-    match args.first().map(String::as_str) {
-        Some("setup") => setup::run(),
-        Some("build-ebpf") => build_ebpf(),
-        Some("test") => test(&rest),
-        Some("demo") => demo::run(&rest),
-        Some("bench") => bench(&rest),
-        Some("netlab") => netlab::run(&rest),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <command>\n\n\
-                 commands:\n  \
-                 setup        install what builds and tests need (idempotent)\n  \
-                 build-ebpf   build the eBPF programs in ebpf/\n  \
-                 test         setup, fmt + clippy checks, eBPF build, the whole test suite\n  \
-                 demo         the main job: a live swarm distributing a file, verified\n  \
-                 bench get    SHA-256 path, io_uring store and `starling get` vs curl, as ratios\n  \
-                 bench swarm  one seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP\n  \
-                 bench registry  N nodes pull a multi-layer image with skopeo: through Starling vs straight from the registry\n  \
-                 bench adapt  path adaptation on vs off on the netlab topologies (jumbo, dind, vxlan, lossy)\n  \
-                 bench stock  the same swarm job for Starling, HTTP, aria2, libtorrent and rqbit: report, CSV, plots\n  \
-                 netlab       build a namespace topology (clean, dind, vxlan, jumbo, lossy), check its path MTU"
-            );
-            bail!("no command given")
-        }
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Test { extra } => test(&extra),
+        Cmd::Demo(a) => demo::run(a),
+        Cmd::Bench(b) => bench::run(b),
+        Cmd::Netlab(a) => netlab::run(a),
     }
 }
 
@@ -119,7 +125,7 @@ pub fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
-fn test(extra: &[&str]) -> Result<()> {
+fn test(extra: &[String]) -> Result<()> {
     setup::run()?;
     sh(cargo().args(["fmt", "--all", "--check"]))?;
     sh(Command::new("cargo")
@@ -141,7 +147,7 @@ fn test(extra: &[&str]) -> Result<()> {
 
 /// `cargo test --workspace`, passing its output through, then one closing line with the totals
 /// over every test binary (cargo's own last line is only the last binary's).
-fn run_tests(extra: &[&str]) -> Result<()> {
+fn run_tests(extra: &[String]) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let mut cmd = cargo();
     cmd.args(["test", "--workspace"])
@@ -181,28 +187,11 @@ fn run_tests(extra: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn bench(args: &[&str]) -> Result<()> {
-    match args.first() {
-        Some(&"get") => {}
-        Some(&"swarm") => return bench_swarm::run(&args[1..]),
-        Some(&"registry") => return bench_registry::run(&args[1..]),
-        Some(&"adapt") => return bench_adapt::run(&args[1..]),
-        Some(&"stock") => return stock::run(&args[1..]),
-        _ => bail!(
-            "usage: cargo xtask bench get [--size-mib N] [--runs N]\n       cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--no-http]\n       cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]\n       cargo xtask bench adapt [--size-mib N] [--mbit N]\n       cargo xtask bench stock [--matrix | --scenario NAME ...] [--systems ...] (see --help)"
-        ),
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
-    setup::run()?;
-    sh(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "starling",
-        "--package",
-        "starling-bench",
-    ]))?;
-    let bin = root().join("target/release/starling-bench");
-    sh(Command::new(bin)
-        .args(args)
-        .env("STARLING_BIN", root().join("target/release/starling")))
 }

@@ -7,12 +7,24 @@ use anyhow::{bail, Context, Result};
 use starling_tests::is_root;
 use starling_tests::netlab::{self, Topology};
 
-pub fn run(args: &[&str]) -> Result<()> {
-    let usage = "usage: cargo xtask netlab clean|dind|vxlan|jumbo|lossy [--hosts N] [--mbit N] [--hold]\n       cargo xtask netlab list";
-    let Some(name) = args.first() else {
-        bail!(usage)
-    };
-    if *name == "list" {
+#[derive(clap::Args)]
+pub struct Args {
+    /// clean, dind, vxlan, jumbo or lossy; `list` describes them.
+    topology: String,
+    /// Hosts in the topology.
+    #[arg(long, default_value_t = 3)]
+    hosts: usize,
+    /// Every host link's rate, each way (tbf).
+    #[arg(long, default_value_t = 1000)]
+    mbit: u32,
+    /// Keep it up until Enter is pressed.
+    #[arg(long)]
+    hold: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let name = args.topology.as_str();
+    if name == "list" {
         for t in Topology::ALL {
             println!(
                 "{:6} path MTU {:5}, loss {:.0}%",
@@ -23,18 +35,12 @@ pub fn run(args: &[&str]) -> Result<()> {
         }
         return Ok(());
     }
-    let topo =
-        Topology::parse(name).with_context(|| format!("unknown topology {name:?}\n{usage}"))?;
-    let (mut hosts, mut mbit, mut hold) = (3usize, 1000u32, false);
-    let mut it = args[1..].iter();
-    while let Some(a) = it.next() {
-        match *a {
-            "--hold" => hold = true,
-            "--hosts" => hosts = it.next().context("--hosts N")?.parse()?,
-            "--mbit" => mbit = it.next().context("--mbit N")?.parse()?,
-            _ => bail!(usage),
-        }
-    }
+    let topo = Topology::parse(name).with_context(|| {
+        format!("unknown topology {name:?}: use clean, dind, vxlan, jumbo, lossy or list")
+    })?;
+    let Args {
+        hosts, mbit, hold, ..
+    } = args;
     if !is_root() {
         bail!("netlab builds network namespaces: run it as root");
     }

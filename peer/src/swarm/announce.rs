@@ -19,6 +19,9 @@ use crate::transport::wire::Request as Wire;
 #[derive(Default)]
 pub(super) struct State {
     inner: Mutex<Inner>,
+    /// One announcement round at a time (the periodic one, or one asked for at once), so a
+    /// scheduler hears each peer's rounds in order.
+    round: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -40,7 +43,14 @@ pub(super) async fn run(swarm: Arc<Swarm>) {
     }
 }
 
+/// Announces what changed now, without waiting for the next tick: an import returns only once
+/// the scheduler knows this node holds the file, so peers asked right after find it.
+pub(super) async fn now(swarm: &Arc<Swarm>) {
+    announce_once(swarm).await;
+}
+
 async fn announce_once(swarm: &Arc<Swarm>) {
+    let _round = swarm.announcer.round.lock().await;
     let views = swarm.served.views();
     let mut tasks: Vec<(TaskId, Holding)> = Vec::new();
     {

@@ -220,6 +220,9 @@ impl Swarm {
             .await;
         if let Ok(f) = &res {
             share(&f.task);
+            // Peers told to fetch it right after the import returns must find it: the
+            // scheduler hears of it now, not at the next tick.
+            super::announce::now(self).await;
         }
         res
     }
@@ -277,5 +280,42 @@ fn holder_of_stored(task: &TaskHandle) -> Holder {
         Holder::First
     } else {
         Holder::Relay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Digest;
+
+    #[test]
+    fn swarm_failures_have_their_own_names_and_exit_codes() {
+        let task = TaskId::for_content(Digest::of(b"x"));
+        let stalled = PullError::PeersStalled { task, secs: 60 };
+        assert_eq!(stalled.exit_code(), exit::NETWORK);
+        let text = stalled.to_string();
+        assert!(text.contains("no peer could serve it for 60 s"), "{text}");
+        assert!(
+            !text.contains("url") && !text.contains("\"peers\""),
+            "{text}"
+        );
+        let unreachable = PullError::SchedulerUnreachable {
+            task,
+            scheduler: "10.0.0.1:7960".into(),
+            detail: "timed out".into(),
+        };
+        assert_eq!(unreachable.exit_code(), exit::NETWORK);
+        assert!(unreachable
+            .to_string()
+            .contains("the scheduler 10.0.0.1:7960 is unreachable (timed out)"));
+        let join = PullError::JoinFailed {
+            task,
+            detail: "a piece job failed: panicked".into(),
+        };
+        assert_eq!(join.exit_code(), exit::OTHER);
+        assert!(!join.to_string().contains("io_uring"));
+        // The pipeline's own failures keep their codes.
+        let store = PullError::from(StoreError::Uring(std::io::Error::other("disk")));
+        assert_eq!(store.exit_code(), exit::LOCAL);
     }
 }

@@ -4,6 +4,24 @@
 //!
 //! The daemon serves its store through [`PieceSource`]; the scheduler's RPCs ride the same
 //! endpoint and the same mutual TLS (`PieceSource::call`).
+//!
+//! How a connection behaves:
+//! - Piece answers leave each connection in request order (stream priority from the stream
+//!   index), not interleaved, so each piece is whole, verifiable and relayable sooner; have
+//!   replies and manifests go first. Answers are paced by `peer.upload_limit_mbps` and counted
+//!   as uploads; a piece's end (acknowledged whole, or failed) goes back through
+//!   [`PieceSource::piece_ended`].
+//! - Both sides read a stream's end once its message is whole, so finished requests cost no
+//!   STOP_SENDING or RESET_STREAM (a test counts those frames).
+//! - Each side asks the other (ACK-frequency extension) for one ACK per 64 ack-eliciting
+//!   packets, or within 25 ms, or at once on reordering.
+//! - Local connection IDs are 4 bytes (quinn's default is 8).
+//! - Malformed, truncated, oversized or slow requests get `BadRequest` or are dropped; the
+//!   server keeps serving.
+//!
+//! Files: [`wire`] (the frames), [`tls`] (the cluster CA and rustls configs), `socket.rs` (the
+//! endpoint's UDP socket: GSO caps, read-only registration, gathered reads), [`slack`] (timer
+//! slack while reads are gathered), `tolerant.rs` (the loss-tolerant Cubic).
 
 pub mod slack;
 mod socket;

@@ -14,7 +14,7 @@ use plotters::prelude::*;
 use starling_tests::netlab::Topology;
 
 use super::{Outcome, Scenario};
-use crate::swarm::MIB;
+use crate::bench::MIB;
 
 const GIB: f64 = (1u64 << 30) as f64;
 

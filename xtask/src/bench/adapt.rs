@@ -14,10 +14,10 @@ use anyhow::{bail, Context, Result};
 use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file, Cluster, Nginx};
 
-use crate::demo::make_file;
-use crate::stock::cpu_secs;
-use crate::swarm::{get_with_progress, Get, MIB};
-use crate::{cargo, root, setup, sh};
+use super::procs::cpu_secs;
+use super::run::{get_with_progress, Get};
+use super::{make_file, release_build, MIB};
+use crate::root;
 
 struct Run {
     /// The seed's view of its connection to the peer: packets sent, loss, path MTU.
@@ -28,30 +28,30 @@ struct Run {
     to_full_rate: Option<f64>,
 }
 
-pub fn run(args: &[&str]) -> Result<()> {
-    let (mut size_mib, mut mbit) = (128u64, 1000u32);
-    let mut only: Vec<Topology> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let v = it.next().with_context(|| format!("{a} takes a value"));
-        match *a {
-            "--size-mib" => size_mib = v?.parse()?,
-            "--mbit" => mbit = v?.parse()?,
-            "--only" => {
-                only.push(Topology::parse(v?).context("--only clean|jumbo|dind|vxlan|lossy")?)
-            }
-            _ => bail!(
-                "usage: cargo xtask bench adapt [--size-mib N] [--mbit N] [--only TOPOLOGY]..."
-            ),
-        }
-    }
+/// `cargo xtask bench adapt` (bench/README.md).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Size of the transfer.
+    #[arg(long, default_value_t = 128)]
+    size_mib: u64,
+    /// Every link's rate, each way (tbf); 0 leaves links unshaped.
+    #[arg(long, default_value_t = 1000)]
+    mbit: u32,
+    /// Only these topologies (repeatable): clean, jumbo, dind, vxlan, lossy.
+    #[arg(long, value_parser = super::swarm::parse_topology)]
+    only: Vec<Topology>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        size_mib,
+        mbit,
+        only,
+    } = args;
     if !is_root() {
         bail!("bench adapt builds network namespaces and loads eBPF: run it as root");
     }
-    setup::ensure_apt_packages()?;
-    crate::build_ebpf()?;
-    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
-    crate::use_release_binary();
+    release_build(true)?;
     let dir = root().join("target/bench-adapt");
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;

@@ -11,7 +11,6 @@
 //! time vs peer count), and prints the table.
 
 mod bt;
-mod procs;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -21,10 +20,9 @@ use anyhow::{bail, Context, Result};
 use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file, Lab, Nginx};
 
-pub use procs::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs};
-
-use crate::demo::make_file;
-use crate::swarm::{self, MIB};
+use super::procs::{self, tree_cpu_secs};
+use super::run as swarm;
+use super::{make_file, MIB};
 use crate::{cargo, root, setup, sh};
 
 /// One distribution job.
@@ -359,70 +357,76 @@ struct Options {
     runs: usize,
 }
 
-fn usage() -> anyhow::Error {
-    anyhow::anyhow!(
-        "usage: cargo xtask bench stock [--report] [--matrix | --scenario NAME ...] [--peers N] [--size-mib N] [--mbit N] [--topology clean|vxlan|dind|lossy|jumbo] [--systems starling,http,aria2,libtorrent,rqbit] [--pieces 1,4] [--runs N]\n\
-         scenarios: {}",
-        matrix().iter().map(|s| s.name.clone()).collect::<Vec<_>>().join(" ")
-    )
+/// `cargo xtask bench stock` (bench/README.md).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Only rewrite the report from today's CSV.
+    #[arg(long)]
+    report: bool,
+    /// Every scenario of the matrix.
+    #[arg(long)]
+    matrix: bool,
+    /// A scenario of the matrix by name (repeatable): default, n2, n4, n16, f64, f1024, vxlan,
+    /// dind, lossy, jumbo.
+    #[arg(long)]
+    scenario: Vec<String>,
+    /// A custom job: downloaders beside the seed.
+    #[arg(long)]
+    peers: Option<usize>,
+    /// A custom job: file size.
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// A custom job: every link's rate.
+    #[arg(long)]
+    mbit: Option<u32>,
+    /// A custom job: clean, vxlan, dind, lossy, jumbo.
+    #[arg(long, value_parser = super::swarm::parse_topology)]
+    topology: Option<Topology>,
+    /// Systems to run, by name or prefix: starling, starling-origin, http, aria2, libtorrent,
+    /// rqbit (default: all).
+    #[arg(long, value_delimiter = ',')]
+    systems: Vec<String>,
+    /// BitTorrent piece sizes in MiB, powers of two.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u64, 4])]
+    pieces: Vec<u64>,
+    /// Rounds per scenario, in alternating order; medians are reported.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
 }
 
-fn parse(args: &[&str]) -> Result<Options> {
-    let mut picked: Vec<Scenario> = Vec::new();
+fn parse(args: Args) -> Result<Options> {
+    let mut picked: Vec<Scenario> = if args.matrix { matrix() } else { Vec::new() };
+    for name in &args.scenario {
+        picked.push(
+            matrix()
+                .into_iter()
+                .find(|s| &s.name == name)
+                .with_context(|| {
+                    format!(
+                        "unknown scenario {name:?}; the scenarios are {}",
+                        matrix()
+                            .iter()
+                            .map(|s| s.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    )
+                })?,
+        );
+    }
+    if args.pieces.iter().any(|p| !p.is_power_of_two()) {
+        bail!("--pieces takes MiB powers of two, like 1,4");
+    }
     let mut custom = Scenario::new("default", Topology::Clean, 8, 256);
-    let mut is_custom = false;
-    let mut systems = Vec::new();
-    let mut pieces = vec![1, 4];
-    let mut report_only = false;
-    let mut runs = 1;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if *a == "--matrix" {
-            picked = matrix();
-            continue;
-        }
-        if *a == "--report" {
-            report_only = true;
-            continue;
-        }
-        let v = *it.next().ok_or_else(usage)?;
-        match *a {
-            "--scenario" => picked.push(
-                matrix()
-                    .into_iter()
-                    .find(|s| s.name == v)
-                    .ok_or_else(usage)?,
-            ),
-            "--peers" => (custom.peers, is_custom) = (v.parse()?, true),
-            "--size-mib" => (custom.size_mib, is_custom) = (v.parse()?, true),
-            "--mbit" => (custom.mbit, is_custom) = (v.parse()?, true),
-            "--topology" => {
-                let t = Topology::parse(v).ok_or_else(usage)?;
-                custom = Scenario {
-                    loss: if t == Topology::Lossy { 0.01 } else { 0.0 },
-                    topology: t,
-                    ..custom
-                };
-                is_custom = true;
-            }
-            "--systems" => systems = v.split(',').map(str::to_string).collect(),
-            "--pieces" => {
-                pieces = v
-                    .split(',')
-                    .map(|p| p.parse::<u64>().map_err(|_| usage()))
-                    .collect::<Result<_>>()?;
-                if pieces.iter().any(|p| !p.is_power_of_two()) {
-                    bail!("--pieces takes MiB powers of two, like 1,4");
-                }
-            }
-            "--runs" => {
-                runs = v.parse().map_err(|_| usage())?;
-                if runs == 0 {
-                    bail!("--runs takes a count of at least 1");
-                }
-            }
-            _ => return Err(usage()),
-        }
+    let is_custom = args.peers.is_some()
+        || args.size_mib.is_some()
+        || args.mbit.is_some()
+        || args.topology.is_some();
+    custom.peers = args.peers.unwrap_or(custom.peers);
+    custom.size_mib = args.size_mib.unwrap_or(custom.size_mib);
+    custom.mbit = args.mbit.unwrap_or(custom.mbit);
+    if let Some(t) = args.topology {
+        custom.loss = if t == Topology::Lossy { 0.01 } else { 0.0 };
+        custom.topology = t;
     }
     if is_custom {
         custom.name = format!(
@@ -436,15 +440,15 @@ fn parse(args: &[&str]) -> Result<Options> {
         picked.push(custom);
     }
     Ok(Options {
-        report_only,
+        report_only: args.report,
         scenarios: picked,
-        systems,
-        pieces,
-        runs,
+        systems: args.systems,
+        pieces: args.pieces,
+        runs: args.runs as usize,
     })
 }
 
-pub fn run(args: &[&str]) -> Result<()> {
+pub fn run(args: Args) -> Result<()> {
     let opts = parse(args)?;
     if opts.report_only {
         for p in report::write(&root().join("bench/results"), &[])? {

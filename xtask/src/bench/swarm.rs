@@ -6,66 +6,81 @@
 //! host, N concurrent curls) / Starling, all from the same run, plus CPU use (all hosts share
 //! this machine's cores).
 
-use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+use anyhow::{bail, Result};
 use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file, Lab};
 
-use crate::demo::make_file;
-use crate::swarm::{self, Job, MIB};
-use crate::{cargo, root, setup, sh};
+use super::run::{self as swarm, Job};
+use super::{make_file, release_build, MIB};
+use crate::root;
 
-pub fn run(args: &[&str]) -> Result<()> {
-    let (mut peers, mut size_mib, mut mbit, mut http) = (8usize, 256u64, 100u32, true);
-    let mut piece_kib: Option<u64> = None;
-    let mut peer_toml = String::new();
-    let mut topology: Option<Topology> = None;
-    let mut loss: Option<f64> = None;
-    let mut import = false;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match *a {
-            "--no-http" => http = false,
-            "--import" => import = true,
-            "--peer-toml" => {
-                let v = it.next().context("--peer-toml takes TOML for [peer]")?;
-                peer_toml.push_str(v);
-                peer_toml.push('\n');
-            }
-            "--topology" => {
-                let v = it.next().context("--topology takes a netlab topology")?;
-                topology = Some(Topology::parse(v).with_context(|| {
-                    format!("unknown topology {v:?}: use one of clean, vxlan, dind, lossy, jumbo")
-                })?);
-            }
-            "--loss" => {
-                let v = it.next().context("--loss takes a drop rate from 0 to 1")?;
-                loss = Some(v.parse().ok().filter(|p| (0.0..1.0).contains(p)).with_context(
-                    || format!("--loss {v:?}: give a drop rate from 0 to 1, e.g. 0.01"),
-                )?);
-            }
-            "--peers" | "--size-mib" | "--mbit" | "--piece-kib" => {
-                let v = it.next().with_context(|| format!("{a} takes a value"))?;
-                match *a {
-                    "--peers" => peers = v.parse()?,
-                    "--size-mib" => size_mib = v.parse()?,
-                    "--piece-kib" => piece_kib = Some(v.parse()?),
-                    _ => mbit = v.parse()?,
-                }
-            }
-            _ => bail!(
-                "usage: cargo xtask bench swarm [--peers N] [--size-mib N] [--mbit N] [--piece-kib N] [--topology clean|vxlan|dind|lossy|jumbo [--loss P]] [--peer-toml 'key = value'] [--import] [--no-http]"
-            ),
-        }
-    }
+/// `cargo xtask bench swarm` (bench/README.md).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Downloaders beside the seed.
+    #[arg(long, default_value_t = 8)]
+    peers: usize,
+    /// Size of the file.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// Every link's rate, each way (tbf).
+    #[arg(long, default_value_t = 100)]
+    mbit: u32,
+    /// Piece length in KiB (default: the product's rule).
+    #[arg(long)]
+    piece_kib: Option<u64>,
+    /// A netlab topology instead of the one bridge: clean, vxlan, dind, lossy, jumbo.
+    #[arg(long, value_parser = parse_topology)]
+    topology: Option<Topology>,
+    /// The lossy topology's drop rate, from 0 to 1 (default 0.02).
+    #[arg(long, value_parser = parse_loss)]
+    loss: Option<f64>,
+    /// `key = value` added to every node's [peer] section (repeatable).
+    #[arg(long)]
+    peer_toml: Vec<String>,
+    /// The seed starts with the file imported (before the timer); peers name it by digest.
+    #[arg(long)]
+    import: bool,
+    /// Skip the plain-HTTP baseline.
+    #[arg(long)]
+    no_http: bool,
+}
+
+pub fn parse_topology(v: &str) -> Result<Topology, String> {
+    Topology::parse(v).ok_or_else(|| {
+        format!("unknown topology {v:?}: use one of clean, vxlan, dind, lossy, jumbo")
+    })
+}
+
+fn parse_loss(v: &str) -> Result<f64, String> {
+    v.parse()
+        .ok()
+        .filter(|p| (0.0..1.0).contains(p))
+        .ok_or_else(|| format!("--loss {v:?}: give a drop rate from 0 to 1, e.g. 0.01"))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        peers,
+        size_mib,
+        mbit,
+        piece_kib,
+        topology,
+        loss,
+        import,
+        ..
+    } = args;
+    let http = !args.no_http;
+    let peer_toml: String = args.peer_toml.iter().map(|l| format!("{l}\n")).collect();
     if loss.is_some() && topology != Some(Topology::Lossy) {
         bail!("--loss sets the lossy topology's drop rate: add --topology lossy");
     }
     if !is_root() {
         bail!("bench swarm builds network namespaces: run it as root");
     }
-    setup::ensure_apt_packages()?;
-    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
-    crate::use_release_binary();
+    release_build(false)?;
     let dir = root().join("target/bench-swarm");
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
@@ -194,7 +209,7 @@ pub fn run(args: &[&str]) -> Result<()> {
     };
     println!("failed piece requests, all nodes: {failures}");
     if http {
-        let (wall, cpu, ok) = swarm::http_baseline(
+        let (wall, cpu, ok) = http_baseline(
             &lab,
             peers,
             &www.join("artifact.bin"),
@@ -212,4 +227,24 @@ pub fn run(args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Plain HTTP baseline: every peer host runs curl against nginx on the seed host at once.
+/// Returns the wall time, the CPU seconds (curls and nginx), and whether every output verified.
+fn http_baseline(
+    lab: &Lab,
+    peers: usize,
+    file: &Path,
+    want: &str,
+    out: &Path,
+) -> Result<(f64, f64, bool)> {
+    let job = super::stock::Job {
+        lab,
+        peers,
+        file,
+        want,
+        limit: std::time::Duration::from_secs(3600),
+    };
+    let o = super::stock::http(&job, out)?;
+    Ok((o.wall().unwrap_or(f64::NAN), o.cpu_secs, o.ok()))
 }

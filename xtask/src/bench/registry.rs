@@ -7,32 +7,38 @@
 use std::process::Child;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use starling_tests::registry::{skopeo, OciImage, Registry, TestCa};
 use starling_tests::{is_root, sha256_file, Cluster, Lab};
 
-use crate::stock::cpu_secs;
-use crate::swarm::MIB;
-use crate::{cargo, root, setup, sh};
+use super::procs::cpu_secs;
+use super::{release_build, MIB};
+use crate::{root, sh};
 
-pub fn run(args: &[&str]) -> Result<()> {
-    let (mut nodes, mut size_mib, mut mbit) = (4usize, 1024u64, 200u32);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let v = it.next().with_context(|| format!("{a} takes a value"));
-        match *a {
-            "--nodes" => nodes = v?.parse()?,
-            "--size-mib" => size_mib = v?.parse()?,
-            "--mbit" => mbit = v?.parse()?,
-            _ => bail!("usage: cargo xtask bench registry [--nodes N] [--size-mib N] [--mbit N]"),
-        }
-    }
+/// `cargo xtask bench registry` (bench/README.md).
+#[derive(clap::Args)]
+pub struct Args {
+    /// Nodes pulling the image at once.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// Size of the image (6 layers).
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Every link's rate, each way (tbf).
+    #[arg(long, default_value_t = 200)]
+    mbit: u32,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args {
+        nodes,
+        size_mib,
+        mbit,
+    } = args;
     if !is_root() {
         bail!("bench registry builds network namespaces: run it as root");
     }
-    setup::ensure_apt_packages()?;
-    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
-    crate::use_release_binary();
+    release_build(false)?;
     let dir = root().join("target/bench-registry");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;

@@ -11,9 +11,7 @@ use anyhow::{bail, Context, Result};
 use starling::daemon::api::{ApiEvent, GetRequest, ImportRequest};
 use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx, ShaperCount};
 
-use crate::stock::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs};
-
-pub const MIB: u64 = 1024 * 1024;
+use super::procs::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs};
 
 pub struct Job<'a> {
     pub lab: Option<&'a Lab>,
@@ -482,24 +480,4 @@ pub fn t_min(size: u64, peers: usize, mbit: u32) -> f64 {
     let one = link_secs(size as f64, mbit);
     let n = peers as f64;
     one.max(n * one / (n + 1.0))
-}
-
-/// Plain HTTP baseline: every peer host runs curl against nginx on the seed host at once.
-/// Returns the wall time, the CPU seconds (curls and nginx), and whether every output verified.
-pub fn http_baseline(
-    lab: &Lab,
-    peers: usize,
-    file: &Path,
-    want: &str,
-    out: &Path,
-) -> Result<(f64, f64, bool)> {
-    let job = crate::stock::Job {
-        lab,
-        peers,
-        file,
-        want,
-        limit: std::time::Duration::from_secs(3600),
-    };
-    let o = crate::stock::http(&job, out)?;
-    Ok((o.wall().unwrap_or(f64::NAN), o.cpu_secs, o.ok()))
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use starling_tests::Lab;
 
-use super::procs::Tracked;
+use super::super::procs::Tracked;
 use super::{collect, Job, Outcome, Status};
 
 pub const TRACKER_PORT: u16 = 6969;

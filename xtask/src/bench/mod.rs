@@ -1,0 +1,118 @@
+//! `cargo xtask bench ...`: every benchmark, and the harness they share. Each prints ratios
+//! against a baseline run in the same command (bench/README.md describes them).
+//!
+//! | module | command |
+//! |---|---|
+//! | `get` (here) | `bench get`: runs `bench/` (starling-bench), one peer's data path vs curl |
+//! | [`swarm`] | `bench swarm`: one seed + N peers in shaped namespaces vs T_min and plain HTTP |
+//! | [`stock`] | `bench stock`: the same job for Starling and the stock peers |
+//! | [`registry`] | `bench registry`: image pulls through the mirror vs from the registry |
+//! | [`adapt`] | `bench adapt`: path adaptation on vs off per netlab topology |
+//!
+//! The harness: [`run`] runs one swarm job (also the demo's), [`procs`] measures processes,
+//! [`make_file`] writes the payload, [`release_build`] prepares the binaries.
+
+pub mod adapt;
+pub mod procs;
+pub mod registry;
+pub mod run;
+pub mod stock;
+pub mod swarm;
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+use crate::{cargo, root, setup, sh};
+
+pub const MIB: u64 = 1024 * 1024;
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// SHA-256 path, io_uring store and `starling get` vs curl, as ratios.
+    Get {
+        /// Size of the test file.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: usize,
+        /// Timed runs of each measure (medians are printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// One seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP.
+    Swarm(swarm::Args),
+    /// The same swarm job for Starling, HTTP, aria2, libtorrent and rqbit: report, CSV, plots.
+    Stock(stock::Args),
+    /// N nodes pull a multi-layer image with skopeo: through Starling vs from the registry.
+    Registry(registry::Args),
+    /// Path adaptation on vs off on the netlab topologies (jumbo, dind, vxlan, lossy).
+    Adapt(adapt::Args),
+}
+
+pub fn run(b: Bench) -> Result<()> {
+    match b {
+        Bench::Get { size_mib, runs } => get(size_mib, runs),
+        Bench::Swarm(a) => swarm::run(a),
+        Bench::Stock(a) => stock::run(a),
+        Bench::Registry(a) => registry::run(a),
+        Bench::Adapt(a) => adapt::run(a),
+    }
+}
+
+/// `bench get`: the release `starling-bench` binary against the release `starling`.
+fn get(size_mib: usize, runs: usize) -> Result<()> {
+    setup::run()?;
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "starling",
+        "--package",
+        "starling-bench",
+    ]))?;
+    let bin = root().join("target/release/starling-bench");
+    sh(Command::new(bin)
+        .args([
+            "get",
+            "--size-mib",
+            &size_mib.to_string(),
+            "--runs",
+            &runs.to_string(),
+        ])
+        .env("STARLING_BIN", root().join("target/release/starling")))
+}
+
+/// Installs the apt packages, builds the release binary (and the eBPF object with `ebpf`), and
+/// points the test harness at it (unless `STARLING_BIN` names another build).
+pub fn release_build(ebpf: bool) -> Result<()> {
+    setup::ensure_apt_packages()?;
+    if ebpf {
+        crate::build_ebpf()?;
+    }
+    sh(cargo().args(["build", "--release", "--package", "starling"]))?;
+    crate::use_release_binary();
+    Ok(())
+}
+
+/// Writes `len` pseudo-random bytes to `path` unless it already has that size.
+pub fn make_file(path: &Path, len: u64) -> Result<()> {
+    if std::fs::metadata(path)
+        .map(|m| m.len() == len)
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(4 * MIB as usize, std::fs::File::create(path)?);
+    let mut left = len;
+    let mut seed = 0x5eed;
+    while left > 0 {
+        let n = left.min(4 * MIB);
+        f.write_all(&starling_tests::random_bytes(n as usize, seed))?;
+        seed += 1;
+        left -= n;
+    }
+    f.flush()?;
+    Ok(())
+}
