@@ -436,9 +436,9 @@ fn malformed_and_oversized_frames_get_errors_and_no_peer_crashes() {
         bad_kind[5] = 99;
         let mut huge_body = Request::Announce { body: 0 }.encode();
         huge_body[47..51].copy_from_slice(&(wire::MAX_BODY + 1).to_le_bytes());
-        let mut short_body = Request::Fetch { task, body: 100 }.encode().to_vec();
+        let mut short_body = Request::SeedOrder { task, body: 100 }.encode().to_vec();
         short_body.extend_from_slice(b"{");
-        let mut junk_order = Request::Fetch { task, body: 5 }.encode().to_vec();
+        let mut junk_order = Request::SeedOrder { task, body: 5 }.encode().to_vec();
         junk_order.extend_from_slice(b"nope!");
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("garbage", vec![0xAB; REQUEST_LEN]),
@@ -446,7 +446,7 @@ fn malformed_and_oversized_frames_get_errors_and_no_peer_crashes() {
             ("unknown kind", bad_kind.to_vec()),
             ("oversized body", huge_body.to_vec()),
             ("short body", short_body),
-            ("junk fetch order", junk_order),
+            ("junk seed order", junk_order),
         ];
         for (what, frame) in cases {
             let got = parent.raw_exchange(&frame).await;

@@ -3,9 +3,11 @@
 //! Range, else one in-order stream), verify every piece and the whole content, and seal it.
 //!
 //! One pipeline, parameterised: fresh, resumed, ranged and sequential downloads differ only in
-//! which pieces are missing and where their bytes come from.
+//! which pieces are missing and where their bytes come from. Ranged downloads are planned by
+//! the swarm's own [`crate::engine`] (no parents, the origin as the source), and every download
+//! gets its whole-content hash from [`FollowHash`], as swarm downloads do: one planner and one
+//! hasher for every download.
 
-mod hasher;
 mod import;
 pub mod output;
 mod ranged;
@@ -16,7 +18,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use reqwest::Response;
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::context::NodeContext;
@@ -24,10 +25,10 @@ use crate::core::{
     Digest, Manifest, PiecePlan, PiecePlanError, Request, Sha256Stream, TaskId, TaskIdError,
 };
 use crate::source::{exact_body, Origin, SourceError};
-use crate::storage::{Lease, LeaseMode, StoreError, TaskHandle, TaskHeader};
+use crate::storage::{Feed, FollowHash, Lease, LeaseMode, StoreError, TaskHandle, TaskHeader};
 
-pub use hasher::ContentHasher;
 pub use import::Staged;
+pub use ranged::range_body;
 pub use retry::StallHook;
 
 /// Live counters for a progress display and for reports.
@@ -340,10 +341,6 @@ impl Fetcher {
             on_open(&task);
             let plan = task.plan();
             let have = task.piece_digests();
-            let missing: Vec<u32> = (0..plan.count())
-                .filter(|&i| have[i as usize].is_none())
-                .collect();
-            let fresh = missing.len() == plan.count() as usize;
             progress
                 .total
                 .store(plan.content_length(), Ordering::Relaxed);
@@ -353,40 +350,41 @@ impl Fetcher {
                 .map(|p| p.length)
                 .sum();
             progress.done.store(stored, Ordering::Relaxed);
-
-            let streamed = if ranged {
-                let shared = Arc::new(task);
+            // The whole-content hash follows the verified pieces in order, as in every download.
+            let follow = FollowHash::start(task.upload_view()?);
+            let feed = follow.feed();
+            let task_now = Arc::new(task);
+            let res = if ranged {
                 let res = ranged::fetch(
                     &origin,
-                    self.retry.clone(),
-                    shared.clone(),
+                    &self.retry,
+                    &task_now,
                     url,
-                    missing,
-                    fresh,
                     self.ctx.cfg.source.concurrency,
                     progress,
+                    &feed,
                 )
                 .await;
-                task = Arc::into_inner(shared).ok_or_else(|| {
-                    StoreError::Uring(std::io::Error::other(
-                        "a piece worker outlived its download",
-                    ))
-                })?;
                 match res {
                     Err(FetchError::Source(
                         e @ (SourceError::RangeIgnored { .. } | SourceError::BadRange { .. }),
                     )) => {
                         tracing::warn!(error = %e, "ranged requests do not work with this origin; reading the whole body in order");
-                        self.sequential(&origin, &task, url, None, progress).await?
+                        self.sequential(&origin, &task_now, url, None, progress, &feed)
+                            .await
                     }
-                    other => other?,
+                    other => other,
                 }
             } else {
                 tracing::info!("the origin does not honour Range; reading the whole body in order");
-                self.sequential(&origin, &task, url, full_body.take(), progress)
-                    .await?
+                self.sequential(&origin, &task_now, url, full_body.take(), progress, &feed)
+                    .await
             };
-            let actual = match streamed {
+            task = Arc::into_inner(task_now).ok_or_else(|| {
+                StoreError::Uring(std::io::Error::other("a piece job outlived its download"))
+            })?;
+            res?;
+            let actual = match follow.finish(task.epoch()).await {
                 Some(d) => d,
                 None => task.hash_content().await?,
             };
@@ -473,8 +471,8 @@ impl Fetcher {
         Ok(self.ctx.store.create(lease, header)?)
     }
 
-    /// Reads the whole body in order (an origin without Range), storing the missing pieces and
-    /// hashing everything. Retries start the body over; pieces stored by earlier attempts stay.
+    /// Reads the whole body in order (an origin without Range), storing the missing pieces.
+    /// Retries start the body over; pieces stored by earlier attempts stay.
     async fn sequential(
         &self,
         origin: &Origin,
@@ -482,7 +480,8 @@ impl Fetcher {
         url: &str,
         first: Option<Response>,
         progress: &Arc<Progress>,
-    ) -> Result<Option<Digest>, FetchError> {
+        feed: &Feed,
+    ) -> Result<(), FetchError> {
         let mut first = first;
         self.retry
             .run("body", || {
@@ -492,9 +491,7 @@ impl Fetcher {
                         Some(r) => r,
                         None => origin.full(url).await?,
                     };
-                    self.consume_in_order(task, url, resp, progress)
-                        .await
-                        .map(Some)
+                    self.consume_in_order(task, url, resp, progress, feed).await
                 }
             })
             .await
@@ -506,7 +503,8 @@ impl Fetcher {
         url: &str,
         resp: Response,
         progress: &Progress,
-    ) -> Result<Digest, FetchError> {
+        feed: &Feed,
+    ) -> Result<(), FetchError> {
         let plan = task.plan();
         let len = plan.content_length();
         if let Some(cl) = resp.content_length() {
@@ -518,10 +516,7 @@ impl Fetcher {
                 .into());
             }
         }
-        let window = ranged::window(1, plan.piece_length());
-        let permits = Arc::new(Semaphore::new(window));
-        let hasher = ContentHasher::start(plan.count());
-        let mut have = task.piece_digests();
+        let have = task.piece_digests();
         let mut body = std::pin::pin!(exact_body(url.to_string(), resp, len));
         let mut pieces = plan.pieces();
         let mut piece = pieces.next();
@@ -540,34 +535,33 @@ impl Fetcher {
                     std::mem::take(&mut chunk)
                 };
                 let stored = have[p.index as usize].is_some();
+                cur_len += part.len() as u64;
                 if !stored {
                     hash.update(&part);
+                    cur.push(part);
                 }
-                cur_len += part.len() as u64;
-                cur.push(part);
                 if cur_len < p.length {
                     continue;
                 }
-                let chunks = std::mem::take(&mut cur);
                 if !stored {
                     let digest = std::mem::take(&mut hash).finish();
-                    task.write_piece(p, chunks.clone(), digest).await?;
-                    have[p.index as usize] = Some(digest);
+                    let chunks = std::mem::take(&mut cur);
+                    feed.feed(p.index, &chunks);
+                    task.write_piece(p, chunks, digest).await?;
                     progress.done.fetch_add(p.length, Ordering::Relaxed);
                 }
-                let permit = permits.clone().acquire_owned().await.ok();
-                hasher.feed(p.index, chunks, permit);
                 cur_len = 0;
                 piece = pieces.next();
             }
         }
-        hasher.finish().ok_or_else(|| {
-            SourceError::Short {
+        match piece {
+            None => Ok(()),
+            Some(_) => Err(SourceError::Short {
                 url: url.into(),
                 got: plan.content_length() - cur_len,
                 want: len,
             }
-            .into()
-        })
+            .into()),
+        }
     }
 }

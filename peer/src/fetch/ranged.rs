@@ -1,146 +1,176 @@
-//! Parallel ranged fetches back to source. Each connection's worker is its own tokio task, so
-//! receiving and per-piece hashing spread over every core while the in-order content hash
-//! runs on its own thread.
+//! Back to source with parallel Range requests, planned by the same sans-IO [`Engine`] that
+//! plans swarm downloads: here it has no parents, and the origin is its only source, with
+//! `source.concurrency` requests in flight. The engine picks pieces in index order (nobody holds
+//! any, so all are equally rare), which keeps the in-order whole-content hash
+//! ([`crate::storage::FollowHash`], the one every download uses) close behind the last piece.
+//!
+//! Each request is one checked Range request ([`Origin::range`]), retried with backoff by
+//! [`Retry`]; a piece is hashed as it arrives and stored with its digest. A failure that
+//! outlasts the retries ends the download with that failure.
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::retry::Retry;
-use super::{ContentHasher, FetchError, Progress};
-use crate::core::{Digest, Piece, Sha256Stream};
-use crate::source::Origin;
-use crate::storage::{StoreError, TaskHandle};
+use super::{FetchError, Progress};
+use crate::core::{Piece, Sha256Stream};
+use crate::engine::{Action, Engine, EngineConfig, Peer};
+use crate::source::{Origin, SourceError};
+use crate::storage::{Feed, StoreError, TaskHandle};
 
-/// What every worker shares.
-struct Ctx {
+/// Fetches every piece `task` lacks over `concurrency` parallel Range requests.
+/// Each piece's buffers go to `feed` (the whole-content hash) before the piece is stored.
+pub async fn fetch(
+    origin: &Origin,
+    retry: &Retry,
+    task: &Arc<TaskHandle>,
+    url: &str,
+    concurrency: usize,
+    progress: &Arc<Progress>,
+    feed: &Feed,
+) -> Result<(), FetchError> {
+    let plan = task.plan();
+    let have: Vec<bool> = task.piece_digests().iter().map(Option::is_some).collect();
+    let mut engine = Engine::new(
+        plan,
+        &have,
+        EngineConfig {
+            source_allowed: true,
+            source_wait: Duration::ZERO,
+            source_window: concurrency.max(1) as u32,
+            ..EngineConfig::default()
+        },
+    );
+    let validator = task.header().validator.clone();
+    let start = Instant::now();
+    let mut jobs: JoinSet<(u32, Duration, Result<(), FetchError>)> = JoinSet::new();
+    loop {
+        for action in engine.poll(start.elapsed()) {
+            // With no parents the engine only ever asks the source.
+            let Action::Request {
+                from: Peer::Source,
+                piece,
+            } = action
+            else {
+                continue;
+            };
+            let Some(piece) = plan.piece(piece) else {
+                continue;
+            };
+            let job = PieceJob {
+                origin: origin.clone(),
+                retry: retry.clone(),
+                task: task.clone(),
+                url: url.to_string(),
+                validator: validator.clone(),
+                progress: progress.clone(),
+                feed: feed.clone(),
+            };
+            jobs.spawn(
+                async move {
+                    let t = Instant::now();
+                    let res = job.retry.run("piece", || job.piece(piece)).await;
+                    (piece.index, t.elapsed(), res)
+                }
+                .instrument(tracing::debug_span!("piece", index = piece.index)),
+            );
+        }
+        if engine.is_complete() && jobs.is_empty() {
+            return Ok(());
+        }
+        let Some(done) = jobs.join_next().await else {
+            // Nothing in flight and nothing asked for, yet pieces are missing: the planner
+            // would never finish this download.
+            return Err(StoreError::Uring(std::io::Error::other(format!(
+                "the planner stopped with {} pieces missing",
+                engine.missing()
+            )))
+            .into());
+        };
+        match done {
+            Ok((index, elapsed, Ok(()))) => {
+                engine.on_piece(Peer::Source, index, elapsed, start.elapsed());
+            }
+            Ok((_, _, Err(e))) => {
+                jobs.shutdown().await;
+                return Err(e);
+            }
+            Err(e) => {
+                jobs.shutdown().await;
+                return Err(StoreError::Uring(std::io::Error::other(format!(
+                    "a piece job failed: {e}"
+                )))
+                .into());
+            }
+        }
+    }
+}
+
+/// What one piece request needs.
+struct PieceJob {
     origin: Origin,
     retry: Retry,
     task: Arc<TaskHandle>,
     url: String,
     validator: String,
     progress: Arc<Progress>,
-    queue: Mutex<VecDeque<u32>>,
-    permits: Arc<Semaphore>,
-    hasher: Option<ContentHasher>,
+    feed: Feed,
 }
 
-/// Fetches the `missing` pieces over `concurrency` connections. With `hash`, the whole-content
-/// digest is computed on the way (every piece passes through), else the caller re-reads.
-#[allow(clippy::too_many_arguments)]
-pub async fn fetch(
-    origin: &Origin,
-    retry: Retry,
-    task: Arc<TaskHandle>,
-    url: &str,
-    missing: Vec<u32>,
-    hash: bool,
-    concurrency: usize,
-    progress: &Arc<Progress>,
-) -> Result<Option<Digest>, FetchError> {
-    let plan = task.plan();
-    let ctx = Arc::new(Ctx {
-        origin: origin.clone(),
-        retry,
-        validator: task.header().validator.clone(),
-        task,
-        url: url.to_string(),
-        progress: progress.clone(),
-        queue: Mutex::new(VecDeque::from(missing)),
-        permits: Arc::new(Semaphore::new(window(concurrency, plan.piece_length()))),
-        hasher: hash.then(|| ContentHasher::start(plan.count())),
-    });
-    let mut workers = JoinSet::new();
-    for _ in 0..concurrency {
-        let ctx = ctx.clone();
-        workers.spawn(async move { ctx.worker().await }.in_current_span());
-    }
-    while let Some(done) = workers.join_next().await {
-        let res =
-            done.map_err(|e| FetchError::Store(StoreError::Uring(std::io::Error::other(e))))?;
-        if let Err(e) = res {
-            workers.shutdown().await;
-            return Err(e);
-        }
-    }
-    // Every worker has finished and dropped its reference.
-    Ok(Arc::into_inner(ctx)
-        .and_then(|c| c.hasher)
-        .and_then(ContentHasher::finish))
-}
-
-/// Pieces that may be in flight or waiting for the in-order hasher: enough to keep every
-/// connection busy, capped at 64 MiB of piece data (never below one per connection plus one).
-pub fn window(concurrency: usize, piece_length: u64) -> usize {
-    let cap = (64 * 1024 * 1024 / piece_length.max(1)) as usize;
-    (concurrency * 4).min(cap).max(concurrency + 1)
-}
-
-impl Ctx {
-    async fn worker(&self) -> Result<(), FetchError> {
-        loop {
-            // Take the permit before the index: permit holders then always own the lowest
-            // outstanding pieces, so the in-order hasher never waits on a piece that is itself
-            // waiting for a permit.
-            let permit = self.permits.clone().acquire_owned().await.map_err(|_| {
-                FetchError::Store(StoreError::Uring(std::io::Error::other(
-                    "piece window closed",
-                )))
-            })?;
-            let Some(index) = self.queue.lock().ok().and_then(|mut q| q.pop_front()) else {
-                return Ok(());
-            };
-            let Some(piece) = self.task.plan().piece(index) else {
-                continue;
-            };
-            let chunks = self
-                .retry
-                .run("piece", || self.piece(piece))
-                .instrument(tracing::debug_span!("piece", index))
-                .await?;
-            match &self.hasher {
-                Some(h) => h.feed(index, chunks, Some(permit)),
-                None => drop(permit),
-            }
-        }
-    }
-
+impl PieceJob {
     /// One attempt at one piece: a checked Range request, hashed as it arrives, then stored.
-    async fn piece(&self, piece: Piece) -> Result<Vec<Bytes>, FetchError> {
+    async fn piece(&self, piece: Piece) -> Result<(), FetchError> {
         let total = self.task.plan().content_length();
-        let body = self
-            .origin
-            .range(
-                &self.url,
-                piece.offset,
-                piece.length,
-                total,
-                &self.validator,
-            )
-            .await?;
-        let mut body = std::pin::pin!(body);
+        let chunks = range_body(
+            &self.origin,
+            &self.url,
+            piece,
+            total,
+            &self.validator,
+            &self.progress,
+        )
+        .await?;
         let mut hash = Sha256Stream::new();
-        let mut chunks = Vec::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk?;
-            self.progress
-                .origin_bytes
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            hash.update(&chunk);
-            chunks.push(chunk);
+        for c in &chunks {
+            hash.update(c);
         }
-        self.task
-            .write_piece(piece, chunks.clone(), hash.finish())
-            .await?;
+        self.feed.feed(piece.index, &chunks);
+        self.task.write_piece(piece, chunks, hash.finish()).await?;
         self.progress
             .done
             .fetch_add(piece.length, Ordering::Relaxed);
-        Ok(chunks)
+        Ok(())
     }
+}
+
+/// One piece's bytes from the origin by a checked Range request (status, `Content-Range`,
+/// length and `validator` checked before a byte is kept; a body of exactly the piece's length),
+/// counted into `progress.origin_bytes` as they arrive. Shared by the swarm's source jobs.
+pub async fn range_body(
+    origin: &Origin,
+    url: &str,
+    piece: Piece,
+    total: u64,
+    validator: &str,
+    progress: &Progress,
+) -> Result<Vec<Bytes>, SourceError> {
+    let body = origin
+        .range(url, piece.offset, piece.length, total, validator)
+        .await?;
+    let mut body = std::pin::pin!(body);
+    let mut chunks = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        progress
+            .origin_bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        chunks.push(chunk);
+    }
+    Ok(chunks)
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use book::LogSlice;
-pub use follow::FollowHash;
+pub use follow::{Feed, FollowHash};
 pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
 pub use lease::{Lease, Mode as LeaseMode};
 pub use record::TaskHeader;

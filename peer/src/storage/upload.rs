@@ -86,6 +86,11 @@ impl UploadView {
         self.task
     }
 
+    /// Whether piece `index` is verified (served, and part of the content).
+    pub fn is_verified(&self, index: u32) -> bool {
+        self.pieces.digest(index).is_some()
+    }
+
     /// A verified piece's bytes, or None (not verified yet, or out of range).
     pub fn piece(&self, index: u32) -> Option<Bytes> {
         let verified = self.pieces.digest(index).is_some();

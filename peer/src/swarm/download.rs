@@ -350,11 +350,11 @@ impl Driver<'_> {
         let h = tokio::spawn(async move {
             let res = async {
                 let conn = swarm.connect(addr).await?;
-                conn.call(|len| Wire::Fetch { task, body: len }, &body)
+                conn.call(|len| Wire::SeedOrder { task, body: len }, &body)
                     .await
             };
             if let Err(e) = tokio::time::timeout(Duration::from_secs(5), res).await {
-                tracing::warn!(seed = %addr, error = %e, "fetch order not delivered");
+                tracing::warn!(seed = %addr, error = %e, "seed order not delivered");
             }
         });
         self.helpers.push(h.abort_handle());

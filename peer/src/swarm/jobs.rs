@@ -6,14 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::pull::PullError;
 use super::Swarm;
 use crate::core::{Digest, Piece, Sha256Stream, TaskId};
 use crate::engine::{Failure, ParentId};
-use crate::fetch::Progress;
+use crate::fetch::{range_body, Progress};
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::PeerId;
 use crate::source::{Origin, SourceError};
@@ -141,7 +140,7 @@ pub(super) async fn poll_parent(
                 let _ = tokio::time::timeout_at(asked + HAVE_EVERY, closing.wait_for(|c| *c)).await;
             }
             Ok(Err(TransportError::Refused(Status::NotFound))) => {
-                // Not (yet) holding the task, e.g. a seed that just took our fetch order.
+                // Not (yet) holding the task, e.g. a seed that just took our seed order.
                 tokio::time::sleep(not_yet).await;
                 not_yet = (not_yet * 2).min(Duration::from_millis(200));
             }
@@ -189,19 +188,9 @@ pub(super) async fn from_source(
             JobError::Fatal(e.into())
         }
     };
-    let body = origin
-        .range(&url, piece.offset, piece.length, total, "")
+    let chunks = range_body(&origin, &url, piece, total, "", &progress)
         .await
         .map_err(fail)?;
-    let mut body = std::pin::pin!(body);
-    let mut chunks = Vec::new();
-    while let Some(c) = body.next().await {
-        let c = c.map_err(fail)?;
-        progress
-            .origin_bytes
-            .fetch_add(c.len() as u64, Ordering::Relaxed);
-        chunks.push(c);
-    }
     verify_and_store(&task, piece, chunks, want).await
 }
 

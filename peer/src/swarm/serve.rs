@@ -238,7 +238,7 @@ impl PieceSource for Swarm {
 
     fn call(self: Arc<Self>, req: Wire, body: Bytes) -> BoxFuture<'static, Result<Bytes, Status>> {
         let r = match req {
-            Wire::Fetch { task, .. } => self.clone().take_order(task, &body),
+            Wire::SeedOrder { task, .. } => self.clone().take_order(task, &body),
             _ => self.schedulers.answer(req, &body),
         };
         Box::pin(async move { r })

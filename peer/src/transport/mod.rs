@@ -804,7 +804,7 @@ impl Parent {
         Ok(HaveReply::decode(&chunks.concat())?)
     }
 
-    /// A body-carrying call (fetch order, scheduler RPC); `make` builds the request for the
+    /// A body-carrying call (seed order, scheduler RPC); `make` builds the request for the
     /// body's length, which must be within [`wire::MAX_BODY`].
     pub async fn call(
         &self,

@@ -10,8 +10,8 @@
 //! - 3 have (`index` = log position, `aux` = log epoch): the pieces verified since that
 //!   position of the parent's verification log, with their SHA-256s (see [`HaveReply`]); the
 //!   parent holds the answer up to about a second while it has no news (long poll);
-//! - 4 fetch (body: JSON [`FetchOrder`](crate::swarm::FetchOrder)): asks a seed peer to go
-//!   back to source for a task, which it then serves;
+//! - 4 seed order (body: JSON [`SeedOrder`](crate::swarm::SeedOrder), the client's request):
+//!   asks a seed peer to go back to source for a task, which it then serves;
 //! - 5 announce, 6 candidates (body: JSON): scheduler calls (see `scheduler::service`).
 //!
 //! Response header (fixed 13 bytes): `"STLR" | version u8 | status u8 | reserved u8 |
@@ -49,7 +49,7 @@ pub enum Request {
         epoch: u32,
         since: u32,
     },
-    Fetch {
+    SeedOrder {
         task: TaskId,
         body: u32,
     },
@@ -96,7 +96,7 @@ impl Request {
     /// The body length that follows the fixed part.
     pub fn body_len(&self) -> u32 {
         match *self {
-            Request::Fetch { body, .. }
+            Request::SeedOrder { body, .. }
             | Request::Announce { body }
             | Request::Candidates { body, .. } => body,
             _ => 0,
@@ -109,7 +109,7 @@ impl Request {
             Request::Manifest { .. } => MAX_MANIFEST_LEN,
             Request::Piece { .. } => MAX_PIECE_LENGTH,
             Request::Have { .. } => MAX_HAVE_LEN,
-            Request::Fetch { .. } | Request::Announce { .. } | Request::Candidates { .. } => {
+            Request::SeedOrder { .. } | Request::Announce { .. } | Request::Candidates { .. } => {
                 MAX_RPC_REPLY
             }
         }
@@ -125,7 +125,7 @@ impl Request {
             Request::Manifest { task } => (1, task, 0, 0),
             Request::Piece { task, index } => (2, task, index, 0),
             Request::Have { task, epoch, since } => (3, task, since, epoch),
-            Request::Fetch { task, .. } => (4, task, 0, 0),
+            Request::SeedOrder { task, .. } => (4, task, 0, 0),
             Request::Announce { .. } => (5, none, 0, 0),
             Request::Candidates { task, .. } => (6, task, 0, 0),
         };
@@ -182,7 +182,7 @@ impl Request {
                     since: index,
                 },
             ),
-            4 => Ok(Request::Fetch { task, body }),
+            4 => Ok(Request::SeedOrder { task, body }),
             5 => Ok(Request::Announce { body }),
             6 => Ok(Request::Candidates { task, body }),
             k => Err(WireError::Kind(k)),
@@ -323,7 +323,7 @@ mod tests {
                 epoch: 3,
                 since: 9,
             },
-            Request::Fetch {
+            Request::SeedOrder {
                 task: task(),
                 body: 100,
             },
