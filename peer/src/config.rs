@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -25,7 +25,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where tasks are stored. Default: /var/lib/starling as root, else
@@ -43,7 +43,7 @@ pub struct Config {
 }
 
 /// The eBPF path probes (see [`crate::netprobe`]).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetprobeConfig {
     /// Load the eBPF probes. Without privileges the daemon logs one line and uses QUIC's own
@@ -74,7 +74,7 @@ impl Default for NetprobeConfig {
 
 /// The registry mirror and HTTP(S) proxy in front of local container runtimes (see
 /// [`crate::proxy`]).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Where the mirror / proxy listens (`host:port`); empty disables it. Default
@@ -124,7 +124,7 @@ impl Default for ProxyConfig {
 }
 
 /// The daemon as a peer: where it serves pieces over QUIC and how it downloads from others.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PeerConfig {
     /// QUIC (UDP) address peers connect to. Default `0.0.0.0:7950`.
@@ -180,7 +180,7 @@ impl Default for PeerConfig {
 }
 
 /// Where the schedulers are (`starling daemon`) and how one behaves (`starling scheduler`).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerSection {
     /// Schedulers (`host:port`); tasks are split among them by consistent hashing of the task
@@ -208,7 +208,7 @@ impl Default for SchedulerSection {
 /// The cluster CA. Unset (default): a CA is generated in `<data_dir>/tls/` on first start,
 /// which is enough for peers sharing one data directory's CA (one host). For a cluster, give
 /// every node the same CA certificate and key files; each node issues its own certificate.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM file of the cluster CA certificate.
@@ -217,7 +217,7 @@ pub struct TlsConfig {
     pub ca_key: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DaemonConfig {
     /// The local API's unix socket (mode 0600: only the daemon's user may use it). Default:
@@ -256,7 +256,7 @@ impl Default for DaemonConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GcConfig {
     /// A task not used for this long is evicted. Default 86400 (one day).
@@ -270,7 +270,7 @@ pub struct GcConfig {
     pub low_watermark: f64,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SourceConfig {
     /// Parallel Range requests per task. Default 4.
@@ -289,7 +289,7 @@ pub struct SourceConfig {
     pub filtered_query_params: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// Verified pieces are journaled in groups at this interval in milliseconds: the most
@@ -623,5 +623,52 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    /// Every key the configuration has, as `section.key`, from the defaults with the optional
+    /// keys set (TOML leaves out unset ones).
+    fn every_key() -> Vec<String> {
+        let mut c = Config::default();
+        c.tls.ca_cert = Some("a".into());
+        c.tls.ca_key = Some("b".into());
+        c.proxy.mitm_ca_cert = Some("c".into());
+        c.proxy.mitm_ca_key = Some("d".into());
+        c.netprobe.object = Some("e".into());
+        c.daemon.socket = Some("f".into());
+        let v: toml::Value = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        let mut keys = Vec::new();
+        for (k, v) in v.as_table().unwrap() {
+            match v.as_table() {
+                Some(t) => keys.extend(t.keys().map(|n| format!("{k}.{n}"))),
+                None => keys.push(k.clone()),
+            }
+        }
+        keys
+    }
+
+    #[test]
+    fn the_configuration_reference_documents_every_key_and_no_other() {
+        let doc = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+        )
+        .unwrap();
+        let keys = every_key();
+        assert!(keys.len() > 40, "{keys:?}");
+        for k in &keys {
+            assert!(
+                doc.contains(&format!("`{k}`")),
+                "docs/configuration.md does not document {k}"
+            );
+        }
+        // Every key the reference's table names is one the configuration has.
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let cell = line.split('|').nth(1).unwrap_or_default();
+            for name in cell.split('`').skip(1).step_by(2) {
+                assert!(
+                    keys.iter().any(|k| k == name),
+                    "docs/configuration.md names {name}, which is not a key"
+                );
+            }
+        }
     }
 }
