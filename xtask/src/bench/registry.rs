@@ -65,16 +65,21 @@ pub fn run(args: Args) -> Result<()> {
 
     // Directly from the registry.
     let before = sent(&registry);
-    let direct = pull_all(&lab, nodes, &dir, "direct", |i, out| {
+    // `skopeo copy` of the image into `out` on host `i`, through the mirrors in `conf` if given.
+    let copy = |i: usize, out: &str, conf: Option<&std::path::Path>| {
         let mut c = lab.command(i, "skopeo");
-        c.arg("--insecure-policy")
-            .arg("copy")
+        c.arg("--insecure-policy");
+        if let Some(conf) = conf {
+            c.arg("--registries-conf").arg(conf);
+        }
+        c.arg("copy")
             .arg("--src-cert-dir")
             .arg(&ca.cert_dir)
             .arg(format!("docker://{}/bench/app:v1", registry.addr))
             .arg(format!("oci:{out}:v1"));
         c
-    })?;
+    };
+    let direct = pull_all(&lab, nodes, &dir, "direct", |i, out| copy(i, out, None))?;
     let direct_sent = sent(&registry) - before;
     check_outputs(&image, &dir, "direct", nodes)?;
 
@@ -96,16 +101,7 @@ pub fn run(args: Args) -> Result<()> {
     let cpu0: f64 = daemon_cpu(&cluster);
     let before = sent(&registry);
     let starling = pull_all(&lab, nodes, &dir, "starling", |i, out| {
-        let mut c = lab.command(i, "skopeo");
-        c.arg("--insecure-policy")
-            .arg("--registries-conf")
-            .arg(&conf)
-            .arg("copy")
-            .arg("--src-cert-dir")
-            .arg(&ca.cert_dir)
-            .arg(format!("docker://{}/bench/app:v1", registry.addr))
-            .arg(format!("oci:{out}:v1"));
-        c
+        copy(i, out, Some(&conf))
     })?;
     let starling_sent = sent(&registry) - before;
     let cpu = daemon_cpu(&cluster) - cpu0;
