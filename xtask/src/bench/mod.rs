@@ -8,6 +8,7 @@
 //! | [`stock`] | `bench stock`: the same job for Starling and the stock peers |
 //! | [`registry`] | `bench registry`: image pulls through the mirror vs from the registry |
 //! | [`adapt`] | `bench adapt`: path adaptation on vs off per netlab topology |
+//! | [`throughput`] | `bench throughput`: fast links vs nginx → curl and aria2, CPU per GiB |
 //!
 //! The harness: [`run`] runs one swarm job (also the demo's), [`procs`] measures processes,
 //! [`make_file`] writes the payload, [`release_build`] prepares the binaries.
@@ -18,6 +19,7 @@ pub mod registry;
 pub mod run;
 pub mod stock;
 pub mod swarm;
+pub mod throughput;
 
 use std::path::Path;
 use std::process::Command;
@@ -48,6 +50,9 @@ pub enum Bench {
     Registry(registry::Args),
     /// Path adaptation on vs off on the netlab topologies (jumbo, dind, vxlan, lossy).
     Adapt(adapt::Args),
+    /// Fast links: 1 → 1 unshaped (MTU 1500 and 9000), 1 → 4 at 1 and 10 Gbit/s, against
+    /// nginx → curl and aria2: GB/s and CPU per GiB, machine-wide and per process.
+    Throughput(throughput::Args),
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -57,6 +62,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Stock(a) => stock::run(a),
         Bench::Registry(a) => registry::run(a),
         Bench::Adapt(a) => adapt::run(a),
+        Bench::Throughput(a) => throughput::run(a),
     }
 }
 

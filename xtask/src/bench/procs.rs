@@ -27,6 +27,59 @@ pub fn cpu_split(pid: u32) -> (f64, f64) {
     (ticks(11) / hz, ticks(12) / hz)
 }
 
+/// The whole machine's CPU time so far, from the first line of /proc/stat: every process and
+/// the kernel's work for them (softirqs included), in seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MachineCpu {
+    /// user + nice.
+    pub user: f64,
+    pub system: f64,
+    /// Interrupts and softirqs (the network stack's receive work, tbf, veth).
+    pub softirq: f64,
+    /// Everything but idle and iowait.
+    pub busy: f64,
+    /// Everything.
+    pub total: f64,
+}
+
+impl MachineCpu {
+    pub fn now() -> MachineCpu {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        Self::parse(stat.lines().next().unwrap_or(""))
+    }
+
+    /// The `cpu` line: user nice system idle iowait irq softirq steal ...
+    fn parse(line: &str) -> MachineCpu {
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let total: f64 = v.iter().sum();
+        MachineCpu {
+            user: (at(0) + at(1)) / hz,
+            system: at(2) / hz,
+            softirq: (at(5) + at(6)) / hz,
+            busy: (total - at(3) - at(4)) / hz,
+            total: total / hz,
+        }
+    }
+
+    /// What was spent between `before` and `self`.
+    pub fn since(&self, before: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            user: self.user - before.user,
+            system: self.system - before.system,
+            softirq: self.softirq - before.softirq,
+            busy: self.busy - before.busy,
+            total: self.total - before.total,
+        }
+    }
+}
+
 /// A live process and its live descendants (nginx's workers, a shell's children).
 pub fn tree(pid: u32) -> Vec<u32> {
     let mut all = vec![pid];
@@ -142,6 +195,18 @@ impl Drop for Tracked {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn machine_cpu_splits_the_stat_line() {
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let m = super::MachineCpu::parse("cpu  100 20 300 4000 50 6 70 0 0 0");
+        assert_eq!(m.user, 120.0 / hz);
+        assert_eq!(m.system, 300.0 / hz);
+        assert_eq!(m.softirq, 76.0 / hz);
+        assert_eq!(m.busy, (4546.0 - 4050.0) / hz);
+        let later = super::MachineCpu::parse("cpu  200 20 300 4000 50 6 70 0 0 0");
+        assert_eq!(later.since(&m).busy, 100.0 / hz);
+    }
+
     use super::cpu_split;
 
     #[test]

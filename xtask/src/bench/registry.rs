@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use starling_tests::registry::{skopeo, OciImage, Registry, TestCa};
 use starling_tests::{is_root, sha256_file, Cluster, Lab};
 
-use super::procs::cpu_secs;
+use super::procs::{cpu_secs, MachineCpu};
 use super::{release_build, MIB};
 use crate::{root, sh};
 
@@ -170,22 +170,6 @@ struct Timing {
     busy: f64,
 }
 
-/// (busy, total) jiffies of the whole machine, from /proc/stat.
-fn machine_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
-}
-
 fn pull_all(
     _lab: &Lab,
     nodes: usize,
@@ -194,7 +178,7 @@ fn pull_all(
     cmd: impl Fn(usize, &str) -> std::process::Command,
 ) -> Result<Timing> {
     let start = Instant::now();
-    let j0 = machine_jiffies();
+    let m0 = MachineCpu::now();
     let children: Vec<Child> = (1..=nodes)
         .map(|i| {
             let out = dir.join(format!("{name}-{i}"));
@@ -222,9 +206,9 @@ fn pull_all(
         bail!("{name}: a skopeo pull failed ({st})");
     }
     let times: Vec<f64> = times.iter().map(|(_, t)| *t).collect();
-    let j1 = machine_jiffies();
+    let m = MachineCpu::now().since(&m0);
     Ok(Timing {
-        busy: (j1.0 - j0.0) as f64 / (j1.1 - j0.1).max(1) as f64,
+        busy: m.busy / m.total.max(f64::MIN_POSITIVE),
         wall: start.elapsed().as_secs_f64(),
         min: times.iter().copied().fold(f64::MAX, f64::min),
         max: times.iter().copied().fold(0.0, f64::max),

@@ -26,6 +26,8 @@ pub struct Job<'a> {
     pub piece_length: Option<u64>,
     /// More TOML for every node's `[peer]` table.
     pub peer_toml: &'a str,
+    /// More top-level TOML for every node (a `[daemon]` table, say).
+    pub node_toml: &'a str,
     /// The seed starts with the file imported (`starling import` through its API, before the
     /// timer) and the peers name it by digest; else the seed reads the origin during the run.
     pub import: bool,
@@ -121,7 +123,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         None => Nginx::start(job.www),
     };
     let url = nginx.url(job.file);
-    let mut cluster = Cluster::new_in(job.lab, job.peers, job.peer_toml, "");
+    let mut cluster = Cluster::new_in(job.lab, job.peers, job.peer_toml, job.node_toml);
     cluster.start_all();
     let daemons: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let import = if job.import {

@@ -10,8 +10,8 @@
 //! `bench/results/<date>.md`, `<date>.csv` and PNG plots (completion-time CDF per scenario,
 //! time vs peer count), and prints the table.
 
-mod bt;
-mod report;
+pub(crate) mod bt;
+pub(crate) mod report;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -162,6 +162,19 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// A run that could not be made at all: every downloader failed, with `e` as the reason.
+    pub fn failed(system: &str, peers: usize, e: anyhow::Error) -> Outcome {
+        Outcome {
+            system: system.to_string(),
+            done: vec![None; peers],
+            failures: vec![format!("{e:#}")],
+            cpu_secs: 0.0,
+            rss_kib: Vec::new(),
+            seed_sent: 0,
+            verified: false,
+        }
+    }
+
     pub fn new(
         system: String,
         status: Vec<Status>,
@@ -304,7 +317,9 @@ fn picks(name: &str, wanted: &str) -> bool {
 /// downloader host, each asked for the file through its local API at once. With `import`
 /// the seed has the file imported before the timer starts (its CPU is printed, not counted,
 /// like mktorrent's for the BitTorrent systems); without, it reads the origin during the run.
-fn starling(job: &Job, import: bool) -> Result<Outcome> {
+/// Starling on `job`: the seed imports the file first (`import`) or reads the nginx origin;
+/// `node_toml` is extra top-level configuration for every node.
+pub fn starling(job: &Job, import: bool, node_toml: &str) -> Result<Outcome> {
     let www = job.file.parent().context("the file has no directory")?;
     let o = swarm::run(&swarm::Job {
         lab: Some(job.lab),
@@ -315,6 +330,7 @@ fn starling(job: &Job, import: bool) -> Result<Outcome> {
         live: false,
         piece_length: None,
         peer_toml: "",
+        node_toml,
         import,
     })?;
     if let Some(i) = &o.import {
@@ -563,8 +579,8 @@ fn run_one(
     let announce = format!("http://{}:{}/announce", lab.hosts[0].addr, bt::TRACKER_PORT);
     let work = dir.join("run").join(s.name());
     let out = match *s {
-        System::Starling => starling(&job, true),
-        System::StarlingOrigin => starling(&job, false),
+        System::Starling => starling(&job, true, ""),
+        System::StarlingOrigin => starling(&job, false, ""),
         System::Http => http(&job, &work),
         System::Bt(client, piece) => (|| {
             if !torrents.iter().any(|t| t.piece_mib == piece) {
@@ -578,13 +594,5 @@ fn run_one(
             bt::run(client, &job, t, &work)
         })(),
     };
-    out.unwrap_or_else(|e| Outcome {
-        system: s.name(),
-        done: vec![None; sc.peers],
-        failures: vec![format!("{e:#}")],
-        cpu_secs: 0.0,
-        rss_kib: Vec::new(),
-        seed_sent: 0,
-        verified: false,
-    })
+    out.unwrap_or_else(|e| Outcome::failed(&s.name(), sc.peers, e))
 }

@@ -275,7 +275,7 @@ fn parse_row(line: &str) -> Option<(Scenario, Outcome)> {
     Some((sc, o))
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     std::process::Command::new("date")
         .args(["-u", "+%F"])
         .output()
@@ -485,7 +485,7 @@ fn targets(sc: &Scenario, sums: &[Summary]) -> String {
 
 /// plotters draws text with ab_glyph from a TTF registered at run time (Debian's
 /// fonts-dejavu-core, installed by setup). Without it, no plots.
-fn load_font() -> bool {
+pub(crate) fn load_font() -> bool {
     static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ONCE.get_or_init(|| {
         let Ok(bytes) = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf") else {
@@ -497,7 +497,7 @@ fn load_font() -> bool {
     })
 }
 
-fn color(i: usize) -> RGBColor {
+pub(crate) fn color(i: usize) -> RGBColor {
     const C: [RGBColor; 10] = [
         RGBColor(214, 39, 40),
         RGBColor(31, 119, 180),
@@ -513,7 +513,7 @@ fn color(i: usize) -> RGBColor {
     C[i % C.len()]
 }
 
-fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("{e:?}")
 }
 
