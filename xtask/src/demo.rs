@@ -56,7 +56,7 @@ pub fn run(args: Args) -> Result<()> {
         live: true,
         piece_length: None,
         peer_toml: "",
-        node_toml: "",
+        daemon_toml: "",
         import: false,
     };
     let o = swarm::run(&job)?;

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use starling::daemon::api::{ApiEvent, GetRequest, ImportRequest};
 use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx, ShaperCount};
 
-use super::procs::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs};
+use super::procs::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs, MachineCpu};
 
 pub struct Job<'a> {
     pub lab: Option<&'a Lab>,
@@ -26,8 +26,8 @@ pub struct Job<'a> {
     pub piece_length: Option<u64>,
     /// More TOML for every node's `[peer]` table.
     pub peer_toml: &'a str,
-    /// More top-level TOML for every node (a `[daemon]` table, say).
-    pub node_toml: &'a str,
+    /// More keys for every node's `[daemon]` table (`runtime_threads = 1`, say).
+    pub daemon_toml: &'a str,
     /// The seed starts with the file imported (`starling import` through its API, before the
     /// timer) and the peers name it by digest; else the seed reads the origin during the run.
     pub import: bool,
@@ -68,6 +68,9 @@ pub struct Outcome {
     pub peak_rss_kib: Vec<u64>,
     /// The nginx origin's CPU seconds.
     pub origin_cpu_secs: f64,
+    /// What the whole machine spent while the peers downloaded (their outputs' checks come
+    /// after).
+    pub machine: MachineCpu,
     /// Bytes the seed host sent on its link (lab runs; 0 on loopback).
     pub seed_sent: u64,
     /// What the seed's upload shaper passed (every packet's headers) and dropped (zeros
@@ -123,7 +126,16 @@ pub fn run(job: &Job) -> Result<Outcome> {
         None => Nginx::start(job.www),
     };
     let url = nginx.url(job.file);
-    let mut cluster = Cluster::new_in(job.lab, job.peers, job.peer_toml, job.node_toml);
+    let mut cluster = Cluster::new_in(job.lab, job.peers, job.peer_toml, "");
+    if !job.daemon_toml.is_empty() {
+        // The harness writes each node's [daemon] table; these keys go into it.
+        for n in &cluster.nodes {
+            let path = n.scratch.config_path();
+            let text = std::fs::read_to_string(&path)?;
+            let with = format!("[daemon]\n{}\n", job.daemon_toml.trim_end());
+            std::fs::write(&path, text.replacen("[daemon]\n", &with, 1))?;
+        }
+    }
     cluster.start_all();
     let daemons: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let import = if job.import {
@@ -168,6 +180,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
     .map(|s| s.progress_chars("=> "))
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
     let start = Instant::now();
+    let machine0 = MachineCpu::now();
     // Dropped when every peer is done, which stops the sampler below at once.
     let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let seed = &cluster.nodes[0];
@@ -227,6 +240,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         drop(done_tx);
         results
     });
+    let machine = MachineCpu::now().since(&machine0);
     let split: Vec<(f64, f64)> = pids
         .iter()
         .zip(&cpu0)
@@ -286,6 +300,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         uploaded,
         peak_rss_kib,
         origin_cpu_secs,
+        machine,
         seed_sent,
         seed_shaper,
         peers_shaper,

@@ -114,7 +114,7 @@ pub fn run(args: Args) -> Result<()> {
         live: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         piece_length: piece_kib.map(|k| k * 1024),
         peer_toml: &peer_toml,
-        node_toml: "",
+        daemon_toml: "",
         import,
     };
     let o = swarm::run(&job)?;

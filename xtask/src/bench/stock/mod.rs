@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file, Lab, Nginx};
 
-use super::procs::{self, tree_cpu_secs};
+use super::procs::{self, tree_cpu_secs, MachineCpu};
 use super::run as swarm;
 use super::{make_file, MIB};
 use crate::{cargo, root, setup, sh};
@@ -159,6 +159,8 @@ pub struct Outcome {
     pub seed_sent: u64,
     /// Every finished downloader's file matches the SHA-256.
     pub verified: bool,
+    /// What the whole machine spent while the downloaders ran (None: not measured).
+    pub machine: Option<MachineCpu>,
 }
 
 impl Outcome {
@@ -172,12 +174,13 @@ impl Outcome {
             rss_kib: Vec::new(),
             seed_sent: 0,
             verified: false,
+            machine: None,
         }
     }
 
     pub fn new(
         system: String,
-        status: Vec<Status>,
+        (status, machine): (Vec<Status>, MachineCpu),
         cpu_secs: f64,
         rss_kib: Vec<u64>,
         seed_sent: u64,
@@ -211,6 +214,7 @@ impl Outcome {
             rss_kib,
             seed_sent,
             verified,
+            machine: Some(machine),
         }
     }
 
@@ -229,11 +233,14 @@ impl Outcome {
 
 /// Polls every downloader (`poll(i)`, i from 0) every 20 ms until none is running or the job's
 /// limit passes; those still running then are failed as timed out.
+/// Also returns what the whole machine spent from the call until the last downloader ended
+/// (the outputs' checks come after).
 pub fn collect(
     job: &Job,
     start: Instant,
     mut poll: impl FnMut(usize) -> Result<Status>,
-) -> Result<Vec<Status>> {
+) -> Result<(Vec<Status>, MachineCpu)> {
+    let machine0 = MachineCpu::now();
     let mut status: Vec<Status> = (0..job.peers).map(|_| Status::Running).collect();
     loop {
         for (i, s) in status.iter_mut().enumerate() {
@@ -242,7 +249,7 @@ pub fn collect(
             }
         }
         if !status.iter().any(|s| matches!(s, Status::Running)) {
-            return Ok(status);
+            return Ok((status, MachineCpu::now().since(&machine0)));
         }
         if start.elapsed() > job.limit {
             let why = format!("not complete after {:.0} s", job.limit.as_secs_f64());
@@ -251,7 +258,7 @@ pub fn collect(
                     *s = Status::Failed(why.clone());
                 }
             }
-            return Ok(status);
+            return Ok((status, MachineCpu::now().since(&machine0)));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -318,8 +325,8 @@ fn picks(name: &str, wanted: &str) -> bool {
 /// the seed has the file imported before the timer starts (its CPU is printed, not counted,
 /// like mktorrent's for the BitTorrent systems); without, it reads the origin during the run.
 /// Starling on `job`: the seed imports the file first (`import`) or reads the nginx origin;
-/// `node_toml` is extra top-level configuration for every node.
-pub fn starling(job: &Job, import: bool, node_toml: &str) -> Result<Outcome> {
+/// `daemon_toml` holds more keys for every node's `[daemon]` table.
+pub fn starling(job: &Job, import: bool, daemon_toml: &str) -> Result<Outcome> {
     let www = job.file.parent().context("the file has no directory")?;
     let o = swarm::run(&swarm::Job {
         lab: Some(job.lab),
@@ -330,7 +337,7 @@ pub fn starling(job: &Job, import: bool, node_toml: &str) -> Result<Outcome> {
         live: false,
         piece_length: None,
         peer_toml: "",
-        node_toml,
+        daemon_toml,
         import,
     })?;
     if let Some(i) = &o.import {
@@ -360,6 +367,7 @@ pub fn starling(job: &Job, import: bool, node_toml: &str) -> Result<Outcome> {
         cpu_secs: o.cpu_secs + o.origin_cpu_secs,
         rss_kib: o.peak_rss_kib[1..].to_vec(),
         seed_sent: o.seed_sent,
+        machine: Some(o.machine),
     })
 }
 

@@ -271,6 +271,7 @@ fn parse_row(line: &str) -> Option<(Scenario, Outcome)> {
         rss_kib: vec![(c[16].parse::<f64>().ok()? * 1024.0) as u64],
         seed_sent: (c[13].parse::<f64>().ok()? * size) as u64,
         verified: c[17] == "true",
+        machine: None,
     };
     Some((sc, o))
 }
@@ -705,6 +706,7 @@ mod tests {
             rss_kib: vec![1024, 4096, 2048],
             seed_sent: 64 * MIB,
             verified: true,
+            machine: None,
         };
         let (sc2, o2) = parse_row(&csv_row(&sc, &o, 1)).expect("row");
         assert_eq!(
@@ -732,6 +734,7 @@ mod tests {
             rss_kib: vec![40 << 10],
             seed_sent: MIB,
             verified: true,
+            machine: None,
         }
     }
 
