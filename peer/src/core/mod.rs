@@ -1,6 +1,7 @@
 //! Core types shared by every layer: digests, task IDs, the piece plan, the manifest, and what a
 //! client asks for.
 
+mod chain;
 pub mod codec;
 mod digest;
 mod manifest;
@@ -8,6 +9,7 @@ mod piece;
 mod request;
 mod task_id;
 
+pub use chain::{Chain, ChainValue};
 pub use digest::{Digest, DigestError, Sha256Stream};
 pub use manifest::{Manifest, ManifestError};
 pub use piece::{

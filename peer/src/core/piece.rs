@@ -69,7 +69,7 @@ impl PiecePlan {
     /// A plan with an explicit piece length (validated).
     pub fn new(content_length: u64, piece_length: u64) -> Result<Self, PiecePlanError> {
         if !(MIN_PIECE_LENGTH..=MAX_PIECE_LENGTH).contains(&piece_length)
-            || piece_length % 4096 != 0
+            || !piece_length.is_multiple_of(4096)
         {
             return Err(PiecePlanError::BadPieceLength(piece_length));
         }
@@ -241,7 +241,7 @@ mod tests {
         #[test]
         fn default_plan_is_valid(len in any::<u64>()) {
             let plan = PiecePlan::with_default(len >> 8);
-            prop_assert!(plan.piece_length() % 4096 == 0);
+            prop_assert!(plan.piece_length().is_multiple_of(4096));
             prop_assert_eq!(plan.content_length(), len >> 8);
         }
     }

@@ -417,7 +417,7 @@ fn sim(pieces: u32, parents: Vec<SimParent>, source_allowed: bool, streaming: bo
                             assert!(!blacklisted.contains(&id), "asked a blacklisted parent");
                             let n = asked.entry(id).or_default();
                             *n += 1;
-                            if p.drop_every > 0 && *n % p.drop_every == 0 {
+                            if p.drop_every > 0 && (*n).is_multiple_of(p.drop_every) {
                                 continue; // never answered: must time out
                             }
                             p.rate

@@ -112,7 +112,7 @@ pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<(u32, Digest)>
     let mut out = Vec::with_capacity(whole.min(plan.count() as usize));
     for (n, rec) in buf.chunks_exact(JOURNAL_RECORD).enumerate() {
         let Some(body) = codec::unseal(rec) else {
-            if n + 1 == whole && buf.len() % JOURNAL_RECORD == 0 {
+            if n + 1 == whole && buf.len().is_multiple_of(JOURNAL_RECORD) {
                 break; // torn last record: the append never completed
             }
             return Err(format!("journal record {n} has a bad checksum"));

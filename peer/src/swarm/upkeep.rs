@@ -45,7 +45,7 @@ pub(super) async fn run(swarm: Weak<Swarm>) {
             s.node.gather_reads(gather.decide(&live));
         }
         n += 1;
-        if n % 10 == 0 {
+        if n.is_multiple_of(10) {
             s.probe.attach_new();
             s.probe.expire(Duration::from_secs(300));
         }
