@@ -6,9 +6,10 @@
 //!    never makes the registry send the blob again once the swarm holds it.
 //! 2. The swarm fetches the task (its ID is the digest, so the same blob through any registry,
 //!    tag or mirror is one task), in the background: a client that hangs up does not stop it.
-//! 3. Bytes stream to the client in order as pieces verify. The proxy hashes what it sends and
-//!    compares the whole blob's SHA-256 with the digest before the last piece leaves; on a
-//!    mismatch (or a failed fetch) the response is aborted, so the client sees a broken
+//! 3. Bytes stream to the client in order as pieces verify. The last piece leaves only once the
+//!    swarm has checked the whole blob against its digest (its pull ends well, and the sealed
+//!    content digest is the one asked for): the proxy does not hash the blob a third time. On
+//!    a mismatch (or a failed pull) the response is aborted, so the client sees a broken
 //!    connection and retries, and never a complete wrong body.
 //! 4. A Range request is served once the whole blob is verified: 206 with Content-Range, or 416.
 
@@ -25,8 +26,8 @@ use tokio::sync::watch;
 use super::route::{self, Range};
 use super::{error_response, pass, Body, Proxy};
 use crate::core::Request as FetchRequest;
-use crate::core::{Digest, Sha256Stream, TaskId};
-use crate::fetch::{exit, Progress};
+use crate::core::{Digest, TaskId};
+use crate::fetch::{exit, FetchError, Progress};
 use crate::storage::UploadView;
 use crate::swarm::PullError;
 
@@ -35,6 +36,8 @@ use crate::swarm::PullError;
 struct Failure {
     status: StatusCode,
     message: String,
+    /// Why a streamed response is aborted (`starling_proxy_aborts_total{cause}`).
+    cause: &'static str,
 }
 
 impl From<&PullError> for Failure {
@@ -44,9 +47,14 @@ impl From<&PullError> for Failure {
             exit::USAGE => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         };
+        let cause = match e {
+            PullError::Fetch(FetchError::DigestMismatch { .. }) => "digest_mismatch",
+            _ => "fetch_failed",
+        };
         Failure {
             status,
             message: e.to_string(),
+            cause,
         }
     }
 }
@@ -65,6 +73,7 @@ fn outcome(done: &Done) -> Option<Result<(), Failure>> {
         None if done.fetch.has_changed().is_err() => Some(Err(Failure {
             status: StatusCode::BAD_GATEWAY,
             message: "the fetch stopped unexpectedly; retry".into(),
+            cause: "fetch_failed",
         })),
         None => None,
     }
@@ -214,6 +223,7 @@ async fn wait_view(p: &Proxy, id: &TaskId, done: &mut Done) -> Result<Arc<Upload
             return Err(Failure {
                 status: StatusCode::BAD_GATEWAY,
                 message: format!("task {id} finished but is not served; retry"),
+                cause: "fetch_failed",
             });
         }
         tick(done).await;
@@ -242,10 +252,12 @@ async fn ranged(
         let piece = plan.piece_at(at).ok_or_else(|| Failure {
             status: StatusCode::BAD_GATEWAY,
             message: format!("offset {at} is outside task {id}"),
+            cause: "fetch_failed",
         })?;
         let bytes = view.piece(piece.index).ok_or_else(|| Failure {
             status: StatusCode::BAD_GATEWAY,
             message: format!("piece {} of task {id} is not verified; retry", piece.index),
+            cause: "fetch_failed",
         })?;
         let from = (at - piece.offset) as usize;
         let to = (end.min(piece.end() - 1) - piece.offset + 1) as usize;
@@ -286,7 +298,6 @@ async fn feed(
     out: &mut mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
 ) -> Result<(), std::io::Error> {
     let count = view.plan().count();
-    let mut hasher = Sha256Stream::new();
     let mut changes = view.subscribe();
     let mut next = 0u32;
     let aborted = |cause: &'static str, why: String| {
@@ -296,7 +307,7 @@ async fn feed(
     while next < count {
         let Some(bytes) = view.piece(next) else {
             if let Some(Err(f)) = outcome(&done) {
-                return Err(aborted("fetch_failed", f.message));
+                return Err(aborted(f.cause, f.message));
             }
             tokio::select! {
                 _ = changes.changed() => {}
@@ -311,12 +322,10 @@ async fn feed(
             }
             continue;
         };
-        hasher.update(&bytes);
         if next + 1 == count {
-            check_end(&mut done, hasher, digest, &id)
+            check_end(&mut done, &view, digest, &id)
                 .await
                 .map_err(|(c, w)| aborted(c, w))?;
-            hasher = Sha256Stream::new();
         }
         let n = bytes.len() as u64;
         if out.send(Ok(Frame::data(bytes))).await.is_err() {
@@ -326,39 +335,41 @@ async fn feed(
         next += 1;
     }
     if count == 0 {
-        check_end(&mut done, hasher, digest, &id)
+        check_end(&mut done, &view, digest, &id)
             .await
             .map_err(|(c, w)| aborted(c, w))?;
     }
     Ok(())
 }
 
-/// Before the last bytes leave: the whole blob must hash to its digest (or, without a digest,
-/// the swarm must have verified the content against its manifest).
+/// Before the last bytes leave: the swarm's pull must have ended well, which means it checked
+/// the whole content end to end (against `digest` when there is one, and a stored copy against
+/// its manifest), and the sealed content digest must be the one asked for.
 async fn check_end(
     done: &mut Done,
-    hasher: Sha256Stream,
+    view: &UploadView,
     digest: Option<Digest>,
     id: &TaskId,
 ) -> Result<(), (&'static str, String)> {
-    match digest {
-        Some(want) => {
-            let got = hasher.finish();
-            if got != want {
-                tracing::error!(task = %id, expected = %want, actual = %got, "blob digest mismatch before the last byte; response aborted, the client will retry");
-                return Err((
-                    "digest_mismatch",
-                    format!("blob content hashes to {got}, not {want}"),
-                ));
-            }
-            Ok(())
+    loop {
+        match outcome(done) {
+            Some(Ok(())) => break,
+            Some(Err(f)) => return Err((f.cause, f.message)),
+            None => tick(done).await,
         }
-        None => loop {
-            match outcome(done) {
-                Some(Ok(())) => return Ok(()),
-                Some(Err(f)) => return Err(("fetch_failed", f.message)),
-                None => tick(done).await,
-            }
-        },
+    }
+    match (digest, view.content_digest()) {
+        (Some(want), Some(got)) if got != want => {
+            tracing::error!(task = %id, expected = %want, actual = %got, "blob digest mismatch before the last byte; response aborted, the client will retry");
+            Err((
+                "digest_mismatch",
+                format!("blob content hashes to {got}, not {want}"),
+            ))
+        }
+        (Some(_), None) => Err((
+            "fetch_failed",
+            format!("task {id} ended without a sealed content digest; retry"),
+        )),
+        _ => Ok(()),
     }
 }
