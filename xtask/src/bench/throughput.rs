@@ -120,13 +120,60 @@ struct Row {
     shape: Shape,
     system: String,
     round: usize,
-    out: Outcome,
+    /// Until the last downloader had the file; None when any failed or did not verify.
+    wall: Option<f64>,
     machine: MachineCpu,
+    /// The system's own processes' CPU seconds.
+    own: f64,
+    /// Why it failed, if it did.
+    failure: Option<String>,
 }
 
 impl Row {
+    fn new(shape: Shape, system: &str, round: usize, out: &Outcome) -> Row {
+        Row {
+            shape,
+            system: system.to_string(),
+            round,
+            wall: out.ok().then(|| out.wall()).flatten(),
+            // While the downloaders ran: the outputs' checks come after.
+            machine: out.machine.unwrap_or_default(),
+            own: out.cpu_secs,
+            failure: (!out.ok()).then(|| {
+                out.failures
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "failed".into())
+            }),
+        }
+    }
+
+    /// A row of an earlier invocation's CSV (see [`write`]).
+    fn parse(line: &str) -> Option<Row> {
+        let c: Vec<&str> = line.split(',').collect();
+        let name = *c.first()?;
+        let shape = *SHAPES.iter().find(|s| s.name == name)?;
+        let num = |i: usize| c.get(i).and_then(|v| v.parse::<f64>().ok());
+        let ok = *c.get(11)? == "true";
+        Some(Row {
+            shape,
+            system: c.get(1)?.to_string(),
+            round: c.get(2)?.parse().ok()?,
+            wall: num(3).filter(|_| ok),
+            machine: MachineCpu {
+                busy: num(6)?,
+                user: num(7)?,
+                system: num(8)?,
+                softirq: num(9)?,
+                total: 0.0,
+            },
+            own: num(10)?,
+            failure: (!ok).then(|| "failed (an earlier run)".to_string()),
+        })
+    }
+
     fn wall(&self) -> Option<f64> {
-        self.out.ok().then(|| self.out.wall()).flatten()
+        self.wall
     }
 
     fn gbps(&self) -> Option<f64> {
@@ -222,24 +269,15 @@ pub fn run(args: Args) -> Result<()> {
                     ("aria2", Some(t)) => bt::run(bt::Client::Aria2, &job, t, &work),
                     _ => bail!("no way to run {system}"),
                 };
-                let mut out = out.unwrap_or_else(|e| Outcome::failed(system, shape.peers, e));
-                // While the downloaders ran: the outputs' checks come after.
-                let machine = out.machine.unwrap_or_default();
-                out.system = system.to_string();
-                let row = Row {
-                    shape: *shape,
-                    system: system.to_string(),
-                    round,
-                    out,
-                    machine,
-                };
+                let out = out.unwrap_or_else(|e| Outcome::failed(system, shape.peers, e));
+                let row = Row::new(*shape, system, round, &out);
                 println!("  {}", line(&row));
                 rows.push(row);
             }
         }
         drop(lab);
     }
-    for p in write(&root().join("bench/results"), &rows)? {
+    for p in write(&root().join("bench/results"), rows)? {
         println!("wrote {}", p.display());
     }
     Ok(())
@@ -250,7 +288,7 @@ fn line(r: &Row) -> String {
         return format!(
             "{:<12} failed: {}",
             r.system,
-            r.out.failures.first().map_or("", String::as_str)
+            r.failure.as_deref().unwrap_or("")
         );
     };
     let vs = r
@@ -266,7 +304,7 @@ fn line(r: &Row) -> String {
         r.per_gib(m.user),
         r.per_gib(m.system),
         r.per_gib(m.softirq),
-        r.per_gib(r.out.cpu_secs),
+        r.per_gib(r.own),
     )
 }
 
@@ -323,7 +361,7 @@ fn summaries(rows: &[Row]) -> Vec<Summary> {
                     med(&|r| r.per_gib(r.machine.system)),
                     med(&|r| r.per_gib(r.machine.softirq)),
                 ],
-                own: med(&|r| r.per_gib(r.out.cpu_secs)),
+                own: med(&|r| r.per_gib(r.own)),
             }
         })
         .collect()
@@ -333,30 +371,38 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |x| format!("{x:.digits$}"))
 }
 
-/// Writes today's report (md, csv, PNGs) from `rows`; returns the paths.
-fn write(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>> {
+/// Writes today's report (md, csv, PNGs) from `new` and the rows of today's earlier
+/// invocations whose shape and system `new` did not run again; returns the paths.
+fn write(dir: &Path, new: Vec<Row>) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let date = today();
     let base = dir.join(format!("{date}-throughput"));
+    let earlier = std::fs::read_to_string(base.with_extension("csv")).unwrap_or_default();
+    let mut rows: Vec<Row> = earlier
+        .lines()
+        .skip(1)
+        .filter_map(Row::parse)
+        .filter(|old| {
+            !new.iter()
+                .any(|r| r.shape.name == old.shape.name && r.system == old.system)
+        })
+        .collect();
+    rows.extend(new);
+    // Shapes, then systems, in their listed order; each pair's runs in order.
+    rows.sort_by_key(|r| {
+        (
+            SHAPES.iter().position(|s| s.name == r.shape.name),
+            SYSTEMS.iter().position(|y| *y == r.system),
+            r.round,
+        )
+    });
+    let rows = &rows[..];
     let mut csv = String::from(
         "shape,system,round,wall_s,gb_per_s,t_min_s,machine_cpu_s,machine_user_s,machine_system_s,machine_softirq_s,own_cpu_s,verified\n",
     );
     for r in rows {
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{}\n",
-            r.shape.name,
-            r.system,
-            r.round,
-            fmt(r.wall(), 3),
-            fmt(r.gbps(), 3),
-            fmt(r.shape.t_min(), 3),
-            r.machine.busy,
-            r.machine.user,
-            r.machine.system,
-            r.machine.softirq,
-            r.out.cpu_secs,
-            r.out.ok()
-        ));
+        csv.push_str(&csv_line(r));
+        csv.push('\n');
     }
     let csv_path = base.with_extension("csv");
     std::fs::write(&csv_path, csv)?;
@@ -419,6 +465,25 @@ fn write(dir: &Path, rows: &[Row]) -> Result<Vec<PathBuf>> {
     std::fs::write(&md_path, md)?;
     paths.insert(0, md_path);
     Ok(paths)
+}
+
+/// A row as the CSV holds it (and [`Row::parse`] reads it back).
+fn csv_line(r: &Row) -> String {
+    format!(
+        "{},{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{}",
+        r.shape.name,
+        r.system,
+        r.round,
+        fmt(r.wall(), 3),
+        fmt(r.gbps(), 3),
+        fmt(r.shape.t_min(), 3),
+        r.machine.busy,
+        r.machine.user,
+        r.machine.system,
+        r.machine.softirq,
+        r.own,
+        r.wall.is_some()
+    )
 }
 
 /// One value per shape and system: a point per system at each shape, joined by a line.
@@ -488,4 +553,39 @@ fn plot(
         .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_csv_row_reads_back() {
+        let r = Row {
+            shape: SHAPES[2],
+            system: "aria2".into(),
+            round: 1,
+            wall: Some(12.5),
+            machine: MachineCpu {
+                user: 1.0,
+                system: 2.0,
+                softirq: 0.5,
+                busy: 3.5,
+                total: 9.0,
+            },
+            own: 3.25,
+            failure: None,
+        };
+        let line = csv_line(&r);
+        let back = Row::parse(&line).expect("parses");
+        assert_eq!(
+            (back.shape.name, back.system.as_str(), back.round),
+            ("fan-1g", "aria2", 1)
+        );
+        assert_eq!(back.wall, Some(12.5));
+        assert_eq!((back.machine.busy, back.own), (3.5, 3.25));
+        let failed = line.replace(",true", ",false");
+        assert_eq!(Row::parse(&failed).expect("parses").wall, None);
+        assert!(Row::parse("nope,aria2,0").is_none());
+    }
 }
