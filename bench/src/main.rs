@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use futures::StreamExt;
-use starling::core::{Chain, ChainValue, Digest, PiecePlan, Sha256Stream, TaskId};
+use starling::core::{Chain, ChainValue, Digest, Manifest, PiecePlan, Sha256Stream, TaskId};
 use starling::storage::{LeaseMode, Store, TaskHeader};
 use starling_tests::{random_bytes, sha256_file, Nginx};
 
@@ -208,13 +208,15 @@ fn bench_store(work: &Path, runs: usize) -> Result<(f64, f64)> {
                 url: String::new(),
             };
             let task = store.create(store.acquire(&id, LeaseMode::Exclusive).await?, header)?;
-            let digests: Vec<Digest> = ps.iter().map(|p| Digest::of(p)).collect();
+            let whole: Vec<u8> = ps.iter().flat_map(|p| p.iter().copied()).collect();
+            let m = Manifest::of_content(plan, &whole)?;
+            drop(whole);
             let t = Instant::now();
             let writes = plan.pieces().map(|p| {
                 task.write_piece(
                     p,
                     vec![ps[p.index as usize].clone()],
-                    digests[p.index as usize],
+                    m.link(p.index).expect("a piece of the plan"),
                 )
             });
             let results: Vec<_> = futures::stream::iter(writes)

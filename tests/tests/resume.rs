@@ -5,7 +5,7 @@ use std::time::Duration;
 use starling_tests::*;
 
 const MIB: usize = 1024 * 1024;
-const RECORD: u64 = 40; // bytes per journal record
+const RECORD: u64 = starling::storage::JOURNAL_RECORD as u64;
 const PL: u64 = 128 * 1024;
 
 /// A `get` of 8 MiB in 128 KiB pieces, killed with SIGKILL once a quarter of its pieces are
@@ -100,7 +100,7 @@ fn journaled_pieces_whose_bytes_are_gone_are_fetched_again() {
     );
     assert!(
         run.stderr
-            .contains("no longer match their journaled digests"),
+            .contains("no longer match their journaled chain values"),
         "{}",
         run.stderr
     );

@@ -227,13 +227,13 @@ fn a_parent_killed_mid_transfer_leaves_its_children_to_finish_from_others() {
     assert!(s.origin_bytes() as f64 <= 1.05 * s.len as f64);
 }
 
-/// Pieces durable in a node's journal (40-byte records).
+/// Pieces durable in a node's journal.
 fn durable_pieces(node: &Node) -> u64 {
     node.scratch
         .tasks()
         .iter()
         .filter_map(|t| std::fs::metadata(t.join("journal")).ok())
-        .map(|m| m.len() / 40)
+        .map(|m| m.len() / starling::storage::JOURNAL_RECORD as u64)
         .sum()
 }
 
@@ -484,8 +484,9 @@ impl Rogue {
         task: starling::core::TaskId,
         data: Vec<u8>,
     ) -> Rogue {
-        use starling::core::{Digest, PiecePlan};
+        use starling::core::{Digest, Manifest, PiecePlan};
         use starling::scheduler::{Announce, Holding};
+        use starling::storage::LogEntry;
         use starling::transport::wire::{self, HaveReply, Request, Status, REQUEST_LEN};
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -494,10 +495,10 @@ impl Rogue {
             .expect("runtime");
         let id = member(ca);
         let plan = PiecePlan::with_default(data.len() as u64);
-        let hashes: Vec<Digest> = plan
-            .pieces()
-            .map(|p| Digest::of(&data[p.offset as usize..p.end() as usize]))
-            .collect();
+        let hashes = Manifest::of_content(plan, &data)
+            .expect("manifest")
+            .piece_values()
+            .to_vec();
         let content = Digest::of(&data);
         let pieces_asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -526,7 +527,11 @@ impl Rogue {
                                         hashes
                                             .iter()
                                             .enumerate()
-                                            .map(|(i, d)| (i as u32, *d))
+                                            .map(|(i, v)| LogEntry {
+                                                index: i as u32,
+                                                value: *v,
+                                                held: true,
+                                            })
                                             .collect()
                                     } else {
                                         Vec::new()

@@ -9,10 +9,14 @@
 //! a plain digest is enough ([`Digest::of`], [`super::Sha256Stream`]).
 //!
 //! Piece boundaries must fall on 64-byte blocks: every piece length is a multiple of 4096.
+//!
+//! A piece's *end value* is the chaining value at its end, except for the last piece, whose end
+//! value is the content's digest itself (the finalised hash). Piece `i` is checked from the end
+//! value of piece `i - 1` (or [`ChainValue::START`]) to its own: [`Link`].
 
 use sha2::block_api::compress256;
 
-use super::Digest;
+use super::{Digest, Piece};
 
 /// SHA-256's initial hash value (FIPS 180-4, 5.3.3).
 const IV: [u32; 8] = [
@@ -34,6 +38,16 @@ impl ChainValue {
             o.copy_from_slice(&w.to_be_bytes());
         }
         out
+    }
+
+    /// The last piece's end value: the content's digest.
+    pub fn of_digest(d: Digest) -> ChainValue {
+        ChainValue::from_bytes(d.0)
+    }
+
+    /// This value as a digest (meaningful for the last piece's end value).
+    pub fn to_digest(self) -> Digest {
+        Digest(self.to_bytes())
     }
 
     pub fn from_bytes(b: [u8; 32]) -> ChainValue {
@@ -124,6 +138,43 @@ impl Chain {
     }
 }
 
+/// A piece's place in the chain: its index and the values at its start and end. A piece is
+/// verified when its bytes, hashed from `start`, end at `end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub start: ChainValue,
+    pub end: ChainValue,
+}
+
+impl Link {
+    /// The end value of `piece`'s bytes (in chunks of any size) hashed from `start`; `last`
+    /// says whether it is the content's last piece (its end value is then the digest).
+    pub fn end_of<B: AsRef<[u8]>>(
+        start: ChainValue,
+        piece: &Piece,
+        last: bool,
+        chunks: &[B],
+    ) -> ChainValue {
+        let mut c = Chain::resume(start, piece.offset);
+        for b in chunks {
+            c.update(b.as_ref());
+        }
+        if last {
+            ChainValue::of_digest(c.finish())
+        } else {
+            // Piece lengths are multiples of 4096, so a piece's end is a block boundary; if a
+            // caller passed fewer bytes than that, this is a value no honest piece ends at.
+            c.value().unwrap_or(ChainValue([0; 8]))
+        }
+    }
+
+    /// Whether `piece`'s bytes hash from this link's start to its end.
+    pub fn holds<B: AsRef<[u8]>>(&self, piece: &Piece, last: bool, chunks: &[B]) -> bool {
+        Link::end_of(self.start, piece, last, chunks) == self.end
+    }
+}
+
 impl Default for Chain {
     fn default() -> Self {
         Chain::new()
@@ -177,6 +228,29 @@ mod tests {
         assert_eq!(
             ChainValue::from_bytes(ChainValue::START.to_bytes()),
             ChainValue::START
+        );
+    }
+
+    #[test]
+    fn a_link_checks_a_piece_from_its_start_to_its_end() {
+        let data = bytes(3 * 4096 + 100, 9);
+        let plan = crate::core::PiecePlan::new(data.len() as u64, 16384).unwrap();
+        let p = plan.piece(0).unwrap();
+        let end = Link::end_of(ChainValue::START, &p, true, &[&data[..10], &data[10..]]);
+        assert_eq!(end.to_digest(), Digest::of(&data));
+        let link = Link {
+            index: 0,
+            start: ChainValue::START,
+            end,
+        };
+        assert!(link.holds(&p, true, &[&data[..]]));
+        let mut bad = data.clone();
+        bad[5000] ^= 1;
+        assert!(!link.holds(&p, true, &[&bad[..]]));
+        // A short piece never ends at a boundary value.
+        assert_eq!(
+            Link::end_of(ChainValue::START, &p, false, &[&data[..100]]),
+            ChainValue([0; 8])
         );
     }
 

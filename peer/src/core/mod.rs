@@ -9,7 +9,7 @@ mod piece;
 mod request;
 mod task_id;
 
-pub use chain::{Chain, ChainValue};
+pub use chain::{Chain, ChainValue, Link};
 pub use digest::{Digest, DigestError, Sha256Stream};
 pub use manifest::{Manifest, ManifestError};
 pub use piece::{

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::core::{Digest, Import, Manifest, PiecePlan, Sha256Stream, TaskId};
+use crate::core::{ChainValue, Digest, Import, Link, Manifest, PiecePlan, TaskId};
 use crate::storage::{StoreError, TaskHeader};
 
 use super::{FetchError, Fetched, Fetcher, Progress, Served};
@@ -172,9 +172,9 @@ fn place(src: &Path, dst: &Path, link: bool, len: u64) -> Result<(), FetchError>
     }
 }
 
-/// Every piece's SHA-256 and the whole content's, read once: the pieces on this thread, the
-/// whole content in order on another (fed the same buffers). Plain reads, not a memory map: a
-/// hard-linked file truncated meanwhile is an error here, not a SIGBUS.
+/// Every piece's end value and the content's digest, in one pass: each byte read and hashed
+/// once, into one reused buffer. Plain reads, not a memory map: a hard-linked file truncated
+/// meanwhile is an error here, not a SIGBUS.
 fn hash_file(
     path: &Path,
     piece_length: Option<u64>,
@@ -195,41 +195,20 @@ fn hash_file(
             .map_err(|e| StoreError::Uring(std::io::Error::other(e.to_string())))?,
         None => PiecePlan::with_default(len),
     };
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-    let (pieces, content) = std::thread::scope(|sc| {
-        let whole = sc.spawn(move || {
-            let mut h = Sha256Stream::new();
-            for buf in rx {
-                h.update(&buf);
-            }
-            h
-        });
-        let mut pieces = Vec::with_capacity(plan.count() as usize);
-        let mut read = || -> Result<(), StoreError> {
-            for p in plan.pieces() {
-                let mut buf = vec![0u8; p.length as usize];
-                file.read_exact(&mut buf).map_err(io_err("read"))?;
-                pieces.push(Digest::of(&buf));
-                progress.done.fetch_add(p.length, Ordering::Relaxed);
-                if tx.send(buf).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        };
-        let res = read();
-        drop(tx);
-        (res.map(|()| pieces), whole.join())
-    });
-    let pieces = pieces?;
-    let content = content
-        .map_err(|_| StoreError::Uring(std::io::Error::other("the hashing thread panicked")))?;
-    if content.len() != len {
-        return Err(StoreError::Uring(std::io::Error::other(format!(
-            "{} changed while it was imported",
-            path.display()
-        ))));
+    let mut values = Vec::with_capacity(plan.count() as usize);
+    let mut value = ChainValue::START;
+    let mut buf = vec![0u8; plan.piece_length().min(len) as usize];
+    for p in plan.pieces() {
+        let buf = &mut buf[..p.length as usize];
+        file.read_exact(buf).map_err(io_err("read"))?;
+        value = Link::end_of(value, &p, p.index + 1 == plan.count(), &[&buf[..]]);
+        values.push(value);
+        progress.done.fetch_add(p.length, Ordering::Relaxed);
     }
-    Manifest::new(plan, pieces, content.finish())
+    let content = match values.last() {
+        Some(v) => v.to_digest(),
+        None => Digest::of(b""),
+    };
+    Manifest::new(plan, values, content)
         .map_err(|e| StoreError::Uring(std::io::Error::other(e.to_string())))
 }

@@ -5,8 +5,9 @@
 //! One pipeline, parameterised: fresh, resumed, ranged and sequential downloads differ only in
 //! which pieces are missing and where their bytes come from. Ranged downloads are planned by
 //! the swarm's own [`crate::engine`] (no parents, the origin as the source), and every download
-//! gets its whole-content hash from [`FollowHash`], as swarm downloads do: one planner and one
-//! hasher for every download.
+//! gets its pieces' values and the content's digest from the in-order chain
+//! ([`crate::storage::Chainer`]), as swarm downloads do: one planner and one hasher for every
+//! download, and each byte hashed once.
 
 mod import;
 pub mod output;
@@ -21,11 +22,9 @@ use reqwest::Response;
 use tracing::Instrument;
 
 use crate::context::NodeContext;
-use crate::core::{
-    Digest, Manifest, PiecePlan, PiecePlanError, Request, Sha256Stream, TaskId, TaskIdError,
-};
+use crate::core::{Digest, Manifest, PiecePlan, PiecePlanError, Request, TaskId, TaskIdError};
 use crate::source::{exact_body, Origin, SourceError};
-use crate::storage::{Feed, FollowHash, Lease, LeaseMode, StoreError, TaskHandle, TaskHeader};
+use crate::storage::{ChainEnd, Feed, Lease, LeaseMode, StoreError, TaskHandle, TaskHeader};
 
 pub use import::Staged;
 pub use ranged::range_body;
@@ -340,19 +339,20 @@ impl Fetcher {
         loop {
             on_open(&task);
             let plan = task.plan();
-            let have = task.piece_digests();
+            let have = task.bitmap();
             progress
                 .total
                 .store(plan.content_length(), Ordering::Relaxed);
             let stored: u64 = plan
                 .pieces()
-                .filter(|p| have[p.index as usize].is_some())
+                .filter(|p| have[p.index as usize])
                 .map(|p| p.length)
                 .sum();
             progress.done.store(stored, Ordering::Relaxed);
-            // The whole-content hash follows the verified pieces in order, as in every download.
-            let follow = FollowHash::start(task.upload_view()?);
-            let feed = follow.feed();
+            // The chain follows the pieces in order, as in every download: origin pieces get
+            // their values from it, and the content its digest.
+            let chainer = task.chainer()?;
+            let feed = chainer.feed();
             let task_now = Arc::new(task);
             let res = if ranged {
                 let res = ranged::fetch(
@@ -384,10 +384,7 @@ impl Fetcher {
                 StoreError::Uring(std::io::Error::other("a piece job outlived its download"))
             })?;
             res?;
-            let actual = match follow.finish(task.epoch()).await {
-                Some(d) => d,
-                None => task.hash_content().await?,
-            };
+            let actual = chain_digest(chainer.finish().await, url)?;
             match req.digest {
                 Some(expected) if expected != actual => {
                     let lease = task.discard()?;
@@ -425,7 +422,7 @@ impl Fetcher {
             if dropped > 0 {
                 tracing::warn!(
                     dropped,
-                    "stored pieces no longer match their journaled digests (lost in a crash, or damaged on disk); fetching them again"
+                    "stored pieces no longer match their journaled chain values (lost in a crash, or damaged on disk); fetching them again"
                 );
             }
             return Ok(Err(Missing::Partial(task)));
@@ -516,11 +513,11 @@ impl Fetcher {
                 .into());
             }
         }
-        let have = task.piece_digests();
+        let have = task.bitmap();
         let mut body = std::pin::pin!(exact_body(url.to_string(), resp, len));
         let mut pieces = plan.pieces();
         let mut piece = pieces.next();
-        let (mut cur, mut cur_len, mut hash) = (Vec::new(), 0u64, Sha256Stream::new());
+        let (mut cur, mut cur_len) = (Vec::new(), 0u64);
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk?;
             progress
@@ -534,20 +531,18 @@ impl Fetcher {
                 } else {
                     std::mem::take(&mut chunk)
                 };
-                let stored = have[p.index as usize].is_some();
+                let stored = have[p.index as usize];
                 cur_len += part.len() as u64;
                 if !stored {
-                    hash.update(&part);
                     cur.push(part);
                 }
                 if cur_len < p.length {
                     continue;
                 }
                 if !stored {
-                    let digest = std::mem::take(&mut hash).finish();
                     let chunks = std::mem::take(&mut cur);
                     feed.feed(p.index, &chunks);
-                    task.write_piece(p, chunks, digest).await?;
+                    task.store_unchecked(p, chunks).await?;
                     progress.done.fetch_add(p.length, Ordering::Relaxed);
                 }
                 cur_len = 0;
@@ -563,5 +558,22 @@ impl Fetcher {
             }
             .into()),
         }
+    }
+}
+
+/// The content's digest from how its chain ended. A conflict means the origin's bytes end at
+/// another value than the swarm gave for that piece: the origin's content changed.
+pub(crate) fn chain_digest(end: ChainEnd, url: &str) -> Result<Digest, FetchError> {
+    match end {
+        ChainEnd::Done(d) => Ok(d),
+        ChainEnd::Conflict { index } => Err(SourceError::Changed {
+            url: url.into(),
+            detail: format!("piece {index} from the origin does not match the swarm's chain value"),
+        }
+        .into()),
+        ChainEnd::Reset => Err(StoreError::Uring(std::io::Error::other(
+            "the in-order chain over the stored pieces stopped before the end",
+        ))
+        .into()),
     }
 }

@@ -1,12 +1,13 @@
 //! Back to source with parallel Range requests, planned by the same sans-IO [`Engine`] that
 //! plans swarm downloads: here it has no parents, and the origin is its only source, with
 //! `source.concurrency` requests in flight. The engine picks pieces in index order (nobody holds
-//! any, so all are equally rare), which keeps the in-order whole-content hash
-//! ([`crate::storage::FollowHash`], the one every download uses) close behind the last piece.
+//! any, so all are equally rare), which keeps the in-order chain ([`crate::storage::Chainer`],
+//! which gives origin pieces their values and the content its digest) close behind the last
+//! piece.
 //!
 //! Each request is one checked Range request ([`Origin::range`]), retried with backoff by
-//! [`Retry`]; a piece is hashed as it arrives and stored with its digest. A failure that
-//! outlasts the retries ends the download with that failure.
+//! [`Retry`]; a piece is handed to the chain and stored unchecked until the chain reaches it. A
+//! failure that outlasts the retries ends the download with that failure.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,13 +20,13 @@ use tracing::Instrument;
 
 use super::retry::Retry;
 use super::{FetchError, Progress};
-use crate::core::{Piece, Sha256Stream};
+use crate::core::Piece;
 use crate::engine::{Action, Engine, EngineConfig, Peer};
 use crate::source::{Origin, SourceError};
 use crate::storage::{Feed, StoreError, TaskHandle};
 
 /// Fetches every piece `task` lacks over `concurrency` parallel Range requests.
-/// Each piece's buffers go to `feed` (the whole-content hash) before the piece is stored.
+/// Each piece's buffers go to `feed` (the chain) before the piece is stored.
 pub async fn fetch(
     origin: &Origin,
     retry: &Retry,
@@ -36,7 +37,7 @@ pub async fn fetch(
     feed: &Feed,
 ) -> Result<(), FetchError> {
     let plan = task.plan();
-    let have: Vec<bool> = task.piece_digests().iter().map(Option::is_some).collect();
+    let have = task.bitmap();
     let mut engine = Engine::new(
         plan,
         &have,
@@ -124,7 +125,7 @@ struct PieceJob {
 }
 
 impl PieceJob {
-    /// One attempt at one piece: a checked Range request, hashed as it arrives, then stored.
+    /// One attempt at one piece: a checked Range request, then stored for the chain.
     async fn piece(&self, piece: Piece) -> Result<(), FetchError> {
         let total = self.task.plan().content_length();
         let chunks = range_body(
@@ -136,12 +137,8 @@ impl PieceJob {
             &self.progress,
         )
         .await?;
-        let mut hash = Sha256Stream::new();
-        for c in &chunks {
-            hash.update(c);
-        }
         self.feed.feed(piece.index, &chunks);
-        self.task.write_piece(piece, chunks, hash.finish()).await?;
+        self.task.store_unchecked(piece, chunks).await?;
         self.progress
             .done
             .fetch_add(piece.length, Ordering::Relaxed);

@@ -1,28 +1,52 @@
-//! A task's verified pieces, shared by its handle and its upload views: each piece's SHA-256,
-//! and the order in which pieces were verified. The order is what peers follow: a child asks
-//! "what have you verified since entry N of your log?" and gets only the news, so a 1024-piece
-//! bitmap with its hashes is never re-sent. A watch wakes long-polling children at once.
+//! A task's verified pieces and the chain values it knows, shared by its handle and its upload
+//! views.
+//!
+//! - **Values.** Each piece's end value (see [`crate::core::Link`]), once known: from a piece
+//!   this node verified, or heard from a parent (the first parent to name a value wins; a
+//!   piece checked against a wrong value fails, and the whole content's check at the end
+//!   stands behind every value).
+//! - **Verified pieces**, which are served, and pieces stored from the origin that wait for the
+//!   in-order chain (`storage/follow.rs`) to give them their values (not served until then).
+//! - **The log** that children follow: "what have you verified since entry N?" gets only the
+//!   news, so a 1024-piece bitmap with its values is never re-sent. Each entry is a verified
+//!   piece with its end value, or a value this node used (the start of a piece it verified)
+//!   without holding the piece it ends. So whatever a child sees held, it can check. A watch
+//!   wakes long-polling children at once.
 
 use std::sync::Mutex;
 
 use tokio::sync::watch;
 
-use crate::core::Digest;
+use crate::core::{ChainValue, Link};
 
 pub struct Book {
     inner: Mutex<Inner>,
-    /// Bumped on every change (a piece verified, or the task reset/sealed).
+    /// Bumped on every change (a piece verified or stored, or the task reset/sealed).
     changed: watch::Sender<u64>,
 }
 
 struct Inner {
-    digests: Vec<Option<Digest>>,
-    log: Vec<u32>,
+    values: Vec<Option<ChainValue>>,
+    verified: Vec<bool>,
+    verified_count: u32,
+    /// Stored from the origin, waiting for the chain to reach it.
+    unchecked: Vec<bool>,
+    /// Whether a piece's end value is in the log.
+    logged: Vec<bool>,
+    log: Vec<Entry>,
     /// Increases whenever the log is reset (discard), so a child's position is known stale.
     epoch: u32,
-    /// Pieces an earlier run's journal names: not verified (never served, not in `digests`)
-    /// until the task handle re-hashes them.
-    claimed: Vec<(u32, Digest)>,
+    /// Pieces an earlier run's journal names: not verified (never served) until the task
+    /// handle re-hashes them.
+    claimed: Vec<Link>,
+}
+
+/// One log entry: piece `index`'s end value, and whether this node holds that piece.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub index: u32,
+    pub value: ChainValue,
+    pub held: bool,
 }
 
 /// News from a book: entries from `since` on, or everything when `since` is stale.
@@ -31,21 +55,31 @@ pub struct LogSlice {
     pub epoch: u32,
     /// Log length after these entries.
     pub end: u32,
-    pub entries: Vec<(u32, Digest)>,
+    pub entries: Vec<Entry>,
+}
+
+/// What [`Book::learn`] made of a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learned {
+    /// New, or the value already known.
+    Agrees,
+    /// Another value is already known for this piece: the new one is not used.
+    Conflicts,
+    /// No such piece.
+    OutOfRange,
 }
 
 impl Book {
-    pub fn new(digests: Vec<Option<Digest>>) -> Book {
-        let log = digests
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.is_some())
-            .map(|(i, _)| i as u32)
-            .collect();
+    /// A book with nothing known.
+    pub fn new(count: usize) -> Book {
         Book {
             inner: Mutex::new(Inner {
-                digests,
-                log,
+                values: vec![None; count],
+                verified: vec![false; count],
+                verified_count: 0,
+                unchecked: vec![false; count],
+                logged: vec![false; count],
+                log: Vec::new(),
                 epoch: 0,
                 claimed: Vec::new(),
             }),
@@ -55,14 +89,14 @@ impl Book {
 
     /// A book with nothing verified yet, and `claimed` pieces to re-check (see
     /// [`Book::take_claims`]).
-    pub fn claimed(count: usize, claimed: Vec<(u32, Digest)>) -> Book {
-        let book = Book::new(vec![None; count]);
+    pub fn claimed(count: usize, claimed: Vec<Link>) -> Book {
+        let book = Book::new(count);
         book.with(|i| i.claimed = claimed);
         book
     }
 
     /// The claimed pieces, once: the caller verifies them and marks those that pass.
-    pub fn take_claims(&self) -> Vec<(u32, Digest)> {
+    pub fn take_claims(&self) -> Vec<Link> {
         self.with(|i| std::mem::take(&mut i.claimed))
     }
 
@@ -77,30 +111,82 @@ impl Book {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    pub fn digests(&self) -> Vec<Option<Digest>> {
-        self.with(|i| i.digests.clone())
+    /// Which pieces are verified.
+    pub fn bitmap(&self) -> Vec<bool> {
+        self.with(|i| i.verified.clone())
     }
 
-    pub fn digest(&self, index: u32) -> Option<Digest> {
-        self.with(|i| i.digests.get(index as usize).copied().flatten())
+    pub fn is_verified(&self, index: u32) -> bool {
+        self.with(|i| i.verified.get(index as usize).copied().unwrap_or(false))
+    }
+
+    pub fn is_unchecked(&self, index: u32) -> bool {
+        self.with(|i| i.unchecked.get(index as usize).copied().unwrap_or(false))
     }
 
     pub fn count(&self) -> u32 {
-        self.with(|i| i.log.len() as u32)
+        self.with(|i| i.verified_count)
     }
 
-    /// Marks a piece verified (once; re-marking keeps its place in the log).
-    pub fn mark(&self, index: u32, digest: Digest) {
-        let fresh = self.with(|i| match i.digests.get_mut(index as usize) {
-            Some(slot) => {
-                let fresh = slot.is_none();
-                *slot = Some(digest);
-                if fresh {
-                    i.log.push(index);
-                }
-                fresh
+    /// Piece `index`'s end value, if known.
+    pub fn value(&self, index: u32) -> Option<ChainValue> {
+        self.with(|i| i.value(index))
+    }
+
+    /// Piece `index`'s start and end values, each if known.
+    pub fn link(&self, index: u32) -> (Option<ChainValue>, Option<ChainValue>) {
+        self.with(|i| (i.start(index), i.value(index)))
+    }
+
+    /// Every end value known, in piece order.
+    pub fn values(&self) -> Vec<Option<ChainValue>> {
+        self.with(|i| i.values.clone())
+    }
+
+    /// Records a value heard from a parent. The first value known for a piece stays.
+    pub fn learn(&self, index: u32, value: ChainValue) -> Learned {
+        self.with(|i| match i.values.get_mut(index as usize) {
+            None => Learned::OutOfRange,
+            Some(slot @ None) => {
+                *slot = Some(value);
+                Learned::Agrees
             }
-            None => false,
+            Some(Some(v)) if *v == value => Learned::Agrees,
+            Some(Some(_)) => Learned::Conflicts,
+        })
+    }
+
+    /// Marks a piece verified: its bytes hashed from `link.start` to `link.end` (once;
+    /// re-marking keeps its place in the log). Its start value goes in the log too if it is
+    /// not there yet, so a child can check it.
+    pub fn mark(&self, link: Link) {
+        let fresh = self.with(|i| {
+            let n = link.index as usize;
+            if n >= i.verified.len() || i.verified[n] {
+                return false;
+            }
+            i.verified[n] = true;
+            i.verified_count += 1;
+            i.unchecked[n] = false;
+            if n > 0 {
+                i.values[n - 1].get_or_insert(link.start);
+                if !i.logged[n - 1] {
+                    i.logged[n - 1] = true;
+                    i.log.push(Entry {
+                        index: link.index - 1,
+                        value: link.start,
+                        held: false,
+                    });
+                }
+            }
+            i.values[n] = Some(link.end);
+            i.logged[n] = true;
+            i.log.push(Entry {
+                index: link.index,
+                value: link.end,
+                held: true,
+            });
+            true
         });
         if fresh {
             self.bump();
@@ -108,18 +194,38 @@ impl Book {
     }
 
     /// Marks every piece at once (a sealed task vouched for by its manifest).
-    pub fn mark_all(&self, digests: impl Iterator<Item = Digest>) {
+    pub fn mark_all(&self, values: &[ChainValue]) {
         self.with(|i| {
-            for (n, d) in digests.enumerate() {
-                if let Some(slot) = i.digests.get_mut(n) {
-                    if slot.is_none() {
-                        i.log.push(n as u32);
-                    }
-                    *slot = Some(d);
+            for (n, &v) in values.iter().enumerate().take(i.verified.len()) {
+                i.values[n] = Some(v);
+                i.unchecked[n] = false;
+                if !i.verified[n] {
+                    i.verified[n] = true;
+                    i.verified_count += 1;
+                    i.logged[n] = true;
+                    i.log.push(Entry {
+                        index: n as u32,
+                        value: v,
+                        held: true,
+                    });
                 }
             }
         });
         self.bump();
+    }
+
+    /// Records that piece `index` was stored from the origin and waits for the chain.
+    pub fn store_unchecked(&self, index: u32) {
+        let fresh = self.with(|i| match i.unchecked.get_mut(index as usize) {
+            Some(u) if !*u && !i.verified[index as usize] => {
+                *u = true;
+                true
+            }
+            _ => false,
+        });
+        if fresh {
+            self.bump();
+        }
     }
 
     /// Bumped by every [`Book::reset`].
@@ -127,10 +233,14 @@ impl Book {
         self.with(|i| i.epoch)
     }
 
-    /// Forgets every piece (the task was discarded).
+    /// Forgets every piece and value (the task was discarded).
     pub fn reset(&self) {
         self.with(|i| {
-            i.digests.iter_mut().for_each(|d| *d = None);
+            i.values.iter_mut().for_each(|v| *v = None);
+            i.verified.iter_mut().for_each(|v| *v = false);
+            i.unchecked.iter_mut().for_each(|v| *v = false);
+            i.logged.iter_mut().for_each(|v| *v = false);
+            i.verified_count = 0;
             i.log.clear();
             i.claimed.clear();
             i.epoch += 1;
@@ -149,10 +259,7 @@ impl Book {
             LogSlice {
                 epoch: i.epoch,
                 end: i.log.len() as u32,
-                entries: i.log[start..]
-                    .iter()
-                    .filter_map(|&p| i.digests[p as usize].map(|d| (p, d)))
-                    .collect(),
+                entries: i.log[start..].to_vec(),
             }
         })
     }
@@ -167,27 +274,111 @@ impl Book {
     }
 }
 
+impl Inner {
+    fn value(&self, index: u32) -> Option<ChainValue> {
+        self.values.get(index as usize).copied().flatten()
+    }
+
+    fn start(&self, index: u32) -> Option<ChainValue> {
+        match index {
+            0 => Some(ChainValue::START),
+            i if (i as usize) <= self.values.len() => self.value(i - 1),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn v(n: u32) -> ChainValue {
+        ChainValue([n; 8])
+    }
+
+    fn link(index: u32) -> Link {
+        Link {
+            index,
+            start: if index == 0 {
+                ChainValue::START
+            } else {
+                v(index - 1)
+            },
+            end: v(index),
+        }
+    }
+
     #[test]
     fn log_follows_verification_order_and_resets() {
-        let b = Book::new(vec![None, Some(Digest::of(b"1")), None]);
+        let b = Book::new(3);
+        b.mark(link(1));
         assert_eq!(b.count(), 1);
-        b.mark(2, Digest::of(b"2"));
-        b.mark(2, Digest::of(b"2"));
-        b.mark(9, Digest::of(b"9"));
-        let s = b.since(0, 1);
-        assert_eq!(s.end, 2);
-        assert_eq!(s.entries, vec![(2, Digest::of(b"2"))]);
-        assert_eq!(b.since(0, 2).entries, vec![]);
+        // Piece 1's start (piece 0's end) is logged with it, as a value only.
+        assert_eq!(
+            b.since(0, 0).entries,
+            vec![
+                Entry {
+                    index: 0,
+                    value: v(0),
+                    held: false
+                },
+                Entry {
+                    index: 1,
+                    value: v(1),
+                    held: true
+                }
+            ]
+        );
+        b.mark(link(2));
+        b.mark(link(2));
+        b.mark(link(9));
+        let s = b.since(0, 2);
+        assert_eq!(s.end, 3);
+        assert_eq!(
+            s.entries,
+            vec![Entry {
+                index: 2,
+                value: v(2),
+                held: true
+            }]
+        );
+        assert_eq!(b.since(0, 3).entries, vec![]);
         // A position past the end, or of an old epoch, gets the whole log.
-        assert_eq!(b.since(0, 7).entries.len(), 2);
+        assert_eq!(b.since(0, 7).entries.len(), 3);
+        b.mark(link(0));
+        assert_eq!(
+            b.since(0, 3).entries.len(),
+            1,
+            "piece 0's value was logged, not the piece"
+        );
         b.reset();
-        b.mark(0, Digest::of(b"0"));
+        assert_eq!(b.value(2), None);
+        b.mark(link(0));
         let s = b.since(0, 1);
         assert_eq!((s.epoch, s.end), (1, 1));
-        assert_eq!(s.entries, vec![(0, Digest::of(b"0"))]);
+        assert_eq!(s.entries.len(), 1);
+    }
+
+    #[test]
+    fn the_first_value_heard_stays() {
+        let b = Book::new(2);
+        assert_eq!(b.link(0), (Some(ChainValue::START), None));
+        assert_eq!(b.learn(0, v(0)), Learned::Agrees);
+        assert_eq!(b.learn(0, v(0)), Learned::Agrees);
+        assert_eq!(b.learn(0, v(7)), Learned::Conflicts);
+        assert_eq!(b.learn(5, v(7)), Learned::OutOfRange);
+        assert_eq!(b.link(1), (Some(v(0)), None));
+        // Learned values are not news for children: only values this node used are.
+        assert!(b.since(0, 0).entries.is_empty());
+    }
+
+    #[test]
+    fn unchecked_pieces_are_not_verified_until_marked() {
+        let b = Book::new(2);
+        b.store_unchecked(1);
+        assert!(b.is_unchecked(1) && !b.is_verified(1));
+        assert_eq!(b.count(), 0);
+        b.mark(link(1));
+        assert!(!b.is_unchecked(1) && b.is_verified(1));
     }
 }

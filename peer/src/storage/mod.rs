@@ -1,14 +1,16 @@
 //! The piece store. One directory per task under `<data_dir>/tasks/<task-id>/`:
 //! - `content`: the preallocated content file; pieces are written at their offsets via io_uring;
 //! - `header`: what the task is (ID, plan, expected digest, origin validator), written once;
-//! - `journal`: append-only records of verified pieces, re-hashed before a resume trusts them;
-//! - `manifest`: every piece's SHA-256 and the content's, written when the task completes;
+//! - `journal`: append-only records of verified pieces (each with its start and end chain
+//!   values), re-hashed before a resume trusts them;
+//! - `manifest`: every piece's end value and the content's digest, written when the task
+//!   completes;
 //! - `lock`: flock'd by whoever uses the task; its mtime is the last use.
 //!
 //! See `record` for the on-disk formats, `uring` for the storage thread, `gc` for eviction.
 
 mod book;
-mod follow;
+mod chainer;
 mod gc;
 mod lease;
 mod record;
@@ -21,16 +23,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-pub use book::LogSlice;
-pub use follow::{Feed, FollowHash};
+pub use book::{Entry as LogEntry, Learned, LogSlice};
+pub use chainer::{ChainEnd, Chainer, Feed};
 pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
 pub use lease::{Lease, Mode as LeaseMode};
-pub use record::TaskHeader;
+pub use record::{TaskHeader, JOURNAL_RECORD};
 pub use task::TaskHandle;
 pub use upload::UploadView;
 
 use crate::config::GcConfig;
-use crate::core::{Digest, TaskId};
+use crate::core::{ChainValue, TaskId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,11 +45,13 @@ pub enum StoreError {
     },
     #[error("not enough disk space for {need} bytes at {}; free some space, or lower gc.high_watermark so old tasks are evicted", path.display())]
     NoSpace { path: PathBuf, need: u64 },
-    #[error("piece {index} does not match the manifest: got {got}, expected {want}")]
+    #[error(
+        "piece {index} does not match the manifest: it ends at {got:?}, the manifest says {want:?}"
+    )]
     PieceMismatch {
         index: u32,
-        got: Digest,
-        want: Digest,
+        got: ChainValue,
+        want: ChainValue,
     },
     #[error("storage: {0}")]
     Uring(io::Error),

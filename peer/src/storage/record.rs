@@ -12,12 +12,14 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use crate::core::codec::{self, put_string, Reader};
-use crate::core::{Digest, PiecePlan, TaskId, TaskKind};
+use crate::core::{ChainValue, Digest, Link, PiecePlan, TaskId, TaskKind};
 
 const HEADER_MAGIC: &[u8; 4] = b"STLH";
-const HEADER_VERSION: u16 = 1;
-/// One journal record: piece index u32, piece SHA-256, CRC32 of the 36 bytes before.
-pub const JOURNAL_RECORD: usize = 4 + 32 + 4;
+/// Version 2: the journal records chain values (version 1 journaled per-piece SHA-256s).
+const HEADER_VERSION: u16 = 2;
+/// One journal record: piece index u32, the piece's start and end values (see
+/// [`crate::core::Link`]), CRC32 of the 68 bytes before.
+pub const JOURNAL_RECORD: usize = 4 + 32 + 32 + 4;
 
 /// What a task was created with. Identifies the content it holds and the origin version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +68,9 @@ impl TaskHeader {
             return Err("header has the wrong magic bytes".into());
         }
         let version = r.u16().ok_or_else(short)?;
+        if version == 1 {
+            return Err("it was stored by an older Starling (task format 1, per-piece SHA-256s; this one uses chain values)".into());
+        }
         if version != HEADER_VERSION {
             return Err(format!("header version {version} is not supported"));
         }
@@ -97,17 +102,18 @@ impl TaskHeader {
     }
 }
 
-pub fn encode_journal_record(index: u32, digest: &Digest, out: &mut Vec<u8>) {
+pub fn encode_journal_record(link: &Link, out: &mut Vec<u8>) {
     let start = out.len();
-    out.extend_from_slice(&index.to_le_bytes());
-    out.extend_from_slice(&digest.0);
+    out.extend_from_slice(&link.index.to_le_bytes());
+    out.extend_from_slice(&link.start.to_bytes());
+    out.extend_from_slice(&link.end.to_bytes());
     let crc = crc32fast::hash(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// The verified pieces a journal lists, in order. A torn final record is dropped; a bad record
 /// before the end, or an index outside the plan, is corruption.
-pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<(u32, Digest)>, String> {
+pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<Link>, String> {
     let whole = buf.len() / JOURNAL_RECORD;
     let mut out = Vec::with_capacity(whole.min(plan.count() as usize));
     for (n, rec) in buf.chunks_exact(JOURNAL_RECORD).enumerate() {
@@ -118,7 +124,7 @@ pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<(u32, Digest)>
             return Err(format!("journal record {n} has a bad checksum"));
         };
         let mut r = Reader::new(body);
-        let (Some(index), Some(digest)) = (r.u32(), r.digest()) else {
+        let (Some(index), Some(start), Some(end)) = (r.u32(), r.digest(), r.digest()) else {
             return Err(format!("journal record {n} is short"));
         };
         if index >= plan.count() {
@@ -127,7 +133,11 @@ pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<(u32, Digest)>
                 plan.count()
             ));
         }
-        out.push((index, digest));
+        out.push(Link {
+            index,
+            start: ChainValue::of_digest(start),
+            end: ChainValue::of_digest(end),
+        });
     }
     Ok(out)
 }
@@ -176,14 +186,30 @@ mod tests {
     }
 
     #[test]
+    fn a_format_1_header_says_an_older_starling_stored_it() {
+        let mut enc = header().encode();
+        enc[4..6].copy_from_slice(&1u16.to_le_bytes());
+        // Re-seal so only the version differs.
+        enc.truncate(enc.len() - 4);
+        codec::seal(&mut enc);
+        let e = TaskHeader::decode(&enc).unwrap_err();
+        assert!(e.contains("older Starling"), "{e}");
+    }
+
+    #[test]
     fn journal_torn_tail_vs_corruption() {
         let plan = header().plan;
         let mut j = Vec::new();
+        let link = |index: u32| Link {
+            index,
+            start: ChainValue([index; 8]),
+            end: ChainValue([index + 1; 8]),
+        };
         for i in [3u32, 0, 7] {
-            encode_journal_record(i, &Digest::of(&i.to_le_bytes()), &mut j);
+            encode_journal_record(&link(i), &mut j);
         }
         let got = decode_journal(&j, &plan).unwrap();
-        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 0, 7]);
+        assert_eq!(got, vec![link(3), link(0), link(7)]);
         // A partial record at the end (append cut short) is ignored.
         assert_eq!(decode_journal(&j[..j.len() - 5], &plan).unwrap().len(), 2);
         // A zero-filled last record (extended but never written) is a torn tail.
@@ -196,8 +222,8 @@ mod tests {
         assert!(decode_journal(&bad, &plan).is_err());
         // An index past the plan is corruption.
         let mut far = Vec::new();
-        encode_journal_record(plan.count(), &Digest::of(b""), &mut far);
-        encode_journal_record(0, &Digest::of(b""), &mut far);
+        encode_journal_record(&link(plan.count()), &mut far);
+        encode_journal_record(&link(0), &mut far);
         assert!(decode_journal(&far, &plan).is_err());
     }
 }

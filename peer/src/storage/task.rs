@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::book::Book;
+use super::book::{Book, Learned};
+use super::chainer::Chainer;
 use super::lease::Lease;
 use super::record::{decode_journal, write_atomic, TaskHeader};
 use super::uring::{FileKey, Uring};
 use super::{io_err, StoreError};
-use crate::core::{Digest, Manifest, Piece, PiecePlan, Sha256Stream};
+use crate::core::{ChainValue, Digest, Link, Manifest, Piece, PiecePlan, Sha256Stream};
 
 pub const CONTENT: &str = "content";
 pub const HEADER: &str = "header";
@@ -26,11 +27,12 @@ pub struct TaskHandle {
     lease: Arc<Lease>,
     header: TaskHeader,
     manifest: Arc<Mutex<Option<Manifest>>>,
-    /// SHA-256 of every verified piece, None where not verified. Verified means: hashed, checked
-    /// against the manifest when there is one, and written. It is journaled at the next group
-    /// commit. The pieces an unsealed task's journal names from an earlier run are only claims
-    /// in it until [`TaskHandle::verify_journaled`] re-hashes them (the journal is not synced
-    /// with the content, so after a power loss it may name bytes that never reached the disk).
+    /// The verified pieces and the chain values known. Verified means: hashed from its start
+    /// value to its end value, checked against the manifest when there is one, and written. It
+    /// is journaled at the next group commit. The pieces an unsealed task's journal names from
+    /// an earlier run are only claims in it until [`TaskHandle::verify_journaled`] re-hashes
+    /// them (the journal is not synced with the content, so after a power loss it may name
+    /// bytes that never reached the disk).
     pieces: Arc<Book>,
     file: OpenKey,
     appended: watch::Receiver<u64>,
@@ -75,7 +77,7 @@ impl TaskHandle {
                 }))
             }
             Err(reason) => {
-                tracing::warn!(task = %dir.display(), %reason, "discarding stored task: its metadata is damaged; it will be fetched again");
+                tracing::warn!(task = %dir.display(), %reason, "discarding stored task: its metadata cannot be used; it will be fetched again");
                 wipe(&dir)?;
                 Ok(Err(lease))
             }
@@ -86,17 +88,7 @@ impl TaskHandle {
     fn load_checked(
         dir: &Path,
         header_bytes: &[u8],
-    ) -> Result<
-        (
-            TaskHeader,
-            Option<Manifest>,
-            Vec<(u32, Digest)>,
-            File,
-            File,
-            u64,
-        ),
-        String,
-    > {
+    ) -> Result<(TaskHeader, Option<Manifest>, Vec<Link>, File, File, u64), String> {
         let header = TaskHeader::decode(header_bytes).map_err(|e| format!("header: {e}"))?;
         let plan = header.plan;
         let manifest = match std::fs::read(dir.join(MANIFEST)) {
@@ -118,12 +110,13 @@ impl TaskHandle {
         let journaled =
             decode_journal(&journal_bytes, &plan).map_err(|e| format!("journal: {e}"))?;
         if let Some(m) = &manifest {
-            if let Some((index, _)) = journaled
+            if let Some(link) = journaled
                 .iter()
-                .find(|(i, d)| m.piece_digest(*i) != Some(*d))
+                .find(|l| m.piece_value(l.index) != Some(l.end))
             {
                 return Err(format!(
-                    "journal digest of piece {index} differs from the manifest"
+                    "journaled value of piece {} differs from the manifest",
+                    link.index
                 ));
             }
         }
@@ -189,7 +182,7 @@ impl TaskHandle {
             lease,
             header,
             manifest: Arc::new(Mutex::new(None)),
-            pieces: Arc::new(Book::new(vec![None; count])),
+            pieces: Arc::new(Book::new(count)),
             file: OpenKey {
                 uring: uring.clone(),
                 key,
@@ -232,8 +225,7 @@ impl TaskHandle {
         match TaskHandle::load(lease, uring)? {
             Ok(task) => {
                 // Hashed a moment ago, from these very bytes.
-                task.pieces
-                    .mark_all(manifest.piece_digests().iter().copied());
+                task.pieces.mark_all(manifest.piece_values());
                 Ok(task)
             }
             Err(_) => Err(StoreError::Uring(io::Error::other(format!(
@@ -272,9 +264,24 @@ impl TaskHandle {
         self.pieces.epoch()
     }
 
-    /// The verified pieces' digests (None = missing).
-    pub fn piece_digests(&self) -> Vec<Option<Digest>> {
-        self.pieces.digests()
+    /// Which pieces are verified.
+    pub fn bitmap(&self) -> Vec<bool> {
+        self.pieces.bitmap()
+    }
+
+    /// Piece `index`'s start and end values, each if known.
+    pub fn link(&self, index: u32) -> (Option<ChainValue>, Option<ChainValue>) {
+        self.pieces.link(index)
+    }
+
+    /// Records an end value heard from a parent (the first one known stays).
+    pub fn learn(&self, index: u32, value: ChainValue) -> Learned {
+        self.pieces.learn(index, value)
+    }
+
+    /// Starts the in-order chain over this task's pieces (see [`Chainer`]).
+    pub fn chainer(&self) -> Result<Chainer, StoreError> {
+        Ok(Chainer::start(self.upload_view()?, self.marker()))
     }
 
     pub fn verified_count(&self) -> u32 {
@@ -298,12 +305,13 @@ impl TaskHandle {
         let named = self.pieces.take_claims();
         let plan = self.plan();
         let mut dropped = 0;
-        for (index, digest) in named {
-            let Some(piece) = plan.piece(index) else {
+        for link in named {
+            let Some(piece) = plan.piece(link.index) else {
                 continue;
             };
-            if Digest::of(&self.read_piece(piece).await?) == digest {
-                self.pieces.mark(index, digest);
+            let last = link.index + 1 == plan.count();
+            if link.holds(&piece, last, &[self.read_piece(piece).await?]) {
+                self.pieces.mark(link);
             } else {
                 dropped += 1;
             }
@@ -311,24 +319,49 @@ impl TaskHandle {
         Ok(dropped)
     }
 
-    /// Stores a piece whose bytes hashed to `digest`: checks it against the manifest when there
-    /// is one, writes the chunks at the piece's offset, marks it verified and queues it for the
-    /// next group commit.
+    /// Stores a piece whose bytes hashed from `link.start` to `link.end`: checks it against the
+    /// manifest when there is one, writes the chunks at the piece's offset, marks it verified
+    /// and queues it for the next group commit.
     pub async fn write_piece(
         &self,
         piece: Piece,
         chunks: Vec<Bytes>,
-        digest: Digest,
+        link: Link,
     ) -> Result<(), StoreError> {
-        if let Some(want) = self.manifest().and_then(|m| m.piece_digest(piece.index)) {
-            if want != digest {
+        if let Some(want) = self.manifest().and_then(|m| m.piece_value(piece.index)) {
+            if want != link.end {
                 return Err(StoreError::PieceMismatch {
                     index: piece.index,
-                    got: digest,
+                    got: link.end,
                     want,
                 });
             }
         }
+        self.write(piece, chunks).await?;
+        self.marker().mark(link)
+    }
+
+    fn marker(&self) -> Marker {
+        Marker {
+            book: self.pieces.clone(),
+            uring: self.file.uring.clone(),
+            key: self.file.key,
+        }
+    }
+
+    /// Stores a piece read from the origin whose end value is not known yet: it is not served
+    /// until the in-order chain ([`Chainer`]) reaches it, gives it its value and marks it.
+    pub async fn store_unchecked(
+        &self,
+        piece: Piece,
+        chunks: Vec<Bytes>,
+    ) -> Result<(), StoreError> {
+        self.write(piece, chunks).await?;
+        self.pieces.store_unchecked(piece.index);
+        Ok(())
+    }
+
+    async fn write(&self, piece: Piece, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         if len != piece.length {
             return Err(StoreError::Uring(io::Error::other(format!(
@@ -340,16 +373,7 @@ impl TaskHandle {
             .uring
             .write(self.file.key, piece.offset, chunks)
             .await
-            .map_err(io_err("write", &self.content_path()))?;
-        self.mark(piece.index, digest)
-    }
-
-    fn mark(&self, index: u32, digest: Digest) -> Result<(), StoreError> {
-        self.pieces.mark(index, digest);
-        self.file
-            .uring
-            .journal(self.file.key, index, digest)
-            .map_err(StoreError::Uring)
+            .map_err(io_err("write", &self.content_path()))
     }
 
     /// Reads a stored piece back. Callers that serve it must have it verified.
@@ -372,15 +396,22 @@ impl TaskHandle {
         if self.hash_content().await? != m.content_digest() {
             return Ok(Some(false));
         }
-        self.pieces.mark_all(m.piece_digests().iter().copied());
+        self.pieces.mark_all(m.piece_values());
         Ok(Some(true))
     }
 
-    /// Seals a fully verified task: writes its manifest (atomically) and makes the content
-    /// read-only, since outputs may be hard links to it.
+    /// Seals a fully verified task whose last piece ends at `content`: writes its manifest
+    /// (atomically) and makes the content read-only, since outputs may be hard links to it.
     pub fn complete(&self, content: Digest) -> Result<Manifest, StoreError> {
-        let digests: Vec<Digest> = self.piece_digests().into_iter().flatten().collect();
-        let manifest = Manifest::new(self.plan(), digests, content).map_err(|e| {
+        let bitmap = self.bitmap();
+        let values: Vec<ChainValue> = self
+            .pieces
+            .values()
+            .into_iter()
+            .zip(bitmap)
+            .filter_map(|(v, verified)| v.filter(|_| verified))
+            .collect();
+        let manifest = Manifest::new(self.plan(), values, content).map_err(|e| {
             StoreError::Uring(io::Error::other(format!("task is not complete: {e}")))
         })?;
         let path = self.dir().join(MANIFEST);
@@ -396,8 +427,7 @@ impl TaskHandle {
         Ok(manifest)
     }
 
-    /// Hashes the whole stored content in order (used when a download resumed, so the stream
-    /// hash could not see every byte).
+    /// Hashes the whole stored content in order (a sealed task's check against its manifest).
     pub async fn hash_content(&self) -> Result<Digest, StoreError> {
         let mut h = Sha256Stream::new();
         for piece in self.plan().pieces() {
@@ -445,6 +475,28 @@ impl TaskHandle {
             self.manifest.clone(),
             self.lease.clone(),
         )
+    }
+}
+
+/// Marks pieces verified and journals them: shared by the handle and its [`Chainer`]. It does
+/// not keep the files open: once the handle closes them, records are no longer journaled.
+#[derive(Clone)]
+pub(crate) struct Marker {
+    book: Arc<Book>,
+    uring: Uring,
+    key: FileKey,
+}
+
+impl Marker {
+    pub(crate) fn mark(&self, link: Link) -> Result<(), StoreError> {
+        self.book.mark(link);
+        self.uring
+            .journal(self.key, link)
+            .map_err(StoreError::Uring)
+    }
+
+    pub(crate) fn book(&self) -> &Book {
+        &self.book
     }
 }
 

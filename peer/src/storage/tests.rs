@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 
 use super::*;
-use crate::core::{Digest, PiecePlan, Sha256Stream};
+use crate::core::{Digest, Manifest, PiecePlan, Sha256Stream};
 
 const PL: u64 = 64 * 1024;
 
@@ -25,20 +25,22 @@ fn content(len: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Writes the given pieces, as two chunks each (as they would come off the network).
+/// Writes the given pieces, as two chunks each (as they would come off the network), with
+/// their values from `data`'s manifest.
 async fn put(t: &TaskHandle, data: &[u8], pieces: &[u32]) {
+    let m = Manifest::of_content(t.plan(), data).unwrap();
     for &i in pieces {
         let p = t.plan().piece(i).unwrap();
         let bytes = Bytes::copy_from_slice(&data[p.offset as usize..p.end() as usize]);
         let half = bytes.len() / 2;
         let chunks = vec![bytes.slice(..half), bytes.slice(half..)];
-        t.write_piece(p, chunks, Digest::of(&bytes)).await.unwrap();
+        t.write_piece(p, chunks, m.link(i).unwrap()).await.unwrap();
     }
 }
 
 /// Which pieces `t` counts verified.
 fn verified(t: &TaskHandle) -> Vec<bool> {
-    t.piece_digests().iter().map(Option::is_some).collect()
+    t.bitmap()
 }
 
 fn store(dir: &std::path::Path) -> Store {
@@ -237,10 +239,12 @@ async fn piece_that_disagrees_with_manifest_is_refused() {
     t.complete(Digest::of(&data)).unwrap();
     let p = t.plan().piece(0).unwrap();
     let bad = Bytes::from(vec![0u8; p.length as usize]);
-    let err = t
-        .write_piece(p, vec![bad.clone()], Digest::of(&bad))
-        .await
-        .unwrap_err();
+    let link = crate::core::Link {
+        index: 0,
+        start: crate::core::ChainValue::START,
+        end: crate::core::Link::end_of(crate::core::ChainValue::START, &p, false, &[&bad]),
+    };
+    let err = t.write_piece(p, vec![bad.clone()], link).await.unwrap_err();
     assert!(
         matches!(err, StoreError::PieceMismatch { index: 0, .. }),
         "{err}"
@@ -321,4 +325,71 @@ fn empty_content_has_no_pieces_and_completes() {
         assert_eq!(m.plan().count(), 0);
         assert!(t.is_complete());
     });
+}
+
+/// Pieces stored from the origin out of order get their values from the in-order chain, which
+/// ends at the content's digest; each is served only once chained.
+#[tokio::test]
+async fn the_chain_gives_origin_pieces_their_values_and_the_digest() {
+    let d = tempfile::tempdir().unwrap();
+    let len = 5 * PL + 1000;
+    let data = content(len);
+    let s = store(d.path());
+    let t = fresh(&s, &header(len)).await;
+    let m = Manifest::of_content(t.plan(), &data).unwrap();
+    let chainer = t.chainer().unwrap();
+    let feed = chainer.feed();
+    let view = t.upload_view().unwrap();
+    // Piece 2 from a parent (values known); the rest from the origin, out of order, some fed.
+    put(&t, &data, &[2]).await;
+    for i in [4u32, 1, 5, 0, 3] {
+        let p = t.plan().piece(i).unwrap();
+        let bytes = Bytes::copy_from_slice(&data[p.offset as usize..p.end() as usize]);
+        if i % 2 == 0 {
+            feed.feed(i, std::slice::from_ref(&bytes));
+        }
+        t.store_unchecked(p, vec![bytes]).await.unwrap();
+        if i == 4 {
+            assert!(
+                view.piece(4).is_none(),
+                "not served before the chain reaches it"
+            );
+        }
+    }
+    assert_eq!(chainer.finish().await, ChainEnd::Done(Digest::of(&data)));
+    assert_eq!(verified(&t), vec![true; 6]);
+    // The chained pieces were journaled with their values: a reopened task resumes them all.
+    t.flush().await.unwrap();
+    drop(view);
+    drop(t);
+    let t = reopen(&s, &header(len).id).await.unwrap();
+    assert_eq!(t.verify_journaled().await.unwrap(), 0);
+    assert_eq!(verified(&t), vec![true; 6]);
+    let m2 = t.complete(Digest::of(&data)).unwrap();
+    assert_eq!(m2, m, "the chain's values are the content's");
+}
+
+/// An origin piece that ends at another value than the swarm gave for it: the chain stops
+/// there and leaves it unverified.
+#[tokio::test]
+async fn the_chain_reports_an_origin_piece_that_contradicts_the_swarm() {
+    let d = tempfile::tempdir().unwrap();
+    let len = 3 * PL;
+    let data = content(len);
+    let s = store(d.path());
+    let t = fresh(&s, &header(len)).await;
+    let m = Manifest::of_content(t.plan(), &data).unwrap();
+    for (i, v) in m.piece_values().iter().enumerate() {
+        t.learn(i as u32, *v);
+    }
+    let chainer = t.chainer().unwrap();
+    let mut other = data.clone();
+    other[PL as usize + 7] ^= 1;
+    for i in 0..3 {
+        let p = t.plan().piece(i).unwrap();
+        let bytes = Bytes::copy_from_slice(&other[p.offset as usize..p.end() as usize]);
+        t.store_unchecked(p, vec![bytes]).await.unwrap();
+    }
+    assert_eq!(chainer.finish().await, ChainEnd::Conflict { index: 1 });
+    assert_eq!(verified(&t), vec![true, false, false]);
 }

@@ -88,21 +88,33 @@ impl UploadView {
 
     /// Whether piece `index` is verified (served, and part of the content).
     pub fn is_verified(&self, index: u32) -> bool {
-        self.pieces.digest(index).is_some()
+        self.pieces.is_verified(index)
     }
 
     /// A verified piece's bytes, or None (not verified yet, or out of range).
     pub fn piece(&self, index: u32) -> Option<Bytes> {
-        let verified = self.pieces.digest(index).is_some();
+        if !self.pieces.is_verified(index) {
+            return None;
+        }
+        self.slice(index)
+    }
+
+    /// A piece stored from the origin, for the chain to hash: never served.
+    pub(crate) fn stored_piece(&self, index: u32) -> Option<Bytes> {
+        if !self.pieces.is_unchecked(index) {
+            return None;
+        }
+        self.slice(index)
+    }
+
+    fn slice(&self, index: u32) -> Option<Bytes> {
         let p = self.plan.piece(index)?;
         let map = self.map.as_ref()?;
-        verified.then(|| {
-            Bytes::from_owner(MapSlice {
-                map: map.clone(),
-                start: p.offset as usize,
-                end: p.end() as usize,
-            })
-        })
+        Some(Bytes::from_owner(MapSlice {
+            map: map.clone(),
+            start: p.offset as usize,
+            end: p.end() as usize,
+        }))
     }
 
     pub fn plan(&self) -> PiecePlan {
@@ -111,10 +123,10 @@ impl UploadView {
 
     /// Which pieces are verified.
     pub fn bitmap(&self) -> Vec<bool> {
-        self.pieces.digests().iter().map(Option::is_some).collect()
+        self.pieces.bitmap()
     }
 
-    /// Pieces verified since position `since` of the verification log (see [`Book`]).
+    /// Pieces verified and values used since position `since` of the log (see [`Book`]).
     pub fn log_since(&self, epoch: u32, since: u32) -> LogSlice {
         self.pieces.since(epoch, since)
     }

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::record::encode_journal_record;
-use crate::core::Digest;
+use crate::core::Link;
 
 /// Linux accepts at most this many iovecs per writev.
 const IOV_MAX: usize = 1024;
@@ -52,8 +52,7 @@ enum Cmd {
     },
     Journal {
         key: FileKey,
-        index: u32,
-        digest: Digest,
+        link: Link,
     },
     Flush {
         key: FileKey,
@@ -155,10 +154,8 @@ impl Uring {
     }
 
     /// Queues a verified, written piece for the next group commit.
-    pub fn journal(&self, key: FileKey, index: u32, digest: Digest) -> io::Result<()> {
-        self.tx
-            .send(Cmd::Journal { key, index, digest })
-            .map_err(|_| gone())
+    pub fn journal(&self, key: FileKey, link: Link) -> io::Result<()> {
+        self.tx.send(Cmd::Journal { key, link }).map_err(|_| gone())
     }
 
     /// Commits everything queued for `key` now and waits until it is durable.
@@ -203,7 +200,7 @@ enum Durability {
 
 struct CommitState {
     journal_len: u64,
-    pending: Vec<(u32, Digest)>,
+    pending: Vec<Link>,
     /// Records appended by a [`Durability::Later`] commit since the last [`Durability::Now`] one.
     unsynced: bool,
 }
@@ -303,9 +300,9 @@ fn handle(cmd: Cmd, files: &Files) {
                 .await;
             res.map(|()| Bytes::from(buf))
         }),
-        Cmd::Journal { key, index, digest } => {
+        Cmd::Journal { key, link } => {
             if let Ok(f) = lookup(files, key) {
-                f.state.borrow_mut().pending.push((index, digest));
+                f.state.borrow_mut().pending.push(link);
             }
         }
         Cmd::Flush { key, reply } => spawn_op(files, key, reply, |f| commit(f, Durability::Now)),
@@ -373,8 +370,8 @@ async fn commit(f: Rc<OpenFile>, sync: Durability) -> io::Result<()> {
         return Ok(());
     }
     let mut buf = Vec::with_capacity(batch.len() * super::record::JOURNAL_RECORD);
-    for (index, digest) in &batch {
-        encode_journal_record(*index, digest, &mut buf);
+    for link in &batch {
+        encode_journal_record(link, &mut buf);
     }
     let n = buf.len() as u64;
     let res = async {

@@ -78,7 +78,14 @@ async fn announce_once(swarm: &Arc<Swarm>) {
                     have: view.bitmap(),
                 }
             } else {
-                Holding::Added(slice.entries.iter().map(|(i, _)| *i).collect())
+                Holding::Added(
+                    slice
+                        .entries
+                        .iter()
+                        .filter(|e| e.held)
+                        .map(|e| e.index)
+                        .collect(),
+                )
             };
             st.sent.insert(*id, (slice.epoch, slice.end));
             tasks.push((*id, holding));

@@ -1,13 +1,15 @@
 //! The peer-to-peer download driver: the I/O shell around the sans-IO [`Engine`].
 //!
-//! Per parent, a poller connects (QUIC, mutual TLS) and long-polls the parent's verification
-//! log, which gives the task's plan, each piece's SHA-256 as the origin-reading peer computed
-//! it, and which pieces the parent holds. The engine decides what to request from whom; each
-//! request is one stream; each piece is hashed on arrival and stored only if it matches.
-//! Pieces go back to source only as the engine's rules allow. At the end the whole content is
-//! hashed and checked against the expected digest (or the digest the parents sealed) before
-//! the task is sealed; that hash follows the pieces in order as they verify ([`FollowHash`]),
-//! so it is ready when the last one lands.
+//! Per parent, a poller connects (QUIC, mutual TLS) and long-polls the parent's log, which gives
+//! the task's plan, the chain values (each piece's end value, as the origin-reading peer
+//! computed it) and which pieces the parent holds. The engine decides what to request from
+//! whom; each request is one stream; each piece is hashed on arrival from its start value and
+//! stored only if it ends at its end value. Pieces go back to source only as the engine's rules
+//! allow. The last piece's end value is the content digest (`--digest`, when given, is that
+//! value from the start), so when every piece is verified the whole content is too: the
+//! in-order chain ([`Chainer`]) only hashes origin pieces whose values were not known, and
+//! gives the digest that is checked against the expected one (or the one the parents sealed)
+//! before the task is sealed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -21,13 +23,13 @@ use super::jobs::{ask_loop, from_parent, from_source, poll_parent, Event, JobErr
 use super::pull::PullError;
 use super::serve::Holder;
 use super::{SeedOrder, Swarm};
-use crate::core::{Digest, PiecePlan, Request, TaskId};
+use crate::core::{ChainValue, Digest, Link, PiecePlan, Request, TaskId};
 use crate::engine::{Action, Engine, EngineConfig, Failure, ParentId, Peer};
-use crate::fetch::{FetchError, Fetched, Missing, Progress, Served};
+use crate::fetch::{chain_digest, FetchError, Fetched, Missing, Progress, Served};
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::{Advice, LinkReport, PeerId};
 use crate::source::{Origin, SourceError};
-use crate::storage::{FollowHash, Lease, TaskHandle, TaskHeader};
+use crate::storage::{Chainer, Learned, Lease, TaskHandle, TaskHeader};
 use crate::transport::wire::{HaveReply, Request as Wire, MAX_WIRE_PIECES};
 use crate::transport::Parent;
 
@@ -75,7 +77,6 @@ struct Driver<'a> {
     lease: Option<Arc<Lease>>,
     engine: Option<Engine>,
     engine_cfg: EngineConfig,
-    known: Vec<Option<Digest>>,
     content: Option<Digest>,
     parents: HashMap<ParentId, ParentInfo>,
     by_peer: HashMap<PeerId, ParentId>,
@@ -98,8 +99,8 @@ struct Driver<'a> {
     helpers: Vec<AbortHandle>,
     /// Few pieces left: parents' news is wanted at once, not gathered (see `poll_parent`).
     closing: tokio::sync::watch::Sender<bool>,
-    /// The whole-content hash, computed in order as pieces verify.
-    follow: Option<FollowHash>,
+    /// The in-order chain: values for origin pieces, and the content digest at the end.
+    chainer: Option<Chainer>,
 }
 
 impl Drop for Driver<'_> {
@@ -148,7 +149,6 @@ pub(super) async fn run(
         lease: None,
         engine: None,
         engine_cfg,
-        known: Vec::new(),
         content: None,
         parents: HashMap::new(),
         by_peer: HashMap::new(),
@@ -161,7 +161,7 @@ pub(super) async fn run(
         tx: tx.clone(),
         told_source: false,
         alternative: false,
-        follow: None,
+        chainer: None,
         source_mismatches: 0,
         last_progress: Instant::now(),
         wanted_parents: tokio::sync::watch::Sender::new(Wanted {
@@ -259,11 +259,13 @@ impl Driver<'_> {
         self.start.elapsed()
     }
 
-    /// Starts from a stored (partial) task: its plan and verified pieces.
+    /// Starts from a stored (partial) task: its plan and verified pieces. A digest the client
+    /// named is the last piece's end value from the start.
     fn open(&mut self, t: TaskHandle) {
-        let digests = t.piece_digests();
-        let have: Vec<bool> = digests.iter().map(Option::is_some).collect();
-        self.known = digests;
+        let have = t.bitmap();
+        if let (Some(d), Some(last)) = (self.req.digest, t.plan().count().checked_sub(1)) {
+            t.learn(last, ChainValue::of_digest(d));
+        }
         self.engine = Some(Engine::new(t.plan(), &have, self.engine_cfg.clone()));
         let stored: u64 = t
             .plan()
@@ -276,7 +278,7 @@ impl Driver<'_> {
             .store(t.plan().content_length(), Ordering::Relaxed);
         self.progress.done.store(stored, Ordering::Relaxed);
         self.swarm.register(&t, Holder::Relay);
-        self.follow = t.upload_view().ok().map(FollowHash::start);
+        self.chainer = t.chainer().ok();
         self.task = Some(Arc::new(t));
     }
 
@@ -517,24 +519,27 @@ impl Driver<'_> {
             return Ok(());
         };
         p.have.resize(n, false);
+        let Some(task) = &self.task else {
+            return Ok(());
+        };
         let mut fresh = Vec::new();
-        for (i, d) in r.entries {
-            let Some(slot) = self.known.get_mut(i as usize) else {
-                continue;
-            };
-            match slot {
-                None => *slot = Some(d),
-                Some(k) if *k != d => {
-                    // Two parents disagree on a piece's hash: trust the first, and let this
-                    // parent's copy fail verification if it is requested elsewhere.
-                    tracing::warn!(piece = i, "parents disagree on a piece's SHA-256");
+        for e in r.entries {
+            match task.learn(e.index, e.value) {
+                Learned::Agrees => {}
+                Learned::Conflicts => {
+                    // Another value is known (from an earlier parent, or `--digest` for the
+                    // last piece): keep it, and do not ask this parent for the piece.
+                    tracing::warn!(
+                        piece = e.index,
+                        "a parent names another chain value for a piece than the one known"
+                    );
                     continue;
                 }
-                Some(_) => {}
+                Learned::OutOfRange => continue,
             }
-            if !p.have[i as usize] {
-                p.have[i as usize] = true;
-                fresh.push(i);
+            if e.held && !p.have[e.index as usize] {
+                p.have[e.index as usize] = true;
+                fresh.push(e.index);
             }
         }
         let Some(engine) = &mut self.engine else {
@@ -619,27 +624,31 @@ impl Driver<'_> {
         let Some(piece) = task.plan().piece(index) else {
             return;
         };
-        let want = self.known.get(index as usize).copied().flatten();
+        let link = match task.link(index) {
+            (Some(start), Some(end)) => Some(Link { index, start, end }),
+            _ => None,
+        };
         let progress = self.progress.clone();
         let id = self.id;
         let started = Instant::now();
         let fut: futures::future::BoxFuture<'static, Result<(), JobError>> = match from {
             Peer::Parent(pid) => {
                 let conn = self.parents.get(&pid).and_then(|p| p.conn.clone());
-                match (conn, want) {
-                    (Some(conn), Some(want)) => {
-                        Box::pin(
-                            async move { from_parent(conn, id, task, piece, want, progress).await },
-                        )
+                match (conn, link) {
+                    (Some(conn), Some(link)) => {
+                        Box::pin(async move { from_parent(conn, id, task, link, progress).await })
                     }
-                    // Not connected (yet), or no hash to check against: a refusal.
+                    // Not connected (yet), or no values to check against: a refusal.
                     _ => Box::pin(async { Err(JobError::Fail(Failure::Refused, "refused")) }),
                 }
             }
             Peer::Source => {
                 let origin = self.origin.clone();
                 let url = self.req.url.clone();
-                Box::pin(async move { from_source(origin, url, task, piece, want, progress).await })
+                let feed = self.chainer.as_ref().map(Chainer::feed).unwrap_or_default();
+                Box::pin(async move {
+                    from_source(origin, url, task, piece, link, feed, progress).await
+                })
             }
         };
         let h = self.jobs.spawn(async move {
@@ -674,9 +683,6 @@ impl Driver<'_> {
                     .map_or(0, |p| p.length);
                 if !engine.has(done.piece) {
                     self.progress.done.fetch_add(len, Ordering::Relaxed);
-                }
-                if let (Some(t), None) = (&self.task, self.known[done.piece as usize]) {
-                    self.known[done.piece as usize] = t.piece_digests()[done.piece as usize];
                 }
                 engine.on_piece(done.from, done.piece, done.elapsed, now);
                 self.last_progress = Instant::now();
@@ -747,14 +753,13 @@ impl Driver<'_> {
         while self.jobs.join_next().await.is_some() {}
         let task = Arc::into_inner(task)
             .ok_or_else(|| join_failed(self.id, "a piece job outlived its download"))?;
-        let followed = match self.follow.take() {
-            Some(f) => f.finish(task.epoch()).await,
-            None => None,
+        // Every piece is stored; the chain gives values to those from the origin, and the
+        // digest. Without one (the content could not be mapped at the start), one runs now.
+        let chainer = match self.chainer.take() {
+            Some(c) => c,
+            None => task.chainer()?,
         };
-        let actual = match followed {
-            Some(d) => d,
-            None => task.hash_content().await?,
-        };
+        let actual = chain_digest(chainer.finish().await, &self.req.url)?;
         let mut expected = self.req.digest.or(self.content);
         let deadline = Instant::now() + CONTENT_WAIT;
         while expected.is_none() && Instant::now() < deadline {

@@ -1,5 +1,7 @@
 //! The driver's I/O tasks: asking the scheduler, long-polling each parent's verification log,
-//! and fetching one piece (from a parent or the origin), verified before it is stored.
+//! and fetching one piece (from a parent or the origin). A piece is checked against its chain
+//! values before it is stored; an origin piece whose values the swarm does not know yet is
+//! stored unchecked for the in-order chain ([`crate::storage::Chainer`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,14 +12,14 @@ use tokio::sync::mpsc;
 
 use super::pull::PullError;
 use super::Swarm;
-use crate::core::{Digest, Piece, Sha256Stream, TaskId};
+use crate::core::{Link, Piece, TaskId};
 use crate::engine::{Failure, ParentId};
 use crate::fetch::{range_body, Progress};
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::PeerId;
 use crate::source::{Origin, SourceError};
-use crate::storage::TaskHandle;
-use crate::transport::wire::{HaveReply, Status};
+use crate::storage::{Feed, TaskHandle};
+use crate::transport::wire::{HaveReply, Status, WireError};
 use crate::transport::{Parent, TransportError};
 
 pub(super) enum Event {
@@ -144,7 +146,12 @@ pub(super) async fn poll_parent(
                 tokio::time::sleep(not_yet).await;
                 not_yet = (not_yet * 2).min(Duration::from_millis(200));
             }
-            Ok(Err(e)) => return down(e.to_string()),
+            Ok(Err(e)) => {
+                if matches!(e, TransportError::Wire(WireError::Version(_))) {
+                    tracing::warn!(parent = %addr, error = %e, "cannot use this parent");
+                }
+                return down(e.to_string());
+            }
             Err(_) => return down("have request timed out".into()),
         }
     }
@@ -154,10 +161,13 @@ pub(super) async fn from_parent(
     conn: Parent,
     task_id: TaskId,
     task: Arc<TaskHandle>,
-    piece: Piece,
-    want: Digest,
+    link: Link,
     progress: Arc<Progress>,
 ) -> Result<(), JobError> {
+    let piece = task
+        .plan()
+        .piece(link.index)
+        .ok_or(JobError::Fail(Failure::Refused, "refused"))?;
     let chunks = conn
         .piece(task_id, piece.index)
         .await
@@ -169,7 +179,7 @@ pub(super) async fn from_parent(
         })?;
     let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
     progress.parent_bytes.fetch_add(n, Ordering::Relaxed);
-    verify_and_store(&task, piece, chunks, Some(want)).await
+    verify_and_store(&task, piece, chunks, link).await
 }
 
 pub(super) async fn from_source(
@@ -177,7 +187,8 @@ pub(super) async fn from_source(
     url: String,
     task: Arc<TaskHandle>,
     piece: Piece,
-    want: Option<Digest>,
+    link: Option<Link>,
+    feed: Feed,
     progress: Arc<Progress>,
 ) -> Result<(), JobError> {
     let total = task.plan().content_length();
@@ -191,29 +202,30 @@ pub(super) async fn from_source(
     let chunks = range_body(&origin, &url, piece, total, "", &progress)
         .await
         .map_err(fail)?;
-    verify_and_store(&task, piece, chunks, want).await
+    match link {
+        Some(link) => verify_and_store(&task, piece, chunks, link).await,
+        None => {
+            feed.feed(piece.index, &chunks);
+            task.store_unchecked(piece, chunks)
+                .await
+                .map_err(|e| JobError::Fatal(e.into()))
+        }
+    }
 }
 
-/// Hashes a piece and stores it if it is whole and matches `want` (when known).
+/// Stores a piece if it is whole and its bytes hash from `link.start` to `link.end`.
 async fn verify_and_store(
     task: &TaskHandle,
     piece: Piece,
     chunks: Vec<Bytes>,
-    want: Option<Digest>,
+    link: Link,
 ) -> Result<(), JobError> {
     let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-    if n != piece.length {
+    let last = piece.index + 1 == task.plan().count();
+    if n != piece.length || !link.holds(&piece, last, &chunks) {
         return Err(JobError::Fail(Failure::Mismatch, "digest_mismatch"));
     }
-    let mut h = Sha256Stream::new();
-    for c in &chunks {
-        h.update(c);
-    }
-    let got = h.finish();
-    if want.is_some_and(|w| w != got) {
-        return Err(JobError::Fail(Failure::Mismatch, "digest_mismatch"));
-    }
-    task.write_piece(piece, chunks, got)
+    task.write_piece(piece, chunks, link)
         .await
         .map_err(|e| JobError::Fatal(e.into()))
 }

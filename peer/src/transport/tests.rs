@@ -35,12 +35,7 @@ fn content() -> (Mem, Manifest) {
         .pieces()
         .map(|p| Bytes::copy_from_slice(&data[p.offset as usize..p.end() as usize]))
         .collect();
-    let m = Manifest::new(
-        plan,
-        pieces.iter().map(|p| Digest::of(p)).collect(),
-        Digest::of(&data),
-    )
-    .unwrap();
+    let m = Manifest::of_content(plan, &data).unwrap();
     let task = TaskId::for_content(m.content_digest());
     (
         Mem {
@@ -75,7 +70,9 @@ async fn same_ca_peers_exchange_manifests_and_pieces() {
     for (i, want) in pieces.iter().enumerate() {
         let got = parent.piece(task, i as u32).await.unwrap().concat();
         assert_eq!(&got[..], &want[..]);
-        assert_eq!(Some(Digest::of(&got)), m.piece_digest(i as u32));
+        let p = m.plan().piece(i as u32).unwrap();
+        let last = i + 1 == pieces.len();
+        assert!(m.link(i as u32).unwrap().holds(&p, last, &[&got]));
     }
     assert!(matches!(
         parent.piece(task, 99).await,
@@ -165,9 +162,8 @@ async fn malformed_or_truncated_requests_get_an_error_and_the_server_lives_on() 
     assert_eq!(parent.manifest(task).await.unwrap(), m, "still serving");
 }
 
-#[tokio::test]
-async fn an_oversized_answer_is_refused_before_it_is_read() {
-    let ca = ClusterCa::generate().unwrap();
+/// A cluster member that answers every request with `header` and nothing more.
+fn rogue_server(ca: &ClusterCa, header: [u8; wire::RESPONSE_HEADER_LEN]) -> SocketAddr {
     let rogue = quinn::Endpoint::server(
         tls::server_config(&ca.issue("rogue").unwrap()).unwrap(),
         loopback(),
@@ -179,11 +175,20 @@ async fn an_oversized_answer_is_refused_before_it_is_read() {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let mut req = [0u8; wire::REQUEST_LEN];
             let _ = recv.read_exact(&mut req).await;
-            let h = wire::encode_response_header(Status::Ok, crate::core::MAX_PIECE_LENGTH + 1);
-            let _ = send.write_all(&h).await;
+            let _ = send.write_all(&header).await;
             let _ = send.finish();
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn an_oversized_answer_is_refused_before_it_is_read() {
+    let ca = ClusterCa::generate().unwrap();
+    let addr = rogue_server(
+        &ca,
+        wire::encode_response_header(Status::Ok, crate::core::MAX_PIECE_LENGTH + 1),
+    );
     let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
     let parent = peer.connect(addr).await.unwrap();
     let task = TaskId::for_content(Digest::of(b"x"));
@@ -191,6 +196,46 @@ async fn an_oversized_answer_is_refused_before_it_is_read() {
         parent.piece(task, 0).await,
         Err(TransportError::Wire(WireError::TooLong { .. }))
     ));
+}
+
+/// A node of the release before chain values (wire version 1) and this one: each side fails
+/// with an error naming both versions, and the server lives on.
+#[tokio::test]
+async fn peers_of_another_wire_version_get_an_error_naming_both_versions() {
+    let ca = ClusterCa::generate().unwrap();
+    let (_seed, addr, task, m, _) = serving(&ca);
+    let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
+    let parent = peer.connect(addr).await.unwrap();
+    // An old client's request: answered in this side's version, which the old client refuses.
+    let mut old = wire::Request::Manifest { task }.encode();
+    old[4] = 1;
+    let (mut send, mut recv) = parent.conn.open_bi().await.unwrap();
+    send.write_all(&old).await.unwrap();
+    send.finish().unwrap();
+    let mut h = [0u8; wire::RESPONSE_HEADER_LEN];
+    recv.read_exact(&mut h).await.unwrap();
+    assert_eq!(h[4], wire::VERSION);
+    assert_eq!(
+        wire::decode_response_header(&h, 0).unwrap().0,
+        Status::BadRequest
+    );
+    assert_eq!(parent.manifest(task).await.unwrap(), m, "still serving");
+
+    // An old server: this client's error names both versions.
+    let mut old = wire::encode_response_header(Status::BadRequest, 0);
+    old[4] = 1;
+    let old_addr = rogue_server(&ca, old);
+    let parent = peer.connect(old_addr).await.unwrap();
+    let err = parent.have(task, 0, 0).await.unwrap_err();
+    assert!(
+        matches!(err, TransportError::Wire(WireError::Version(1))),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("version 1") && text.contains("speaks 2"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -282,11 +327,7 @@ async fn stored_pieces_are_served_from_the_map_only_once_verified() {
         .unwrap();
     let put = |i: u32| {
         let p = m.plan().piece(i).unwrap();
-        task.write_piece(
-            p,
-            vec![mem.pieces[i as usize].clone()],
-            m.piece_digest(i).unwrap(),
-        )
+        task.write_piece(p, vec![mem.pieces[i as usize].clone()], m.link(i).unwrap())
     };
     put(0).await.unwrap();
     put(2).await.unwrap();

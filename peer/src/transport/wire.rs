@@ -7,9 +7,10 @@
 //! Kinds:
 //! - 1 manifest: the sealed manifest of a complete task;
 //! - 2 piece `index`: a verified piece's bytes;
-//! - 3 have (`index` = log position, `aux` = log epoch): the pieces verified since that
-//!   position of the parent's verification log, with their SHA-256s (see [`HaveReply`]); the
-//!   parent holds the answer up to about a second while it has no news (long poll);
+//! - 3 have (`index` = log position, `aux` = log epoch): the news since that position of the
+//!   parent's log: pieces it verified and chain values it used, each with its end value (see
+//!   [`HaveReply`]); the parent holds the answer up to about a second while it has no news
+//!   (long poll);
 //! - 4 seed order (body: JSON [`SeedOrder`](crate::swarm::SeedOrder), the client's request):
 //!   asks a seed peer to go back to source for a task, which it then serves;
 //! - 5 announce, 6 candidates (body: JSON): scheduler calls (see `scheduler::service`).
@@ -19,10 +20,16 @@
 //!
 //! Everything is fixed-size until a body, and every length is checked against its limit
 //! before a byte of the body is allocated or read.
+//!
+//! Versions: 2 (Starling 0.3) carries chain values where 1 carried each piece's SHA-256. Both
+//! sides check the version byte of every frame: a request of another version is answered
+//! `BadRequest` in this side's version, so either side fails with [`WireError::Version`],
+//! which names both versions.
 
-use crate::core::{Digest, TaskId, TaskKind, MAX_PIECE_LENGTH};
+use crate::core::{ChainValue, Digest, TaskId, TaskKind, MAX_PIECE_LENGTH};
+use crate::storage::LogEntry;
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const REQUEST_LEN: usize = 51;
 /// The longest request body (scheduler announcements of many tasks included).
 pub const MAX_BODY: u32 = 4 << 20;
@@ -74,7 +81,7 @@ pub enum Status {
 pub enum WireError {
     #[error("not a Starling frame (bad magic)")]
     BadMagic,
-    #[error("peer speaks wire version {0}; this Starling speaks {VERSION}")]
+    #[error("the peer runs another Starling release: it speaks wire version {0}, this one speaks {VERSION}; run the same release on every node")]
     Version(u8),
     #[error("unknown request kind {0}")]
     Kind(u8),
@@ -191,7 +198,9 @@ impl Request {
 }
 
 /// A parent's answer to a have request: its plan for the task, its content digest once sealed,
-/// and the news from its verification log.
+/// and the news from its log. Each entry is 4 + 32 bytes: the piece index, whose top bit is
+/// set when the parent does not hold the piece (a value it used only), and the piece's end
+/// value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HaveReply {
     pub content_length: u64,
@@ -200,8 +209,11 @@ pub struct HaveReply {
     pub epoch: u32,
     /// The parent's log length after these entries: the child's next `since`.
     pub end: u32,
-    pub entries: Vec<(u32, Digest)>,
+    pub entries: Vec<LogEntry>,
 }
+
+/// An entry's index with this bit set: the parent does not hold the piece.
+const VALUE_ONLY: u32 = 1 << 31;
 
 const HAVE_HEADER: usize = 4 + 8 + 8 + 1 + 32 + 4 + 4 + 4;
 /// Header plus 2^21 entries of 36 bytes.
@@ -218,9 +230,10 @@ impl HaveReply {
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.end.to_le_bytes());
         b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
-        for (i, d) in &self.entries {
-            b.extend_from_slice(&i.to_le_bytes());
-            b.extend_from_slice(&d.0);
+        for e in &self.entries {
+            let flag = if e.held { 0 } else { VALUE_ONLY };
+            b.extend_from_slice(&(e.index | flag).to_le_bytes());
+            b.extend_from_slice(&e.value.to_bytes());
         }
         b
     }
@@ -247,7 +260,12 @@ impl HaveReply {
         let entries = (0..n)
             .map(|k| {
                 let at = HAVE_HEADER + 36 * k;
-                (u32_at(at), digest_at(at + 4))
+                let word = u32_at(at);
+                LogEntry {
+                    index: word & !VALUE_ONLY,
+                    value: ChainValue::of_digest(digest_at(at + 4)),
+                    held: word & VALUE_ONLY == 0,
+                }
             })
             .collect();
         Ok(HaveReply {
@@ -349,6 +367,21 @@ mod tests {
         let mut b = good;
         b[4] = 9;
         assert_eq!(Request::decode(&b), Err(WireError::Version(9)));
+        // A peer of the release before chain values: both versions named, and what to do.
+        let mut b = good;
+        b[4] = 1;
+        let e = Request::decode(&b).unwrap_err();
+        assert_eq!(e, WireError::Version(1));
+        let text = e.to_string();
+        assert!(
+            text.contains("version 1")
+                && text.contains("speaks 2")
+                && text.contains("same release"),
+            "{text}"
+        );
+        let mut h = encode_response_header(Status::Ok, 0);
+        h[4] = 1;
+        assert_eq!(decode_response_header(&h, 0), Err(WireError::Version(1)));
         let mut b = good;
         b[5] = 7;
         assert_eq!(Request::decode(&b), Err(WireError::Kind(7)));
@@ -381,7 +414,18 @@ mod tests {
             content: Some(Digest::of(b"c")),
             epoch: 2,
             end: 7,
-            entries: vec![(3, Digest::of(b"3")), (0, Digest::of(b"0"))],
+            entries: vec![
+                LogEntry {
+                    index: 3,
+                    value: ChainValue([3; 8]),
+                    held: true,
+                },
+                LogEntry {
+                    index: MAX_WIRE_PIECES - 1,
+                    value: ChainValue([0; 8]),
+                    held: false,
+                },
+            ],
         };
         let b = r.encode();
         assert_eq!(HaveReply::decode(&b), Ok(r));

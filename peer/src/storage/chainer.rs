@@ -1,0 +1,227 @@
+//! The in-order chain: gives end values to pieces read from the origin, and the content's
+//! digest once every piece is verified.
+//!
+//! A piece from a parent is checked on arrival against values the swarm already knows. A piece
+//! from the origin has no known end value: it is stored *unchecked* (not served), and this task
+//! walks the pieces in order, hashing each unchecked one from the end value of the piece before
+//! it (so each origin byte is hashed once), and marks it verified with the value it ends at.
+//! Verified pieces are skipped without hashing: their end value is the next one's start. The
+//! last piece's end value is the content digest, so the end-to-end check costs nothing more.
+//!
+//! Since values come in order, a seed reading the origin with `n` Range requests in flight
+//! serves (and lets children verify) a piece once every piece before it has arrived: at most
+//! about `n` pieces behind what it holds.
+//!
+//! An unchecked piece is hashed from the buffers it arrived in when the downloader hands them
+//! over ([`Feed::feed`], before storing the piece), else straight from the content file's memory
+//! map (pieces fed too far ahead). Hashing runs off the async threads, and each piece's buffers
+//! or pages are released once hashed. Fed buffers are bounded ([`FEED_AHEAD`]): beyond it a
+//! piece is dropped from the feed and read from the map instead, so memory stays bounded
+//! whatever the arrival order.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use super::task::Marker;
+use super::UploadView;
+use crate::core::{ChainValue, Digest, Link, Piece};
+
+/// Pieces hashed per blocking job.
+const BATCH: usize = 8;
+
+/// Bytes of fed pieces kept at most while they wait for their turn.
+pub const FEED_AHEAD: u64 = 64 * 1024 * 1024;
+
+/// How the chain over one task ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainEnd {
+    /// Every piece is verified; the content's digest (the last piece's end value).
+    Done(Digest),
+    /// The task was reset (discarded) meanwhile.
+    Reset,
+    /// An origin piece ended at another value than the one the swarm gave for it: the origin
+    /// and the swarm hold different content. The piece is left unverified.
+    Conflict { index: u32 },
+}
+
+/// Follows one task; [`Chainer::finish`] gives how the chain ended.
+pub struct Chainer {
+    task: JoinHandle<ChainEnd>,
+    feed: Feed,
+}
+
+/// Hands a piece's own buffers to the chain, so it need not read them back from the map.
+#[derive(Clone, Default)]
+pub struct Feed {
+    waiting: Arc<Mutex<Fed>>,
+}
+
+#[derive(Default)]
+struct Fed {
+    pieces: BTreeMap<u32, Vec<Bytes>>,
+    bytes: u64,
+}
+
+impl Feed {
+    /// Offers piece `index`'s buffers (call it before the piece is stored). Over the bound,
+    /// the piece is not kept: the chain reads it from the map.
+    pub fn feed(&self, index: u32, chunks: &[Bytes]) {
+        let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        if let Ok(mut w) = self.waiting.lock() {
+            if w.bytes + n <= FEED_AHEAD {
+                w.bytes += n;
+                if let Some(old) = w.pieces.insert(index, chunks.to_vec()) {
+                    w.bytes -= old.iter().map(|c| c.len() as u64).sum::<u64>();
+                }
+            }
+        }
+    }
+
+    /// The fed buffers of `index`, if any (removed from the feed).
+    fn take(&self, index: u32) -> Option<Vec<Bytes>> {
+        let mut w = self.waiting.lock().ok()?;
+        let chunks = w.pieces.remove(&index)?;
+        w.bytes -= chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+        Some(chunks)
+    }
+}
+
+impl Chainer {
+    pub(crate) fn start(view: UploadView, marker: Marker) -> Chainer {
+        let feed = Feed::default();
+        Chainer {
+            task: tokio::spawn(follow(view, marker, feed.clone())),
+            feed,
+        }
+    }
+
+    /// The handle to feed pieces' own buffers through.
+    pub fn feed(&self) -> Feed {
+        self.feed.clone()
+    }
+
+    /// How the chain ended, once every piece is verified (or it could not go on).
+    pub async fn finish(mut self) -> ChainEnd {
+        (&mut self.task).await.unwrap_or(ChainEnd::Reset)
+    }
+}
+
+impl Drop for Chainer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
+    let book = marker.book();
+    let mut changes = view.subscribe();
+    let epoch = view.epoch();
+    let plan = view.plan();
+    let count = plan.count();
+    let mut value = ChainValue::START;
+    let mut next = 0u32;
+    loop {
+        if view.epoch() != epoch {
+            return ChainEnd::Reset;
+        }
+        // Verified pieces need no hashing: the chain continues from their end value.
+        while next < count && book.is_verified(next) {
+            let Some(v) = book.value(next) else { break };
+            value = v;
+            feed.take(next);
+            next += 1;
+        }
+        if next == count {
+            return ChainEnd::Done(if count == 0 {
+                Digest::of(b"")
+            } else {
+                value.to_digest()
+            });
+        }
+        // The unchecked pieces from `next` on (up to BATCH), hashed in one blocking job: from
+        // their fed buffers, else from the map.
+        let mut batch: Vec<(Piece, Vec<Bytes>)> = Vec::new();
+        while batch.len() < BATCH {
+            let i = next + batch.len() as u32;
+            let Some(piece) = plan.piece(i).filter(|_| book.is_unchecked(i)) else {
+                break;
+            };
+            let Some(chunks) = feed
+                .take(i)
+                .or_else(|| view.stored_piece(i).map(|b| vec![b]))
+            else {
+                break;
+            };
+            batch.push((piece, chunks));
+        }
+        if batch.is_empty() {
+            if changes.changed().await.is_err() {
+                return ChainEnd::Reset;
+            }
+            continue;
+        }
+        let start = value;
+        let Ok(links) = tokio::task::spawn_blocking(move || {
+            let mut value = start;
+            let mut links = Vec::with_capacity(batch.len());
+            for (piece, chunks) in batch {
+                let last = piece.index + 1 == count;
+                let end = Link::end_of(value, &piece, last, &chunks);
+                links.push(Link {
+                    index: piece.index,
+                    start: value,
+                    end,
+                });
+                value = end;
+            }
+            links
+        })
+        .await
+        else {
+            return ChainEnd::Reset;
+        };
+        if view.epoch() != epoch {
+            return ChainEnd::Reset;
+        }
+        for link in links {
+            if book
+                .value(link.index)
+                .is_some_and(|known| known != link.end)
+            {
+                return ChainEnd::Conflict { index: link.index };
+            }
+            // A journal that cannot be written only costs a re-fetch after a restart.
+            if let Err(e) = marker.mark(link) {
+                tracing::debug!(error = %e, piece = link.index, "chained piece not journaled");
+            }
+            value = link.end;
+            next = link.index + 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_feed_is_bounded_and_gives_each_piece_once() {
+        let f = Feed::default();
+        let piece = |n: usize| vec![Bytes::from(vec![7u8; n])];
+        f.feed(0, &piece(10));
+        f.feed(1, &piece(FEED_AHEAD as usize - 10));
+        // Over the bound: not kept (the chain reads it from the map).
+        f.feed(2, &piece(1));
+        assert!(f.take(2).is_none());
+        assert_eq!(f.take(0).map(|c| c[0].len()), Some(10));
+        assert!(f.take(0).is_none(), "once");
+        // Room again once taken.
+        f.feed(3, &piece(10));
+        assert!(f.take(3).is_some());
+        assert!(f.take(1).is_some());
+        assert_eq!(f.waiting.lock().unwrap().bytes, 0);
+    }
+}
