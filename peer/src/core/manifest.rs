@@ -9,7 +9,7 @@
 //! `"STLM" | version u16 | content_length u64 | piece_length u64 | piece_count u32 |
 //!  content sha256 [32] | piece end value [32] * piece_count | crc32 of all before u32`.
 //! Decoding checks lengths before allocating and the CRC before trusting anything. Version 1
-//! (before 0.3) listed each piece's own SHA-256; it is refused with its own error.
+//! (earlier releases) listed each piece's own SHA-256; it is refused with its own error.
 
 use super::codec::{self, Reader};
 use super::{ChainValue, Digest, Link, PiecePlan, PiecePlanError};

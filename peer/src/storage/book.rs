@@ -6,7 +6,7 @@
 //!   piece checked against a wrong value fails, and the whole content's check at the end
 //!   stands behind every value).
 //! - **Verified pieces**, which are served, and pieces stored from the origin that wait for the
-//!   in-order chain (`storage/follow.rs`) to give them their values (not served until then).
+//!   in-order chain (`storage/chainer.rs`) to give them their values (not served until then).
 //! - **The log** that children follow: "what have you verified since entry N?" gets only the
 //!   news, so a 1024-piece bitmap with its values is never re-sent. Each entry is a verified
 //!   piece with its end value, or a value this node used (the start of a piece it verified)
@@ -14,6 +14,7 @@
 //!   wakes long-polling children at once.
 
 use std::sync::Mutex;
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -29,8 +30,8 @@ struct Inner {
     values: Vec<Option<ChainValue>>,
     verified: Vec<bool>,
     verified_count: u32,
-    /// Stored from the origin, waiting for the chain to reach it.
-    unchecked: Vec<bool>,
+    /// Stored from the origin, waiting for the chain to reach it: since when.
+    unchecked: Vec<Option<Instant>>,
     /// Whether a piece's end value is in the log.
     logged: Vec<bool>,
     log: Vec<Entry>,
@@ -77,7 +78,7 @@ impl Book {
                 values: vec![None; count],
                 verified: vec![false; count],
                 verified_count: 0,
-                unchecked: vec![false; count],
+                unchecked: vec![None; count],
                 logged: vec![false; count],
                 log: Vec::new(),
                 epoch: 0,
@@ -121,7 +122,12 @@ impl Book {
     }
 
     pub fn is_unchecked(&self, index: u32) -> bool {
-        self.with(|i| i.unchecked.get(index as usize).copied().unwrap_or(false))
+        self.unchecked_since(index).is_some()
+    }
+
+    /// When piece `index` was stored unchecked, if it waits for the chain.
+    pub fn unchecked_since(&self, index: u32) -> Option<Instant> {
+        self.with(|i| i.unchecked.get(index as usize).copied().flatten())
     }
 
     pub fn count(&self) -> u32 {
@@ -167,7 +173,7 @@ impl Book {
             }
             i.verified[n] = true;
             i.verified_count += 1;
-            i.unchecked[n] = false;
+            i.unchecked[n] = None;
             if n > 0 {
                 i.values[n - 1].get_or_insert(link.start);
                 if !i.logged[n - 1] {
@@ -198,7 +204,7 @@ impl Book {
         self.with(|i| {
             for (n, &v) in values.iter().enumerate().take(i.verified.len()) {
                 i.values[n] = Some(v);
-                i.unchecked[n] = false;
+                i.unchecked[n] = None;
                 if !i.verified[n] {
                     i.verified[n] = true;
                     i.verified_count += 1;
@@ -217,8 +223,8 @@ impl Book {
     /// Records that piece `index` was stored from the origin and waits for the chain.
     pub fn store_unchecked(&self, index: u32) {
         let fresh = self.with(|i| match i.unchecked.get_mut(index as usize) {
-            Some(u) if !*u && !i.verified[index as usize] => {
-                *u = true;
+            Some(u @ None) if !i.verified[index as usize] => {
+                *u = Some(Instant::now());
                 true
             }
             _ => false,
@@ -238,7 +244,7 @@ impl Book {
         self.with(|i| {
             i.values.iter_mut().for_each(|v| *v = None);
             i.verified.iter_mut().for_each(|v| *v = false);
-            i.unchecked.iter_mut().for_each(|v| *v = false);
+            i.unchecked.iter_mut().for_each(|v| *v = None);
             i.logged.iter_mut().for_each(|v| *v = false);
             i.verified_count = 0;
             i.log.clear();

@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
@@ -123,6 +124,7 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
     let count = plan.count();
     let mut value = ChainValue::START;
     let mut next = 0u32;
+    let mut waits = Waits::default();
     loop {
         if view.epoch() != epoch {
             return ChainEnd::Reset;
@@ -135,6 +137,7 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
             next += 1;
         }
         if next == count {
+            waits.report();
             return ChainEnd::Done(if count == 0 {
                 Digest::of(b"")
             } else {
@@ -144,9 +147,10 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
         // The unchecked pieces from `next` on (up to BATCH), hashed in one blocking job: from
         // their fed buffers, else from the map.
         let mut batch: Vec<(Piece, Vec<Bytes>)> = Vec::new();
+        let mut stored_at = Vec::new();
         while batch.len() < BATCH {
             let i = next + batch.len() as u32;
-            let Some(piece) = plan.piece(i).filter(|_| book.is_unchecked(i)) else {
+            let Some((piece, stored)) = plan.piece(i).zip(book.unchecked_since(i)) else {
                 break;
             };
             let Some(chunks) = feed
@@ -156,6 +160,7 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
                 break;
             };
             batch.push((piece, chunks));
+            stored_at.push(stored);
         }
         if batch.is_empty() {
             if changes.changed().await.is_err() {
@@ -186,7 +191,8 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
         if view.epoch() != epoch {
             return ChainEnd::Reset;
         }
-        for link in links {
+        for (link, stored) in links.into_iter().zip(stored_at) {
+            waits.add(stored.elapsed());
             if book
                 .value(link.index)
                 .is_some_and(|known| known != link.end)
@@ -199,6 +205,34 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
             }
             value = link.end;
             next = link.index + 1;
+        }
+    }
+}
+
+/// How long origin pieces waited between being stored and being chained (served): what the
+/// in-order values cost the children of a seed reading the origin.
+#[derive(Default)]
+struct Waits {
+    count: u32,
+    total: Duration,
+    max: Duration,
+}
+
+impl Waits {
+    fn add(&mut self, d: Duration) {
+        self.count += 1;
+        self.total += d;
+        self.max = self.max.max(d);
+    }
+
+    fn report(&self) {
+        if self.count > 0 {
+            tracing::info!(
+                pieces = self.count,
+                mean_ms = (self.total / self.count).as_secs_f64() * 1e3,
+                max_ms = self.max.as_secs_f64() * 1e3,
+                "origin pieces chained: time from stored to served"
+            );
         }
     }
 }

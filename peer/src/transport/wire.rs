@@ -21,7 +21,7 @@
 //! Everything is fixed-size until a body, and every length is checked against its limit
 //! before a byte of the body is allocated or read.
 //!
-//! Versions: 2 (Starling 0.3) carries chain values where 1 carried each piece's SHA-256. Both
+//! Versions: 2 carries chain values where 1 (earlier releases) carried each piece's SHA-256. Both
 //! sides check the version byte of every frame: a request of another version is answered
 //! `BadRequest` in this side's version, so either side fails with [`WireError::Version`],
 //! which names both versions.

@@ -15,6 +15,15 @@
 //! and CPU-seconds per GiB delivered, for the whole machine (/proc/stat: user, system, softirq;
 //! every process and the kernel's work for them) and for the system's own processes (user +
 //! system). It writes `bench/results/<date>-throughput.{md,csv}` and a PNG per figure.
+//!
+//! `--warm-memory`: this VM's balloon hands free memory back to the host (free page
+//! reporting), so the first write to a page the guest freed a while ago costs a host fault. A
+//! download's page-cache pages are such pages: on this machine that made the page-cache copy
+//! cost about 2.4 CPU-s per GiB instead of 0.2, a third of a peer's CPU, and it varied with
+//! which system ran after which. With the option, reporting is off for the bench's duration
+//! (restored after, on error too) and the memory the runs will use is touched once first, so
+//! every system writes warm pages, as on a host without a balloon. Its results go to
+//! `<date>-throughput-warm.*`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,6 +122,62 @@ pub struct Args {
     /// Rounds per shape, in alternating order; medians are reported.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     runs: u64,
+    /// Turn the VM's free page reporting off while the bench runs and touch the memory first,
+    /// so no system pays host faults on its page-cache writes (see the module doc).
+    #[arg(long)]
+    warm_memory: bool,
+}
+
+/// The balloon's free page reporting, switched off while this lives: pages of an order at or
+/// above this parameter are reported, and the page allocator's orders stop at 10.
+struct WarmMemory {
+    old: String,
+}
+
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+
+impl WarmMemory {
+    /// Switches reporting off and touches `bytes` of memory once (then frees it: free pages
+    /// that are never reported stay backed by the host).
+    fn start(bytes: u64) -> Result<WarmMemory> {
+        let old = std::fs::read_to_string(PAGE_REPORTING_ORDER)
+            .with_context(|| format!("{PAGE_REPORTING_ORDER}: this kernel has no free page reporting to switch off; run without --warm-memory"))?
+            .trim()
+            .to_string();
+        std::fs::write(PAGE_REPORTING_ORDER, "11")
+            .with_context(|| format!("cannot write {PAGE_REPORTING_ORDER}"))?;
+        let guard = WarmMemory { old };
+        let mut v = vec![0u8; bytes as usize];
+        for i in (0..v.len()).step_by(4096) {
+            v[i] = 1;
+        }
+        std::hint::black_box(&v);
+        println!(
+            "free page reporting off (was order {}); {} GiB touched",
+            guard.old,
+            bytes >> 30
+        );
+        Ok(guard)
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl Drop for WarmMemory {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(PAGE_REPORTING_ORDER, &self.old) {
+            eprintln!(
+                "could not restore {PAGE_REPORTING_ORDER} to {}: {e}",
+                self.old
+            );
+        }
+    }
 }
 
 /// One run's figures.
@@ -225,6 +290,20 @@ pub fn run(args: Args) -> Result<()> {
     let dir = root().join("target/bench-throughput");
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
+    // Every downloader's page cache (its copy and its output) plus headroom, within what the
+    // machine has free.
+    let _warm = if args.warm_memory {
+        let need: u64 = shapes
+            .iter()
+            .map(|s| (s.peers as u64 + 1) * s.size_mib * MIB * 2)
+            .max()
+            .unwrap_or(0)
+            + (2 << 30);
+        let free = mem_available().unwrap_or(need);
+        Some(WarmMemory::start(need.min(free.saturating_sub(2 << 30)))?)
+    } else {
+        None
+    };
     let mut rows: Vec<Row> = Vec::new();
     for (k, shape) in shapes.iter().enumerate() {
         println!("\n== {}", shape.describe());
@@ -277,7 +356,12 @@ pub fn run(args: Args) -> Result<()> {
         }
         drop(lab);
     }
-    for p in write(&root().join("bench/results"), rows)? {
+    let name = if args.warm_memory {
+        "throughput-warm"
+    } else {
+        "throughput"
+    };
+    for p in write(&root().join("bench/results"), name, rows)? {
         println!("wrote {}", p.display());
     }
     Ok(())
@@ -373,10 +457,10 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
 
 /// Writes today's report (md, csv, PNGs) from `new` and the rows of today's earlier
 /// invocations whose shape and system `new` did not run again; returns the paths.
-fn write(dir: &Path, new: Vec<Row>) -> Result<Vec<PathBuf>> {
+fn write(dir: &Path, name: &str, new: Vec<Row>) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir)?;
     let date = today();
-    let base = dir.join(format!("{date}-throughput"));
+    let base = dir.join(format!("{date}-{name}"));
     let earlier = std::fs::read_to_string(base.with_extension("csv")).unwrap_or_default();
     let mut rows: Vec<Row> = earlier
         .lines()
@@ -408,11 +492,22 @@ fn write(dir: &Path, new: Vec<Row>) -> Result<Vec<PathBuf>> {
     std::fs::write(&csv_path, csv)?;
     let sums = summaries(rows);
     let mut md = format!(
-        "# bench throughput, {date}\n\n`cargo xtask bench throughput` on this machine (2 cores shared by every host). \
+        "# bench {name}, {date}\n\n`cargo xtask bench {}` on this machine (2 cores shared by every host). \
          GB/s is bytes delivered (N × F) over the wall time. CPU-s per GiB delivered: machine-wide \
          from /proc/stat (every process and the kernel's work, softirq included: what the whole \
          machine spent), and the system's own processes (user + system). Medians over the runs that \
-         finished and verified.\n"
+         finished and verified.{}\n",
+        if name.ends_with("warm") {
+            "throughput --warm-memory"
+        } else {
+            "throughput"
+        },
+        if name.ends_with("warm") {
+            " With `--warm-memory`: the VM's free page reporting off and memory touched first, so no \
+             system's page-cache writes pay host faults (a host without a balloon)."
+        } else {
+            ""
+        }
     );
     let mut current = "";
     for s in &sums {
@@ -444,11 +539,11 @@ fn write(dir: &Path, new: Vec<Row>) -> Result<Vec<PathBuf>> {
     }
     let mut paths = vec![csv_path];
     if load_font() {
-        let gbps = base.with_file_name(format!("{date}-throughput-gbps.png"));
+        let gbps = base.with_file_name(format!("{date}-{name}-gbps.png"));
         plot(&gbps, &sums, "GB/s delivered (higher is better)", |s| {
             s.gbps
         })?;
-        let cpu = base.with_file_name(format!("{date}-throughput-cpu.png"));
+        let cpu = base.with_file_name(format!("{date}-{name}-cpu.png"));
         plot(
             &cpu,
             &sums,
@@ -456,7 +551,7 @@ fn write(dir: &Path, new: Vec<Row>) -> Result<Vec<PathBuf>> {
             |s| s.machine[0],
         )?;
         md.push_str(&format!(
-            "\n![GB/s per shape]({date}-throughput-gbps.png)\n\n![CPU per GiB per shape]({date}-throughput-cpu.png)\n"
+            "\n![GB/s per shape]({date}-{name}-gbps.png)\n\n![CPU per GiB per shape]({date}-{name}-cpu.png)\n"
         ));
         paths.push(gbps);
         paths.push(cpu);
