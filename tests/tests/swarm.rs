@@ -128,6 +128,56 @@ fn a_seed_slower_per_child_than_the_peers_is_kept_and_sends_each_piece_about_onc
 }
 
 #[test]
+fn a_peer_mixing_a_slow_parent_and_the_origin_checks_both_against_one_chain() {
+    // The seed uploads at 16 Mbit/s and the peer wants 200: after 300 ms the peer sends the
+    // rest to the origin. The seed's log gave every piece's chain values, so the origin's
+    // pieces are checked against them as they arrive, like the seed's, and the copy is one
+    // chain from the first byte to the digest.
+    let s = setup(
+        1,
+        16,
+        "upload_limit_mbps = 16\nsource_min_mbps = 200\nsource_wait_ms = 300",
+        "",
+    );
+    s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
+    s.get(1, "out").ok();
+    assert_eq!(s.out_sum(1, "out"), s.sum);
+    let peer = &s.cluster.nodes[1];
+    let from_parent = peer.metric("starling_bytes_downloaded_total{source=\"parent\"}");
+    let from_origin = peer.metric("starling_bytes_downloaded_total{source=\"origin\"}");
+    assert!(
+        from_parent > 0.0 && from_origin > 0.0,
+        "parent {from_parent} and origin {from_origin} bytes: the job must mix both"
+    );
+}
+
+#[test]
+fn origin_pieces_ahead_of_the_swarms_values_wait_for_the_chain_and_still_verify() {
+    // A slow origin (1 MiB/s per connection) read at once by the seed and by the peer, which
+    // goes to source after 200 ms because its parent is slower than it wants. The peer's origin
+    // pieces run ahead of the values the seed has published (the seed's chain is at its own
+    // slowest piece), so they are stored unchecked and the peer's own in-order chain gives them
+    // their values; the copy must still be one chain to the digest.
+    let data = random_bytes(6 * MIB, 11);
+    let sum = sha256_bytes(&data);
+    let origin = FaultOrigin::start(data);
+    origin.set(|f| f.rate = Some(MIB as u64));
+    let mut cluster = Cluster::new(1, "source_min_mbps = 500\nsource_wait_ms = 200", "");
+    cluster.start_all();
+    let url = origin.url("blob");
+    let peer = &cluster.nodes[1];
+    let r = peer.scratch.get(&url, "out", &["--piece-length", "256K"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(sha256_file(&peer.scratch.out("out")), sum);
+    let from_origin = peer.metric("starling_bytes_downloaded_total{source=\"origin\"}");
+    assert!(from_origin > 0.0, "the peer read the origin");
+    assert!(
+        peer.log().contains("origin pieces chained"),
+        "the peer's chain hashed origin pieces the swarm had no values for"
+    );
+}
+
+#[test]
 fn news_of_verified_pieces_is_gathered_not_sent_one_answer_per_piece() {
     // Four peers fetching 256 pieces from each other, every upload capped so the job lasts
     // a few seconds: each peer verifies a piece every few tens of milliseconds. A child asks a
