@@ -175,6 +175,37 @@ impl Link {
     }
 }
 
+/// A content's pieces hashed in order, each from the end value of the one before: one SHA-256
+/// pass over the content, giving each piece's [`Link`].
+pub struct PieceChain {
+    value: ChainValue,
+    count: u32,
+}
+
+impl PieceChain {
+    /// From the content's first byte; `count` is the plan's piece count.
+    pub fn new(count: u32) -> PieceChain {
+        PieceChain::resume(ChainValue::START, count)
+    }
+
+    /// From `value`, the end value of the piece before the next one given.
+    pub fn resume(value: ChainValue, count: u32) -> PieceChain {
+        PieceChain { value, count }
+    }
+
+    /// The next piece in order, from its bytes (in chunks of any size).
+    pub fn next<B: AsRef<[u8]>>(&mut self, piece: &Piece, chunks: &[B]) -> Link {
+        let start = self.value;
+        let end = Link::end_of(start, piece, piece.index + 1 == self.count, chunks);
+        self.value = end;
+        Link {
+            index: piece.index,
+            start,
+            end,
+        }
+    }
+}
+
 impl Default for Chain {
     fn default() -> Self {
         Chain::new()

@@ -12,7 +12,7 @@
 //! (earlier releases) listed each piece's own SHA-256; it is refused with its own error.
 
 use super::codec::{self, Reader};
-use super::{ChainValue, Digest, Link, PiecePlan, PiecePlanError};
+use super::{ChainValue, Digest, Link, PieceChain, PiecePlan, PiecePlanError};
 
 const MAGIC: &[u8; 4] = b"STLM";
 const VERSION: u16 = 2;
@@ -81,16 +81,24 @@ impl Manifest {
 
     /// The manifest of `data` cut by `plan` (hashed here, in one pass).
     pub fn of_content(plan: PiecePlan, data: &[u8]) -> Result<Manifest, ManifestError> {
-        let mut value = ChainValue::START;
-        let values: Vec<ChainValue> = plan
+        let mut chain = PieceChain::new(plan.count());
+        let values = plan
             .pieces()
             .map(|p| {
                 let bytes = data.get(p.offset as usize..p.end() as usize).unwrap_or(&[]);
-                value = Link::end_of(value, &p, p.index + 1 == plan.count(), &[bytes]);
-                value
+                chain.next(&p, &[bytes]).end
             })
             .collect();
-        Manifest::new(plan, values, Digest::of(data))
+        Manifest::of_values(plan, values)
+    }
+
+    /// A manifest from every piece's end value: the last is the content digest (that of empty
+    /// content when there are no pieces).
+    pub fn of_values(plan: PiecePlan, values: Vec<ChainValue>) -> Result<Manifest, ManifestError> {
+        let content = values
+            .last()
+            .map_or_else(|| Digest::of(b""), |v| v.to_digest());
+        Manifest::new(plan, values, content)
     }
 
     /// Piece `index`'s start and end values.

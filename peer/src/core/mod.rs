@@ -9,7 +9,7 @@ mod piece;
 mod request;
 mod task_id;
 
-pub use chain::{Chain, ChainValue, Link};
+pub use chain::{Chain, ChainValue, Link, PieceChain};
 pub use digest::{Digest, DigestError, Sha256Stream};
 pub use manifest::{Manifest, ManifestError};
 pub use piece::{

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::core::{ChainValue, Digest, Import, Link, Manifest, PiecePlan, TaskId};
+use crate::core::{Import, Manifest, PieceChain, PiecePlan, TaskId};
 use crate::storage::{StoreError, TaskHeader};
 
 use super::{FetchError, Fetched, Fetcher, Progress, Served};
@@ -196,19 +196,14 @@ fn hash_file(
         None => PiecePlan::with_default(len),
     };
     let mut values = Vec::with_capacity(plan.count() as usize);
-    let mut value = ChainValue::START;
+    let mut chain = PieceChain::new(plan.count());
     let mut buf = vec![0u8; plan.piece_length().min(len) as usize];
     for p in plan.pieces() {
         let buf = &mut buf[..p.length as usize];
         file.read_exact(buf).map_err(io_err("read"))?;
-        value = Link::end_of(value, &p, p.index + 1 == plan.count(), &[&buf[..]]);
-        values.push(value);
+        values.push(chain.next(&p, &[&buf[..]]).end);
         progress.done.fetch_add(p.length, Ordering::Relaxed);
     }
-    let content = match values.last() {
-        Some(v) => v.to_digest(),
-        None => Digest::of(b""),
-    };
-    Manifest::new(plan, values, content)
+    Manifest::of_values(plan, values)
         .map_err(|e| StoreError::Uring(std::io::Error::other(e.to_string())))
 }

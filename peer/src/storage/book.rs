@@ -144,9 +144,15 @@ impl Book {
         self.with(|i| (i.start(index), i.value(index)))
     }
 
-    /// Every end value known, in piece order.
-    pub fn values(&self) -> Vec<Option<ChainValue>> {
-        self.with(|i| i.values.clone())
+    /// Every piece's end value, once every piece is verified.
+    pub fn verified_values(&self) -> Option<Vec<ChainValue>> {
+        self.with(|i| {
+            i.values
+                .iter()
+                .zip(&i.verified)
+                .map(|(v, verified)| v.filter(|_| *verified))
+                .collect()
+        })
     }
 
     /// Records a value heard from a parent. The first value known for a piece stays.

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use super::task::Marker;
 use super::UploadView;
-use crate::core::{ChainValue, Digest, Link, Piece};
+use crate::core::{ChainValue, Digest, Link, Piece, PieceChain};
 
 /// Pieces hashed per blocking job.
 const BATCH: usize = 8;
@@ -168,21 +168,12 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
             }
             continue;
         }
-        let start = value;
+        let mut chain = PieceChain::resume(value, count);
         let Ok(links) = tokio::task::spawn_blocking(move || {
-            let mut value = start;
-            let mut links = Vec::with_capacity(batch.len());
-            for (piece, chunks) in batch {
-                let last = piece.index + 1 == count;
-                let end = Link::end_of(value, &piece, last, &chunks);
-                links.push(Link {
-                    index: piece.index,
-                    start: value,
-                    end,
-                });
-                value = end;
-            }
-            links
+            batch
+                .into_iter()
+                .map(|(piece, chunks)| chain.next(&piece, &chunks))
+                .collect::<Vec<Link>>()
         })
         .await
         else {

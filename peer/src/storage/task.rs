@@ -403,14 +403,11 @@ impl TaskHandle {
     /// Seals a fully verified task whose last piece ends at `content`: writes its manifest
     /// (atomically) and makes the content read-only, since outputs may be hard links to it.
     pub fn complete(&self, content: Digest) -> Result<Manifest, StoreError> {
-        let bitmap = self.bitmap();
-        let values: Vec<ChainValue> = self
-            .pieces
-            .values()
-            .into_iter()
-            .zip(bitmap)
-            .filter_map(|(v, verified)| v.filter(|_| verified))
-            .collect();
+        let values = self.pieces.verified_values().ok_or_else(|| {
+            StoreError::Uring(io::Error::other(
+                "task is not complete: a piece is not verified",
+            ))
+        })?;
         let manifest = Manifest::new(self.plan(), values, content).map_err(|e| {
             StoreError::Uring(io::Error::other(format!("task is not complete: {e}")))
         })?;
