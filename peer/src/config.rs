@@ -158,6 +158,12 @@ pub struct PeerConfig {
     /// may evict it; a starting daemon serves again the stored complete tasks used within this
     /// long. Default 3600.
     pub serve_idle_seconds: u64,
+    /// This node's zone label (e.g. a cloud availability zone). The scheduler prefers parents
+    /// in the requester's zone. Default empty (unknown).
+    pub zone: String,
+    /// This node's rack label. The scheduler prefers parents in the requester's rack, so the
+    /// spine carries each piece into a rack about once. Default empty (unknown).
+    pub rack: String,
 }
 
 impl Default for PeerConfig {
@@ -175,6 +181,8 @@ impl Default for PeerConfig {
             piece_timeout_ms: 10_000,
             announce_interval_ms: 500,
             serve_idle_seconds: 3600,
+            zone: String::new(),
+            rack: String::new(),
         }
     }
 }

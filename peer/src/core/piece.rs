@@ -16,20 +16,36 @@ const TARGET_PIECES: u64 = 2048;
 const DEFAULT_MIN: u64 = 256 * 1024;
 const DEFAULT_MAX: u64 = 16 * 1024 * 1024;
 
+/// Small content keeps at least this many pieces (down to [`SMALL_MIN`]): in a large swarm a
+/// piece must pass through many peers, and with few pieces the pipeline spends much of the
+/// download filling and draining. `bench scale`'s model of 50 and 100 peers on 10 Mbit/s links
+/// fetching 32 MiB: 1.61 and 1.73 x T_min at 256 KiB (128 pieces), 1.22 and 1.21 at 64 KiB,
+/// 1.25 and 1.26 at 32 KiB (docs/decisions.md S2).
+const MIN_PIECES: u64 = 512;
+const SMALL_MIN: u64 = 64 * 1024;
+
 /// The default piece length for a content of `content_length` bytes: about
-/// [`TARGET_PIECES`] pieces, rounded up to a power of two, clamped to 256 KiB ..= 16 MiB.
+/// [`TARGET_PIECES`] pieces, rounded up to a power of two, clamped to 256 KiB ..= 16 MiB; and
+/// for content under 128 MiB, small enough to make [`MIN_PIECES`] pieces, but not under 64 KiB.
 /// Small pieces pass through a swarm sooner (a peer relays a piece only once it has all of it
 /// and has verified it): `bench swarm`'s default job ran 1.21 × T_min at 512 KiB against 1.26
 /// at 1 MiB and 1.35 at 2 MiB, and later (`--import`, 8 alternating pairs) 23.60–23.80 s at
 /// 256 KiB against 23.88–23.99 s at 512 KiB, for about a tenth more CPU (medians 20.4 against
 /// 18.0 CPU-s; the per-piece work of a request stream, news and a journal record); 128 KiB
-/// was slower again (24.1 s).
+/// was slower again (24.1 s) on that 256 MiB job, which keeps its 1,024 pieces.
 /// Small content still gets a plan (one piece) and still goes peer to peer.
 pub fn default_piece_length(content_length: u64) -> u64 {
     let want = content_length.div_ceil(TARGET_PIECES).max(1);
-    want.checked_next_power_of_two()
+    let length = want
+        .checked_next_power_of_two()
         .unwrap_or(DEFAULT_MAX)
-        .clamp(DEFAULT_MIN, DEFAULT_MAX)
+        .clamp(DEFAULT_MIN, DEFAULT_MAX);
+    // The largest power of two that still makes MIN_PIECES pieces.
+    let many = match content_length / MIN_PIECES {
+        0 => SMALL_MIN,
+        q => (1u64 << (63 - q.leading_zeros())).max(SMALL_MIN),
+    };
+    length.min(many)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -201,8 +217,12 @@ mod tests {
     #[test]
     fn default_rule() {
         const MIB: u64 = 1024 * 1024;
-        assert_eq!(default_piece_length(0), MIB / 4);
-        assert_eq!(default_piece_length(1), MIB / 4);
+        assert_eq!(default_piece_length(0), MIB / 16);
+        assert_eq!(default_piece_length(1), MIB / 16);
+        assert_eq!(default_piece_length(32 * MIB), MIB / 16);
+        assert_eq!(default_piece_length(32 * MIB + 1), MIB / 16);
+        assert_eq!(default_piece_length(64 * MIB), MIB / 8);
+        assert_eq!(default_piece_length(128 * MIB), MIB / 4);
         assert_eq!(default_piece_length(256 * MIB), MIB / 4);
         assert_eq!(default_piece_length(512 * MIB), MIB / 4);
         assert_eq!(default_piece_length(512 * MIB + 1), MIB / 2);

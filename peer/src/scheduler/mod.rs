@@ -22,7 +22,7 @@ pub mod service;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -73,6 +73,9 @@ pub struct Announce {
     pub tasks: Vec<(TaskId, Holding)>,
     /// Link quality per parent this peer has downloaded from.
     pub links: Vec<(PeerId, LinkReport)>,
+    /// Where the peer sits (zone and rack labels); absent from older peers.
+    #[serde(default)]
+    pub place: Place,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -112,6 +115,17 @@ pub struct SchedulerConfig {
     pub fetch_ttl: Duration,
 }
 
+impl SchedulerConfig {
+    /// The settings of the `[scheduler]` config section.
+    pub fn of(section: &crate::config::SchedulerSection) -> SchedulerConfig {
+        SchedulerConfig {
+            ttl: Duration::from_secs(section.peer_ttl_seconds),
+            fanout: section.fanout,
+            ..SchedulerConfig::default()
+        }
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
@@ -123,21 +137,110 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// One registered peer. Peers are kept in slots and named by their slot index inside the
+/// scheduler, so the per-task pools and the ranking loop work on small integers.
 struct PeerState {
+    name: PeerId,
+    /// A hash of the name: per-requester tie breaks without hashing strings in the hot loop.
+    hash: u64,
     addr: SocketAddr,
     seed: bool,
+    place: Place,
     upload_capacity: f64,
     uploads: u32,
     last_seen: Duration,
-    tasks: HashMap<TaskId, Vec<bool>>,
+    tasks: HashMap<TaskId, Bits>,
     links: HashMap<PeerId, LinkReport>,
     /// When each recent assignment of this peer as a parent was made.
     assigned: Vec<Duration>,
 }
 
+type Slot = u32;
+
+/// A piece bitmap, packed, with its count of set bits.
+#[derive(Clone, Debug)]
+struct Bits {
+    words: Vec<u64>,
+    len: u32,
+    count: u32,
+}
+
+impl Bits {
+    fn of(have: &[bool]) -> Bits {
+        let mut words = vec![0u64; have.len().div_ceil(64)];
+        for (i, h) in have.iter().enumerate() {
+            if *h {
+                words[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let count = have.iter().filter(|h| **h).count() as u32;
+        Bits {
+            words,
+            len: have.len() as u32,
+            count,
+        }
+    }
+
+    fn set(&mut self, i: u32) {
+        if i < self.len {
+            let (w, b) = ((i / 64) as usize, i % 64);
+            if self.words[w] & (1 << b) == 0 {
+                self.words[w] |= 1 << b;
+                self.count += 1;
+            }
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.count == self.len
+    }
+
+    /// How many pieces these bits hold that `mine` lacks.
+    fn useful_to(&self, mine: Option<&Bits>) -> u32 {
+        match mine {
+            None => self.count,
+            Some(m) => self
+                .words
+                .iter()
+                .zip(m.words.iter().chain(std::iter::repeat(&0)))
+                .map(|(t, m)| (t & !m).count_ones())
+                .sum(),
+        }
+    }
+}
+
+/// The peers that hold (or asked for) one task: a list to scan, and each one's position in it.
+#[derive(Default)]
+struct Pool {
+    members: Vec<Slot>,
+    at: HashMap<Slot, usize>,
+}
+
+impl Pool {
+    fn insert(&mut self, s: Slot) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.at.entry(s) {
+            e.insert(self.members.len());
+            self.members.push(s);
+        }
+    }
+
+    fn remove(&mut self, s: Slot) {
+        if let Some(i) = self.at.remove(&s) {
+            self.members.swap_remove(i);
+            if let Some(moved) = self.members.get(i) {
+                self.at.insert(*moved, i);
+            }
+        }
+    }
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    peers: BTreeMap<PeerId, PeerState>,
+    slots: Vec<Option<PeerState>>,
+    free: Vec<Slot>,
+    ids: HashMap<PeerId, Slot>,
+    /// Per task, the peers holding it (any part).
+    holders: HashMap<TaskId, Pool>,
     /// Who was told to go back to source for a task nobody held, and when.
     fetchers: HashMap<TaskId, (PeerId, Duration)>,
     /// Peers that asked for a task's parents and have not announced it yet, and when: they
@@ -145,40 +248,108 @@ pub struct Scheduler {
     /// next. Without this, peers that start together all got the one or two that happened
     /// to announce first, and with `max_parents` under the swarm's size the rest got no
     /// children.
-    joining: HashMap<TaskId, HashMap<PeerId, Duration>>,
+    joining: HashMap<TaskId, HashMap<Slot, Duration>>,
+    /// When expired state was last swept (a sweep visits every peer, so at most once per
+    /// [`SWEEP_EVERY`]).
+    swept: Option<Duration>,
+    /// Calls answered, for the rotation of large pools (see [`SCAN_AT_MOST`]).
+    calls: u64,
+    /// Per task, what the live holders hold between them, and when that was worked out.
+    cover: HashMap<TaskId, Cover>,
 }
+
+/// A fetcher (or holder) not heard from for this long counts as gone when deciding who goes
+/// to source: with announcements every 500 ms, ten missed ones. (Forgetting a peer entirely
+/// waits for the longer `ttl`.)
+const FETCHER_SILENT: Duration = Duration::from_secs(5);
+/// The union of the live holders' bitmaps of one task.
+struct Cover {
+    at: Duration,
+    complete: bool,
+    /// None: no live holder.
+    union: Option<Bits>,
+}
+
+/// How often a task's cover by live holders is worked out again.
+const COVER_EVERY: Duration = Duration::from_secs(1);
+
+/// How often expired peers and assignments are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// A call ranks at most this many of a task's holders (and joiners): a window of the pool
+/// that starts at a different place for each call, so a requester still sees the whole
+/// swarm over a few calls. Ranking every holder made a call cost O(swarm × pieces); with
+/// 10,000 peers a call took milliseconds.
+pub const SCAN_AT_MOST: usize = 1024;
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
         Scheduler {
             cfg,
-            peers: BTreeMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            ids: HashMap::new(),
+            holders: HashMap::new(),
             fetchers: HashMap::new(),
             joining: HashMap::new(),
+            swept: None,
+            calls: 0,
+            cover: HashMap::new(),
         }
     }
 
     pub fn peers(&self) -> usize {
-        self.peers.len()
+        self.ids.len()
+    }
+
+    fn peer(&self, name: &str) -> Option<&PeerState> {
+        self.ids
+            .get(name)
+            .and_then(|s| self.slots[*s as usize].as_ref())
+    }
+
+    fn at(&self, s: Slot) -> Option<&PeerState> {
+        self.slots.get(s as usize).and_then(Option::as_ref)
     }
 
     /// Applies an announcement received at `now`.
     pub fn announce(&mut self, a: Announce, now: Duration) {
-        let p = self
-            .peers
-            .entry(a.peer.clone())
-            .or_insert_with(|| PeerState {
-                addr: a.addr,
-                seed: a.seed,
-                upload_capacity: 0.0,
-                uploads: 0,
-                last_seen: now,
-                tasks: HashMap::new(),
-                links: HashMap::new(),
-                assigned: Vec::new(),
-            });
+        let slot = match self.ids.get(&a.peer) {
+            Some(s) => *s,
+            None => {
+                let state = PeerState {
+                    name: a.peer.clone(),
+                    hash: name_hash(&a.peer),
+                    addr: a.addr,
+                    seed: a.seed,
+                    place: Place::default(),
+                    upload_capacity: 0.0,
+                    uploads: 0,
+                    last_seen: now,
+                    tasks: HashMap::new(),
+                    links: HashMap::new(),
+                    assigned: Vec::new(),
+                };
+                let s = match self.free.pop() {
+                    Some(s) => {
+                        self.slots[s as usize] = Some(state);
+                        s
+                    }
+                    None => {
+                        self.slots.push(Some(state));
+                        (self.slots.len() - 1) as Slot
+                    }
+                };
+                self.ids.insert(a.peer.clone(), s);
+                s
+            }
+        };
+        let Some(p) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         p.addr = a.addr;
         p.seed = a.seed;
+        p.place = a.place;
         p.upload_capacity = a.upload_capacity.max(0.0);
         p.uploads = a.uploads;
         p.last_seen = now;
@@ -189,21 +360,23 @@ impl Scheduler {
                         continue;
                     }
                     have.resize(pieces as usize, false);
-                    p.tasks.insert(task, have);
+                    p.tasks.insert(task, Bits::of(&have));
+                    self.holders.entry(task).or_default().insert(slot);
                 }
                 Holding::Added(added) => {
                     // Without a full bitmap first we do not know the piece count: ignore, the
                     // peer re-sends in full when asked (after a scheduler restart).
                     if let Some(have) = p.tasks.get_mut(&task) {
                         for i in added {
-                            if let Some(slot) = have.get_mut(i as usize) {
-                                *slot = true;
-                            }
+                            have.set(i);
                         }
                     }
                 }
                 Holding::Gone => {
                     p.tasks.remove(&task);
+                    if let Some(pool) = self.holders.get_mut(&task) {
+                        pool.remove(slot);
+                    }
                 }
             }
         }
@@ -215,39 +388,69 @@ impl Scheduler {
     /// Whether the scheduler holds `peer`'s full bitmap for `task` (else the peer must re-send
     /// it in full, e.g. after a scheduler restart).
     pub fn knows(&self, peer: &str, task: &TaskId) -> bool {
-        self.peers
-            .get(peer)
-            .is_some_and(|p| p.tasks.contains_key(task))
+        self.peer(peer).is_some_and(|p| p.tasks.contains_key(task))
     }
 
-    /// Forgets peers not heard from within the TTL, and stale assignments.
+    /// Forgets peers not heard from within the TTL, and stale assignments. The sweep visits
+    /// every peer, so it runs at most once per [`SWEEP_EVERY`].
     pub fn expire(&mut self, now: Duration) {
+        if self
+            .swept
+            .is_some_and(|t| now.saturating_sub(t) < SWEEP_EVERY && now >= t)
+        {
+            return;
+        }
+        self.swept = Some(now);
         let ttl = self.cfg.ttl;
-        self.peers
-            .retain(|_, p| now.saturating_sub(p.last_seen) <= ttl);
         let keep = self.cfg.assignment_ttl;
-        for p in self.peers.values_mut() {
+        for s in 0..self.slots.len() {
+            let Some(p) = self.slots[s].as_mut() else {
+                continue;
+            };
+            if now.saturating_sub(p.last_seen) > ttl {
+                let Some(p) = self.slots[s].take() else {
+                    continue;
+                };
+                for task in p.tasks.keys() {
+                    if let Some(pool) = self.holders.get_mut(task) {
+                        pool.remove(s as Slot);
+                    }
+                }
+                self.ids.remove(&p.name);
+                self.free.push(s as Slot);
+                continue;
+            }
             p.assigned.retain(|t| now.saturating_sub(*t) <= keep);
         }
+        self.holders.retain(|_, pool| !pool.members.is_empty());
+        let holders = &self.holders;
+        self.cover.retain(|task, _| holders.contains_key(task));
         let fetch_ttl = self.cfg.fetch_ttl;
-        let peers = &self.peers;
+        let slots = &self.slots;
         self.joining.retain(|task, j| {
             j.retain(|peer, since| {
                 now.saturating_sub(*since) <= keep
-                    && peers.get(peer).is_some_and(|p| !p.tasks.contains_key(task))
+                    && slots
+                        .get(*peer as usize)
+                        .and_then(Option::as_ref)
+                        .is_some_and(|p| !p.tasks.contains_key(task))
             });
             !j.is_empty()
         });
+        let ids = &self.ids;
         self.fetchers.retain(|_, (peer, since)| {
-            now.saturating_sub(*since) <= fetch_ttl && peers.contains_key(peer)
+            now.saturating_sub(*since) <= fetch_ttl && ids.contains_key(peer)
         });
     }
 
-    /// Candidates plus advice on going back to source. A requester that is itself a seed
-    /// goes to source when nobody holds the task; otherwise a seed is preferred (chosen per
-    /// task by hash, so tasks spread over seeds), and only without one does the first
-    /// requester fetch. A fetcher that does not become a holder within `fetch_ttl` is
-    /// replaced.
+    /// Candidates plus advice on going back to source. While the live holders together hold
+    /// every piece, everyone downloads from parents. Otherwise one peer fetches what nobody
+    /// holds: the current fetcher while it is heard from (a peer that was told and has not
+    /// become a holder within `fetch_ttl` is replaced); else a seed, chosen per task by hash
+    /// so tasks spread over seeds (the requester orders it, `AskSeed`); else the requester
+    /// itself (`Source`). A requester that is itself a seed fetches when nobody holds the
+    /// task. Everyone else waits for the swarm: a peer's own timer does not send pieces to
+    /// source while the scheduler answers (see [`crate::engine::Engine::source_by_scheduler`]).
     pub fn advise(
         &mut self,
         requester: &str,
@@ -257,58 +460,128 @@ impl Scheduler {
         now: Duration,
     ) -> (Vec<Candidate>, Advice) {
         let parents = self.candidates(requester, task, max, exclude, now);
-        if let Some(p) = self.peers.get(requester) {
-            if !p.tasks.contains_key(task) {
-                self.joining
-                    .entry(*task)
-                    .or_default()
-                    .insert(requester.to_string(), now);
+        if let Some(&s) = self.ids.get(requester) {
+            if !self.at(s).is_some_and(|p| p.tasks.contains_key(task)) {
+                self.joining.entry(*task).or_default().insert(s, now);
             }
         }
         // Holders the requester already has (or just left) still count as holders; peers
         // still joining do not (someone must still be told to fetch).
-        let holds = |x: &str| {
-            x != requester
-                && self
-                    .peers
-                    .get(x)
-                    .is_some_and(|p| p.tasks.contains_key(task))
-        };
-        if parents.iter().any(|c| holds(&c.peer)) || exclude.iter().any(|x| holds(x)) {
+        let holds = |x: &str| x != requester && self.knows(x, task);
+        let held = parents.iter().any(|c| holds(&c.peer)) || exclude.iter().any(|x| holds(x));
+        let covered = self.covered(task, now);
+        if held && covered {
             return (parents, Advice::Parents);
         }
+        let live = |s: &Scheduler, who: &str| {
+            s.peer(who)
+                .is_some_and(|p| now.saturating_sub(p.last_seen) <= FETCHER_SILENT)
+        };
         let fetcher = self
             .fetchers
             .get(task)
-            .filter(|(_, since)| now.saturating_sub(*since) <= self.cfg.fetch_ttl)
+            .filter(|(who, since)| {
+                live(self, who)
+                    && (self.knows(who, task) || now.saturating_sub(*since) <= self.cfg.fetch_ttl)
+            })
             .map(|(p, _)| p.clone());
-        let advice = |s: &Scheduler, who: &str| match s.peers.get(who) {
-            Some(p) if who != requester && p.seed => Advice::AskSeed {
+        let advice = |s: &Scheduler, who: &str| match s.peer(who) {
+            Some(_) if who == requester => Advice::Source,
+            // Parents hold what they hold; the fetcher adds the rest as it goes.
+            _ if held => Advice::Parents,
+            Some(p) if p.seed => Advice::AskSeed {
                 peer: who.to_string(),
                 addr: p.addr,
             },
-            Some(_) if who != requester => Advice::Wait,
-            _ => Advice::Source,
+            Some(_) => Advice::Wait,
+            None => Advice::Source,
         };
         if let Some(f) = fetcher {
-            if self.peers.contains_key(&f) {
-                return (parents, advice(self, &f));
-            }
+            return (parents, advice(self, &f));
         }
-        let requester_is_seed = self.peers.get(requester).is_some_and(|p| p.seed);
+        let requester_is_seed = self.peer(requester).is_some_and(|p| p.seed);
         let seed = if requester_is_seed {
             None
         } else {
-            self.peers
+            let t = name_hash(&task.dir_name());
+            self.slots
                 .iter()
-                .filter(|(id, p)| p.seed && id.as_str() != requester)
-                .min_by_key(|(id, _)| tie(&task.dir_name(), id))
-                .map(|(id, _)| id.clone())
+                .flatten()
+                .filter(|p| p.seed && p.name != requester && live(self, &p.name))
+                .min_by_key(|p| mix(t ^ p.hash))
+                .map(|p| p.name.clone())
         };
         let chosen = seed.unwrap_or_else(|| requester.to_string());
-        tracing::info!(%task, fetcher = %chosen, "nobody holds this task; choosing who fetches it from source");
+        tracing::info!(%task, fetcher = %chosen, "no live peer holds some of this task; choosing who fetches it from source");
         self.fetchers.insert(*task, (chosen.clone(), now));
-        (parents, advice(self, &chosen))
+        let advice = match advice(self, &chosen) {
+            // A seed chosen while others hold parts is ordered all the same: it fetches what
+            // is missing and serves it.
+            Advice::Parents if chosen != requester => match self.peer(&chosen) {
+                Some(p) if p.seed => Advice::AskSeed {
+                    peer: chosen.clone(),
+                    addr: p.addr,
+                },
+                _ => Advice::Parents,
+            },
+            a => a,
+        };
+        (parents, advice)
+    }
+
+    /// Whether the holders heard from lately hold every piece of `task` between them. Worked
+    /// out at most once per [`COVER_EVERY`] per task (it visits every holder).
+    fn covered(&mut self, task: &TaskId, now: Duration) -> bool {
+        if let Some(c) = self.cover.get(task) {
+            if now.saturating_sub(c.at) < COVER_EVERY && now >= c.at {
+                return c.complete;
+            }
+        }
+        let mut union: Option<Bits> = None;
+        if let Some(pool) = self.holders.get(task) {
+            for s in &pool.members {
+                let Some(p) = self.at(*s) else { continue };
+                if now.saturating_sub(p.last_seen) > FETCHER_SILENT {
+                    continue;
+                }
+                let Some(b) = p.tasks.get(task) else { continue };
+                let u = union.get_or_insert_with(|| Bits {
+                    words: vec![0; b.words.len()],
+                    len: b.len,
+                    count: 0,
+                });
+                for (u, w) in u.words.iter_mut().zip(&b.words) {
+                    *u |= w;
+                }
+                u.count = u.words.iter().map(|w| w.count_ones()).sum();
+                if u.complete() {
+                    break;
+                }
+            }
+        }
+        let complete = union.as_ref().is_some_and(Bits::complete);
+        self.cover.insert(
+            *task,
+            Cover {
+                at: now,
+                complete,
+                union,
+            },
+        );
+        complete
+    }
+
+    /// The pieces of `task` that no live holder held when last worked out (by [`advise`]):
+    /// what a peer told to go to source should fetch. None: nobody holds any of it.
+    ///
+    /// [`advise`]: Scheduler::advise
+    pub fn lacking(&self, task: &TaskId) -> Option<Vec<u32>> {
+        let u = self.cover.get(task)?.union.as_ref()?;
+        Some(
+            (0..u.len)
+                .filter(|i| u.words[(*i / 64) as usize] & (1 << (i % 64)) == 0)
+                .collect(),
+        )
     }
 
     /// Up to `max` ranked parents for `requester` on `task`, leaving out `exclude` (the
@@ -322,13 +595,17 @@ impl Scheduler {
         exclude: &[PeerId],
         now: Duration,
     ) -> Vec<Candidate> {
-        let (mine, my_links) = match self.peers.get(requester) {
-            Some(p) => (p.tasks.get(task).cloned(), p.links.clone()),
-            None => (None, HashMap::new()),
-        };
+        self.calls += 1;
+        let me = self.ids.get(requester).copied();
+        let me_state = me.and_then(|s| self.at(s));
+        let mine = me_state.and_then(|p| p.tasks.get(task));
+        let my_links = me_state.map(|p| &p.links);
+        let my_hash = me_state.map_or_else(|| name_hash(requester), |p| p.hash);
+        let my_place = me_state.map(|p| &p.place);
         let measured: Vec<f64> = {
             let mut v: Vec<f64> = my_links
-                .values()
+                .into_iter()
+                .flat_map(|l| l.values())
                 .map(|l| l.throughput)
                 .filter(|t| *t > 0.0)
                 .collect();
@@ -336,30 +613,42 @@ impl Scheduler {
             v
         };
         let median = measured.get(measured.len() / 2).copied().unwrap_or(1.0);
-        let joining = self.joining.get(task);
-        let exclude: HashSet<&str> = exclude.iter().map(String::as_str).collect();
-        let mut out: Vec<Candidate> = Vec::new();
-        for (id, p) in &self.peers {
-            if id == requester || exclude.contains(id.as_str()) {
+        let excluded: HashSet<Slot> = exclude
+            .iter()
+            .filter_map(|x| self.ids.get(x).copied())
+            .collect();
+        // Holders, then peers still joining (holding nothing yet).
+        let held: &[Slot] = self
+            .holders
+            .get(task)
+            .map_or(&[][..], |p| p.members.as_slice());
+        let joiners: Vec<Slot> = self
+            .joining
+            .get(task)
+            .map(|j| j.keys().copied().filter(|s| !self.at(*s).is_some_and(|p| p.tasks.contains_key(task))).collect())
+            .unwrap_or_default();
+        let pool = held.len() + joiners.len();
+        let (start, take) = if pool > SCAN_AT_MOST {
+            ((mix(my_hash ^ self.calls) % pool as u64) as usize, SCAN_AT_MOST)
+        } else {
+            (0, pool)
+        };
+        let mut ranked: Vec<(f64, u64, Slot, u32)> = Vec::with_capacity(take.min(4096));
+        for k in 0..take {
+            let i = (start + k) % pool;
+            let (slot, joined) = match held.get(i) {
+                Some(s) => (*s, false),
+                None => (joiners[i - held.len()], true),
+            };
+            if Some(slot) == me || excluded.contains(&slot) {
                 continue;
             }
-            let (have, joined) = match p.tasks.get(task) {
-                Some(have) => (have.as_slice(), false),
-                None if joining.is_some_and(|j| j.contains_key(id)) => (&[][..], true),
-                None => continue,
-            };
-            let useful = have
-                .iter()
-                .enumerate()
-                .filter(|(i, h)| {
-                    **h && !mine
-                        .as_ref()
-                        .is_some_and(|m| m.get(*i).copied().unwrap_or(false))
-                })
-                .count() as u32;
+            let Some(p) = self.at(slot) else { continue };
+            let have = p.tasks.get(task);
+            let useful = have.map_or(0, |h| h.useful_to(mine));
             // A holder with nothing new is still worth watching while it downloads (at the
             // start, a seed that has verified nothing yet); a complete one is not.
-            if useful == 0 && !joined && have.iter().all(|h| *h) {
+            if useful == 0 && !joined && have.is_some_and(Bits::complete) {
                 continue;
             }
             let load = p.uploads as f64 + p.assigned.len() as f64;
@@ -369,7 +658,7 @@ impl Scheduler {
             } else {
                 median
             };
-            let link = match my_links.get(id) {
+            let link = match my_links.and_then(|l| l.get(&p.name)) {
                 Some(l) => l.throughput.max(1.0) * (1.0 - l.loss.clamp(0.0, 0.9)),
                 None => median.min(capacity),
             };
@@ -384,28 +673,79 @@ impl Scheduler {
             // a few pieces collect every child while later ones (the same content a second
             // later) get none.
             let value = (1.0 + useful.min(USEFUL_ENOUGH) as f64).ln() + WATCH_SCORE;
-            let score = value * spare * link;
-            out.push(Candidate {
-                peer: id.clone(),
-                addr: p.addr,
-                seed: p.seed,
-                useful,
-                score,
-            });
+            let near = my_place.map_or(1.0, |m| m.affinity(&p.place));
+            let score = value * spare * link * near;
+            ranked.push((score, mix(my_hash ^ p.hash), slot, useful));
         }
-        out.sort_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| tie(requester, &a.peer).cmp(&tie(requester, &b.peer)))
-        });
-        out.truncate(max);
-        for c in &out {
-            if let Some(p) = self.peers.get_mut(&c.peer) {
+        let order = |a: &(f64, u64, Slot, u32), b: &(f64, u64, Slot, u32)| {
+            b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+        };
+        if ranked.len() > max && max > 0 {
+            ranked.select_nth_unstable_by(max - 1, order);
+        }
+        ranked.truncate(max);
+        ranked.sort_by(order);
+        let mut out = Vec::with_capacity(ranked.len());
+        for (score, _, slot, useful) in ranked {
+            if let Some(p) = self.slots[slot as usize].as_mut() {
                 p.assigned.push(now);
+                out.push(Candidate {
+                    peer: p.name.clone(),
+                    addr: p.addr,
+                    seed: p.seed,
+                    useful,
+                    score,
+                });
             }
         }
         out
     }
+}
+
+/// Where a node sits, from its config's `[peer] zone` and `rack` labels (empty: unknown).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub rack: String,
+}
+
+impl Place {
+    /// How much a parent at `other` is preferred by a requester here: a parent in the same
+    /// rack keeps the bytes off the spine, one in the same zone off the links between zones.
+    fn affinity(&self, other: &Place) -> f64 {
+        let same = |a: &str, b: &str| !a.is_empty() && a == b;
+        if same(&self.zone, &other.zone) || (self.zone.is_empty() && other.zone.is_empty()) {
+            if same(&self.rack, &other.rack) {
+                SAME_RACK
+            } else {
+                1.0
+            }
+        } else {
+            OTHER_ZONE
+        }
+    }
+}
+
+/// How a parent in the requester's rack ranks against one elsewhere in its zone.
+const SAME_RACK: f64 = 4.0;
+/// How a parent in another zone ranks against one in the requester's zone.
+const OTHER_ZONE: f64 = 0.25;
+
+fn name_hash(name: &str) -> u64 {
+    let d = crate::core::Digest::of(name.as_bytes());
+    u64::from_le_bytes([
+        d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
+    ])
+}
+
+/// splitmix64's finaliser: a cheap, well-spread permutation of u64.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// What a downloading holder with nothing the requester lacks scores, before load and link:
@@ -414,14 +754,6 @@ const WATCH_SCORE: f64 = 0.05;
 
 /// How many useful pieces make a holder as good as any other (before load and link).
 const USEFUL_ENOUGH: u32 = 8;
-
-/// A stable per-(requester, candidate) order for equal scores.
-fn tie(requester: &str, candidate: &str) -> u64 {
-    let d = crate::core::Digest::of(format!("{requester}\0{candidate}").as_bytes());
-    u64::from_le_bytes([
-        d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
-    ])
-}
 
 /// Bitmaps in JSON as hex of packed bits (piece i is bit i%8 of byte i/8): 1024 pieces take
 /// 256 characters rather than thousands.

@@ -33,6 +33,24 @@ pub struct CandidatesCall {
 pub struct CandidatesReply {
     pub parents: Vec<Candidate>,
     pub advice: Advice,
+    /// With `Source`: the pieces no live peer holds, which are all this peer should fetch
+    /// from source (absent: all it lacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lacking: Option<Vec<u32>>,
+}
+
+impl CandidatesReply {
+    /// `advise`'s answer, with the pieces to fetch when it says `Source`.
+    pub fn of(s: &Scheduler, task: &TaskId, (parents, advice): (Vec<Candidate>, Advice)) -> Self {
+        let lacking = (advice == Advice::Source)
+            .then(|| s.lacking(task))
+            .flatten();
+        CandidatesReply {
+            parents,
+            advice,
+            lacking,
+        }
+    }
 }
 
 /// Most candidates one call may ask for.
@@ -77,8 +95,8 @@ impl SchedulerService {
         let max = call.max.min(MAX_CANDIDATES) as usize;
         let exclude = &call.exclude[..call.exclude.len().min(MAX_EXCLUDE)];
         self.with(|s| {
-            let (parents, advice) = s.advise(&call.peer, task, max, exclude, now);
-            CandidatesReply { parents, advice }
+            let answer = s.advise(&call.peer, task, max, exclude, now);
+            CandidatesReply::of(s, task, answer)
         })
     }
 

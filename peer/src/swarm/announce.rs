@@ -13,7 +13,7 @@ use super::schedulers::Schedulers;
 use super::Swarm;
 use crate::core::TaskId;
 use crate::scheduler::service::AnnounceReply;
-use crate::scheduler::{Announce, Holding};
+use crate::scheduler::{Announce, Holding, Place};
 use crate::transport::wire::Request as Wire;
 
 #[derive(Default)]
@@ -104,6 +104,10 @@ async fn announce_once(swarm: &Arc<Swarm>) {
         uploads: swarm.served.take_load(),
         tasks: Vec::new(),
         links,
+        place: Place {
+            zone: swarm.ctx.cfg.peer.zone.clone(),
+            rack: swarm.ctx.cfg.peer.rack.clone(),
+        },
     };
     match &swarm.schedulers {
         Schedulers::Embedded(s) => {

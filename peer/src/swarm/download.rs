@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::jobs::{ask_loop, from_parent, from_source, poll_parent, Event, JobError, Wanted};
+use super::policy::{engine_config, CLOSING_PIECES, REDIAL_AFTER, REPLACE_WINDOW};
 use super::pull::PullError;
 use super::serve::Holder;
 use super::{SeedOrder, Swarm};
@@ -54,13 +55,6 @@ struct ParentInfo {
     poller: AbortHandle,
 }
 
-/// Reconnecting to a parent that went down waits this long.
-const REDIAL_AFTER: Duration = Duration::from_secs(5);
-/// With every parent slot taken, the parent that delivered far least over this long is
-/// replaced.
-const REPLACE_WINDOW: Duration = Duration::from_secs(3);
-/// With this few pieces missing, news of any of them is wanted at once.
-const CLOSING_PIECES: u32 = 16;
 /// At the end, how long to wait for a parent to report the sealed content digest.
 const CONTENT_WAIT: Duration = Duration::from_secs(10);
 /// With no way to make progress (no parent, no source), a download fails after this long.
@@ -101,7 +95,16 @@ struct Driver<'a> {
     closing: tokio::sync::watch::Sender<bool>,
     /// The in-order chain: values for origin pieces, and the content digest at the end.
     chainer: Option<Chainer>,
+    /// The scheduler's last word on going back to source, and when it came (see
+    /// [`Engine::source_by_scheduler`]); after [`SCHEDULER_SILENT`] without an answer the
+    /// engine's own timer decides again.
+    source_says: Option<bool>,
+    lacking: Option<Vec<u32>>,
+    advised_at: Instant,
 }
+
+/// Without a scheduler answer for this long, a download goes back to its own source timer.
+const SCHEDULER_SILENT: Duration = Duration::from_secs(15);
 
 impl Drop for Driver<'_> {
     fn drop(&mut self) {
@@ -125,19 +128,7 @@ pub(super) async fn run(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let pc = &swarm.ctx.cfg.peer;
     let wait = Duration::from_millis(pc.source_wait_ms);
-    let engine_cfg = EngineConfig {
-        piece_timeout: Duration::from_millis(pc.piece_timeout_ms),
-        source_allowed: pc.source_fallback,
-        source_min_rate: (pc.source_min_mbps * 125_000.0) as u64,
-        source_grace: wait,
-        source_wait: wait,
-        tie_seed: Some(u64::from_le_bytes(
-            Digest::of(swarm.me.as_bytes()).0[..8]
-                .try_into()
-                .unwrap_or([0; 8]),
-        )),
-        ..EngineConfig::default()
-    };
+    let engine_cfg = engine_config(pc, &swarm.me);
     let mut d = Driver {
         swarm,
         id,
@@ -170,6 +161,9 @@ pub(super) async fn run(
         }),
         helpers: Vec::new(),
         closing: tokio::sync::watch::Sender::new(false),
+        source_says: None,
+        lacking: None,
+        advised_at: Instant::now(),
     };
     match missing {
         Missing::Partial(t) => {
@@ -228,6 +222,7 @@ pub(super) async fn run(
         }
         if last_links.elapsed() >= Duration::from_secs(1) {
             last_links = Instant::now();
+            d.scheduler_silence();
             d.measure_links();
             d.replace_slow_parent();
         }
@@ -266,7 +261,9 @@ impl Driver<'_> {
         if let (Some(d), Some(last)) = (self.req.digest, t.plan().count().checked_sub(1)) {
             t.learn(last, ChainValue::of_digest(d));
         }
-        self.engine = Some(Engine::new(t.plan(), &have, self.engine_cfg.clone()));
+        let mut engine = Engine::new(t.plan(), &have, self.engine_cfg.clone());
+        engine.source_by_scheduler(self.source_says, self.lacking.as_deref());
+        self.engine = Some(engine);
         let stored: u64 = t
             .plan()
             .pieces()
@@ -298,6 +295,19 @@ impl Driver<'_> {
 
     fn on_advice(&mut self, r: CandidatesReply) {
         tracing::debug!(parents = r.parents.len(), advice = ?r.advice, "scheduler advice");
+        self.advised_at = Instant::now();
+        let says = Some(r.advice == Advice::Source);
+        if says == Some(true) && self.source_says != says {
+            tracing::info!(
+                pieces = r.lacking.as_ref().map(Vec::len),
+                "the scheduler chose this peer to fetch what no peer holds"
+            );
+        }
+        self.source_says = says;
+        self.lacking = r.lacking.clone();
+        if let Some(e) = &mut self.engine {
+            e.source_by_scheduler(says, self.lacking.as_deref());
+        }
         match &r.advice {
             Advice::Source => self.told_source = true,
             Advice::AskSeed { peer, addr } => {
@@ -317,6 +327,18 @@ impl Driver<'_> {
             .iter()
             .any(|c| c.peer != self.swarm.me && !self.by_peer.contains_key(&c.peer));
         self.update_wanted();
+    }
+
+    /// With no scheduler answer for [`SCHEDULER_SILENT`], nobody sees the whole swarm: the
+    /// engine's own timer decides when pieces nobody holds go to source again.
+    fn scheduler_silence(&mut self) {
+        if self.source_says.is_some() && self.advised_at.elapsed() >= SCHEDULER_SILENT {
+            tracing::info!("no scheduler answer lately; going back to source by this peer's own timer");
+            self.source_says = None;
+            if let Some(e) = &mut self.engine {
+                e.source_by_scheduler(None, None);
+            }
+        }
     }
 
     /// Tells the scheduler loop how many parents are missing (it asks soon while any are).

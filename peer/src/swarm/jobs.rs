@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::policy::{ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON, HAVE_EVERY};
 use super::pull::PullError;
 use super::Swarm;
 use crate::core::{Link, Piece, TaskId};
@@ -53,19 +54,16 @@ pub(super) async fn ask_loop(
     tx: mpsc::UnboundedSender<Event>,
     mut wanted: tokio::sync::watch::Receiver<Wanted>,
 ) {
-    const SOON: Duration = Duration::from_millis(100);
-    const SHORT_AT_MOST: Duration = Duration::from_millis(500);
-    const FULL_EVERY: Duration = Duration::from_secs(5);
-    let mut short_every = SOON;
+    let mut short_every = ASK_SOON;
     loop {
         if wanted.has_changed().unwrap_or(false) {
-            short_every = SOON;
+            short_every = ASK_SOON;
         }
         if wanted.borrow_and_update().count > 0 {
             tokio::time::sleep(short_every).await;
-            short_every = (short_every * 2).min(SHORT_AT_MOST);
+            short_every = (short_every * 2).min(ASK_SHORT_AT_MOST);
         } else {
-            let _ = tokio::time::timeout(FULL_EVERY, wanted.wait_for(|w| w.count > 0)).await;
+            let _ = tokio::time::timeout(ASK_FULL_EVERY, wanted.wait_for(|w| w.count > 0)).await;
         }
         let (want, exclude) = {
             let w = wanted.borrow();
@@ -82,15 +80,6 @@ pub(super) async fn ask_loop(
     }
 }
 
-/// A parent's news is asked for at most once per this long, until the download is
-/// `closing` (few pieces left, each of which it waits for). A parent that verifies a piece
-/// every few tens of milliseconds would otherwise answer each long-poll with one piece: on
-/// `bench swarm`'s default job each peer took about 3,000 answers, 5 per piece it fetched,
-/// each a stream opened and answered; waiting out the rest of the interval after a quick
-/// answer lets news gather (1,640 answers, 2.3 pieces each on average). When news is sparse
-/// the long-poll itself waited longer than this and the next ask goes at once, so a lone new
-/// piece is heard of as soon as before.
-const HAVE_EVERY: Duration = Duration::from_millis(100);
 
 /// Connects to a parent and long-polls its verification log until it goes away.
 pub(super) async fn poll_parent(
@@ -127,6 +116,7 @@ pub(super) async fn poll_parent(
         match tokio::time::timeout(Duration::from_secs(5), conn.have(task, epoch, since)).await {
             Ok(Ok(r)) => {
                 let sealed = r.content.is_some() && r.entries.is_empty() && r.epoch == epoch;
+                let empty = r.entries.is_empty();
                 epoch = r.epoch;
                 since = r.end;
                 if tx.send(Event::Have { pid, reply: r }).is_err() {
@@ -138,8 +128,13 @@ pub(super) async fn poll_parent(
                     return down(reason);
                 }
                 // Until the interval is over, or at once when the download is closing (a
-                // download that is over drops the sender, which ends the wait as well).
-                let _ = tokio::time::timeout_at(asked + HAVE_EVERY, closing.wait_for(|c| *c)).await;
+                // download that is over drops the sender, which ends the wait as well). An
+                // answer without news (the first one, from a parent holding nothing yet) is
+                // asked again at once: that ask waits at the parent for its first piece.
+                if !empty {
+                    let _ =
+                        tokio::time::timeout_at(asked + HAVE_EVERY, closing.wait_for(|c| *c)).await;
+                }
             }
             Ok(Err(TransportError::Refused(Status::NotFound))) => {
                 // Not (yet) holding the task, e.g. a seed that just took our seed order.

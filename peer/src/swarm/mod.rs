@@ -11,6 +11,7 @@
 //! | `order` | seed orders: go back to source for a task nobody holds |
 //! | `upkeep` | path upkeep from netprobe: packet sizes, buffers, congestion mode, probe report |
 //! | `gate` | one pull, import or re-serve per task at a time |
+//! | [`policy`] | sans-IO rules besides the engine's: its config, the driver's timings, upload spread (shared with `sim/`) |
 //!
 //! The planning is the engine's, the piece exchange the transport's, the storage the store's,
 //! and the back-to-source pipeline the fetcher's.
@@ -20,6 +21,7 @@ pub mod download;
 mod gate;
 mod jobs;
 mod order;
+pub mod policy;
 pub mod pull;
 mod schedulers;
 mod serve;

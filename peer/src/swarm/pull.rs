@@ -141,6 +141,7 @@ impl Swarm {
                 CandidatesReply {
                     parents: Vec::new(),
                     advice: Advice::Source,
+                    lacking: None,
                 }
             }
         };

@@ -145,11 +145,7 @@ impl Swarm {
 }
 
 fn scheduler_config(cfg: &Config) -> SchedulerConfig {
-    SchedulerConfig {
-        ttl: Duration::from_secs(cfg.scheduler.peer_ttl_seconds),
-        fanout: cfg.scheduler.fanout,
-        ..SchedulerConfig::default()
-    }
+    SchedulerConfig::of(&cfg.scheduler)
 }
 
 /// Runs `starling scheduler`: scheduler calls only, over QUIC with mutual TLS.

@@ -14,24 +14,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
+use super::policy::{Spread, HAVE_WAIT};
 use super::Swarm;
 use crate::core::TaskId;
 use crate::storage::{TaskHandle, UploadView};
 use crate::transport::wire::{HaveReply, Request as Wire, Status};
 use crate::transport::PieceSource;
-
-/// How long a have request is held open while the parent has no news.
-const HAVE_WAIT: Duration = Duration::from_millis(1000);
-
-/// How long a sole holder declines to send a piece again after it was delivered (see
-/// [`Spread`]): long enough for its receiver to pass it on, short enough that a receiver that
-/// died does not starve anyone.
-const SPREAD_HOLD: Duration = Duration::from_secs(5);
-
-/// How long a send still in flight keeps others waiting at most. A send ends on its own
-/// (delivered, or failed when the receiver resets it, times out or goes away); this bounds a
-/// send whose end the transport never reports.
-const SPREAD_IN_FLIGHT_MAX: Duration = Duration::from_secs(60);
 
 /// Whether this node is where a task entered the swarm, and so spreads its uploads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,107 +262,3 @@ impl Pacer {
     }
 }
 
-/// A sole holder's record of what it has sent: it sends each piece to one peer at a time, and
-/// not again to another peer until [`SPREAD_HOLD`] after that send was delivered; another peer
-/// asking sooner is declined (`Busy`) and gets it from the receiver. (The same peer asking
-/// again, after a failure or a restart, is served; a send that failed frees the piece at
-/// once.) Otherwise children that pick the same rare pieces would spend the holder's upload,
-/// which bounds the whole swarm, on duplicates. The hold runs from delivery, not from the start
-/// of the send: in a large swarm a seed's link is shared by dozens of sends, and one piece can
-/// take longer than the hold to leave (24 peers at 25 Mbit/s: the seed sent 1.44-1.58 x F when
-/// the hold ran from the start).
-struct Spread {
-    last_sent: Vec<Option<Sent>>,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Sent {
-    to: SocketAddr,
-    since: Instant,
-    /// When the receiver acknowledged the whole piece; None while in flight.
-    delivered: Option<Instant>,
-}
-
-impl Spread {
-    fn new(pieces: u32) -> Spread {
-        Spread {
-            last_sent: vec![None; pieces as usize],
-        }
-    }
-
-    /// Whether to send `index` to `to` now (and record it).
-    fn admit(&mut self, index: u32, to: SocketAddr, now: Instant) -> bool {
-        let Some(last) = self.last_sent.get_mut(index as usize) else {
-            return true;
-        };
-        let held = last.is_some_and(|s| {
-            s.to != to
-                && match s.delivered {
-                    Some(d) => now.saturating_duration_since(d) < SPREAD_HOLD,
-                    None => now.saturating_duration_since(s.since) < SPREAD_IN_FLIGHT_MAX,
-                }
-        });
-        if held {
-            return false;
-        }
-        *last = Some(Sent {
-            to,
-            since: now,
-            delivered: None,
-        });
-        true
-    }
-
-    /// The send of `index` to `to` ended: delivered (the hold starts), or failed (anyone may
-    /// have it at once).
-    fn ended(&mut self, index: u32, to: SocketAddr, delivered: bool, now: Instant) {
-        let Some(last) = self.last_sent.get_mut(index as usize) else {
-            return;
-        };
-        if let Some(s) = last.filter(|s| s.to == to && s.delivered.is_none()) {
-            *last = delivered.then_some(Sent {
-                delivered: Some(now),
-                ..s
-            });
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Spread;
-
-    #[test]
-    fn a_sole_holder_sends_a_piece_to_one_peer_until_the_hold_after_delivery() {
-        use std::time::{Duration, Instant};
-        let (a, b) = (
-            std::net::SocketAddr::from(([10, 0, 0, 1], 1)),
-            std::net::SocketAddr::from(([10, 0, 0, 2], 1)),
-        );
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut s = Spread::new(3);
-        assert!(s.admit(0, a, at(0)));
-        assert!(!s.admit(0, b, at(0)), "0 to another peer at once");
-        assert!(s.admit(0, a, at(0)), "the same peer asking again is served");
-        assert!(s.admit(1, b, at(0)) && s.admit(2, b, at(0)));
-        assert!(!s.admit(1, a, at(0)) && !s.admit(2, a, at(0)));
-        // Still in flight long after the hold: nobody else gets it.
-        assert!(!s.admit(0, b, at(30)), "in flight");
-        // Delivered at 30 s: held until 35 s, then it may go again (its receiver may have
-        // died without passing it on).
-        s.ended(0, a, true, at(30));
-        assert!(!s.admit(0, b, at(34)));
-        assert!(s.admit(0, b, at(36)));
-        // A failed send frees the piece at once.
-        s.ended(1, b, false, at(1));
-        assert!(s.admit(1, a, at(1)));
-        // An end reported for someone else's send changes nothing.
-        s.ended(1, b, false, at(2));
-        assert!(!s.admit(1, b, at(2)));
-        // A send whose end never comes stops blocking others after the in-flight bound.
-        assert!(!s.admit(2, a, at(59)));
-        assert!(s.admit(2, a, at(61)));
-        assert!(s.admit(7, a, at(0)), "out of range is not ours to police");
-    }
-}
