@@ -138,7 +138,7 @@ pub struct PeerConfig {
     pub upload_mbps: f64,
     /// Upload rate limit for piece data, in Mbit/s (0: unlimited). Default 0.
     pub upload_limit_mbps: f64,
-    /// Parents downloaded from at once. Default 16.
+    /// Parents downloaded from at once. Default 8.
     pub max_parents: usize,
     /// Whether a peer may go back to source for pieces no parent has (after
     /// `source_wait_ms`) or when parents are too slow. Default true.
@@ -174,7 +174,7 @@ impl Default for PeerConfig {
             seed: false,
             upload_mbps: 0.0,
             upload_limit_mbps: 0.0,
-            max_parents: 16,
+            max_parents: 8,
             source_fallback: true,
             source_wait_ms: 3000,
             source_min_mbps: 0.0,

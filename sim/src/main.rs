@@ -26,6 +26,9 @@ struct Args {
     /// Override every scenario's content: one task of this many MiB.
     #[arg(long)]
     size_mib: Option<u64>,
+    /// Override every scenario's `peer.max_parents`.
+    #[arg(long)]
+    max_parents: Option<usize>,
     /// Override every scenario's piece length, in KiB.
     #[arg(long)]
     piece_kib: Option<u64>,
@@ -69,6 +72,9 @@ fn main() -> Result<()> {
     for mut sc in scenarios {
         if let Some(p) = args.peers {
             sc.peers = p;
+        }
+        if let Some(m) = args.max_parents {
+            sc.max_parents = Some(m);
         }
         if let Some(k) = args.piece_kib {
             sc.piece_length = Some(k << 10);

@@ -9,7 +9,7 @@
 //! the max-min fair allocation in as many rounds as there are bottleneck levels; a final pass
 //! scales down any resource still over its capacity, so no link ever carries more than it can.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// A host, or the origin, as a flow's sender.
@@ -66,7 +66,8 @@ pub struct Net {
     hosts: usize,
     racks: usize,
     rack: Vec<u32>,
-    flows: HashMap<(End, u32), Flow>,
+    /// Ordered, so that a run is the same every time (sums of rates in one order).
+    flows: BTreeMap<(End, u32), Flow>,
     /// Per resource, scratch for the allocation.
     share: Vec<f64>,
     count: Vec<u32>,
@@ -94,7 +95,7 @@ impl Net {
             hosts,
             racks,
             rack: spec.rack.clone(),
-            flows: HashMap::new(),
+            flows: BTreeMap::new(),
             share: vec![0.0; n],
             count: vec![0; n],
             fixed: vec![0.0; n],

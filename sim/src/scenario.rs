@@ -145,9 +145,14 @@ impl Scenario {
         }
     }
 
-    /// The case CI runs: 300 peers, 256 MiB, one seed.
+    /// The case CI runs: 300 peers on 1 Gbit/s links, 64 MiB, one seed.
     pub fn ci() -> Scenario {
-        Scenario::crowd("ci-300", 300, 256 * MIB)
+        Scenario {
+            peer_rates: vec![GBIT],
+            seed_rate: GBIT,
+            origin_rate: GBIT,
+            ..Scenario::crowd("ci-300", 300, 64 * MIB)
+        }
     }
 
     pub fn by_name(name: &str) -> Option<Scenario> {

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use starling::config::Config;
 use starling::core::{Digest, PiecePlan, TaskId};
 use starling::engine::{Action, Engine, EngineConfig, Failure, ParentId, Peer};
@@ -35,8 +35,8 @@ use starling::scheduler::{
     Advice, Announce, Holding, LinkReport, Place, Scheduler, SchedulerConfig,
 };
 use starling::swarm::policy::{
-    engine_config, Spread, ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON, CLOSING_PIECES,
-    HAVE_EVERY, REDIAL_AFTER, REPLACE_WINDOW,
+    engine_config, have_every, Spread, ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON, CLOSING_PIECES,
+    HAVE_EVERY_FIRST, REDIAL_AFTER, REPLACE_WINDOW,
 };
 
 use crate::net::{Arrival, End, Net, NetSpec};
@@ -84,6 +84,7 @@ struct Dl {
     wanted: usize,
     alternative: bool,
     ordered: HashSet<u32>,
+    have_every: Duration,
 }
 
 /// One task at one node.
@@ -117,7 +118,7 @@ struct Node {
 }
 
 /// What a run measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: String,
     pub peers: usize,
@@ -163,11 +164,15 @@ pub struct World {
     dirty: HashSet<(u32, u32)>,
     calls: BTreeMap<u64, u64>,
     killed: usize,
+    by_name: HashMap<String, u32>,
 }
 
 impl World {
     pub fn new(sc: Scenario) -> World {
-        let cfg = Config::default();
+        let mut cfg = Config::default();
+        if let Some(m) = sc.max_parents {
+            cfg.peer.max_parents = m;
+        }
         let hosts = sc.seeds + sc.peers;
         let (rack, uplink): (Vec<u32>, Vec<f64>) = match sc.shape {
             Shape::Flat => (vec![0; hosts], vec![f64::INFINITY]),
@@ -220,13 +225,15 @@ impl World {
             })
             .collect();
         let labelled = matches!(sc.shape, Shape::Racks { .. });
-        let nodes = (0..hosts)
+        let nodes: Vec<Node> = (0..hosts)
             .map(|h| {
                 let seed = h < sc.seeds;
+                // The scenario's seed number salts the names, which seed each engine's
+                // shuffle and the scheduler's tie breaks.
                 let name = if seed {
-                    format!("seed{h}")
+                    format!("seed{h}-{}", sc.seed_number)
                 } else {
-                    format!("peer{}", h - sc.seeds)
+                    format!("peer{}-{}", h - sc.seeds, sc.seed_number)
                 };
                 let place = if labelled {
                     Place {
@@ -283,6 +290,11 @@ impl World {
             .map(|(_, p)| vec![false; p.count() as usize])
             .collect();
         let rtt_host = vec![sc.rtt; hosts];
+        let by_name = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n): (usize, &Node)| (n.name.clone(), i as u32))
+            .collect();
         let mut w = World {
             net: Net::new(&spec),
             sc,
@@ -300,6 +312,7 @@ impl World {
             dirty: HashSet::new(),
             calls: BTreeMap::new(),
             killed: 0,
+            by_name,
         };
         w.plan_events();
         w
@@ -504,6 +517,7 @@ impl World {
             wanted: self.cfg.peer.max_parents,
             alternative: false,
             ordered: HashSet::new(),
+            have_every: HAVE_EVERY_FIRST,
         });
         self.dirty.insert((n, t));
     }
@@ -540,13 +554,7 @@ impl World {
     }
 
     fn node_of(&self, name: &str) -> Option<u32> {
-        // Names are "seed{h}" and "peer{i}".
-        if let Some(h) = name.strip_prefix("seed") {
-            return h.parse().ok();
-        }
-        name.strip_prefix("peer")
-            .and_then(|i| i.parse::<usize>().ok())
-            .map(|i| (self.sc.seeds + i) as u32)
+        self.by_name.get(name).copied()
     }
 
     fn on_advice(&mut self, n: u32, t: u32, r: CandidatesReply) {
@@ -701,6 +709,7 @@ impl World {
             }
         }
         let closing = d.engine.missing() <= CLOSING_PIECES;
+        let every = d.have_every;
         if let Some(p) = d.parents.get_mut(&pid) {
             p.in_engine = true;
             p.since = len;
@@ -711,7 +720,7 @@ impl World {
                 // Nothing yet: the next ask waits at the parent for its first piece.
                 self.nodes[q as usize].holds[t as usize].waiters.push((n, pid));
             } else {
-                let next = if closing { rtt } else { HAVE_EVERY.max(rtt) };
+                let next = if closing { rtt } else { every.max(rtt) };
                 self.after(next, Ev::Poll { n, t, pid });
             }
         }
@@ -985,6 +994,7 @@ impl World {
                 .iter()
                 .map(|(_, q, _)| self.nodes[*q as usize].name.clone())
                 .collect();
+            let piece_length = self.tasks[t as usize].1.piece_length();
             let Some(d) = self.dl_mut(n, t) else { continue };
             for (pid, _, rtt) in &rtts {
                 d.engine.link_quality(*pid, *rtt, 0.0);
@@ -995,6 +1005,7 @@ impl World {
                 .into_iter()
                 .filter_map(|r| Some((r.parent, r.rate?)))
                 .collect();
+            d.have_every = have_every(piece_length, rates.values().sum());
             let replace = active(d) >= max
                 && d.alternative
                 && d.engine.parent_to_replace(now, REPLACE_WINDOW).is_some();

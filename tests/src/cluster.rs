@@ -261,6 +261,38 @@ impl Cluster {
         }
     }
 
+    /// Starts every daemon at once, then waits for each: how long each took to be ready (its
+    /// socket answering; it listens for peers before that), in node order.
+    pub fn start_all_at_once(&mut self) -> Vec<Duration> {
+        let t0 = std::time::Instant::now();
+        for n in &mut self.nodes {
+            n.daemon = Some(Daemon::spawn(&n.scratch));
+        }
+        let mut ready = vec![None; self.nodes.len()];
+        let deadline = t0 + Duration::from_secs(30);
+        while ready.iter().any(Option::is_none) && std::time::Instant::now() < deadline {
+            for (i, n) in self.nodes.iter().enumerate() {
+                let up = n
+                    .daemon
+                    .as_ref()
+                    .is_some_and(|d| std::os::unix::net::UnixStream::connect(&d.socket).is_ok());
+                if ready[i].is_none() && up {
+                    ready[i] = Some(t0.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for n in &mut self.nodes {
+            if let Some(d) = n.daemon.as_mut() {
+                d.wait_ready(&n.scratch);
+            }
+        }
+        ready
+            .into_iter()
+            .map(|r| r.unwrap_or(Duration::from_secs(30)))
+            .collect()
+    }
+
     pub fn restart_scheduler(&mut self) {
         if let Some(s) = self.scheduler.take() {
             s.kill();

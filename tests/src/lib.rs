@@ -348,6 +348,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(s: &Scratch) -> Daemon {
+        let mut d = Daemon::spawn(s);
+        d.wait_ready(s);
+        d
+    }
+
+    /// Starts the daemon without waiting for it (see [`Daemon::wait_ready`]).
+    pub fn spawn(s: &Scratch) -> Daemon {
         let socket = s.data_dir().join("starling.sock");
         let log = std::fs::File::create(s.path().join("daemon.log")).expect("daemon log");
         let child = s
@@ -356,15 +363,18 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("start the daemon");
-        let mut d = Daemon { child, socket };
+        Daemon { child, socket }
+    }
+
+    /// Waits until the daemon answers on its socket (it listens for peers before that).
+    pub fn wait_ready(&mut self, s: &Scratch) {
         wait_until(Duration::from_secs(15), "the daemon's socket", || {
-            if let Some(exited) = d.child.try_wait().ok().flatten() {
+            if let Some(exited) = self.child.try_wait().ok().flatten() {
                 let log = std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
                 panic!("the daemon exited ({exited}) before opening its socket; its log:\n{log}");
             }
-            std::os::unix::net::UnixStream::connect(&d.socket).is_ok()
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
         });
-        d
     }
 
     /// Stops it with SIGTERM and waits; returns whether it exited cleanly.

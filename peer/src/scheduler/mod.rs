@@ -622,11 +622,18 @@ impl Scheduler {
             .holders
             .get(task)
             .map_or(&[][..], |p| p.members.as_slice());
-        let joiners: Vec<Slot> = self
+        let mut joiners: Vec<Slot> = self
             .joining
             .get(task)
-            .map(|j| j.keys().copied().filter(|s| !self.at(*s).is_some_and(|p| p.tasks.contains_key(task))).collect())
+            .map(|j| {
+                j.keys()
+                    .copied()
+                    .filter(|s| !self.at(*s).is_some_and(|p| p.tasks.contains_key(task)))
+                    .collect()
+            })
             .unwrap_or_default();
+        // In slot order, so that the same calls give the same answers.
+        joiners.sort_unstable();
         let pool = held.len() + joiners.len();
         let (start, take) = if pool > SCAN_AT_MOST {
             ((mix(my_hash ^ self.calls) % pool as u64) as usize, SCAN_AT_MOST)

@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::jobs::{ask_loop, from_parent, from_source, poll_parent, Event, JobError, Wanted};
-use super::policy::{engine_config, CLOSING_PIECES, REDIAL_AFTER, REPLACE_WINDOW};
+use super::policy::{
+    engine_config, have_every, CLOSING_PIECES, HAVE_EVERY_FIRST, REDIAL_AFTER, REPLACE_WINDOW,
+};
 use super::pull::PullError;
 use super::serve::Holder;
 use super::{SeedOrder, Swarm};
@@ -93,6 +95,8 @@ struct Driver<'a> {
     helpers: Vec<AbortHandle>,
     /// Few pieces left: parents' news is wanted at once, not gathered (see `poll_parent`).
     closing: tokio::sync::watch::Sender<bool>,
+    /// How long pollers gather a parent's news (`policy::have_every`, from the measured rate).
+    have_every: tokio::sync::watch::Sender<Duration>,
     /// The in-order chain: values for origin pieces, and the content digest at the end.
     chainer: Option<Chainer>,
     /// The scheduler's last word on going back to source, and when it came (see
@@ -161,6 +165,7 @@ pub(super) async fn run(
         }),
         helpers: Vec::new(),
         closing: tokio::sync::watch::Sender::new(false),
+        have_every: tokio::sync::watch::Sender::new(HAVE_EVERY_FIRST),
         source_says: None,
         lacking: None,
         advised_at: Instant::now(),
@@ -406,6 +411,7 @@ impl Driver<'_> {
             addr,
             self.tx.clone(),
             self.closing.subscribe(),
+            self.have_every.subscribe(),
         ));
         self.by_peer.insert(peer.clone(), pid);
         self.parents.insert(
@@ -743,6 +749,10 @@ impl Driver<'_> {
             .into_iter()
             .filter_map(|r| Some((r.parent, r.rate?)))
             .collect();
+        if let Some(t) = &self.task {
+            let every = have_every(t.plan().piece_length(), rates.values().sum());
+            self.have_every.send_if_modified(|e| std::mem::replace(e, every) != every);
+        }
         for (pid, p) in &self.parents {
             let Some(conn) = &p.conn else { continue };
             let s = conn.stats();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::policy::{ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON, HAVE_EVERY};
+use super::policy::{ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON};
 use super::pull::PullError;
 use super::Swarm;
 use crate::core::{Link, Piece, TaskId};
@@ -81,6 +81,12 @@ pub(super) async fn ask_loop(
 }
 
 
+/// How long connecting to a parent may take. A handshake's packets share the links with
+/// piece data, and a lost one waits out QUIC's probe timeout (about 1 s, then 2 s): 3 s cut
+/// short handshakes that were still retrying. Beyond QUIC's idle timeout (5 s) the handshake
+/// fails anyway.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// Connects to a parent and long-polls its verification log until it goes away.
 pub(super) async fn poll_parent(
     swarm: Arc<Swarm>,
@@ -89,14 +95,20 @@ pub(super) async fn poll_parent(
     addr: std::net::SocketAddr,
     tx: mpsc::UnboundedSender<Event>,
     mut closing: tokio::sync::watch::Receiver<bool>,
+    have_every: tokio::sync::watch::Receiver<Duration>,
 ) {
     let down = |why: String| {
         let _ = tx.send(Event::Down { pid, why });
     };
-    let conn = match tokio::time::timeout(Duration::from_secs(3), swarm.connect(addr)).await {
+    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, swarm.connect(addr)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return down(e.to_string()),
-        Err(_) => return down(format!("connecting to {addr} timed out")),
+        Err(_) => {
+            return down(format!(
+                "connecting to {addr} timed out after {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        }
     };
     if tx
         .send(Event::Connected {
@@ -132,8 +144,8 @@ pub(super) async fn poll_parent(
                 // answer without news (the first one, from a parent holding nothing yet) is
                 // asked again at once: that ask waits at the parent for its first piece.
                 if !empty {
-                    let _ =
-                        tokio::time::timeout_at(asked + HAVE_EVERY, closing.wait_for(|c| *c)).await;
+                    let every = *have_every.borrow();
+                    let _ = tokio::time::timeout_at(asked + every, closing.wait_for(|c| *c)).await;
                 }
             }
             Ok(Err(TransportError::Refused(Status::NotFound))) => {

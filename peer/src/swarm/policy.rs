@@ -46,15 +46,32 @@ pub const ASK_SOON: Duration = Duration::from_millis(100);
 pub const ASK_SHORT_AT_MOST: Duration = Duration::from_millis(500);
 pub const ASK_FULL_EVERY: Duration = Duration::from_secs(5);
 
-/// A parent's news is asked for at most once per this long, until the download is closing
-/// (few pieces left, each of which it waits for). A parent that verifies a piece every few tens
-/// of milliseconds would otherwise answer each long-poll with one piece: on `bench swarm`'s
-/// default job each peer took about 3,000 answers, 5 per piece it fetched, each a stream
-/// opened and answered; waiting out the rest of the interval after a quick answer lets news
-/// gather (1,640 answers, 2.3 pieces each on average). When news is sparse the long-poll
+/// A parent's news is asked for at most once per [`have_every`], until the download is
+/// closing (few pieces left, each of which it waits for). A parent that verifies a piece every
+/// few tens of milliseconds would otherwise answer each long-poll with one piece: on `bench
+/// swarm`'s default job each peer took about 3,000 answers, 5 per piece it fetched, each a
+/// stream opened and answered; waiting out the rest of the interval after a quick answer lets
+/// news gather (1,640 answers, 2.3 pieces each on average). When news is sparse the long-poll
 /// itself waited longer than this and the next ask goes at once, so a lone new piece is heard
 /// of as soon as before.
 pub const HAVE_EVERY: Duration = Duration::from_millis(100);
+/// The shortest interval between a parent's news ([`have_every`]).
+pub const HAVE_EVERY_MIN: Duration = Duration::from_millis(10);
+/// The interval before the download's rate is first measured (a second in): short, so that a
+/// fast download is not slowed before it is measured; a slow one gathers more from then on.
+pub const HAVE_EVERY_FIRST: Duration = Duration::from_millis(20);
+
+/// How long to gather a parent's news, for a download receiving `rate` bytes/s of
+/// `piece_length`-byte pieces: about four pieces' time, within [`HAVE_EVERY_MIN`] and
+/// [`HAVE_EVERY`]. On fast links a fixed 100 ms was most of the time a piece takes to cross
+/// each hop: `bench scale`'s 300 peers on 1 Gbit/s links took 2.31 x the bound with 100 ms and
+/// 1.50 with 20 ms, while 50 peers on 10 Mbit/s links did not move (docs/decisions.md K29).
+pub fn have_every(piece_length: u64, rate: f64) -> Duration {
+    if rate <= 0.0 {
+        return HAVE_EVERY_FIRST;
+    }
+    Duration::from_secs_f64(4.0 * piece_length as f64 / rate).clamp(HAVE_EVERY_MIN, HAVE_EVERY)
+}
 
 /// How long a have request is held open while the parent has no news.
 pub const HAVE_WAIT: Duration = Duration::from_millis(1000);
@@ -78,9 +95,20 @@ pub const SPREAD_IN_FLIGHT_MAX: Duration = Duration::from_secs(60);
 /// of the send: in a large swarm a seed's link is shared by dozens of sends, and one piece can
 /// take longer than the hold to leave (24 peers at 25 Mbit/s: the seed sent 1.44-1.58 x F when
 /// the hold ran from the start).
+///
+/// It also sends to at most [`SPREAD_PEERS`] peers at a time (more sends to those peers are
+/// fine); a peer asking while that many others are being sent to is declined as well. Each
+/// connection has a congestion window of at least two packets, so dozens of children asking a
+/// seed at once overflow its link's queue whatever their controllers do: 50 peers on 10 Mbit/s
+/// links lost 26-34% of the seed's packets, and its link carried 2.3 x F.
 pub struct Spread<K = SocketAddr> {
     last_sent: Vec<Option<Sent<K>>>,
+    /// Peers with sends in flight: how many, and when the latest began.
+    sending: Vec<(K, u32, Instant)>,
 }
+
+/// Peers a sole holder sends to at once.
+pub const SPREAD_PEERS: usize = 8;
 
 #[derive(Clone, Copy, Debug)]
 struct Sent<K> {
@@ -94,6 +122,7 @@ impl<K: Copy + Eq> Spread<K> {
     pub fn new(pieces: u32) -> Spread<K> {
         Spread {
             last_sent: vec![None; pieces as usize],
+            sending: Vec::new(),
         }
     }
 
@@ -112,6 +141,17 @@ impl<K: Copy + Eq> Spread<K> {
         if held {
             return false;
         }
+        // A send whose end never came stops holding a slot after the in-flight bound.
+        self.sending
+            .retain(|(_, _, at)| now.saturating_duration_since(*at) < SPREAD_IN_FLIGHT_MAX);
+        match self.sending.iter().position(|(k, _, _)| *k == to) {
+            Some(i) => {
+                self.sending[i].1 += 1;
+                self.sending[i].2 = now;
+            }
+            None if self.sending.len() >= SPREAD_PEERS => return false,
+            None => self.sending.push((to, 1, now)),
+        }
         *last = Some(Sent {
             to,
             since: now,
@@ -123,6 +163,12 @@ impl<K: Copy + Eq> Spread<K> {
     /// The send of `index` to `to` ended: delivered (the hold starts), or failed (anyone may
     /// have it at once).
     pub fn ended(&mut self, index: u32, to: K, delivered: bool, now: Instant) {
+        if let Some(i) = self.sending.iter().position(|(k, _, _)| *k == to) {
+            self.sending[i].1 -= 1;
+            if self.sending[i].1 == 0 {
+                self.sending.swap_remove(i);
+            }
+        }
         let Some(last) = self.last_sent.get_mut(index as usize) else {
             return;
         };
@@ -134,7 +180,6 @@ impl<K: Copy + Eq> Spread<K> {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -173,5 +218,23 @@ mod tests {
         assert!(!s.admit(2, a, at(59)));
         assert!(s.admit(2, a, at(61)));
         assert!(s.admit(7, a, at(0)), "out of range is not ours to police");
+    }
+
+    #[test]
+    fn a_sole_holder_sends_to_a_few_peers_at_a_time() {
+        use std::time::Instant;
+        let t0 = Instant::now();
+        let mut s: Spread<u32> = Spread::new(64);
+        for p in 0..super::SPREAD_PEERS as u32 {
+            assert!(s.admit(p, p, t0));
+        }
+        // Another piece to a peer already being sent to is fine; a new peer waits.
+        assert!(s.admit(40, 0, t0));
+        assert!(!s.admit(41, 99, t0), "a ninth peer at once");
+        // One peer's sends all end: a slot frees.
+        s.ended(0, 0, true, t0);
+        assert!(!s.admit(41, 99, t0), "peer 0 still has piece 40 in flight");
+        s.ended(40, 0, false, t0);
+        assert!(s.admit(41, 99, t0));
     }
 }

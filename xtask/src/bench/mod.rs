@@ -9,6 +9,7 @@
 //! | [`registry`] | `bench registry`: image pulls through the mirror vs from the registry |
 //! | [`adapt`] | `bench adapt`: path adaptation on vs off per netlab topology |
 //! | [`throughput`] | `bench throughput`: fast links vs nginx → curl and aria2, CPU per GiB |
+//! | [`scale`] | `bench scale`: the simulator (`sim/`) at 1,000–10,000 peers over the real engine and scheduler |
 //!
 //! The harness: [`run`] runs one swarm job (also the demo's), [`procs`] measures processes,
 //! [`make_file`] writes the payload, [`release_build`] prepares the binaries.
@@ -17,6 +18,7 @@ pub mod adapt;
 pub mod procs;
 pub mod registry;
 pub mod run;
+pub mod scale;
 pub mod stock;
 pub mod swarm;
 pub mod throughput;
@@ -53,6 +55,9 @@ pub enum Bench {
     /// Fast links: 1 → 1 unshaped (MTU 1500 and 9000), 1 → 4 at 1 and 10 Gbit/s, against
     /// nginx → curl and aria2: GB/s and CPU per GiB, machine-wide and per process.
     Throughput(throughput::Args),
+    /// The swarm simulator over the real engine and scheduler: 1,000 and 10,000 peers, the
+    /// Kraken case, churn, racks: completion against the bound, origin and spine bytes.
+    Scale(scale::Args),
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -63,6 +68,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Registry(a) => registry::run(a),
         Bench::Adapt(a) => adapt::run(a),
         Bench::Throughput(a) => throughput::run(a),
+        Bench::Scale(a) => scale::run(a),
     }
 }
 
