@@ -1,4 +1,4 @@
-//! `starling-sched-load` (run by `cargo xtask bench scheduler`): a load generator for one
+//! `sched_load` (run by `cargo xtask bench scheduler`): a load generator for one
 //! scheduler over the real path: the scheduler service (`StandaloneScheduler`, what
 //! `starling scheduler` serves) on a QUIC endpoint with mutual TLS, on its own thread with a
 //! current-thread runtime (one core), and clients on another thread calling it the way

@@ -680,18 +680,39 @@ impl Scheduler {
             // a few pieces collect every child while later ones (the same content a second
             // later) get none.
             let value = (1.0 + useful.min(USEFUL_ENOUGH) as f64).ln() + WATCH_SCORE;
-            let near = my_place.map_or(1.0, |m| m.affinity(&p.place));
+            // Locality ranks among holders of something useful; a nearby peer holding
+            // nothing yet must not outrank a farther one that can send now.
+            let near = match my_place {
+                Some(m) if useful > 0 => m.affinity(&p.place),
+                _ => 1.0,
+            };
             let score = value * spare * link * near;
             ranked.push((score, mix(my_hash ^ p.hash), slot, useful));
         }
         let order = |a: &(f64, u64, Slot, u32), b: &(f64, u64, Slot, u32)| {
             b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
         };
-        if ranked.len() > max && max > 0 {
-            ranked.select_nth_unstable_by(max - 1, order);
+        ranked.sort_by(order);
+        if let Some(m) = my_place.filter(|m| !m.rack.is_empty()) {
+            // At most REMOTE_PARENTS parents outside the requester's rack (counting those it
+            // has), while its rack offers enough: the spine then carries each piece into a
+            // rack a few times, and the rack's members pass it among themselves.
+            let remote = |s: Slot| self.at(s).is_some_and(|p| p.place.rack != m.rack);
+            let has_remote = excluded.iter().filter(|s| remote(**s)).count();
+            let local = ranked.iter().filter(|r| !remote(r.2)).count();
+            let mut budget = REMOTE_PARENTS
+                .saturating_sub(has_remote)
+                .max(max.saturating_sub(local));
+            ranked.retain(|r| {
+                if !remote(r.2) {
+                    return true;
+                }
+                let keep = budget > 0;
+                budget = budget.saturating_sub(1);
+                keep
+            });
         }
         ranked.truncate(max);
-        ranked.sort_by(order);
         let mut out = Vec::with_capacity(ranked.len());
         for (score, _, slot, useful) in ranked {
             if let Some(p) = self.slots[slot as usize].as_mut() {
@@ -734,6 +755,9 @@ impl Place {
         }
     }
 }
+
+/// Parents a requester with a rack label gets outside its rack, while the rack offers enough.
+const REMOTE_PARENTS: usize = 2;
 
 /// How a parent in the requester's rack ranks against one elsewhere in its zone.
 const SAME_RACK: f64 = 4.0;

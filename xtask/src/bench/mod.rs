@@ -10,6 +10,7 @@
 //! | [`adapt`] | `bench adapt`: path adaptation on vs off per netlab topology |
 //! | [`throughput`] | `bench throughput`: fast links vs nginx → curl and aria2, CPU per GiB |
 //! | [`scale`] | `bench scale`: the simulator (`sim/`) at 1,000–10,000 peers over the real engine and scheduler |
+//! | `scheduler` (here) | `bench scheduler`: one scheduler's capacity over QUIC + mTLS (`bench/src/bin/sched_load.rs`) |
 //!
 //! The harness: [`run`] runs one swarm job (also the demo's), [`procs`] measures processes,
 //! [`make_file`] writes the payload, [`release_build`] prepares the binaries.
@@ -58,6 +59,19 @@ pub enum Bench {
     /// The swarm simulator over the real engine and scheduler: 1,000 and 10,000 peers, the
     /// Kraken case, churn, racks: completion against the bound, origin and spine bytes.
     Scale(scale::Args),
+    /// One scheduler under load over QUIC with mutual TLS: announcements and parent queries
+    /// per second per core, latency percentiles, memory per peer-task.
+    Scheduler {
+        /// Registered peers.
+        #[arg(long, default_value_t = 10_000)]
+        peers: usize,
+        /// Tasks each peer announces.
+        #[arg(long, default_value_t = 100)]
+        tasks: usize,
+        /// Seconds of each measured phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -69,6 +83,11 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Adapt(a) => adapt::run(a),
         Bench::Throughput(a) => throughput::run(a),
         Bench::Scale(a) => scale::run(a),
+        Bench::Scheduler {
+            peers,
+            tasks,
+            seconds,
+        } => scheduler(peers, tasks, seconds),
     }
 }
 
@@ -93,6 +112,26 @@ fn get(size_mib: usize, runs: usize) -> Result<()> {
             &runs.to_string(),
         ])
         .env("STARLING_BIN", root().join("target/release/starling")))
+}
+
+/// `bench scheduler`: the release `starling-sched-load` (bench/src/bin/sched_load.rs).
+fn scheduler(peers: usize, tasks: usize, seconds: u64) -> Result<()> {
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "starling-bench",
+        "--bin",
+        "sched_load",
+    ]))?;
+    sh(Command::new(root().join("target/release/sched_load")).args([
+        "--peers",
+        &peers.to_string(),
+        "--tasks",
+        &tasks.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+    ]))
 }
 
 /// Installs the apt packages, builds the release binary (and the eBPF object with `ebpf`), and

@@ -73,6 +73,10 @@ pub struct Outcome {
     pub machine: MachineCpu,
     /// Bytes the seed host sent on its link (lab runs; 0 on loopback).
     pub seed_sent: u64,
+    /// Each daemon's time from its start (all at once) to answering on its socket.
+    pub ready_secs: Vec<f64>,
+    /// Each daemon's CPU over a few idle seconds after the job, as a share of one core.
+    pub idle_cpu_share: Vec<f64>,
     /// What the seed's upload shaper passed (every packet's headers) and dropped (zeros
     /// unshaped).
     pub seed_shaper: ShaperCount,
@@ -136,7 +140,8 @@ pub fn run(job: &Job) -> Result<Outcome> {
             std::fs::write(&path, text.replacen("[daemon]\n", &with, 1))?;
         }
     }
-    cluster.start_all();
+    // Every daemon starts at the same moment, as on a cluster's nodes booting together.
+    let ready = cluster.start_all_at_once();
     let daemons: Vec<u32> = cluster.nodes.iter().filter_map(|n| n.pid()).collect();
     let import = if job.import {
         Some(import_into_seed(
@@ -279,6 +284,17 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .iter()
         .map(|n| n.metric("starling_bytes_uploaded_total") as u64)
         .collect();
+    // Idle: every download is over; what each daemon spends over a few seconds of nothing to
+    // do (announcements, keep-alives, upkeep).
+    let idle0: Vec<f64> = daemons.iter().map(|p| cpu_secs(*p)).collect();
+    let t_idle = Instant::now();
+    std::thread::sleep(std::time::Duration::from_secs(IDLE_SECS));
+    let idle_secs = t_idle.elapsed().as_secs_f64();
+    let idle_cpu_share = daemons
+        .iter()
+        .zip(&idle0)
+        .map(|(p, c0)| (cpu_secs(*p) - c0) / idle_secs)
+        .collect();
     let seed_quic = quic_sends(&cluster.nodes[0]);
     if let Some(to) = std::env::var_os("STARLING_BENCH_LOGS") {
         keep_logs(&cluster, Path::new(&to))?;
@@ -307,8 +323,13 @@ pub fn run(job: &Job) -> Result<Outcome> {
         piece_failures,
         import,
         seed_quic,
+        ready_secs: ready.iter().map(|d| d.as_secs_f64()).collect(),
+        idle_cpu_share,
     })
 }
+
+/// How long the idle daemons are watched after the job.
+const IDLE_SECS: u64 = 5;
 
 /// `starling import` of `file` through the seed daemon's API; the digest must come out `want`.
 fn import_into_seed(

@@ -198,6 +198,19 @@ pub fn run(args: Args) -> Result<()> {
         "peak RSS per daemon: max {} MiB",
         o.peak_rss_kib.iter().max().copied().unwrap_or(0) / 1024
     );
+    let mut ready = o.ready_secs.clone();
+    ready.sort_by(f64::total_cmp);
+    let mut idle = o.idle_cpu_share.clone();
+    idle.sort_by(f64::total_cmp);
+    let mid = |v: &[f64]| v.get(v.len() / 2).copied().unwrap_or(0.0);
+    println!(
+        "{} daemons started at once: ready (socket answering) in median {:.2} s, max {:.2} s; idle after the job: median {:.3}%, max {:.3}% of a core each",
+        ready.len(),
+        mid(&ready),
+        ready.last().copied().unwrap_or(0.0),
+        100.0 * mid(&idle),
+        100.0 * idle.last().copied().unwrap_or(0.0),
+    );
     let failures: Vec<String> = o
         .piece_failures
         .iter()
