@@ -122,6 +122,28 @@ fn default_object() -> Option<PathBuf> {
 }
 
 impl NetProbe {
+    /// Probes not loaded yet ([`NetProbe::load`] fills them in): paths are measured with
+    /// QUIC's own statistics meanwhile.
+    pub fn pending(cfg: &NetprobeConfig) -> NetProbe {
+        NetProbe {
+            state: Mutex::new(State::Off("the eBPF probes are still loading".into())),
+            only: cfg.interfaces.clone(),
+        }
+    }
+
+    /// Loads and attaches the probes into this (pending) one; the socket `cookie` is the
+    /// peer endpoint's. Loading runs the kernel's verifier, which takes about a CPU-second:
+    /// a daemon serves before it (50 daemons starting at once on 2 cores spent tens of
+    /// seconds in it, and their peers' handshakes timed out meanwhile).
+    pub fn load(&self, cfg: &NetprobeConfig, cookie: Option<u64>) {
+        let loaded = NetProbe::start(cfg);
+        let state = std::mem::replace(&mut *loaded.lock(), State::Off(String::new()));
+        *self.lock() = state;
+        if let Some(c) = cookie {
+            self.watch_socket(c);
+        }
+    }
+
     /// Loads and attaches the probes, or explains in one log line why not.
     pub fn start(cfg: &NetprobeConfig) -> NetProbe {
         let state = if !cfg.enabled {

@@ -95,11 +95,9 @@ impl Swarm {
         // Peers are authenticated by the CA's signature; the certificate's common name is
         // informational (the peer ID is the advertised address, known only after binding).
         let identity = ca.issue("starling-peer")?;
-        let probe = crate::netprobe::NetProbe::start(&cfg.netprobe);
+        let probe = crate::netprobe::NetProbe::pending(&cfg.netprobe);
         let node = Node::bind_with(listen, &identity, path_policy(cfg))?;
-        if let Some(cookie) = node.socket_cookie() {
-            probe.watch_socket(cookie);
-        }
+        let cookie = node.socket_cookie();
         let addr = advertise(cfg, node.local_addr()?, first_scheduler);
         let swarm = Arc::new(Swarm {
             me: addr.to_string(),
@@ -128,6 +126,13 @@ impl Swarm {
                 });
             }));
         }
+        // The probes load once the peer serves (see `NetProbe::load`).
+        let weak = Arc::downgrade(&swarm);
+        tokio::task::spawn_blocking(move || {
+            if let Some(s) = weak.upgrade() {
+                s.probe.load(&s.ctx.cfg.netprobe, cookie);
+            }
+        });
         tokio::spawn(announce::run(swarm.clone()));
         tokio::spawn(upkeep::run(Arc::downgrade(&swarm)));
         tokio::spawn(swarm.clone().resume_serving());
