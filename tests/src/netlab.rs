@@ -111,6 +111,7 @@ pub fn build_with_loss(
     topology: Topology,
     loss: f64,
 ) -> Result<Lab, String> {
+    crate::lab::raise_neighbour_limits(hosts + 2);
     let probability = format!("{loss}");
     let pid = std::process::id() % 100_000;
     let (sa, sb) = (subnet, subnet.wrapping_add(1));

@@ -28,7 +28,7 @@ use crate::storage::{LeaseMode, StoreError, TaskHandle};
 pub enum PullError {
     #[error(transparent)]
     Fetch(#[from] FetchError),
-    #[error("task {task}: no peer could serve it for {secs} s, and going back to source is off (peer.source_fallback = false); check that a seed or another peer holds it, or allow source fallback")]
+    #[error("task {task}: no piece arrived for {secs} s, from peers or the origin; check that a seed or another peer holds it and that the scheduler is reachable (with peer.source_fallback = false, nothing goes to the origin)")]
     PeersStalled { task: TaskId, secs: u64 },
     #[error("task {task}: the scheduler {scheduler} is unreachable ({detail}), and going back to source is off (peer.source_fallback = false); check scheduler.addrs and the [tls] CA")]
     SchedulerUnreachable {
@@ -295,7 +295,7 @@ mod tests {
         let stalled = PullError::PeersStalled { task, secs: 60 };
         assert_eq!(stalled.exit_code(), exit::NETWORK);
         let text = stalled.to_string();
-        assert!(text.contains("no peer could serve it for 60 s"), "{text}");
+        assert!(text.contains("no piece arrived for 60 s"), "{text}");
         assert!(
             !text.contains("url") && !text.contains("\"peers\""),
             "{text}"
