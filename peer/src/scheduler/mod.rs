@@ -149,7 +149,8 @@ struct PeerState {
     upload_capacity: f64,
     uploads: u32,
     last_seen: Duration,
-    tasks: HashMap<TaskId, Bits>,
+    /// The tasks it holds (their bitmaps are in the tasks' pools).
+    tasks: HashSet<TaskId>,
     links: HashMap<PeerId, LinkReport>,
     /// When each recent assignment of this peer as a parent was made.
     assigned: Vec<Duration>,
@@ -195,6 +196,27 @@ impl Bits {
         self.count == self.len
     }
 
+    /// How many pieces these bits hold that `mine` lacks, counting no further than `cap`
+    /// (ranking needs no more than [`USEFUL_ENOUGH`]; counting every word of every holder was
+    /// most of a parent query's time).
+    fn useful_capped(&self, mine: Option<&Bits>, cap: u32) -> u32 {
+        let Some(m) = mine else {
+            return self.count.min(cap);
+        };
+        let mut n = 0;
+        for (t, m) in self
+            .words
+            .iter()
+            .zip(m.words.iter().chain(std::iter::repeat(&0)))
+        {
+            n += (t & !m).count_ones();
+            if n >= cap {
+                return cap;
+            }
+        }
+        n
+    }
+
     /// How many pieces these bits hold that `mine` lacks.
     fn useful_to(&self, mine: Option<&Bits>) -> u32 {
         match mine {
@@ -209,24 +231,40 @@ impl Bits {
     }
 }
 
-/// The peers that hold (or asked for) one task: a list to scan, and each one's position in it.
+/// The peers that hold one task and their bitmaps, side by side, so that ranking scans
+/// contiguous memory instead of looking each peer's bitmap up by task (that lookup, a SipHash
+/// of the task ID per holder, was half of a parent query's time).
 #[derive(Default)]
 struct Pool {
     members: Vec<Slot>,
+    bits: Vec<Bits>,
     at: HashMap<Slot, usize>,
 }
 
 impl Pool {
-    fn insert(&mut self, s: Slot) {
-        if let std::collections::hash_map::Entry::Vacant(e) = self.at.entry(s) {
-            e.insert(self.members.len());
-            self.members.push(s);
+    fn put(&mut self, s: Slot, b: Bits) {
+        match self.at.get(&s) {
+            Some(i) => self.bits[*i] = b,
+            None => {
+                self.at.insert(s, self.members.len());
+                self.members.push(s);
+                self.bits.push(b);
+            }
         }
+    }
+
+    fn get(&self, s: Slot) -> Option<&Bits> {
+        self.at.get(&s).map(|i| &self.bits[*i])
+    }
+
+    fn get_mut(&mut self, s: Slot) -> Option<&mut Bits> {
+        self.at.get(&s).map(|i| &mut self.bits[*i])
     }
 
     fn remove(&mut self, s: Slot) {
         if let Some(i) = self.at.remove(&s) {
             self.members.swap_remove(i);
+            self.bits.swap_remove(i);
             if let Some(moved) = self.members.get(i) {
                 self.at.insert(*moved, i);
             }
@@ -280,7 +318,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// that starts at a different place for each call, so a requester still sees the whole
 /// swarm over a few calls. Ranking every holder made a call cost O(swarm × pieces); with
 /// 10,000 peers a call took milliseconds.
-pub const SCAN_AT_MOST: usize = 1024;
+pub const SCAN_AT_MOST: usize = 256;
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Scheduler {
@@ -326,7 +364,7 @@ impl Scheduler {
                     upload_capacity: 0.0,
                     uploads: 0,
                     last_seen: now,
-                    tasks: HashMap::new(),
+                    tasks: HashSet::new(),
                     links: HashMap::new(),
                     assigned: Vec::new(),
                 };
@@ -360,13 +398,13 @@ impl Scheduler {
                         continue;
                     }
                     have.resize(pieces as usize, false);
-                    p.tasks.insert(task, Bits::of(&have));
-                    self.holders.entry(task).or_default().insert(slot);
+                    p.tasks.insert(task);
+                    self.holders.entry(task).or_default().put(slot, Bits::of(&have));
                 }
                 Holding::Added(added) => {
                     // Without a full bitmap first we do not know the piece count: ignore, the
                     // peer re-sends in full when asked (after a scheduler restart).
-                    if let Some(have) = p.tasks.get_mut(&task) {
+                    if let Some(have) = self.holders.get_mut(&task).and_then(|h| h.get_mut(slot)) {
                         for i in added {
                             have.set(i);
                         }
@@ -388,7 +426,7 @@ impl Scheduler {
     /// Whether the scheduler holds `peer`'s full bitmap for `task` (else the peer must re-send
     /// it in full, e.g. after a scheduler restart).
     pub fn knows(&self, peer: &str, task: &TaskId) -> bool {
-        self.peer(peer).is_some_and(|p| p.tasks.contains_key(task))
+        self.peer(peer).is_some_and(|p| p.tasks.contains(task))
     }
 
     /// Forgets peers not heard from within the TTL, and stale assignments. The sweep visits
@@ -411,7 +449,7 @@ impl Scheduler {
                 let Some(p) = self.slots[s].take() else {
                     continue;
                 };
-                for task in p.tasks.keys() {
+                for task in &p.tasks {
                     if let Some(pool) = self.holders.get_mut(task) {
                         pool.remove(s as Slot);
                     }
@@ -433,7 +471,7 @@ impl Scheduler {
                     && slots
                         .get(*peer as usize)
                         .and_then(Option::as_ref)
-                        .is_some_and(|p| !p.tasks.contains_key(task))
+                        .is_some_and(|p| !p.tasks.contains(task))
             });
             !j.is_empty()
         });
@@ -461,7 +499,7 @@ impl Scheduler {
     ) -> (Vec<Candidate>, Advice) {
         let parents = self.candidates(requester, task, max, exclude, now);
         if let Some(&s) = self.ids.get(requester) {
-            if !self.at(s).is_some_and(|p| p.tasks.contains_key(task)) {
+            if !self.at(s).is_some_and(|p| p.tasks.contains(task)) {
                 self.joining.entry(*task).or_default().insert(s, now);
             }
         }
@@ -539,12 +577,11 @@ impl Scheduler {
         }
         let mut union: Option<Bits> = None;
         if let Some(pool) = self.holders.get(task) {
-            for s in &pool.members {
+            for (s, b) in pool.members.iter().zip(&pool.bits) {
                 let Some(p) = self.at(*s) else { continue };
                 if now.saturating_sub(p.last_seen) > FETCHER_SILENT {
                     continue;
                 }
-                let Some(b) = p.tasks.get(task) else { continue };
                 let u = union.get_or_insert_with(|| Bits {
                     words: vec![0; b.words.len()],
                     len: b.len,
@@ -598,7 +635,8 @@ impl Scheduler {
         self.calls += 1;
         let me = self.ids.get(requester).copied();
         let me_state = me.and_then(|s| self.at(s));
-        let mine = me_state.and_then(|p| p.tasks.get(task));
+        let pool = self.holders.get(task);
+        let mine = me.and_then(|s| pool?.get(s));
         let my_links = me_state.map(|p| &p.links);
         let my_hash = me_state.map_or_else(|| name_hash(requester), |p| p.hash);
         let my_place = me_state.map(|p| &p.place);
@@ -628,21 +666,21 @@ impl Scheduler {
             .map(|j| {
                 j.keys()
                     .copied()
-                    .filter(|s| !self.at(*s).is_some_and(|p| p.tasks.contains_key(task)))
+                    .filter(|s| !self.at(*s).is_some_and(|p| p.tasks.contains(task)))
                     .collect()
             })
             .unwrap_or_default();
         // In slot order, so that the same calls give the same answers.
         joiners.sort_unstable();
-        let pool = held.len() + joiners.len();
-        let (start, take) = if pool > SCAN_AT_MOST {
-            ((mix(my_hash ^ self.calls) % pool as u64) as usize, SCAN_AT_MOST)
+        let total = held.len() + joiners.len();
+        let (start, take) = if total > SCAN_AT_MOST {
+            ((mix(my_hash ^ self.calls) % total as u64) as usize, SCAN_AT_MOST)
         } else {
-            (0, pool)
+            (0, total)
         };
         let mut ranked: Vec<(f64, u64, Slot, u32)> = Vec::with_capacity(take.min(4096));
         for k in 0..take {
-            let i = (start + k) % pool;
+            let i = (start + k) % total;
             let (slot, joined) = match held.get(i) {
                 Some(s) => (*s, false),
                 None => (joiners[i - held.len()], true),
@@ -651,8 +689,8 @@ impl Scheduler {
                 continue;
             }
             let Some(p) = self.at(slot) else { continue };
-            let have = p.tasks.get(task);
-            let useful = have.map_or(0, |h| h.useful_to(mine));
+            let have = (!joined).then(|| pool.map(|pl| &pl.bits[i])).flatten();
+            let useful = have.map_or(0, |h| h.useful_capped(mine, USEFUL_ENOUGH));
             // A holder with nothing new is still worth watching while it downloads (at the
             // start, a seed that has verified nothing yet); a complete one is not.
             if useful == 0 && !joined && have.is_some_and(Bits::complete) {
@@ -714,7 +752,11 @@ impl Scheduler {
         }
         ranked.truncate(max);
         let mut out = Vec::with_capacity(ranked.len());
-        for (score, _, slot, useful) in ranked {
+        for (score, _, slot, _) in ranked {
+            // The exact count, for the few handed out.
+            let useful = pool
+                .and_then(|pl| pl.get(slot))
+                .map_or(0, |h| h.useful_to(mine));
             if let Some(p) = self.slots[slot as usize].as_mut() {
                 p.assigned.push(now);
                 out.push(Candidate {
