@@ -60,14 +60,25 @@ fn main() -> Result<()> {
         bail!("no scenario to run");
     }
     let mut out = match &args.json {
-        Some(p) => Some(
-            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-        ),
+        Some(p) => {
+            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
         None => None,
     };
     println!(
         "{:<22} {:>6} {:>8} {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7}",
-        "scenario", "peers", "bound s", "p50/b", "p99/b", "max/b", "origin", "seedup", "spine", "calls/s", "peak/s", "wall s"
+        "scenario",
+        "peers",
+        "bound s",
+        "p50/b",
+        "p99/b",
+        "max/b",
+        "origin",
+        "seedup",
+        "spine",
+        "calls/s",
+        "peak/s",
+        "wall s"
     );
     for mut sc in scenarios {
         if let Some(p) = args.peers {

@@ -378,8 +378,24 @@ mod tests {
         let mut s = spec(3, 1000.0);
         s.down[1] = 100.0;
         let mut n = Net::new(&s);
-        n.send(End::Host(0), 1, 0, 0, 100_000, Duration::ZERO, Duration::ZERO);
-        n.send(End::Host(0), 2, 0, 0, 100_000, Duration::ZERO, Duration::ZERO);
+        n.send(
+            End::Host(0),
+            1,
+            0,
+            0,
+            100_000,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        n.send(
+            End::Host(0),
+            2,
+            0,
+            0,
+            100_000,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
         n.advance(Duration::ZERO, 1000 * MS);
         assert!((n.carried[n.host_down(1)] - 100.0).abs() < 1.0);
         assert!((n.carried[n.host_down(2)] - 900.0).abs() < 1.0);
@@ -395,12 +411,31 @@ mod tests {
             origin_up: 1000.0,
         };
         let mut n = Net::new(&s);
-        n.send(End::Host(0), 2, 0, 0, 1_000_000, Duration::ZERO, Duration::ZERO);
-        n.send(End::Host(1), 0, 0, 0, 1_000_000, Duration::ZERO, Duration::ZERO);
+        n.send(
+            End::Host(0),
+            2,
+            0,
+            0,
+            1_000_000,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        n.send(
+            End::Host(1),
+            0,
+            0,
+            0,
+            1_000_000,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
         n.advance(Duration::ZERO, 1000 * MS);
         assert!((n.carried[n.rack_up(0)] - 500.0).abs() < 1.0);
         assert!((n.carried[n.rack_down(1)] - 500.0).abs() < 1.0);
-        assert!((n.carried[n.host_down(0)] - 1000.0).abs() < 1.0, "in-rack flow unaffected");
+        assert!(
+            (n.carried[n.host_down(0)] - 1000.0).abs() < 1.0,
+            "in-rack flow unaffected"
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@ pub enum Shape {
     Flat,
     /// Racks of `per_rack` hosts under a spine; each rack's uplink carries
     /// `per_rack × host rate / oversubscription`. Nodes get zone and rack labels.
-    Racks { per_rack: usize, oversubscription: f64 },
+    Racks {
+        per_rack: usize,
+        oversubscription: f64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -186,8 +189,8 @@ impl Scenario {
         let slowest = (0..self.peers)
             .map(|i| self.peer_rate(i))
             .fold(f64::INFINITY, f64::min);
-        let uploads: f64 =
-            self.seed_rate * self.seeds as f64 + (0..self.peers).map(|i| self.peer_rate(i)).sum::<f64>();
+        let uploads: f64 = self.seed_rate * self.seeds as f64
+            + (0..self.peers).map(|i| self.peer_rate(i)).sum::<f64>();
         let t = (f / source)
             .max(f / slowest)
             .max(self.peers as f64 * f / uploads);

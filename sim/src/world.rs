@@ -52,14 +52,43 @@ const TICK: Duration = Duration::from_millis(50);
 #[derive(Clone, Debug)]
 enum Ev {
     Arrive(u32),
-    Ask { n: u32, t: u32, gen: u64 },
-    Reply { n: u32, t: u32, reply: CandidatesReply },
-    Connected { n: u32, t: u32, pid: ParentId },
-    Poll { n: u32, t: u32, pid: ParentId },
-    Down { n: u32, t: u32, pid: ParentId },
-    Failed { n: u32, t: u32, pid: ParentId, piece: u32, why: Failure },
+    Ask {
+        n: u32,
+        t: u32,
+        gen: u64,
+    },
+    Reply {
+        n: u32,
+        t: u32,
+        reply: CandidatesReply,
+    },
+    Connected {
+        n: u32,
+        t: u32,
+        pid: ParentId,
+    },
+    Poll {
+        n: u32,
+        t: u32,
+        pid: ParentId,
+    },
+    Down {
+        n: u32,
+        t: u32,
+        pid: ParentId,
+    },
+    Failed {
+        n: u32,
+        t: u32,
+        pid: ParentId,
+        piece: u32,
+        why: Failure,
+    },
     Announce(u32),
-    Order { seed: u32, t: u32 },
+    Order {
+        seed: u32,
+        t: u32,
+    },
     Links(u32),
     Kill(u32),
 }
@@ -245,10 +274,7 @@ impl World {
                 };
                 Node {
                     name,
-                    addr: SocketAddr::from((
-                        [10, (h >> 16) as u8, (h >> 8) as u8, h as u8],
-                        7950,
-                    )),
+                    addr: SocketAddr::from(([10, (h >> 16) as u8, (h >> 8) as u8, h as u8], 7950)),
                     place,
                     seed,
                     alive: true,
@@ -375,7 +401,9 @@ impl World {
     /// Runs to the end: every living peer done, or the scenario's time limit.
     pub fn run(mut self) -> Report {
         let wall = Instant::now();
-        let limit = self.sc.bound().mul_f64(self.sc.limit) + self.sc.arrival_spread + Duration::from_secs(60);
+        let limit = self.sc.bound().mul_f64(self.sc.limit)
+            + self.sc.arrival_spread
+            + Duration::from_secs(60);
         let every_tick = (TICK.as_nanos() / self.dt.as_nanos()).max(1) as u64;
         loop {
             let now = self.now();
@@ -384,7 +412,7 @@ impl World {
                     self.handle(ev);
                 }
             }
-            if self.step % every_tick == 0 {
+            if self.step.is_multiple_of(every_tick) {
                 for n in 0..self.nodes.len() as u32 {
                     for t in 0..self.tasks.len() as u32 {
                         if self.nodes[n as usize].holds[t as usize].dl.is_some() {
@@ -433,8 +461,8 @@ impl World {
                 self.after(Duration::from_secs(1), Ev::Links(n));
             }
             Ev::Ask { n, t, gen } => {
-                let ok = self.nodes[n as usize].alive
-                    && self.dl(n, t).is_some_and(|d| d.ask_gen == gen);
+                let ok =
+                    self.nodes[n as usize].alive && self.dl(n, t).is_some_and(|d| d.ask_gen == gen);
                 if ok {
                     self.ask(n, t);
                 }
@@ -564,7 +592,11 @@ impl World {
         let max = self.cfg.peer.max_parents;
         let says = Some(r.advice == Advice::Source);
         if says == Some(true) && std::env::var_os("STARLING_SIM_DEBUG").is_some() {
-            eprintln!("{:?} {n} told Source, lacking {:?}", self.now(), r.lacking.as_ref().map(Vec::len));
+            eprintln!(
+                "{:?} {n} told Source, lacking {:?}",
+                self.now(),
+                r.lacking.as_ref().map(Vec::len)
+            );
         }
         if let Some(d) = self.dl_mut(n, t) {
             d.engine.source_by_scheduler(says, r.lacking.as_deref());
@@ -598,8 +630,9 @@ impl World {
             }
         }
         let alternative = r.parents.iter().any(|c| {
-            self.node_of(&c.peer)
-                .is_some_and(|q| q != n && !self.dl(n, t).is_some_and(|d| d.by_node.contains_key(&q)))
+            self.node_of(&c.peer).is_some_and(|q| {
+                q != n && !self.dl(n, t).is_some_and(|d| d.by_node.contains_key(&q))
+            })
         });
         let now = self.now();
         let Some(d) = self.dl_mut(n, t) else { return };
@@ -642,8 +675,7 @@ impl World {
         if q == n
             || d.by_node.contains_key(&q)
             || active(d) >= max
-            || d
-                .down_at
+            || d.down_at
                 .get(&q)
                 .is_some_and(|at| now.saturating_sub(*at) < REDIAL_AFTER)
         {
@@ -671,7 +703,11 @@ impl World {
 
     /// A have answer from parent `pid` (or a wait for one).
     fn poll(&mut self, n: u32, t: u32, pid: ParentId) {
-        let Some(q) = self.dl(n, t).and_then(|d| d.parents.get(&pid)).map(|p| p.node) else {
+        let Some(q) = self
+            .dl(n, t)
+            .and_then(|d| d.parents.get(&pid))
+            .map(|p| p.node)
+        else {
             return;
         };
         if !self.nodes[n as usize].alive || !self.nodes[q as usize].alive {
@@ -680,7 +716,11 @@ impl World {
         let rtt = self.rtt(n, q);
         let (serving, len, complete) = {
             let h = &self.nodes[q as usize].holds[t as usize];
-            (h.serving, h.log.len(), h.done_at.is_some() || h.log.len() == h.have.len())
+            (
+                h.serving,
+                h.log.len(),
+                h.done_at.is_some() || h.log.len() == h.have.len(),
+            )
         };
         if !serving {
             // Not holding the task yet (a seed that just took the order): ask again.
@@ -693,7 +733,9 @@ impl World {
         };
         if in_engine && since == len {
             if !complete {
-                self.nodes[q as usize].holds[t as usize].waiters.push((n, pid));
+                self.nodes[q as usize].holds[t as usize]
+                    .waiters
+                    .push((n, pid));
             }
             return;
         }
@@ -718,7 +760,9 @@ impl World {
         if !complete {
             if len == 0 {
                 // Nothing yet: the next ask waits at the parent for its first piece.
-                self.nodes[q as usize].holds[t as usize].waiters.push((n, pid));
+                self.nodes[q as usize].holds[t as usize]
+                    .waiters
+                    .push((n, pid));
             } else {
                 let next = if closing { rtt } else { every.max(rtt) };
                 self.after(next, Ev::Poll { n, t, pid });
@@ -729,7 +773,9 @@ impl World {
     fn drop_parent(&mut self, n: u32, t: u32, pid: ParentId) {
         let now = self.now();
         let Some(d) = self.dl_mut(n, t) else { return };
-        let Some(p) = d.parents.remove(&pid) else { return };
+        let Some(p) = d.parents.remove(&pid) else {
+            return;
+        };
         d.by_node.remove(&p.node);
         d.down_at.insert(p.node, now);
         d.engine.remove_parent(pid);
@@ -1037,9 +1083,7 @@ impl World {
     fn kill(&mut self, n: u32) {
         let n = if n == u32::MAX {
             // The seed that fetched task 0 from the origin.
-            match (0..self.sc.seeds as u32)
-                .find(|s| self.nodes[*s as usize].holds[0].serving)
-            {
+            match (0..self.sc.seeds as u32).find(|s| self.nodes[*s as usize].holds[0].serving) {
                 Some(s) => s,
                 None => return,
             }
@@ -1083,7 +1127,13 @@ impl World {
     }
 
     fn debug_dump(&self) {
-        for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| n.alive).take(400) {
+        for (i, node) in self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.alive)
+            .take(400)
+        {
             for (t, h) in node.holds.iter().enumerate() {
                 if h.done_at.is_none() {
                     let have = h.have.iter().filter(|x| **x).count();
@@ -1112,7 +1162,11 @@ impl World {
         let mut done: Vec<f64> = Vec::new();
         let mut unfinished = 0;
         for node in self.nodes.iter().filter(|n| !n.seed) {
-            let end = node.holds.iter().map(|h| h.done_at).collect::<Option<Vec<_>>>();
+            let end = node
+                .holds
+                .iter()
+                .map(|h| h.done_at)
+                .collect::<Option<Vec<_>>>();
             match end.and_then(|v| v.into_iter().max()) {
                 Some(t) => done.push(t.saturating_sub(node.arrive).as_secs_f64()),
                 None if node.alive => unfinished += 1,
@@ -1154,7 +1208,11 @@ impl World {
             done_s: done.clone(),
             origin_x_f: self.net.carried[self.net.origin()] / f,
             seed_upload_x_f: seed_up / f,
-            spine_in_mean_x_f: if racks > 0 { spine_sum / racks as f64 } else { 0.0 },
+            spine_in_mean_x_f: if racks > 0 {
+                spine_sum / racks as f64
+            } else {
+                0.0
+            },
             spine_in_max_x_f: spine_max,
             sched_calls_mean: self.calls.values().sum::<u64>() as f64 / secs,
             sched_calls_peak: self.calls.values().copied().max().unwrap_or(0) as f64,

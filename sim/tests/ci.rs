@@ -23,8 +23,16 @@ fn three_hundred_peers_finish_near_the_bound_from_one_origin_copy_the_same_way_e
         a.bound_s
     );
     // One seed group reads the origin once: no peer goes back to source.
-    assert!(a.origin_x_f <= 1.0 + 1e-9, "origin served {:.4} x F", a.origin_x_f);
-    assert!(a.seed_upload_x_f <= 1.1, "the seed sent {:.3} x F", a.seed_upload_x_f);
+    assert!(
+        a.origin_x_f <= 1.0 + 1e-9,
+        "origin served {:.4} x F",
+        a.origin_x_f
+    );
+    assert!(
+        a.seed_upload_x_f <= 1.1,
+        "the seed sent {:.3} x F",
+        a.seed_upload_x_f
+    );
     // Deterministic: the same scenario (and seed number) gives the same run.
     let b = World::new(sc).run();
     assert_eq!(a.done_s, b.done_s);

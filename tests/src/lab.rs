@@ -250,6 +250,30 @@ impl Drop for Lab {
     }
 }
 
+/// Makes room in the kernel's neighbour (ARP) table for `hosts` namespaces that may all talk
+/// to each other. Its limits (`net.ipv4.neigh.default.gc_thresh1..3`) count entries across
+/// every namespace; at the default 1,024, 50 daemons with 16 parents each overflowed it
+/// ("neighbor table overflow" in dmesg), sends failed with ENOBUFS, and thousands of QUIC
+/// handshakes timed out: a lab artifact that looked like a swarm problem. The limits are only
+/// raised, never lowered (labs of parallel tests share them), and cost nothing until used.
+pub fn raise_neighbour_limits(hosts: usize) {
+    let want = 1024 + 2 * hosts * hosts;
+    for (key, value) in [
+        ("gc_thresh3", want),
+        ("gc_thresh2", want / 2),
+        ("gc_thresh1", want / 8),
+    ] {
+        let path = format!("/proc/sys/net/ipv4/neigh/default/{key}");
+        let now: usize = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if now < value {
+            let _ = std::fs::write(&path, value.to_string());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ShaperCount;
@@ -278,29 +302,5 @@ mod tests {
                 dropped: 5
             }
         );
-    }
-}
-
-/// Makes room in the kernel's neighbour (ARP) table for `hosts` namespaces that may all talk
-/// to each other. Its limits (`net.ipv4.neigh.default.gc_thresh1..3`) count entries across
-/// every namespace; at the default 1,024, 50 daemons with 16 parents each overflowed it
-/// ("neighbor table overflow" in dmesg), sends failed with ENOBUFS, and thousands of QUIC
-/// handshakes timed out: a lab artifact that looked like a swarm problem. The limits are only
-/// raised, never lowered (labs of parallel tests share them), and cost nothing until used.
-pub fn raise_neighbour_limits(hosts: usize) {
-    let want = 1024 + 2 * hosts * hosts;
-    for (key, value) in [
-        ("gc_thresh3", want),
-        ("gc_thresh2", want / 2),
-        ("gc_thresh1", want / 8),
-    ] {
-        let path = format!("/proc/sys/net/ipv4/neigh/default/{key}");
-        let now: usize = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if now < value {
-            let _ = std::fs::write(&path, value.to_string());
-        }
     }
 }

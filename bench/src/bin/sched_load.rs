@@ -61,7 +61,9 @@ fn main() -> Result<()> {
             "--seconds" => o.seconds = v as u64,
             "--conns" => o.conns = v.max(1),
             "--inflight" => o.inflight = v.max(1),
-            _ => bail!("unknown flag {a}: use --peers, --tasks, --pieces, --seconds, --conns, --inflight"),
+            _ => bail!(
+                "unknown flag {a}: use --peers, --tasks, --pieces, --seconds, --conns, --inflight"
+            ),
         }
     }
     let ca = ClusterCa::generate()?;
@@ -212,7 +214,7 @@ fn body(load: Load, i: u64, o: &Opts, tasks: &[TaskId]) -> (Vec<u8>, Option<Task
                 .enumerate()
                 .map(|(t, id)| {
                     let have = (0..o.pieces)
-                        .map(|k| mix((p * 1_000_003 + t * 7919 + k) as u64) % 10 == 0)
+                        .map(|k| mix((p * 1_000_003 + t * 7919 + k) as u64).is_multiple_of(10))
                         .collect();
                     (
                         *id,
@@ -230,7 +232,9 @@ fn body(load: Load, i: u64, o: &Opts, tasks: &[TaskId]) -> (Vec<u8>, Option<Task
         }
         Load::Announce => {
             let t = (r >> 20) as usize % tasks.len();
-            let added = (0..4).map(|k| ((r >> (8 * k)) % o.pieces as u64) as u32).collect();
+            let added = (0..4)
+                .map(|k| ((r >> (8 * k)) % o.pieces as u64) as u32)
+                .collect();
             let a = base(vec![(tasks[t], Holding::Added(added))]);
             (serde_json::to_vec(&a).expect("json"), None)
         }
@@ -283,8 +287,8 @@ async fn phase(
                     },
                     &b,
                 )
-                    .await
-                    .with_context(|| format!("scheduler call {i}"))?;
+                .await
+                .with_context(|| format!("scheduler call {i}"))?;
                 lat.push(t0.elapsed().as_micros() as u64);
             }
         });

@@ -399,7 +399,10 @@ impl Scheduler {
                     }
                     have.resize(pieces as usize, false);
                     p.tasks.insert(task);
-                    self.holders.entry(task).or_default().put(slot, Bits::of(&have));
+                    self.holders
+                        .entry(task)
+                        .or_default()
+                        .put(slot, Bits::of(&have));
                 }
                 Holding::Added(added) => {
                     // Without a full bitmap first we do not know the piece count: ignore, the
@@ -674,7 +677,10 @@ impl Scheduler {
         joiners.sort_unstable();
         let total = held.len() + joiners.len();
         let (start, take) = if total > SCAN_AT_MOST {
-            ((mix(my_hash ^ self.calls) % total as u64) as usize, SCAN_AT_MOST)
+            (
+                (mix(my_hash ^ self.calls) % total as u64) as usize,
+                SCAN_AT_MOST,
+            )
         } else {
             (0, total)
         };

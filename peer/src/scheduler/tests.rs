@@ -353,12 +353,27 @@ fn announcements_survive_json_with_packed_bitmaps() {
 #[test]
 fn when_the_fetcher_dies_one_peer_is_told_to_fetch_only_what_nobody_holds() {
     let mut s = Scheduler::new(SchedulerConfig::default());
-    s.announce(ann("seed", 0, true, vec![true, true, false, false]), Duration::ZERO);
-    s.announce(ann("a", 1, false, vec![true, false, false, false]), Duration::ZERO);
-    s.announce(ann("b", 2, false, vec![false, true, false, false]), Duration::ZERO);
+    s.announce(
+        ann("seed", 0, true, vec![true, true, false, false]),
+        Duration::ZERO,
+    );
+    s.announce(
+        ann("a", 1, false, vec![true, false, false, false]),
+        Duration::ZERO,
+    );
+    s.announce(
+        ann("b", 2, false, vec![false, true, false, false]),
+        Duration::ZERO,
+    );
     // The seed fetches (it was chosen); everyone else downloads from parents.
-    assert!(matches!(s.advise("seed", &task(), 4, &[], Duration::ZERO).1, Advice::Source));
-    assert_eq!(s.advise("a", &task(), 4, &[], Duration::ZERO).1, Advice::Parents);
+    assert!(matches!(
+        s.advise("seed", &task(), 4, &[], Duration::ZERO).1,
+        Advice::Source
+    ));
+    assert_eq!(
+        s.advise("a", &task(), 4, &[], Duration::ZERO).1,
+        Advice::Parents
+    );
     // The seed goes silent; a and b keep announcing. After FETCHER_SILENT the next asker
     // fetches, and only pieces 2 and 3 (a and b hold 0 and 1 between them).
     for t in 1..=6 {
@@ -369,10 +384,19 @@ fn when_the_fetcher_dies_one_peer_is_told_to_fetch_only_what_nobody_holds() {
     assert_eq!(answer.1, Advice::Source);
     assert_eq!(s.lacking(&task()), Some(vec![2, 3]));
     // Only one fetcher at a time: a, asking next, waits for the swarm.
-    assert_eq!(s.advise("a", &task(), 4, &["b".into()], 6 * S).1, Advice::Parents);
+    assert_eq!(
+        s.advise("a", &task(), 4, &["b".into()], 6 * S).1,
+        Advice::Parents
+    );
     // Once the live holders cover every piece, nobody goes to source.
     s.announce(ann("b", 2, false, vec![false, true, true, true]), 7 * S);
     s.announce(ann("a", 1, false, vec![true, false, false, false]), 7 * S);
-    assert_eq!(s.advise("a", &task(), 4, &["b".into()], 9 * S).1, Advice::Parents);
-    assert_eq!(s.advise("b", &task(), 4, &["a".into()], 9 * S).1, Advice::Parents);
+    assert_eq!(
+        s.advise("a", &task(), 4, &["b".into()], 9 * S).1,
+        Advice::Parents
+    );
+    assert_eq!(
+        s.advise("b", &task(), 4, &["a".into()], 9 * S).1,
+        Advice::Parents
+    );
 }

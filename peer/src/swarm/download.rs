@@ -338,7 +338,9 @@ impl Driver<'_> {
     /// engine's own timer decides when pieces nobody holds go to source again.
     fn scheduler_silence(&mut self) {
         if self.source_says.is_some() && self.advised_at.elapsed() >= SCHEDULER_SILENT {
-            tracing::info!("no scheduler answer lately; going back to source by this peer's own timer");
+            tracing::info!(
+                "no scheduler answer lately; going back to source by this peer's own timer"
+            );
             self.source_says = None;
             if let Some(e) = &mut self.engine {
                 e.source_by_scheduler(None, None);
@@ -751,7 +753,8 @@ impl Driver<'_> {
             .collect();
         if let Some(t) = &self.task {
             let every = have_every(t.plan().piece_length(), rates.values().sum());
-            self.have_every.send_if_modified(|e| std::mem::replace(e, every) != every);
+            self.have_every
+                .send_if_modified(|e| std::mem::replace(e, every) != every);
         }
         for (pid, p) in &self.parents {
             let Some(conn) = &p.conn else { continue };

@@ -80,7 +80,6 @@ pub(super) async fn ask_loop(
     }
 }
 
-
 /// How long connecting to a parent may take. A handshake's packets share the links with
 /// piece data, and a lost one waits out QUIC's probe timeout (about 1 s, then 2 s): 3 s cut
 /// short handshakes that were still retrying. Beyond QUIC's idle timeout (5 s) the handshake

@@ -124,14 +124,16 @@ fn scheduler(peers: usize, tasks: usize, seconds: u64) -> Result<()> {
         "--bin",
         "sched_load",
     ]))?;
-    sh(Command::new(root().join("target/release/sched_load")).args([
-        "--peers",
-        &peers.to_string(),
-        "--tasks",
-        &tasks.to_string(),
-        "--seconds",
-        &seconds.to_string(),
-    ]))
+    sh(
+        Command::new(root().join("target/release/sched_load")).args([
+            "--peers",
+            &peers.to_string(),
+            "--tasks",
+            &tasks.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ]),
+    )
 }
 
 /// Installs the apt packages, builds the release binary (and the eBPF object with `ebpf`), and

@@ -37,7 +37,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let dir = root().join("target/bench-scale");
     std::fs::create_dir_all(&dir)?;
-    let json = dir.join("reports.jsonl");
+    // One file per invocation: two runs at once must not share it.
+    let json = dir.join(format!("reports-{}.jsonl", std::process::id()));
     let mut cmd = Command::new(bin);
     cmd.arg("--json").arg(&json);
     for s in &args.scenario {
@@ -121,7 +122,11 @@ fn write(dir: &Path, new: Vec<Report>) -> Result<Vec<PathBuf>> {
     );
     for l in &lines {
         let f: Vec<&str> = l.split(',').collect();
-        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+        let num = |i: usize| {
+            f.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
         let bound = num(3);
         md.push_str(&format!(
             "| {} | {} | {:.2} GiB | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.3} | {:.2} | {:.2} | {:.0} ({:.0}) | {:.0} |\n",
