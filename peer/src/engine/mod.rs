@@ -20,11 +20,12 @@
 //! - **Endgame**: once every missing piece is in flight and at most `endgame_pieces` remain,
 //!   idle capacity requests duplicates of pieces outstanding for longer than `endgame_after` (at
 //!   most `endgame_copies` per piece); the first copy to arrive cancels the rest.
-//! - **Source**: only if `source_allowed`, and then only for pieces no usable parent holds once
-//!   no parent has announced a new piece for `source_wait` (parents that are themselves still
-//!   downloading, a seed at the start above all, get that long to produce more), or for any
-//!   piece once the parents together have been slower than `source_min_rate` for
-//!   `source_grace`.
+//! - **Source**: only if `source_allowed`, and then only for pieces no usable parent holds,
+//!   when the scheduler chose this peer to fetch them ([`Engine::source_by_scheduler`], only
+//!   the pieces it listed), or, with no word from a scheduler, once no parent has announced a
+//!   new piece for `source_wait` (parents that are themselves still downloading, a seed at
+//!   the start above all, get that long to produce more); or for any piece once the parents
+//!   together have been slower than `source_min_rate` for `source_grace`.
 
 #[cfg(test)]
 mod tests;

@@ -125,6 +125,10 @@ impl NetProbe {
     /// Probes not loaded yet ([`NetProbe::load`] fills them in): paths are measured with
     /// QUIC's own statistics meanwhile.
     pub fn pending(cfg: &NetprobeConfig) -> NetProbe {
+        if !cfg.enabled {
+            // Nothing to load: say so at once.
+            return NetProbe::start(cfg);
+        }
         NetProbe {
             state: Mutex::new(State::Off("the eBPF probes are still loading".into())),
             only: cfg.interfaces.clone(),
@@ -136,6 +140,9 @@ impl NetProbe {
     /// a daemon serves before it (50 daemons starting at once on 2 cores spent tens of
     /// seconds in it, and their peers' handshakes timed out meanwhile).
     pub fn load(&self, cfg: &NetprobeConfig, cookie: Option<u64>) {
+        if !cfg.enabled {
+            return;
+        }
         let loaded = NetProbe::start(cfg);
         let state = std::mem::replace(&mut *loaded.lock(), State::Off(String::new()));
         *self.lock() = state;
