@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use plotters::prelude::*;
 use starling_sim::Report;
 
-use super::stock::report::{color, load_font, plot_err, today};
+use super::stock::report::{cdf_axes, cdf_steps, color, load_font, plot_err, today};
 use crate::{cargo, root, sh};
 
 /// `cargo xtask bench scale` (bench/README.md).
@@ -169,34 +169,15 @@ fn cdf(path: &Path, r: &Report) -> Result<()> {
     root.fill(&WHITE).map_err(plot_err)?;
     let x: Vec<f64> = r.done_s.iter().map(|t| t / r.bound_s).collect();
     let x_max = x.iter().copied().fold(1.0, f64::max) * 1.05;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!(
-                "bench scale {}: {} peers, {:.2} GiB, bound {:.2} s",
-                r.scenario,
-                r.peers,
-                r.content_bytes as f64 / (1u64 << 30) as f64,
-                r.bound_s
-            ),
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..x_max, 0.0..1.02)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("completion time / bound")
-        .y_desc("fraction of peers complete")
-        .draw()
-        .map_err(plot_err)?;
-    let n = r.peers.max(1) as f64;
-    let mut pts = vec![(0.0, 0.0)];
-    for (i, t) in x.iter().enumerate() {
-        pts.push((*t, i as f64 / n));
-        pts.push((*t, (i + 1) as f64 / n));
-    }
+    let caption = format!(
+        "bench scale {}: {} peers, {:.2} GiB, bound {:.2} s",
+        r.scenario,
+        r.peers,
+        r.content_bytes as f64 / (1u64 << 30) as f64,
+        r.bound_s
+    );
+    let mut chart = cdf_axes(&root, &caption, x_max, "completion time / bound")?;
+    let pts = cdf_steps(&x, r.peers);
     chart
         .draw_series(LineSeries::new(pts, color(0).stroke_width(2)))
         .map_err(plot_err)?;

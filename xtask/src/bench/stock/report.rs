@@ -518,6 +518,46 @@ pub(crate) fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("{e:?}")
 }
 
+/// The axes of a completion CDF: `x_desc` from 0 to `x_max`, the fraction complete up to 1.
+pub(crate) fn cdf_axes<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    x_max: f64,
+    x_desc: &str,
+) -> Result<
+    ChartContext<
+        'a,
+        BitMapBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..x_max, 0.0..1.02)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("fraction of peers complete")
+        .draw()
+        .map_err(plot_err)?;
+    Ok(chart)
+}
+
+/// A step line through sorted completion times, out of `n` peers.
+pub(crate) fn cdf_steps(sorted: &[f64], n: usize) -> Vec<(f64, f64)> {
+    let n = n.max(1) as f64;
+    let mut pts = vec![(0.0, 0.0)];
+    for (k, x) in sorted.iter().enumerate() {
+        pts.push((*x, k as f64 / n));
+        pts.push((*x, (k + 1) as f64 / n));
+    }
+    pts
+}
+
 /// Fraction of downloaders complete vs time, a step line per system, T_min marked.
 fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
@@ -529,31 +569,11 @@ fn cdf_plot(path: &Path, sc: &Scenario, v: &[Outcome]) -> Result<()> {
         .flat_map(|m| m.mid.done.iter().flatten().copied())
         .fold(sc.t_min(), f64::max)
         * 1.05;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("Completion time CDF: {}", sc.describe()),
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..x_max, 0.0..1.02)
-        .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since start")
-        .y_desc("fraction of peers complete")
-        .draw()
-        .map_err(plot_err)?;
+    let caption = format!("Completion time CDF: {}", sc.describe());
+    let mut chart = cdf_axes(&root, &caption, x_max, "seconds since start")?;
     for (i, m) in sums.iter().enumerate() {
         let o = m.mid;
-        let t = sorted_times(o);
-        let n = o.done.len().max(1) as f64;
-        let mut pts = vec![(0.0, 0.0)];
-        for (k, x) in t.iter().enumerate() {
-            pts.push((*x, k as f64 / n));
-            pts.push((*x, (k + 1) as f64 / n));
-        }
+        let pts = cdf_steps(&sorted_times(o), o.done.len());
         let c = color(i);
         chart
             .draw_series(LineSeries::new(pts, c.stroke_width(2)))
