@@ -94,6 +94,43 @@ fn a_seed_and_six_peers_read_the_origin_about_once() {
 }
 
 #[test]
+fn thirty_two_peers_starting_together_read_the_origin_once_and_the_seed_sends_it_once() {
+    // A swarm past the size the rules were first tuned on (8-16 peers): 32 daemons and a seed
+    // started at the same moment, all asking at once. Every copy must verify; the origin must
+    // serve the content about once, and the seed (reading it) must send it about once, not
+    // duplicates to peers that could have had it from each other.
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(8 * MIB, 11);
+    std::fs::write(www.path().join("blob"), &data).expect("write blob");
+    let nginx = Nginx::start(www.path());
+    let mut cluster = Cluster::new(32, "", "");
+    let ready = cluster.start_all_at_once();
+    assert_eq!(ready.len(), 33);
+    let s = Setup {
+        cluster,
+        url: nginx.url("blob"),
+        nginx,
+        sum: sha256_bytes(&data),
+        len: data.len() as u64,
+        _www: www,
+    };
+    let peers: Vec<usize> = (1..=32).collect();
+    s.get_all(&peers);
+    let origin = s.origin_bytes() as f64 / s.len as f64;
+    assert!(origin <= 1.05, "the origin served {origin:.3} x F");
+    let seed = s.cluster.nodes[0].metric("starling_bytes_uploaded_total") / s.len as f64;
+    assert!(seed <= 1.15, "the seed sent {seed:.3} x F to 32 peers");
+    let from_parents: f64 = peers
+        .iter()
+        .map(|i| s.cluster.nodes[*i].metric("starling_bytes_downloaded_total{source=\"parent\"}"))
+        .sum();
+    assert!(
+        from_parents >= 32.0 * s.len as f64,
+        "peers got {from_parents} bytes from parents, want all of 32 copies"
+    );
+}
+
+#[test]
 fn with_fewer_parent_slots_than_peers_every_peer_still_uploads() {
     // Eight peers, two parent slots each: the peers that start together must spread over
     // each other, not all take the one or two that announced first (which left the others
