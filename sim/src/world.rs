@@ -20,6 +20,9 @@
 //! order (the `Chainer`); a piece verified anywhere makes its values known everywhere (values
 //! travel with the bitmaps). A killed node's connections go quiet: its children notice after
 //! QUIC's idle timeout, and the scheduler forgets it after its TTL.
+//!
+//! `STARLING_SIM_DEBUG=1` traces source requests, origin arrivals and `Source` advice on
+//! stderr, and dumps every unfinished download (its engine's view of its parents) at the end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;

@@ -676,9 +676,10 @@ impl Engine {
             .filter(|p| self.usable(p, now) && !p.in_flight.is_empty())
             .filter_map(|p| p.rate)
             .sum();
-        let busy = self.parents.values().any(|p| !p.in_flight.is_empty());
-        let too_slow =
-            self.cfg.source_min_rate > 0 && busy && total_rate < self.cfg.source_min_rate as f64;
+        // Parents with nothing in flight deliver nothing: while pieces are missing, idle
+        // parents count as slow too (with the scheduler deciding who fetches what nobody
+        // holds, waiting on a slow seed's next piece is this rule's case).
+        let too_slow = self.cfg.source_min_rate > 0 && total_rate < self.cfg.source_min_rate as f64;
         if too_slow {
             self.slow_since.get_or_insert(now);
         } else {
