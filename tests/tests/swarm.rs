@@ -216,11 +216,13 @@ fn origin_pieces_ahead_of_the_swarms_values_wait_for_the_chain_and_still_verify(
 
 #[test]
 fn news_of_verified_pieces_is_gathered_not_sent_one_answer_per_piece() {
-    // Four peers fetching 256 pieces from each other, every upload capped so the job lasts
+    // Four peers fetching 512 pieces from each other, every upload capped so the job lasts
     // a few seconds: each peer verifies a piece every few tens of milliseconds. A child asks a
-    // parent for news at most every 100 ms until its last 16 pieces, so the answers per
-    // parent and child are about the job's length over 100 ms plus 16, not one per piece
+    // parent for news at most once per `policy::have_every` (about four pieces' time at its
+    // rate; 20 ms until first measured) until its last 16 pieces, so the answers per parent
+    // and child are about the job's length over that interval plus 16, not one per piece
     // (each answer a stream opened and answered: CPU spent on news, not data).
+    use starling::swarm::policy::{have_every, HAVE_EVERY_FIRST};
     let s = setup(4, 64, "upload_limit_mbps = 200", "");
     let start = std::time::Instant::now();
     s.get_all(&[1, 2, 3, 4]);
@@ -228,16 +230,19 @@ fn news_of_verified_pieces_is_gathered_not_sent_one_answer_per_piece() {
     let answers: f64 = (1..=4)
         .map(|i| s.cluster.nodes[i].metric("starling_have_answers_total"))
         .sum();
-    let pieces = s.len.div_ceil(starling::core::default_piece_length(s.len)) as f64;
+    let piece = starling::core::default_piece_length(s.len);
+    let pieces = s.len.div_ceil(piece) as f64;
     // 4 peers, each a parent of the 3 others.
     let per_pair = answers / 12.0;
-    // One per 100 ms of the job, the last 16 pieces one by one, and a few to spare (the
-    // bound grows with the job's length, so a slow machine does not fail it; at the usual
-    // 3.3 s it is 57, against the 126-128 that one answer per piece gave with 128 pieces).
-    let bound = secs / 0.1 + 16.0 + 8.0;
+    // The first second at the first interval, the rest at the one the measured rate gives,
+    // the last 16 pieces one by one, and a few to spare (the bound grows with the job's
+    // length, so a slow machine does not fail it).
+    let every = have_every(piece, s.len as f64 / secs).as_secs_f64();
+    let first = HAVE_EVERY_FIRST.as_secs_f64();
+    let bound = 1.0 / first + (secs - 1.0).max(0.0) / every + 16.0 + 8.0;
     assert!(
-        per_pair <= bound,
-        "{per_pair:.1} news answers per parent and child in {secs:.1} s for {pieces} pieces (at most {bound:.0})"
+        per_pair <= bound && per_pair <= pieces / 2.0,
+        "{per_pair:.1} news answers per parent and child in {secs:.1} s for {pieces} pieces (at most {bound:.0}, and half the pieces)"
     );
 }
 
