@@ -40,6 +40,70 @@ pub struct Config {
     pub tls: TlsConfig,
     pub proxy: ProxyConfig,
     pub netprobe: NetprobeConfig,
+    pub hf: HfConfig,
+    pub s3: S3Config,
+}
+
+/// The Hugging Face Hub: `starling get hf://...`, and the `HF_ENDPOINT` mirror on
+/// `proxy.listen` (see [`crate::hub`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HfConfig {
+    /// The Hub (or a Hub-compatible server) that `hf://` names and the mirror forwards to.
+    /// Default `https://huggingface.co`.
+    pub endpoint: String,
+    /// A file holding the access token for `hf://` downloads, used when `HF_TOKEN` is unset.
+    /// Default: `$HF_HOME/token` (`~/.cache/huggingface/token`) when it exists. The mirror never
+    /// uses it: clients send their own.
+    pub token_file: Option<PathBuf>,
+    /// Serve Hub requests (`HF_ENDPOINT=http://<proxy.listen>`) on the proxy's listener: model
+    /// files by SHA-256 peer to peer, everything else passed through. Default true.
+    pub mirror: bool,
+    /// Files of one `hf://` (or `s3://` prefix) download fetched at once. Default 4.
+    pub concurrency: usize,
+}
+
+impl Default for HfConfig {
+    fn default() -> Self {
+        HfConfig {
+            endpoint: "https://huggingface.co".into(),
+            token_file: None,
+            mirror: true,
+            concurrency: 4,
+        }
+    }
+}
+
+/// S3 and S3-compatible object stores: `starling get s3://bucket/key` (see [`crate::s3`]).
+/// Credentials come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (/ `AWS_SESSION_TOKEN`),
+/// else the shared credentials file (`AWS_SHARED_CREDENTIALS_FILE`, `~/.aws/credentials`,
+/// profile `AWS_PROFILE` or `default`); without any, requests are anonymous.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// The service URL, for S3-compatible stores (`http://minio:9000`). Default:
+    /// `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`, else `https://s3.<region>.amazonaws.com`.
+    pub endpoint: Option<String>,
+    /// The signing region. Default: `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's `region`
+    /// in `~/.aws/config`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`) instead of virtual-hosted
+    /// (`bucket.endpoint/key`). Default: true with a custom endpoint, false for AWS.
+    pub path_style: Option<bool>,
+    /// Lifetime of the presigned URLs that peers and seeds fetch from, in seconds (at most
+    /// 604800, S3's limit). Default 21600 (6 hours).
+    pub presign_seconds: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            region: None,
+            path_style: None,
+            presign_seconds: 6 * 3600,
+        }
+    }
 }
 
 /// The eBPF path probes (see [`crate::netprobe`]).
@@ -320,6 +384,8 @@ impl Default for Config {
             tls: TlsConfig::default(),
             proxy: ProxyConfig::default(),
             netprobe: NetprobeConfig::default(),
+            hf: HfConfig::default(),
+            s3: S3Config::default(),
         }
     }
 }
@@ -416,6 +482,43 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("starling.sock"))
     }
 
+    fn validate_models(&self) -> Result<(), ConfigError> {
+        let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
+        let http_url = |u: &str| {
+            url::Url::parse(u)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+        };
+        if !http_url(&self.hf.endpoint) {
+            return bad(
+                "hf.endpoint",
+                self.hf.endpoint.clone(),
+                "must be an http(s) URL such as https://huggingface.co",
+            );
+        }
+        if !(1..=64).contains(&self.hf.concurrency) {
+            return bad(
+                "hf.concurrency",
+                self.hf.concurrency.to_string(),
+                "must be 1 to 64",
+            );
+        }
+        if let Some(e) = self.s3.endpoint.as_deref().filter(|e| !http_url(e)) {
+            return bad(
+                "s3.endpoint",
+                e.to_string(),
+                "must be an http(s) URL such as http://127.0.0.1:3900",
+            );
+        }
+        if !(60..=604_800).contains(&self.s3.presign_seconds) {
+            return bad(
+                "s3.presign_seconds",
+                self.s3.presign_seconds.to_string(),
+                "must be 60 to 604800 (S3 refuses presigned URLs valid for longer than 7 days)",
+            );
+        }
+        Ok(())
+    }
+
     fn validate_proxy(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
         let p = &self.proxy;
@@ -488,6 +591,7 @@ impl Config {
                 "must be at least 0 and below gc.high_watermark",
             );
         }
+        self.validate_models()?;
         let s = &self.source;
         if !(1..=64).contains(&s.concurrency) {
             return bad(

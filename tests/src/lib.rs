@@ -5,6 +5,7 @@
 
 mod cluster;
 mod fault;
+pub mod hub;
 mod lab;
 pub mod netlab;
 mod netns;

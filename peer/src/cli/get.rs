@@ -18,43 +18,66 @@ use super::{check_output_dir, classify, fail, mirror, parse_digest, parse_size, 
 
 #[derive(Args)]
 pub struct GetArgs {
-    /// http:// or https:// URL of the content.
-    url: String,
-    /// Output file, or - for standard output. It appears only once the content is verified.
-    #[arg(short = 'O', long = "output", value_name = "FILE")]
-    output: PathBuf,
+    /// What to fetch: an http:// or https:// URL; hf://ORG/REPO[@REVISION][/PATH] (a Hugging
+    /// Face repository, or one file or folder of it); or s3://BUCKET/KEY (s3://BUCKET/PREFIX/
+    /// for every object under a prefix).
+    pub url: String,
+    /// Output file, or - for standard output; a directory for hf:// and s3:// prefixes. Files
+    /// appear only once verified.
+    #[arg(short = 'O', long = "output", value_name = "FILE|DIR")]
+    pub output: Option<PathBuf>,
+    /// For hf://: write into the Hugging Face cache (blobs, snapshots, refs), where
+    /// transformers and vLLM find the files offline. DIR defaults to HF_HUB_CACHE, else
+    /// $HF_HOME/hub (~/.cache/huggingface/hub).
+    #[arg(long = "hf-cache", value_name = "DIR", num_args = 0..=1)]
+    pub hf_cache: Option<Option<PathBuf>>,
     /// Expected digest of the whole content (sha256:<64 hex>). It names the task, so the same
     /// content through any URL is stored once; a mismatch fails and saves nothing.
     #[arg(long, value_name = "DIGEST")]
-    digest: Option<String>,
+    pub digest: Option<String>,
     /// Extra request header for the origin, as 'Name: value'. Repeatable.
     #[arg(short = 'H', long = "header", value_name = "HEADER")]
-    headers: Vec<String>,
+    pub headers: Vec<String>,
     /// Piece length for a new task, in bytes (suffixes K, M, KiB, MiB). A multiple of 4096
     /// between 16 KiB and 64 MiB. Default: chosen from the content length.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-    piece_length: Option<u64>,
+    pub piece_length: Option<u64>,
     /// Extra CA certificate (PEM) to trust for an HTTPS origin. Repeatable.
     #[arg(long = "ca-cert", value_name = "FILE")]
-    ca_certs: Vec<PathBuf>,
+    pub ca_certs: Vec<PathBuf>,
     /// Always write an independent copy: never hard-link the output to the store.
     #[arg(long)]
-    no_hardlink: bool,
+    pub no_hardlink: bool,
     /// Work in this process even when a daemon is running.
     #[arg(long)]
-    no_daemon: bool,
+    pub no_daemon: bool,
 }
 
 pub async fn run(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Failure> {
+    if args.url.starts_with("hf://") || args.url.starts_with("s3://") {
+        return super::models::run(cfg, &args, quiet).await;
+    }
+    if args.hf_cache.is_some() {
+        return Err(Failure(
+            exit::USAGE,
+            anyhow::anyhow!("--hf-cache is for hf:// references; {} is not one", args.url),
+        ));
+    }
+    let Some(output) = args.output.clone() else {
+        return Err(Failure(
+            exit::USAGE,
+            anyhow::anyhow!("name the output with -O FILE (or -O - for standard output)"),
+        ));
+    };
     let req = Request {
         url: args.url.clone(),
         digest: parse_digest(args.digest.as_deref())?,
         headers: parse_headers(&args.headers).map_err(|e| fail(exit::USAGE)(e.into()))?,
         piece_length: args.piece_length,
     };
-    let to_stdout = args.output.as_os_str() == "-";
+    let to_stdout = output.as_os_str() == "-";
     if !to_stdout {
-        check_output_dir(&args.output).map_err(fail(exit::USAGE))?;
+        check_output_dir(&output).map_err(fail(exit::USAGE))?;
     }
     let progress = Arc::new(Progress::default());
     let started = Instant::now();
@@ -63,60 +86,23 @@ pub async fn run(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Fail
     // A running daemon does the work (shared store, one download per task), unless the
     // request needs this process: stdout output or extra CAs for this request only.
     if !args.no_daemon && !to_stdout && args.ca_certs.is_empty() {
-        let output = std::path::absolute(&args.output).map_err(|e| fail(exit::USAGE)(e.into()))?;
-        let get = GetRequest {
-            request: req.clone(),
-            output,
-            no_hardlink: args.no_hardlink,
-        };
-        let answer = daemon::client_get(&cfg.socket_path(), &get, mirror(&progress)).await;
-        match answer {
-            Ok(Some(ApiEvent::Done {
-                bytes,
-                digest,
-                from_store,
-                origin_bytes,
-                parent_bytes,
-                placed,
-            })) => {
-                bar.finish();
-                if !quiet {
-                    let from = if from_store {
-                        "local store, 0 bytes from the origin".to_string()
-                    } else {
-                        format!(
-                            "{parent_bytes} bytes from peers and {origin_bytes} from the origin"
-                        )
-                    };
-                    eprintln!(
-                        "starling: saved {} ({bytes} bytes, {digest}) from {from} via {placed} (daemon) in {:.2}s",
-                        args.output.display(),
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                return Ok(());
+        let abs = std::path::absolute(&output).map_err(|e| fail(exit::USAGE)(e.into()))?;
+        if let Some(got) =
+            through_daemon(&cfg.socket_path(), &req, &abs, args.no_hardlink, &progress).await?
+        {
+            bar.finish();
+            if !quiet {
+                eprintln!(
+                    "starling: saved {} ({} bytes, {}) from {} via {} (daemon) in {:.2}s",
+                    output.display(),
+                    got.bytes,
+                    got.digest,
+                    got.from,
+                    got.placed,
+                    started.elapsed().as_secs_f64()
+                );
             }
-            Ok(Some(ApiEvent::Error { code, message })) => {
-                return Err(Failure(code, anyhow::anyhow!(message)));
-            }
-            Ok(Some(ApiEvent::Probe(_))) => {
-                return Err(Failure(
-                    exit::OTHER,
-                    anyhow::anyhow!("the daemon answered a get with a probe report"),
-                ));
-            }
-            Ok(Some(ApiEvent::Progress { .. })) | Ok(None) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                // It took the request and died (killed, crashed): its verified pieces are
-                // kept, and retrying resumes; working in-process now would bypass the swarm.
-                return Err(Failure(
-                    exit::NETWORK,
-                    anyhow::anyhow!("the daemon at {} stopped before finishing; its verified pieces are kept: restart it and run the command again", cfg.socket_path().display()),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(socket = %cfg.socket_path().display(), error = %e, "the daemon did not answer; working in-process");
-            }
+            return Ok(());
         }
     }
 
@@ -127,25 +113,13 @@ pub async fn run(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Fail
     let res = Fetcher::new(ctx).fetch(&req, &progress).await;
     bar.finish();
     let fetched = res.map_err(classify)?;
-    let placed = place(&fetched, &args)?;
+    let placed = place(&fetched, &output, args.no_hardlink)?;
     if !quiet {
         let m = &fetched.manifest;
-        let from = match fetched.served {
-            Served::Store => "local store, 0 bytes from the origin".to_string(),
-            Served::Origin => format!(
-                "origin, {} bytes received",
-                progress.origin_bytes.load(Ordering::Relaxed)
-            ),
-            Served::Swarm => format!(
-                "peers, {} bytes from parents and {} from the origin",
-                progress.parent_bytes.load(Ordering::Relaxed),
-                progress.origin_bytes.load(Ordering::Relaxed)
-            ),
-            Served::Local => "a local file".to_string(),
-        };
+        let from = served_from(&fetched, &progress);
         eprintln!(
             "starling: saved {} ({} bytes, {}) from {from} via {placed} in {:.2}s",
-            args.output.display(),
+            output.display(),
             m.plan().content_length(),
             m.content_digest(),
             started.elapsed().as_secs_f64()
@@ -154,15 +128,127 @@ pub async fn run(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Fail
     Ok(())
 }
 
+/// What one fetch through the daemon or in this process delivered.
+pub struct Got {
+    pub bytes: u64,
+    pub origin_bytes: u64,
+    pub parent_bytes: u64,
+    pub from_store: bool,
+    pub digest: String,
+    /// Where the bytes came from, in words.
+    pub from: String,
+    /// How the output was placed (reflink, hard link, copy).
+    pub placed: String,
+}
+
+/// Fetches `req` into `output` (absolute) through the daemon at `socket`. Ok(None) when no
+/// daemon answers (the caller works in-process).
+pub async fn through_daemon(
+    socket: &std::path::Path,
+    req: &Request,
+    output: &std::path::Path,
+    no_hardlink: bool,
+    progress: &Arc<Progress>,
+) -> Result<Option<Got>, Failure> {
+    let get = GetRequest {
+        request: req.clone(),
+        output: output.to_path_buf(),
+        no_hardlink,
+    };
+    match daemon::client_get(socket, &get, mirror(progress)).await {
+        Ok(Some(ApiEvent::Done {
+            bytes,
+            digest,
+            from_store,
+            origin_bytes,
+            parent_bytes,
+            placed,
+        })) => {
+            let from = if from_store {
+                "local store, 0 bytes from the origin".to_string()
+            } else {
+                format!("{parent_bytes} bytes from peers and {origin_bytes} from the origin")
+            };
+            Ok(Some(Got {
+                bytes,
+                origin_bytes,
+                parent_bytes,
+                from_store,
+                digest: digest.to_string(),
+                from,
+                placed: placed.to_string(),
+            }))
+        }
+        Ok(Some(ApiEvent::Error { code, message })) => Err(Failure(code, anyhow::anyhow!(message))),
+        Ok(Some(ApiEvent::Probe(_))) => Err(Failure(
+            exit::OTHER,
+            anyhow::anyhow!("the daemon answered a get with a probe report"),
+        )),
+        Ok(Some(ApiEvent::Progress { .. })) | Ok(None) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // It took the request and died (killed, crashed): its verified pieces are
+            // kept, and retrying resumes; working in-process now would bypass the swarm.
+            Err(Failure(
+                exit::NETWORK,
+                anyhow::anyhow!("the daemon at {} stopped before finishing; its verified pieces are kept: restart it and run the command again", socket.display()),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "the daemon did not answer; working in-process");
+            Ok(None)
+        }
+    }
+}
+
+/// Fetches `req` into the file `output` in this process.
+pub async fn in_process(
+    fetcher: &Fetcher,
+    req: &Request,
+    output: &std::path::Path,
+    no_hardlink: bool,
+    progress: &Arc<Progress>,
+) -> Result<Got, Failure> {
+    let fetched = fetcher.fetch(req, progress).await.map_err(classify)?;
+    let placed = fetched
+        .deliver(output, !no_hardlink)
+        .map_err(|e| fail(exit::LOCAL)(anyhow::anyhow!("cannot write {}: {e}", output.display())))?;
+    Ok(Got {
+        bytes: fetched.manifest.plan().content_length(),
+        origin_bytes: progress.origin_bytes.load(Ordering::Relaxed),
+        parent_bytes: progress.parent_bytes.load(Ordering::Relaxed),
+        from_store: fetched.served == Served::Store,
+        digest: fetched.manifest.content_digest().to_string(),
+        from: served_from(&fetched, progress),
+        placed: placed.to_string(),
+    })
+}
+
+/// Where a fetch in this process got its bytes, in words.
+fn served_from(fetched: &Fetched, progress: &Progress) -> String {
+    match fetched.served {
+        Served::Store => "local store, 0 bytes from the origin".to_string(),
+        Served::Origin => format!(
+            "origin, {} bytes received",
+            progress.origin_bytes.load(Ordering::Relaxed)
+        ),
+        Served::Swarm => format!(
+            "peers, {} bytes from parents and {} from the origin",
+            progress.parent_bytes.load(Ordering::Relaxed),
+            progress.origin_bytes.load(Ordering::Relaxed)
+        ),
+        Served::Local => "a local file".to_string(),
+    }
+}
+
 /// Writes the verified content to the output: standard output, or a reflink, hard link or copy.
-fn place(fetched: &Fetched, args: &GetArgs) -> Result<String, Failure> {
-    if args.output.as_os_str() != "-" {
+fn place(fetched: &Fetched, output: &std::path::Path, no_hardlink: bool) -> Result<String, Failure> {
+    if output.as_os_str() != "-" {
         return Ok(fetched
-            .deliver(&args.output, !args.no_hardlink)
+            .deliver(output, !no_hardlink)
             .map_err(|e| {
                 fail(exit::LOCAL)(anyhow::anyhow!(
                     "cannot write {}: {e}",
-                    args.output.display()
+                    output.display()
                 ))
             })?
             .to_string());

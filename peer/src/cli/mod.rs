@@ -5,6 +5,7 @@ pub mod admin;
 pub mod get;
 pub mod import;
 pub mod init;
+pub mod models;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
