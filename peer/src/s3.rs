@@ -189,7 +189,10 @@ fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
 }
 
 fn aws_dir() -> PathBuf {
-    env("HOME").map(PathBuf::from).unwrap_or_default().join(".aws")
+    env("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default()
+        .join(".aws")
 }
 
 /// Credentials from the environment, else the shared credentials file; None for anonymous.
@@ -238,7 +241,12 @@ fn credentials() -> Result<Option<Credentials>, S3Error> {
 /// The region: the config, the environment, the profile's `region` in `~/.aws/config`, else
 /// `us-east-1`.
 fn region(cfg: &S3Config) -> String {
-    if let Some(r) = cfg.region.clone().or_else(|| env("AWS_REGION")).or_else(|| env("AWS_DEFAULT_REGION")) {
+    if let Some(r) = cfg
+        .region
+        .clone()
+        .or_else(|| env("AWS_REGION"))
+        .or_else(|| env("AWS_DEFAULT_REGION"))
+    {
         return r;
     }
     let path = env("AWS_CONFIG_FILE")
@@ -307,6 +315,14 @@ impl S3 {
         })
     }
 
+    /// The same client signing with these credentials (tests and tools).
+    pub fn with_credentials(mut self, access_key: &str, secret_key: &str) -> S3 {
+        self.creds = Some(Credentials::new(
+            access_key, secret_key, None, None, "given",
+        ));
+        self
+    }
+
     /// The object's (or bucket's, for an empty key) URL, without query.
     pub fn url(&self, bucket: &str, key: &str) -> String {
         let mut base = self.endpoint.clone();
@@ -362,6 +378,9 @@ impl S3 {
         let body = if location == SignatureLocation::QueryParams {
             settings.expires_in = Some(self.presign);
             SignableBody::UnsignedPayload
+        } else if method == "PUT" {
+            settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+            SignableBody::UnsignedPayload
         } else {
             settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
             SignableBody::Bytes(&[])
@@ -389,7 +408,11 @@ impl S3 {
         }
         let mut signed = url.to_string();
         for (i, (k, v)) in qs.iter().enumerate() {
-            let sep = if i == 0 && !signed.contains('?') { '?' } else { '&' };
+            let sep = if i == 0 && !signed.contains('?') {
+                '?'
+            } else {
+                '&'
+            };
             signed.push(sep);
             signed.push_str(k);
             signed.push('=');
@@ -545,7 +568,8 @@ impl S3 {
         })
     }
 
-    /// A signed request for tests and tools (`PUT` with a checksum, for example).
+    /// A signed request with header authentication, for tests and tools (a `PUT` with
+    /// `x-amz-checksum-sha256`, for example; its payload is not signed).
     pub fn signed(
         &self,
         method: &str,
@@ -553,7 +577,12 @@ impl S3 {
         key: &str,
         headers: &[(&str, &str)],
     ) -> Result<(Vec<(String, String)>, String), S3Error> {
-        self.sign(method, &self.url(bucket, key), headers, SignatureLocation::Headers)
+        self.sign(
+            method,
+            &self.url(bucket, key),
+            headers,
+            SignatureLocation::Headers,
+        )
     }
 }
 
@@ -584,7 +613,9 @@ mod tests {
         // SHA-256 of "" in base64.
         h.insert(
             "x-amz-checksum-sha256",
-            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=".parse().unwrap(),
+            "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+                .parse()
+                .unwrap(),
         );
         assert_eq!(checksum_of(&h), Some(Digest::of(b"")));
         h.insert("x-amz-checksum-type", "COMPOSITE".parse().unwrap());
@@ -616,10 +647,18 @@ mod tests {
             .unwrap();
         assert!(req.url.starts_with("http://127.0.0.1:3900/b/k?"));
         assert!(req.url.contains("X-Amz-Signature="));
-        let id = crate::core::TaskId::resolve(&req.url, None, &SourceConfig::default().filtered_query_params)
-            .unwrap();
-        let plain = crate::core::TaskId::resolve("http://127.0.0.1:3900/b/k", None, &SourceConfig::default().filtered_query_params)
-            .unwrap();
+        let id = crate::core::TaskId::resolve(
+            &req.url,
+            None,
+            &SourceConfig::default().filtered_query_params,
+        )
+        .unwrap();
+        let plain = crate::core::TaskId::resolve(
+            "http://127.0.0.1:3900/b/k",
+            None,
+            &SourceConfig::default().filtered_query_params,
+        )
+        .unwrap();
         assert_eq!(id, plain, "the signature must not change the task");
         let aws = S3::new(&S3Config::default(), &SourceConfig::default()).unwrap();
         assert!(aws.url("bkt", "k").starts_with("https://bkt.s3."));

@@ -52,6 +52,8 @@ pub struct Hub {
     /// `host:port` that storage-backend redirects point at.
     cdn: String,
     page_size: usize,
+    /// Storage-backend body bytes per second per response (0: unlimited).
+    rate: u64,
     pub stats: Stats,
     metas: Mutex<HashMap<PathBuf, Meta>>,
 }
@@ -60,7 +62,11 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn hash_file(path: &Path, alg: &'static ring::digest::Algorithm, prefix: &[u8]) -> std::io::Result<String> {
+fn hash_file(
+    path: &Path,
+    alg: &'static ring::digest::Algorithm,
+    prefix: &[u8],
+) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;
     let mut ctx = ring::digest::Context::new(alg);
     ctx.update(prefix);
@@ -145,7 +151,12 @@ struct Resp {
 
 enum Body {
     Bytes(Vec<u8>),
-    File { path: PathBuf, start: u64, len: u64, lfs: bool },
+    File {
+        path: PathBuf,
+        start: u64,
+        len: u64,
+        lfs: bool,
+    },
 }
 
 impl Resp {
@@ -165,11 +176,12 @@ impl Resp {
 }
 
 impl Hub {
-    pub fn new(root: PathBuf, cdn: String, page_size: usize) -> Hub {
+    pub fn new(root: PathBuf, cdn: String, page_size: usize, rate: u64) -> Hub {
         Hub {
             root,
             cdn,
             page_size: page_size.max(1),
+            rate,
             stats: Stats::default(),
             metas: Mutex::default(),
         }
@@ -193,7 +205,9 @@ impl Hub {
         let mut r = BufReader::new(conn);
         let mut w = std::io::BufWriter::with_capacity(256 * 1024, w);
         loop {
-            let Some(req) = read_request(&mut r) else { return };
+            let Some(req) = read_request(&mut r) else {
+                return;
+            };
             let close = req
                 .header("connection")
                 .is_some_and(|v| v.eq_ignore_ascii_case("close"));
@@ -240,6 +254,7 @@ impl Hub {
                 f.seek(std::io::SeekFrom::Start(start))?;
                 let mut left = len;
                 let mut buf = vec![0u8; 256 * 1024];
+                let started = std::time::Instant::now();
                 while left > 0 {
                     let n = f.read(&mut buf[..left.min(256 * 1024) as usize])?;
                     if n == 0 {
@@ -253,6 +268,14 @@ impl Hub {
                         &self.stats.small_bytes
                     };
                     counter.fetch_add(n as u64, Ordering::Relaxed);
+                    if lfs && self.rate > 0 {
+                        let due = std::time::Duration::from_secs_f64(
+                            (len - left) as f64 / self.rate as f64,
+                        );
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
                 }
             }
         }
@@ -314,7 +337,11 @@ impl Hub {
 
     fn commit_of(&self, repo: &Path, rev: &str) -> Option<String> {
         if rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return repo.join("commits").join(rev).is_dir().then(|| rev.to_string());
+            return repo
+                .join("commits")
+                .join(rev)
+                .is_dir()
+                .then(|| rev.to_string());
         }
         if rev.contains("..") {
             return None;
@@ -373,7 +400,9 @@ impl Hub {
     /// Every file under `commits/<commit>/<under>`, relative to the commit, sorted.
     fn files(&self, repo: &Path, commit: &str) -> Vec<String> {
         fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
-            let Ok(rd) = std::fs::read_dir(dir) else { return };
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
@@ -441,14 +470,20 @@ impl Hub {
                         }
                         at.push_str(c);
                         if recursive || i == 0 {
-                            let full = if under.is_empty() { at.clone() } else { format!("{under}/{at}") };
+                            let full = if under.is_empty() {
+                                at.clone()
+                            } else {
+                                format!("{under}/{at}")
+                            };
                             dirs.insert(full);
                         }
                     }
                     if !recursive && depth > 0 {
                         continue;
                     }
-                    let Some(m) = self.meta(&repo, &commit, f) else { continue };
+                    let Some(m) = self.meta(&repo, &commit, f) else {
+                        continue;
+                    };
                     let mut e = serde_json::json!({"type": "file", "oid": m.oid, "size": if m.lfs { 134 } else { m.size }, "path": f});
                     if m.lfs {
                         e["lfs"] = serde_json::json!({"oid": m.sha256, "size": m.size, "pointerSize": 134});
@@ -464,7 +499,12 @@ impl Hub {
                     .find_map(|kv| kv.strip_prefix("cursor="))
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(0);
-                let page: Vec<_> = entries.iter().skip(cursor).take(self.page_size).cloned().collect();
+                let page: Vec<_> = entries
+                    .iter()
+                    .skip(cursor)
+                    .take(self.page_size)
+                    .cloned()
+                    .collect();
                 let mut resp = Resp::json(200, serde_json::Value::Array(page));
                 if cursor + self.page_size < entries.len() {
                     let host = req.header("host").unwrap_or("localhost");
@@ -506,7 +546,8 @@ impl Hub {
         let Some(m) = self.meta(&repo, &commit, rel) else {
             let mut r = Resp::error(404, "Entry not found");
             r.headers.push(("X-Repo-Commit".into(), commit));
-            r.headers.push(("X-Error-Code".into(), "EntryNotFound".into()));
+            r.headers
+                .push(("X-Error-Code".into(), "EntryNotFound".into()));
             return r;
         };
         let mut headers = vec![
@@ -560,7 +601,13 @@ impl Hub {
         let Ok(md) = std::fs::metadata(&p) else {
             return Resp::error(404, "no such object");
         };
-        ranged(req, vec![("Accept-Ranges".into(), "bytes".into())], p, md.len(), true)
+        ranged(
+            req,
+            vec![("Accept-Ranges".into(), "bytes".into())],
+            p,
+            md.len(),
+            true,
+        )
     }
 }
 
@@ -613,7 +660,12 @@ fn ranged(req: &Req, mut headers: Vec<(String, String)>, p: PathBuf, size: u64, 
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0));
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -675,9 +727,28 @@ impl HubProc {
     /// Serves `root` on `host:port` (in the lab namespace `ns`, if any), and its storage
     /// backend on another port (another origin, as the Hub's CDN is); `page_size` tree entries
     /// per page.
-    pub fn start(bin: &Path, root: &Path, ns: Option<&str>, host: &str, page_size: usize) -> HubProc {
+    pub fn start(
+        bin: &Path,
+        root: &Path,
+        ns: Option<&str>,
+        host: &str,
+        page_size: usize,
+    ) -> HubProc {
+        Self::start_paced(bin, root, ns, host, page_size, 0)
+    }
+
+    /// As [`HubProc::start`], with the storage backend sending at most `rate` bytes per second
+    /// per response.
+    pub fn start_paced(
+        bin: &Path,
+        root: &Path,
+        ns: Option<&str>,
+        host: &str,
+        page_size: usize,
+        rate: u64,
+    ) -> HubProc {
         let port = crate::free_port();
-        let cdn_port = crate::unique_port(crate::free_port);
+        let cdn_port = crate::free_port();
         let addr = format!("{host}:{port}");
         let mut cmd = match ns {
             Some(ns) => {
@@ -695,6 +766,8 @@ impl HubProc {
             .arg(format!("{host}:{cdn_port}"))
             .arg("--page-size")
             .arg(page_size.to_string())
+            .arg("--rate")
+            .arg(rate.to_string())
             .stdout(std::process::Stdio::null());
         let child = cmd.spawn().expect("start starling-hub");
         crate::wait_for_addr(host, port, "starling-hub");
@@ -709,8 +782,13 @@ impl HubProc {
     /// `/_hub/stats` as JSON.
     pub fn stats(&self) -> serde_json::Value {
         let (host, port) = self.addr.rsplit_once(':').expect("host:port");
-        let mut s = TcpStream::connect((host, port.parse::<u16>().expect("port"))).expect("connect to hub");
-        let _ = write!(s, "GET /_hub/stats HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr);
+        let mut s =
+            TcpStream::connect((host, port.parse::<u16>().expect("port"))).expect("connect to hub");
+        let _ = write!(
+            s,
+            "GET /_hub/stats HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
         let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("{}");
@@ -762,7 +840,12 @@ impl RepoBuilder {
 
     /// A commit whose files are written by `write(path_of_file)` (for large files).
     pub fn commit_with(&self, paths: &[&str], mut write: impl FnMut(&str, &Path)) -> String {
-        let id = format!("{:016x}{:016x}{:08x}", rand_u64(), rand_u64() ^ 0x5a5a, paths.len());
+        let id = format!(
+            "{:016x}{:016x}{:08x}",
+            rand_u64(),
+            rand_u64() ^ 0x5a5a,
+            paths.len()
+        );
         for p in paths {
             let at = self.dir.join("commits").join(&id).join(p);
             std::fs::create_dir_all(at.parent().expect("parent")).expect("mkdir");

@@ -5,6 +5,7 @@
 
 mod cluster;
 mod fault;
+pub mod garage;
 pub mod hub;
 mod lab;
 pub mod netlab;

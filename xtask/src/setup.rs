@@ -37,10 +37,53 @@ const STOCK_PACKAGES: &[&str] = &[
 /// rqbit, the Rust BitTorrent client, built from crates.io at a pinned version.
 const RQBIT_VERSION: &str = "9.1.0";
 
+/// The Hugging Face client the model tests drive (`huggingface_hub`, from PyPI), pinned.
+const HF_HUB_VERSION: &str = "2.4.0";
+
+/// Garage, the S3-compatible store the S3 tests use, built from crates.io at a pinned version
+/// (lmdb metadata only: the tests need no more, and it builds in about 5 minutes).
+const GARAGE_VERSION: &str = "2.5.0";
+
 pub fn run() -> Result<()> {
     ensure_ebpf_toolchain()?;
     ensure_apt_packages()?;
+    ensure_model_tools()?;
     ensure_tracefs();
+    Ok(())
+}
+
+/// `huggingface_hub` from PyPI and `garage` from crates.io, for the model tests.
+pub fn ensure_model_tools() -> Result<()> {
+    let check = format!(
+        "import huggingface_hub, sys; sys.exit(huggingface_hub.__version__ != {HF_HUB_VERSION:?})"
+    );
+    if !quiet_ok(Command::new("python3").args(["-c", &check])) {
+        sh(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--root-user-action=ignore",
+            &format!("huggingface_hub=={HF_HUB_VERSION}"),
+        ]))?;
+    }
+    let have = Command::new("garage")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(GARAGE_VERSION))
+        .unwrap_or(false);
+    if !have {
+        sh(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+            "install",
+            "--locked",
+            "garage",
+            "--version",
+            GARAGE_VERSION,
+            "--no-default-features",
+            "--features",
+            "bundled-libs,lmdb",
+        ]))?;
+    }
     Ok(())
 }
 

@@ -60,7 +60,10 @@ pub async fn run(mut cfg: Config, args: GetArgs, quiet: bool) -> Result<(), Fail
     if args.hf_cache.is_some() {
         return Err(Failure(
             exit::USAGE,
-            anyhow::anyhow!("--hf-cache is for hf:// references; {} is not one", args.url),
+            anyhow::anyhow!(
+                "--hf-cache is for hf:// references; {} is not one",
+                args.url
+            ),
         ));
     }
     let Some(output) = args.output.clone() else {
@@ -209,9 +212,9 @@ pub async fn in_process(
     progress: &Arc<Progress>,
 ) -> Result<Got, Failure> {
     let fetched = fetcher.fetch(req, progress).await.map_err(classify)?;
-    let placed = fetched
-        .deliver(output, !no_hardlink)
-        .map_err(|e| fail(exit::LOCAL)(anyhow::anyhow!("cannot write {}: {e}", output.display())))?;
+    let placed = fetched.deliver(output, !no_hardlink).map_err(|e| {
+        fail(exit::LOCAL)(anyhow::anyhow!("cannot write {}: {e}", output.display()))
+    })?;
     Ok(Got {
         bytes: fetched.manifest.plan().content_length(),
         origin_bytes: progress.origin_bytes.load(Ordering::Relaxed),
@@ -241,15 +244,16 @@ fn served_from(fetched: &Fetched, progress: &Progress) -> String {
 }
 
 /// Writes the verified content to the output: standard output, or a reflink, hard link or copy.
-fn place(fetched: &Fetched, output: &std::path::Path, no_hardlink: bool) -> Result<String, Failure> {
+fn place(
+    fetched: &Fetched,
+    output: &std::path::Path,
+    no_hardlink: bool,
+) -> Result<String, Failure> {
     if output.as_os_str() != "-" {
         return Ok(fetched
             .deliver(output, !no_hardlink)
             .map_err(|e| {
-                fail(exit::LOCAL)(anyhow::anyhow!(
-                    "cannot write {}: {e}",
-                    output.display()
-                ))
+                fail(exit::LOCAL)(anyhow::anyhow!("cannot write {}: {e}", output.display()))
             })?
             .to_string());
     }

@@ -132,9 +132,7 @@ async fn hf(cfg: Config, args: &GetArgs, quiet: bool, started: Instant) -> Resul
                 Ok(Dest::Cache(c, commit.to_string()))
             }
             (None, Some(out)) => Ok(Dest::Dir(output_dir(out)?)),
-            (Some(_), Some(_)) => Err(usage(
-                "give -O DIR or --hf-cache, not both".to_string(),
-            )),
+            (Some(_), Some(_)) => Err(usage("give -O DIR or --hf-cache, not both".to_string())),
             (None, None) => Err(usage(format!(
                 "name where {} goes: -O DIR, or --hf-cache for the Hugging Face cache",
                 args.url
@@ -229,7 +227,10 @@ async fn s3(cfg: Config, args: &GetArgs, quiet: bool, started: Instant) -> Resul
         } else {
             o.key.rsplit('/').next().unwrap_or(&o.key).to_string()
         };
-        if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        if path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
             return Err(Failure(
                 exit::ORIGIN_REFUSED,
                 anyhow::anyhow!(
@@ -284,7 +285,9 @@ impl View {
     fn file(&self, name: &str, size: u64, p: &Arc<Progress>) -> Option<FileBar> {
         let (multi, total) = self.multi.as_ref()?;
         let bar = multi.insert_before(total, indicatif::ProgressBar::new(size));
-        bar.set_style(style("{prefix:40!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}"));
+        bar.set_style(style(
+            "{prefix:40!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        ));
         bar.set_prefix(name.to_string());
         let (b, p) = (bar.clone(), p.clone());
         let ticker = tokio::spawn(async move {
@@ -457,8 +460,9 @@ async fn fetch_one(
     };
     drop(bar);
     if let Some(want) = &item.git_blob {
-        let have = git_blob_id(&out)
-            .map_err(|e| fail(exit::LOCAL)(anyhow::anyhow!("cannot read {}: {e}", out.display())))?;
+        let have = git_blob_id(&out).map_err(|e| {
+            fail(exit::LOCAL)(anyhow::anyhow!("cannot read {}: {e}", out.display()))
+        })?;
         if have != *want {
             let _ = std::fs::remove_file(&out);
             return Err(Failure(
@@ -497,11 +501,13 @@ fn link(c: &CacheRepo, dest: &Dest, item: &Item) -> Result<(), Failure> {
     let Dest::Cache(_, commit) = dest else {
         return Ok(());
     };
-    c.link(commit, &item.path, &item.etag).map(|_| ()).map_err(|e| {
-        fail(exit::LOCAL)(anyhow::anyhow!(
-            "cannot link {} in {}: {e}",
-            item.path,
-            c.snapshot_dir(commit).display()
-        ))
-    })
+    c.link(commit, &item.path, &item.etag)
+        .map(|_| ())
+        .map_err(|e| {
+            fail(exit::LOCAL)(anyhow::anyhow!(
+                "cannot link {} in {}: {e}",
+                item.path,
+                c.snapshot_dir(commit).display()
+            ))
+        })
 }

@@ -271,7 +271,11 @@ pub fn token(cfg: &HfConfig) -> Result<Option<String>, HubError> {
 
 /// `$HF_HOME`, else `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
 pub fn hf_home() -> PathBuf {
-    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(h) = env("HF_HOME") {
         return h;
     }
@@ -306,7 +310,13 @@ fn next_link(h: &HeaderMap) -> Option<String> {
         params
             .split(';')
             .any(|p| p.trim().trim_start_matches("rel=").trim_matches('"') == "next")
-            .then(|| target.trim().trim_start_matches('<').trim_end_matches('>').to_string())
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
     })
 }
 
@@ -474,7 +484,9 @@ fn file_of(e: TreeEntry, what: &str) -> Result<HubFile, HubError> {
     if e.path.is_empty()
         || e.path.starts_with('/')
         || e.path.contains('\\')
-        || e.path.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+        || e.path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
     {
         return Err(bad(format!("file path {:?} is unsafe", e.path)));
     }
@@ -487,7 +499,10 @@ fn file_of(e: TreeEntry, what: &str) -> Result<HubFile, HubError> {
     };
     let size = e.lfs.as_ref().map_or(e.size, |l| l.size);
     if sha256.is_none() && (e.oid.len() != 40 || !e.oid.bytes().all(|b| b.is_ascii_hexdigit())) {
-        return Err(bad(format!("blob ID {:?} of {} is not a git ID", e.oid, e.path)));
+        return Err(bad(format!(
+            "blob ID {:?} of {} is not a git ID",
+            e.oid, e.path
+        )));
     }
     Ok(HubFile {
         path: e.path,

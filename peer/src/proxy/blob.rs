@@ -116,6 +116,24 @@ pub async fn serve(
             );
         }
     }
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    serve_task(p, range.as_deref(), url, digest, creds).await
+}
+
+/// Serves the task for `url` (named by `digest` when given) through the swarm: the whole
+/// content streamed as it verifies, or `range` once all of it is verified. `creds` go to the
+/// origin if the swarm has to go back to source.
+pub(super) async fn serve_task(
+    p: &Arc<Proxy>,
+    range: Option<&str>,
+    url: String,
+    digest: Option<Digest>,
+    creds: HeaderMap,
+) -> Response<Body> {
     let filtered = &p.swarm.context().cfg.source.filtered_query_params;
     let id = match TaskId::resolve(&url, digest, filtered) {
         Ok(id) => id,
@@ -127,12 +145,7 @@ pub async fn serve(
         Err(f) => return error_response(f.status, "UNAVAILABLE", &f.message),
     };
     let len = view.plan().content_length();
-    let range = route::parse_range(
-        req.headers()
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok()),
-        len,
-    );
+    let range = route::parse_range(range, len);
     let mut resp = match range {
         Range::Unsatisfiable => {
             let mut r = error_response(

@@ -11,12 +11,17 @@
 //!   inside are handled like the others, with `https://host` as their upstream
 //!   (see [`connect`]).
 //!
+//! - **Hugging Face mirror** (`hf.mirror`): other origin-form requests, as clients with
+//!   `HF_ENDPOINT` pointing here send them, go to `hf.endpoint`; LFS files go peer to peer by
+//!   their SHA-256 (see [`hf`]).
+//!
 //! Whichever way a request came in, a GET whose path matches `proxy.rules` (by default OCI
 //! blobs by digest) goes peer to peer ([`blob`]); everything else passes through unchanged
 //! ([`pass`]): manifests, tags, HEAD, token flows, pushes.
 
 mod blob;
 mod connect;
+mod hf;
 pub mod init;
 mod pass;
 pub mod route;
@@ -66,6 +71,8 @@ pub struct Proxy {
     upstream: reqwest::Client,
     mitm: Option<connect::Mitm>,
     metrics: Arc<Metrics>,
+    /// The Hugging Face mirror's settings (`[hf]`).
+    hf: crate::config::HfConfig,
 }
 
 impl Proxy {
@@ -97,6 +104,7 @@ impl Proxy {
         let proxy = Arc::new(Proxy {
             metrics: swarm.context().metrics.clone(),
             rules: Rules::new(&cfg)?,
+            hf: full.hf.clone(),
             swarm,
             cfg,
             upstream,
@@ -175,6 +183,8 @@ impl Proxy {
                 return self.reject_route(&e);
             }
             (format!("{scheme}://{authority}"), query.map(String::from))
+        } else if self.hf.mirror && path != "/v2" && !path.starts_with("/v2/") {
+            return hf::handle(self, req).await;
         } else {
             let named = req
                 .headers()
