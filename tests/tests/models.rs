@@ -125,6 +125,13 @@ fn a_hub_repository_lands_in_a_folder_and_in_the_cache_that_huggingface_hub_read
     same_files(&out, &files);
     let lfs = lfs_total(&files);
     assert_lfs_once(&hub, lfs, 2);
+    // Each file's resolve URL is asked about once or twice (the probe, and a small file's one
+    // piece); the LFS pieces go to the storage URL it redirected to, not through the Hub.
+    let resolves = hub.stat("resolves");
+    assert!(
+        resolves <= 2 * files.len() as u64 + 2,
+        "{resolves} resolve requests"
+    );
     assert_eq!(
         hub.stat("cdn_auth_seen"),
         0,

@@ -7,11 +7,15 @@
 //!   that many body bytes. An origin that answers 200 to a ranged request is never taken as
 //!   having sent the range ([`SourceError::RangeIgnored`]); the caller then reads the whole body
 //!   in order instead.
+//! - A URL that redirects (a Hub's `resolve`, a registry's blob URL to signed storage) is
+//!   asked once; later requests go to where it led for a few minutes, without credentials if
+//!   that is another origin, and the URL is asked again when the target refuses.
 //! - Errors are classified: what a retry can fix (5xx, resets, short bodies, timeouts) versus
 //!   what it cannot (404, 401/403, TLS, DNS), each with a message that says what to do.
 
 mod error;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,6 +78,54 @@ pub struct Probe {
 pub struct Origin {
     client: Client,
     headers: HeaderMap,
+    redirects: Arc<Redirects>,
+}
+
+/// Where redirects led: a URL that redirects (a Hub's `resolve`, a registry's blob URL) is
+/// asked once, and the pieces go straight to where it pointed (a signed storage URL) for
+/// [`REDIRECT_TTL`]. Keyed by URL and credentials, so one client's signed target never serves
+/// another's request. A target that refuses (an expired signature) is forgotten and the
+/// original URL asked again.
+#[derive(Default)]
+struct Redirects {
+    map: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+}
+
+/// True when both URLs have the same scheme, host and port.
+fn same_origin(a: &str, b: &str) -> bool {
+    match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => a.origin() == b.origin(),
+        _ => false,
+    }
+}
+
+/// How long a redirect's target is used before the original URL is asked again.
+const REDIRECT_TTL: Duration = Duration::from_secs(300);
+/// Targets remembered at most (the map is cleared when full).
+const REDIRECTS_MAX: usize = 4096;
+
+impl Redirects {
+    fn get(&self, key: &str) -> Option<String> {
+        let map = self.map.lock().ok()?;
+        map.get(key)
+            .filter(|(_, at)| at.elapsed() < REDIRECT_TTL)
+            .map(|(t, _)| t.clone())
+    }
+
+    fn put(&self, key: String, target: String) {
+        if let Ok(mut map) = self.map.lock() {
+            if map.len() >= REDIRECTS_MAX {
+                map.clear();
+            }
+            map.insert(key, (target, std::time::Instant::now()));
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(key);
+        }
+    }
 }
 
 impl Origin {
@@ -87,6 +139,7 @@ impl Origin {
         Ok(Origin {
             client,
             headers: HeaderMap::new(),
+            redirects: Arc::default(),
         })
     }
 
@@ -95,6 +148,7 @@ impl Origin {
         Origin {
             client: self.client.clone(),
             headers,
+            redirects: self.redirects.clone(),
         }
     }
 
@@ -109,8 +163,59 @@ impl Origin {
             )
     }
 
+    /// The redirect cache's key: the URL and a digest of the credentials sent with it.
+    fn redirect_key(&self, url: &str) -> String {
+        let creds: Vec<&[u8]> = [header::AUTHORIZATION, header::COOKIE]
+            .iter()
+            .filter_map(|h| self.headers.get(h).map(|v| v.as_bytes()))
+            .collect();
+        format!("{url}\0{}", crate::core::Digest::of(&creds.concat()).hex())
+    }
+
     async fn send(&self, url: &str, range: Option<(u64, u64)>) -> Result<Response, SourceError> {
-        let mut req = self.get(url);
+        let key = self.redirect_key(url);
+        if let Some(target) = self.redirects.get(&key) {
+            // As a redirect does: credentials stay with their origin.
+            let keep = same_origin(url, &target);
+            match self.send_to(&target, range, keep).await {
+                Ok(resp) => return Ok(resp),
+                // Expired or revoked: ask the original URL again.
+                Err(SourceError::Denied { .. })
+                | Err(SourceError::NotFound { .. })
+                | Err(SourceError::ClientStatus { .. }) => {
+                    tracing::debug!(%url, "a redirect's target refused; asking the URL again");
+                    self.redirects.forget(&key);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let resp = self.send_to(url, range, true).await?;
+        let landed = resp.url().as_str();
+        if landed != url {
+            self.redirects.put(key, landed.to_string());
+        }
+        Ok(resp)
+    }
+
+    async fn send_to(
+        &self,
+        url: &str,
+        range: Option<(u64, u64)>,
+        credentials: bool,
+    ) -> Result<Response, SourceError> {
+        let mut req = if credentials {
+            self.get(url)
+        } else {
+            let mut h = self.headers.clone();
+            for n in [
+                header::AUTHORIZATION,
+                header::COOKIE,
+                header::PROXY_AUTHORIZATION,
+            ] {
+                h.remove(n);
+            }
+            self.with_headers(h).get(url)
+        };
         if let Some((start, end)) = range {
             req = req.header(header::RANGE, format!("bytes={start}-{end}"));
         }
