@@ -7,6 +7,7 @@
 //! | [`swarm`] | `bench swarm`: one seed + N peers in shaped namespaces vs T_min and plain HTTP |
 //! | [`stock`] | `bench stock`: the same job for Starling and the stock peers |
 //! | [`registry`] | `bench registry`: image pulls through the mirror vs from the registry |
+//! | [`models`] | `bench models`: N nodes fetch a multi-file model from a local Hub: huggingface_hub direct vs `starling get hf://` |
 //! | [`adapt`] | `bench adapt`: path adaptation on vs off per netlab topology |
 //! | [`throughput`] | `bench throughput`: fast links vs nginx → curl and aria2, CPU per GiB |
 //! | [`scale`] | `bench scale`: the simulator (`sim/`) at 1,000–10,000 peers over the real engine and scheduler |
@@ -16,6 +17,7 @@
 //! [`make_file`] writes the payload, [`release_build`] prepares the binaries.
 
 pub mod adapt;
+pub mod models;
 pub mod procs;
 pub mod registry;
 pub mod run;
@@ -51,6 +53,10 @@ pub enum Bench {
     Stock(stock::Args),
     /// N nodes pull a multi-layer image with skopeo: through Starling vs from the registry.
     Registry(registry::Args),
+    /// N nodes fetch a multi-file model from a local Hugging Face Hub at once: huggingface_hub
+    /// straight from the Hub vs `starling get hf://` (and, with --mirror, huggingface_hub
+    /// through each node's mirror).
+    Models(models::Args),
     /// Path adaptation on vs off on the netlab topologies (jumbo, dind, vxlan, lossy).
     Adapt(adapt::Args),
     /// Fast links: 1 → 1 unshaped (MTU 1500 and 9000), 1 → 4 at 1 and 10 Gbit/s, against
@@ -80,6 +86,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Swarm(a) => swarm::run(a),
         Bench::Stock(a) => stock::run(a),
         Bench::Registry(a) => registry::run(a),
+        Bench::Models(a) => models::run(a),
         Bench::Adapt(a) => adapt::run(a),
         Bench::Throughput(a) => throughput::run(a),
         Bench::Scale(a) => scale::run(a),

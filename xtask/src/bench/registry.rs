@@ -162,15 +162,17 @@ fn layer_sizes(total_mib: u64) -> Vec<usize> {
     out
 }
 
-struct Timing {
-    wall: f64,
-    min: f64,
-    max: f64,
+pub(super) struct Timing {
+    pub wall: f64,
+    pub min: f64,
+    pub max: f64,
     /// Fraction of the machine's CPU time busy meanwhile (all processes).
-    busy: f64,
+    pub busy: f64,
+    /// Each node's completion time, in node order.
+    pub times: Vec<f64>,
 }
 
-fn pull_all(
+pub(super) fn pull_all(
     _lab: &Lab,
     nodes: usize,
     dir: &std::path::Path,
@@ -203,7 +205,7 @@ fn pull_all(
             .collect::<Result<Vec<_>>>()
     })?;
     if let Some((st, _)) = times.iter().find(|(st, _)| !st.success()) {
-        bail!("{name}: a skopeo pull failed ({st})");
+        bail!("{name}: a pull failed ({st})");
     }
     let times: Vec<f64> = times.iter().map(|(_, t)| *t).collect();
     let m = MachineCpu::now().since(&m0);
@@ -212,6 +214,7 @@ fn pull_all(
         wall: start.elapsed().as_secs_f64(),
         min: times.iter().copied().fold(f64::MAX, f64::min),
         max: times.iter().copied().fold(0.0, f64::max),
+        times,
     })
 }
 
@@ -228,6 +231,6 @@ fn check_outputs(image: &OciImage, dir: &std::path::Path, name: &str, nodes: usi
     Ok(())
 }
 
-fn daemon_cpu(c: &Cluster) -> f64 {
+pub(super) fn daemon_cpu(c: &Cluster) -> f64 {
     c.nodes.iter().filter_map(|n| n.pid()).map(cpu_secs).sum()
 }
