@@ -4,13 +4,14 @@
 //!
 //! ```text
 //! daemon      the local API, /metrics, periodic GC           (the binary's cli/ sits above)
-//! proxy       registry mirror and HTTP(S) proxy
+//! proxy       registry and Hugging Face mirror, HTTP(S) proxy
 //! swarm       the peer: pull a task, serve peers, talk to schedulers, path upkeep
 //!   engine      sans-IO piece planner
 //!   scheduler   sans-IO tracker state, and its service
 //!   transport   QUIC with mutual TLS, the wire protocol
 //!   netprobe    eBPF probes, the path view, the adaptation policy
 //! fetch       the origin pipeline: store look-up, ranged download, import, output
+//! hub, s3     hf:// and s3:// listings as Requests; the Hugging Face cache layout
 //! context     NodeContext: config, store, origin client, metrics
 //! source      HTTP(S) origin client with checked Range requests
 //! storage     io_uring piece store, crash-safe records, leases, GC, upload views

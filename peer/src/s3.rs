@@ -603,6 +603,23 @@ mod tests {
     }
 
     #[test]
+    fn shared_files_parse() {
+        let text = "[default]\naws_access_key_id = AK\n# comment\n[profile dev]\nregion = eu-west-1\n[other]\nAWS_SECRET_ACCESS_KEY=SK\n";
+        assert_eq!(
+            ini_section(text, "default"),
+            vec![("aws_access_key_id".to_string(), "AK".to_string())]
+        );
+        assert_eq!(
+            ini_section(text, "profile dev"),
+            vec![("region".to_string(), "eu-west-1".to_string())]
+        );
+        assert_eq!(
+            ini_section(text, "other"),
+            vec![("aws_secret_access_key".to_string(), "SK".to_string())]
+        );
+    }
+
+    #[test]
     fn keys_are_encoded() {
         assert_eq!(encode_key("a b/c+d~e.f"), "a%20b/c%2Bd~e.f");
     }

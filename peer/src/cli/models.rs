@@ -32,6 +32,8 @@ struct Item {
     etag: String,
     /// A small Hub file's git blob ID, checked after download.
     git_blob: Option<String>,
+    /// Its place in the listing.
+    n: usize,
 }
 
 /// Where files go.
@@ -144,7 +146,9 @@ async fn hf(cfg: Config, args: &GetArgs, quiet: bool, started: Instant) -> Resul
     let items: Vec<Item> = snap
         .files
         .iter()
-        .map(|f| Item {
+        .enumerate()
+        .map(|(n, f)| Item {
+            n,
             path: f.path.clone(),
             size: f.size,
             req: hub.request(&r, &snap.commit, f),
@@ -240,6 +244,7 @@ async fn s3(cfg: Config, args: &GetArgs, quiet: bool, started: Instant) -> Resul
             ));
         }
         items.push(Item {
+            n: items.len(),
             path,
             size: o.size,
             req: s3.request(&r.bucket, o).map_err(s3_failure)?,
@@ -425,7 +430,7 @@ async fn fetch_one(
                     ..Tally::default()
                 });
             }
-            c.incomplete_path(&item.etag)
+            c.incomplete_path(&item.etag, item.n)
         }
     };
     if let Some(dir) = out.parent() {

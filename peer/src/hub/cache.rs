@@ -51,9 +51,12 @@ impl CacheRepo {
         self.root.join("blobs").join(etag)
     }
 
-    /// Where a blob is written before it is renamed into place.
-    pub fn incomplete_path(&self, etag: &str) -> PathBuf {
-        self.root.join("blobs").join(format!("{etag}.incomplete"))
+    /// Where a blob is written before it is renamed into place; `n` tells apart two files of
+    /// one download with the same content.
+    pub fn incomplete_path(&self, etag: &str, n: usize) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(format!("{etag}.{}.{n}.incomplete", std::process::id()))
     }
 
     /// True when the blob is there with this size (a cached file is not fetched again).

@@ -72,7 +72,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     setup::ensure_model_tools()?;
     release_build(false)?;
-    sh(cargo().args(["build", "--release", "--package", "starling-tests", "--bin", "starling-hub"]))?;
+    sh(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "starling-tests",
+        "--bin",
+        "starling-hub",
+    ]))?;
     let hub_bin = root().join("target/release/starling-hub");
     let dir = root().join("target/bench-models");
     let _ = std::fs::remove_dir_all(&dir);
@@ -88,24 +95,28 @@ pub fn run(args: Args) -> Result<()> {
         if len == 0 {
             let _ = std::fs::write(at, format!("{{\"name\": {p:?}, \"hidden_size\": 4096}}\n"));
         } else {
-            let seed = p.len() as u64 * 7919 + len;
-            let _ = super::make_file(at, len);
-            // A safetensors header at the front, so the file reads as one.
-            let head = safetensors_like(4096, seed);
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .open(at)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, &head));
+            // Every shard different (identical ones would be one blob, fetched once).
+            let seed = p
+                .bytes()
+                .fold(len, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+            let _ = write_shard(at, len, seed);
         }
     });
     repo.set_ref("main", &commit);
     let model_bytes: u64 = files
         .iter()
-        .map(|(p, _)| std::fs::metadata(repo.dir.join("commits").join(&commit).join(p)).map_or(0, |m| m.len()))
+        .map(|(p, _)| {
+            std::fs::metadata(repo.dir.join("commits").join(&commit).join(p)).map_or(0, |m| m.len())
+        })
         .sum();
     let want: Vec<(String, String)> = files
         .iter()
-        .map(|(p, _)| (p.clone(), sha256_file(&repo.dir.join("commits").join(&commit).join(p))))
+        .map(|(p, _)| {
+            (
+                p.clone(),
+                sha256_file(&repo.dir.join("commits").join(&commit).join(p)),
+            )
+        })
         .collect();
 
     // Hosts 0..=nodes: the seed and the nodes (Cluster's layout); the Hub is the last.
@@ -154,7 +165,12 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let sent = hub_sent(&hub) - before;
     for i in 1..=nodes {
-        check(&cache_snapshot(&dir.join(format!("direct-{i}"))), &want, "direct", i)?;
+        check(
+            &cache_snapshot(&dir.join(format!("direct-{i}"))),
+            &want,
+            "direct",
+            i,
+        )?;
         let _ = std::fs::remove_dir_all(dir.join(format!("direct-{i}")));
     }
     rows.push(("huggingface_hub, straight from the Hub", direct, sent, None));
@@ -188,9 +204,16 @@ pub fn run(args: Args) -> Result<()> {
         let cpu = daemon_cpu(&cluster) - cpu0;
         for i in 1..=nodes {
             let out = dir.join(format!("{run}-{i}"));
-            let at = if run == "starling" { out.clone() } else { cache_snapshot(&out) };
+            let at = if run == "starling" {
+                out.clone()
+            } else {
+                cache_snapshot(&out)
+            };
             check(&at, &want, run, i)?;
-            std::fs::write(dir.join(format!("{run}-node-{i}.log")), cluster.nodes[i].log())?;
+            std::fs::write(
+                dir.join(format!("{run}-node-{i}.log")),
+                cluster.nodes[i].log(),
+            )?;
         }
         let label = if run == "starling" {
             "starling get hf://, through the swarm"
@@ -228,10 +251,34 @@ pub fn run(args: Args) -> Result<()> {
     if let [(_, d, _, _), (_, s, _, _), ..] = rows.as_slice() {
         println!("\ndirect / starling = {:.2}", d.wall / s.wall);
     }
-    println!("every file on every node checked by sha256sum; logs: {}", dir.display());
+    println!(
+        "every file on every node checked by sha256sum; logs: {}",
+        dir.display()
+    );
     drop(hub);
     let _ = std::fs::remove_dir_all(&hub_root);
     Ok(())
+}
+
+/// A shard: a safetensors header at the front, so the file reads as one, then pseudo-random
+/// bytes from `seed`.
+fn write_shard(at: &Path, len: u64, seed: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(4 * MIB as usize, std::fs::File::create(at)?);
+    let head = safetensors_like(4096, seed);
+    f.write_all(&head[..head.len().min(len as usize)])?;
+    let mut left = len.saturating_sub(head.len() as u64);
+    let mut n = 0u64;
+    while left > 0 {
+        let chunk = left.min(4 * MIB);
+        f.write_all(&starling_tests::random_bytes(
+            chunk as usize,
+            seed ^ (n << 32),
+        ))?;
+        left -= chunk;
+        n += 1;
+    }
+    f.flush()
 }
 
 fn check(dir: &Path, want: &[(String, String)], run: &str, node: usize) -> Result<()> {
@@ -239,7 +286,10 @@ fn check(dir: &Path, want: &[(String, String)], run: &str, node: usize) -> Resul
         let at = dir.join(p);
         let got = sha256_file(&at);
         if &got != sha {
-            bail!("{run}: node {node} has {} with {got}, not {sha}", at.display());
+            bail!(
+                "{run}: node {node} has {} with {got}, not {sha}",
+                at.display()
+            );
         }
     }
     std::fs::read_dir(dir).with_context(|| format!("{run}: node {node}: {}", dir.display()))?;
