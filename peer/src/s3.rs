@@ -145,8 +145,8 @@ pub struct S3 {
     presign: Duration,
 }
 
-/// Characters S3 leaves unencoded in a path (RFC 3986 unreserved, and `/`).
-fn encode_key(key: &str) -> String {
+/// Percent-encodes a key for a URL path: all but RFC 3986's unreserved characters and `/`.
+pub fn encode_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
     for b in key.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {

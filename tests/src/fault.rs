@@ -152,7 +152,8 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
+/// `bytes=S-E` (or `S-`) against a length; None when unsatisfiable or malformed.
+pub(crate) fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
     let (s, e) = v.strip_prefix("bytes=")?.split_once('-')?;
     let s: u64 = s.parse().ok()?;
     let e: u64 = if e.is_empty() {

@@ -116,15 +116,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    starling::s3::encode_key(s)
 }
 
 struct Req {
@@ -612,16 +604,9 @@ impl Hub {
 }
 
 fn ranged(req: &Req, mut headers: Vec<(String, String)>, p: PathBuf, size: u64, lfs: bool) -> Resp {
-    let range = req.header("range").and_then(|v| {
-        let (s, e) = v.strip_prefix("bytes=")?.split_once('-')?;
-        let s: u64 = s.parse().ok()?;
-        let e: u64 = if e.is_empty() {
-            size.checked_sub(1)?
-        } else {
-            e.parse::<u64>().ok()?.min(size.checked_sub(1)?)
-        };
-        (s <= e).then_some((s, e))
-    });
+    let range = req
+        .header("range")
+        .and_then(|v| crate::fault::parse_range(v, size));
     match range {
         Some((s, e)) => {
             headers.push(("Content-Range".into(), format!("bytes {s}-{e}/{size}")));
