@@ -747,6 +747,10 @@ mod tests {
         c.proxy.mitm_ca_key = Some("d".into());
         c.netprobe.object = Some("e".into());
         c.daemon.socket = Some("f".into());
+        c.hf.token_file = Some("g".into());
+        c.s3.endpoint = Some("http://h".into());
+        c.s3.region = Some("i".into());
+        c.s3.path_style = Some(true);
         let v: toml::Value = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
         let mut keys = Vec::new();
         for (k, v) in v.as_table().unwrap() {
