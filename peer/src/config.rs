@@ -303,9 +303,13 @@ pub struct DaemonConfig {
     /// Threads that run the networking (QUIC, HTTP, the API) of every command. 1 runs it all on
     /// one thread, with no wakeups between threads: the cheapest where the daemon shares a few
     /// cores with the workload. Disk I/O, hashing of whole contents and GC have their own
-    /// threads either way. 0 (default): one per 4 cores, at least 1.
+    /// threads either way. 0 (default): one per 4 cores, at least 1. At most
+    /// [`MAX_RUNTIME_THREADS`].
     pub runtime_threads: usize,
 }
+
+/// The most `daemon.runtime_threads` may ask for.
+pub const MAX_RUNTIME_THREADS: usize = 256;
 
 impl DaemonConfig {
     /// [`DaemonConfig::runtime_threads`], with 0 resolved for `cores` available cores.
@@ -474,6 +478,30 @@ impl Config {
         Ok(cfg)
     }
 
+    /// `data_dir` may be created, but only its last component: a configured directory whose
+    /// parent is missing is a typo more often than a wish (the built-in default may be made
+    /// whole).
+    pub fn check_data_dir(&self) -> Result<(), ConfigError> {
+        if !self.data_dir.is_absolute() {
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                value: self.data_dir.display().to_string(),
+                why: "must be an absolute path",
+            });
+        }
+        if self.data_dir == default_data_dir() || self.data_dir.exists() {
+            return Ok(());
+        }
+        match self.data_dir.parent() {
+            Some(p) if !p.is_dir() => Err(ConfigError::Invalid {
+                key: "data_dir",
+                value: self.data_dir.display().to_string(),
+                why: "its parent directory does not exist; create it first (Starling creates only the last component)",
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The local API socket: `daemon.socket`, else `<data_dir>/starling.sock`.
     pub fn socket_path(&self) -> PathBuf {
         self.daemon
@@ -592,6 +620,20 @@ impl Config {
             );
         }
         self.validate_models()?;
+        if self.daemon.runtime_threads > MAX_RUNTIME_THREADS {
+            return bad(
+                "daemon.runtime_threads",
+                self.daemon.runtime_threads.to_string(),
+                "must be 0 (one per 4 cores) to 256",
+            );
+        }
+        if !self.data_dir.is_absolute() {
+            return bad(
+                "data_dir",
+                self.data_dir.display().to_string(),
+                "must be an absolute path (a relative one would depend on where each command runs)",
+            );
+        }
         let s = &self.source;
         if !(1..=64).contains(&s.concurrency) {
             return bad(

@@ -131,8 +131,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let mut cfg =
         Config::load(cli.global.config.as_deref()).map_err(|e| fail(exit::USAGE)(e.into()))?;
     if let Some(d) = cli.global.data_dir {
-        cfg.data_dir = d;
+        // A flag is relative to where the command runs.
+        cfg.data_dir = std::path::absolute(&d).unwrap_or(d);
     }
+    cfg.check_data_dir()
+        .map_err(|e| fail(exit::USAGE)(e.into()))?;
     let quiet = cli.global.quiet;
     let rt = runtime(&cfg)?;
     match cli.command {

@@ -185,3 +185,76 @@ fn probe_without_a_daemon_exits_7_and_says_what_to_start() {
     }
     drop(d);
 }
+
+/// Configuration a user gets wrong is refused at start with exit code 2, naming the key or the
+/// file and what to do (issue 34's defects: each was accepted, or exited 6 without the file).
+#[test]
+fn bad_configuration_is_refused_at_start_naming_the_key_or_file() {
+    let s = Scratch::new();
+    let daemon = |extra: &str| {
+        s.write_config(extra);
+        let mut c = s.starling();
+        c.arg("daemon");
+        c.env_remove("STARLING_DATA_DIR");
+        Run::of(&mut c)
+    };
+    // 100,000 runtime threads: accepted before (14,000 threads and 392 MB after 3 s).
+    let r = daemon("[daemon]\nruntime_threads = 100000\nmetrics_addr = \"\"\n").fails_with(2);
+    assert!(r.stderr.contains("daemon.runtime_threads"), "{}", r.stderr);
+
+    // A relative data_dir in the file, and one whose parents do not exist: both refused, and
+    // nothing created.
+    let rel = Run::of(s.starling().arg("daemon").env("STARLING_CONFIG", {
+        let p = s.path().join("rel.toml");
+        std::fs::write(&p, "data_dir = \"relative/store\"\n").unwrap();
+        p
+    }))
+    .fails_with(2);
+    assert!(
+        rel.stderr.contains("data_dir") && rel.stderr.contains("absolute"),
+        "{}",
+        rel.stderr
+    );
+    s.write_config("");
+    let deep = s.path().join("no/such/parent/store");
+    let r = Run::of(s.starling().arg("--data-dir").arg(&deep).arg("daemon")).fails_with(2);
+    assert!(
+        r.stderr.contains("parent directory does not exist"),
+        "{}",
+        r.stderr
+    );
+    assert!(!s.path().join("no").exists(), "nothing was created");
+
+    // A missing CA certificate, a garbage one, and a key from another CA.
+    let ca = |name: &str| {
+        let dir = s.path().join(name);
+        let out = s.starling().arg("ca").arg(&dir).output().unwrap();
+        assert!(out.status.success());
+        dir
+    };
+    let (one, two) = (ca("ca-one"), ca("ca-two"));
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        format!("[tls]\nca_cert = {cert:?}\nca_key = {key:?}\n[daemon]\nmetrics_addr = \"\"\n")
+    };
+    let missing = s.path().join("missing.pem");
+    let r = daemon(&tls(&missing, &one.join("ca.key"))).fails_with(2);
+    assert!(
+        r.stderr.contains("tls.ca_cert") && r.stderr.contains("missing.pem"),
+        "{}",
+        r.stderr
+    );
+    let garbage = s.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let r = daemon(&tls(&garbage, &one.join("ca.key"))).fails_with(2);
+    assert!(
+        r.stderr.contains("tls.ca_cert") && r.stderr.contains("garbage.pem"),
+        "{}",
+        r.stderr
+    );
+    let r = daemon(&tls(&one.join("ca.pem"), &two.join("ca.key"))).fails_with(2);
+    assert!(
+        r.stderr.contains("tls.ca_key") && r.stderr.contains("is not the key of the certificate"),
+        "{}",
+        r.stderr
+    );
+}

@@ -85,6 +85,7 @@ pub async fn daemon(cfg: Config) -> Result<(), Failure> {
     daemon::run(cfg).await.map_err(|e| {
         let code = match &e {
             daemon::DaemonError::Fetch(f) => f.exit_code(),
+            daemon::DaemonError::Swarm(s) if s.is_config() => exit::USAGE,
             _ => exit::LOCAL,
         };
         Failure(code, e.into())
@@ -93,7 +94,12 @@ pub async fn daemon(cfg: Config) -> Result<(), Failure> {
 
 /// `starling scheduler`, until SIGTERM or SIGINT.
 pub async fn scheduler(cfg: Config) -> Result<(), Failure> {
-    starling::swarm::run_scheduler(cfg)
-        .await
-        .map_err(|e| Failure(exit::LOCAL, e.into()))
+    starling::swarm::run_scheduler(cfg).await.map_err(|e| {
+        let code = if e.is_config() {
+            exit::USAGE
+        } else {
+            exit::LOCAL
+        };
+        Failure(code, e.into())
+    })
 }

@@ -56,6 +56,20 @@ pub enum SwarmError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A `[tls]` file that is missing, unreadable, not PEM, or not a pair (a usage error).
+    #[error("{key} = {}: {detail}", path.display())]
+    CaFile {
+        key: &'static str,
+        path: std::path::PathBuf,
+        detail: String,
+    },
+}
+
+impl SwarmError {
+    /// True when the configuration is at fault (exit code 2), not the machine.
+    pub fn is_config(&self) -> bool {
+        matches!(self, SwarmError::CaFile { .. })
+    }
 }
 
 pub struct Swarm {
@@ -151,16 +165,36 @@ impl Swarm {
 }
 
 /// The cluster CA from `[tls]`, else the one in `<data_dir>/tls/` (created on first use).
+/// A configured file that is missing, not PEM, or a key that is not the certificate's, is a
+/// configuration error naming the file.
 fn cluster_ca(cfg: &Config) -> Result<ClusterCa, SwarmError> {
     match (&cfg.tls.ca_cert, &cfg.tls.ca_key) {
         (Some(c), Some(k)) => {
-            let read = |p: &std::path::Path| {
-                std::fs::read_to_string(p).map_err(|source| SwarmError::Read {
+            let read = |key: &'static str, p: &std::path::Path| {
+                std::fs::read_to_string(p).map_err(|e| SwarmError::CaFile {
+                    key,
                     path: p.to_path_buf(),
-                    source,
+                    detail: format!("cannot be read ({e}); give the cluster CA's PEM files (`starling ca DIR` creates them)"),
                 })
             };
-            Ok(ClusterCa::from_pem(&read(c)?, &read(k)?)?)
+            let (cert, key) = (read("tls.ca_cert", c)?, read("tls.ca_key", k)?);
+            ClusterCa::from_pem(&cert, &key).map_err(|e| match e {
+                TlsError::KeyMismatch => SwarmError::CaFile {
+                    key: "tls.ca_key",
+                    path: k.clone(),
+                    detail: format!("is not the key of the certificate in tls.ca_cert = {}; give the pair `starling ca` made", c.display()),
+                },
+                TlsError::BadKey(detail) => SwarmError::CaFile {
+                    key: "tls.ca_key",
+                    path: k.clone(),
+                    detail: format!("is not a PEM private key ({detail})"),
+                },
+                other => SwarmError::CaFile {
+                    key: "tls.ca_cert",
+                    path: c.clone(),
+                    detail: format!("is not a PEM CA certificate ({other})"),
+                },
+            })
         }
         _ => Ok(ClusterCa::load_or_create(&cfg.data_dir.join("tls"))?),
     }

@@ -32,6 +32,10 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("TLS configuration failed: {0}")]
     Config(String),
+    #[error("not a PEM private key: {0}")]
+    BadKey(String),
+    #[error("the CA key does not belong to the CA certificate")]
+    KeyMismatch,
 }
 
 /// A certificate chain and key a node presents, and the CA it trusts.
@@ -115,8 +119,10 @@ impl ClusterCa {
         }
     }
 
+    /// The CA from its PEM certificate and key; a key that is not the certificate's is
+    /// [`TlsError::KeyMismatch`] (every certificate it issued would fail to verify).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<ClusterCa, TlsError> {
-        let key = KeyPair::from_pem(key_pem)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::BadKey(e.to_string()))?;
         let params = CertificateParams::from_ca_cert_pem(cert_pem)?;
         // Re-signing the same subject with the same key reproduces an issuer that the
         // certificates it signs chain to; the stored certificate stays the trust anchor.
@@ -125,6 +131,11 @@ impl ClusterCa {
             .next()
             .ok_or_else(|| TlsError::Config("no certificate in the CA PEM".into()))?
             .map_err(|e| TlsError::Config(format!("CA PEM: {e}")))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+        if parsed.public_key().raw != key.public_key_der().as_slice() {
+            return Err(TlsError::KeyMismatch);
+        }
         Ok(ClusterCa {
             cert,
             key,
