@@ -169,6 +169,9 @@ pub struct ProxyConfig {
     /// Largest request head (request line and headers) accepted, in bytes; larger gets 431.
     /// Default 65536.
     pub max_header_bytes: usize,
+    /// Client connections held at once; more wait in the kernel's backlog, so a flood here
+    /// cannot take every file descriptor from the peer and the local API. Default 1024.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -183,6 +186,7 @@ impl Default for ProxyConfig {
             mitm_ca_cert: None,
             mitm_ca_key: None,
             max_header_bytes: 65536,
+            max_connections: 1024,
         }
     }
 }
@@ -306,6 +310,9 @@ pub struct DaemonConfig {
     /// threads either way. 0 (default): one per 4 cores, at least 1. At most
     /// [`MAX_RUNTIME_THREADS`].
     pub runtime_threads: usize,
+    /// Local API connections held at once (a connection that sends no request within 10 s is
+    /// closed). Default 256.
+    pub max_api_connections: usize,
 }
 
 /// The most `daemon.runtime_threads` may ask for.
@@ -328,6 +335,7 @@ impl Default for DaemonConfig {
             gc_interval_seconds: 300,
             metrics_addr: "127.0.0.1:9464".into(),
             runtime_threads: 0,
+            max_api_connections: 256,
         }
     }
 }
@@ -625,6 +633,13 @@ impl Config {
                 "daemon.runtime_threads",
                 self.daemon.runtime_threads.to_string(),
                 "must be 0 (one per 4 cores) to 256",
+            );
+        }
+        if self.proxy.max_connections == 0 || self.daemon.max_api_connections == 0 {
+            return bad(
+                "proxy.max_connections / daemon.max_api_connections",
+                "0".into(),
+                "must be at least 1",
             );
         }
         if !self.data_dir.is_absolute() {

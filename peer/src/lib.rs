@@ -15,10 +15,11 @@
 //! context     NodeContext: config, store, origin client, metrics
 //! source      HTTP(S) origin client with checked Range requests
 //! storage     io_uring piece store, crash-safe records, leases, GC, upload views
-//! metrics, config
+//! metrics, config, accept (listeners that back off and cap connections)
 //! core        Digest, TaskId, PiecePlan, Manifest, Request (used by every layer)
 //! ```
 
+pub mod accept;
 pub mod config;
 pub mod context;
 pub mod core;

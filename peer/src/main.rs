@@ -136,6 +136,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     cfg.check_data_dir()
         .map_err(|e| fail(exit::USAGE)(e.into()))?;
+    // Daemons hold a descriptor per connection and per open task.
+    if matches!(cli.command, Command::Daemon | Command::Scheduler) {
+        if let Some((from, to)) = starling::accept::raise_nofile_limit().filter(|(a, b)| a != b) {
+            tracing::info!(from, to, "raised the open-file limit");
+        }
+    }
     let quiet = cli.global.quiet;
     let rt = runtime(&cfg)?;
     match cli.command {

@@ -29,6 +29,7 @@ pub struct Metrics {
     proxy_requests: Family<Labels, Counter>,
     proxy_bytes: Family<Labels, Counter>,
     proxy_aborts: Family<Labels, Counter>,
+    accept_failures: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,7 +119,14 @@ impl Metrics {
             "Peer-to-peer responses aborted before their last byte, by cause (digest_mismatch, fetch_failed)",
             proxy_aborts.clone(),
         );
+        let accept_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "accept_failures",
+            "Failed accepts on a listener (proxy, api, metrics), such as running out of file descriptors",
+            accept_failures.clone(),
+        );
         Metrics {
+            accept_failures,
             proxy_requests,
             proxy_bytes,
             proxy_aborts,
@@ -195,6 +203,12 @@ impl Metrics {
         self.proxy_bytes
             .get_or_create(&vec![("route", route)])
             .inc_by(n);
+    }
+
+    pub fn accept_failure(&self, listener: &'static str) {
+        self.accept_failures
+            .get_or_create(&vec![("listener", listener)])
+            .inc();
     }
 
     pub fn proxy_abort(&self, cause: &'static str) {

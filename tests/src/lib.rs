@@ -329,6 +329,35 @@ pub fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// True when running as root (the tests that mount file systems need it).
+/// A process's user + system CPU seconds so far (from /proc/PID/stat; 0 if it is gone).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after its closing ')'.
+    let rest = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// Raises this process's soft open-file limit to its hard limit (tests that hold thousands of
+/// connections).
+pub fn raise_own_fd_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -351,6 +380,32 @@ pub struct Daemon {
 impl Daemon {
     pub fn start(s: &Scratch) -> Daemon {
         let mut d = Daemon::spawn(s);
+        d.wait_ready(s);
+        d
+    }
+
+    /// Starts the daemon with its open-file limit (soft and hard) at `nofile`, and waits.
+    pub fn start_limited(s: &Scratch, nofile: u64) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let socket = s.data_dir().join("starling.sock");
+        let log = std::fs::File::create(s.path().join("daemon.log")).expect("daemon log");
+        let mut cmd = s.starling_in_ns();
+        cmd.args(["-v", "daemon"]).stderr(log);
+        // SAFETY: only setrlimit between fork and exec, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let l = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start the daemon");
+        let mut d = Daemon { child, socket };
         d.wait_ready(s);
         d
     }

@@ -1,5 +1,7 @@
 //! `starling daemon` and its local API, with the real binary.
 
+use std::time::Duration;
+
 use starling_tests::*;
 
 const MIB: usize = 1024 * 1024;
@@ -257,4 +259,86 @@ fn bad_configuration_is_refused_at_start_naming_the_key_or_file() {
         "{}",
         r.stderr
     );
+}
+
+/// Issue 34's flood, with the daemon's open-file limit at 1,024 (soft and hard): 1,100 proxy
+/// connections that never finish their request head, and 200 idle API connections. Before, the
+/// API's accept loop spun on EMFILE (a full core, 16 million log lines in 25 s) and a 20 MiB
+/// `get` took 26 s. Now the daemon stays idle, logs little, serves the `get`, and its
+/// descriptors return to where they were once the clients leave.
+#[test]
+fn a_flood_of_idle_connections_neither_spins_the_daemon_nor_blocks_its_api() {
+    use std::io::Write;
+    let _cpus = cpus_to_itself();
+    raise_own_fd_limit();
+    let origin = FaultOrigin::start(random_bytes(20 * MIB, 34));
+    let s = Scratch::new();
+    let port = free_port();
+    s.write_config(&format!("[proxy]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let d = Daemon::start_limited(&s, 1024);
+    let pid = d.child.id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    // One get first, so the baseline counts what any get leaves open (the origin's connection
+    // pool, the storage ring, a served task).
+    s.get(&origin.url("warm"), "warm", &[]).ok();
+    let base = fds();
+    let mut held = Vec::new();
+    for _ in 0..1100 {
+        let mut c =
+            std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the proxy");
+        let _ = c.write_all(b"GET /v2/ HTTP/1.1\r\nHost: registry\r\n");
+        held.push(c);
+    }
+    let api: Vec<_> = (0..200)
+        .map(|_| std::os::unix::net::UnixStream::connect(&d.socket).expect("connect to the API"))
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu = cpu_seconds(pid) - cpu0;
+    assert!(
+        cpu < 1.0,
+        "the daemon used {cpu:.2} CPU-s in 5 s of an idle flood"
+    );
+
+    let started = std::time::Instant::now();
+    s.get(&origin.url("f"), "f", &[]).ok();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "a get during the flood took {took:?} (it was 26 s)"
+    );
+    let log = std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
+    let lines = log.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(lines <= 10, "{lines} accept-failure lines in the log");
+
+    drop(held);
+    drop(api);
+    let settled = poll_until(Duration::from_secs(40), || fds() <= base + 16);
+    let kinds = |pid: u32| {
+        let mut m = std::collections::BTreeMap::<String, usize>::new();
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let t = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let k = t.split(':').next().unwrap_or("").to_string();
+            *m.entry(k).or_default() += 1;
+        }
+        m
+    };
+    assert!(
+        settled,
+        "descriptors: {} against {base} before the flood: {:?}",
+        fds(),
+        kinds(pid)
+    );
+    drop(d);
 }

@@ -88,14 +88,22 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             path: socket.clone(),
             source,
         })?;
+    let mut guard = crate::accept::Guard::new(
+        "api",
+        crate::accept::within_fd_limit(ctx.cfg.daemon.max_api_connections, 0.25),
+        ctx.metrics.clone(),
+    );
     loop {
         tokio::select! {
-            conn = listener.accept() => match conn {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve(swarm.clone(), stream));
+            conn = accept_api(&listener, &mut guard) => {
+                if let Some((stream, slot)) = conn {
+                    let s = swarm.clone();
+                    tokio::spawn(async move {
+                        serve(s, stream).await;
+                        drop(slot);
+                    });
                 }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
-            },
+            }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -110,6 +118,25 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// The next API connection and its slot; None after a failed accept (already waited out).
+async fn accept_api(
+    listener: &UnixListener,
+    guard: &mut crate::accept::Guard,
+) -> Option<(UnixStream, tokio::sync::OwnedSemaphorePermit)> {
+    let slot = guard.slot().await?;
+    match listener.accept().await {
+        Ok((stream, _)) => {
+            guard.accepted();
+            Some((stream, slot))
+        }
+        Err(e) => {
+            drop(slot);
+            guard.failed(&e).await;
+            None
+        }
+    }
 }
 
 async fn bind(socket: &Path) -> Result<UnixListener, DaemonError> {
@@ -143,9 +170,21 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &ApiEvent) -> std::i
 async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::metrics::Metrics>) {
     use http_body_util::Full;
     use hyper::{Response, StatusCode};
+    let mut guard = crate::accept::Guard::new("metrics", 64, metrics.clone());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Some(slot) = guard.slot().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                guard.accepted();
+                stream
+            }
+            Err(e) => {
+                drop(slot);
+                guard.failed(&e).await;
+                continue;
+            }
         };
         let m = metrics.clone();
         tokio::spawn(async move {
@@ -169,6 +208,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::me
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
                 .await;
+            drop(slot);
         });
     }
 }

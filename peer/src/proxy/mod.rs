@@ -110,17 +110,27 @@ impl Proxy {
             upstream,
             mitm,
         });
+        let mut guard = crate::accept::Guard::new(
+            "proxy",
+            crate::accept::within_fd_limit(proxy.cfg.max_connections, 0.5),
+            proxy.metrics.clone(),
+        );
         Ok(Some(tokio::spawn(async move {
             loop {
+                let Some(slot) = guard.slot().await else {
+                    return;
+                };
                 match listener.accept().await {
                     Ok((stream, _)) => {
+                        guard.accepted();
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(proxy.clone().serve_conn(stream, None));
+                        let conn = proxy.clone().serve_conn(stream, None);
+                        tokio::spawn(async move {
+                            conn.await;
+                            drop(slot);
+                        });
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+                    Err(e) => guard.failed(&e).await,
                 }
             }
         })))
