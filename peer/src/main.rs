@@ -72,6 +72,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The running daemon's tasks: state, size, verified pieces, holders the scheduler knows,
+    /// whether it serves them, last use. Exit code 7 when no daemon answers.
+    Tasks {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One task in detail: its verified pieces, the parents of its download, its paths.
+    Stat {
+        /// The task: its ID or a unique prefix of it (4+ hex digits), its digest, or its URL.
+        task: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict one task from the store. Refused (exit code 6) while it downloads, serves a peer,
+    /// or a client reads it.
+    Rm {
+        /// The task: its ID or a unique prefix of it (4+ hex digits), its digest, or its URL.
+        task: String,
+    },
     /// Print (or, with --write, install) a container runtime's configuration that pulls
     /// through this daemon's registry mirror / proxy (`proxy.listen`).
     #[command(subcommand)]
@@ -152,6 +173,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Scheduler => rt.block_on(cli::admin::scheduler(cfg)),
         Command::Ca { dir } => cli::admin::ca(&dir),
         Command::Probe { json } => rt.block_on(cli::admin::probe(&cfg, json)),
+        Command::Tasks { json } => rt.block_on(cli::tasks::list(&cfg, json)),
+        Command::Stat { task, json } => rt.block_on(cli::tasks::stat(&cfg, task, json)),
+        Command::Rm { task } => rt.block_on(cli::tasks::rm(&cfg, task)),
         Command::Init(what) => cli::init::run(&cfg, what).map_err(|e| Failure(exit::USAGE, e)),
     }
 }

@@ -244,6 +244,7 @@ fn body(load: Load, i: u64, o: &Opts, tasks: &[TaskId]) -> (Vec<u8>, Option<Task
                 peer: peer_name(p),
                 max: 16,
                 exclude: Vec::new(),
+                look: false,
             };
             (serde_json::to_vec(&call).expect("json"), Some(tasks[t]))
         }

@@ -183,11 +183,11 @@ pub async fn through_daemon(
             }))
         }
         Ok(Some(ApiEvent::Error { code, message })) => Err(Failure(code, anyhow::anyhow!(message))),
-        Ok(Some(ApiEvent::Probe(_))) => Err(Failure(
-            exit::OTHER,
-            anyhow::anyhow!("the daemon answered a get with a probe report"),
-        )),
         Ok(Some(ApiEvent::Progress { .. })) | Ok(None) => Ok(None),
+        Ok(Some(other)) => Err(Failure(
+            exit::OTHER,
+            anyhow::anyhow!("the daemon answered a get with {other:?}"),
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             // It took the request and died (killed, crashed): its verified pieces are
             // kept, and retrying resumes; working in-process now would bypass the swarm.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::core::{Import, Request};
+use crate::swarm::inventory::{TaskDetail, TaskInfo};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 /// Longest line either side accepts (a request names a URL and a few headers).
@@ -19,6 +20,16 @@ pub enum ApiRequest {
     Import(ImportRequest),
     /// The per-connection path report (`starling probe`).
     Probe,
+    /// Every stored task (`starling tasks`).
+    Tasks,
+    /// One task in detail (`starling stat`): named by ID, unique ID prefix, digest or URL.
+    Stat {
+        task: String,
+    },
+    /// Evict one task (`starling rm`); refused while it is in use.
+    Rm {
+        task: String,
+    },
 }
 
 /// A download, and where to put it. The request's digest and headers are checked when the line
@@ -58,6 +69,12 @@ pub enum ApiEvent {
         message: String,
     },
     Probe(crate::netprobe::ProbeReport),
+    Tasks(Vec<TaskInfo>),
+    Stat(Box<TaskDetail>),
+    Removed {
+        task: String,
+        bytes: u64,
+    },
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; `None` at end of stream.

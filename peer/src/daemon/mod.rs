@@ -227,6 +227,18 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
     let ev = match line {
         Ok(Some(line)) => match serde_json::from_str::<ApiRequest>(&line) {
             Ok(ApiRequest::Probe) => ApiEvent::Probe(swarm.probe_report()),
+            Ok(ApiRequest::Tasks) => match swarm.tasks().await {
+                Ok(t) => ApiEvent::Tasks(t),
+                Err(e) => inventory_error(e),
+            },
+            Ok(ApiRequest::Stat { task }) => match swarm.stat(&task).await {
+                Ok(d) => ApiEvent::Stat(Box::new(d)),
+                Err(e) => inventory_error(e),
+            },
+            Ok(ApiRequest::Rm { task }) => match swarm.remove(&task).await {
+                Ok(bytes) => ApiEvent::Removed { task, bytes },
+                Err(e) => inventory_error(e),
+            },
             Ok(ApiRequest::Get(req)) => {
                 ctx.collect_garbage_async().await;
                 handle_get(&swarm, req, &mut w).await
@@ -247,6 +259,13 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
         },
     };
     let _ = send(&mut w, &ev).await;
+}
+
+fn inventory_error(e: crate::swarm::inventory::InventoryError) -> ApiEvent {
+    ApiEvent::Error {
+        code: e.exit_code(),
+        message: e.to_string(),
+    }
 }
 
 fn usage(message: String) -> ApiEvent {
@@ -386,29 +405,19 @@ async fn connect_api(socket: &Path) -> std::io::Result<Option<UnixStream>> {
 
 /// Asks the daemon on `socket` for its path report. `None`: no daemon answers there.
 pub async fn client_probe(socket: &Path) -> std::io::Result<Option<crate::netprobe::ProbeReport>> {
-    let Some(stream) = connect_api(socket).await? else {
-        return Ok(None);
-    };
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_vec(&ApiRequest::Probe).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    let mut r = BufReader::new(r);
-    match api::read_line(&mut r).await? {
-        Some(line) => {
-            match serde_json::from_str::<ApiEvent>(&line).map_err(std::io::Error::other)? {
-                ApiEvent::Probe(report) => Ok(Some(report)),
-                ApiEvent::Error { message, .. } => Err(std::io::Error::other(message)),
-                other => Err(std::io::Error::other(format!(
-                    "unexpected answer {other:?}"
-                ))),
-            }
-        }
-        None => Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "the daemon closed the connection",
-        )),
+    match client_ask(socket, &ApiRequest::Probe).await? {
+        None => Ok(None),
+        Some(ApiEvent::Probe(report)) => Ok(Some(report)),
+        Some(ApiEvent::Error { message, .. }) => Err(std::io::Error::other(message)),
+        Some(other) => Err(std::io::Error::other(format!(
+            "unexpected answer {other:?}"
+        ))),
     }
+}
+
+/// Sends one request that has no progress lines; `Ok(None)` when no daemon answers there.
+pub async fn client_ask(socket: &Path, req: &ApiRequest) -> std::io::Result<Option<ApiEvent>> {
+    client_call(socket, req, |_, _| {}).await
 }
 
 /// Sends a get to the daemon at `socket`. `Ok(None)` when no daemon answers there (the caller

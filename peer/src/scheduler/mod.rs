@@ -624,6 +624,28 @@ impl Scheduler {
         )
     }
 
+    /// How many live peers hold `task`: (complete, partial). Read-only: asking changes nothing
+    /// (`starling tasks`).
+    pub fn holders(&self, task: &TaskId) -> (u32, u32) {
+        let Some(pool) = self.holders.get(task) else {
+            return (0, 0);
+        };
+        pool.members
+            .iter()
+            .zip(&pool.bits)
+            .filter(|(s, _)| self.at(**s).is_some())
+            .fold(
+                (0, 0),
+                |(c, p), (_, b)| {
+                    if b.complete() {
+                        (c + 1, p)
+                    } else {
+                        (c, p + 1)
+                    }
+                },
+            )
+    }
+
     /// Up to `max` ranked parents for `requester` on `task`, leaving out `exclude` (the
     /// parents it has, and those it just left). Each one handed out counts as an assignment
     /// against that parent for a while, which spreads later requesters.

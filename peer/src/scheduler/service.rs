@@ -27,6 +27,10 @@ pub struct CandidatesCall {
     /// peers' calls.
     #[serde(default)]
     pub exclude: Vec<PeerId>,
+    /// Only count the task's holders (`CandidatesReply::holders`): no parents, no advice
+    /// acted on, and the caller is not taken for a joiner.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub look: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,6 +41,9 @@ pub struct CandidatesReply {
     /// from source (absent: all it lacks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lacking: Option<Vec<u32>>,
+    /// With `look`: the live peers holding the task, complete and partial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holders: Option<(u32, u32)>,
 }
 
 impl CandidatesReply {
@@ -49,6 +56,7 @@ impl CandidatesReply {
             parents,
             advice,
             lacking,
+            holders: None,
         }
     }
 }
@@ -92,6 +100,14 @@ impl SchedulerService {
 
     pub fn candidates(&self, task: &TaskId, call: &CandidatesCall) -> CandidatesReply {
         let now = self.start.elapsed();
+        if call.look {
+            return self.with(|s| CandidatesReply {
+                parents: Vec::new(),
+                advice: Advice::Wait,
+                lacking: None,
+                holders: Some(s.holders(task)),
+            });
+        }
         let max = call.max.min(MAX_CANDIDATES) as usize;
         let exclude = &call.exclude[..call.exclude.len().min(MAX_EXCLUDE)];
         self.with(|s| {

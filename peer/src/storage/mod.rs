@@ -7,11 +7,13 @@
 //!   completes;
 //! - `lock`: flock'd by whoever uses the task; its mtime is the last use.
 //!
-//! See `record` for the on-disk formats, `uring` for the storage thread, `gc` for eviction.
+//! See `record` for the on-disk formats, `uring` for the storage thread, `gc` for eviction,
+//! `inventory` for listing and removing tasks on request.
 
 mod book;
 mod chainer;
 mod gc;
+mod inventory;
 mod lease;
 mod record;
 mod task;
@@ -26,9 +28,10 @@ use std::time::{Duration, SystemTime};
 pub use book::{Entry as LogEntry, Learned, LogSlice};
 pub use chainer::{ChainEnd, Chainer, Feed};
 pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
+pub use inventory::{Eviction, StoredTask};
 pub use lease::{Lease, Mode as LeaseMode};
 pub use record::{TaskHeader, JOURNAL_RECORD};
-pub use task::TaskHandle;
+pub use task::{TaskHandle, CONTENT as CONTENT_FILE};
 pub use upload::UploadView;
 
 use crate::config::GcConfig;
@@ -216,9 +219,7 @@ impl Store {
             if lease.is_none() {
                 continue;
             }
-            task::wipe(dir)?;
-            std::fs::remove_file(dir.join(lease::LOCK_FILE)).map_err(io_err("remove", dir))?;
-            std::fs::remove_dir(dir).map_err(io_err("remove", dir))?;
+            inventory::remove_task_dir(dir)?;
             tracing::info!(task = %entries[i].name, bytes = entries[i].bytes, %reason, "evicted");
             report
                 .evicted

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
+use super::inventory::ParentView;
 use super::jobs::{ask_loop, from_parent, from_source, poll_parent, Event, JobError, Wanted};
 use super::policy::{
     engine_config, have_every, CLOSING_PIECES, HAVE_EVERY_FIRST, REDIAL_AFTER, REPLACE_WINDOW,
@@ -78,6 +79,8 @@ struct Driver<'a> {
     by_peer: HashMap<PeerId, ParentId>,
     down_at: HashMap<PeerId, Instant>,
     banned: HashSet<PeerId>,
+    /// Pieces received and verified per parent (for `starling stat`).
+    received: HashMap<PeerId, u32>,
     ordered: HashSet<PeerId>,
     next_pid: ParentId,
     jobs: JoinSet<JobDone>,
@@ -112,6 +115,7 @@ const SCHEDULER_SILENT: Duration = Duration::from_secs(15);
 
 impl Drop for Driver<'_> {
     fn drop(&mut self) {
+        self.swarm.downloads.end(&self.id);
         for p in self.parents.values() {
             p.poller.abort();
         }
@@ -149,6 +153,7 @@ pub(super) async fn run(
         by_peer: HashMap::new(),
         down_at: HashMap::new(),
         banned: HashSet::new(),
+        received: HashMap::new(),
         ordered: HashSet::new(),
         next_pid: 0,
         jobs: JoinSet::new(),
@@ -713,6 +718,12 @@ impl Driver<'_> {
                     .map_or(0, |p| p.length);
                 if !engine.has(done.piece) {
                     self.progress.done.fetch_add(len, Ordering::Relaxed);
+                    if let Some(p) = match done.from {
+                        Peer::Parent(pid) => self.parents.get(&pid),
+                        Peer::Source => None,
+                    } {
+                        *self.received.entry(p.peer.clone()).or_default() += 1;
+                    }
                 }
                 engine.on_piece(done.from, done.piece, done.elapsed, now);
                 self.last_progress = Instant::now();
@@ -746,11 +757,12 @@ impl Driver<'_> {
         let Some(engine) = &mut self.engine else {
             return;
         };
-        let rates: HashMap<ParentId, f64> = engine
-            .report()
-            .into_iter()
+        let reports = engine.report();
+        let rates: HashMap<ParentId, f64> = reports
+            .iter()
             .filter_map(|r| Some((r.parent, r.rate?)))
             .collect();
+        let mut views = Vec::new();
         if let Some(t) = &self.task {
             let every = have_every(t.plan().piece_length(), rates.values().sum());
             self.have_every
@@ -761,6 +773,17 @@ impl Driver<'_> {
             let s = conn.stats();
             let loss = s.path.lost_packets as f64 / s.path.sent_packets.max(1) as f64;
             engine.link_quality(*pid, s.path.rtt, loss);
+            let r = reports.iter().find(|r| r.parent == *pid);
+            views.push(ParentView {
+                peer: p.peer.clone(),
+                pieces: self.received.get(&p.peer).copied().unwrap_or(0),
+                rate: rates.get(pid).copied(),
+                rtt_ms: s.path.rtt.as_secs_f64() * 1e3,
+                loss,
+                mtu: s.path.current_mtu as u32 + 28,
+                strikes: r.map_or(0, |r| r.strikes),
+                blacklisted: r.is_some_and(|r| r.blacklisted),
+            });
             if let Some(rate) = rates.get(pid) {
                 self.swarm.record_link(
                     &p.peer,
@@ -774,6 +797,7 @@ impl Driver<'_> {
                 self.swarm.ctx.metrics.parent_rate(&p.peer, *rate);
             }
         }
+        self.swarm.downloads.publish(self.id, views);
     }
 
     /// Every piece is verified: check the whole content and seal the task.

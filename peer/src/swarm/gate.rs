@@ -32,6 +32,11 @@ impl Gates {
         }
         res
     }
+
+    /// Whether work on `id` runs (or waits) now.
+    pub(super) fn busy(&self, id: &TaskId) -> bool {
+        self.open.lock().is_ok_and(|g| g.contains_key(id))
+    }
 }
 
 #[cfg(test)]

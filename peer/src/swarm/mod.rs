@@ -11,6 +11,7 @@
 //! | `order` | seed orders: go back to source for a task nobody holds |
 //! | `upkeep` | path upkeep from netprobe: packet sizes, buffers, congestion mode, probe report |
 //! | `gate` | one pull, import or re-serve per task at a time |
+//! | [`inventory`] | what this node holds: `starling tasks`, `stat`, `rm`, the status page |
 //! | [`policy`] | sans-IO rules besides the engine's: its config, the driver's timings, upload spread (shared with `sim/`) |
 //!
 //! The planning is the engine's, the piece exchange the transport's, the storage the store's,
@@ -19,6 +20,7 @@
 mod announce;
 pub mod download;
 mod gate;
+pub mod inventory;
 mod jobs;
 mod order;
 pub mod policy;
@@ -91,6 +93,8 @@ pub struct Swarm {
     probe: crate::netprobe::NetProbe,
     /// The peer socket's receive side as last tuned.
     socket: Mutex<crate::transport::SocketReport>,
+    /// Downloads from peers in progress, with their parents (for `starling stat`).
+    downloads: inventory::Downloads,
 }
 
 impl Swarm {
@@ -126,6 +130,7 @@ impl Swarm {
             announcer: announce::State::default(),
             probe,
             socket: Mutex::default(),
+            downloads: inventory::Downloads::default(),
             ctx,
         });
         swarm.node.serve(swarm.clone());

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tracing::Instrument;
 
@@ -142,6 +142,7 @@ impl Swarm {
                     parents: Vec::new(),
                     advice: Advice::Source,
                     lacking: None,
+                    holders: None,
                 }
             }
         };
@@ -245,32 +246,45 @@ impl Swarm {
         };
         let mut resumed = 0usize;
         for (id, last_use) in recent {
-            let progress = Arc::new(Progress::default());
-            let res = self
-                .gates
-                .one_at_a_time(id, async {
-                    if self.is_served(&id) {
-                        return Ok(false);
-                    }
-                    let Some(f) = self.fetcher.stored_complete(id, &progress).await? else {
-                        return Ok(false);
-                    };
-                    f.task.lease().set_last_use(last_use);
-                    self.register(&f.task, holder_of_stored(&f.task));
-                    share(&f.task);
-                    Ok::<bool, FetchError>(true)
-                })
-                .instrument(tracing::info_span!("task", %id))
-                .await;
-            match res {
-                Ok(true) => resumed += 1,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(task = %id, error = %e, "not serving a stored task again"),
+            if self.serve_stored(id, Some(last_use)).await {
+                resumed += 1;
             }
         }
         if resumed > 0 {
             tracing::info!(tasks = resumed, "serving the store's complete tasks again");
         }
+    }
+
+    /// Serves one complete stored task again, verified end to end first; `last_use` (if given)
+    /// is put back afterwards. False when it is served already, not complete, or damaged.
+    pub(super) async fn serve_stored(
+        self: &Arc<Self>,
+        id: TaskId,
+        last_use: Option<SystemTime>,
+    ) -> bool {
+        let progress = Arc::new(Progress::default());
+        let res = self
+            .gates
+            .one_at_a_time(id, async {
+                if self.is_served(&id) {
+                    return Ok(false);
+                }
+                let Some(f) = self.fetcher.stored_complete(id, &progress).await? else {
+                    return Ok(false);
+                };
+                if let Some(at) = last_use {
+                    f.task.lease().set_last_use(at);
+                }
+                self.register(&f.task, holder_of_stored(&f.task));
+                share(&f.task);
+                Ok::<bool, FetchError>(true)
+            })
+            .instrument(tracing::info_span!("task", %id))
+            .await;
+        res.unwrap_or_else(|e| {
+            tracing::warn!(task = %id, error = %e, "not serving a stored task again");
+            false
+        })
     }
 }
 

@@ -70,13 +70,37 @@ impl Swarm {
             peer: self.me.clone(),
             max: want.max(1) as u32,
             exclude,
+            look: false,
         };
+        self.call_candidates(task, &call).await
+    }
+
+    /// How many live peers the owning scheduler knows hold `task`: (complete, partial). Asking
+    /// changes nothing there.
+    pub(crate) async fn holders(&self, task: TaskId) -> Result<(u32, u32), TransportError> {
+        let call = CandidatesCall {
+            peer: self.me.clone(),
+            max: 0,
+            exclude: Vec::new(),
+            look: true,
+        };
+        let reply = self.call_candidates(task, &call).await?;
+        reply.holders.ok_or_else(|| {
+            TransportError::Stream("the scheduler runs an older release: no holder counts".into())
+        })
+    }
+
+    async fn call_candidates(
+        &self,
+        task: TaskId,
+        call: &CandidatesCall,
+    ) -> Result<CandidatesReply, TransportError> {
         match &self.schedulers {
-            Schedulers::Embedded(s) => Ok(s.candidates(&task, &call)),
+            Schedulers::Embedded(s) => Ok(s.candidates(&task, call)),
             Schedulers::Remote { ring, .. } => {
                 let owner = ring.owner(&task).unwrap_or_default().to_string();
                 let body =
-                    serde_json::to_vec(&call).map_err(|e| TransportError::Stream(e.to_string()))?;
+                    serde_json::to_vec(call).map_err(|e| TransportError::Stream(e.to_string()))?;
                 let reply = self
                     .remote(&owner, |len| Wire::Candidates { task, body: len }, &body)
                     .await?;

@@ -144,6 +144,24 @@ impl Swarm {
         Some(t.view.clone())
     }
 
+    /// Stops serving `id` for its removal. Refused (nothing changes) while a child downloads
+    /// from it. `Ok(true)`: it was served until now.
+    pub(super) fn withdraw(&self, id: &TaskId) -> Result<bool, &'static str> {
+        let Ok(mut s) = self.served.tasks.lock() else {
+            return Err("the served registry is poisoned");
+        };
+        match s.get(id) {
+            None => Ok(false),
+            // The registry's own reference is the only one: no upload or poll holds the view.
+            Some(t) if Arc::strong_count(&t.view) == 1 => {
+                s.remove(id);
+                self.ctx.metrics.set_serving(s.len());
+                Ok(true)
+            }
+            Some(_) => Err("this node is serving it to peers right now"),
+        }
+    }
+
     pub(super) fn is_served(&self, id: &TaskId) -> bool {
         self.served.tasks.lock().is_ok_and(|s| s.contains_key(id))
     }

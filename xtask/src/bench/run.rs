@@ -231,7 +231,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
                         ApiEvent::Error { code, message } => {
                             bail!("peer {i}: exit code {code}: {message}")
                         }
-                        ApiEvent::Progress { .. } | ApiEvent::Probe(_) => {
+                        _ => {
                             bail!("peer {i}: no final answer")
                         }
                     }
