@@ -14,6 +14,15 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
+/// Bytes downloaded by source, and uploaded, since the daemon started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Totals {
+    pub parent: u64,
+    pub origin: u64,
+    pub local: u64,
+    pub uploaded: u64,
+}
+
 pub struct Metrics {
     registry: Registry,
     bytes: Family<Labels, Counter>,
@@ -35,6 +44,12 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
     }
 }
 
@@ -141,6 +156,17 @@ impl Metrics {
             parent_rate,
             blacklisted,
             have_answers,
+        }
+    }
+
+    /// The byte counters so far (the status page works out throughput from them).
+    pub fn totals(&self) -> Totals {
+        let by = |s: &'static str| self.bytes.get_or_create(&vec![("source", s)]).get();
+        Totals {
+            parent: by("parent"),
+            origin: by("origin"),
+            local: by("local"),
+            uploaded: self.uploaded.get(),
         }
     }
 

@@ -126,6 +126,20 @@ impl Node {
         metric_value(&self.metrics(), series)
     }
 
+    /// The QUIC address the daemon logged it listens on.
+    pub fn quic_addr(&self) -> std::net::SocketAddr {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("peer listening"))
+            .expect("the daemon logged its peer address");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("peer="))
+            .expect("peer= in the log line");
+        addr.parse().expect("a socket address")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.scratch.path().join("daemon.log")).unwrap_or_default()
     }

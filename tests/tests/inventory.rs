@@ -182,3 +182,116 @@ fn the_operator_commands_need_a_daemon_and_say_so() {
         assert!(r.stderr.contains("starling daemon"), "{}", r.stderr);
     }
 }
+
+/// Headless Chromium from apt (`chromium-headless-shell`, or the full `chromium`).
+fn chromium() -> std::path::PathBuf {
+    for name in ["chromium-headless-shell", "chromium"] {
+        if let Ok(out) = std::process::Command::new("which").arg(name).output() {
+            if out.status.success() {
+                return std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            }
+        }
+    }
+    panic!("no headless Chromium: run `cargo xtask setup` (apt: chromium-headless-shell)");
+}
+
+fn browse(url: &str, what: &[&str]) -> Run {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let mut c = std::process::Command::new(chromium());
+    c.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1280,1100",
+        // Virtual time runs the page's one-second polls without waiting for them.
+        "--virtual-time-budget=6000",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .args(what)
+    .arg(url);
+    Run::of(&mut c)
+}
+
+/// Pixels of `png` within a small distance of the colour `rgb`.
+fn pixels_of(png_path: &std::path::Path, rgb: [u8; 3]) -> usize {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(png_path).expect("screenshot"),
+    ));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("PNG frame");
+    let step = info.color_type.samples();
+    buf[..info.buffer_size()]
+        .chunks(step)
+        .filter(|p| (0..3).all(|i| (p[i] as i32 - rgb[i] as i32).abs() <= 12))
+        .count()
+}
+
+#[test]
+fn the_status_page_draws_a_live_swarm_in_a_real_browser() {
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(48 * MIB, 12);
+    std::fs::write(www.path().join("blob"), &data).expect("write blob");
+    let sum = sha256_bytes(&data);
+    let nginx = Nginx::start(www.path());
+    let url = nginx.url("blob");
+    // Uploads at 40 Mbit/s: node 2's download lasts about 5 s, long enough to look at it.
+    let mut cluster = Cluster::new(2, "upload_limit_mbps = 40", "");
+    cluster.start_all();
+    let (n1, n2) = (&cluster.nodes[1], &cluster.nodes[2]);
+    n1.scratch.get(&url, "out", &["--digest", &sum]).ok();
+    let page = format!("http://{}:{}/", n2.metrics_host, n2.metrics_port);
+    let shot_dir = root().join("target").join("test-output");
+    std::fs::create_dir_all(&shot_dir).expect("test-output dir");
+    let shot = shot_dir.join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+
+    std::thread::scope(|s| {
+        let getter = s.spawn(|| n2.scratch.get(&url, "out", &["--digest", &sum]));
+        wait_until(
+            Duration::from_secs(30),
+            "node 2 to receive from peers",
+            || n2.metric("starling_bytes_downloaded_total{source=\"parent\"}") >= 12.0 * MIB as f64,
+        );
+        // The DOM after the page's script has drawn a few updates: this node, the task being
+        // downloaded, and its parents' paths.
+        let dom = String::from_utf8(browse(&page, &["--dump-dom"]).ok().stdout).expect("utf-8");
+        let updates: u32 = dom
+            .split("data-updates=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            updates >= 2,
+            "the page's script did not render twice: {dom}"
+        );
+        assert!(dom.contains(&sum), "the task's digest is not on the page");
+        assert!(
+            dom.contains("downloading") || dom.contains("complete"),
+            "{dom}"
+        );
+        let n1_addr = n1.quic_addr().to_string();
+        assert!(
+            dom.contains(&n1_addr),
+            "parent {n1_addr} is not among the paths: {dom}"
+        );
+        browse(&page, &[&format!("--screenshot={}", shot.display())]).ok();
+        getter.join().expect("get thread").ok();
+    });
+    assert_eq!(sha256_file(&n2.scratch.out("out")), sum);
+    // The pictures were drawn: bytes from peers in the throughput chart (blue), verified
+    // pieces in the task's piece map (green).
+    assert!(
+        pixels_of(&shot, [0x4e, 0xa1, 0xff]) > 3000,
+        "no throughput area in {}",
+        shot.display()
+    );
+    assert!(
+        pixels_of(&shot, [0x3f, 0xcf, 0x8e]) > 200,
+        "no piece map in {}",
+        shot.display()
+    );
+    eprintln!("status page screenshot: {}", shot.display());
+}

@@ -434,7 +434,7 @@ fn a_peer_without_the_cluster_ca_is_refused_no_piece_no_manifest() {
     assert!(!outsider.out("out").exists());
     drop(d);
     // Straight at the seed's QUIC port with a foreign certificate: refused before any request.
-    let seed_addr = quic_addr(&s.cluster.nodes[0]);
+    let seed_addr = s.cluster.nodes[0].quic_addr();
     let refused = foreign_fetch(seed_addr, &s.cluster.ca, url_task(&s.url));
     assert!(refused.is_err(), "a foreign peer got {refused:?}");
     assert_eq!(
@@ -444,19 +444,6 @@ fn a_peer_without_the_cluster_ca_is_refused_no_piece_no_manifest() {
 }
 
 /// The daemon's QUIC address, from its start-up log line.
-fn quic_addr(node: &Node) -> std::net::SocketAddr {
-    let log = node.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("peer listening"))
-        .expect("the daemon logged its peer address");
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("peer="))
-        .expect("peer= in the log line");
-    addr.parse().expect("a socket address")
-}
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -512,7 +499,7 @@ fn malformed_and_oversized_frames_get_errors_and_no_peer_crashes() {
     use starling::transport::Node;
     let s = setup(1, 8, "", "");
     s.get_all(&[1]);
-    let seed = quic_addr(&s.cluster.nodes[0]);
+    let seed = s.cluster.nodes[0].quic_addr();
     let task = url_task(&s.url);
     let id = member(&s.cluster.ca);
     rt().block_on(async {

@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "docker.io",
     // netlab's path-MTU checks.
     "iputils-ping",
+    // The status page's test: headless Chromium.
+    "chromium-headless-shell",
 ];
 
 /// What `cargo xtask bench stock` compares against, beyond [`APT_PACKAGES`]: BitTorrent

@@ -7,6 +7,7 @@
 //! downloads from other peers.
 
 pub mod api;
+mod http;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -68,8 +69,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 addr: metrics_addr.clone(),
                 source,
             })?;
-        tracing::info!(addr = %metrics_addr, "serving /metrics");
-        Some(tokio::spawn(serve_metrics(l, ctx.metrics.clone())))
+        tracing::info!(addr = %metrics_addr, "serving /metrics and the status page");
+        Some(tokio::spawn(http::serve(l, swarm.clone())))
     };
     tracing::info!(socket = %socket.display(), "daemon listening");
     let gc = {
@@ -166,53 +167,6 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, ev: &ApiEvent) -> std::i
     w.write_all(&line).await
 }
 
-/// Serves `GET /metrics` in the Prometheus text format (hyper, HTTP/1.1).
-async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<crate::metrics::Metrics>) {
-    use http_body_util::Full;
-    use hyper::{Response, StatusCode};
-    let mut guard = crate::accept::Guard::new("metrics", 64, metrics.clone());
-    loop {
-        let Some(slot) = guard.slot().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                guard.accepted();
-                stream
-            }
-            Err(e) => {
-                drop(slot);
-                guard.failed(&e).await;
-                continue;
-            }
-        };
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let m = m.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                                .body(Full::new(bytes::Bytes::from(m.render())))
-                        } else {
-                            Response::builder()
-                                .status(StatusCode::NOT_FOUND)
-                                .body(Full::new(bytes::Bytes::from_static(b"not found\n")))
-                        };
-                        resp.map_err(std::io::Error::other)
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await;
-            drop(slot);
-        });
-    }
-}
-
 /// A client has this long to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -227,7 +181,7 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
     let ev = match line {
         Ok(Some(line)) => match serde_json::from_str::<ApiRequest>(&line) {
             Ok(ApiRequest::Probe) => ApiEvent::Probe(swarm.probe_report()),
-            Ok(ApiRequest::Tasks) => match swarm.tasks().await {
+            Ok(ApiRequest::Tasks) => match swarm.tasks(usize::MAX).await {
                 Ok(t) => ApiEvent::Tasks(t),
                 Err(e) => inventory_error(e),
             },

@@ -41,6 +41,30 @@ pub struct Progress {
     pub origin_bytes: AtomicU64,
     /// Piece bytes received from parents, failed (corrupt) ones included.
     pub parent_bytes: AtomicU64,
+    /// Where bytes are also counted as they arrive (`starling_bytes_total`), once set.
+    live: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
+}
+
+impl Progress {
+    /// Counts this download's bytes into `m` as they arrive (not only at the end), so a
+    /// scrape during a long download sees them. Set once; later calls change nothing.
+    pub fn count_into(&self, m: &Arc<crate::metrics::Metrics>) {
+        let _ = self.live.set(m.clone());
+    }
+
+    pub fn add_origin(&self, n: u64) {
+        self.origin_bytes.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = self.live.get() {
+            m.add_bytes("origin", n);
+        }
+    }
+
+    pub fn add_parent(&self, n: u64) {
+        self.parent_bytes.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = self.live.get() {
+            m.add_bytes("parent", n);
+        }
+    }
 }
 
 /// Where the content came from.
@@ -214,14 +238,12 @@ impl Fetcher {
             &self.ctx.cfg.source.filtered_query_params,
         )?;
         self.ctx.metrics.started();
+        progress.count_into(&self.ctx.metrics);
         let res = self
             .fetch_task(id, req, progress)
             .instrument(tracing::info_span!("task", %id))
             .await;
         self.ctx.metrics.finished(res.is_ok());
-        self.ctx
-            .metrics
-            .add_bytes("origin", progress.origin_bytes.load(Ordering::Relaxed));
         if let Ok(f) = &res {
             if f.served == Served::Store {
                 self.ctx
@@ -520,9 +542,7 @@ impl Fetcher {
         let (mut cur, mut cur_len) = (Vec::new(), 0u64);
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk?;
-            progress
-                .origin_bytes
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            progress.add_origin(chunk.len() as u64);
             while !chunk.is_empty() {
                 let Some(p) = piece else { break };
                 let need = (p.length - cur_len) as usize;

@@ -164,9 +164,7 @@ pub async fn range_body(
     let mut chunks = Vec::new();
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
-        progress
-            .origin_bytes
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        progress.add_origin(chunk.len() as u64);
         chunks.push(chunk);
     }
     Ok(chunks)

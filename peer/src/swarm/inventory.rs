@@ -165,10 +165,11 @@ impl Downloads {
 const HOLDERS_WAIT: Duration = Duration::from_secs(2);
 
 impl Swarm {
-    /// Every stored task with this node's live state and the schedulers' holder counts.
-    pub async fn tasks(self: &Arc<Self>) -> Result<Vec<TaskInfo>, InventoryError> {
+    /// The stored tasks (the `limit` most recently used), with this node's live state and the
+    /// schedulers' holder counts.
+    pub async fn tasks(self: &Arc<Self>, limit: usize) -> Result<Vec<TaskInfo>, InventoryError> {
         let stored = self.list_store().await?;
-        let infos: Vec<TaskInfo> = futures::stream::iter(stored)
+        let infos: Vec<TaskInfo> = futures::stream::iter(stored.into_iter().take(limit))
             .map(|t| {
                 let s = self.clone();
                 async move { s.info(&t).await }
@@ -177,6 +178,11 @@ impl Swarm {
             .collect()
             .await;
         Ok(infos)
+    }
+
+    /// Verified pieces of a task this node serves, as ranges (see [`ranges`]).
+    pub fn verified_ranges(&self, id: &TaskId) -> Option<String> {
+        self.view(id).map(|v| ranges(&v.bitmap()))
     }
 
     /// One task, named by its ID (or a unique prefix of the hex), its digest or its URL.

@@ -3,7 +3,6 @@
 //! values before it is stored; an origin piece whose values the swarm does not know yet is
 //! stored unchecked for the in-order chain ([`crate::storage::Chainer`]).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,7 +183,7 @@ pub(super) async fn from_parent(
             _ => JobError::Fail(Failure::Reset, "reset"),
         })?;
     let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-    progress.parent_bytes.fetch_add(n, Ordering::Relaxed);
+    progress.add_parent(n);
     verify_and_store(&task, piece, chunks, link).await
 }
 

@@ -88,14 +88,13 @@ impl Swarm {
         let id = TaskId::resolve(&req.url, req.digest, filtered).map_err(FetchError::from)?;
         let metrics = &self.ctx.metrics;
         metrics.started();
+        progress.count_into(metrics);
         let res = self
             .gates
             .one_at_a_time(id, self.pull_gated(id, req, progress))
             .instrument(tracing::info_span!("task", %id))
             .await;
         metrics.finished(res.is_ok());
-        metrics.add_bytes("origin", progress.origin_bytes.load(Ordering::Relaxed));
-        metrics.add_bytes("parent", progress.parent_bytes.load(Ordering::Relaxed));
         match &res {
             Ok(f) => {
                 if f.served == Served::Store {

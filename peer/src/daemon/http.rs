@@ -1,0 +1,255 @@
+//! The daemon's HTTP listener (`daemon.metrics_addr`, hyper, HTTP/1.1):
+//! - `GET /metrics`: Prometheus text;
+//! - `GET /`: the status page (`status.html`, one self-contained file: no scripts or fonts
+//!   from elsewhere, so it works on an air-gapped node);
+//! - `GET /api/status`: what the page draws, as JSON ([`Status`]): this peer, byte totals and
+//!   the last two minutes of throughput (sampled here once a second, so a page opened now
+//!   shows them at once), the most recently used tasks with their piece maps, and the measured
+//!   paths (`starling probe`'s report).
+//!
+//! It listens on loopback by default; the page shows task URLs, so expose it only where the
+//! metrics are exposed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Totals;
+use crate::netprobe::ProbeReport;
+use crate::swarm::inventory::TaskInfo;
+use crate::swarm::Swarm;
+
+const PAGE: &str = include_str!("status.html");
+/// Tasks the page shows (the most recently used).
+const PAGE_TASKS: usize = 50;
+
+/// What `/api/status` answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub peer: String,
+    pub seed: bool,
+    pub version: String,
+    pub uptime_seconds: f64,
+    /// `embedded`, or the configured schedulers.
+    pub schedulers: Vec<String>,
+    pub totals: Totals,
+    /// Throughput over the last [`HISTORY`] seconds, oldest first.
+    pub history: Vec<Sample>,
+    pub tasks: Vec<PageTask>,
+    pub paths: ProbeReport,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PageTask {
+    #[serde(flatten)]
+    pub info: TaskInfo,
+    /// Verified pieces as ranges (`0-511,514`) while not complete.
+    pub have: Option<String>,
+}
+
+/// Throughput in one second, in bytes per second.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the daemon started, at the end of the second.
+    pub t: f64,
+    pub parent: f64,
+    pub origin: f64,
+    pub uploaded: f64,
+}
+
+/// Seconds of throughput kept.
+const HISTORY: usize = 120;
+
+/// The byte totals once a second, for the last [`HISTORY`] seconds.
+#[derive(Default)]
+struct History(std::sync::Mutex<std::collections::VecDeque<(f64, Totals)>>);
+
+impl History {
+    async fn run(self: Arc<Self>, metrics: Arc<crate::metrics::Metrics>, started: Instant) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Ok(mut h) = self.0.lock() {
+                h.push_back((started.elapsed().as_secs_f64(), metrics.totals()));
+                while h.len() > HISTORY + 1 {
+                    h.pop_front();
+                }
+            }
+        }
+    }
+
+    fn rates(&self) -> Vec<Sample> {
+        let Ok(h) = self.0.lock() else {
+            return Vec::new();
+        };
+        let rate = |a: u64, b: u64, dt: f64| b.saturating_sub(a) as f64 / dt;
+        h.iter()
+            .zip(h.iter().skip(1))
+            .map(|((t0, a), (t1, b))| {
+                let dt = (t1 - t0).max(1e-3);
+                Sample {
+                    t: *t1,
+                    parent: rate(a.parent, b.parent, dt),
+                    origin: rate(a.origin, b.origin, dt),
+                    uploaded: rate(a.uploaded, b.uploaded, dt),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Serves the listener until the daemon stops.
+pub async fn serve(listener: tokio::net::TcpListener, swarm: Arc<Swarm>) {
+    let metrics = swarm.context().metrics.clone();
+    let mut guard = crate::accept::Guard::new("metrics", 64, metrics.clone());
+    let started = Instant::now();
+    let history = Arc::new(History::default());
+    let sampler = tokio::spawn(history.clone().run(metrics, started));
+    let _stop_sampler = AbortOnDrop(sampler);
+    loop {
+        let Some(slot) = guard.slot().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                guard.accepted();
+                stream
+            }
+            Err(e) => {
+                drop(slot);
+                guard.failed(&e).await;
+                continue;
+            }
+        };
+        let (swarm, history) = (swarm.clone(), history.clone());
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (swarm, history) = (swarm.clone(), history.clone());
+                    async move {
+                        let page = Page {
+                            swarm: &swarm,
+                            history: &history,
+                            started,
+                        };
+                        page.answer(req.method(), req.uri().path()).await
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(io, service)
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What one request may read.
+struct Page<'a> {
+    swarm: &'a Arc<Swarm>,
+    history: &'a History,
+    started: Instant,
+}
+
+impl Page<'_> {
+    async fn answer(
+        &self,
+        method: &Method,
+        path: &str,
+    ) -> Result<Response<Full<Bytes>>, std::io::Error> {
+        let swarm = self.swarm;
+        if method != Method::GET && method != Method::HEAD {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n".into(),
+            );
+        }
+        match path {
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                swarm.context().metrics.render().into(),
+            ),
+            "/" | "/status" => reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                Bytes::from_static(PAGE.as_bytes()),
+            ),
+            "/api/status" => match serde_json::to_vec(&self.status().await) {
+                Ok(body) => reply(StatusCode::OK, "application/json", body.into()),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n").into(),
+                ),
+            },
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        }
+    }
+
+    async fn status(&self) -> Status {
+        let swarm = self.swarm;
+        let ctx = swarm.context();
+
+        let tasks = swarm
+            .tasks(PAGE_TASKS)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "status page: cannot list the store");
+                Vec::new()
+            })
+            .into_iter()
+            .map(|info| PageTask {
+                have: (info.verified < info.pieces)
+                    .then(|| swarm.verified_ranges(&info.id))
+                    .flatten(),
+                info,
+            })
+            .collect();
+        let schedulers = if ctx.cfg.scheduler.addrs.is_empty() {
+            vec!["embedded".to_string()]
+        } else {
+            ctx.cfg.scheduler.addrs.clone()
+        };
+        Status {
+            peer: swarm.id().to_string(),
+            seed: ctx.cfg.peer.seed,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            schedulers,
+            totals: ctx.metrics.totals(),
+            history: self.history.rates(),
+            tasks,
+            paths: swarm.probe_report(),
+        }
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &str,
+    body: Bytes,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .body(Full::new(body))
+        .map_err(std::io::Error::other)
+}
