@@ -1,5 +1,10 @@
 //! The one configuration file (TOML). Every default lives here, in the `Default` impls, and the
 //! README documents each. Unknown keys are rejected so a typo is an error, not a silent default.
+//!
+//! `${NAME}` (or `${NAME:-default}`) anywhere in the file is replaced by that environment
+//! variable before parsing, so one file serves every node of a DaemonSet (`${HOST_IP}`,
+//! `${NODE_NAME}` from the downward API). An unset variable without a default is an error
+//! naming it; `$${` is a literal `${`.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +22,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+    #[error("config file {path} names ${{{var}}}, which is not set; set it, or write ${{{var}:-default}}")]
+    Unset { path: PathBuf, var: String },
     #[error("config value {key} = {value} is invalid: {why}")]
     Invalid {
         key: &'static str,
@@ -259,9 +266,13 @@ impl Default for PeerConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerSection {
-    /// Schedulers (`host:port`); tasks are split among them by consistent hashing of the task
-    /// ID. Empty (default): the daemon embeds its own scheduler, which answers on its QUIC port.
+    /// Schedulers (`ip:port`, or `name:port`: every address the name resolves to is one
+    /// scheduler, so a Kubernetes headless Service names all replicas); tasks are split among
+    /// them by consistent hashing of the task ID. Empty (default): the daemon embeds its own
+    /// scheduler, which answers on its QUIC port.
     pub addrs: Vec<String>,
+    /// How often names in `addrs` are resolved again (replicas come and go). Default 30.
+    pub resolve_interval_seconds: u64,
     /// Where `starling scheduler` listens (QUIC). Default `0.0.0.0:7960`.
     pub listen: String,
     /// A peer not heard from for this long is forgotten. Default 30.
@@ -274,6 +285,7 @@ impl Default for SchedulerSection {
     fn default() -> Self {
         SchedulerSection {
             addrs: Vec::new(),
+            resolve_interval_seconds: 30,
             listen: "0.0.0.0:7960".into(),
             peer_ttl_seconds: 30,
             fanout: 4.0,
@@ -464,6 +476,43 @@ fn default_data_dir() -> PathBuf {
 /// The config file read when none is named.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/starling/starling.toml";
 
+/// Replaces `${NAME}` and `${NAME:-default}` with `lookup(NAME)` (or the default); `$${` is a
+/// literal `${`. Err: the first variable that is unset and has no default.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at..];
+        if let Some(r) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = r;
+        } else if let Some(r) = after.strip_prefix("${") {
+            let Some(end) = r.find('}') else {
+                out.push_str(after);
+                return Ok(out);
+            };
+            let (name, default) = match r[..end].split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (&r[..end], None),
+            };
+            match lookup(name)
+                .filter(|v| !v.is_empty())
+                .or(default.map(str::to_string))
+            {
+                Some(v) => out.push_str(&v),
+                None => return Err(name.to_string()),
+            }
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 impl Config {
     /// Loads `path`, or the default path if it exists, or the built-in defaults.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -478,6 +527,11 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
+        let text =
+            expand_env(&text, |v| std::env::var(v).ok()).map_err(|var| ConfigError::Unset {
+                path: path.clone(),
+                var,
+            })?;
         let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.clone(),
             source: Box::new(e),
@@ -843,5 +897,29 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn environment_variables_fill_in_the_file() {
+        let env = |v: &str| match v {
+            "HOST_IP" => Some("10.0.0.7".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        assert_eq!(
+            expand_env("advertise = \"${HOST_IP}:7000\"", env).unwrap(),
+            "advertise = \"10.0.0.7:7000\""
+        );
+        assert_eq!(
+            expand_env("zone = \"${ZONE:-}\"", env).unwrap(),
+            "zone = \"\""
+        );
+        assert_eq!(expand_env("r = \"${EMPTY:-a}\"", env).unwrap(), "r = \"a\"");
+        assert_eq!(
+            expand_env("p = \"$5 $${X}\"", env).unwrap(),
+            "p = \"$5 ${X}\""
+        );
+        assert_eq!(expand_env("x = \"${NOPE}\"", env).unwrap_err(), "NOPE");
+        assert_eq!(expand_env("x = \"${open", env).unwrap(), "x = \"${open");
     }
 }

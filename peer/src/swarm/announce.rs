@@ -117,17 +117,14 @@ async fn announce_once(swarm: &Arc<Swarm>) {
             resend(swarm, reply.resend);
         }
         Schedulers::Remote { ring, .. } => {
-            let mut by_owner: HashMap<String, Vec<(TaskId, Holding)>> = swarm
-                .ctx
-                .cfg
-                .scheduler
-                .addrs
-                .iter()
-                .map(|a| (a.clone(), Vec::new()))
+            let mut by_owner: HashMap<String, Vec<(TaskId, Holding)>> = ring
+                .members()
+                .into_iter()
+                .map(|a| (a, Vec::new()))
                 .collect();
             for (id, h) in tasks {
                 if let Some(owner) = ring.owner(&id) {
-                    by_owner.entry(owner.to_string()).or_default().push((id, h));
+                    by_owner.entry(owner).or_default().push((id, h));
                 }
             }
             for (owner, tasks) in by_owner {

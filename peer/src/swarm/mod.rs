@@ -109,7 +109,13 @@ impl Swarm {
             cfg.peer.listen.parse().map_err(|_| {
                 TransportError::Stream(format!("peer.listen {:?}", cfg.peer.listen))
             })?;
-        let first_scheduler = cfg.scheduler.addrs.iter().find_map(|a| a.parse().ok());
+        let schedulers = Schedulers::new(cfg);
+        if let Some(d) = schedulers.directory() {
+            d.refresh().await;
+        }
+        let first_scheduler = schedulers
+            .directory()
+            .and_then(|d| d.members().iter().find_map(|a| a.parse().ok()));
         // Peers are authenticated by the CA's signature; the certificate's common name is
         // informational (the peer ID is the advertised address, known only after binding).
         let identity = ca.issue("starling-peer")?;
@@ -120,7 +126,7 @@ impl Swarm {
         let swarm = Arc::new(Swarm {
             me: addr.to_string(),
             addr,
-            schedulers: Schedulers::new(cfg),
+            schedulers,
             served: serve::Registry::new(cfg.peer.upload_limit_mbps),
             fetcher,
             node,
@@ -153,6 +159,14 @@ impl Swarm {
             }
         });
         tokio::spawn(announce::run(swarm.clone()));
+        if swarm.schedulers.directory().is_some() {
+            let every =
+                std::time::Duration::from_secs(swarm.ctx.cfg.scheduler.resolve_interval_seconds);
+            tokio::spawn(schedulers::Directory::keep_resolving(
+                Arc::downgrade(&swarm),
+                every,
+            ));
+        }
         tokio::spawn(upkeep::run(Arc::downgrade(&swarm)));
         tokio::spawn(swarm.clone().resume_serving());
         tracing::info!(peer = %swarm.me, seed = swarm.ctx.cfg.peer.seed, embedded_scheduler = swarm.schedulers.is_embedded(), "peer listening (QUIC, mutual TLS)");

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,9 +27,90 @@ pub(super) enum Schedulers {
     Embedded(Arc<SchedulerService>),
     /// Remote schedulers, tasks split by consistent hashing.
     Remote {
-        ring: Ring,
+        ring: Directory,
         conns: tokio::sync::Mutex<HashMap<String, Parent>>,
     },
+}
+
+/// The remote schedulers: the configured `ip:port`s, and every address the configured names
+/// resolve to (resolved again every `scheduler.resolve_interval_seconds`), on one ring.
+pub(super) struct Directory {
+    configured: Vec<String>,
+    /// The members (`ip:port`, sorted) and their ring.
+    current: RwLock<(Vec<String>, Ring)>,
+}
+
+impl Directory {
+    fn new(configured: &[String]) -> Directory {
+        // Literal addresses are members at once; names once resolved.
+        let literal: Vec<String> = configured
+            .iter()
+            .filter(|a| a.parse::<SocketAddr>().is_ok())
+            .cloned()
+            .collect();
+        Directory {
+            configured: configured.to_vec(),
+            current: RwLock::new((literal.clone(), Ring::new(&literal))),
+        }
+    }
+
+    /// The scheduler that owns `task`.
+    pub(super) fn owner(&self, task: &TaskId) -> Option<String> {
+        let c = self.current.read().unwrap_or_else(|p| p.into_inner());
+        c.1.owner(task).map(str::to_string)
+    }
+
+    pub(super) fn members(&self) -> Vec<String> {
+        let c = self.current.read().unwrap_or_else(|p| p.into_inner());
+        c.0.clone()
+    }
+
+    /// Resolves the configured names again; a name that does not resolve now keeps the
+    /// addresses it had. True when the members changed.
+    pub(super) async fn refresh(&self) -> bool {
+        let old = self.members();
+        let mut members = Vec::new();
+        for a in &self.configured {
+            if a.parse::<SocketAddr>().is_ok() {
+                members.push(a.clone());
+                continue;
+            }
+            match tokio::time::timeout(SCHEDULER_TIMEOUT, tokio::net::lookup_host(a.as_str())).await
+            {
+                Ok(Ok(addrs)) => members.extend(addrs.map(|s| s.to_string())),
+                Ok(Err(e)) => {
+                    tracing::warn!(scheduler = %a, error = %e, "cannot resolve a scheduler name; keeping its last addresses");
+                    members.extend(old.iter().filter(|m| !self.configured.contains(m)).cloned());
+                }
+                Err(_) => {
+                    tracing::warn!(scheduler = %a, "resolving a scheduler name timed out; keeping its last addresses");
+                    members.extend(old.iter().filter(|m| !self.configured.contains(m)).cloned());
+                }
+            }
+        }
+        members.sort();
+        members.dedup();
+        if members == old {
+            return false;
+        }
+        tracing::info!(schedulers = ?members, "scheduler members changed");
+        let ring = Ring::new(&members);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (members, ring);
+        true
+    }
+
+    /// Resolves the names every `every` for as long as the swarm lives.
+    pub(super) async fn keep_resolving(swarm: std::sync::Weak<Swarm>, every: Duration) {
+        let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let Some(s) = swarm.upgrade() else { return };
+            if let Schedulers::Remote { ring, .. } = &s.schedulers {
+                ring.refresh().await;
+            }
+        }
+    }
 }
 
 impl Schedulers {
@@ -38,9 +119,17 @@ impl Schedulers {
             Schedulers::Embedded(SchedulerService::new(scheduler_config(cfg)))
         } else {
             Schedulers::Remote {
-                ring: Ring::new(&cfg.scheduler.addrs),
+                ring: Directory::new(&cfg.scheduler.addrs),
                 conns: tokio::sync::Mutex::new(HashMap::new()),
             }
+        }
+    }
+
+    /// The remote schedulers' directory (None: embedded).
+    pub(super) fn directory(&self) -> Option<&Directory> {
+        match self {
+            Schedulers::Remote { ring, .. } => Some(ring),
+            Schedulers::Embedded(_) => None,
         }
     }
 
@@ -98,7 +187,7 @@ impl Swarm {
         match &self.schedulers {
             Schedulers::Embedded(s) => Ok(s.candidates(&task, call)),
             Schedulers::Remote { ring, .. } => {
-                let owner = ring.owner(&task).unwrap_or_default().to_string();
+                let owner = ring.owner(&task).unwrap_or_default();
                 let body =
                     serde_json::to_vec(call).map_err(|e| TransportError::Stream(e.to_string()))?;
                 let reply = self
@@ -115,7 +204,7 @@ impl Swarm {
     pub(super) fn scheduler_for(&self, task: &TaskId) -> String {
         match &self.schedulers {
             Schedulers::Embedded(_) => "embedded".into(),
-            Schedulers::Remote { ring, .. } => ring.owner(task).unwrap_or_default().to_string(),
+            Schedulers::Remote { ring, .. } => ring.owner(task).unwrap_or_default(),
         }
     }
 
@@ -197,4 +286,29 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
     node.close();
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn scheduler_names_resolve_to_every_address_and_keep_them_when_resolution_fails() {
+        let d = Directory::new(&[
+            "localhost:7960".to_string(),
+            "10.1.2.3:7960".to_string(),
+            "starling-no-such-host.invalid:7960".to_string(),
+        ]);
+        // Literal addresses count at once.
+        assert_eq!(d.members(), vec!["10.1.2.3:7960".to_string()]);
+        assert!(d.refresh().await);
+        let m = d.members();
+        assert!(m.contains(&"127.0.0.1:7960".to_string()), "{m:?}");
+        assert!(m.contains(&"10.1.2.3:7960".to_string()), "{m:?}");
+        let task = TaskId::for_content(crate::core::Digest::of(b"x"));
+        assert!(m.contains(&d.owner(&task).expect("an owner")));
+        // Nothing changed: no new ring.
+        assert!(!d.refresh().await);
+        assert_eq!(d.members(), m);
+    }
 }
