@@ -49,6 +49,31 @@ pub struct Config {
     pub netprobe: NetprobeConfig,
     pub hf: HfConfig,
     pub s3: S3Config,
+    pub kubernetes: KubernetesConfig,
+}
+
+/// Running in Kubernetes: the node's topology labels become `peer.zone` and `peer.rack`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// This pod's node (`${NODE_NAME}` from the downward API). Set: at start the daemon reads
+    /// the node's labels through the API (the pod's service account needs `get` on `nodes`)
+    /// and fills `peer.zone` and `peer.rack` where they are empty. Default: empty (off).
+    pub node_name: String,
+    /// The node label naming its zone. Default `topology.kubernetes.io/zone`.
+    pub zone_label: String,
+    /// The node label naming its rack. Default `topology.kubernetes.io/rack`.
+    pub rack_label: String,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            node_name: String::new(),
+            zone_label: "topology.kubernetes.io/zone".into(),
+            rack_label: "topology.kubernetes.io/rack".into(),
+        }
+    }
 }
 
 /// The Hugging Face Hub: `starling get hf://...`, and the `HF_ENDPOINT` mirror on
@@ -410,6 +435,7 @@ impl Default for Config {
             netprobe: NetprobeConfig::default(),
             hf: HfConfig::default(),
             s3: S3Config::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! context     NodeContext: config, store, origin client, metrics
 //! source      HTTP(S) origin client with checked Range requests
 //! storage     io_uring piece store, crash-safe records, leases, GC, upload views
+//! kube        the in-cluster Kubernetes API: node labels, the CA Secret
 //! metrics, config, accept (listeners that back off and cap connections)
 //! core        Digest, TaskId, PiecePlan, Manifest, Request (used by every layer)
 //! ```
@@ -27,6 +28,7 @@ pub mod daemon;
 pub mod engine;
 pub mod fetch;
 pub mod hub;
+pub mod kube;
 pub mod metrics;
 pub mod netprobe;
 pub mod proxy;

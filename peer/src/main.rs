@@ -63,6 +63,11 @@ enum Command {
     Ca {
         /// Directory for ca.pem and ca.key.
         dir: PathBuf,
+        /// Also store the pair as Kubernetes Secret NAME (keys ca.pem, ca.key) in this pod's
+        /// namespace, unless it exists (the chart's pre-install Job; needs `create` on
+        /// `secrets`). An existing Secret is kept as it is.
+        #[arg(long, value_name = "NAME")]
+        kube_secret: Option<String>,
     },
     /// The running daemon's network paths, per peer connection: path MTU (and where it was
     /// measured: ICMP, eBPF or QUIC), RTT, loss, congestion window. Exit code 7 when no daemon
@@ -171,7 +176,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Gc => cli::admin::gc(cfg, quiet),
         Command::Daemon => rt.block_on(cli::admin::daemon(cfg)),
         Command::Scheduler => rt.block_on(cli::admin::scheduler(cfg)),
-        Command::Ca { dir } => cli::admin::ca(&dir),
+        Command::Ca { dir, kube_secret } => {
+            cli::admin::ca(&dir)?;
+            match kube_secret {
+                Some(name) => rt.block_on(cli::admin::ca_secret(&dir, &name)),
+                None => Ok(()),
+            }
+        }
         Command::Probe { json } => rt.block_on(cli::admin::probe(&cfg, json)),
         Command::Tasks { json } => rt.block_on(cli::tasks::list(&cfg, json)),
         Command::Stat { task, json } => rt.block_on(cli::tasks::stat(&cfg, task, json)),

@@ -7,6 +7,7 @@ mod cluster;
 mod fault;
 pub mod garage;
 pub mod hub;
+pub mod kube;
 mod lab;
 pub mod netlab;
 mod netns;
@@ -387,39 +388,43 @@ impl Daemon {
     /// Starts the daemon with its open-file limit (soft and hard) at `nofile`, and waits.
     pub fn start_limited(s: &Scratch, nofile: u64) -> Daemon {
         use std::os::unix::process::CommandExt;
-        let socket = s.data_dir().join("starling.sock");
-        let log = std::fs::File::create(s.path().join("daemon.log")).expect("daemon log");
-        let mut cmd = s.starling_in_ns();
-        cmd.args(["-v", "daemon"]).stderr(log);
-        // SAFETY: only setrlimit between fork and exec, which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                let l = libc::rlimit {
-                    rlim_cur: nofile,
-                    rlim_max: nofile,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("start the daemon");
-        let mut d = Daemon { child, socket };
+        Daemon::start_with(s, |cmd| {
+            // SAFETY: only setrlimit between fork and exec, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: nofile,
+                        rlim_max: nofile,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        })
+    }
+
+    /// Starts the daemon with `configure` applied to its command (environment, limits), and
+    /// waits.
+    pub fn start_with(s: &Scratch, configure: impl FnOnce(&mut Command)) -> Daemon {
+        let mut d = Daemon::spawn_with(s, configure);
         d.wait_ready(s);
         d
     }
 
     /// Starts the daemon without waiting for it (see [`Daemon::wait_ready`]).
     pub fn spawn(s: &Scratch) -> Daemon {
+        Daemon::spawn_with(s, |_| {})
+    }
+
+    fn spawn_with(s: &Scratch, configure: impl FnOnce(&mut Command)) -> Daemon {
         let socket = s.data_dir().join("starling.sock");
         let log = std::fs::File::create(s.path().join("daemon.log")).expect("daemon log");
-        let child = s
-            .starling_in_ns()
-            .args(["-v", "daemon"])
-            .stderr(log)
-            .spawn()
-            .expect("start the daemon");
+        let mut cmd = s.starling_in_ns();
+        cmd.args(["-v", "daemon"]).stderr(log);
+        configure(&mut cmd);
+        let child = cmd.spawn().expect("start the daemon");
         Daemon { child, socket }
     }
 

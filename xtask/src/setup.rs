@@ -46,11 +46,39 @@ const HF_HUB_VERSION: &str = "2.4.0";
 /// (lmdb metadata only: the tests need no more, and it builds in about 5 minutes).
 const GARAGE_VERSION: &str = "2.5.0";
 
+/// The chart's checks, from PyPI, pinned: Helm v4's engine as a library (render, lint) and the
+/// Kubernetes schemas.
+const DEPLOY_PIP: &[(&str, &str, &str)] = &[
+    ("helm-python-sdk", "helm_python", "0.2.2"),
+    ("kubernetes-validate", "kubernetes_validate", "1.37.0"),
+];
+
 pub fn run() -> Result<()> {
     ensure_ebpf_toolchain()?;
     ensure_apt_packages()?;
     ensure_model_tools()?;
+    ensure_deploy_tools()?;
     ensure_tracefs();
+    Ok(())
+}
+
+/// [`DEPLOY_PIP`], for the chart's tests.
+pub fn ensure_deploy_tools() -> Result<()> {
+    for (package, module, version) in DEPLOY_PIP {
+        let check = format!(
+            "import importlib.metadata as m, {module}, sys; sys.exit(m.version({package:?}) != {version:?})"
+        );
+        if !quiet_ok(Command::new("python3").args(["-c", &check])) {
+            sh(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--root-user-action=ignore",
+                &format!("{package}=={version}"),
+            ]))?;
+        }
+    }
     Ok(())
 }
 

@@ -50,6 +50,42 @@ pub fn ca(dir: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `starling ca DIR --kube-secret NAME`: the pair in DIR as a Secret, unless one exists.
+pub async fn ca_secret(dir: &Path, name: &str) -> Result<(), Failure> {
+    let read = |f: &str| {
+        std::fs::read(dir.join(f)).map_err(|e| {
+            Failure(
+                exit::LOCAL,
+                anyhow::anyhow!("{}: {e}", dir.join(f).display()),
+            )
+        })
+    };
+    let data = [("ca.pem", read("ca.pem")?), ("ca.key", read("ca.key")?)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let labels = [
+        ("app.kubernetes.io/name", "starling"),
+        ("app.kubernetes.io/component", "ca"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let kube = starling::kube::InCluster::from_env().map_err(|e| Failure(exit::USAGE, e.into()))?;
+    let ns = kube.namespace().to_string();
+    match kube
+        .create_secret(name, &labels, &data)
+        .await
+        .map_err(|e| Failure(exit::NETWORK, e.into()))?
+    {
+        starling::kube::Created::Created => println!("created Secret {ns}/{name}"),
+        starling::kube::Created::Exists => {
+            println!("Secret {ns}/{name} exists; kept as it is (the cluster keeps its CA)")
+        }
+    }
+    Ok(())
+}
+
 /// `starling probe`: the running daemon's path report. Without a daemon: exit code 7.
 pub async fn probe(cfg: &Config, json: bool) -> Result<(), Failure> {
     let socket = cfg.socket_path();
@@ -81,7 +117,8 @@ pub async fn probe(cfg: &Config, json: bool) -> Result<(), Failure> {
 }
 
 /// `starling daemon`, until SIGTERM or SIGINT.
-pub async fn daemon(cfg: Config) -> Result<(), Failure> {
+pub async fn daemon(mut cfg: Config) -> Result<(), Failure> {
+    starling::kube::apply_node_labels(&mut cfg).await;
     daemon::run(cfg).await.map_err(|e| {
         let code = match &e {
             daemon::DaemonError::Fetch(f) => f.exit_code(),

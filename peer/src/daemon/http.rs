@@ -32,6 +32,9 @@ const PAGE_TASKS: usize = 50;
 pub struct Status {
     pub peer: String,
     pub seed: bool,
+    /// Where the scheduler places this node (`peer.zone`, `peer.rack`).
+    pub zone: String,
+    pub rack: String,
     pub version: String,
     pub uptime_seconds: f64,
     /// `embedded`, or the configured schedulers.
@@ -230,6 +233,8 @@ impl Page<'_> {
         Status {
             peer: swarm.id().to_string(),
             seed: ctx.cfg.peer.seed,
+            zone: ctx.cfg.peer.zone.clone(),
+            rack: ctx.cfg.peer.rack.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             schedulers,
