@@ -6,9 +6,11 @@
 //! - `demo`: the main job: a live swarm (origin, scheduler, seed, 4 peers) distributing a file.
 //! - `bench ...`: every benchmark, under [`bench`] with its shared harness.
 //! - `netlab`: builds one namespace topology and checks its path MTU.
+//! - `image`: the container image, as an OCI layout tar (docker load, ctr images import).
 
 mod bench;
 mod demo;
+mod image;
 mod netlab;
 mod setup;
 
@@ -45,6 +47,8 @@ enum Cmd {
     Bench(bench::Bench),
     /// Build a namespace topology (clean, dind, vxlan, jumbo, lossy) and check its path MTU.
     Netlab(netlab::Args),
+    /// Build the container image (OCI layout tar, no Dockerfile or daemon needed).
+    Image(image::Args),
 }
 
 fn main() -> Result<()> {
@@ -55,6 +59,7 @@ fn main() -> Result<()> {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(b) => bench::run(b),
         Cmd::Netlab(a) => netlab::run(a),
+        Cmd::Image(a) => image::run(a),
     }
 }
 
