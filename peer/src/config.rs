@@ -5,6 +5,9 @@
 //! variable before parsing, so one file serves every node of a DaemonSet (`${HOST_IP}`,
 //! `${NODE_NAME}` from the downward API). An unset variable without a default is an error
 //! naming it; `$${` is a literal `${`.
+//!
+//! `include = ["other.toml", ...]` merges those files over this one, key by key (tables merge,
+//! other values are replaced), in order: the Helm chart's generated file includes the user's.
 
 use std::path::{Path, PathBuf};
 
@@ -502,6 +505,30 @@ fn default_data_dir() -> PathBuf {
 /// The config file read when none is named.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/starling/starling.toml";
 
+/// One file's table, its `${VAR}`s filled in.
+fn read_table(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
+    let text = expand_env(text, |v| std::env::var(v).ok()).map_err(|var| ConfigError::Unset {
+        path: path.to_path_buf(),
+        var,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
+}
+
+/// `over`'s keys over `base`'s: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
 /// Replaces `${NAME}` and `${NAME:-default}` with `lookup(NAME)` (or the default); `$${` is a
 /// literal `${`. Err: the first variable that is unset and has no default.
 pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
@@ -553,15 +580,32 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let text =
-            expand_env(&text, |v| std::env::var(v).ok()).map_err(|var| ConfigError::Unset {
-                path: path.clone(),
-                var,
+        let mut table = read_table(&path, &text)?;
+        // `include = [FILE, ...]`: each file's keys are merged over this one's, in order.
+        if let Some(inc) = table.remove("include") {
+            let files: Vec<PathBuf> = inc.try_into().map_err(|_| ConfigError::Invalid {
+                key: "include",
+                value: path.display().to_string(),
+                why: "must be a list of file paths",
             })?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
+            for f in files {
+                let f = match f.is_absolute() {
+                    true => f,
+                    false => path.parent().unwrap_or(Path::new("/")).join(f),
+                };
+                let text = std::fs::read_to_string(&f).map_err(|source| ConfigError::Read {
+                    path: f.clone(),
+                    source,
+                })?;
+                merge(&mut table, read_table(&f, &text)?);
+            }
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| ConfigError::Parse {
+                path: path.clone(),
+                source: Box::new(e),
+            })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -947,5 +991,31 @@ mod tests {
         );
         assert_eq!(expand_env("x = \"${NOPE}\"", env).unwrap_err(), "NOPE");
         assert_eq!(expand_env("x = \"${open", env).unwrap(), "x = \"${open");
+    }
+
+    #[test]
+    fn included_files_merge_over_the_main_one_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("main.toml");
+        std::fs::write(
+            &main,
+            "include = [\"extra.toml\"]\n[peer]\nlisten = \"0.0.0.0:7950\"\nseed = true\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("extra.toml"),
+            "[peer]\nseed = false\n[source]\nconcurrency = 9\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&main)).unwrap();
+        assert_eq!(cfg.peer.listen, "0.0.0.0:7950");
+        assert!(!cfg.peer.seed);
+        assert_eq!(cfg.source.concurrency, 9);
+        std::fs::write(dir.path().join("extra.toml"), "[peer]\nsed = 1\n").unwrap();
+        let e = Config::load(Some(&main)).unwrap_err().to_string();
+        assert!(e.contains("sed"), "{e}");
+        std::fs::remove_file(dir.path().join("extra.toml")).unwrap();
+        let e = Config::load(Some(&main)).unwrap_err().to_string();
+        assert!(e.contains("extra.toml"), "{e}");
     }
 }

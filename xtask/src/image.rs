@@ -89,7 +89,11 @@ fn build(bin_dir: &Path, out: &Path, name: &str) -> Result<PathBuf> {
     );
     for lib in linked_libraries(&bin)? {
         let content = std::fs::read(&lib).with_context(|| format!("{}", lib.display()))?;
-        add(lib.to_string_lossy().trim_start_matches('/'), 0o755, Some(content));
+        add(
+            lib.to_string_lossy().trim_start_matches('/'),
+            0o755,
+            Some(content),
+        );
     }
     let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
     add(
@@ -98,8 +102,16 @@ fn build(bin_dir: &Path, out: &Path, name: &str) -> Result<PathBuf> {
         Some(std::fs::read(bundle).context("the CA bundle (apt: ca-certificates)")?),
     );
     add("etc/passwd", 0o644, Some(b"root:x:0:0:root:/root:/nonexistent\nnobody:x:65534:65534:nobody:/nonexistent:/nonexistent\n".to_vec()));
-    add("etc/group", 0o644, Some(b"root:x:0:\nnogroup:x:65534:\n".to_vec()));
-    add("etc/nsswitch.conf", 0o644, Some(b"hosts: files dns\n".to_vec()));
+    add(
+        "etc/group",
+        0o644,
+        Some(b"root:x:0:\nnogroup:x:65534:\n".to_vec()),
+    );
+    add(
+        "etc/nsswitch.conf",
+        0o644,
+        Some(b"hosts: files dns\n".to_vec()),
+    );
     add("tmp", 0o1777, None);
     add("etc/starling", 0o755, None);
     add("var/lib/starling", 0o755, None);
@@ -183,7 +195,10 @@ fn build(bin_dir: &Path, out: &Path, name: &str) -> Result<PathBuf> {
             },
         );
     };
-    put("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec());
+    put(
+        "oci-layout".into(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    );
     put("index.json".into(), index);
     put("manifest.json".into(), docker);
     put(blob(&config), config.clone());
@@ -207,8 +222,8 @@ fn build(bin_dir: &Path, out: &Path, name: &str) -> Result<PathBuf> {
 /// `docker.io/library/starling:0.1.0` for `starling:0.1.0` (containerd names images in full).
 fn full_reference(name: &str) -> String {
     let first = name.split('/').next().unwrap_or_default();
-    let has_registry = name.contains('/')
-        && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_registry =
+        name.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     if has_registry {
         name.to_string()
     } else if name.contains('/') {
@@ -240,7 +255,11 @@ fn stripped(bin: &Path) -> Result<Vec<u8>> {
 fn linked_libraries(bin: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(bin).output().context("run ldd")?;
     if !out.status.success() {
-        bail!("ldd {} failed: {}", bin.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "ldd {} failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut libs = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -290,9 +309,18 @@ mod tests {
 
     #[test]
     fn short_names_are_completed_as_containerd_does() {
-        assert_eq!(full_reference("starling:0.1.0"), "docker.io/library/starling:0.1.0");
-        assert_eq!(full_reference("acme/starling:1"), "docker.io/acme/starling:1");
-        assert_eq!(full_reference("ghcr.io/acme/starling:1"), "ghcr.io/acme/starling:1");
+        assert_eq!(
+            full_reference("starling:0.1.0"),
+            "docker.io/library/starling:0.1.0"
+        );
+        assert_eq!(
+            full_reference("acme/starling:1"),
+            "docker.io/acme/starling:1"
+        );
+        assert_eq!(
+            full_reference("ghcr.io/acme/starling:1"),
+            "ghcr.io/acme/starling:1"
+        );
         assert_eq!(full_reference("localhost:5000/s:1"), "localhost:5000/s:1");
     }
 }

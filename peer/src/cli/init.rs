@@ -19,6 +19,17 @@ pub enum InitCommand {
         /// containerd's hosts directory.
         #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
         hosts_dir: PathBuf,
+        /// containerd's config file, checked for a `config_path` that reads DIR (a missing
+        /// file is skipped with a note).
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/etc/containerd/config.toml"
+        )]
+        containerd_config: PathBuf,
+        /// Exit with code 2 when containerd's config would ignore the files.
+        #[arg(long)]
+        strict: bool,
         /// Write the files (an existing one is kept as FILE.bak) instead of printing them.
         #[arg(long)]
         write: bool,
@@ -52,9 +63,33 @@ pub fn run(cfg: &Config, what: InitCommand) -> anyhow::Result<()> {
         InitCommand::Containerd {
             registries,
             hosts_dir,
+            containerd_config,
+            strict,
             write,
         } => {
             let files = init::containerd(&cfg.proxy, &registries, &hosts_dir)?;
+            match std::fs::read_to_string(&containerd_config) {
+                Ok(text) => {
+                    let problems = init::check_containerd(&text, &hosts_dir).map_err(|e| {
+                        anyhow::anyhow!("{} is not TOML: {e}", containerd_config.display())
+                    })?;
+                    for p in &problems {
+                        eprintln!("warning: {}: {p}", containerd_config.display());
+                    }
+                    if strict && !problems.is_empty() {
+                        anyhow::bail!(
+                            "containerd ({}) would not use the mirror; see the warnings above",
+                            containerd_config.display()
+                        );
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => eprintln!(
+                    "note: {} does not exist; make sure containerd's config_path is {:?}",
+                    containerd_config.display(),
+                    hosts_dir
+                ),
+                Err(e) => anyhow::bail!("cannot read {}: {e}", containerd_config.display()),
+            }
             let note = format!(
                 "containerd reads these when its CRI registry config_path is {:?} \
                  ([plugins.\"io.containerd.grpc.v1.cri\".registry] config_path); \

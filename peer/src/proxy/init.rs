@@ -66,6 +66,66 @@ pub fn containerd(
         .collect()
 }
 
+/// What in containerd's `config.toml` (`text`) keeps it from reading the `hosts.toml` files
+/// in `hosts_dir`; empty when nothing does. Config version 2 (containerd 1.x) keeps
+/// `config_path` under `plugins."io.containerd.grpc.v1.cri".registry`, version 3 (2.x) under
+/// `plugins."io.containerd.cri.v1.images".registry`. containerd 2.1+ pulls through its
+/// transfer service unless `use_local_image_pull = true`, and that path takes `config_path`
+/// as one directory, not a `:`-separated list (containerd issues 12415 and 12636; Spegel
+/// issue 1272): a list silently disables every mirror.
+pub fn check_containerd(text: &str, hosts_dir: &Path) -> Result<Vec<String>, String> {
+    let doc: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let version = doc.get("version").and_then(|v| v.as_integer()).unwrap_or(1);
+    let plugins = doc.get("plugins").and_then(|p| p.as_table());
+    let (section, images) = if version >= 3 {
+        (
+            "plugins.\"io.containerd.cri.v1.images\".registry",
+            plugins.and_then(|p| p.get("io.containerd.cri.v1.images")),
+        )
+    } else {
+        (
+            "plugins.\"io.containerd.grpc.v1.cri\".registry",
+            plugins.and_then(|p| p.get("io.containerd.grpc.v1.cri")),
+        )
+    };
+    let registry = images
+        .and_then(|i| i.get("registry"))
+        .and_then(|r| r.as_table());
+    let dir = hosts_dir.display().to_string();
+    let mut problems = Vec::new();
+    let config_path = registry
+        .and_then(|r| r.get("config_path"))
+        .and_then(|c| c.as_str());
+    match config_path {
+        None | Some("") => problems.push(format!(
+            "containerd reads no hosts.toml: set config_path = {dir:?} under [{section}] and restart containerd"
+        )),
+        Some(p) if !p.split(':').any(|d| d.trim_end_matches('/') == dir.trim_end_matches('/')) => {
+            problems.push(format!(
+                "containerd reads hosts.toml from {p:?}, not {dir:?}: write the files there (--hosts-dir {p:?}) or set config_path = {dir:?} under [{section}]"
+            ))
+        }
+        Some(p) if p.contains(':') && version >= 3 => {
+            let local = images
+                .and_then(|i| i.get("use_local_image_pull"))
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            if !local {
+                problems.push(format!(
+                    "config_path = {p:?} is a list: containerd 2.1+ pulls through its transfer service, which takes it as one directory and then uses no mirror; set config_path = {dir:?} alone, or use_local_image_pull = true under [plugins.\"io.containerd.cri.v1.images\"]"
+                ));
+            }
+        }
+        Some(_) => {}
+    }
+    if registry.is_some_and(|r| r.contains_key("mirrors")) {
+        problems.push(format!(
+            "[{section}.mirrors] is set: containerd uses either mirrors or config_path (2.2 refuses both); move the mirrors to hosts.toml files"
+        ));
+    }
+    Ok(problems)
+}
+
 /// Docker's `daemon.json` with the mirror added to `registry-mirrors` (first), every other
 /// setting kept. Docker uses mirrors for Docker Hub images only; see [`docker_proxy`] for the
 /// rest.
@@ -201,5 +261,38 @@ mod tests {
     fn docker_proxy_drop_in() {
         let p = docker_proxy(&cfg(), Path::new("/etc/systemd/system/docker.service.d")).unwrap();
         assert!(p.contents.contains("HTTPS_PROXY=http://127.0.0.1:65001"));
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        check_containerd(text, Path::new("/etc/containerd/certs.d")).expect("parses")
+    }
+
+    #[test]
+    fn containerd_configs_that_ignore_the_mirror_are_named() {
+        // containerd 1.x (v2) and 2.x (v3) pointing at the hosts directory: fine.
+        let v2 = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
+        assert!(problems(v2).is_empty(), "{:?}", problems(v2));
+        let v3 = "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\nconfig_path = '/etc/containerd/certs.d'\n";
+        assert!(problems(v3).is_empty());
+        // No config_path, another directory, a list under the transfer service, mirrors.
+        assert!(problems("version = 2\n")[0].contains("reads no hosts.toml"));
+        let other = v2.replace("/etc/containerd/certs.d", "/etc/docker/certs.d");
+        assert!(problems(&other)[0].contains("not \"/etc/containerd/certs.d\""));
+        let eks = v3.replace(
+            "'/etc/containerd/certs.d'",
+            "'/etc/containerd/certs.d:/etc/docker/certs.d'",
+        );
+        assert!(
+            problems(&eks)[0].contains("transfer service"),
+            "{:?}",
+            problems(&eks)
+        );
+        let local = eks.replace("[plugins.'io.containerd.cri.v1.images'.registry]", "[plugins.'io.containerd.cri.v1.images']\nuse_local_image_pull = true\n[plugins.'io.containerd.cri.v1.images'.registry]");
+        assert!(problems(&local).is_empty(), "{:?}", problems(&local));
+        let mirrors = format!("{v2}[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\nendpoint = [\"https://x\"]\n");
+        assert!(problems(&mirrors)
+            .iter()
+            .any(|p| p.contains("mirrors or config_path")));
+        assert!(check_containerd("not toml [", Path::new("/x")).is_err());
     }
 }
