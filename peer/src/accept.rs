@@ -9,6 +9,8 @@
 //!   held under a share of the open-file limit ([`within_fd_limit`]: half for the proxy, a
 //!   quarter for the API).
 //! - [`raise_nofile_limit`] lifts the soft open-file limit to the hard one at start.
+//! - [`serve_http`]: the small HTTP listeners (the daemon's metrics and status page, the
+//!   scheduler's health) on such a loop, at most 64 connections each.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,6 +75,67 @@ impl Guard {
         tokio::time::sleep(self.wait).await;
         self.wait = (self.wait * 2).min(MAX_WAIT);
     }
+}
+
+/// An HTTP answer from [`serve_http`]'s handler.
+pub type HttpReply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
+
+/// Serves HTTP/1.1 on `listener` (a metric label `name`), each request answered by
+/// `handler(method, path)`, until the task is dropped. A client has 10 s to send its headers.
+pub async fn serve_http<F, Fut>(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+    metrics: Arc<Metrics>,
+    handler: F,
+) where
+    F: Fn(hyper::Method, String) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = HttpReply> + Send + 'static,
+{
+    let mut guard = Guard::new(name, 64, metrics);
+    loop {
+        let Some(slot) = guard.slot().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                guard.accepted();
+                stream
+            }
+            Err(e) => {
+                drop(slot);
+                guard.failed(&e).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let reply = handler(req.method().clone(), req.uri().path().to_string());
+                    async move { Ok::<_, std::convert::Infallible>(reply.await) }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+/// A reply with `status`, `content_type` and `body`, never cached.
+pub fn http_reply(status: hyper::StatusCode, content_type: &str, body: bytes::Bytes) -> HttpReply {
+    let mut r = hyper::Response::new(http_body_util::Full::new(body));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 /// `max`, but at most `share` of the process's open-file limit: a listener's cap must leave

@@ -303,6 +303,9 @@ pub struct SchedulerSection {
     pub resolve_interval_seconds: u64,
     /// Where `starling scheduler` listens (QUIC). Default `0.0.0.0:7960`.
     pub listen: String,
+    /// Where `starling scheduler` serves `/healthz` and `/metrics` (HTTP); empty: nowhere.
+    /// Default `127.0.0.1:9465`.
+    pub metrics_addr: String,
     /// A peer not heard from for this long is forgotten. Default 30.
     pub peer_ttl_seconds: u64,
     /// Children a parent is expected to feed at once before its rank falls. Default 4.
@@ -315,6 +318,7 @@ impl Default for SchedulerSection {
             addrs: Vec::new(),
             resolve_interval_seconds: 30,
             listen: "0.0.0.0:7960".into(),
+            metrics_addr: "127.0.0.1:9465".into(),
             peer_ttl_seconds: 30,
             fanout: 4.0,
         }

@@ -45,10 +45,14 @@ impl NodeContext {
     /// Blocking file-system work: call it off the async runtime's workers.
     pub fn collect_garbage(&self) {
         match self.store.gc(&self.cfg.gc, SystemTime::now()) {
-            Ok(r) if !r.evicted.is_empty() => {
-                tracing::info!(evicted = r.evicted.len(), "garbage collected")
+            Ok(r) => {
+                if let Some(u) = r.after {
+                    self.metrics.store_usage(u.used, u.capacity);
+                }
+                if !r.evicted.is_empty() {
+                    tracing::info!(evicted = r.evicted.len(), "garbage collected")
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
         }
     }

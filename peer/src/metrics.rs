@@ -2,7 +2,8 @@
 //!
 //! Series: bytes downloaded by source (parent, origin, local store) and uploaded; failed origin
 //! requests and failed parent pieces by cause; tasks downloading, served and finished;
-//! per-parent throughput; parents blacklisted; answers to other peers' news long-polls.
+//! per-parent throughput; parents blacklisted; answers to other peers' news long-polls; the
+//! store's usage; failed scheduler calls.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -39,6 +40,9 @@ pub struct Metrics {
     proxy_bytes: Family<Labels, Counter>,
     proxy_aborts: Family<Labels, Counter>,
     accept_failures: Family<Labels, Counter>,
+    store_used: Gauge<i64, std::sync::atomic::AtomicI64>,
+    store_capacity: Gauge<i64, std::sync::atomic::AtomicI64>,
+    scheduler_errors: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -140,7 +144,28 @@ impl Metrics {
             "Failed accepts on a listener (proxy, api, metrics), such as running out of file descriptors",
             accept_failures.clone(),
         );
+        let store_used = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "store_used_bytes",
+            "Bytes the store uses, as GC last measured it (of gc.capacity_bytes, else of the file system)",
+            store_used.clone(),
+        );
+        let store_capacity = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "store_capacity_bytes",
+            "The store's capacity as GC counts it (gc.capacity_bytes, else the file system's size)",
+            store_capacity.clone(),
+        );
+        let scheduler_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "scheduler_errors",
+            "Scheduler calls that failed (unreachable, timed out, refused), by call (announce, candidates)",
+            scheduler_errors.clone(),
+        );
         Metrics {
+            store_used,
+            store_capacity,
+            scheduler_errors,
             accept_failures,
             proxy_requests,
             proxy_bytes,
@@ -234,6 +259,19 @@ impl Metrics {
     pub fn accept_failure(&self, listener: &'static str) {
         self.accept_failures
             .get_or_create(&vec![("listener", listener)])
+            .inc();
+    }
+
+    /// The store's usage as a GC pass measured it.
+    pub fn store_usage(&self, used: u64, capacity: u64) {
+        self.store_used.set(used.min(i64::MAX as u64) as i64);
+        self.store_capacity
+            .set(capacity.min(i64::MAX as u64) as i64);
+    }
+
+    pub fn scheduler_error(&self, call: &'static str) {
+        self.scheduler_errors
+            .get_or_create(&vec![("call", call)])
             .inc();
     }
 

@@ -21,6 +21,8 @@ pub fn free_udp_port() -> u16 {
 pub struct SchedulerProc {
     pub child: Child,
     pub port: u16,
+    /// Its `/healthz` and `/metrics` (HTTP).
+    pub metrics_port: u16,
     pub log: PathBuf,
 }
 
@@ -38,10 +40,11 @@ impl SchedulerProc {
         port: u16,
     ) -> SchedulerProc {
         let cfg = dir.join("scheduler.toml");
+        let metrics_port = crate::free_port();
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\n[tls]\nca_cert = {:?}\nca_key = {:?}\n[scheduler]\nlisten = \"{host}:{port}\"\n",
+                "data_dir = {:?}\n[tls]\nca_cert = {:?}\nca_key = {:?}\n[scheduler]\nlisten = \"{host}:{port}\"\nmetrics_addr = \"{host}:{metrics_port}\"\n",
                 dir.join("sched-data"),
                 ca.join("ca.pem"),
                 ca.join("ca.key"),
@@ -69,7 +72,12 @@ impl SchedulerProc {
             .stderr(logf)
             .spawn()
             .expect("start the scheduler");
-        let s = SchedulerProc { child, port, log };
+        let s = SchedulerProc {
+            child,
+            port,
+            metrics_port,
+            log,
+        };
         wait_until(Duration::from_secs(15), "the scheduler to listen", || {
             std::fs::read_to_string(&s.log)
                 .is_ok_and(|t| t.matches("scheduler listening").count() > 0)

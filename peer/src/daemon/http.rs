@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Method, Response, StatusCode};
+use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use crate::accept::{http_reply, HttpReply};
 use crate::metrics::Totals;
 use crate::netprobe::ProbeReport;
 use crate::swarm::inventory::TaskInfo;
@@ -109,49 +109,20 @@ impl History {
 /// Serves the listener until the daemon stops.
 pub async fn serve(listener: tokio::net::TcpListener, swarm: Arc<Swarm>) {
     let metrics = swarm.context().metrics.clone();
-    let mut guard = crate::accept::Guard::new("metrics", 64, metrics.clone());
     let started = Instant::now();
     let history = Arc::new(History::default());
-    let sampler = tokio::spawn(history.clone().run(metrics, started));
+    let sampler = tokio::spawn(history.clone().run(metrics.clone(), started));
     let _stop_sampler = AbortOnDrop(sampler);
-    loop {
-        let Some(slot) = guard.slot().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                guard.accepted();
-                stream
-            }
-            Err(e) => {
-                drop(slot);
-                guard.failed(&e).await;
-                continue;
-            }
-        };
-        let (swarm, history) = (swarm.clone(), history.clone());
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (swarm, history) = (swarm.clone(), history.clone());
-                    async move {
-                        let page = Page {
-                            swarm: &swarm,
-                            history: &history,
-                            started,
-                        };
-                        page.answer(req.method(), req.uri().path()).await
-                    }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(io, service)
-                .await;
-            drop(slot);
-        });
-    }
+    let page = Arc::new(Page {
+        swarm,
+        history,
+        started,
+    });
+    crate::accept::serve_http(listener, "metrics", metrics, move |method, path| {
+        let page = page.clone();
+        async move { page.answer(&method, &path).await }
+    })
+    .await;
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -162,52 +133,47 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// What one request may read.
-struct Page<'a> {
-    swarm: &'a Arc<Swarm>,
-    history: &'a History,
+/// What a request may read.
+struct Page {
+    swarm: Arc<Swarm>,
+    history: Arc<History>,
     started: Instant,
 }
 
-impl Page<'_> {
-    async fn answer(
-        &self,
-        method: &Method,
-        path: &str,
-    ) -> Result<Response<Full<Bytes>>, std::io::Error> {
-        let swarm = self.swarm;
+impl Page {
+    async fn answer(&self, method: &Method, path: &str) -> HttpReply {
         if method != Method::GET && method != Method::HEAD {
-            return reply(
+            return http_reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
                 "GET only\n".into(),
             );
         }
         match path {
-            "/metrics" => reply(
+            "/metrics" => http_reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                swarm.context().metrics.render().into(),
+                self.swarm.context().metrics.render().into(),
             ),
-            "/" | "/status" => reply(
+            "/" | "/status" => http_reply(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
                 Bytes::from_static(PAGE.as_bytes()),
             ),
             "/api/status" => match serde_json::to_vec(&self.status().await) {
-                Ok(body) => reply(StatusCode::OK, "application/json", body.into()),
-                Err(e) => reply(
+                Ok(body) => http_reply(StatusCode::OK, "application/json", body.into()),
+                Err(e) => http_reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "text/plain",
                     format!("{e}\n").into(),
                 ),
             },
-            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+            _ => http_reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         }
     }
 
     async fn status(&self) -> Status {
-        let swarm = self.swarm;
+        let swarm = &self.swarm;
         let ctx = swarm.context();
 
         let tasks = swarm
@@ -244,17 +210,4 @@ impl Page<'_> {
             paths: swarm.probe_report(),
         }
     }
-}
-
-fn reply(
-    status: StatusCode,
-    content_type: &str,
-    body: Bytes,
-) -> Result<Response<Full<Bytes>>, std::io::Error> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .header("cache-control", "no-store")
-        .body(Full::new(body))
-        .map_err(std::io::Error::other)
 }

@@ -340,6 +340,14 @@ impl Scheduler {
         self.ids.len()
     }
 
+    /// Tasks some live peer holds.
+    pub fn tasks(&self) -> usize {
+        self.holders
+            .values()
+            .filter(|p| !p.members.is_empty())
+            .count()
+    }
+
     fn peer(&self, name: &str) -> Option<&PeerState> {
         self.ids
             .get(name)

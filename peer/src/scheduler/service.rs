@@ -86,6 +86,24 @@ impl SchedulerService {
         f(&mut s)
     }
 
+    /// `starling_scheduler_peers` and `starling_scheduler_tasks`, in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        use prometheus_client::metrics::gauge::Gauge;
+        let (peers, tasks) = self.with(|s| (s.peers(), s.tasks()));
+        let mut registry = prometheus_client::registry::Registry::with_prefix("starling_scheduler");
+        for (name, help, v) in [
+            ("peers", "Peers heard from within the TTL", peers),
+            ("tasks", "Tasks some live peer holds", tasks),
+        ] {
+            let g = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+            g.set(v as i64);
+            registry.register(name, help, g);
+        }
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
     pub fn announce(&self, a: Announce) -> AnnounceReply {
         let now = self.start.elapsed();
         self.with(|s| {

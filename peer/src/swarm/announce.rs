@@ -146,6 +146,7 @@ async fn announce_once(swarm: &Arc<Swarm>) {
                 match reply {
                     Some(r) => resend(swarm, r.resend),
                     None => {
+                        swarm.ctx.metrics.scheduler_error("announce");
                         tracing::debug!(scheduler = %owner, "announcement failed; full bitmaps next time");
                         resend(swarm, ids);
                     }

@@ -74,7 +74,10 @@ pub(super) async fn ask_loop(
                     return;
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "scheduler call failed; retrying"),
+            Err(e) => {
+                swarm.ctx.metrics.scheduler_error("candidates");
+                tracing::debug!(error = %e, "scheduler call failed; retrying");
+            }
         }
     }
 }

@@ -58,6 +58,12 @@ pub enum SwarmError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot serve on {key} = {addr}: {source}; set it to a free address, or to \"\" to disable it")]
+    Listen {
+        key: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
     /// A `[tls]` file that is missing, unreadable, not PEM, or not a pair (a usage error).
     #[error("{key} = {}: {detail}", path.display())]
     CaFile {

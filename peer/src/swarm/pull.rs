@@ -136,6 +136,7 @@ impl Swarm {
                 });
             }
             Err(e) => {
+                self.ctx.metrics.scheduler_error("candidates");
                 tracing::warn!(error = %e, "scheduler unreachable; going back to source");
                 CandidatesReply {
                     parents: Vec::new(),

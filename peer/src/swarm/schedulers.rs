@@ -270,8 +270,9 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
     let node = Node::bind_with(listen, &ca.issue("starling-scheduler")?, path_policy(&cfg))?;
     let service = SchedulerService::new(scheduler_config(&cfg));
     let served = node.serve(Arc::new(crate::scheduler::service::StandaloneScheduler(
-        service,
+        service.clone(),
     )));
+    let health = health(&cfg, service).await?;
     tracing::info!(addr = %node.local_addr()?, "scheduler listening (QUIC, mutual TLS)");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| SwarmError::Read {
@@ -284,8 +285,52 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
         _ = served => {}
     }
     node.close();
+    if let Some(h) = health {
+        h.abort();
+    }
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+/// `GET /healthz` (200 while the scheduler runs) and `/metrics` on `scheduler.metrics_addr`.
+async fn health(
+    cfg: &Config,
+    service: Arc<SchedulerService>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, SwarmError> {
+    use crate::accept::http_reply;
+    use hyper::StatusCode;
+    let addr = &cfg.scheduler.metrics_addr;
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| SwarmError::Listen {
+            key: "scheduler.metrics_addr",
+            addr: addr.clone(),
+            source,
+        })?;
+    tracing::info!(%addr, "serving /healthz and /metrics");
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    Ok(Some(tokio::spawn(crate::accept::serve_http(
+        listener,
+        "metrics",
+        metrics,
+        move |_method, path| {
+            let service = service.clone();
+            async move {
+                match path.as_str() {
+                    "/healthz" => http_reply(StatusCode::OK, "text/plain", "ok\n".into()),
+                    "/metrics" => http_reply(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        service.render_metrics().into(),
+                    ),
+                    _ => http_reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+                }
+            }
+        },
+    ))))
 }
 
 #[cfg(test)]
