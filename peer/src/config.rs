@@ -827,7 +827,20 @@ impl Config {
         }
         addr("scheduler.listen", &self.scheduler.listen)?;
         for a in &self.scheduler.addrs {
-            addr("scheduler.addrs", a)?;
+            let name_port = a.rsplit_once(':').is_some_and(|(host, port)| {
+                port.parse::<u16>().is_ok()
+                    && !host.is_empty()
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            });
+            if a.parse::<std::net::SocketAddr>().is_err() && !name_port {
+                return bad(
+                    "scheduler.addrs",
+                    a.clone(),
+                    "must be ip:port or name:port, e.g. 10.0.0.1:7960 or starling-scheduler:7960",
+                );
+            }
         }
         let p = &self.peer;
         if !(1..=64).contains(&p.max_parents) {

@@ -162,6 +162,23 @@ impl Metrics {
             "Scheduler calls that failed (unreachable, timed out, refused), by call (announce, candidates)",
             scheduler_errors.clone(),
         );
+        // Known label values start at zero, so rate() and increase() see the first event and
+        // every series the alerts and the dashboard name exists from the start.
+        for s in ["parent", "origin", "local"] {
+            let _ = bytes.get_or_create(&vec![("source", s)]);
+        }
+        for c in ["digest_mismatch", "timeout", "reset", "refused"] {
+            let _ = piece_failures.get_or_create(&vec![("cause", c)]);
+        }
+        for r in ["p2p", "pass", "tunnel", "intercept", "rejected"] {
+            let _ = proxy_requests.get_or_create(&vec![("route", r)]);
+        }
+        for c in ["digest_mismatch", "fetch_failed"] {
+            let _ = proxy_aborts.get_or_create(&vec![("cause", c)]);
+        }
+        for c in ["announce", "candidates"] {
+            let _ = scheduler_errors.get_or_create(&vec![("call", c)]);
+        }
         Metrics {
             store_used,
             store_capacity,

@@ -3,6 +3,7 @@
 //! origin for what real servers do on a bad day. Every process started here is killed by PID
 //! when its guard drops.
 
+pub mod chart;
 mod cluster;
 mod fault;
 pub mod garage;

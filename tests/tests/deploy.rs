@@ -116,3 +116,289 @@ fn http_get(port: u16, path: &str) -> String {
     });
     out
 }
+
+/// Values that turn every switch the other way from the defaults.
+fn other_values() -> serde_json::Value {
+    json!({
+        "ebpf": {"enabled": false},
+        "proxy": {"enabled": false},
+        "seed": {"replicas": 0},
+        "scheduler": {"replicas": 1},
+        "topology": {"fromNodeLabels": false},
+        "ca": {"existingSecret": "my-ca"},
+        "registries": ["registry.example:5000", "docker.io"],
+        "containerd": {"strict": true},
+        "bandwidth": {"uploadMbps": 10000, "uploadLimitMbps": 8000},
+        "metrics": {
+            "serviceMonitor": {"enabled": true},
+            "prometheusRule": {"enabled": true},
+            "grafanaDashboard": {"enabled": true},
+        },
+        "extraConfig": "[source]\nconcurrency = 8\n",
+    })
+}
+
+#[test]
+fn the_chart_lints_and_every_object_passes_two_kubernetes_versions_schemas() {
+    let mut c = std::process::Command::new("python3");
+    c.arg(root().join("deploy/helm/check.py")).arg("verify");
+    for v in [
+        json!({}),
+        other_values(),
+        json!({"containerd": {"configure": false}}),
+    ] {
+        c.arg("--values").arg(v.to_string());
+    }
+    c.args(["--kube-versions", "1.32.0,1.37.0"]);
+    let out = String::from_utf8(Run::of(&mut c).ok().stdout).expect("utf-8");
+    assert_eq!(out.matches("ok: ").count(), 3, "{out}");
+    // CRD objects cannot be schema-checked here; the test below checks their metric names.
+    assert!(
+        out.contains("unchecked (a CRD, no schema here): monitoring.coreos.com/v1/PrometheusRule"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_rendered_daemonset_runs_each_node_as_the_readme_says() {
+    let objects = starling_tests::chart::render(&json!({}));
+    use starling_tests::chart::{find, has, strings};
+    let ds = find(&objects, "DaemonSet", "starling");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    let c = &pod["containers"][0];
+    assert_eq!(strings(&c["command"]), ["/usr/local/bin/starling"]);
+    assert_eq!(
+        strings(&c["args"]),
+        ["--config", "/etc/starling/config/peer.toml", "daemon"]
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(
+        strings(&sc["capabilities"]["add"]),
+        ["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"]
+    );
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            c[probe]["httpGet"],
+            json!({"path": "/metrics", "port": "metrics"}),
+            "{probe}"
+        );
+    }
+    let env: Vec<_> = c["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].clone())
+        .collect();
+    assert_eq!(env, [json!("status.podIP"), json!("spec.nodeName")]);
+    let data = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "data")
+        .expect("data volume");
+    assert_eq!(data["hostPath"]["path"], "/var/lib/starling");
+    let mounts = c["volumeMounts"].as_array().expect("mounts");
+    for (name, path) in [
+        ("data", "/var/lib/starling"),
+        ("config", "/etc/starling/config"),
+        ("ca", "/etc/starling/ca"),
+    ] {
+        assert!(
+            mounts
+                .iter()
+                .any(|m| m["name"] == name && m["mountPath"] == path),
+            "{name} at {path}"
+        );
+    }
+    // The init container writes hosts.toml for every registry, with containerd's config checked.
+    let init = &pod["initContainers"][0];
+    let args = strings(&init["args"]).join(" ");
+    assert!(args.contains("init containerd --write --hosts-dir /etc/containerd/certs.d --containerd-config /host/containerd-config/config.toml --registry _default"), "{args}");
+    assert!(init["securityContext"]["capabilities"]["add"].is_null());
+    // The daemons find every scheduler replica through the headless Service.
+    let svc = find(&objects, "Service", "starling-scheduler");
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    let cm = find(&objects, "ConfigMap", "starling");
+    let peer = cm["data"]["peer.toml"].as_str().expect("peer.toml");
+    assert!(
+        peer.contains("addrs = [\"starling-scheduler.starling.svc.cluster.local:7960\"]"),
+        "{peer}"
+    );
+    assert!(peer.contains("node_name = \"${NODE_NAME}\""));
+    let sched = find(&objects, "Deployment", "starling-scheduler");
+    assert_eq!(sched["spec"]["replicas"], 2);
+    let sc0 = &sched["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(sc0["readinessProbe"]["httpGet"]["path"], "/healthz");
+    let seed = find(&objects, "StatefulSet", "starling-seed");
+    assert_eq!(
+        strings(&seed["spec"]["template"]["spec"]["containers"][0]["args"])[1],
+        "/etc/starling/config/seed.toml"
+    );
+    assert_eq!(
+        seed["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "100Gi"
+    );
+    assert!(has(&objects, "Job", "starling-ca-init"));
+    assert!(has(&objects, "ClusterRole", "starling-node-reader"));
+
+    // The other way round: no eBPF (no capability at all), no proxy, the user's CA, no seeds.
+    let objects = starling_tests::chart::render(&other_values());
+    let pod = &find(&objects, "DaemonSet", "starling")["spec"]["template"]["spec"];
+    assert!(pod["containers"][0]["securityContext"]["capabilities"]["add"].is_null());
+    let ca = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "ca")
+        .expect("ca");
+    assert_eq!(ca["secret"]["secretName"], "my-ca");
+    let args = strings(&pod["initContainers"][0]["args"]).join(" ");
+    assert!(
+        args.contains("--registry registry.example:5000 --registry docker.io --strict"),
+        "{args}"
+    );
+    assert!(!has(&objects, "Job", "starling-ca-init"));
+    assert!(!has(&objects, "StatefulSet", "starling-seed"));
+    assert!(!has(&objects, "PodDisruptionBudget", "starling-scheduler"));
+    assert!(!has(&objects, "ClusterRole", "starling-node-reader"));
+    let peer = find(&objects, "ConfigMap", "starling")["data"]["peer.toml"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        peer.contains("[netprobe]\nenabled = false") && peer.contains("listen = \"\""),
+        "{peer}"
+    );
+    assert!(peer.contains("upload_limit_mbps = 8000.0"), "{peer}");
+}
+
+/// Writes the chart's ConfigMap files into `dir`, as the pod sees them.
+fn write_config_map(objects: &[serde_json::Value], dir: &std::path::Path) {
+    let cm = starling_tests::chart::find(objects, "ConfigMap", "starling");
+    std::fs::create_dir_all(dir).expect("config dir");
+    for (name, text) in cm["data"].as_object().expect("data") {
+        std::fs::write(dir.join(name), text.as_str().expect("text")).expect("write config");
+    }
+}
+
+#[test]
+fn the_real_binary_takes_every_config_file_the_chart_writes() {
+    for values in [json!({}), other_values()] {
+        let objects = starling_tests::chart::render(&values);
+        let dir = tempfile::tempdir().expect("dir");
+        write_config_map(&objects, dir.path());
+        for f in ["peer.toml", "seed.toml", "scheduler.toml"] {
+            // The chart's include points at /etc/starling/config: read the files where they are.
+            let text = std::fs::read_to_string(dir.path().join(f)).expect("config");
+            let here = text.replace(
+                "/etc/starling/config/extra.toml",
+                &dir.path().join("extra.toml").display().to_string(),
+            );
+            let data = dir.path().join("data");
+            let here = here.replace(
+                "data_dir = \"/var/lib/starling\"",
+                &format!("data_dir = {:?}", data),
+            );
+            std::fs::write(dir.path().join(f), here).expect("config");
+            // `tasks` loads the configuration, then finds no daemon: exit 7, not 2.
+            let r = Run::of(
+                std::process::Command::new(starling_bin())
+                    .arg("--config")
+                    .arg(dir.path().join(f))
+                    .arg("tasks")
+                    .env("POD_IP", "10.1.2.3")
+                    .env("NODE_NAME", "node-a"),
+            );
+            assert_eq!(r.code, 7, "{f} with {values}: {}", r.stderr);
+        }
+    }
+}
+
+/// Metric names (`starling_...`) in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("starling_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        out.insert(name);
+    }
+    out
+}
+
+#[test]
+fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
+    let objects = starling_tests::chart::render(&other_values());
+    use starling_tests::chart::find;
+    let rules = find(&objects, "PrometheusRule", "starling");
+    let alerts: Vec<&str> = rules["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    for a in [
+        "StarlingOriginEgressHigh",
+        "StarlingDigestMismatch",
+        "StarlingPeersBlacklisted",
+        "StarlingStoreNearWatermark",
+        "StarlingSchedulerUnreachable",
+        "StarlingSchedulerDown",
+    ] {
+        assert!(alerts.contains(&a), "{a} in {alerts:?}");
+    }
+    let dash = find(&objects, "ConfigMap", "starling-dashboard");
+    let dash: serde_json::Value =
+        serde_json::from_str(dash["data"]["starling.json"].as_str().expect("json"))
+            .expect("dashboard JSON");
+    assert!(dash["panels"].as_array().expect("panels").len() >= 10);
+    let mut used = metric_names(&rules.to_string());
+    used.extend(metric_names(&dash.to_string()));
+
+    // What a live daemon and a live scheduler export, after a download and a GC pass.
+    let www = tempfile::tempdir().expect("www");
+    std::fs::write(www.path().join("f"), random_bytes(1 << 20, 3)).expect("file");
+    let nginx = Nginx::start(www.path());
+    let mut cluster = Cluster::new(1, "", "");
+    cluster.start_all();
+    let node = &cluster.nodes[1];
+    node.scratch.get(&nginx.url("f"), "out", &[]).ok();
+    let sched = cluster.scheduler.as_ref().expect("a scheduler");
+    let health = Run::of(std::process::Command::new("curl").args([
+        "-sf",
+        &format!("http://127.0.0.1:{}/healthz", sched.metrics_port),
+    ]));
+    assert_eq!(String::from_utf8_lossy(&health.ok().stdout), "ok\n");
+    let mut exported = std::collections::BTreeSet::new();
+    for text in [node.metrics(), scrape(sched.metrics_port)] {
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut it = rest.split_whitespace();
+                let (name, kind) = (it.next().unwrap_or_default(), it.next().unwrap_or_default());
+                exported.insert(if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                });
+            }
+        }
+    }
+    let missing: Vec<_> = used.difference(&exported).collect();
+    assert!(missing.is_empty(), "the alerts or the dashboard use {missing:?}, which nothing exports; exported: {exported:?}");
+    let sched_metrics = scrape(sched.metrics_port);
+    assert!(
+        sched_metrics.contains("starling_scheduler_peers 2"),
+        "{sched_metrics}"
+    );
+}
