@@ -8,6 +8,8 @@ use serde_json::json;
 use starling_tests::kube::FakeApi;
 use starling_tests::*;
 
+const MIB: usize = 1 << 20;
+
 #[test]
 fn the_daemon_takes_its_zone_and_rack_from_its_nodes_labels() {
     let api = FakeApi::start(
@@ -400,5 +402,386 @@ fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     assert!(
         sched_metrics.contains("starling_scheduler_peers 2"),
         "{sched_metrics}"
+    );
+}
+
+/// A container task under the test's containerd, killed and removed on drop.
+struct Task<'a> {
+    ctd: &'a starling_tests::registry::Containerd,
+    name: String,
+    child: std::process::Child,
+}
+
+impl Drop for Task<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .ctd
+            .ctr()
+            .args(["task", "kill", "-s", "SIGKILL", &self.name])
+            .output();
+        let _ = self.child.wait();
+        let _ = self
+            .ctd
+            .ctr()
+            .args(["task", "rm", "-f", &self.name])
+            .output();
+        let _ = self
+            .ctd
+            .ctr()
+            .args(["container", "rm", &self.name])
+            .output();
+    }
+}
+
+/// Whether this process's bounding set has CAP_`name` (BPF, PERFMON, NET_ADMIN, SYS_RESOURCE).
+fn host_has_capability(name: &str) -> bool {
+    let bit = match name {
+        "NET_ADMIN" => 12,
+        "SYS_RESOURCE" => 24,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => panic!("unknown capability {other}"),
+    };
+    let status = std::fs::read_to_string("/proc/self/status").expect("status");
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .expect("CapBnd")
+        .trim();
+    u64::from_str_radix(bnd, 16).expect("hex") & (1 << bit) != 0
+}
+
+/// `ctr run` arguments for one of the chart's containers, as the kubelet has containerd run it
+/// on a node: host network, its security context (capabilities, read-only root, the runtime's
+/// default seccomp profile), its env (the downward API's values given), each volume mounted
+/// from `host[volume name]` (emptyDirs are tmpfs), the image, then its command and args.
+/// (ctr 1.6 has no --user or no-new-privileges: the image's user is root, as the chart asks.)
+fn ctr_run_args(
+    c: &serde_json::Value,
+    pod: &serde_json::Value,
+    host: &std::collections::HashMap<&str, std::path::PathBuf>,
+    image: &str,
+    id: &str,
+) -> Vec<String> {
+    use starling_tests::chart::strings;
+    let mut a: Vec<String> = vec!["--net-host".into()];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsUser"], 0, "the image runs as root");
+    assert_eq!(sc["privileged"].as_bool().unwrap_or(false), false);
+    for cap in strings(&sc["capabilities"]["drop"]) {
+        // ctr 1.6 takes no ALL: drop each of containerd's default capabilities.
+        let all = [
+            "CHOWN",
+            "DAC_OVERRIDE",
+            "FSETID",
+            "FOWNER",
+            "MKNOD",
+            "NET_RAW",
+            "SETGID",
+            "SETUID",
+            "SETFCAP",
+            "SETPCAP",
+            "NET_BIND_SERVICE",
+            "SYS_CHROOT",
+            "KILL",
+            "AUDIT_WRITE",
+        ];
+        let caps: Vec<&str> = if cap == "ALL" {
+            all.to_vec()
+        } else {
+            vec![cap.as_str()]
+        };
+        for c in caps {
+            a.push(format!("--cap-drop=CAP_{c}"));
+        }
+    }
+    for cap in strings(&sc["capabilities"]["add"]) {
+        if !host_has_capability(&cap) {
+            // runc cannot grant what the host itself lacks (this VM's root has no
+            // CAP_SYS_RESOURCE, which aya needs only on kernels before 5.11).
+            assert_eq!(cap, "SYS_RESOURCE", "the host lacks CAP_{cap}");
+            eprintln!("note: this host's bounding set lacks CAP_{cap}; running without it");
+            continue;
+        }
+        a.push(format!("--cap-add=CAP_{cap}"));
+    }
+    if sc["readOnlyRootFilesystem"] == true {
+        a.push("--read-only".into());
+    }
+    if sc["seccompProfile"]["type"] == "RuntimeDefault" {
+        a.push("--seccomp".into());
+    }
+    for e in c["env"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().expect("env name");
+        let value = match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            // Host network: the pod's address is the node's.
+            Some("status.podIP") => "127.0.0.1".to_string(),
+            Some("spec.nodeName") => "test-node".to_string(),
+            Some(other) => panic!("no value for fieldRef {other}"),
+            None => e["value"].as_str().unwrap_or_default().to_string(),
+        };
+        a.push(format!("--env={name}={value}"));
+    }
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    for m in c["volumeMounts"].as_array().expect("volumeMounts") {
+        let name = m["name"].as_str().expect("mount name");
+        let path = m["mountPath"].as_str().expect("mountPath");
+        let v = volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .expect("the mount's volume");
+        if v.get("emptyDir").is_some() {
+            a.push(format!(
+                "--mount=type=tmpfs,src=tmpfs,dst={path},options=nosuid:nodev"
+            ));
+            continue;
+        }
+        let src = host
+            .get(name)
+            .unwrap_or_else(|| panic!("no host directory for volume {name}"));
+        let mode = if m["readOnly"] == true { "ro" } else { "rw" };
+        a.push(format!(
+            "--mount=type=bind,src={},dst={path},options=rbind:{mode}",
+            src.display()
+        ));
+    }
+    a.push(image.into());
+    a.push(id.into());
+    a.extend(strings(&c["command"]));
+    a.extend(strings(&c["args"]));
+    a
+}
+
+#[test]
+fn the_image_runs_as_the_charts_daemonset_and_serves_a_containerd_pull() {
+    use starling_tests::registry::*;
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespace, dockerd)");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("starling-img-")
+        .tempdir()
+        .expect("dir");
+    let d = dir.path();
+    // The image, by the real command.
+    let image_dir = d.join("image");
+    Run::of(
+        std::process::Command::new("cargo")
+            .current_dir(root())
+            .args(["xtask", "image", "--debug", "--out"])
+            .arg(&image_dir),
+    )
+    .ok();
+    // A registry (TLS from a test CA) with an image to pull.
+    let lab = Lab::new("k", 215, 1, 0).expect("lab");
+    let reg_ip = lab.hosts[0].addr.clone();
+    let reg_ca = TestCa::new(d, "registry", &[&reg_ip]);
+    let registry = Registry::start_in(&lab, 0, d, &reg_ca);
+    let app = OciImage::build(d, &[MIB, 12 * MIB, 5 * MIB + 3], 77);
+    app.push(&registry, &reg_ca, "test/app");
+    // The chart, with this host's free ports, the registry, and its CA mounted for origins.
+    let (peer, metrics, proxy) = (free_udp_port(), free_port(), free_port());
+    let values = json!({
+        "ports": {"peer": peer, "metrics": metrics},
+        "proxy": {"port": proxy},
+        "registries": [registry.addr],
+        "topology": {"fromNodeLabels": false},
+        "extraConfig": "[source]\nca_certs = [\"/etc/starling/registry-ca/ca.crt\"]\n[scheduler]\naddrs = []\n",
+        "extraVolumes": [{"name": "registry-ca", "hostPath": {"path": "/etc/ssl/registry-ca"}}],
+        "extraVolumeMounts": [{"name": "registry-ca", "mountPath": "/etc/starling/registry-ca", "readOnly": true}],
+    });
+    let objects = starling_tests::chart::render(&values);
+    let ds = starling_tests::chart::find(&objects, "DaemonSet", "starling");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    // The node's files: the ConfigMap, the CA Secret (made as the chart's Job makes it), the
+    // store, containerd's hosts directory and config (config_path names the hosts directory).
+    write_config_map(&objects, &d.join("config"));
+    let s = Scratch::new();
+    s.write_config("");
+    Run::of(s.starling().arg("ca").arg(d.join("ca"))).ok();
+    std::fs::create_dir_all(d.join("data")).expect("data");
+    std::fs::create_dir_all(d.join("hosts")).expect("hosts");
+    std::fs::create_dir_all(d.join("containerd")).expect("containerd dir");
+    std::fs::write(
+        d.join("containerd/config.toml"),
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n",
+    )
+    .expect("containerd config");
+    let host: std::collections::HashMap<&str, std::path::PathBuf> = [
+        ("config", d.join("config")),
+        ("ca", d.join("ca")),
+        ("data", d.join("data")),
+        ("containerd-hosts", d.join("hosts")),
+        ("containerd-config", d.join("containerd")),
+        ("registry-ca", reg_ca.cert_dir.clone()),
+    ]
+    .into_iter()
+    .collect();
+
+    // The image loads into dockerd and containerd.
+    let ctd = Containerd::start(d);
+    let dockerd = Dockerd::start(d, &ctd, "http://127.0.0.1:9");
+    let tar = image_dir.join("starling-image.tar");
+    Run::of(dockerd.docker().arg("load").arg("-i").arg(&tar)).ok();
+    let image = pod["containers"][0]["image"]
+        .as_str()
+        .expect("image")
+        .to_string();
+    assert_eq!(image, format!("starling:{}", env!("CARGO_PKG_VERSION")));
+    let inspect = Run::of(dockerd.docker().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Entrypoint}}",
+        &image,
+    ]))
+    .ok();
+    assert_eq!(
+        String::from_utf8_lossy(&inspect.stdout).trim(),
+        "[\"/usr/local/bin/starling\"]"
+    );
+    drop(dockerd);
+    Run::of(ctd.ctr().args(["images", "import"]).arg(&tar)).ok();
+    let image = format!("docker.io/library/{image}");
+
+    // The init container: hosts.toml for the registry, and no warning about containerd's config.
+    let init = &pod["initContainers"][0];
+    let r = Run::of(ctd.ctr().args(["run", "--rm"]).args(ctr_run_args(
+        init,
+        pod,
+        &host,
+        &image,
+        "starling-init",
+    )));
+    assert_eq!(
+        r.code,
+        0,
+        "the init container failed:\n{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        r.stderr
+    );
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    let hosts_toml =
+        std::fs::read_to_string(d.join("hosts").join(&registry.addr).join("hosts.toml"))
+            .expect("hosts.toml written by the init container");
+    assert!(
+        hosts_toml.contains(&format!("http://127.0.0.1:{proxy}")),
+        "{hosts_toml}"
+    );
+
+    // The daemon container; ready when its readiness probe's URL answers.
+    let c = &pod["containers"][0];
+    let name = format!("starling-ds-{}", std::process::id());
+    let log = d.join("container.log");
+    let child = ctd
+        .ctr()
+        .arg("run")
+        .args(ctr_run_args(c, pod, &host, &image, &name))
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(
+            std::fs::File::options()
+                .append(true)
+                .open(&log)
+                .expect("log"),
+        )
+        .spawn()
+        .expect("ctr run");
+    let _task = Task {
+        ctd: &ctd,
+        name: name.clone(),
+        child,
+    };
+    let probe = &c["readinessProbe"]["httpGet"];
+    assert_eq!(probe["port"], "metrics");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let ready = poll_until(Duration::from_secs(30), || {
+        Run::of(std::process::Command::new("curl").args([
+            "-sf",
+            &format!(
+                "http://127.0.0.1:{metrics}{}",
+                probe["path"].as_str().unwrap()
+            ),
+        ]))
+        .code
+            == 0
+    });
+    assert!(
+        ready,
+        "the daemon container never became ready; its log:\n{}",
+        logs()
+    );
+    // Its process holds exactly the chart's capabilities: BPF, PERFMON, NET_ADMIN, SYS_RESOURCE.
+    let tasks =
+        String::from_utf8(Run::of(ctd.ctr().args(["task", "ls"])).ok().stdout).expect("utf-8");
+    let pid: u32 = tasks
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no task {name} in {tasks}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the task's status");
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .expect("CapEff")
+        .trim();
+    let mut want: u64 = (1 << 39) | (1 << 38) | (1 << 12);
+    if host_has_capability("SYS_RESOURCE") {
+        want |= 1 << 24;
+    }
+    assert_eq!(
+        u64::from_str_radix(eff, 16).expect("hex"),
+        want,
+        "CapEff {eff}"
+    );
+
+    // containerd pulls through the container's mirror.
+    let out = ctd
+        .ctr()
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(d.join("hosts"))
+        .arg(format!("{}/test/app:v1", registry.addr))
+        .output()
+        .expect("ctr");
+    assert!(
+        out.status.success(),
+        "ctr images pull failed:\n{}\ncontainer log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    let text = scrape(metrics);
+    let p2p = metric_value(&text, "starling_proxy_requests_total{route=\"p2p\"}");
+    assert!(
+        p2p >= app.blobs.len() as f64,
+        "every blob went through the mirror ({p2p}); log:\n{}",
+        logs()
+    );
+    for (digest, size) in &app.blobs {
+        assert!(
+            registry.blob_bytes_sent(digest) <= size + 1,
+            "blob {digest}"
+        );
+    }
+    // The blobs are in the host-path store, and the eBPF probes loaded with the chart's
+    // capabilities alone.
+    assert!(
+        std::fs::read_dir(d.join("data/tasks"))
+            .expect("tasks")
+            .count()
+            >= app.blobs.len()
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(metrics, "/api/status")).expect("status");
+    let ebpf = poll_until(Duration::from_secs(20), || {
+        serde_json::from_str::<serde_json::Value>(&http_get(metrics, "/api/status"))
+            .is_ok_and(|s| s["paths"]["ebpf"] == true)
+    });
+    assert!(
+        ebpf,
+        "eBPF did not load with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN: {}\nlog:\n{}",
+        status["paths"]["detail"],
+        logs()
     );
 }
