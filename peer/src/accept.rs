@@ -81,14 +81,19 @@ impl Guard {
 pub type HttpReply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
 /// Serves HTTP/1.1 on `listener` (a metric label `name`), each request answered by
-/// `handler(method, path)`, until the task is dropped. A client has 10 s to send its headers.
+/// `handler(request, client address)`, until the task is dropped. A client has 10 s to send
+/// its headers.
 pub async fn serve_http<F, Fut>(
     listener: tokio::net::TcpListener,
     name: &'static str,
     metrics: Arc<Metrics>,
     handler: F,
 ) where
-    F: Fn(hyper::Method, String) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(hyper::Request<hyper::body::Incoming>, std::net::SocketAddr) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     Fut: std::future::Future<Output = HttpReply> + Send + 'static,
 {
     let mut guard = Guard::new(name, 64, metrics);
@@ -96,10 +101,10 @@ pub async fn serve_http<F, Fut>(
         let Some(slot) = guard.slot().await else {
             return;
         };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
+        let (stream, remote) = match listener.accept().await {
+            Ok(s) => {
                 guard.accepted();
-                stream
+                s
             }
             Err(e) => {
                 drop(slot);
@@ -111,7 +116,7 @@ pub async fn serve_http<F, Fut>(
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let reply = handler(req.method().clone(), req.uri().path().to_string());
+                    let reply = handler(req, remote);
                     async move { Ok::<_, std::convert::Infallible>(reply.await) }
                 });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -357,6 +357,9 @@ pub struct DaemonConfig {
     /// Local API connections held at once (a connection that sends no request within 10 s is
     /// closed). Default 256.
     pub max_api_connections: usize,
+    /// The bearer token the HTTP preheat API (`/api/v1/preheat`, `/oapi/v1/jobs` on
+    /// `daemon.metrics_addr`) requires. Empty (default): only clients on this host are served.
+    pub api_token: String,
 }
 
 /// The most `daemon.runtime_threads` may ask for.
@@ -380,6 +383,7 @@ impl Default for DaemonConfig {
             metrics_addr: "127.0.0.1:9464".into(),
             runtime_threads: 0,
             max_api_connections: 256,
+            api_token: String::new(),
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod kube;
 pub mod metrics;
 pub mod netprobe;
 pub mod proxy;
+pub mod registry;
 pub mod s3;
 pub mod scheduler;
 pub mod source;

@@ -92,6 +92,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Put images and files on the seeds (and `--share` of the peers) before anyone pulls
+    /// them, through the running daemon; follows the job to its end (exit code 5 if it fails).
+    Preheat(cli::preheat::PreheatArgs),
     /// Evict one task from the store. Refused (exit code 6) while it downloads, serves a peer,
     /// or a client reads it.
     Rm {
@@ -187,6 +190,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Tasks { json } => rt.block_on(cli::tasks::list(&cfg, json)),
         Command::Stat { task, json } => rt.block_on(cli::tasks::stat(&cfg, task, json)),
         Command::Rm { task } => rt.block_on(cli::tasks::rm(&cfg, task)),
+        Command::Preheat(a) => rt.block_on(cli::preheat::run(&cfg, a, quiet)),
         Command::Init(what) => cli::init::run(&cfg, what).map_err(|e| Failure(exit::USAGE, e)),
     }
 }

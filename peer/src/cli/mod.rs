@@ -6,6 +6,7 @@ pub mod get;
 pub mod import;
 pub mod init;
 pub mod models;
+pub mod preheat;
 pub mod tasks;
 
 use std::path::Path;

@@ -13,7 +13,7 @@ use starling::swarm::inventory::{TaskDetail, TaskInfo};
 use super::Failure;
 
 /// Sends `req`; an error answer becomes a failure with the daemon's exit code.
-async fn ask(cfg: &Config, req: ApiRequest) -> Result<ApiEvent, Failure> {
+pub async fn ask(cfg: &Config, req: ApiRequest) -> Result<ApiEvent, Failure> {
     let socket = cfg.socket_path();
     let no_daemon = || {
         Failure(
@@ -35,7 +35,7 @@ async fn ask(cfg: &Config, req: ApiRequest) -> Result<ApiEvent, Failure> {
     }
 }
 
-fn unexpected(ev: ApiEvent) -> Failure {
+pub fn unexpected(ev: ApiEvent) -> Failure {
     Failure(
         exit::OTHER,
         anyhow::anyhow!("unexpected answer from the daemon: {ev:?}"),

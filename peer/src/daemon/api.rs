@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::core::{Import, Request};
 use crate::swarm::inventory::{TaskDetail, TaskInfo};
+use crate::swarm::preheat::{Job, PreheatSpec};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 /// Longest line either side accepts (a request names a URL and a few headers).
@@ -29,6 +30,12 @@ pub enum ApiRequest {
     /// Evict one task (`starling rm`); refused while it is in use.
     Rm {
         task: String,
+    },
+    /// Start a preheat job (`starling preheat`).
+    Preheat(PreheatSpec),
+    /// A preheat job's progress.
+    PreheatStatus {
+        id: u64,
     },
 }
 
@@ -75,6 +82,10 @@ pub enum ApiEvent {
         task: String,
         bytes: u64,
     },
+    Preheat {
+        id: u64,
+    },
+    Job(Box<Job>),
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; `None` at end of stream.

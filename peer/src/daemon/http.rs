@@ -5,7 +5,9 @@
 //! - `GET /api/status`: what the page draws, as JSON ([`Status`]): this peer, byte totals and
 //!   the last two minutes of throughput (sampled here once a second, so a page opened now
 //!   shows them at once), the most recently used tasks with their piece maps, and the measured
-//!   paths (`starling probe`'s report).
+//!   paths (`starling probe`'s report);
+//! - `GET /healthy`, `/healthz`: 200 while the daemon runs;
+//! - the preheat API (`preheat_api`): `/api/v1/preheat`, and Dragonfly's `/oapi/v1/jobs`.
 //!
 //! It listens on loopback by default; the page shows task URLs, so expose it only where the
 //! metrics are exposed.
@@ -118,9 +120,9 @@ pub async fn serve(listener: tokio::net::TcpListener, swarm: Arc<Swarm>) {
         history,
         started,
     });
-    crate::accept::serve_http(listener, "metrics", metrics, move |method, path| {
+    crate::accept::serve_http(listener, "metrics", metrics, move |req, remote| {
         let page = page.clone();
-        async move { page.answer(&method, &path).await }
+        async move { page.answer(req, remote).await }
     })
     .await;
 }
@@ -141,7 +143,16 @@ struct Page {
 }
 
 impl Page {
-    async fn answer(&self, method: &Method, path: &str) -> HttpReply {
+    async fn answer(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+        remote: std::net::SocketAddr,
+    ) -> HttpReply {
+        let path = req.uri().path().to_string();
+        if path.starts_with("/api/v1/preheat") || path.starts_with("/oapi/v1/jobs") {
+            return super::preheat_api::answer(&self.swarm, req, remote).await;
+        }
+        let method = req.method();
         if method != Method::GET && method != Method::HEAD {
             return http_reply(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -149,7 +160,8 @@ impl Page {
                 "GET only\n".into(),
             );
         }
-        match path {
+        match path.as_str() {
+            "/healthy" | "/healthz" => http_reply(StatusCode::OK, "text/plain", "ok\n".into()),
             "/metrics" => http_reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",

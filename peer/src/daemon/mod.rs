@@ -8,6 +8,7 @@
 
 pub mod api;
 mod http;
+mod preheat_api;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -188,6 +189,14 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
             Ok(ApiRequest::Stat { task }) => match swarm.stat(&task).await {
                 Ok(d) => ApiEvent::Stat(Box::new(d)),
                 Err(e) => inventory_error(e),
+            },
+            Ok(ApiRequest::Preheat(spec)) => match swarm.preheat(spec) {
+                Ok(id) => ApiEvent::Preheat { id },
+                Err(e) => usage(e.to_string()),
+            },
+            Ok(ApiRequest::PreheatStatus { id }) => match swarm.preheat_job(id) {
+                Some(job) => ApiEvent::Job(Box::new(job)),
+                None => usage(format!("no preheat job {id} on this daemon")),
             },
             Ok(ApiRequest::Rm { task }) => match swarm.remove(&task).await {
                 Ok(bytes) => ApiEvent::Removed { task, bytes },

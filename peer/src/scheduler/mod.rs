@@ -632,6 +632,31 @@ impl Scheduler {
         )
     }
 
+    /// Every peer heard from within the TTL: (name, address, seed), sorted by name.
+    pub fn live_peers(&self) -> Vec<(PeerId, SocketAddr, bool)> {
+        let mut out: Vec<_> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.addr, p.seed))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Per live holder of `task`: (name, pieces held, pieces), at most `max` of them.
+    pub fn holdings(&self, task: &TaskId, max: usize) -> Vec<(PeerId, u32, u32)> {
+        let Some(pool) = self.holders.get(task) else {
+            return Vec::new();
+        };
+        pool.members
+            .iter()
+            .zip(&pool.bits)
+            .filter_map(|(s, b)| Some((self.at(*s)?.name.clone(), b.count, b.len)))
+            .take(max)
+            .collect()
+    }
+
     /// How many live peers hold `task`: (complete, partial). Read-only: asking changes nothing
     /// (`starling tasks`).
     pub fn holders(&self, task: &TaskId) -> (u32, u32) {

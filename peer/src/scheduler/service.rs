@@ -44,7 +44,16 @@ pub struct CandidatesReply {
     /// With `look`: the live peers holding the task, complete and partial.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holders: Option<(u32, u32)>,
+    /// With `look`: per holder (at most [`MAX_HOLDINGS`]), its pieces held and the pieces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holdings: Vec<(PeerId, u32, u32)>,
+    /// With `look`: every live peer (name, address, seed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<(PeerId, std::net::SocketAddr, bool)>,
 }
+
+/// Most holders one look lists.
+pub const MAX_HOLDINGS: usize = 4096;
 
 impl CandidatesReply {
     /// `advise`'s answer, with the pieces to fetch when it says `Source`.
@@ -57,6 +66,8 @@ impl CandidatesReply {
             advice,
             lacking,
             holders: None,
+            holdings: Vec::new(),
+            peers: Vec::new(),
         }
     }
 }
@@ -124,6 +135,8 @@ impl SchedulerService {
                 advice: Advice::Wait,
                 lacking: None,
                 holders: Some(s.holders(task)),
+                holdings: s.holdings(task, MAX_HOLDINGS),
+                peers: s.live_peers(),
             });
         }
         let max = call.max.min(MAX_CANDIDATES) as usize;

@@ -8,9 +8,10 @@
 //! | `serve` | serving peers: the served registry, [`crate::transport::PieceSource`], spread, pacing |
 //! | `schedulers` | the scheduler client (embedded or remote), and `starling scheduler` |
 //! | `announce` | telling the schedulers what this peer holds and how its links measure |
-//! | `order` | seed orders: go back to source for a task nobody holds |
+//! | `order` | orders to pull a task: a seed asked to read the origin, or a preheat |
 //! | `upkeep` | path upkeep from netprobe: packet sizes, buffers, congestion mode, probe report |
 //! | `gate` | one pull, import or re-serve per task at a time |
+//! | [`preheat`] | preheat jobs: resolve images, order targets, follow their holders |
 //! | [`inventory`] | what this node holds: `starling tasks`, `stat`, `rm`, the status page |
 //! | [`policy`] | sans-IO rules besides the engine's: its config, the driver's timings, upload spread (shared with `sim/`) |
 //!
@@ -24,6 +25,7 @@ pub mod inventory;
 mod jobs;
 mod order;
 pub mod policy;
+pub mod preheat;
 pub mod pull;
 mod schedulers;
 mod serve;
@@ -90,8 +92,9 @@ pub struct Swarm {
     schedulers: Schedulers,
     served: serve::Registry,
     gates: gate::Gates,
-    /// Seed orders in progress.
+    /// Orders in progress, and the turns they take (see `order`).
     orders: Mutex<HashSet<TaskId>>,
+    order_slots: tokio::sync::Semaphore,
     /// Link quality measured per parent, reported with announcements.
     links: Mutex<HashMap<PeerId, LinkReport>>,
     announcer: announce::State,
@@ -101,6 +104,8 @@ pub struct Swarm {
     socket: Mutex<crate::transport::SocketReport>,
     /// Downloads from peers in progress, with their parents (for `starling stat`).
     downloads: inventory::Downloads,
+    /// Preheat jobs this daemon runs.
+    preheats: preheat::Jobs,
 }
 
 impl Swarm {
@@ -138,11 +143,13 @@ impl Swarm {
             node,
             gates: gate::Gates::default(),
             orders: Mutex::new(HashSet::new()),
+            order_slots: tokio::sync::Semaphore::new(order::ORDERS_AT_ONCE),
             links: Mutex::new(HashMap::new()),
             announcer: announce::State::default(),
             probe,
             socket: Mutex::default(),
             downloads: inventory::Downloads::default(),
+            preheats: preheat::Jobs::default(),
             ctx,
         });
         swarm.node.serve(swarm.clone());

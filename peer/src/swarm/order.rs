@@ -1,6 +1,11 @@
-//! Seed orders: a peer that finds nobody holding a task, and is told by the scheduler to ask a
-//! seed, sends that seed a [`SeedOrder`] (wire kind 4, JSON body: the same [`Request`] a client
-//! gives). Only a seed takes one; it pulls the task from the origin and serves it as it goes.
+//! Orders to pull a task (wire kind 4, JSON body: the same [`Request`] a client gives):
+//! - a peer that finds nobody holding a task, and is told by the scheduler to ask a seed,
+//!   sends that seed an order; the seed pulls the task from the origin and serves it as it
+//!   goes;
+//! - a preheat (`swarm::preheat`) sends orders to the seeds and the share of peers it chose.
+//!
+//! Any peer takes an order and pulls the task as a client's `get` would (the scheduler decides
+//! who reads the origin), at most [`ORDERS_AT_ONCE`] at a time; the rest wait their turn.
 
 use std::sync::Arc;
 
@@ -11,16 +16,16 @@ use crate::core::{Request, TaskId};
 use crate::fetch::Progress;
 use crate::transport::wire::Status;
 
-/// A seed's order to go back to source for a task: the client's own request.
+/// An order to pull a task: the client's own request.
 pub type SeedOrder = Request;
 
+/// Orders a peer pulls at once.
+pub const ORDERS_AT_ONCE: usize = 4;
+
 impl Swarm {
-    /// A seed order from another peer: checked (it must name `task`), then pulled in the
-    /// background. Refused (`BadRequest`) by a node that is not a seed.
+    /// An order from another peer: checked (it must name `task`), then pulled in the
+    /// background.
     pub(super) fn take_order(self: Arc<Self>, task: TaskId, body: &[u8]) -> Result<Bytes, Status> {
-        if !self.ctx.cfg.peer.seed {
-            return Err(Status::BadRequest);
-        }
         let order: SeedOrder = serde_json::from_slice(body).map_err(|_| Status::BadRequest)?;
         let filtered = &self.ctx.cfg.source.filtered_query_params;
         if TaskId::resolve(&order.url, order.digest, filtered).ok() != Some(task) {
@@ -35,10 +40,11 @@ impl Swarm {
         if fresh && !have {
             let me = self.clone();
             tokio::spawn(async move {
+                let _turn = me.order_slots.acquire().await;
                 let progress = Arc::new(Progress::default());
                 match me.pull(&order, &progress).await {
-                    Ok(_) => tracing::info!(%task, "seeded on order"),
-                    Err(e) => tracing::warn!(%task, error = %e, "seed order failed"),
+                    Ok(_) => tracing::info!(%task, "pulled on order"),
+                    Err(e) => tracing::warn!(%task, error = %e, "order failed"),
                 }
                 if let Ok(mut o) = me.orders.lock() {
                     o.remove(&task);

@@ -143,6 +143,8 @@ impl Swarm {
                     advice: Advice::Source,
                     lacking: None,
                     holders: None,
+                    holdings: Vec::new(),
+                    peers: Vec::new(),
                 }
             }
         };

@@ -167,16 +167,22 @@ impl Swarm {
     /// How many live peers the owning scheduler knows hold `task`: (complete, partial). Asking
     /// changes nothing there.
     pub(crate) async fn holders(&self, task: TaskId) -> Result<(u32, u32), TransportError> {
+        let reply = self.look(task).await?;
+        reply.holders.ok_or_else(|| {
+            TransportError::Stream("the scheduler runs an older release: no holder counts".into())
+        })
+    }
+
+    /// The owning scheduler's read-only view of `task`: holder counts, each holder's pieces,
+    /// and every live peer.
+    pub(crate) async fn look(&self, task: TaskId) -> Result<CandidatesReply, TransportError> {
         let call = CandidatesCall {
             peer: self.me.clone(),
             max: 0,
             exclude: Vec::new(),
             look: true,
         };
-        let reply = self.call_candidates(task, &call).await?;
-        reply.holders.ok_or_else(|| {
-            TransportError::Stream("the scheduler runs an older release: no holder counts".into())
-        })
+        self.call_candidates(task, &call).await
     }
 
     async fn call_candidates(
@@ -316,10 +322,10 @@ async fn health(
         listener,
         "metrics",
         metrics,
-        move |_method, path| {
+        move |req, _| {
             let service = service.clone();
             async move {
-                match path.as_str() {
+                match req.uri().path() {
                     "/healthz" => http_reply(StatusCode::OK, "text/plain", "ok\n".into()),
                     "/metrics" => http_reply(
                         StatusCode::OK,
