@@ -134,10 +134,10 @@ async fn body_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| error(StatusCode::PAYLOAD_TOO_LARGE, &format!("body: {e}")))?
         .to_bytes();
     serde_json::from_slice(&body).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             &format!("not the expected JSON: {e}"),
-        )
+        ))
     })
 }
 
