@@ -3,7 +3,7 @@
 //! Layers; dependencies point down only (ARCHITECTURE.md has the same map):
 //!
 //! ```text
-//! daemon      the local API, /metrics, periodic GC           (the binary's cli/ sits above)
+//! daemon      the local API, /metrics + status page + preheat API, GC  (cli/ sits above)
 //! proxy       registry and Hugging Face mirror, HTTP(S) proxy
 //! swarm       the peer: pull a task, serve peers, talk to schedulers, path upkeep
 //!   engine      sans-IO piece planner
@@ -12,6 +12,7 @@
 //!   netprobe    eBPF probes, the path view, the adaptation policy
 //! fetch       the origin pipeline: store look-up, ranged download, import, output
 //! hub, s3     hf:// and s3:// listings as Requests; the Hugging Face cache layout
+//! registry    an image reference as its blobs' Requests (preheat)
 //! context     NodeContext: config, store, origin client, metrics
 //! source      HTTP(S) origin client with checked Range requests
 //! storage     io_uring piece store, crash-safe records, leases, GC, upload views

@@ -216,6 +216,8 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100_000);
         assert_eq!(ago(100_000 - 30, now), "30s");
         assert_eq!(ago(100_000 - 600, now), "10m");
-        assert_eq!(ago(0, now), "1d");
+        assert_eq!(ago(0, now), "27h");
+        let later = SystemTime::UNIX_EPOCH + Duration::from_secs(500_000);
+        assert_eq!(ago(0, later), "5d");
     }
 }
