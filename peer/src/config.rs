@@ -53,6 +53,33 @@ pub struct Config {
     pub hf: HfConfig,
     pub s3: S3Config,
     pub kubernetes: KubernetesConfig,
+    pub tracing: TracingConfig,
+}
+
+/// OpenTelemetry tracing over OTLP (see [`crate::telemetry`]).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector: `http://collector:4318` for OTLP/HTTP (spans go to `/v1/traces`),
+    /// `http://collector:4317` for gRPC. Empty (default): no tracing.
+    pub otlp_endpoint: String,
+    /// `http` (OTLP/HTTP, protobuf) or `grpc`. Default `http`.
+    pub protocol: String,
+    /// The resource's `service.name`. Default `starling`.
+    pub service_name: String,
+    /// The share of traces kept, 0 to 1. Default 1.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: String::new(),
+            protocol: "http".into(),
+            service_name: "starling".into(),
+            sample_ratio: 1.0,
+        }
+    }
 }
 
 /// Running in Kubernetes: the node's topology labels become `peer.zone` and `peer.rack`.
@@ -447,6 +474,7 @@ impl Default for Config {
             hf: HfConfig::default(),
             s3: S3Config::default(),
             kubernetes: KubernetesConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }
@@ -845,6 +873,29 @@ impl Config {
                     "must be ip:port or name:port, e.g. 10.0.0.1:7960 or starling-scheduler:7960",
                 );
             }
+        }
+        let t = &self.tracing;
+        if !matches!(t.protocol.as_str(), "http" | "grpc") {
+            return bad(
+                "tracing.protocol",
+                t.protocol.clone(),
+                "must be http or grpc",
+            );
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return bad(
+                "tracing.sample_ratio",
+                t.sample_ratio.to_string(),
+                "must be between 0 and 1",
+            );
+        }
+        let e = &t.otlp_endpoint;
+        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
+            return bad(
+                "tracing.otlp_endpoint",
+                t.otlp_endpoint.clone(),
+                "must be an http(s) URL, e.g. http://otel-collector:4318",
+            );
         }
         let p = &self.peer;
         if !(1..=64).contains(&p.max_parents) {

@@ -17,7 +17,7 @@
 //! source      HTTP(S) origin client with checked Range requests
 //! storage     io_uring piece store, crash-safe records, leases, GC, upload views
 //! kube        the in-cluster Kubernetes API: node labels, the CA Secret
-//! metrics, config, accept (listeners that back off and cap connections)
+//! metrics, config, accept (listeners that back off and cap connections), telemetry (OTLP)
 //! core        Digest, TaskId, PiecePlan, Manifest, Request (used by every layer)
 //! ```
 
@@ -39,4 +39,5 @@ pub mod scheduler;
 pub mod source;
 pub mod storage;
 pub mod swarm;
+pub mod telemetry;
 pub mod transport;

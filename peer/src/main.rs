@@ -109,7 +109,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.global.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, e)) => {
@@ -119,7 +118,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr (`-v`, `RUST_LOG`), and for the daemon and the scheduler the OTLP span
+/// exporter when `tracing.otlp_endpoint` is set (call inside the runtime). The returned guard
+/// flushes the exporter when dropped.
+fn init_logging(
+    verbose: u8,
+    cfg: &Config,
+    long_lived: bool,
+) -> Result<Option<starling::telemetry::Telemetry>, Failure> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -127,12 +136,34 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
-        .init();
+        .with_filter(filter);
+    let instance = if cfg.peer.advertise.is_empty() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default()
+    } else {
+        cfg.peer.advertise.clone()
+    };
+    let otel = if long_lived {
+        starling::telemetry::layer(&cfg.tracing, &instance)
+            .map_err(|e| fail(exit::USAGE)(e.into()))?
+    } else {
+        None
+    };
+    match otel {
+        Some((layer, guard)) => {
+            tracing_subscriber::registry().with(fmt).with(layer).init();
+            Ok(Some(guard))
+        }
+        None => {
+            tracing_subscriber::registry().with(fmt).init();
+            Ok(None)
+        }
+    }
 }
 
 /// The network runtime: `daemon.runtime_threads` threads (one is a current-thread runtime).
@@ -165,6 +196,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
     cfg.check_data_dir()
         .map_err(|e| fail(exit::USAGE)(e.into()))?;
+    let rt = runtime(&cfg)?;
+    let long_lived = matches!(cli.command, Command::Daemon | Command::Scheduler);
+    let telemetry = {
+        let _inside = rt.enter();
+        init_logging(cli.global.verbose, &cfg, long_lived)?
+    };
     // Daemons hold a descriptor per connection and per open task.
     if matches!(cli.command, Command::Daemon | Command::Scheduler) {
         if let Some((from, to)) = starling::accept::raise_nofile_limit().filter(|(a, b)| a != b) {
@@ -172,8 +209,24 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     let quiet = cli.global.quiet;
-    let rt = runtime(&cfg)?;
-    match cli.command {
+    let res = command(cli.command, cfg, quiet, &rt);
+    // The last spans go out while the runtime still runs (the gRPC exporter needs it, and a
+    // one-thread runtime runs only inside block_on).
+    if let Some(t) = telemetry {
+        rt.block_on(async {
+            let _ = tokio::task::spawn_blocking(move || drop(t)).await;
+        });
+    }
+    res
+}
+
+fn command(
+    command: Command,
+    cfg: Config,
+    quiet: bool,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), Failure> {
+    match command {
         Command::Get(args) => rt.block_on(cli::get::run(cfg, args, quiet)),
         Command::Import(args) => rt.block_on(cli::import::run(cfg, args, quiet)),
         Command::Gc => cli::admin::gc(cfg, quiet),

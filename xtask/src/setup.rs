@@ -46,11 +46,14 @@ const HF_HUB_VERSION: &str = "2.4.0";
 /// (lmdb metadata only: the tests need no more, and it builds in about 5 minutes).
 const GARAGE_VERSION: &str = "2.5.0";
 
-/// The chart's checks, from PyPI, pinned: Helm v4's engine as a library (render, lint) and the
-/// Kubernetes schemas.
+/// Python tools from PyPI, pinned: Helm v4's engine as a library (render, lint) and the
+/// Kubernetes schemas for the chart's checks; the OTLP classes and gRPC for the tracing test.
 const DEPLOY_PIP: &[(&str, &str, &str)] = &[
     ("helm-python-sdk", "helm_python", "0.2.2"),
     ("kubernetes-validate", "kubernetes_validate", "1.37.0"),
+    // The tracing test's OTLP receiver: the protocol's generated classes, and gRPC.
+    ("opentelemetry-proto", "opentelemetry.proto", "1.45.2"),
+    ("grpcio", "grpc", "1.85.4"),
 ];
 
 pub fn run() -> Result<()> {

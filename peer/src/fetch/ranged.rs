@@ -79,7 +79,9 @@ pub async fn fetch(
                     let res = job.retry.run("piece", || job.piece(piece)).await;
                     (piece.index, t.elapsed(), res)
                 }
-                .instrument(tracing::debug_span!("piece", index = piece.index)),
+                .instrument(tracing::debug_span!("piece", index = piece.index))
+                // In the task's span even when the piece's is off (`telemetry`'s parent links).
+                .in_current_span(),
             );
         }
         if engine.is_complete() && jobs.is_empty() {
@@ -157,15 +159,37 @@ pub async fn range_body(
     validator: &str,
     progress: &Progress,
 ) -> Result<Vec<Bytes>, SourceError> {
-    let body = origin
-        .range(url, piece.offset, piece.length, total, validator)
-        .await?;
-    let mut body = std::pin::pin!(body);
-    let mut chunks = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk?;
-        progress.add_origin(chunk.len() as u64);
-        chunks.push(chunk);
+    // One back-to-source request's span (see `telemetry`); the URL without its query, which
+    // may carry a signature.
+    let span = tracing::info_span!(
+        "source",
+        url = url.split('?').next().unwrap_or(url),
+        offset = piece.offset as i64,
+        length = piece.length as i64,
+        bytes = tracing::field::Empty,
+        result = tracing::field::Empty,
+    );
+    let received = std::sync::atomic::AtomicU64::new(0);
+    let res: Result<Vec<Bytes>, SourceError> = async {
+        let body = origin
+            .range(url, piece.offset, piece.length, total, validator)
+            .await?;
+        let mut body = std::pin::pin!(body);
+        let mut chunks = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            progress.add_origin(chunk.len() as u64);
+            received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            chunks.push(chunk);
+        }
+        Ok(chunks)
     }
-    Ok(chunks)
+    .instrument(span.clone())
+    .await;
+    span.record("bytes", received.load(Ordering::Relaxed) as i64);
+    match &res {
+        Ok(_) => span.record("result", "ok"),
+        Err(e) => span.record("result", e.to_string().as_str()),
+    };
+    res
 }

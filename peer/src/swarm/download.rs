@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
+use tracing::Instrument;
 
 use super::inventory::ParentView;
 use super::jobs::{ask_loop, from_parent, from_source, poll_parent, Event, JobError, Wanted};
@@ -52,6 +53,8 @@ struct JobDone {
 
 struct ParentInfo {
     peer: PeerId,
+    /// Its span under the task's (see `telemetry`): from when it was added until dropped.
+    span: tracing::Span,
     conn: Option<Parent>,
     have: Vec<bool>,
     in_engine: bool,
@@ -79,8 +82,9 @@ struct Driver<'a> {
     by_peer: HashMap<PeerId, ParentId>,
     down_at: HashMap<PeerId, Instant>,
     banned: HashSet<PeerId>,
-    /// Pieces received and verified per parent (for `starling stat`).
-    received: HashMap<PeerId, u32>,
+    /// Pieces and bytes received and verified per parent (for `starling stat` and the
+    /// parents' spans).
+    received: HashMap<PeerId, (u32, u64)>,
     ordered: HashSet<PeerId>,
     next_pid: ParentId,
     jobs: JoinSet<JobDone>,
@@ -116,6 +120,10 @@ const SCHEDULER_SILENT: Duration = Duration::from_secs(15);
 impl Drop for Driver<'_> {
     fn drop(&mut self) {
         self.swarm.downloads.end(&self.id);
+        let done = self.engine.as_ref().is_some_and(Engine::is_complete);
+        for p in self.parents.values() {
+            self.close_span(p, if done { "ok" } else { "stopped" });
+        }
         for p in self.parents.values() {
             p.poller.abort();
         }
@@ -421,9 +429,17 @@ impl Driver<'_> {
             self.have_every.subscribe(),
         ));
         self.by_peer.insert(peer.clone(), pid);
+        let span = tracing::info_span!(
+            "parent",
+            peer = %peer,
+            pieces = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            result = tracing::field::Empty,
+        );
         self.parents.insert(
             pid,
             ParentInfo {
+                span,
                 peer,
                 conn: None,
                 have: Vec::new(),
@@ -467,8 +483,17 @@ impl Driver<'_> {
         self.parents.len().saturating_sub(retiring)
     }
 
+    /// Closes a parent's span with what it delivered.
+    fn close_span(&self, p: &ParentInfo, result: &str) {
+        let (pieces, bytes) = self.received.get(&p.peer).copied().unwrap_or((0, 0));
+        p.span.record("pieces", pieces as i64);
+        p.span.record("bytes", bytes as i64);
+        p.span.record("result", result);
+    }
+
     fn drop_parent(&mut self, pid: ParentId, ban: bool) {
         if let Some(p) = self.parents.remove(&pid) {
+            self.close_span(&p, if ban { "blacklisted" } else { "dropped" });
             p.poller.abort();
             self.by_peer.remove(&p.peer);
             if ban {
@@ -686,15 +711,19 @@ impl Driver<'_> {
                 })
             }
         };
-        let h = self.jobs.spawn(async move {
-            let res = fut.await;
-            JobDone {
-                from,
-                piece: index,
-                elapsed: started.elapsed(),
-                res,
+        // In the task's span, so a source request's span is the task's child.
+        let h = self.jobs.spawn(
+            async move {
+                let res = fut.await;
+                JobDone {
+                    from,
+                    piece: index,
+                    elapsed: started.elapsed(),
+                    res,
+                }
             }
-        });
+            .in_current_span(),
+        );
         self.running.insert((from, index), h);
     }
 
@@ -722,7 +751,9 @@ impl Driver<'_> {
                         Peer::Parent(pid) => self.parents.get(&pid),
                         Peer::Source => None,
                     } {
-                        *self.received.entry(p.peer.clone()).or_default() += 1;
+                        let r = self.received.entry(p.peer.clone()).or_default();
+                        r.0 += 1;
+                        r.1 += len;
                     }
                 }
                 engine.on_piece(done.from, done.piece, done.elapsed, now);
@@ -776,7 +807,7 @@ impl Driver<'_> {
             let r = reports.iter().find(|r| r.parent == *pid);
             views.push(ParentView {
                 peer: p.peer.clone(),
-                pieces: self.received.get(&p.peer).copied().unwrap_or(0),
+                pieces: self.received.get(&p.peer).map_or(0, |r| r.0),
                 rate: rates.get(pid).copied(),
                 rtt_ms: s.path.rtt.as_secs_f64() * 1e3,
                 loss,

@@ -89,12 +89,38 @@ impl Swarm {
         let metrics = &self.ctx.metrics;
         metrics.started();
         progress.count_into(metrics);
+        // The task's span (exported over OTLP when tracing is on: `telemetry`).
+        let span = tracing::info_span!(
+            "task",
+            %id,
+            bytes = tracing::field::Empty,
+            parent_bytes = tracing::field::Empty,
+            origin_bytes = tracing::field::Empty,
+            result = tracing::field::Empty,
+        );
         let res = self
             .gates
             .one_at_a_time(id, self.pull_gated(id, req, progress))
-            .instrument(tracing::info_span!("task", %id))
+            .instrument(span.clone())
             .await;
         metrics.finished(res.is_ok());
+        span.record(
+            "parent_bytes",
+            progress.parent_bytes.load(Ordering::Relaxed) as i64,
+        );
+        span.record(
+            "origin_bytes",
+            progress.origin_bytes.load(Ordering::Relaxed) as i64,
+        );
+        match &res {
+            Ok(f) => {
+                span.record("bytes", f.manifest.plan().content_length() as i64);
+                span.record("result", "ok");
+            }
+            Err(e) => {
+                span.record("result", e.to_string().as_str());
+            }
+        }
         match &res {
             Ok(f) => {
                 if f.served == Served::Store {
