@@ -137,6 +137,7 @@ fn other_values() -> serde_json::Value {
             "grafanaDashboard": {"enabled": true},
         },
         "extraConfig": "[source]\nconcurrency = 8\n",
+        "tracing": {"otlpEndpoint": "http://otel-collector:4317", "protocol": "grpc", "sampleRatio": 1},
     })
 }
 

@@ -70,6 +70,14 @@ listen = ""
 
 [netprobe]
 enabled = {{ $v.ebpf.enabled }}
+{{- if $v.tracing.otlpEndpoint }}
+
+[tracing]
+otlp_endpoint = {{ $v.tracing.otlpEndpoint | quote }}
+protocol = {{ $v.tracing.protocol | quote }}
+service_name = "starling-{{ .role }}"
+sample_ratio = {{ $v.tracing.sampleRatio | float64 }}
+{{- end }}
 {{- if $v.topology.fromNodeLabels }}
 
 [kubernetes]
