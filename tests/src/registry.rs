@@ -61,6 +61,67 @@ pub struct Registry {
     pub log: PathBuf,
 }
 
+/// A registry with TLS from its own test CA, alone in a lab namespace (`tag`, `subnet`).
+pub struct LabRegistry {
+    pub registry: Registry,
+    pub ca: TestCa,
+    pub lab: crate::Lab,
+}
+
+impl LabRegistry {
+    pub fn start(tag: &str, subnet: u8, dir: &Path) -> LabRegistry {
+        let lab = crate::Lab::new(tag, subnet, 1, 0).expect("lab");
+        let ip = lab.hosts[0].addr.clone();
+        let ca = TestCa::new(dir, "registry", &[&ip]);
+        let registry = Registry::start_in(&lab, 0, dir, &ca);
+        LabRegistry { registry, ca, lab }
+    }
+
+    /// Builds an image of `layers` (sizes, content from `seed`) under `dir` and pushes it as
+    /// `repo:v1`.
+    pub fn push_image(&self, dir: &Path, layers: &[usize], seed: u64, repo: &str) -> OciImage {
+        let image = OciImage::build(dir, layers, seed);
+        image.push(&self.registry, &self.ca, repo);
+        image
+    }
+}
+
+/// `ctr images pull` of `image` through the mirror named by `node`'s config: its hosts.toml
+/// files come from `starling init containerd --write` into `hosts`. Panics with ctr's output
+/// on failure.
+pub fn containerd_pull(
+    ctd: &Containerd,
+    node: &crate::Scratch,
+    registry: &str,
+    hosts: &Path,
+    image: &str,
+) {
+    run(node
+        .starling()
+        .args([
+            "init",
+            "containerd",
+            "--write",
+            "--registry",
+            registry,
+            "--hosts-dir",
+        ])
+        .arg(hosts));
+    let out = ctd
+        .ctr()
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(hosts)
+        .arg(image)
+        .output()
+        .expect("run ctr");
+    assert!(
+        out.status.success(),
+        "ctr images pull {image} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Registry {
     pub fn start_in(lab: &Lab, host: usize, dir: &Path, tls: &TestCa) -> Registry {
         let ip = lab.hosts[host].addr.clone();

@@ -575,12 +575,9 @@ fn the_image_runs_as_the_charts_daemonset_and_serves_a_containerd_pull() {
     )
     .ok();
     // A registry (TLS from a test CA) with an image to pull.
-    let lab = Lab::new("k", 215, 1, 0).expect("lab");
-    let reg_ip = lab.hosts[0].addr.clone();
-    let reg_ca = TestCa::new(d, "registry", &[&reg_ip]);
-    let registry = Registry::start_in(&lab, 0, d, &reg_ca);
-    let app = OciImage::build(d, &[MIB, 12 * MIB, 5 * MIB + 3], 77);
-    app.push(&registry, &reg_ca, "test/app");
+    let lr = LabRegistry::start("k", 215, d);
+    let (registry, reg_ca) = (&lr.registry, &lr.ca);
+    let app = lr.push_image(d, &[MIB, 12 * MIB, 5 * MIB + 3], 77, "test/app");
     // The chart, with this host's free ports, the registry, and its CA mounted for origins.
     let (peer, metrics, proxy) = (free_udp_port(), free_port(), free_port());
     let values = json!({

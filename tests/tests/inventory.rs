@@ -28,17 +28,40 @@ fn starling(node: &Node, args: &[&str]) -> Run {
     Run::of(&mut c)
 }
 
+/// A seed and two peers uploading at 40 Mbit/s, and nginx serving a blob of `mib` MiB.
+struct Swarm {
+    data: Vec<u8>,
+    sum: String,
+    url: String,
+    cluster: Cluster,
+    _nginx: Nginx,
+    _www: tempfile::TempDir,
+}
+
+impl Swarm {
+    fn start(mib: usize, seed: u64) -> Swarm {
+        let www = tempfile::tempdir().expect("www");
+        let data = random_bytes(mib * MIB, seed);
+        std::fs::write(www.path().join("blob"), &data).expect("write blob");
+        let nginx = Nginx::start(www.path());
+        let mut cluster = Cluster::new(2, "upload_limit_mbps = 40", "");
+        cluster.start_all();
+        Swarm {
+            sum: sha256_bytes(&data),
+            url: nginx.url("blob"),
+            data,
+            cluster,
+            _nginx: nginx,
+            _www: www,
+        }
+    }
+}
+
 #[test]
 fn tasks_stat_and_rm_show_and_evict_what_a_node_holds() {
-    let www = tempfile::tempdir().expect("www");
-    let data = random_bytes(24 * MIB, 11);
-    std::fs::write(www.path().join("blob"), &data).expect("write blob");
-    let sum = sha256_bytes(&data);
-    let nginx = Nginx::start(www.path());
-    let url = nginx.url("blob");
     // Uploads at 40 Mbit/s: node 2's download lasts a few seconds.
-    let mut cluster = Cluster::new(2, "upload_limit_mbps = 40", "");
-    cluster.start_all();
+    let sw = Swarm::start(24, 11);
+    let (data, sum, url, cluster) = (&sw.data, sw.sum.clone(), sw.url.clone(), &sw.cluster);
     let (n1, n2) = (&cluster.nodes[1], &cluster.nodes[2]);
 
     // Before anything is fetched: an empty list.
@@ -230,15 +253,9 @@ fn pixels_of(png_path: &std::path::Path, rgb: [u8; 3]) -> usize {
 
 #[test]
 fn the_status_page_draws_a_live_swarm_in_a_real_browser() {
-    let www = tempfile::tempdir().expect("www");
-    let data = random_bytes(48 * MIB, 12);
-    std::fs::write(www.path().join("blob"), &data).expect("write blob");
-    let sum = sha256_bytes(&data);
-    let nginx = Nginx::start(www.path());
-    let url = nginx.url("blob");
     // Uploads at 40 Mbit/s: node 2's download lasts about 5 s, long enough to look at it.
-    let mut cluster = Cluster::new(2, "upload_limit_mbps = 40", "");
-    cluster.start_all();
+    let sw = Swarm::start(48, 12);
+    let (sum, url, cluster) = (sw.sum.clone(), sw.url.clone(), &sw.cluster);
     let (n1, n2) = (&cluster.nodes[1], &cluster.nodes[2]);
     n1.scratch.get(&url, "out", &["--digest", &sum]).ok();
     let page = format!("http://{}:{}/", n2.metrics_host, n2.metrics_port);

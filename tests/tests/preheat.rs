@@ -37,14 +37,10 @@ fn preheated_images_are_pulled_without_a_registry_blob_byte_and_harbors_api_preh
         .tempdir()
         .expect("dir");
     let d = dir.path();
-    let lab = Lab::new("h", 216, 1, 0).expect("lab");
-    let reg_ip = lab.hosts[0].addr.clone();
-    let reg_ca = TestCa::new(d, "registry", &[&reg_ip]);
-    let registry = Registry::start_in(&lab, 0, d, &reg_ca);
-    let app = OciImage::build(d, &[MIB, 16 * MIB, 4 * MIB + 5], 91);
-    app.push(&registry, &reg_ca, "test/app");
-    let other = OciImage::build(&d.join("other"), &[2 * MIB, 9 * MIB], 92);
-    other.push(&registry, &reg_ca, "test/other");
+    let lr = LabRegistry::start("h", 216, d);
+    let (registry, reg_ca) = (&lr.registry, &lr.ca);
+    let app = lr.push_image(d, &[MIB, 16 * MIB, 4 * MIB + 5], 91, "test/app");
+    let other = lr.push_image(&d.join("other"), &[2 * MIB, 9 * MIB], 92, "test/other");
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut cluster = Cluster::new_each(2, "", &|i| {
         format!(
@@ -111,32 +107,13 @@ fn preheated_images_are_pulled_without_a_registry_blob_byte_and_harbors_api_preh
     // containerd pulls through node 2's mirror: every blob from peers, none from the registry
     // (the manifest requests still go to the registry: tags are resolved there).
     let ctd = Containerd::start(d);
-    Run::of(
-        cluster.nodes[2]
-            .scratch
-            .starling()
-            .args([
-                "init",
-                "containerd",
-                "--write",
-                "--registry",
-                &registry.addr,
-                "--hosts-dir",
-            ])
-            .arg(d.join("hosts")),
-    )
-    .ok();
-    let out = ctd
-        .ctr()
-        .args(["images", "pull", "--hosts-dir"])
-        .arg(d.join("hosts"))
-        .arg(format!("{}/test/app:v1", registry.addr))
-        .output()
-        .expect("ctr");
-    assert!(
-        out.status.success(),
-        "ctr images pull: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let image = format!("{}/test/app:v1", registry.addr);
+    containerd_pull(
+        &ctd,
+        &cluster.nodes[2].scratch,
+        &registry.addr,
+        &d.join("hosts"),
+        &image,
     );
     assert_eq!(
         blob_bytes(&app),

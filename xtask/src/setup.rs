@@ -46,9 +46,11 @@ const HF_HUB_VERSION: &str = "2.4.0";
 /// (lmdb metadata only: the tests need no more, and it builds in about 5 minutes).
 const GARAGE_VERSION: &str = "2.5.0";
 
-/// Python tools from PyPI, pinned: Helm v4's engine as a library (render, lint) and the
-/// Kubernetes schemas for the chart's checks; the OTLP classes and gRPC for the tracing test.
-const DEPLOY_PIP: &[(&str, &str, &str)] = &[
+/// Python tools from PyPI, pinned (package, module, version): the Hugging Face client for the
+/// model tests; Helm v4's engine as a library (render, lint) and the Kubernetes schemas for the
+/// chart's checks; the OTLP classes and gRPC for the tracing test.
+const PIP_PACKAGES: &[(&str, &str, &str)] = &[
+    ("huggingface_hub", "huggingface_hub", HF_HUB_VERSION),
     ("helm-python-sdk", "helm_python", "0.2.2"),
     ("kubernetes-validate", "kubernetes_validate", "1.37.0"),
     // The tracing test's OTLP receiver: the protocol's generated classes, and gRPC.
@@ -60,14 +62,13 @@ pub fn run() -> Result<()> {
     ensure_ebpf_toolchain()?;
     ensure_apt_packages()?;
     ensure_model_tools()?;
-    ensure_deploy_tools()?;
     ensure_tracefs();
     Ok(())
 }
 
-/// [`DEPLOY_PIP`], for the chart's tests.
-pub fn ensure_deploy_tools() -> Result<()> {
-    for (package, module, version) in DEPLOY_PIP {
+/// [`PIP_PACKAGES`], each at its version.
+pub fn ensure_pip_packages() -> Result<()> {
+    for (package, module, version) in PIP_PACKAGES {
         let check = format!(
             "import importlib.metadata as m, {module}, sys; sys.exit(m.version({package:?}) != {version:?})"
         );
@@ -85,21 +86,10 @@ pub fn ensure_deploy_tools() -> Result<()> {
     Ok(())
 }
 
-/// `huggingface_hub` from PyPI and `garage` from crates.io, for the model tests.
+/// The PyPI packages (`huggingface_hub` among them) and `garage` from crates.io, for the model
+/// tests.
 pub fn ensure_model_tools() -> Result<()> {
-    let check = format!(
-        "import huggingface_hub, sys; sys.exit(huggingface_hub.__version__ != {HF_HUB_VERSION:?})"
-    );
-    if !quiet_ok(Command::new("python3").args(["-c", &check])) {
-        sh(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--root-user-action=ignore",
-            &format!("huggingface_hub=={HF_HUB_VERSION}"),
-        ]))?;
-    }
+    ensure_pip_packages()?;
     let have = Command::new("garage")
         .arg("--version")
         .output()
