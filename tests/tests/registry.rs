@@ -141,43 +141,20 @@ fn skopeo_containerd_and_docker_pull_through_two_nodes_and_the_registry_sends_ea
     // Node B (2): containerd, mirror named in hosts.toml (ns= names the registry).
     let ctd = Containerd::start(f.dir.path());
     // Its hosts.toml comes from `starling init containerd --write`.
-    run(f.cluster.nodes[2]
-        .scratch
-        .starling()
-        .args([
-            "init",
-            "containerd",
-            "--write",
-            "--registry",
-            &f.registry.addr,
-            "--hosts-dir",
-        ])
-        .arg(f.dir.path().join("hosts")));
-    let hosts = std::fs::read_to_string(
-        f.dir
-            .path()
-            .join("hosts")
-            .join(&f.registry.addr)
-            .join("hosts.toml"),
-    )
-    .expect("hosts.toml written");
+    let hosts_dir = f.dir.path().join("hosts");
+    let image = format!("{}/{REPO}:v1", f.registry.addr);
+    containerd_pull(
+        &ctd,
+        &f.cluster.nodes[2].scratch,
+        &f.registry.addr,
+        &hosts_dir,
+        &image,
+    );
+    let hosts = std::fs::read_to_string(hosts_dir.join(&f.registry.addr).join("hosts.toml"))
+        .expect("hosts.toml written");
     assert!(
         hosts.contains(&format!("127.0.0.1:{}", f.ports[2])),
         "{hosts}"
-    );
-    let out = ctd
-        .ctr()
-        .args(["images", "pull", "--hosts-dir"])
-        .arg(f.dir.path().join("hosts"))
-        .arg(format!("{}/{REPO}:v1", f.registry.addr))
-        .output()
-        .expect("run ctr");
-    assert!(
-        out.status.success(),
-        "ctr images pull failed:\n{}\n{}\nnode B log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        f.node_log(2)
     );
     let listed = run(ctd.ctr().args(["images", "ls", "-q"]));
     assert!(
