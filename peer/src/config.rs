@@ -337,6 +337,13 @@ pub struct SchedulerSection {
     pub peer_ttl_seconds: u64,
     /// Children a parent is expected to feed at once before its rank falls. Default 4.
     pub fanout: f64,
+    /// Tasks this scheduler lets peers read from origins at once (one fetcher each; the
+    /// others wait their turn). With several schedulers, the cluster's limit is the sum.
+    /// 0 (default): no limit.
+    pub max_fetchers: usize,
+    /// Origin bandwidth in Mbit/s that this scheduler's fetchers share (each is told its
+    /// share, and paces its reads). 0 (default): no limit.
+    pub max_source_mbps: f64,
 }
 
 impl Default for SchedulerSection {
@@ -348,6 +355,8 @@ impl Default for SchedulerSection {
             metrics_addr: "127.0.0.1:9465".into(),
             peer_ttl_seconds: 30,
             fanout: 4.0,
+            max_fetchers: 0,
+            max_source_mbps: 0.0,
         }
     }
 }
@@ -434,6 +443,12 @@ pub struct GcConfig {
 pub struct SourceConfig {
     /// Parallel Range requests per task. Default 4.
     pub concurrency: usize,
+    /// Requests to origins this node has open at once, over every task (later ones wait their
+    /// turn); 0: no limit. Default 0.
+    pub max_connections: usize,
+    /// Bytes per second this node reads from origins, in Mbit/s, over every task; 0: no limit.
+    /// Default 0.
+    pub max_mbps: f64,
     /// Attempts per piece before the download fails. Default 6.
     pub attempts: u32,
     /// First retry delay in milliseconds, doubled each time up to 5 s, with jitter. Default 200.
@@ -494,6 +509,8 @@ impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
             concurrency: 4,
+            max_connections: 0,
+            max_mbps: 0.0,
             attempts: 6,
             backoff_ms: 200,
             connect_timeout_seconds: 10,

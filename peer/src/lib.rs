@@ -32,6 +32,7 @@ pub mod hub;
 pub mod kube;
 pub mod metrics;
 pub mod netprobe;
+pub mod pace;
 pub mod proxy;
 pub mod registry;
 pub mod s3;

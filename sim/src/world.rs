@@ -578,7 +578,7 @@ impl World {
         let task = self.tasks[t as usize].0;
         self.schedulers[s].expire(now);
         let answer = self.schedulers[s].advise(&name, &task, want, &exclude, now);
-        let reply = CandidatesReply::of(&self.schedulers[s], &task, answer);
+        let reply = CandidatesReply::of(&self.schedulers[s], &task, answer, now);
         self.count_call();
         let rtt = self.sc.rtt;
         self.after(rtt, Ev::Reply { n, t, reply });

@@ -18,6 +18,9 @@ pub fn free_udp_port() -> u16 {
 }
 
 /// A `starling scheduler` process, killed on drop.
+/// Extra TOML a test gives its scheduler (merged over the generated file).
+const SCHEDULER_EXTRA: &str = "scheduler-extra.toml";
+
 pub struct SchedulerProc {
     pub child: Child,
     pub port: u16,
@@ -41,10 +44,17 @@ impl SchedulerProc {
     ) -> SchedulerProc {
         let cfg = dir.join("scheduler.toml");
         let metrics_port = crate::free_port();
+        // A test's own scheduler settings, if it wrote them (see `Cluster::configure_scheduler`).
+        let extra = dir.join(SCHEDULER_EXTRA);
+        let include = if extra.exists() {
+            format!("include = [{extra:?}]\n")
+        } else {
+            String::new()
+        };
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\n[tls]\nca_cert = {:?}\nca_key = {:?}\n[scheduler]\nlisten = \"{host}:{port}\"\nmetrics_addr = \"{host}:{metrics_port}\"\n",
+                "{include}data_dir = {:?}\n[tls]\nca_cert = {:?}\nca_key = {:?}\n[scheduler]\nlisten = \"{host}:{port}\"\nmetrics_addr = \"{host}:{metrics_port}\"\n",
                 dir.join("sched-data"),
                 ca.join("ca.pem"),
                 ca.join("ca.key"),
@@ -313,6 +323,13 @@ impl Cluster {
             .into_iter()
             .map(|r| r.unwrap_or(Duration::from_secs(30)))
             .collect()
+    }
+
+    /// Restarts the scheduler with `toml` merged over its configuration (call before the
+    /// daemons start).
+    pub fn configure_scheduler(&mut self, toml: &str) {
+        std::fs::write(self.dir.path().join(SCHEDULER_EXTRA), toml).expect("scheduler extra");
+        self.restart_scheduler();
     }
 
     pub fn restart_scheduler(&mut self) {

@@ -43,6 +43,8 @@ pub struct FaultOrigin {
     served: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
     active: Arc<AtomicU64>,
+    /// The most requests served at once (each response closes its connection).
+    peak: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -66,14 +68,16 @@ impl FaultOrigin {
             served: Arc::default(),
             requests: Arc::default(),
             active: Arc::default(),
+            peak: Arc::default(),
             stop: Arc::default(),
         };
-        let (faults, content, served, requests, active, stop) = (
+        let (faults, content, served, requests, active, peak, stop) = (
             o.faults.clone(),
             o.content.clone(),
             o.served.clone(),
             o.requests.clone(),
             o.active.clone(),
+            o.peak.clone(),
             o.stop.clone(),
         );
         std::thread::spawn(move || {
@@ -88,7 +92,8 @@ impl FaultOrigin {
                     served.clone(),
                     requests.clone(),
                 );
-                active.fetch_add(1, Ordering::Relaxed);
+                let now = active.fetch_add(1, Ordering::Relaxed) + 1;
+                peak.fetch_max(now, Ordering::Relaxed);
                 let guard = Active(active.clone());
                 std::thread::spawn(move || {
                     serve(conn, &faults, &content, &served, &requests);
@@ -119,6 +124,11 @@ impl FaultOrigin {
     /// Connections still being served (a killed client's may linger until writes fail).
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// The most requests it served at once.
+    pub fn peak_active(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
     }
 
     pub fn requests(&self) -> u64 {

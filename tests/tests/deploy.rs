@@ -138,6 +138,7 @@ fn other_values() -> serde_json::Value {
         },
         "extraConfig": "[source]\nconcurrency = 8\n",
         "tracing": {"otlpEndpoint": "http://otel-collector:4317", "protocol": "grpc", "sampleRatio": 1},
+        "originLimits": {"nodeConnections": 8, "nodeMbps": 2000, "clusterFetchers": 3, "clusterMbps": 10000},
     })
 }
 

@@ -18,12 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
-use reqwest::Response;
 use tracing::Instrument;
 
 use crate::context::NodeContext;
 use crate::core::{Digest, Manifest, PiecePlan, PiecePlanError, Request, TaskId, TaskIdError};
-use crate::source::{exact_body, Origin, SourceError};
+use crate::source::{exact_body, Origin, Reply, SourceError};
 use crate::storage::{ChainEnd, Feed, Lease, LeaseMode, StoreError, TaskHandle, TaskHeader};
 
 pub use import::Staged;
@@ -43,6 +42,8 @@ pub struct Progress {
     pub parent_bytes: AtomicU64,
     /// Where bytes are also counted as they arrive (`starling_bytes_total`), once set.
     live: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
+    /// This download's share of the cluster's origin bandwidth, as the scheduler last said.
+    origin_pace: std::sync::Mutex<Option<Arc<crate::pace::Pacer>>>,
 }
 
 impl Progress {
@@ -50,6 +51,26 @@ impl Progress {
     /// scrape during a long download sees them. Set once; later calls change nothing.
     pub fn count_into(&self, m: &Arc<crate::metrics::Metrics>) {
         let _ = self.live.set(m.clone());
+    }
+
+    /// Reads from the origin at most `mbps` from now on (a scheduler's share).
+    pub fn limit_origin(&self, mbps: f64) {
+        if let Ok(mut p) = self.origin_pace.lock() {
+            let same = p
+                .as_ref()
+                .is_some_and(|p| (p.mbps_limit() - mbps).abs() < mbps * 0.05);
+            if !same {
+                *p = crate::pace::Pacer::mbps(mbps).map(Arc::new);
+            }
+        }
+    }
+
+    /// Waits until `n` origin bytes just read fit this download's share, if it has one.
+    pub async fn pace_origin(&self, n: u64) {
+        let pacer = self.origin_pace.lock().ok().and_then(|p| p.clone());
+        if let Some(p) = pacer {
+            p.after(n).await;
+        }
     }
 
     pub fn add_origin(&self, n: u64) {
@@ -349,7 +370,7 @@ impl Fetcher {
         mut task: TaskHandle,
         req: &Request,
         ranged: bool,
-        full_body: Option<Response>,
+        full_body: Option<Reply>,
         progress: &Arc<Progress>,
         on_open: OnOpen<'_>,
     ) -> Result<Fetched, FetchError> {
@@ -497,7 +518,7 @@ impl Fetcher {
         origin: &Origin,
         task: &TaskHandle,
         url: &str,
-        first: Option<Response>,
+        first: Option<Reply>,
         progress: &Arc<Progress>,
         feed: &Feed,
     ) -> Result<(), FetchError> {
@@ -520,13 +541,13 @@ impl Fetcher {
         &self,
         task: &TaskHandle,
         url: &str,
-        resp: Response,
+        resp: Reply,
         progress: &Progress,
         feed: &Feed,
     ) -> Result<(), FetchError> {
         let plan = task.plan();
         let len = plan.content_length();
-        if let Some(cl) = resp.content_length() {
+        if let Some(cl) = resp.resp.content_length() {
             if cl != len {
                 return Err(SourceError::Changed {
                     url: url.into(),
@@ -543,6 +564,7 @@ impl Fetcher {
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk?;
             progress.add_origin(chunk.len() as u64);
+            progress.pace_origin(chunk.len() as u64).await;
             while !chunk.is_empty() {
                 let Some(p) = piece else { break };
                 let need = (p.length - cur_len) as usize;

@@ -179,6 +179,7 @@ pub async fn range_body(
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             progress.add_origin(chunk.len() as u64);
+            progress.pace_origin(chunk.len() as u64).await;
             received.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             chunks.push(chunk);
         }

@@ -113,6 +113,12 @@ pub struct SchedulerConfig {
     /// How long a peer told to go back to source has to show up as a holder before another
     /// one is told.
     pub fetch_ttl: Duration,
+    /// Tasks read from origins at once (one fetcher each); a task beyond it waits its turn
+    /// (`Wait`, with `queued`). 0: no limit.
+    pub max_fetchers: usize,
+    /// Origin bandwidth, Mbit/s, shared by the fetchers at any time (each told its share).
+    /// 0: no limit.
+    pub max_source_mbps: f64,
 }
 
 impl SchedulerConfig {
@@ -121,6 +127,8 @@ impl SchedulerConfig {
         SchedulerConfig {
             ttl: Duration::from_secs(section.peer_ttl_seconds),
             fanout: section.fanout,
+            max_fetchers: section.max_fetchers,
+            max_source_mbps: section.max_source_mbps,
             ..SchedulerConfig::default()
         }
     }
@@ -133,6 +141,8 @@ impl Default for SchedulerConfig {
             fanout: 4.0,
             assignment_ttl: Duration::from_secs(10),
             fetch_ttl: Duration::from_secs(10),
+            max_fetchers: 0,
+            max_source_mbps: 0.0,
         }
     }
 }
@@ -281,6 +291,8 @@ pub struct Scheduler {
     holders: HashMap<TaskId, Pool>,
     /// Who was told to go back to source for a task nobody held, and when.
     fetchers: HashMap<TaskId, (PeerId, Duration)>,
+    /// Tasks waiting for a fetcher slot (`max_fetchers`), and when last asked for.
+    queued: HashMap<TaskId, Duration>,
     /// Peers that asked for a task's parents and have not announced it yet, and when: they
     /// are downloading it, so they are candidates (holding nothing yet) for those who ask
     /// next. Without this, peers that start together all got the one or two that happened
@@ -329,6 +341,7 @@ impl Scheduler {
             ids: HashMap::new(),
             holders: HashMap::new(),
             fetchers: HashMap::new(),
+            queued: HashMap::new(),
             joining: HashMap::new(),
             swept: None,
             calls: 0,
@@ -451,6 +464,8 @@ impl Scheduler {
         }
         self.swept = Some(now);
         let ttl = self.cfg.ttl;
+        self.queued.retain(|_, at| now.saturating_sub(*at) <= ttl);
+        let ttl = self.cfg.ttl;
         let keep = self.cfg.assignment_ttl;
         for s in 0..self.slots.len() {
             let Some(p) = self.slots[s].as_mut() else {
@@ -548,6 +563,12 @@ impl Scheduler {
         if let Some(f) = fetcher {
             return (parents, advice(self, &f));
         }
+        // The origin is protected: at most `max_fetchers` tasks read from it at once.
+        if self.cfg.max_fetchers > 0 && self.active_fetchers(now) >= self.cfg.max_fetchers {
+            self.queued.insert(*task, now);
+            return (parents, Advice::Wait);
+        }
+        self.queued.remove(task);
         let requester_is_seed = self.peer(requester).is_some_and(|p| p.seed);
         let seed = if requester_is_seed {
             None
@@ -576,6 +597,38 @@ impl Scheduler {
             a => a,
         };
         (parents, advice)
+    }
+
+    /// Tasks being read from origins now: a live fetcher (or one told within `fetch_ttl`)
+    /// that does not yet hold its task whole (by its own announcements, so a slot frees the
+    /// moment the fetcher says it is done).
+    fn active_fetchers(&self, now: Duration) -> usize {
+        self.fetchers
+            .iter()
+            .filter(|(task, (who, since))| {
+                let Some(&slot) = self.ids.get(who.as_str()) else {
+                    return false;
+                };
+                let live = self
+                    .at(slot)
+                    .is_some_and(|p| now.saturating_sub(p.last_seen) <= FETCHER_SILENT);
+                let bits = self.holders.get(*task).and_then(|pool| pool.get(slot));
+                let done = bits.is_some_and(Bits::complete);
+                live && !done
+                    && (bits.is_some() || now.saturating_sub(*since) <= self.cfg.fetch_ttl)
+            })
+            .count()
+    }
+
+    /// Whether `task` waits for a fetcher slot.
+    pub fn is_queued(&self, task: &TaskId) -> bool {
+        self.queued.contains_key(task)
+    }
+
+    /// A fetcher's share of `max_source_mbps` now (None: no limit).
+    pub fn source_share(&self, now: Duration) -> Option<f64> {
+        (self.cfg.max_source_mbps > 0.0)
+            .then(|| self.cfg.max_source_mbps / self.active_fetchers(now).max(1) as f64)
     }
 
     /// Whether the holders heard from lately hold every piece of `task` between them. Worked

@@ -47,6 +47,14 @@ pub struct CandidatesReply {
     /// With `look`: per holder (at most [`MAX_HOLDINGS`]), its pieces held and the pieces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holdings: Vec<(PeerId, u32, u32)>,
+    /// With `Wait`: the task waits for a fetcher slot (the origin is at its limit); keep
+    /// asking, and do not go to source on a timer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
+    /// With `Source`: the origin rate this fetcher may use, Mbit/s (its share of
+    /// `scheduler.max_source_mbps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_mbps: Option<f64>,
     /// With `look`: every live peer (name, address, seed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<(PeerId, std::net::SocketAddr, bool)>,
@@ -57,11 +65,17 @@ pub const MAX_HOLDINGS: usize = 4096;
 
 impl CandidatesReply {
     /// `advise`'s answer, with the pieces to fetch when it says `Source`.
-    pub fn of(s: &Scheduler, task: &TaskId, (parents, advice): (Vec<Candidate>, Advice)) -> Self {
-        let lacking = (advice == Advice::Source)
-            .then(|| s.lacking(task))
-            .flatten();
+    pub fn of(
+        s: &Scheduler,
+        task: &TaskId,
+        (parents, advice): (Vec<Candidate>, Advice),
+        now: std::time::Duration,
+    ) -> Self {
+        let source = advice == Advice::Source;
+        let lacking = source.then(|| s.lacking(task)).flatten();
         CandidatesReply {
+            queued: advice == Advice::Wait && s.is_queued(task),
+            source_mbps: source.then(|| s.source_share(now)).flatten(),
             parents,
             advice,
             lacking,
@@ -134,6 +148,8 @@ impl SchedulerService {
                 parents: Vec::new(),
                 advice: Advice::Wait,
                 lacking: None,
+                queued: false,
+                source_mbps: None,
                 holders: Some(s.holders(task)),
                 holdings: s.holdings(task, MAX_HOLDINGS),
                 peers: s.live_peers(),
@@ -143,7 +159,7 @@ impl SchedulerService {
         let exclude = &call.exclude[..call.exclude.len().min(MAX_EXCLUDE)];
         self.with(|s| {
             let answer = s.advise(&call.peer, task, max, exclude, now);
-            CandidatesReply::of(s, task, answer)
+            CandidatesReply::of(s, task, answer, now)
         })
     }
 

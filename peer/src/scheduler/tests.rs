@@ -400,3 +400,41 @@ fn when_the_fetcher_dies_one_peer_is_told_to_fetch_only_what_nobody_holds() {
         Advice::Parents
     );
 }
+
+#[test]
+fn at_most_max_fetchers_tasks_read_the_origin_and_the_rest_wait_their_turn() {
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_fetchers: 2,
+        max_source_mbps: 100.0,
+        ..SchedulerConfig::default()
+    });
+    let tasks: Vec<TaskId> = (0..4u8)
+        .map(|i| TaskId::for_content(Digest::of(&[i])))
+        .collect();
+    let peer = |i: u16| format!("p{i}");
+    for i in 0..4 {
+        let mut a = ann(&peer(i), i, false, vec![false; 4]);
+        a.tasks.clear();
+        s.announce(a, Duration::ZERO);
+    }
+    // Four peers, each the first to want its own task: two are told to fetch, two wait.
+    let advice: Vec<Advice> = (0..4)
+        .map(|i| s.advise(&peer(i as u16), &tasks[i], 4, &[], S).1)
+        .collect();
+    assert_eq!(advice[..2], [Advice::Source, Advice::Source]);
+    assert_eq!(advice[2..], [Advice::Wait, Advice::Wait]);
+    assert!(s.is_queued(&tasks[2]) && s.is_queued(&tasks[3]));
+    // Two fetchers share the origin's 100 Mbit/s.
+    assert_eq!(s.source_share(S), Some(50.0));
+    // The first fetcher finishes (holds its task whole): the next waiting task gets its turn.
+    let mut done = ann(&peer(0), 0, false, vec![true; 4]);
+    done.tasks[0].0 = tasks[0];
+    s.announce(done, 2 * S);
+    s.covered(&tasks[0], 2 * S);
+    assert_eq!(
+        s.advise(&peer(2), &tasks[2], 4, &[], 3 * S).1,
+        Advice::Source
+    );
+    assert!(!s.is_queued(&tasks[2]));
+    assert_eq!(s.advise(&peer(3), &tasks[3], 4, &[], 3 * S).1, Advice::Wait);
+}

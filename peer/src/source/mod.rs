@@ -70,7 +70,7 @@ pub struct Probe {
     /// ETag, else Last-Modified, else empty.
     pub validator: String,
     /// The probe's own response when the origin ignored Range (200): it carries the whole body.
-    pub full_body: Option<Response>,
+    pub full_body: Option<Reply>,
 }
 
 /// An HTTP(S) origin client: connection pool, TLS roots, and the user's extra headers.
@@ -79,6 +79,23 @@ pub struct Origin {
     client: Client,
     headers: HeaderMap,
     redirects: Arc<Redirects>,
+    limits: Arc<Limits>,
+}
+
+/// This node's limits on origin reads, over every task: requests open at once
+/// (`source.max_connections`) and bytes per second (`source.max_mbps`).
+#[derive(Default)]
+struct Limits {
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    pacer: Option<Arc<crate::pace::Pacer>>,
+}
+
+/// An origin's answer, holding its request's slot (see [`Limits`]) until the body is read or
+/// dropped.
+pub struct Reply {
+    pub resp: Response,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    pacer: Option<Arc<crate::pace::Pacer>>,
 }
 
 /// Where redirects led: a URL that redirects (a Hub's `resolve`, a registry's blob URL) is
@@ -140,6 +157,11 @@ impl Origin {
             client,
             headers: HeaderMap::new(),
             redirects: Arc::default(),
+            limits: Arc::new(Limits {
+                slots: (cfg.max_connections > 0)
+                    .then(|| Arc::new(tokio::sync::Semaphore::new(cfg.max_connections))),
+                pacer: crate::pace::Pacer::mbps(cfg.max_mbps).map(Arc::new),
+            }),
         })
     }
 
@@ -149,6 +171,7 @@ impl Origin {
             client: self.client.clone(),
             headers,
             redirects: self.redirects.clone(),
+            limits: self.limits.clone(),
         }
     }
 
@@ -172,7 +195,25 @@ impl Origin {
         format!("{url}\0{}", crate::core::Digest::of(&creds.concat()).hex())
     }
 
-    async fn send(&self, url: &str, range: Option<(u64, u64)>) -> Result<Response, SourceError> {
+    /// One request, once this node has a free origin slot; the reply holds the slot.
+    async fn send(&self, url: &str, range: Option<(u64, u64)>) -> Result<Reply, SourceError> {
+        let slot = match &self.limits.slots {
+            Some(s) => s.clone().acquire_owned().await.ok(),
+            None => None,
+        };
+        let resp = self.send_unlimited(url, range).await?;
+        Ok(Reply {
+            resp,
+            slot,
+            pacer: self.limits.pacer.clone(),
+        })
+    }
+
+    async fn send_unlimited(
+        &self,
+        url: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<Response, SourceError> {
         let key = self.redirect_key(url);
         if let Some(target) = self.redirects.get(&key) {
             // As a redirect does: credentials stay with their origin.
@@ -232,7 +273,8 @@ impl Origin {
 
     /// Learns length, Range support and validator with one small ranged GET.
     pub async fn probe(&self, url: &str) -> Result<Probe, SourceError> {
-        let resp = self.send(url, Some((0, 0))).await?;
+        let reply = self.send(url, Some((0, 0))).await?;
+        let resp = &reply.resp;
         let validator = validator(resp.headers());
         match resp.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -244,7 +286,7 @@ impl Origin {
                         total: Some(total),
                     } => {
                         // Drain the one byte so the connection returns to the pool.
-                        let _ = resp.bytes().await;
+                        let _ = reply.resp.bytes().await;
                         Ok(Probe {
                             content_length: Some(total),
                             ranged: true,
@@ -272,28 +314,28 @@ impl Origin {
                 content_length: resp.content_length(),
                 ranged: false,
                 validator,
-                full_body: Some(resp),
+                full_body: Some(reply),
             }),
         }
     }
 
     async fn probe_full(&self, url: &str) -> Result<Probe, SourceError> {
-        let resp = self.full(url).await?;
+        let reply = self.full(url).await?;
         Ok(Probe {
-            content_length: resp.content_length(),
+            content_length: reply.resp.content_length(),
             ranged: false,
-            validator: validator(resp.headers()),
-            full_body: Some(resp),
+            validator: validator(reply.resp.headers()),
+            full_body: Some(reply),
         })
     }
 
     /// The whole content, in order, without Range.
-    pub async fn full(&self, url: &str) -> Result<Response, SourceError> {
-        let resp = self.send(url, None).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(SourceError::from_status(url, resp.status()));
+    pub async fn full(&self, url: &str) -> Result<Reply, SourceError> {
+        let reply = self.send(url, None).await?;
+        if reply.resp.status() != StatusCode::OK {
+            return Err(SourceError::from_status(url, reply.resp.status()));
         }
-        Ok(resp)
+        Ok(reply)
     }
 
     /// Bytes `offset .. offset + len` (len > 0), checked for Range compliance before any body
@@ -307,7 +349,8 @@ impl Origin {
         want_validator: &str,
     ) -> Result<impl Stream<Item = Result<Bytes, SourceError>> + Send + 'static, SourceError> {
         let end = offset + len - 1;
-        let resp = self.send(url, Some((offset, end))).await?;
+        let reply = self.send(url, Some((offset, end))).await?;
+        let resp = &reply.resp;
         let got_validator = validator(resp.headers());
         if !want_validator.is_empty()
             && !got_validator.is_empty()
@@ -354,15 +397,16 @@ impl Origin {
                 });
             }
         }
-        Ok(exact_body(url.to_string(), resp, len))
+        Ok(exact_body(url.to_string(), reply, len))
     }
 }
 
 /// A response body that must be exactly `len` bytes long: more is an error at once, fewer is
-/// a short body (retryable) when the stream ends.
+/// a short body (retryable) when the stream ends. It holds the reply's origin slot until it
+/// ends or is dropped, and paces its chunks to this node's origin rate.
 pub fn exact_body(
     url: String,
-    resp: Response,
+    reply: Reply,
     len: u64,
 ) -> impl Stream<Item = Result<Bytes, SourceError>> + Send + 'static {
     struct St<B> {
@@ -370,12 +414,16 @@ pub fn exact_body(
         url: String,
         seen: u64,
         ended: bool,
+        _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        pacer: Option<Arc<crate::pace::Pacer>>,
     }
     let st = St {
-        body: resp.bytes_stream(),
+        body: reply.resp.bytes_stream(),
         url,
         seen: 0,
         ended: false,
+        _slot: reply.slot,
+        pacer: reply.pacer,
     };
     futures::stream::unfold(st, move |mut st| async move {
         if st.ended {
@@ -383,6 +431,9 @@ pub fn exact_body(
         }
         let item = match st.body.next().await {
             Some(Ok(chunk)) => {
+                if let Some(p) = &st.pacer {
+                    p.after(chunk.len() as u64).await;
+                }
                 st.seen += chunk.len() as u64;
                 if st.seen > len {
                     Err(SourceError::Length {

@@ -314,6 +314,15 @@ impl Driver<'_> {
     fn on_advice(&mut self, r: CandidatesReply) {
         tracing::debug!(parents = r.parents.len(), advice = ?r.advice, "scheduler advice");
         self.advised_at = Instant::now();
+        if r.queued {
+            // Waiting for the origin's turn (the scheduler's `max_fetchers`) is not a stall:
+            // the deadlines count from the last word that it is still queued.
+            self.start = Instant::now();
+            self.last_progress = Instant::now();
+        }
+        if let Some(mbps) = r.source_mbps {
+            self.progress.limit_origin(mbps);
+        }
         let says = Some(r.advice == Advice::Source);
         if says == Some(true) && self.source_says != says {
             tracing::info!(

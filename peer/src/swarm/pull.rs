@@ -168,6 +168,8 @@ impl Swarm {
                     parents: Vec::new(),
                     advice: Advice::Source,
                     lacking: None,
+                    queued: false,
+                    source_mbps: None,
                     holders: None,
                     holdings: Vec::new(),
                     peers: Vec::new(),
@@ -177,6 +179,9 @@ impl Swarm {
         // With source fallback off only a seed goes to source; others wait for parents.
         let pc = &self.ctx.cfg.peer;
         let to_source = reply.advice == Advice::Source && (pc.seed || pc.source_fallback);
+        if let Some(mbps) = reply.source_mbps {
+            progress.limit_origin(mbps);
+        }
         let missing = if to_source {
             missing
         } else {

@@ -38,7 +38,7 @@ pub(super) struct Registry {
     /// Pieces served since the last announcement (the load reported to the scheduler).
     pieces: AtomicU32,
     /// Upload rate limit: when the next piece may start (None: unlimited).
-    pacer: Option<Pacer>,
+    pacer: Option<crate::pace::Pacer>,
 }
 
 /// A task this peer serves.
@@ -55,10 +55,7 @@ impl Registry {
             tasks: Mutex::new(HashMap::new()),
             views: tokio::sync::watch::Sender::new(0),
             pieces: AtomicU32::new(0),
-            pacer: (upload_limit_mbps > 0.0).then(|| Pacer {
-                bytes_per_second: upload_limit_mbps * 125_000.0,
-                next: Mutex::new(Instant::now()),
-            }),
+            pacer: crate::pace::Pacer::mbps(upload_limit_mbps),
         }
     }
 
@@ -262,20 +259,5 @@ impl PieceSource for Swarm {
             }
             None => Box::pin(async {}),
         }
-    }
-}
-
-/// A rate limit on piece uploads: each piece reserves its share of time in order.
-struct Pacer {
-    bytes_per_second: f64,
-    next: Mutex<Instant>,
-}
-
-impl Pacer {
-    fn reserve(&self, bytes: u64) -> Instant {
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        let start = (*next).max(Instant::now());
-        *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_second);
-        start
     }
 }

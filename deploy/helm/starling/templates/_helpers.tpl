@@ -60,6 +60,8 @@ upload_limit_mbps = {{ int $v.bandwidth.uploadLimitMbps }}.0
 
 [source]
 concurrency = {{ int $v.bandwidth.sourceConcurrency }}
+max_connections = {{ int $v.originLimits.nodeConnections }}
+max_mbps = {{ $v.originLimits.nodeMbps | float64 }}
 
 [proxy]
 {{- if and (eq .role "peer") $v.proxy.enabled }}
@@ -91,6 +93,10 @@ rack_label = {{ $v.topology.rackLabel | quote }}
 {{- if eq .role "scheduler" }}
 listen = "0.0.0.0:{{ $v.ports.scheduler }}"
 metrics_addr = "${POD_IP}:{{ $v.ports.schedulerMetrics }}"
+{{- $replicas := max 1 (int $v.scheduler.replicas) }}
+{{- $fetchers := int $v.originLimits.clusterFetchers }}
+max_fetchers = {{ if gt $fetchers 0 }}{{ max 1 (div $fetchers $replicas) }}{{ else }}0{{ end }}
+max_source_mbps = {{ divf ($v.originLimits.clusterMbps | float64) $replicas }}
 {{- else }}
 addrs = [{{ include "starling.schedulerAddr" .root | quote }}]
 {{- end }}
