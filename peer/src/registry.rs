@@ -194,10 +194,18 @@ pub struct Client {
     http: reqwest::Client,
     insecure: Vec<String>,
     user: Option<(String, String)>,
+    /// Headers sent with every request (Harbor passes the registry's Authorization this way).
+    headers: HeaderMap,
 }
 
 impl Client {
-    pub fn new(cfg: &Config, user: Option<(String, String)>) -> Result<Client, RegistryError> {
+    /// A client with a user and password for the registry's token service or Basic auth, and
+    /// `headers` for every request (a given Authorization is used as it is).
+    pub fn new(
+        cfg: &Config,
+        user: Option<(String, String)>,
+        headers: HeaderMap,
+    ) -> Result<Client, RegistryError> {
         let client_err = |detail: String| RegistryError::Http {
             url: "(the registry client)".into(),
             detail,
@@ -210,6 +218,7 @@ impl Client {
             http,
             insecure: cfg.proxy.insecure_registries.clone(),
             user,
+            headers,
         })
     }
 
@@ -297,7 +306,7 @@ impl Client {
                 });
             }
         }
-        let mut headers = HeaderMap::new();
+        let mut headers = self.headers.clone();
         if let Some(a) = &auth {
             headers.insert(AUTHORIZATION, a.clone());
         }
@@ -330,7 +339,11 @@ impl Client {
             detail: e.to_string(),
         };
         for attempt in 0..2 {
-            let mut req = self.http.get(url).header(ACCEPT, MANIFEST_TYPES);
+            let mut req = self
+                .http
+                .get(url)
+                .headers(self.headers.clone())
+                .header(ACCEPT, MANIFEST_TYPES);
             if let Some(a) = auth.as_ref() {
                 req = req.header(AUTHORIZATION, a.clone());
             }

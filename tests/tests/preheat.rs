@@ -130,11 +130,18 @@ fn preheated_images_are_pulled_without_a_registry_blob_byte_and_harbors_api_preh
     // Harbor's call (Dragonfly's API) on node 1's HTTP listener: the token is required.
     let port = cluster.nodes[1].metrics_port.to_string();
     let url = format!("http://127.0.0.1:{port}/oapi/v1/jobs");
+    // Every field Harbor's Dragonfly driver sends (the registry's Authorization in `headers`;
+    // this registry needs none and ignores it).
     let body = json!({"type": "preheat", "args": {
         "type": "image",
         "url": format!("https://{}/v2/test/other/manifests/v1", registry.addr),
+        "tag": "v1",
+        "filtered_query_params": "",
+        "headers": {"Authorization": "Basic aGFyYm9yOnJvYm90"},
         "scope": "all_peers",
-    }})
+        "concurrent_count": 0,
+        "timeout": 0,
+    }, "scheduler_cluster_ids": null})
     .to_string();
     let (code, _) = curl_json(&[
         "-X",

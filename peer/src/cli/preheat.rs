@@ -67,6 +67,7 @@ pub async fn run(cfg: &Config, a: PreheatArgs, quiet: bool) -> Result<(), Failur
         urls,
         share: a.share,
         platform: a.platform,
+        headers: Default::default(),
         username: a.username,
         password,
         timeout_seconds: Some(a.timeout),

@@ -2,11 +2,14 @@
 //! - `POST /api/v1/preheat` (a [`PreheatSpec`] as JSON) answers `202` with the job's ID;
 //!   `GET /api/v1/preheat/ID` answers the [`Job`];
 //! - Dragonfly's manager API, which Harbor's P2P preheat drives (Harbor's providers are
-//!   Dragonfly and Kraken): `POST /oapi/v1/jobs` with `{"type": "preheat", "args": {"type":
-//!   "image"|"file", "url", "username", "password", "platform", "scope", "percentage"}}`, and
-//!   `GET /oapi/v1/jobs/ID`, whose `state` is `PENDING`, `SUCCESS` or `FAILURE`. Scopes:
-//!   `single_seed_peer` and `all_seed_peers` preheat the seeds; `all_peers` the seeds and
-//!   `percentage` (default 100) of the other peers.
+//!   Dragonfly and Kraken; the fields follow Harbor's Dragonfly driver): `POST /oapi/v1/jobs`
+//!   with `{"type": "preheat", "args": {"type": "image"|"file", "url", "headers", "scope",
+//!   "username", "password", "platform", "percentage"}}`, and `GET /oapi/v1/jobs/ID`, whose
+//!   `state` is `PENDING`, `SUCCESS` or `FAILURE` and whose `result.job_states` lists the blobs
+//!   each target holds. Scopes: `single_peer` (Harbor's default), `single_seed_peer` and
+//!   `all_seed_peers` preheat the seeds; `all_peers` the seeds and `percentage` (default 100)
+//!   of the other peers. `headers` (the registry's Authorization, from Harbor) go with every
+//!   registry request.
 //!
 //! Every call needs `Authorization: Bearer <daemon.api_token>`; without a token configured,
 //! only clients on this host are served. Bodies are at most 1 MiB.
@@ -178,6 +181,9 @@ struct DragonflyArgs {
     password: Option<String>,
     #[serde(default)]
     platform: Option<String>,
+    /// Headers for the registry: Harbor sends the pull's Authorization here.
+    #[serde(default)]
+    headers: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     scope: Option<String>,
     #[serde(default)]
@@ -195,7 +201,12 @@ impl DragonflyJob {
         let a: DragonflyArgs =
             serde_json::from_value(self.args.clone()).map_err(|e| format!("args: {e}"))?;
         let share = match a.scope.as_deref() {
-            None | Some("") | Some("single_seed_peer") | Some("all_seed_peers") => 0.0,
+            // Harbor's default is `single_peer`.
+            None
+            | Some("")
+            | Some("single_peer")
+            | Some("single_seed_peer")
+            | Some("all_seed_peers") => 0.0,
             Some("all_peers") => a.percentage.map_or(1.0, |p| (p / 100.0).clamp(0.0, 1.0)),
             Some(other) => return Err(format!("scope {other:?} is not supported")),
         };
@@ -209,11 +220,31 @@ impl DragonflyJob {
             urls,
             share,
             platform: a.platform.filter(|p| !p.is_empty()),
+            headers: a.headers.unwrap_or_default(),
             username: a.username.filter(|u| !u.is_empty()),
             password: a.password.filter(|p| !p.is_empty()),
             timeout_seconds: None,
         })
     }
+}
+
+/// Per task and target holding it whole: its URL and the target, as Harbor lists them.
+fn success_tasks(job: &Job) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for t in &job.tasks {
+        for p in t
+            .peers
+            .iter()
+            .filter(|p| p.pieces > 0 && p.have == p.pieces)
+        {
+            let ip = p
+                .peer
+                .rsplit_once(':')
+                .map_or(p.peer.as_str(), |(ip, _)| ip);
+            out.push(json!({"url": t.url, "hostname": p.peer, "ip": ip}));
+        }
+    }
+    out
 }
 
 /// A job as Dragonfly's manager answers it.
@@ -238,7 +269,17 @@ fn dragonfly_view(job: &Job, args: &serde_json::Value) -> serde_json::Value {
         "state": state,
         "status": state,
         "args": args,
+        // `job_states` is the shape Harbor's Dragonfly driver reads (one state, with the
+        // blobs each target holds whole); the rest is Starling's own detail.
         "result": {
+            "job_states": [{
+                "error": job.error.clone().unwrap_or_default(),
+                "results": [{
+                    "success_tasks": success_tasks(job),
+                    "failure_tasks": [],
+                    "scheduler_cluster_id": 0,
+                }],
+            }],
             "targets": job.targets,
             "tasks": job.tasks,
             "error": job.error,
@@ -282,5 +323,57 @@ mod tests {
         }
         .spec()
         .is_err());
+    }
+
+    #[test]
+    fn harbors_own_request_and_reading_of_the_answer_fit() {
+        // What Harbor's Dragonfly driver sends (its default scope, the registry's
+        // Authorization in `headers`, fields Starling does not use).
+        let call: DragonflyJob = serde_json::from_value(json!({
+            "type": "preheat",
+            "args": {"type": "image", "url": "https://harbor.example/v2/library/app/manifests/sha256:abc",
+                     "tag": "v1", "filtered_query_params": "", "headers": {"Authorization": "Basic dTpw"},
+                     "scope": "single_peer", "concurrent_count": 0, "timeout": 0},
+            "scheduler_cluster_ids": null
+        }))
+        .unwrap();
+        let spec = call.spec().unwrap();
+        assert_eq!(spec.share, 0.0);
+        assert_eq!(
+            spec.headers.get("Authorization").map(String::as_str),
+            Some("Basic dTpw")
+        );
+        // What it reads back: a numeric id, the state, RFC 3339 times, and job_states.
+        let job = Job {
+            id: 7,
+            state: JobState::Success,
+            error: None,
+            created: 1_700_000_000,
+            updated: 1_700_000_060,
+            spec,
+            targets: vec!["10.0.0.1:7950".into()],
+            tasks: vec![crate::swarm::preheat::TaskProgress {
+                task: crate::core::TaskId::for_content(crate::core::Digest::of(b"x")),
+                image: "app".into(),
+                url: "https://harbor.example/v2/library/app/blobs/sha256:x".into(),
+                size: Some(1),
+                complete: 1,
+                peers: vec![crate::swarm::preheat::PeerProgress {
+                    peer: "10.0.0.1:7950".into(),
+                    have: 1,
+                    pieces: 1,
+                }],
+            }],
+        };
+        let v = dragonfly_view(&job, &json!({}));
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["state"], "SUCCESS");
+        assert_eq!(v["created_at"], "2023-11-14T22:13:20Z");
+        let ok = &v["result"]["job_states"][0]["results"][0]["success_tasks"][0];
+        assert_eq!(ok["ip"], "10.0.0.1");
+        assert_eq!(
+            ok["url"],
+            "https://harbor.example/v2/library/app/blobs/sha256:x"
+        );
     }
 }

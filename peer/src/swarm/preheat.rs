@@ -39,6 +39,9 @@ pub struct PreheatSpec {
     /// `os/arch[/variant]` of the images; default this node's.
     #[serde(default)]
     pub platform: Option<String>,
+    /// Headers for the registry (Harbor passes its Authorization this way).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub headers: std::collections::BTreeMap<String, String>,
     /// Registry credentials.
     #[serde(default)]
     pub username: Option<String>,
@@ -174,6 +177,11 @@ impl Swarm {
                     updated: t,
                     spec: PreheatSpec {
                         password: spec.password.as_ref().map(|_| "(hidden)".into()),
+                        headers: spec
+                            .headers
+                            .keys()
+                            .map(|k| (k.clone(), "(hidden)".to_string()))
+                            .collect(),
                         ..spec.clone()
                     },
                     targets: Vec::new(),
@@ -209,8 +217,16 @@ impl Swarm {
                 .map_or(DEFAULT_TIMEOUT, Duration::from_secs);
         // 1. What to fetch.
         let user = spec.username.clone().zip(spec.password.clone());
-        let client =
-            crate::registry::Client::new(&self.ctx.cfg, user).map_err(|e| e.to_string())?;
+        let headers = crate::core::parse_headers(
+            &spec
+                .headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| e.to_string())?;
+        let client = crate::registry::Client::new(&self.ctx.cfg, user, headers)
+            .map_err(|e| e.to_string())?;
         let platform = spec
             .platform
             .clone()
