@@ -295,6 +295,10 @@ fn serve(
         }
         sent += n;
         served.fetch_add(n, Ordering::Relaxed);
+        // No pause after the last chunk: the response is over for the client.
+        if sent >= limit {
+            break;
+        }
         if let Some(rate) = f.rate {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
