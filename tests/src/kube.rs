@@ -2,9 +2,8 @@
 //! nodes and Secrets, posted objects checked against the Kubernetes schema), and the
 //! service-account files a pod would have.
 
-use std::io::BufRead;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use crate::registry::TestCa;
 
@@ -30,28 +29,25 @@ impl FakeApi {
         std::fs::write(sa_dir.join("namespace"), namespace).expect("namespace");
         std::fs::copy(&ca.ca_cert, sa_dir.join("ca.crt")).expect("ca.crt");
         let record = dir.path().join("requests.jsonl");
-        let mut child = Command::new("python3")
-            .arg(crate::root().join("tests/kube/fake_apiserver.py"))
-            .arg("--cert")
-            .arg(&ca.server_cert)
-            .arg("--key")
-            .arg(&ca.server_key)
-            .args(["--token", TOKEN, "--nodes", &nodes.to_string()])
-            .arg("--record")
-            .arg(&record)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect(
-                "start the fake API server (python3 with kubernetes-validate: cargo xtask setup)",
-            );
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read its port");
-        let port = line
-            .strip_prefix("ready ")
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("the fake API server did not start: {line:?}"));
+        let nodes = nodes.to_string();
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "--cert".as_ref(),
+            ca.server_cert.as_os_str(),
+            "--key".as_ref(),
+            ca.server_key.as_os_str(),
+            "--token".as_ref(),
+            TOKEN.as_ref(),
+            "--nodes".as_ref(),
+            nodes.as_ref(),
+            "--record".as_ref(),
+            record.as_os_str(),
+        ];
+        let (child, ports) = crate::start_ready(
+            "tests/kube/fake_apiserver.py",
+            &args,
+            "python3 with kubernetes-validate: cargo xtask setup",
+        );
+        let port = ports[0];
         FakeApi {
             child,
             port,

@@ -360,6 +360,38 @@ pub fn raise_own_fd_limit() {
     }
 }
 
+/// Starts a helper server (`python3 SCRIPT ARGS...`) that prints `ready PORT...` on its first
+/// line once it listens; returns it and those ports. `what` says what to install if it fails.
+pub fn start_ready(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    what: &str,
+) -> (std::process::Child, Vec<u16>) {
+    use std::io::BufRead;
+    let mut child = Command::new("python3")
+        .arg(root().join(script))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {script}: {e} ({what})"));
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("its first line");
+    let ports: Vec<u16> = line
+        .strip_prefix("ready ")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    if ports.is_empty() {
+        kill_pid(child.id(), libc::SIGKILL);
+        let _ = child.wait();
+        panic!("{script} did not start ({what}): {line:?}");
+    }
+    (child, ports)
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -4,7 +4,6 @@
 //! over gRPC. One swarm download, then its spans: per task, per parent, per back-to-source
 //! request, with the attributes an operator needs and the parent links that make one trace.
 
-use std::io::BufRead;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -24,23 +23,12 @@ impl Receiver {
     fn start() -> Receiver {
         let dir = tempfile::tempdir().expect("dir");
         let out = dir.path().join("spans.jsonl");
-        let mut child = std::process::Command::new("python3")
-            .arg(root().join("tests/otel/receiver.py"))
-            .arg("--out")
-            .arg(&out)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 with opentelemetry-proto and grpcio (cargo xtask setup)");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("its ports");
-        let ports: Vec<u16> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        assert_eq!(ports.len(), 2, "the receiver did not start: {line:?}");
+        let (child, ports) = start_ready(
+            "tests/otel/receiver.py",
+            &["--out".as_ref(), out.as_os_str()],
+            "python3 with opentelemetry-proto and grpcio: cargo xtask setup",
+        );
+        assert_eq!(ports.len(), 2, "the receiver's ports: {ports:?}");
         Receiver {
             child,
             http: ports[0],
