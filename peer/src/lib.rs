@@ -17,7 +17,8 @@
 //! source      HTTP(S) origin client with checked Range requests
 //! storage     io_uring piece store, crash-safe records, leases, GC, upload views
 //! kube        the in-cluster Kubernetes API: node labels, the CA Secret
-//! metrics, config, accept (listeners that back off and cap connections), telemetry (OTLP)
+//! metrics, config, accept (listeners that back off and cap connections), telemetry (OTLP),
+//! pace (a shared byte-rate limit)
 //! core        Digest, TaskId, PiecePlan, Manifest, Request (used by every layer)
 //! ```
 
