@@ -158,7 +158,9 @@ impl Proxy {
             let res = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(max)
+                // One byte over: a head of exactly `max` bytes arriving in pieces still fits;
+                // `handle` measures the parsed head of one that arrived whole.
+                .max_buf_size(max + 1)
                 .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
                 .with_upgrades()
                 .await;
@@ -173,6 +175,17 @@ impl Proxy {
         req: Request<Incoming>,
         intercepted: Option<&str>,
     ) -> Response<Body> {
+        let head = route::head_len(&req);
+        if head > self.cfg.max_header_bytes {
+            return self.reject(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "UNSUPPORTED",
+                &format!(
+                    "request head is {head} bytes, over proxy.max_header_bytes ({})",
+                    self.cfg.max_header_bytes
+                ),
+            );
+        }
         if req.method() == Method::CONNECT {
             return connect::handle(self, req).await;
         }

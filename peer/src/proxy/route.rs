@@ -32,6 +32,20 @@ impl RouteError {
     }
 }
 
+/// The size of a request head as sent: the request line, each header as `name: value` with its
+/// line end, and the blank line. Optional whitespace around a value is not kept by the parser,
+/// so this is the smallest head that carries these fields; hyper's read buffer (one byte over the
+/// limit) catches the rest, however the head arrives.
+pub fn head_len<B>(req: &http::Request<B>) -> usize {
+    let line = req.method().as_str().len() + 1 + req.uri().to_string().len() + 1 + 8 + 2;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    line + fields + 2
+}
+
 fn name_re() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     // The distribution spec's repository name grammar: lowercase components joined by '/';
@@ -253,6 +267,17 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Range {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_len_counts_the_head_as_sent() {
+        let raw = "GET /v2/a/manifests/x?ns=b HTTP/1.1\r\nHost: x\r\nX-Pad: abc\r\n\r\n";
+        let req = http::Request::get("/v2/a/manifests/x?ns=b")
+            .header("Host", "x")
+            .header("X-Pad", "abc")
+            .body(())
+            .unwrap();
+        assert_eq!(head_len(&req), raw.len());
+    }
 
     const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
