@@ -43,6 +43,7 @@ pub struct Metrics {
     store_used: Gauge<i64, std::sync::atomic::AtomicI64>,
     store_capacity: Gauge<i64, std::sync::atomic::AtomicI64>,
     scheduler_errors: Family<Labels, Counter>,
+    handshakes_refused: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -162,6 +163,12 @@ impl Metrics {
             "Scheduler calls that failed (unreachable, timed out, refused), by call (announce, candidates)",
             scheduler_errors.clone(),
         );
+        let handshakes_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "handshakes_refused",
+            "Incoming QUIC connections refused before they were established, by reason (tls: a certificate the cluster CA did not sign, or none; timeout; other)",
+            handshakes_refused.clone(),
+        );
         // Known label values start at zero, so rate() and increase() see the first event and
         // every series the alerts and the dashboard name exists from the start.
         for s in ["parent", "origin", "local"] {
@@ -179,7 +186,11 @@ impl Metrics {
         for c in ["announce", "candidates"] {
             let _ = scheduler_errors.get_or_create(&vec![("call", c)]);
         }
+        for r in ["tls", "timeout", "other"] {
+            let _ = handshakes_refused.get_or_create(&vec![("reason", r)]);
+        }
         Metrics {
+            handshakes_refused,
             store_used,
             store_capacity,
             scheduler_errors,
@@ -292,10 +303,32 @@ impl Metrics {
             .inc();
     }
 
+    /// An incoming QUIC connection refused during its handshake (see `transport::refusal`).
+    pub fn handshake_refused(&self, reason: &'static str) {
+        self.handshakes_refused
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
     pub fn proxy_abort(&self, cause: &'static str) {
         self.proxy_aborts
             .get_or_create(&vec![("cause", cause)])
             .inc();
+    }
+
+    /// Registers the listener series (refused handshakes, failed accepts) in `registry`: for a
+    /// process that renders its own metrics (the scheduler).
+    pub fn register_listeners(&self, registry: &mut Registry) {
+        registry.register(
+            "handshakes_refused",
+            "Incoming QUIC connections refused before they were established, by reason",
+            self.handshakes_refused.clone(),
+        );
+        registry.register(
+            "accept_failures",
+            "Failed accepts on a listener",
+            self.accept_failures.clone(),
+        );
     }
 
     /// The text exposition format.

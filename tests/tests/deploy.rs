@@ -358,6 +358,7 @@ fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
         "StarlingPeersBlacklisted",
         "StarlingStoreNearWatermark",
         "StarlingSchedulerUnreachable",
+        "StarlingHandshakesRefused",
         "StarlingSchedulerDown",
     ] {
         assert!(alerts.contains(&a), "{a} in {alerts:?}");

@@ -441,6 +441,25 @@ fn a_peer_without_the_cluster_ca_is_refused_no_piece_no_manifest() {
         s.cluster.nodes[0].metric("starling_bytes_uploaded_total") as u64,
         s.len
     );
+    // Both refusals are counted where they happened, not only logged.
+    let tls = "starling_handshakes_refused_total{reason=\"tls\"}";
+    assert!(s.cluster.nodes[0].metric(tls) >= 1.0, "the seed counted it");
+    let port = s
+        .cluster
+        .scheduler
+        .as_ref()
+        .expect("scheduler")
+        .metrics_port;
+    let text = scrape(port);
+    assert!(
+        metric_value(&text, tls) >= 1.0,
+        "the scheduler counted the outsider's calls:\n{text}"
+    );
+    assert_eq!(
+        s.cluster.nodes[1].metric(tls),
+        0.0,
+        "a node nobody foreign reached counted nothing"
+    );
 }
 
 /// The daemon's QUIC address, from its start-up log line.

@@ -111,11 +111,16 @@ impl SchedulerService {
         f(&mut s)
     }
 
-    /// `starling_scheduler_peers` and `starling_scheduler_tasks`, in the Prometheus text format.
-    pub fn render_metrics(&self) -> String {
+    /// `starling_scheduler_peers` and `starling_scheduler_tasks`, and whatever `more` registers
+    /// under `starling_` (the process's listener series), in the Prometheus text format.
+    pub fn render_metrics(
+        &self,
+        more: impl FnOnce(&mut prometheus_client::registry::Registry),
+    ) -> String {
         use prometheus_client::metrics::gauge::Gauge;
         let (peers, tasks) = self.with(|s| (s.peers(), s.tasks()));
-        let mut registry = prometheus_client::registry::Registry::with_prefix("starling_scheduler");
+        let mut root = prometheus_client::registry::Registry::default();
+        let registry = root.sub_registry_with_prefix("starling_scheduler");
         for (name, help, v) in [
             ("peers", "Peers heard from within the TTL", peers),
             ("tasks", "Tasks some live peer holds", tasks),
@@ -124,8 +129,9 @@ impl SchedulerService {
             g.set(v as i64);
             registry.register(name, help, g);
         }
+        more(root.sub_registry_with_prefix("starling"));
         let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        let _ = prometheus_client::encoding::text::encode(&mut out, &root);
         out
     }
 

@@ -152,7 +152,11 @@ impl Swarm {
             preheats: preheat::Jobs::default(),
             ctx,
         });
-        swarm.node.serve(swarm.clone());
+        let metrics = swarm.ctx.metrics.clone();
+        swarm.node.serve(
+            swarm.clone(),
+            Arc::new(move |why| metrics.handshake_refused(why)),
+        );
         if swarm.ctx.cfg.netprobe.adapt {
             let weak = Arc::downgrade(&swarm);
             swarm.fetcher.on_stall(Arc::new(move |url: &str| {

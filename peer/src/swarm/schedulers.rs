@@ -275,10 +275,15 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
     })?;
     let node = Node::bind_with(listen, &ca.issue("starling-scheduler")?, path_policy(&cfg))?;
     let service = SchedulerService::new(scheduler_config(&cfg));
-    let served = node.serve(Arc::new(crate::scheduler::service::StandaloneScheduler(
-        service.clone(),
-    )));
-    let health = health(&cfg, service).await?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let counted = metrics.clone();
+    let served = node.serve(
+        Arc::new(crate::scheduler::service::StandaloneScheduler(
+            service.clone(),
+        )),
+        Arc::new(move |why| counted.handshake_refused(why)),
+    );
+    let health = health(&cfg, service, metrics).await?;
     tracing::info!(addr = %node.local_addr()?, "scheduler listening (QUIC, mutual TLS)");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| SwarmError::Read {
@@ -302,6 +307,7 @@ pub async fn run_scheduler(cfg: Config) -> Result<(), SwarmError> {
 async fn health(
     cfg: &Config,
     service: Arc<SchedulerService>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, SwarmError> {
     use crate::accept::http_reply;
     use hyper::StatusCode;
@@ -317,20 +323,21 @@ async fn health(
             source,
         })?;
     tracing::info!(%addr, "serving /healthz and /metrics");
-    let metrics = Arc::new(crate::metrics::Metrics::new());
     Ok(Some(tokio::spawn(crate::accept::serve_http(
         listener,
         "metrics",
-        metrics,
+        metrics.clone(),
         move |req, _| {
-            let service = service.clone();
+            let (service, metrics) = (service.clone(), metrics.clone());
             async move {
                 match req.uri().path() {
                     "/healthz" => http_reply(StatusCode::OK, "text/plain", "ok\n".into()),
                     "/metrics" => http_reply(
                         StatusCode::OK,
                         "text/plain; version=0.0.4; charset=utf-8",
-                        service.render_metrics().into(),
+                        service
+                            .render_metrics(|r| metrics.register_listeners(r))
+                            .into(),
                     ),
                     _ => http_reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
                 }

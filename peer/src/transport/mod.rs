@@ -248,6 +248,24 @@ pub struct Node {
     drops_seen: std::sync::atomic::AtomicU64,
 }
 
+/// Told of each incoming connection refused before it was established (see [`refusal`]).
+pub type OnRefused = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// Why an incoming connection failed its handshake: `tls` (a certificate the cluster CA did
+/// not sign, none, a client that does not trust ours, or another TLS failure), `timeout` (the
+/// client went quiet), or `other`.
+pub fn refusal(e: &quinn::ConnectionError) -> &'static str {
+    // QUIC carries TLS alerts as transport errors 0x100 to 0x1ff (RFC 9001, 4.8): ours when
+    // we refused the client's certificate, the client's when it refused ours.
+    let tls = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
+    match e {
+        quinn::ConnectionError::TransportError(t) if tls(t.code) => "tls",
+        quinn::ConnectionError::ConnectionClosed(c) if tls(c.error_code) => "tls",
+        quinn::ConnectionError::TimedOut => "timeout",
+        _ => "other",
+    }
+}
+
 /// The largest receive buffer [`Node::tune_buffers`] grows to.
 pub const MAX_SOCKET_BUFFER: usize = 64 << 20;
 
@@ -542,18 +560,27 @@ impl Node {
     }
 
     /// Serves `source` to every peer that passes mutual TLS, until the endpoint closes.
-    pub fn serve(&self, source: Arc<dyn PieceSource>) -> tokio::task::JoinHandle<()> {
+    /// `refused` hears of each connection refused before it was established, with its reason
+    /// (see [`refusal`]).
+    pub fn serve(
+        &self,
+        source: Arc<dyn PieceSource>,
+        refused: OnRefused,
+    ) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
         let conns = self.conns.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let source = source.clone();
                 let conns = conns.clone();
+                let refused = refused.clone();
                 tokio::spawn(async move {
                     let conn = match incoming.await {
                         Ok(c) => Node::track(&conns, c, true),
                         Err(e) => {
-                            tracing::info!(error = %e, "refused a peer connection");
+                            let why = refusal(&e);
+                            refused(why);
+                            tracing::info!(error = %e, reason = why, "refused a peer connection");
                             return;
                         }
                     };

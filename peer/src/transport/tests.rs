@@ -55,7 +55,7 @@ fn serving(ca: &ClusterCa) -> (Node, SocketAddr, TaskId, Manifest, Vec<Bytes>) {
     let (mem, m) = content();
     let (task, pieces) = (mem.task, mem.pieces.clone());
     let node = Node::bind(loopback(), &ca.issue("seed").unwrap()).unwrap();
-    node.serve(Arc::new(mem));
+    node.serve(Arc::new(mem), Arc::new(|_| {}));
     let addr = node.local_addr().unwrap();
     (node, addr, task, m, pieces)
 }
@@ -337,7 +337,7 @@ async fn stored_pieces_are_served_from_the_map_only_once_verified() {
 
     let ca = ClusterCa::generate().unwrap();
     let seed = Node::bind(loopback(), &ca.issue("seed").unwrap()).unwrap();
-    seed.serve(views.clone());
+    seed.serve(views.clone(), Arc::new(|_| {}));
     let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
     let parent = peer.connect(seed.local_addr().unwrap()).await.unwrap();
 
