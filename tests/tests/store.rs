@@ -55,38 +55,178 @@ fn gc_ttl_and_watermarks_never_evict_a_download_in_progress() {
     );
 }
 
+/// A small tmpfs mounted over `dir`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "starling-test",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a tmpfs on {}", dir.display());
+        Tmpfs(dir)
+    }
+
+    /// Writes `name` until the file system is full (another writer taking the space).
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join(name)).unwrap();
+        let block = vec![7u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        // The last partial block: byte by byte up to the very end.
+        while f.write_all(&[7]).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Every file left in the task directories, by task.
+fn task_files(s: &Scratch) -> Vec<Vec<String>> {
+    let mut out: Vec<Vec<String>> = s
+        .tasks()
+        .iter()
+        .map(|d| {
+            let mut names: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
-fn full_disk_fails_cleanly_and_keeps_what_was_stored() {
+fn full_disk_fails_cleanly_keeps_serving_and_never_loses_verified_pieces() {
     if !is_root() {
         eprintln!("skipped: mounting a small tmpfs needs root");
         return;
     }
     let s = Scratch::new();
-    std::fs::create_dir_all(s.data_dir()).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=12m", "starling-test"])
-        .arg(s.data_dir())
-        .status()
-        .unwrap();
-    assert!(mounted.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(s.data_dir());
+    let disk = Tmpfs::mount(s.data_dir(), "16m");
+    // Verified pieces are journaled every 200 ms (for the crash below).
+    s.write_config("[storage]\ncommit_interval_ms = 200\n");
     let small = random_bytes(4 * MIB, 34);
     let o_small = FaultOrigin::start(small.clone());
+    let d = Daemon::start(&s);
     s.get(&o_small.url("small"), "small", &[]).ok();
+
+    // A get that does not fit: exit code 6, the reason, no output, and no task directory left.
     let o_big = FaultOrigin::start(random_bytes(16 * MIB, 35));
     let run = s.get(&o_big.url("big"), "big", &[]).fails_with(6);
     assert!(run.stderr.contains("disk space"), "{}", run.stderr);
     assert!(!s.out("big").exists());
-    // What was stored before is intact and still served without the origin.
+    assert_eq!(
+        s.tasks().len(),
+        1,
+        "only the small task: {:?}",
+        task_files(&s)
+    );
+    // Other tasks keep being served, without the origin.
     let before = o_small.requests();
     s.get(&o_small.url("small"), "small2", &["--no-hardlink"])
         .ok();
     assert_eq!(o_small.requests(), before);
     assert_eq!(sha256_file(&s.out("small2")), sha256_bytes(&small));
+
+    // The disk fills mid-download (another writer): the task reserved its content, journal and
+    // manifest when it started, so it completes, verified and sealed, with no stray files.
+    let mid = random_bytes(4 * MIB, 36);
+    let o_mid = FaultOrigin::start(mid.clone());
+    o_mid.set(|f| f.rate = Some(2 * MIB as u64));
+    let mut get = s
+        .starling()
+        .args(["get", &o_mid.url("mid"), "-O"])
+        .arg(s.out("mid"))
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the download to start", || {
+        o_mid.bytes_served() > 0
+    });
+    disk.fill("filler");
+    assert!(
+        get.wait().unwrap().success(),
+        "a reserved download must finish on a full disk"
+    );
+    assert_eq!(sha256_file(&s.out("mid")), sha256_bytes(&mid));
+    assert_eq!(
+        task_files(&s),
+        vec![vec!["content", "header", "journal", "lock", "manifest"]; 2],
+        "sealed tasks, nothing left over"
+    );
+
+    // A copy onto the full disk fails with exit code 6 and leaves no partial output; the
+    // stored task is untouched and serves the retry once there is room.
+    let outdir = s.data_dir().join("out");
+    std::fs::remove_file(s.data_dir().join("filler")).unwrap();
+    std::fs::create_dir_all(&outdir).unwrap();
+    disk.fill("filler");
+    let out = outdir.join("mid");
+    let run = Run::of(
+        s.starling()
+            .args(["get", &o_mid.url("mid"), "--no-hardlink", "-O"])
+            .arg(&out),
+    )
+    .fails_with(6);
+    assert!(run.stderr.contains("space"), "{}", run.stderr);
+    let left: Vec<_> = std::fs::read_dir(&outdir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "partial output left: {left:?}");
+    std::fs::remove_file(s.data_dir().join("filler")).unwrap();
+    let served = o_mid.bytes_served();
+    Run::of(
+        s.starling()
+            .args(["get", &o_mid.url("mid"), "--no-hardlink", "-O"])
+            .arg(&out),
+    )
+    .ok();
+    assert_eq!(sha256_file(&out), sha256_bytes(&mid));
+    assert_eq!(o_mid.bytes_served(), served, "served from the store");
+    std::fs::remove_file(&out).unwrap();
+    assert!(d.stop(), "the daemon stops cleanly");
+
+    // A crash mid-download, then the disk fills: the retry resumes from the verified pieces
+    // on the full disk (their room was reserved), and the origin sends only the rest.
+    let late = random_bytes(6 * MIB, 37);
+    let o_late = FaultOrigin::start(late.clone());
+    o_late.set(|f| f.rate = Some(MIB as u64));
+    let mut get = s
+        .starling()
+        .args(["get", &o_late.url("late"), "-O"])
+        .arg(s.out("late"))
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "a third of the download", || {
+        o_late.bytes_served() >= 2 * MIB as u64
+    });
+    // Past a group commit, so the verified pieces are journaled.
+    std::thread::sleep(Duration::from_millis(500));
+    get.kill().unwrap();
+    get.wait().unwrap();
+    disk.fill("filler");
+    let first = o_late.bytes_served();
+    o_late.set(|f| f.rate = None);
+    s.get(&o_late.url("late"), "late", &[]).ok();
+    assert_eq!(sha256_file(&s.out("late")), sha256_bytes(&late));
+    let again = o_late.bytes_served() - first;
+    assert!(
+        again <= 5 * MIB as u64,
+        "the retry fetched {again} bytes of 6 MiB after {first} were served: verified pieces were lost"
+    );
+    drop(disk);
 }

@@ -121,8 +121,13 @@ impl Manifest {
         &self.pieces
     }
 
+    /// The length of [`Manifest::encode`]'s output for a content of `count` pieces.
+    pub const fn encoded_len(count: u32) -> usize {
+        HEADER + 32 * count as usize + 4
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + 32 * self.pieces.len() + 4);
+        let mut out = Vec::with_capacity(Self::encoded_len(self.pieces.len() as u32));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.plan.content_length().to_le_bytes());

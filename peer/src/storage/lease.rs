@@ -51,6 +51,31 @@ impl Lease {
     }
 }
 
+impl Drop for Lease {
+    /// A directory that holds no task (a reservation that failed, an origin that answered 404,
+    /// a look-up of something never stored) is removed when its last lease goes, so failures
+    /// leave nothing behind. Only when no other lease is held: a non-blocking exclusive lock
+    /// on the same open file, and the lock file still the directory's.
+    fn drop(&mut self) {
+        if self.dir.join(super::task::HEADER).exists() {
+            return;
+        }
+        if flock(&self.file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return;
+        }
+        if !matches!(
+            still_linked(&self.file, &self.dir.join(LOCK_FILE)),
+            Ok(true)
+        ) {
+            return;
+        }
+        // Waiters retake the lease on a fresh directory (`acquire` checks the link).
+        if let Err(e) = super::inventory::remove_task_dir(&self.dir) {
+            tracing::debug!(dir = %self.dir.display(), error = %e, "could not remove an empty task directory");
+        }
+    }
+}
+
 /// Takes a lease on `dir`, creating it, and blocks until it is granted. Call it off the async
 /// runtime (spawn_blocking): another process may hold the lease for a whole download.
 pub fn acquire(dir: &Path, mode: Mode) -> io::Result<Lease> {
@@ -130,6 +155,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let t = d.path().join("t");
         let a = acquire(&t, Mode::Exclusive).unwrap();
+        std::fs::write(t.join(super::super::task::HEADER), b"a task").unwrap();
         assert!(try_exclusive(&t).unwrap().is_none());
         drop(a);
         let s = acquire(&t, Mode::Shared).unwrap();
@@ -171,5 +197,22 @@ mod tests {
             "the waiter must hold a lock on a live file"
         );
         assert!(try_exclusive(&t).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_directory_without_a_task_goes_with_its_last_lease() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("t");
+        let a = acquire(&t, Mode::Shared).unwrap();
+        let b = acquire(&t, Mode::Shared).unwrap();
+        drop(a);
+        assert!(t.join(LOCK_FILE).exists(), "another lease still holds it");
+        std::fs::write(t.join("content"), b"half a reservation").unwrap();
+        drop(b);
+        assert!(!t.exists(), "an empty task directory is left behind");
+        let c = acquire(&t, Mode::Exclusive).unwrap();
+        std::fs::write(t.join(super::super::task::HEADER), b"a task").unwrap();
+        drop(c);
+        assert!(t.join(LOCK_FILE).exists(), "a task's directory stays");
     }
 }

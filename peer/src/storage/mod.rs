@@ -2,7 +2,9 @@
 //! - `content`: the preallocated content file; pieces are written at their offsets via io_uring;
 //! - `header`: what the task is (ID, plan, expected digest, origin validator), written once;
 //! - `journal`: append-only records of verified pieces (each with its start and end chain
-//!   values), re-hashed before a resume trusts them;
+//!   values), re-hashed before a resume trusts them; its room (a record per piece) is reserved
+//!   when the task is created or resumed, as is `manifest.tmp`'s, so a disk that fills during a
+//!   download cannot stop it being journaled and sealed;
 //! - `manifest`: every piece's end value and the content's digest, written when the task
 //!   completes;
 //! - `lock`: flock'd by whoever uses the task; its mtime is the last use.

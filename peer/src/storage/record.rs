@@ -144,17 +144,43 @@ pub fn decode_journal(buf: &[u8], plan: &PiecePlan) -> Result<Vec<Link>, String>
 
 /// Writes `data` to `path` so that after a crash the path holds either the old content or
 /// the new, complete: write a sibling temp file, fsync it, rename over, fsync the directory.
+/// The temp file is written in place, not truncated first, so space reserved for it (see
+/// [`reserve`]) is used rather than freed; it is removed if anything fails.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::other("path has no parent directory"))?;
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.set_len(data.len() as u64)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     File::open(dir)?.sync_all()
+}
+
+/// Reserves `len` bytes of disk for `file` without changing its length (fallocate with
+/// KEEP_SIZE), so later appends and writes up to `len` cannot fail for lack of space. A file
+/// system without fallocate reserves nothing, and that is not an error.
+pub fn reserve(file: &File, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::KEEP_SIZE, 0, len) {
+        Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use super::book::{Book, Learned};
 use super::chainer::Chainer;
 use super::lease::Lease;
-use super::record::{decode_journal, write_atomic, TaskHeader};
+use super::record::{decode_journal, reserve, write_atomic, TaskHeader, JOURNAL_RECORD};
 use super::uring::{FileKey, Uring};
 use super::{io_err, StoreError};
 use crate::core::{ChainValue, Digest, Link, Manifest, Piece, PiecePlan, Sha256Stream};
@@ -54,6 +54,10 @@ impl TaskHandle {
         };
         match Self::load_checked(&dir, &header_bytes) {
             Ok((header, manifest, journaled, content, journal, journal_len)) => {
+                if manifest.is_none() {
+                    // Resumed: its journal and manifest need their room as on the first run.
+                    reserve_metadata(&dir, &journal, &header.plan)?;
+                }
                 let (key, appended) = uring
                     .open(content, journal, journal_len)
                     .map_err(StoreError::Uring)?;
@@ -174,8 +178,10 @@ impl TaskHandle {
             .truncate(true)
             .open(&jpath)
             .map_err(io_err("create", &jpath))?;
+        reserve_metadata(&dir, &journal, &header.plan)?;
         let hpath = dir.join(HEADER);
-        write_atomic(&hpath, &header.encode()).map_err(io_err("write", &hpath))?;
+        let hbytes = header.encode();
+        write_atomic(&hpath, &hbytes).map_err(no_space_or("write", &hpath, hbytes.len()))?;
         let (key, appended) = uring.open(content, journal, 0).map_err(StoreError::Uring)?;
         let count = header.plan.count() as usize;
         Ok(TaskHandle {
@@ -412,7 +418,8 @@ impl TaskHandle {
             StoreError::Uring(io::Error::other(format!("task is not complete: {e}")))
         })?;
         let path = self.dir().join(MANIFEST);
-        write_atomic(&path, &manifest.encode()).map_err(io_err("write", &path))?;
+        let bytes = manifest.encode();
+        write_atomic(&path, &bytes).map_err(no_space_or("write", &path, bytes.len()))?;
         let cpath = self.content_path();
         std::fs::set_permissions(&cpath, std::fs::Permissions::from_mode(0o444))
             .map_err(io_err("chmod", &cpath))?;
@@ -527,6 +534,44 @@ pub(crate) fn wipe(dir: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Reserves the room an unsealed task's metadata grows into: a journal record per piece, and
+/// its manifest (written at the end as `manifest.tmp`, then renamed). With the content
+/// preallocated too, a disk that fills during the download cannot stop the task from being
+/// journaled and sealed: a full disk fails a task at its start, never halfway.
+fn reserve_metadata(dir: &Path, journal: &File, plan: &PiecePlan) -> Result<(), StoreError> {
+    let jpath = dir.join(JOURNAL);
+    let jlen = plan.count() as usize * JOURNAL_RECORD;
+    reserve(journal, jlen as u64).map_err(no_space_or("reserve", &jpath, jlen))?;
+    let mlen = Manifest::encoded_len(plan.count());
+    let mpath = dir.join("manifest.tmp");
+    let tmp = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&mpath)
+        .map_err(no_space_or("create", &mpath, mlen))?;
+    reserve(&tmp, mlen as u64).map_err(no_space_or("reserve", &mpath, mlen))
+}
+
+/// An I/O error as a [`StoreError`]: `NoSpace` when the disk is full (exit code 6 and the
+/// message that says so), else the operation and path.
+fn no_space_or<'a>(
+    op: &'static str,
+    path: &'a Path,
+    need: usize,
+) -> impl Fn(io::Error) -> StoreError + 'a {
+    move |e| {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            StoreError::NoSpace {
+                path: path.to_path_buf(),
+                need: need as u64,
+            }
+        } else {
+            io_err(op, path)(e)
+        }
+    }
 }
 
 fn preallocate(file: &File, len: u64, path: &Path) -> Result<(), StoreError> {
