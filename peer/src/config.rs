@@ -633,7 +633,18 @@ impl Config {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let mut table = read_table(&path, &text)?;
+        Config::parse(&path, &text, |f| std::fs::read_to_string(f))
+    }
+
+    /// Parses `text`, the configuration file at `path` (named in errors; `include`s are
+    /// relative to it and read with `read`), and validates it. Nothing else is touched.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        read: impl Fn(&Path) -> std::io::Result<String>,
+    ) -> Result<Config, ConfigError> {
+        let path = path.to_path_buf();
+        let mut table = read_table(&path, text)?;
         // `include = [FILE, ...]`: each file's keys are merged over this one's, in order.
         if let Some(inc) = table.remove("include") {
             let files: Vec<PathBuf> = inc.try_into().map_err(|_| ConfigError::Invalid {
@@ -646,7 +657,7 @@ impl Config {
                     true => f,
                     false => path.parent().unwrap_or(Path::new("/")).join(f),
                 };
-                let text = std::fs::read_to_string(&f).map_err(|source| ConfigError::Read {
+                let text = read(&f).map_err(|source| ConfigError::Read {
                     path: f.clone(),
                     source,
                 })?;

@@ -39,6 +39,11 @@ pub enum ApiRequest {
     },
 }
 
+/// One request line, parsed (and its digest and headers checked).
+pub fn parse_request(line: &str) -> Result<ApiRequest, serde_json::Error> {
+    serde_json::from_str(line)
+}
+
 /// A download, and where to put it. The request's digest and headers are checked when the line
 /// is read: a malformed one is a usage error naming it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

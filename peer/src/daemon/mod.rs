@@ -180,7 +180,7 @@ async fn serve(swarm: Arc<Swarm>, stream: UnixStream) {
         Err(_) => return,
     };
     let ev = match line {
-        Ok(Some(line)) => match serde_json::from_str::<ApiRequest>(&line) {
+        Ok(Some(line)) => match api::parse_request(&line) {
             Ok(ApiRequest::Probe) => ApiEvent::Probe(swarm.probe_report()),
             Ok(ApiRequest::Tasks) => match swarm.tasks(usize::MAX).await {
                 Ok(t) => ApiEvent::Tasks(t),

@@ -12,7 +12,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::{empty, route, Body, Proxy, ProxyError};
+use super::{empty, Body, Proxy, ProxyError};
 use crate::transport::tls::ClusterCa;
 
 /// Leaf certificates kept at most; past this the cache starts over.
@@ -77,26 +77,14 @@ fn host_of(authority: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-pub async fn handle(p: &Arc<Proxy>, req: Request<Incoming>) -> Response<Body> {
-    let Some(authority) = req.uri().authority().map(|a| a.to_string()) else {
-        return p.reject(
-            StatusCode::BAD_REQUEST,
-            "UNSUPPORTED",
-            "CONNECT needs a host:port target",
-        );
-    };
-    let has_port = authority
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|n| n > 0));
-    if route::check_authority(&authority).is_err() || !has_port {
-        return p.reject(
-            StatusCode::BAD_REQUEST,
-            "UNSUPPORTED",
-            &format!("CONNECT target {authority:?} is not host:port"),
-        );
-    }
-    let intercept = p.mitm.as_ref().filter(|_| p.rules.intercept(&authority));
-    let Some(mitm) = intercept else {
+/// A CONNECT to `authority` (checked by [`super::route::decide`]): tunnelled, or intercepted.
+pub async fn handle(
+    p: &Arc<Proxy>,
+    req: Request<Incoming>,
+    authority: String,
+    intercept: bool,
+) -> Response<Body> {
+    let Some(mitm) = p.mitm.as_ref().filter(|_| intercept) else {
         return tunnel(p, req, authority).await;
     };
     let tls = match mitm.server_config(host_of(&authority)) {

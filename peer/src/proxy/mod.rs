@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -40,7 +40,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::swarm::Swarm;
-use route::{RouteError, Rules};
+use route::{Route, Rules};
 
 /// Response bodies: streamed, and aborted with an error when a peer-to-peer blob fails.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -175,67 +175,36 @@ impl Proxy {
         req: Request<Incoming>,
         intercepted: Option<&str>,
     ) -> Response<Body> {
-        let head = route::head_len(&req);
-        if head > self.cfg.max_header_bytes {
-            return self.reject(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "UNSUPPORTED",
-                &format!(
-                    "request head is {head} bytes, over proxy.max_header_bytes ({})",
-                    self.cfg.max_header_bytes
-                ),
-            );
-        }
-        if req.method() == Method::CONNECT {
-            return connect::handle(self, req).await;
-        }
-        let uri = req.uri().clone();
-        let path = uri.path();
-        let query = uri.query();
-        let (base, query) = if let Some(authority) = intercepted {
-            (format!("https://{authority}"), query.map(String::from))
-        } else if let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) {
-            if !matches!(scheme, "http" | "https") {
-                return self.reject(
-                    StatusCode::BAD_REQUEST,
-                    "UNSUPPORTED",
-                    &format!("scheme {scheme:?} is not proxied; use http"),
-                );
-            }
-            if let Err(e) = route::check_authority(authority.as_str()) {
-                return self.reject_route(&e);
-            }
-            (format!("{scheme}://{authority}"), query.map(String::from))
-        } else if self.hf.mirror && path != "/v2" && !path.starts_with("/v2/") {
-            return hf::handle(self, req).await;
-        } else {
-            let named = req
-                .headers()
-                .get(self.cfg.upstream_header.as_str())
-                .and_then(|v| v.to_str().ok());
-            match route::mirror_upstream(&self.cfg, query, named) {
-                Ok(x) => x,
-                Err(e) => return self.reject_route(&e),
-            }
+        let routing = route::Routing {
+            cfg: &self.cfg,
+            rules: &self.rules,
+            hub_mirror: self.hf.mirror,
+            can_intercept: self.mitm.is_some(),
         };
-        let digest = match route::check_path(path) {
-            Ok(d) => d,
-            Err(e) => return self.reject_route(&e),
-        };
-        let url = match &query {
-            Some(q) => format!("{base}{path}?{q}"),
-            None => format!("{base}{path}"),
-        };
-        if req.method() == Method::GET && self.rules.p2p(path) {
-            self.metrics.proxy_request("p2p");
-            return blob::serve(self, req, url, digest).await;
+        match route::decide(&routing, &req, intercepted) {
+            Route::Reject {
+                status,
+                code,
+                message,
+            } => self.reject(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                code,
+                &message,
+            ),
+            Route::Connect {
+                authority,
+                intercept,
+            } => connect::handle(self, req, authority, intercept).await,
+            Route::Hub => hf::handle(self, req).await,
+            Route::Blob { url, digest } => {
+                self.metrics.proxy_request("p2p");
+                blob::serve(self, req, url, digest).await
+            }
+            Route::Pass { url } => {
+                self.metrics.proxy_request("pass");
+                pass::forward(self, req, &url).await
+            }
         }
-        self.metrics.proxy_request("pass");
-        pass::forward(self, req, &url).await
-    }
-
-    fn reject_route(&self, e: &RouteError) -> Response<Body> {
-        self.reject(StatusCode::BAD_REQUEST, e.code(), &e.to_string())
     }
 
     /// A 4xx from the proxy itself, with an OCI error body.

@@ -1,5 +1,7 @@
-//! Where a proxied request goes, decided without I/O: which upstream it is for, whether its path
-//! is a well-formed registry path, and whether it goes peer to peer.
+//! Where a proxied request goes, decided without I/O ([`decide`]): refused, tunnelled or
+//! intercepted (CONNECT), to the Hub mirror, peer to peer, or passed through; which upstream it
+//! is for, and whether its path is a well-formed registry path. The fuzz target `proxy_route`
+//! drives [`decide`] with request heads parsed from arbitrary bytes.
 
 use std::sync::OnceLock;
 
@@ -29,6 +31,123 @@ impl RouteError {
             RouteError::Digest(_) => "DIGEST_INVALID",
             RouteError::Upstream(_) => "UNSUPPORTED",
         }
+    }
+}
+
+/// Where one request goes (see [`decide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Answered by the proxy itself: `status` with an OCI error body.
+    Reject {
+        status: u16,
+        code: &'static str,
+        message: String,
+    },
+    /// A CONNECT to `authority` (`host:port`, checked): intercepted (TLS terminated here) or
+    /// tunnelled untouched.
+    Connect { authority: String, intercept: bool },
+    /// An origin-form request outside `/v2/` for the Hugging Face mirror.
+    Hub,
+    /// A GET matching `proxy.rules`: served peer to peer as the content of `url`.
+    Blob { url: String, digest: Option<Digest> },
+    /// Forwarded to `url` unchanged.
+    Pass { url: String },
+}
+
+/// What the proxy knows when a request arrives: its configuration and compiled rules, whether
+/// the Hub mirror is on, and whether interception is configured (a CA to sign with).
+pub struct Routing<'a> {
+    pub cfg: &'a ProxyConfig,
+    pub rules: &'a Rules,
+    pub hub_mirror: bool,
+    pub can_intercept: bool,
+}
+
+/// Decides where `req` goes. `intercepted` is the `host:port` of the intercepted CONNECT the
+/// request arrived inside, if any.
+pub fn decide<B>(r: &Routing<'_>, req: &http::Request<B>, intercepted: Option<&str>) -> Route {
+    let reject = |status: u16, code, message: String| Route::Reject {
+        status,
+        code,
+        message,
+    };
+    let refuse = |e: RouteError| reject(400, e.code(), e.to_string());
+    let head = head_len(req);
+    if head > r.cfg.max_header_bytes {
+        return reject(
+            431,
+            "UNSUPPORTED",
+            format!(
+                "request head is {head} bytes, over proxy.max_header_bytes ({})",
+                r.cfg.max_header_bytes
+            ),
+        );
+    }
+    let uri = req.uri();
+    if req.method() == http::Method::CONNECT {
+        let Some(authority) = uri.authority().map(|a| a.to_string()) else {
+            return reject(
+                400,
+                "UNSUPPORTED",
+                "CONNECT needs a host:port target".into(),
+            );
+        };
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|n| n > 0));
+        if check_authority(&authority).is_err() || !has_port {
+            return reject(
+                400,
+                "UNSUPPORTED",
+                format!("CONNECT target {authority:?} is not host:port"),
+            );
+        }
+        let intercept = r.can_intercept && r.rules.intercept(&authority);
+        return Route::Connect {
+            authority,
+            intercept,
+        };
+    }
+    let path = uri.path();
+    let query = uri.query();
+    let (base, query) = if let Some(authority) = intercepted {
+        (format!("https://{authority}"), query.map(String::from))
+    } else if let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) {
+        if !matches!(scheme, "http" | "https") {
+            return reject(
+                400,
+                "UNSUPPORTED",
+                format!("scheme {scheme:?} is not proxied; use http"),
+            );
+        }
+        if let Err(e) = check_authority(authority.as_str()) {
+            return refuse(e);
+        }
+        (format!("{scheme}://{authority}"), query.map(String::from))
+    } else if r.hub_mirror && path != "/v2" && !path.starts_with("/v2/") {
+        return Route::Hub;
+    } else {
+        let named = req
+            .headers()
+            .get(r.cfg.upstream_header.as_str())
+            .and_then(|v| v.to_str().ok());
+        match mirror_upstream(r.cfg, query, named) {
+            Ok(x) => x,
+            Err(e) => return refuse(e),
+        }
+    };
+    let digest = match check_path(path) {
+        Ok(d) => d,
+        Err(e) => return refuse(e),
+    };
+    let url = match &query {
+        Some(q) => format!("{base}{path}?{q}"),
+        None => format!("{base}{path}"),
+    };
+    if req.method() == http::Method::GET && r.rules.p2p(path) {
+        Route::Blob { url, digest }
+    } else {
+        Route::Pass { url }
     }
 }
 
@@ -267,6 +386,78 @@ pub fn parse_range(header: Option<&str>, len: u64) -> Range {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decide_routes_each_way_in() {
+        let cfg = ProxyConfig {
+            intercept: vec!["^hub\\.example:443$".into()],
+            ..ProxyConfig::default()
+        };
+        let rules = Rules::new(&cfg).unwrap();
+        let r = Routing {
+            cfg: &cfg,
+            rules: &rules,
+            hub_mirror: true,
+            can_intercept: true,
+        };
+        let req = |m: &str, u: &str| http::Request::builder().method(m).uri(u).body(()).unwrap();
+        let blob = format!("/v2/library/alpine/blobs/sha256:{HEX}");
+        assert_eq!(
+            decide(&r, &req("GET", &format!("{blob}?ns=docker.io")), None),
+            Route::Blob {
+                url: format!("https://registry-1.docker.io{blob}"),
+                digest: Some(format!("sha256:{HEX}").parse().unwrap()),
+            }
+        );
+        assert!(matches!(
+            decide(&r, &req("HEAD", &format!("{blob}?ns=docker.io")), None),
+            Route::Pass { .. }
+        ));
+        assert_eq!(
+            decide(&r, &req("CONNECT", "hub.example:443"), None),
+            Route::Connect {
+                authority: "hub.example:443".into(),
+                intercept: true
+            }
+        );
+        assert!(matches!(
+            decide(&r, &req("CONNECT", "other.example:443"), None),
+            Route::Connect {
+                intercept: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide(&r, &req("CONNECT", "other.example:0"), None),
+            Route::Reject { status: 400, .. }
+        ));
+        assert_eq!(
+            decide(&r, &req("GET", "/org/repo/resolve/main/f"), None),
+            Route::Hub
+        );
+        assert_eq!(
+            decide(
+                &r,
+                &req("GET", "/v2/a/manifests/x"),
+                Some("hub.example:443")
+            ),
+            Route::Pass {
+                url: "https://hub.example:443/v2/a/manifests/x".into()
+            }
+        );
+        assert!(matches!(
+            decide(&r, &req("GET", "ftp://h/v2/"), None),
+            Route::Reject { status: 400, .. }
+        ));
+        assert!(matches!(
+            decide(&r, &req("GET", "/v2/a/blobs/x?ns=evil.com/x"), None),
+            Route::Reject {
+                status: 400,
+                code: "UNSUPPORTED",
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn head_len_counts_the_head_as_sent() {
