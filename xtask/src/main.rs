@@ -7,9 +7,11 @@
 //! - `bench ...`: every benchmark, under [`bench`] with its shared harness.
 //! - `netlab`: builds one namespace topology and checks its path MTU.
 //! - `image`: the container image, as an OCI layout tar (docker load, ctr images import).
+//! - `fuzz`: the cargo-fuzz targets, each for a bounded time (60 s each in `test`).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod image;
 mod netlab;
 mod setup;
@@ -49,6 +51,8 @@ enum Cmd {
     Netlab(netlab::Args),
     /// Build the container image (OCI layout tar, no Dockerfile or daemon needed).
     Image(image::Args),
+    /// Run the fuzz targets (fuzz/), each for a bounded time; fails on a crash or a hang.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> Result<()> {
@@ -60,6 +64,7 @@ fn main() -> Result<()> {
         Cmd::Bench(b) => bench::run(b),
         Cmd::Netlab(a) => netlab::run(a),
         Cmd::Image(a) => image::run(a),
+        Cmd::Fuzz(a) => fuzz::run(a),
     }
 }
 
@@ -136,6 +141,9 @@ fn test(extra: &[String]) -> Result<()> {
     sh(Command::new("cargo")
         .current_dir(root().join("ebpf"))
         .args(["+nightly", "fmt", "--all", "--check"]))?;
+    sh(Command::new("cargo")
+        .current_dir(root().join("fuzz"))
+        .args(["fmt", "--all", "--check"]))?;
     sh(cargo().args([
         "clippy",
         "--workspace",
@@ -147,7 +155,15 @@ fn test(extra: &[String]) -> Result<()> {
     build_ebpf()?;
     // The integration tests run the real binary; build it first so they never test a stale one.
     sh(cargo().args(["build", "--package", "starling", "--bin", "starling"]))?;
-    run_tests(extra)
+    run_tests(extra)?;
+    // A filtered run is someone's quick loop; the whole suite includes the fuzzers.
+    if extra.is_empty() {
+        fuzz::run(fuzz::Args {
+            seconds: 60,
+            targets: Vec::new(),
+        })?;
+    }
+    Ok(())
 }
 
 /// `cargo test --workspace`, passing its output through, then one closing line with the totals

@@ -46,6 +46,9 @@ const HF_HUB_VERSION: &str = "2.4.0";
 /// (lmdb metadata only: the tests need no more, and it builds in about 5 minutes).
 const GARAGE_VERSION: &str = "2.5.0";
 
+/// cargo-fuzz (libFuzzer driver for `cargo xtask fuzz`), from crates.io, pinned.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Python tools from PyPI, pinned (package, module, version): the Hugging Face client for the
 /// model tests; Helm v4's engine as a library (render, lint) and the Kubernetes schemas for the
 /// chart's checks; the OTLP classes and gRPC for the tracing test.
@@ -105,6 +108,27 @@ pub fn ensure_model_tools() -> Result<()> {
             "--no-default-features",
             "--features",
             "bundled-libs,lmdb",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, and the nightly toolchain it builds the targets with (installed with the eBPF
+/// toolchain).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    ensure_ebpf_toolchain()?;
+    let have = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false);
+    if !have {
+        sh(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
+            "install",
+            "--locked",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
         ]))?;
     }
     Ok(())

@@ -101,11 +101,17 @@ impl<'de> Deserialize<'de> for Digest {
 mod header_pairs {
     use super::*;
 
+    /// Values as UTF-8, not only visible ASCII: a value given as `X: é` (read from JSON or a
+    /// command line, so always UTF-8) survives the trip to the daemon. (Found by fuzzing:
+    /// `to_str` dropped such headers silently.)
     pub fn serialize<S: Serializer>(h: &HeaderMap, s: S) -> Result<S::Ok, S::Error> {
-        let pairs: Vec<(&str, &str)> = h
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-            .collect();
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(h.len());
+        for (k, v) in h {
+            let v = std::str::from_utf8(v.as_bytes()).map_err(|_| {
+                serde::ser::Error::custom(format!("header {k} has a value that is not UTF-8"))
+            })?;
+            pairs.push((k.as_str(), v));
+        }
         pairs.serialize(s)
     }
 
@@ -123,6 +129,17 @@ mod header_pairs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_header_values_survive_json() {
+        let r = Request {
+            url: "http://h/x".into(),
+            headers: parse_headers(&["X-Name: é ü", "Authorization: Bearer t"]).unwrap(),
+            ..Request::default()
+        };
+        let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
 
     #[test]
     fn headers_parse_and_reject() {

@@ -110,6 +110,15 @@ pub fn decide<B>(r: &Routing<'_>, req: &http::Request<B>, intercepted: Option<&s
     }
     let path = uri.path();
     let query = uri.query();
+    if !path.starts_with('/') {
+        // `OPTIONS *` (asterisk-form) names no resource to fetch. (Found by fuzzing: inside an
+        // intercepted CONNECT it became the URL `https://host:443*`.)
+        return reject(
+            400,
+            "UNSUPPORTED",
+            format!("request target {path:?} is not a path"),
+        );
+    }
     let (base, query) = if let Some(authority) = intercepted {
         (format!("https://{authority}"), query.map(String::from))
     } else if let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) {
@@ -291,10 +300,31 @@ pub fn check_authority(a: &str) -> Result<(), RouteError> {
         Regex::new(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
             .expect("static regex")
     });
-    if a.len() <= 261 && re.is_match(a) {
+    if a.len() <= 261 && re.is_match(a) && whatwg_same_host(a) {
         Ok(())
     } else {
         Err(RouteError::Upstream(a.to_string()))
+    }
+}
+
+/// Whether the URL parser the upstream request goes through (WHATWG's, in `url`) reads the
+/// host as written: a last label of digits or `0x` makes it parse the host as IPv4, so
+/// `registry.example.0` fails and `0x7f.1` becomes 127.0.0.1. Such names are refused here
+/// rather than failing (or going elsewhere) upstream. (Found by fuzzing.)
+fn whatwg_same_host(a: &str) -> bool {
+    let host = match a.rsplit_once(':') {
+        Some((h, port))
+            if !port.is_empty()
+                && port.bytes().all(|c| c.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            h
+        }
+        _ => a,
+    };
+    match url::Url::parse(&format!("http://{a}/")) {
+        Ok(u) => u.host_str().is_some_and(|h| h.eq_ignore_ascii_case(host)),
+        Err(_) => false,
     }
 }
 
@@ -388,6 +418,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn authorities_are_what_the_url_parser_reads() {
+        for good in [
+            "registry.example",
+            "Registry.Example:443",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "[fe80::1]",
+            "a-b.c9:1",
+        ] {
+            assert!(check_authority(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "registry.example.0",
+            "registri.examplex.0",
+            "0x7f.1",
+            "1.2.3.999",
+            "017.0.0.1",
+            "host/path",
+            "user@host",
+            "host:port",
+            "",
+        ] {
+            assert!(check_authority(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn decide_routes_each_way_in() {
         let cfg = ProxyConfig {
             intercept: vec!["^hub\\.example:443$".into()],
@@ -445,6 +503,10 @@ mod tests {
                 url: "https://hub.example:443/v2/a/manifests/x".into()
             }
         );
+        assert!(matches!(
+            decide(&r, &req("OPTIONS", "*"), Some("hub.example:443")),
+            Route::Reject { status: 400, .. }
+        ));
         assert!(matches!(
             decide(&r, &req("GET", "ftp://h/v2/"), None),
             Route::Reject { status: 400, .. }

@@ -32,7 +32,7 @@ pub use chainer::{ChainEnd, Chainer, Feed};
 pub use gc::{choose_victims, GcEntry, Reason as GcReason, Usage};
 pub use inventory::{Eviction, StoredTask};
 pub use lease::{Lease, Mode as LeaseMode};
-pub use record::{decode_journal, TaskHeader, JOURNAL_RECORD};
+pub use record::{decode_journal, encode_journal_record, TaskHeader, JOURNAL_RECORD};
 pub use task::{TaskHandle, CONTENT as CONTENT_FILE};
 pub use upload::UploadView;
 
