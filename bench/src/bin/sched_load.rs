@@ -85,7 +85,7 @@ fn main() -> Result<()> {
                     ttl: Duration::from_secs(3600),
                     ..SchedulerConfig::default()
                 });
-                let _serving = node.serve(Arc::new(StandaloneScheduler(service)));
+                let _serving = node.serve(Arc::new(StandaloneScheduler(service)), Arc::new(|_| {}));
                 addr_tx.send(node.local_addr()?)?;
                 // Report this thread's CPU time every 50 ms.
                 loop {
