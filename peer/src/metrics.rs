@@ -174,7 +174,13 @@ impl Metrics {
         for s in ["parent", "origin", "local"] {
             let _ = bytes.get_or_create(&vec![("source", s)]);
         }
-        for c in ["digest_mismatch", "timeout", "reset", "refused"] {
+        for c in [
+            "digest_mismatch",
+            "timeout",
+            "reset",
+            "refused",
+            "false_values",
+        ] {
             let _ = piece_failures.get_or_create(&vec![("cause", c)]);
         }
         for r in ["p2p", "pass", "tunnel", "intercept", "rejected"] {

@@ -254,7 +254,8 @@ fn a_corrupt_stored_blob_on_one_node_never_reaches_a_client_through_the_other() 
     let blacklisted = f.cluster.nodes[2].metric("starling_parents_blacklisted_total");
     eprintln!("node B: {bad} corrupt pieces seen, {blacklisted} parents blacklisted");
     f.check_registry_once();
-    // Node A itself re-verifies its stored copy on use, finds it damaged and fetches it again.
+    // Node A itself re-verifies its stored copy on use, finds it damaged and fetches it again:
+    // from node B, which holds a verified copy, not from the registry.
     let a2 = f.skopeo_pull(1, "pull-a2");
     f.check_layout(&a2);
     assert!(
@@ -262,6 +263,7 @@ fn a_corrupt_stored_blob_on_one_node_never_reaches_a_client_through_the_other() 
         "node A noticed its damaged copy:\n{}",
         f.node_log(1)
     );
+    f.check_registry_once();
 }
 
 /// Sends raw bytes to the proxy and returns the status line and the whole answer.

@@ -565,8 +565,23 @@ fn malformed_and_oversized_frames_get_errors_and_no_peer_crashes() {
     s.cluster.nodes[1].scratch.get(&s.url, "again", &[]).ok();
 }
 
-/// A rogue cluster member: announces that it holds the whole task, answers have requests
-/// honestly (right hashes), and answers every piece request with an oversized frame header.
+/// What a [`Rogue`] does wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lie {
+    /// Honest log (right values); every piece answered with an oversized frame header.
+    Oversized,
+    /// Honest log claiming every piece; every piece request answered "not found".
+    Phantom,
+    /// Honest log; each piece answered with its header and half its bytes, then nothing.
+    Stall,
+    /// From piece `from` on, false values and bytes that match them: the content XOR 0x5A,
+    /// chained from the true value before `from`. With `last`, it also names a (false) value
+    /// for the last piece; without, it never mentions the last piece.
+    Forged { from: u32, last: bool },
+}
+
+/// A rogue cluster member (a real cluster certificate, the real wire protocol): announces to
+/// the scheduler that it holds the whole task as a seed, and answers as its [`Lie`] says.
 struct Rogue {
     _rt: tokio::runtime::Runtime,
     pieces_asked: Arc<std::sync::atomic::AtomicU64>,
@@ -581,6 +596,7 @@ impl Rogue {
         scheduler: u16,
         task: starling::core::TaskId,
         data: Vec<u8>,
+        lie: Lie,
     ) -> Rogue {
         use starling::core::{Digest, Manifest, PiecePlan};
         use starling::scheduler::{Announce, Holding};
@@ -593,11 +609,28 @@ impl Rogue {
             .expect("runtime");
         let id = member(ca);
         let plan = PiecePlan::with_default(data.len() as u64);
-        let hashes = Manifest::of_content(plan, &data)
+        let n = plan.count();
+        // What it serves and the values it names: the truth, or from `from` on a forgery
+        // whose values chain from the true value before it.
+        let served = match lie {
+            Lie::Forged { from, .. } => {
+                let at = plan.piece(from).expect("a piece").offset as usize;
+                let mut f = data.clone();
+                f[at..].iter_mut().for_each(|b| *b ^= 0x5A);
+                f
+            }
+            _ => data.clone(),
+        };
+        let values = Manifest::of_content(plan, &served)
             .expect("manifest")
             .piece_values()
             .to_vec();
+        let named: Vec<u32> = match lie {
+            Lie::Forged { last: false, .. } => (0..n - 1).collect(),
+            _ => (0..n).collect(),
+        };
         let content = Digest::of(&data);
+        let (served, values, named) = (Arc::new(served), Arc::new(values), Arc::new(named));
         let pieces_asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let server = starling::transport::tls::server_config(&id).expect("server config");
@@ -608,11 +641,13 @@ impl Rogue {
         let asked = pieces_asked.clone();
         rt.spawn(async move {
             while let Some(inc) = endpoint.accept().await {
-                let (hashes, asked) = (hashes.clone(), asked.clone());
+                let (served, values, named, asked) =
+                    (served.clone(), values.clone(), named.clone(), asked.clone());
                 tokio::spawn(async move {
                     let Ok(conn) = inc.await else { return };
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                        let (hashes, asked) = (hashes.clone(), asked.clone());
+                        let (served, values, named, asked) =
+                            (served.clone(), values.clone(), named.clone(), asked.clone());
                         tokio::spawn(async move {
                             let mut b = [0u8; REQUEST_LEN];
                             if recv.read_exact(&mut b).await.is_err() {
@@ -620,18 +655,19 @@ impl Rogue {
                             }
                             let (status, len, payload) = match Request::decode(&b) {
                                 Ok(Request::Have { since, .. }) => {
-                                    let n = hashes.len() as u32;
                                     let entries = if since < n {
-                                        hashes
+                                        named
                                             .iter()
-                                            .enumerate()
-                                            .map(|(i, v)| LogEntry {
-                                                index: i as u32,
-                                                value: *v,
+                                            .map(|&i| LogEntry {
+                                                index: i,
+                                                value: values[i as usize],
                                                 held: true,
                                             })
                                             .collect()
                                     } else {
+                                        // Nothing new: hold the long poll a while, as a
+                                        // parent does.
+                                        tokio::time::sleep(Duration::from_millis(500)).await;
                                         Vec::new()
                                     };
                                     let r = HaveReply {
@@ -645,13 +681,41 @@ impl Rogue {
                                     .encode();
                                     (Status::Ok, r.len() as u64, r)
                                 }
-                                Ok(Request::Piece { .. }) => {
+                                Ok(Request::Piece { index, .. }) => {
                                     asked.fetch_add(1, Ordering::Relaxed);
-                                    (
-                                        Status::Ok,
-                                        starling::core::MAX_PIECE_LENGTH + 1,
-                                        vec![0u8; 4096],
-                                    )
+                                    let piece = plan.piece(index);
+                                    match (lie, piece) {
+                                        (Lie::Oversized, _) => (
+                                            Status::Ok,
+                                            starling::core::MAX_PIECE_LENGTH + 1,
+                                            vec![0u8; 4096],
+                                        ),
+                                        (Lie::Phantom, _) | (_, None) => {
+                                            (Status::NotFound, 0, Vec::new())
+                                        }
+                                        (_, Some(_)) if !named.contains(&index) => {
+                                            (Status::NotFound, 0, Vec::new())
+                                        }
+                                        (Lie::Stall, Some(p)) => {
+                                            let half = &served[p.offset as usize..]
+                                                [..p.length as usize / 2];
+                                            let _ = send
+                                                .write_all(&wire::encode_response_header(
+                                                    Status::Ok,
+                                                    p.length,
+                                                ))
+                                                .await;
+                                            let _ = send.write_all(half).await;
+                                            // Slowloris: the rest never comes.
+                                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                                            return;
+                                        }
+                                        (Lie::Forged { .. }, Some(p)) => (
+                                            Status::Ok,
+                                            p.length,
+                                            served[p.offset as usize..p.end() as usize].to_vec(),
+                                        ),
+                                    }
                                 }
                                 _ => (Status::NotFound, 0, Vec::new()),
                             };
@@ -665,7 +729,7 @@ impl Rogue {
                 });
             }
         });
-        // Keep announcing, like a real peer.
+        // Keep announcing, like a real peer: a seed holding everything.
         let stop2 = stop.clone();
         let announced = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let announced2 = announced.clone();
@@ -679,14 +743,14 @@ impl Rogue {
                     let a = Announce {
                         peer: addr.to_string(),
                         addr,
-                        seed: false,
+                        seed: true,
                         upload_capacity: 1e10,
                         uploads: 0,
                         tasks: vec![(
                             task,
                             Holding::Full {
-                                pieces: plan.count(),
-                                have: vec![true; plan.count() as usize],
+                                pieces: n,
+                                have: vec![true; n as usize],
                             },
                         )],
                         links: vec![],
@@ -728,6 +792,7 @@ fn a_parent_sending_oversized_frames_is_dropped_and_the_download_completes() {
         s.cluster.scheduler_port,
         url_task(&s.url),
         data,
+        Lie::Oversized,
     );
     wait_until(
         Duration::from_secs(10),
@@ -808,4 +873,334 @@ fn two_schedulers_split_the_tasks_by_consistent_hashing() {
         let placed = text.matches("no live peer holds some of this task").count();
         assert_eq!(placed, 2, "scheduler {i}:\n{text}");
     }
+}
+
+/// One member of the cluster (its certificate is valid) names false chain values from piece
+/// `from` on and serves bytes that match them. `last`: it also names a false last value (which
+/// the content digest contradicts at once); without, only bytes from an honest parent can
+/// prove it lied. The honest seed joins once the child holds forged pieces.
+fn forged_chain_case(last: bool) {
+    use starling::core::{Digest, PiecePlan, TaskId};
+    let s = setup(1, 16, "source_fallback = false", "");
+    let data = random_bytes(16 * MIB, 7);
+    let digest = Digest::of(&data);
+    let plan = PiecePlan::with_default(data.len() as u64);
+    let (n, from) = (plan.count(), plan.count() / 2);
+    let rogue = Rogue::start(
+        &s.cluster.ca,
+        s.cluster.scheduler_port,
+        TaskId::for_content(digest),
+        data.clone(),
+        Lie::Forged { from, last },
+    );
+    wait_until(Duration::from_secs(10), "the rogue to announce", || {
+        rogue.announced.load(Ordering::Relaxed) >= 1
+    });
+    let file = s.cluster.nodes[0].scratch.path().join("truth");
+    std::fs::write(&file, &data).expect("write");
+    let import = || {
+        Run::of(
+            s.cluster.nodes[0]
+                .scratch
+                .starling()
+                .arg("import")
+                .arg(&file),
+        )
+        .ok();
+    };
+    if last {
+        import();
+    }
+    let child = &s.cluster.nodes[1];
+    let d = digest.to_string();
+    let started = std::time::Instant::now();
+    std::thread::scope(|sc| {
+        let get = sc.spawn(|| child.scratch.get(&s.url, "out", &["--digest", &d]));
+        if !last {
+            wait_until(Duration::from_secs(30), "forged pieces to arrive", || {
+                rogue.pieces_asked.load(Ordering::Relaxed) >= u64::from(n - from - 1)
+            });
+            import();
+        }
+        get.join().expect("get thread").ok();
+    });
+    let took = started.elapsed();
+    // The right content, in bounded time, and the rogue identified and banned.
+    assert_eq!(s.out_sum(1, "out"), s.sum);
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let false_values = "starling_piece_failures_total{cause=\"false_values\"}";
+    assert!(child.metric(false_values) >= 1.0, "{}", child.metrics());
+    assert!(child.metric("starling_parents_blacklisted_total") >= 1.0);
+    assert!(
+        child.log().contains("named false chain values"),
+        "{}",
+        child.log()
+    );
+    let uploaded = s.cluster.nodes[0].metric("starling_bytes_uploaded_total") as u64;
+    if last {
+        // Caught at its first answer, before a piece was asked of it.
+        assert_eq!(rogue.pieces_asked.load(Ordering::Relaxed), 0);
+    } else {
+        // Only the forged pieces (and the last) came again, not the whole task.
+        let forged = (n - from) as u64 * plan.piece_length();
+        assert!(
+            uploaded <= forged + plan.piece_length(),
+            "the seed sent {uploaded} bytes; the forged pieces are {forged}"
+        );
+        assert!(
+            uploaded >= forged - plan.piece_length(),
+            "{uploaded} < {forged}"
+        );
+    }
+    // Nothing came from the origin.
+    assert_eq!(s.nginx.bytes_sent(), 0);
+}
+
+#[test]
+fn a_member_naming_false_values_is_proved_wrong_by_an_honest_parents_bytes() {
+    forged_chain_case(false);
+}
+
+#[test]
+fn a_member_contradicting_the_content_digest_is_banned_at_its_first_answer() {
+    forged_chain_case(true);
+}
+
+/// Members that claim every piece and serve none, or stall mid-piece, cost time, not the
+/// download: it completes from the honest seed within a bound, and both are shed.
+#[test]
+fn phantom_and_stalling_members_are_shed_and_the_download_completes() {
+    let s = setup(1, 16, "", "");
+    s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
+    let data = std::fs::read(s.cluster.nodes[0].scratch.out("seed-out")).expect("read");
+    let rogues: Vec<Rogue> = [Lie::Phantom, Lie::Stall]
+        .into_iter()
+        .map(|lie| {
+            Rogue::start(
+                &s.cluster.ca,
+                s.cluster.scheduler_port,
+                url_task(&s.url),
+                data.clone(),
+                lie,
+            )
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), "the rogues to announce", || {
+        rogues
+            .iter()
+            .all(|r| r.announced.load(Ordering::Relaxed) >= 1)
+    });
+    let started = std::time::Instant::now();
+    s.get_all(&[1]);
+    let took = started.elapsed();
+    assert_eq!(s.out_sum(1, "out"), s.sum);
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let n1 = &s.cluster.nodes[1];
+    let asked: Vec<u64> = rogues
+        .iter()
+        .map(|r| r.pieces_asked.load(Ordering::Relaxed))
+        .collect();
+    eprintln!("rogues asked {asked:?} pieces; took {took:?}");
+    // The origin served the file once (to the seed), whatever the rogues did.
+    assert!(s.nginx.bytes_sent() as f64 <= 1.05 * s.len as f64);
+    assert!(n1.pid().is_some());
+}
+
+/// Resident memory of a process, in bytes (VmRSS).
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A member floods the seed with requests (pieces, logs, manifests, garbage frames) over 8
+/// connections (8 identities) of 64 streams each, while an honest peer downloads from it: the download
+/// completes, and the seed's memory stays bounded and returns close to where it was.
+#[test]
+fn a_request_flood_from_a_member_leaves_the_seed_serving_in_bounded_memory() {
+    use starling::transport::wire::REQUEST_LEN;
+    use starling::transport::Node;
+    let s = setup(1, 16, "", "");
+    s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
+    let seed = &s.cluster.nodes[0];
+    let pid = seed.pid().expect("seed pid");
+    let task = url_task(&s.url);
+    let before = rss(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let id = member(&s.cluster.ca);
+    let addr = seed.quic_addr();
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut conns = Vec::new();
+                for _ in 0..8 {
+                    let node = Node::bind(loopback(), &id).expect("bind");
+                    if let Ok(p) = node.connect(addr).await {
+                        conns.push((node, p));
+                    }
+                }
+                let mut all = tokio::task::JoinSet::new();
+                for (_, p) in &conns {
+                    for k in 0..64u32 {
+                        let (p, stop, sent) = (p.clone(), stop.clone(), sent.clone());
+                        all.spawn(async move {
+                            let mut i = k;
+                            while !stop.load(Ordering::Relaxed) {
+                                i = i.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                                let ask = async {
+                                    match i % 4 {
+                                        0 => p.piece(task, i % 64).await.map(|_| ()),
+                                        1 => p.have(task, 0, 0).await.map(|_| ()),
+                                        2 => p.manifest(task).await.map(|_| ()),
+                                        _ => p.raw_exchange(&[0xAB; REQUEST_LEN]).await.map(|_| ()),
+                                    }
+                                };
+                                let _ = tokio::time::timeout(Duration::from_secs(5), ask).await;
+                                sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                    }
+                }
+                while all.join_next().await.is_some() {}
+                drop(conns);
+            });
+        })
+    };
+    wait_until(Duration::from_secs(20), "the flood to start", || {
+        sent.load(Ordering::Relaxed) >= 1000
+    });
+    let mut peak = 0;
+    let started = std::time::Instant::now();
+    std::thread::scope(|sc| {
+        let get = sc.spawn(|| s.get(1, "out"));
+        while !get.is_finished() {
+            peak = peak.max(rss(pid));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        get.join().expect("get thread").ok();
+    });
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    flood.join().expect("flood thread");
+    assert_eq!(s.out_sum(1, "out"), s.sum);
+    let requests = sent.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss(pid);
+    eprintln!(
+        "flood: {requests} requests; download {took:?}; seed RSS {} MiB before, {} MiB peak, {} MiB after",
+        before >> 20,
+        peak >> 20,
+        after >> 20
+    );
+    assert!(
+        took < Duration::from_secs(60),
+        "took {took:?} under the flood"
+    );
+    assert!(
+        peak < before + (256 << 20),
+        "seed RSS grew from {before} to {peak} under the flood"
+    );
+    assert!(
+        after < before + (64 << 20),
+        "seed RSS stayed at {after} after the flood (from {before})"
+    );
+    assert!(seed.pid().is_some(), "the seed is still running");
+}
+
+/// Open descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// 10,000 short-lived API clients and 1,000 QUIC handshakes from clients of another CA: the
+/// daemon answers every client, refuses (and counts) every handshake, keeps serving, and its
+/// descriptors and memory return to where they were.
+#[test]
+fn ten_thousand_api_clients_and_a_thousand_foreign_handshakes_leave_nothing_behind() {
+    use starling::transport::{tls::ClusterCa, Node};
+    use std::io::{BufRead, Write};
+    let s = setup(1, 4, "", "");
+    s.get_all(&[1]);
+    let node = &s.cluster.nodes[1];
+    let pid = node.pid().expect("pid");
+    let socket = node.scratch.data_dir().join("starling.sock");
+    let ask = || {
+        let mut c = std::os::unix::net::UnixStream::connect(&socket).expect("connect the API");
+        c.write_all(b"\"tasks\"\n").expect("send");
+        let mut line = String::new();
+        std::io::BufReader::new(c)
+            .read_line(&mut line)
+            .expect("read");
+        assert!(line.contains("tasks"), "{line}");
+    };
+    ask();
+    let (fds0, rss0) = (fd_count(pid), rss(pid));
+    std::thread::scope(|sc| {
+        for _ in 0..8 {
+            sc.spawn(|| {
+                for _ in 0..1250 {
+                    ask();
+                }
+            });
+        }
+    });
+    let addr = node.quic_addr();
+    let ca = s.cluster.ca.clone();
+    let refused = rt().block_on(async move {
+        let mut id = ClusterCa::generate().unwrap().issue("intruder").unwrap();
+        id.ca = member(&ca).ca;
+        let mut tries = tokio::task::JoinSet::new();
+        let mut refused = 0;
+        for k in 0..1000 {
+            let id = id.clone();
+            tries.spawn(async move {
+                let node = Node::bind(loopback(), &id).expect("bind");
+                match node.connect(addr).await {
+                    // The server's refusal may reach the client after its handshake ends.
+                    Ok(p) => p.have(url_task("http://x/"), 0, u32::MAX).await.is_err(),
+                    Err(_) => true,
+                }
+            });
+            if k % 50 == 49 {
+                while let Some(r) = tries.join_next().await {
+                    refused += u32::from(r.unwrap_or(false));
+                }
+            }
+        }
+        while let Some(r) = tries.join_next().await {
+            refused += u32::from(r.unwrap_or(false));
+        }
+        refused
+    });
+    assert_eq!(refused, 1000, "every foreign client was refused");
+    let counted = node.metric("starling_handshakes_refused_total{reason=\"tls\"}");
+    assert!(counted >= 1000.0, "{counted} refusals counted");
+    // Still serving: the API and a download.
+    ask();
+    node.scratch.get(&s.url, "again", &["--no-hardlink"]).ok();
+    assert_eq!(s.out_sum(1, "again"), s.sum);
+    let settled = poll_until(Duration::from_secs(30), || fd_count(pid) <= fds0 + 8);
+    assert!(
+        settled,
+        "descriptors: {} after, {fds0} before",
+        fd_count(pid)
+    );
+    let rss1 = rss(pid);
+    eprintln!("RSS {} MiB before, {} MiB after", rss0 >> 20, rss1 >> 20);
+    assert!(
+        rss1 < rss0 + (32 << 20),
+        "RSS grew from {rss0} to {rss1} and stayed"
+    );
 }

@@ -137,6 +137,10 @@ fn run_one(dir: &Path, target: &str, seconds: u64, flags: &[&str]) -> Result<Out
         .lines()
         .find_map(|l| l.split("Test unit written to ").nth(1))
         .map(|s| s.trim().to_string());
+    if log.contains("failed to build fuzz script") {
+        eprintln!("{log}");
+        bail!("building fuzz target {target} failed (see above)");
+    }
     let hung = log.contains("ERROR: libFuzzer: timeout");
     let crashed = !out.status.success() && !hung;
     if crashed || hung {

@@ -231,6 +231,18 @@ impl Engine {
         self.have.get(piece as usize).copied().unwrap_or(false)
     }
 
+    /// A piece held is held no more (it was verified against a value a lying parent named):
+    /// it is wanted again.
+    pub fn lost(&mut self, piece: u32) {
+        if let Some(h) = self.have.get_mut(piece as usize) {
+            if *h {
+                *h = false;
+                self.missing += 1;
+                self.news_pending = true;
+            }
+        }
+    }
+
     /// A parent and the pieces it holds. Re-adding replaces its bitmap.
     pub fn add_parent(&mut self, id: ParentId, has: &[bool]) {
         let n = self.have.len();

@@ -260,6 +260,65 @@ impl Book {
         self.bump();
     }
 
+    /// Takes back values a lying parent named, and the pieces verified against them (each
+    /// value is the end of piece `j` and the start of piece `j + 1`). Those pieces are no
+    /// longer served; the log is rebuilt from what stays, under a new epoch, so children
+    /// following this node hear every value again and drop the retracted ones. Returns the
+    /// pieces that were verified and are not any more.
+    pub fn retract(&self, values: &[u32]) -> Vec<u32> {
+        let lost = self.with(|i| {
+            let n = i.values.len();
+            let mut lost = Vec::new();
+            for &j in values {
+                let j = j as usize;
+                if j >= n {
+                    continue;
+                }
+                i.values[j] = None;
+                for p in [j, j + 1] {
+                    if p < n && i.verified[p] {
+                        i.verified[p] = false;
+                        i.verified_count -= 1;
+                        lost.push(p as u32);
+                    }
+                }
+            }
+            // The log again, from the pieces still verified and the values they used.
+            i.log.clear();
+            i.logged.iter_mut().for_each(|l| *l = false);
+            for p in 0..n {
+                if !i.verified[p] {
+                    continue;
+                }
+                if p > 0 && !i.logged[p - 1] {
+                    if let Some(v) = i.values[p - 1] {
+                        i.logged[p - 1] = true;
+                        i.log.push(Entry {
+                            index: p as u32 - 1,
+                            value: v,
+                            held: false,
+                        });
+                    }
+                }
+                if let Some(v) = i.values[p] {
+                    // A value logged as a start is logged again as held.
+                    i.logged[p] = true;
+                    i.log.push(Entry {
+                        index: p as u32,
+                        value: v,
+                        held: true,
+                    });
+                }
+            }
+            i.epoch += 1;
+            lost.sort_unstable();
+            lost.dedup();
+            lost
+        });
+        self.bump();
+        lost
+    }
+
     /// Entries from position `since` of epoch `epoch` on; the whole log if that is stale.
     pub fn since(&self, epoch: u32, since: u32) -> LogSlice {
         self.with(|i| {
@@ -318,6 +377,47 @@ mod tests {
             },
             end: v(index),
         }
+    }
+
+    #[test]
+    fn retracting_a_value_unverifies_both_pieces_it_links_and_rebuilds_the_log() {
+        let b = Book::new(4);
+        for i in 0..4 {
+            b.mark(link(i));
+        }
+        assert_eq!(b.count(), 4);
+        let epoch = b.epoch();
+        assert_eq!(b.retract(&[1]), vec![1, 2]);
+        assert_eq!(b.count(), 2);
+        assert_eq!(b.bitmap(), vec![true, false, false, true]);
+        assert_eq!(b.value(1), None);
+        let s = b.since(epoch, 4);
+        assert_eq!(s.epoch, epoch + 1, "children start over");
+        assert_eq!(
+            s.entries,
+            vec![
+                Entry {
+                    index: 0,
+                    value: v(0),
+                    held: true
+                },
+                Entry {
+                    index: 2,
+                    value: v(2),
+                    held: false
+                },
+                Entry {
+                    index: 3,
+                    value: v(3),
+                    held: true
+                },
+            ]
+        );
+        // Learned again, and verified again.
+        assert_eq!(b.learn(1, v(1)), Learned::Agrees);
+        b.mark(link(1));
+        b.mark(link(2));
+        assert_eq!(b.count(), 4);
     }
 
     #[test]

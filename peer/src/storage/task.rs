@@ -280,9 +280,20 @@ impl TaskHandle {
         self.pieces.link(index)
     }
 
+    /// Piece `index`'s end value, if known.
+    pub fn value(&self, index: u32) -> Option<ChainValue> {
+        self.pieces.value(index)
+    }
+
     /// Records an end value heard from a parent (the first one known stays).
     pub fn learn(&self, index: u32, value: ChainValue) -> Learned {
         self.pieces.learn(index, value)
+    }
+
+    /// Takes back values a lying parent named (see [`Book::retract`]); returns the pieces no
+    /// longer verified.
+    pub fn retract(&self, values: &[u32]) -> Vec<u32> {
+        self.pieces.retract(values)
     }
 
     /// Starts the in-order chain over this task's pieces (see [`Chainer`]).

@@ -25,6 +25,7 @@ use super::jobs::{ask_loop, from_parent, from_source, poll_parent, Event, JobErr
 use super::policy::{
     engine_config, have_every, CLOSING_PIECES, HAVE_EVERY_FIRST, REDIAL_AFTER, REPLACE_WINDOW,
 };
+use super::provenance::{Heard, Provenance};
 use super::pull::PullError;
 use super::serve::Holder;
 use super::{SeedOrder, Swarm};
@@ -34,7 +35,7 @@ use crate::fetch::{chain_digest, FetchError, Fetched, Missing, Progress, Served}
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::{Advice, LinkReport, PeerId};
 use crate::source::{Origin, SourceError};
-use crate::storage::{Chainer, Learned, Lease, TaskHandle, TaskHeader};
+use crate::storage::{Chainer, Lease, TaskHandle, TaskHeader};
 use crate::transport::wire::{HaveReply, Request as Wire, MAX_WIRE_PIECES};
 use crate::transport::Parent;
 
@@ -106,6 +107,8 @@ struct Driver<'a> {
     have_every: tokio::sync::watch::Sender<Duration>,
     /// The in-order chain: values for origin pieces, and the content digest at the end.
     chainer: Option<Chainer>,
+    /// Who named each chain value in use; catches a parent naming false ones.
+    provenance: Provenance,
     /// The scheduler's last word on going back to source, and when it came (see
     /// [`Engine::source_by_scheduler`]); after [`SCHEDULER_SILENT`] without an answer the
     /// engine's own timer decides again.
@@ -170,6 +173,7 @@ pub(super) async fn run(
         told_source: false,
         alternative: false,
         chainer: None,
+        provenance: Provenance::new(0),
         source_mismatches: 0,
         last_progress: Instant::now(),
         wanted_parents: tokio::sync::watch::Sender::new(Wanted {
@@ -276,8 +280,10 @@ impl Driver<'_> {
     /// named is the last piece's end value from the start.
     fn open(&mut self, t: TaskHandle) {
         let have = t.bitmap();
+        self.provenance = Provenance::new(t.plan().count());
         if let (Some(d), Some(last)) = (self.req.digest, t.plan().count().checked_sub(1)) {
             t.learn(last, ChainValue::of_digest(d));
+            self.provenance.anchor(last);
         }
         let mut engine = Engine::new(t.plan(), &have, self.engine_cfg.clone());
         engine.source_by_scheduler(self.source_says, self.lacking.as_deref());
@@ -592,24 +598,41 @@ impl Driver<'_> {
             return Ok(());
         };
         let mut fresh = Vec::new();
+        let mut lied = false;
         for e in r.entries {
-            match task.learn(e.index, e.value) {
-                Learned::Agrees => {}
-                Learned::Conflicts => {
-                    // Another value is known (from an earlier parent, or `--digest` for the
-                    // last piece): keep it, and do not ask this parent for the piece.
-                    tracing::warn!(
+            let known = task.value(e.index).is_some();
+            let learned = task.learn(e.index, e.value);
+            match self
+                .provenance
+                .heard(pid, e.index, e.value, e.held, learned, known)
+            {
+                Heard::Fine => {}
+                Heard::Conflict => {
+                    // Another value is in use (from an earlier parent): keep it, and do not
+                    // ask this parent for the piece; its value is kept aside in case ours
+                    // proves false.
+                    tracing::debug!(
                         piece = e.index,
-                        "a parent names another chain value for a piece than the one known"
+                        "a parent names another chain value for a piece than the one in use"
                     );
                     continue;
                 }
-                Learned::OutOfRange => continue,
+                Heard::Liar => {
+                    lied = true;
+                    break;
+                }
             }
             if e.held && !p.have[e.index as usize] {
                 p.have[e.index as usize] = true;
                 fresh.push(e.index);
             }
+        }
+        if lied {
+            self.distrust(
+                pid,
+                "it named a chain value that contradicts the content digest",
+            );
+            return Ok(());
         }
         let Some(engine) = &mut self.engine else {
             return Ok(());
@@ -623,6 +646,88 @@ impl Driver<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `liar` named false chain values: it is banned, the values it alone named are retracted
+    /// with the pieces checked against them (fetched again), and what other parents named for
+    /// them is used instead (see `provenance`).
+    fn distrust(&mut self, liar: ParentId, why: &str) {
+        let Some(task) = self.task.clone() else {
+            return;
+        };
+        let who = self
+            .parents
+            .get(&liar)
+            .map_or_else(|| "?".to_string(), |p| p.peer.clone());
+        let values = self.provenance.retract_from(liar);
+        let lost = task.retract(&values);
+        // The retraction starts a new epoch of the task's log, which ends the in-order chain:
+        // it starts again, skipping what is still verified.
+        if self.chainer.is_some() {
+            self.chainer = task.chainer().ok();
+        }
+        tracing::warn!(
+            parent = %who,
+            values = values.len(),
+            pieces = lost.len(),
+            why,
+            "a parent named false chain values: banned, and the pieces checked against them are fetched again"
+        );
+        self.swarm.ctx.metrics.piece_failure("false_values");
+        self.swarm.ctx.metrics.blacklisted();
+        self.drop_parent(liar, true);
+        let plan = task.plan();
+        if let Some(engine) = &mut self.engine {
+            for &piece in &lost {
+                engine.lost(piece);
+                let len = plan.piece(piece).map_or(0, |p| p.length);
+                let _ =
+                    self.progress
+                        .done
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                            Some(d.saturating_sub(len))
+                        });
+            }
+        }
+        // What the others named for those values, kept aside until now.
+        for &j in &values {
+            for (q, value, held) in self.provenance.take_claims(j, None) {
+                let known = task.value(j).is_some();
+                let learned = task.learn(j, value);
+                let heard = self.provenance.heard(q, j, value, held, learned, known);
+                if heard != Heard::Fine || !held {
+                    continue;
+                }
+                if let Some(p) = self.parents.get_mut(&q) {
+                    if let Some(h) = p.have.get_mut(j as usize) {
+                        *h = true;
+                    }
+                    if let Some(engine) = &mut self.engine {
+                        engine.parent_has(q, j);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Piece `index`'s bytes from `pid` reach its anchored end value from `start`, the start
+    /// value `pid` named, not from ours: ours is false, and whoever named it lied.
+    fn proved(&mut self, pid: ParentId, index: u32, start: ChainValue) {
+        let Some(teller) = index.checked_sub(1).and_then(|j| self.provenance.teller(j)) else {
+            return;
+        };
+        if teller == pid {
+            return;
+        }
+        self.distrust(
+            teller,
+            "another parent's bytes reach the content digest from a different chain value",
+        );
+        if let Some(t) = &self.task {
+            if t.value(index - 1) == Some(start) {
+                self.provenance.anchor(index - 1);
+            }
+        }
     }
 
     /// Creates the task in the store with the swarm's plan and starts serving it.
@@ -697,29 +802,34 @@ impl Driver<'_> {
             (Some(start), Some(end)) => Some(Link { index, start, end }),
             _ => None,
         };
+        let alt = match from {
+            Peer::Parent(pid) => self.provenance.alt_start(pid, index),
+            Peer::Source => None,
+        };
         let progress = self.progress.clone();
         let id = self.id;
         let started = Instant::now();
-        let fut: futures::future::BoxFuture<'static, Result<(), JobError>> = match from {
-            Peer::Parent(pid) => {
-                let conn = self.parents.get(&pid).and_then(|p| p.conn.clone());
-                match (conn, link) {
-                    (Some(conn), Some(link)) => {
-                        Box::pin(async move { from_parent(conn, id, task, link, progress).await })
+        let fut: futures::future::BoxFuture<'static, Result<(), JobError>> =
+            match from {
+                Peer::Parent(pid) => {
+                    let conn = self.parents.get(&pid).and_then(|p| p.conn.clone());
+                    match (conn, link) {
+                        (Some(conn), Some(link)) => Box::pin(async move {
+                            from_parent(conn, id, task, link, alt, progress).await
+                        }),
+                        // Not connected (yet), or no values to check against: a refusal.
+                        _ => Box::pin(async { Err(JobError::Fail(Failure::Refused, "refused")) }),
                     }
-                    // Not connected (yet), or no values to check against: a refusal.
-                    _ => Box::pin(async { Err(JobError::Fail(Failure::Refused, "refused")) }),
                 }
-            }
-            Peer::Source => {
-                let origin = self.origin.clone();
-                let url = self.req.url.clone();
-                let feed = self.chainer.as_ref().map(Chainer::feed).unwrap_or_default();
-                Box::pin(async move {
-                    from_source(origin, url, task, piece, link, feed, progress).await
-                })
-            }
-        };
+                Peer::Source => {
+                    let origin = self.origin.clone();
+                    let url = self.req.url.clone();
+                    let feed = self.chainer.as_ref().map(Chainer::feed).unwrap_or_default();
+                    Box::pin(async move {
+                        from_source(origin, url, task, piece, link, feed, progress).await
+                    })
+                }
+            };
         // In the task's span, so a source request's span is the task's child.
         let h = self.jobs.spawn(
             async move {
@@ -786,6 +896,13 @@ impl Driver<'_> {
                     }
                 }
                 engine.on_failure(done.from, done.piece, f, now);
+            }
+            Err(JobError::Proof(start)) => {
+                // Not this parent's fault: back to the pool, and no strike.
+                engine.on_failure(done.from, done.piece, Failure::Busy, now);
+                if let Peer::Parent(pid) = done.from {
+                    self.proved(pid, done.piece, start);
+                }
             }
             Err(JobError::Fatal(e)) => return Err(e),
         }

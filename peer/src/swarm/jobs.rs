@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::policy::{ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON};
 use super::pull::PullError;
 use super::Swarm;
-use crate::core::{Link, Piece, TaskId};
+use crate::core::{ChainValue, Link, Piece, TaskId};
 use crate::engine::{Failure, ParentId};
 use crate::fetch::{range_body, Progress};
 use crate::scheduler::service::CandidatesReply;
@@ -31,6 +31,9 @@ pub(super) enum Event {
 
 pub(super) enum JobError {
     Fail(Failure, &'static str),
+    /// The bytes fail against the values in use, but reach the piece's anchored end value from
+    /// this start value, the one their parent named: ours is false (see `provenance`).
+    Proof(ChainValue),
     Fatal(PullError),
 }
 
@@ -170,6 +173,7 @@ pub(super) async fn from_parent(
     task_id: TaskId,
     task: Arc<TaskHandle>,
     link: Link,
+    alt: Option<ChainValue>,
     progress: Arc<Progress>,
 ) -> Result<(), JobError> {
     let piece = task
@@ -187,6 +191,16 @@ pub(super) async fn from_parent(
         })?;
     let n: u64 = chunks.iter().map(|c| c.len() as u64).sum();
     progress.add_parent(n);
+    if let Some(start) = alt {
+        let last = piece.index + 1 == task.plan().count();
+        let theirs = Link { start, ..link };
+        if n == piece.length
+            && !link.holds(&piece, last, &chunks)
+            && theirs.holds(&piece, last, &chunks)
+        {
+            return Err(JobError::Proof(start));
+        }
+    }
     verify_and_store(&task, piece, chunks, link).await
 }
 

@@ -26,6 +26,7 @@ mod jobs;
 mod order;
 pub mod policy;
 pub mod preheat;
+mod provenance;
 pub mod pull;
 mod schedulers;
 mod serve;

@@ -101,14 +101,31 @@ pub const SPREAD_IN_FLIGHT_MAX: Duration = Duration::from_secs(60);
 /// connection has a congestion window of at least two packets, so dozens of children asking a
 /// seed at once overflow its link's queue whatever their controllers do: 50 peers on 10 Mbit/s
 /// links lost 26-34% of the seed's packets, and its link carried 2.3 x F.
+///
+/// Neither rule may let one member (with a cluster certificate, and as many identities as it
+/// likes) starve the others by asking for everything again and again: a piece is held for at
+/// most [`SPREAD_HOLDS`] deliveries, after which it goes to whoever asks; and a peer that has
+/// been sent more than a whole copy (a *hog*: an honest child takes each piece once) gets a
+/// slot only while two are free, so one is always left for the others.
 pub struct Spread<K = SocketAddr> {
     last_sent: Vec<Option<Sent<K>>>,
+    /// Holds each piece has had (deliveries that started one).
+    holds: Vec<u8>,
     /// Peers with sends in flight: how many, and when the latest began.
     sending: Vec<(K, u32, Instant)>,
+    /// Pieces sent per peer (at most [`SPREAD_TRACKED`] peers; past that, new peers count as
+    /// new).
+    sent_to: std::collections::HashMap<K, u32>,
 }
 
 /// Peers a sole holder sends to at once.
 pub const SPREAD_PEERS: usize = 8;
+
+/// Deliveries of one piece that hold it for their receiver; after these it is not held again.
+pub const SPREAD_HOLDS: u8 = 2;
+
+/// Peers whose sends are counted (for the hog rule).
+const SPREAD_TRACKED: usize = 4096;
 
 #[derive(Clone, Copy, Debug)]
 struct Sent<K> {
@@ -118,16 +135,19 @@ struct Sent<K> {
     delivered: Option<Instant>,
 }
 
-impl<K: Copy + Eq> Spread<K> {
+impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
     pub fn new(pieces: u32) -> Spread<K> {
         Spread {
             last_sent: vec![None; pieces as usize],
+            holds: vec![0; pieces as usize],
             sending: Vec::new(),
+            sent_to: std::collections::HashMap::new(),
         }
     }
 
     /// Whether to send `index` to `to` now (and record it).
     pub fn admit(&mut self, index: u32, to: K, now: Instant) -> bool {
+        let pieces = self.last_sent.len() as u32;
         let Some(last) = self.last_sent.get_mut(index as usize) else {
             return true;
         };
@@ -144,13 +164,18 @@ impl<K: Copy + Eq> Spread<K> {
         // A send whose end never came stops holding a slot after the in-flight bound.
         self.sending
             .retain(|(_, _, at)| now.saturating_duration_since(*at) < SPREAD_IN_FLIGHT_MAX);
+        let hog = self.sent_to.get(&to).is_some_and(|n| *n > pieces);
         match self.sending.iter().position(|(k, _, _)| *k == to) {
             Some(i) => {
                 self.sending[i].1 += 1;
                 self.sending[i].2 = now;
             }
             None if self.sending.len() >= SPREAD_PEERS => return false,
+            None if hog && self.sending.len() + 2 > SPREAD_PEERS => return false,
             None => self.sending.push((to, 1, now)),
+        }
+        if self.sent_to.len() < SPREAD_TRACKED || self.sent_to.contains_key(&to) {
+            *self.sent_to.entry(to).or_default() += 1;
         }
         *last = Some(Sent {
             to,
@@ -173,10 +198,15 @@ impl<K: Copy + Eq> Spread<K> {
             return;
         };
         if let Some(s) = last.filter(|s| s.to == to && s.delivered.is_none()) {
-            *last = delivered.then_some(Sent {
+            let hold = &mut self.holds[index as usize];
+            // Past its holds, a delivered piece is not held again: anyone may have it.
+            *last = (delivered && *hold < SPREAD_HOLDS).then_some(Sent {
                 delivered: Some(now),
                 ..s
             });
+            if delivered {
+                *hold = hold.saturating_add(1);
+            }
         }
     }
 }
@@ -236,5 +266,47 @@ mod tests {
         assert!(!s.admit(41, 99, t0), "peer 0 still has piece 40 in flight");
         s.ended(40, 0, false, t0);
         assert!(s.admit(41, 99, t0));
+    }
+
+    #[test]
+    fn a_member_asking_again_and_again_cannot_hold_pieces_or_slots_for_long() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let hold = super::SPREAD_HOLD.as_secs();
+        // Identities 1..=3 take piece 0 in turn, each as the last hold expires.
+        let mut s: Spread<u32> = Spread::new(4);
+        for (k, who) in (1..=u64::from(super::SPREAD_HOLDS)).zip(1u32..) {
+            let t = (k - 1) * (hold + 1);
+            assert!(s.admit(0, who, at(t)), "identity {who} at {t} s");
+            s.ended(0, who, true, at(t));
+            assert!(!s.admit(0, 99, at(t + 1)), "held for {who}");
+        }
+        // Its holds spent, piece 0 goes to the honest peer at once after the next delivery.
+        let t = u64::from(super::SPREAD_HOLDS) * (hold + 1);
+        assert!(s.admit(0, 4, at(t)));
+        s.ended(0, 4, true, at(t));
+        assert!(s.admit(0, 99, at(t)), "no fourth hold");
+
+        // Hogs (more than a whole copy each) fill at most all slots but one.
+        let mut s: Spread<u32> = Spread::new(16);
+        for hog in 0..super::SPREAD_PEERS as u32 {
+            for _ in 0..5 {
+                for piece in 0..4 {
+                    assert!(s.admit(piece, 100 + hog, t0));
+                    s.ended(piece, 100 + hog, false, t0);
+                }
+            }
+        }
+        let mut taken = 0;
+        for hog in 0..super::SPREAD_PEERS as u32 {
+            taken += u32::from(s.admit(8 + hog, 100 + hog, t0));
+        }
+        assert_eq!(
+            taken as usize,
+            super::SPREAD_PEERS - 1,
+            "one slot stays free"
+        );
+        assert!(s.admit(0, 7, t0), "an honest newcomer gets the last slot");
     }
 }
