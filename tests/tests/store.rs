@@ -93,6 +93,15 @@ impl Drop for Tmpfs {
     }
 }
 
+/// `starling get URL -O out/NAME`, running.
+fn spawn_get(s: &Scratch, url: &str, name: &str) -> std::process::Child {
+    s.starling()
+        .args(["get", url, "-O"])
+        .arg(s.out(name))
+        .spawn()
+        .expect("spawn starling get")
+}
+
 /// Every file left in the task directories, by task.
 fn task_files(s: &Scratch) -> Vec<Vec<String>> {
     let mut out: Vec<Vec<String>> = s
@@ -150,12 +159,7 @@ fn full_disk_fails_cleanly_keeps_serving_and_never_loses_verified_pieces() {
     let mid = random_bytes(4 * MIB, 36);
     let o_mid = FaultOrigin::start(mid.clone());
     o_mid.set(|f| f.rate = Some(2 * MIB as u64));
-    let mut get = s
-        .starling()
-        .args(["get", &o_mid.url("mid"), "-O"])
-        .arg(s.out("mid"))
-        .spawn()
-        .unwrap();
+    let mut get = spawn_get(&s, &o_mid.url("mid"), "mid");
     wait_until(Duration::from_secs(20), "the download to start", || {
         o_mid.bytes_served() > 0
     });
@@ -205,12 +209,7 @@ fn full_disk_fails_cleanly_keeps_serving_and_never_loses_verified_pieces() {
     let late = random_bytes(6 * MIB, 37);
     let o_late = FaultOrigin::start(late.clone());
     o_late.set(|f| f.rate = Some(MIB as u64));
-    let mut get = s
-        .starling()
-        .args(["get", &o_late.url("late"), "-O"])
-        .arg(s.out("late"))
-        .spawn()
-        .unwrap();
+    let mut get = spawn_get(&s, &o_late.url("late"), "late");
     wait_until(Duration::from_secs(20), "a third of the download", || {
         o_late.bytes_served() >= 2 * MIB as u64
     });

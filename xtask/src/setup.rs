@@ -93,22 +93,30 @@ pub fn ensure_pip_packages() -> Result<()> {
 /// tests.
 pub fn ensure_model_tools() -> Result<()> {
     ensure_pip_packages()?;
-    let have = Command::new("garage")
-        .arg("--version")
+    ensure_cargo_tool(
+        Command::new("garage").arg("--version"),
+        "garage",
+        GARAGE_VERSION,
+        &["--no-default-features", "--features", "bundled-libs,lmdb"],
+    )
+}
+
+/// `cargo install --locked CRATE --version VERSION EXTRA...` unless `check` prints `version`.
+fn ensure_cargo_tool(
+    check: &mut Command,
+    krate: &str,
+    version: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let have = check
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(GARAGE_VERSION))
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(version))
         .unwrap_or(false);
     if !have {
-        sh(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
-            "install",
-            "--locked",
-            "garage",
-            "--version",
-            GARAGE_VERSION,
-            "--no-default-features",
-            "--features",
-            "bundled-libs,lmdb",
-        ]))?;
+        sh(Command::new("cargo")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["install", "--locked", krate, "--version", version])
+            .args(extra))?;
     }
     Ok(())
 }
@@ -117,21 +125,12 @@ pub fn ensure_model_tools() -> Result<()> {
 /// toolchain).
 pub fn ensure_cargo_fuzz() -> Result<()> {
     ensure_ebpf_toolchain()?;
-    let have = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
-        .unwrap_or(false);
-    if !have {
-        sh(Command::new("cargo").env_remove("RUSTUP_TOOLCHAIN").args([
-            "install",
-            "--locked",
-            "cargo-fuzz",
-            "--version",
-            CARGO_FUZZ_VERSION,
-        ]))?;
-    }
-    Ok(())
+    ensure_cargo_tool(
+        Command::new("cargo").args(["fuzz", "--version"]),
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        &[],
+    )
 }
 
 fn quiet_ok(cmd: &mut Command) -> bool {
