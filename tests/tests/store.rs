@@ -213,8 +213,14 @@ fn full_disk_fails_cleanly_keeps_serving_and_never_loses_verified_pieces() {
     wait_until(Duration::from_secs(20), "a third of the download", || {
         o_late.bytes_served() >= 2 * MIB as u64
     });
-    // Past a group commit, so the verified pieces are journaled.
-    std::thread::sleep(Duration::from_millis(500));
+    // Past a group commit: the unsealed task has journaled verified pieces.
+    let journaled = || {
+        s.tasks().iter().any(|t| {
+            !t.join("manifest").exists()
+                && std::fs::metadata(t.join("journal")).is_ok_and(|m| m.len() > 0)
+        })
+    };
+    wait_until(Duration::from_secs(20), "a journal record", journaled);
     get.kill().unwrap();
     get.wait().unwrap();
     disk.fill("filler");
