@@ -507,6 +507,8 @@ impl Driver<'_> {
     }
 
     fn drop_parent(&mut self, pid: ParentId, ban: bool) {
+        // Values it named against ours go with it (parent IDs are never reused).
+        self.provenance.forget_parent(pid);
         if let Some(p) = self.parents.remove(&pid) {
             self.close_span(&p, if ban { "blacklisted" } else { "dropped" });
             p.poller.abort();
