@@ -103,60 +103,20 @@ pub const SPREAD_IN_FLIGHT_MAX: Duration = Duration::from_secs(60);
 /// links lost 26-34% of the seed's packets, and its link carried 2.3 x F.
 ///
 /// Neither rule may let one member (with a cluster certificate, and as many identities as it
-/// likes) starve the others by asking for everything again and again. An honest child takes
-/// each piece once (again only after a failed send, or a restart), so:
-/// - a piece already delivered to a peer is sent to it again at most once per
-///   [`SPREAD_HOLD`] (one such re-send per peer in that time);
-/// - a piece is held for at most [`SPREAD_HOLDS`] deliveries, after which it goes to whoever
-///   asks;
-/// - a peer that has been sent more than a whole copy (a *hog*) gets a slot only while two are
-///   free, so one is always left for the others.
+/// likes) starve the others by asking for everything again and again: a piece is held for at
+/// most [`SPREAD_HOLDS`] deliveries, after which it goes to whoever asks; and a peer that has
+/// been sent more than a whole copy (a *hog*: an honest child takes each piece once) gets a
+/// slot only while two are free, so one is always left for the others.
 pub struct Spread<K = SocketAddr> {
     last_sent: Vec<Option<Sent<K>>>,
     /// Holds each piece has had (deliveries that started one).
     holds: Vec<u8>,
     /// Peers with sends in flight: how many, and when the latest began.
     sending: Vec<(K, u32, Instant)>,
-    /// What each peer was sent (at most [`SPREAD_TRACKED`] peers; past that, new peers count
-    /// as new).
-    sent_to: std::collections::HashMap<K, PeerSends>,
+    /// Pieces sent per peer (at most [`SPREAD_TRACKED`] peers; past that, new peers count as
+    /// new).
+    sent_to: std::collections::HashMap<K, u32>,
 }
-
-/// One peer's sends from this holder.
-#[derive(Default)]
-struct PeerSends {
-    /// Sends admitted.
-    count: u32,
-    /// Pieces delivered to it (a bitmap; empty for tasks over [`SPREAD_BITMAP_MAX`] pieces).
-    delivered: Vec<u64>,
-    /// When it was last sent a piece it had been delivered already.
-    resent_at: Option<Instant>,
-}
-
-impl PeerSends {
-    fn has(&self, index: u32) -> bool {
-        self.delivered
-            .get(index as usize / 64)
-            .is_some_and(|w| w & (1 << (index % 64)) != 0)
-    }
-
-    fn set(&mut self, index: u32, pieces: u32) {
-        if pieces > SPREAD_BITMAP_MAX {
-            return;
-        }
-        let words = (pieces as usize).div_ceil(64);
-        if self.delivered.len() < words {
-            self.delivered.resize(words, 0);
-        }
-        if let Some(w) = self.delivered.get_mut(index as usize / 64) {
-            *w |= 1 << (index % 64);
-        }
-    }
-}
-
-/// Tasks with more pieces than this keep no per-peer record of deliveries (at most 8 KiB per
-/// peer; the default piece rule gives about 1,024 pieces).
-const SPREAD_BITMAP_MAX: u32 = 65_536;
 
 /// Peers a sole holder sends to at once.
 pub const SPREAD_PEERS: usize = 8;
@@ -164,7 +124,7 @@ pub const SPREAD_PEERS: usize = 8;
 /// Deliveries of one piece that hold it for their receiver; after these it is not held again.
 pub const SPREAD_HOLDS: u8 = 2;
 
-/// Peers whose sends are recorded.
+/// Peers whose sends are counted (for the hog rule).
 const SPREAD_TRACKED: usize = 4096;
 
 #[derive(Clone, Copy, Debug)]
@@ -204,17 +164,7 @@ impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
         // A send whose end never came stops holding a slot after the in-flight bound.
         self.sending
             .retain(|(_, _, at)| now.saturating_duration_since(*at) < SPREAD_IN_FLIGHT_MAX);
-        let record = self.sent_to.get(&to);
-        let hog = record.is_some_and(|p| p.count > pieces);
-        // A piece it was delivered already: once per hold time.
-        let again = record.is_some_and(|p| p.has(index));
-        if again
-            && record
-                .and_then(|p| p.resent_at)
-                .is_some_and(|t| now.saturating_duration_since(t) < SPREAD_HOLD)
-        {
-            return false;
-        }
+        let hog = self.sent_to.get(&to).is_some_and(|n| *n > pieces);
         match self.sending.iter().position(|(k, _, _)| *k == to) {
             Some(i) => {
                 self.sending[i].1 += 1;
@@ -225,11 +175,7 @@ impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
             None => self.sending.push((to, 1, now)),
         }
         if self.sent_to.len() < SPREAD_TRACKED || self.sent_to.contains_key(&to) {
-            let p = self.sent_to.entry(to).or_default();
-            p.count += 1;
-            if again {
-                p.resent_at = Some(now);
-            }
+            *self.sent_to.entry(to).or_default() += 1;
         }
         *last = Some(Sent {
             to,
@@ -242,12 +188,6 @@ impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
     /// The send of `index` to `to` ended: delivered (the hold starts), or failed (anyone may
     /// have it at once).
     pub fn ended(&mut self, index: u32, to: K, delivered: bool, now: Instant) {
-        let pieces = self.last_sent.len() as u32;
-        if delivered {
-            if let Some(p) = self.sent_to.get_mut(&to) {
-                p.set(index, pieces);
-            }
-        }
         if let Some(i) = self.sending.iter().position(|(k, _, _)| *k == to) {
             self.sending[i].1 -= 1;
             if self.sending[i].1 == 0 {
@@ -347,16 +287,6 @@ mod tests {
         assert!(s.admit(0, 4, at(t)));
         s.ended(0, 4, true, at(t));
         assert!(s.admit(0, 99, at(t)), "no fourth hold");
-
-        // A peer is sent a piece it holds again once per hold time, not on every ask.
-        let mut s: Spread<u32> = Spread::new(4);
-        assert!(s.admit(1, 5, t0));
-        s.ended(1, 5, true, t0);
-        assert!(s.admit(1, 5, at(1)), "once (a restart)");
-        s.ended(1, 5, true, at(1));
-        assert!(!s.admit(1, 5, at(2)), "not again so soon");
-        assert!(s.admit(2, 5, at(2)), "a piece new to it is sent");
-        assert!(s.admit(1, 5, at(1 + hold + 1)), "after the hold time");
 
         // Hogs (more than a whole copy each) fill at most all slots but one.
         let mut s: Spread<u32> = Spread::new(16);
