@@ -451,3 +451,71 @@ fn a_seed_behind_random_loss_keeps_its_share_of_a_link_another_flow_keeps_queued
         share * 100.0
     );
 }
+
+/// The daemon's eBPF link descriptors.
+fn bpf_links(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy() == "anon_inode:bpf_link")
+        })
+        .count()
+}
+
+#[test]
+fn interfaces_that_come_and_go_leave_no_probe_links_behind() {
+    let _cpus = sharing_the_cpus();
+    if !is_root() {
+        eprintln!("skipped: needs root (network namespaces, eBPF)");
+        return;
+    }
+    // The daemon in a namespace of its own, as on a node: pods' veths come and go beside it.
+    let ns = Netns::new("pl", 218);
+    let mut s = Scratch::new();
+    s.netns = Some(ns.name.clone());
+    s.write_config("");
+    let d = Daemon::start(&s);
+    let pid = d.child.id();
+    let ip = |args: &[&str]| {
+        let ok = std::process::Command::new("ip")
+            .args(["-n", &ns.name])
+            .args(args)
+            .status()
+            .is_ok_and(|st| st.success());
+        assert!(ok, "ip -n {} {}", ns.name, args.join(" "));
+    };
+    let log = || std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
+    wait_until(
+        Duration::from_secs(30),
+        "the flow probes on the namespace's interface",
+        || log().contains("eBPF flow probes attached"),
+    );
+    let base = bpf_links(pid);
+    const PAIRS: usize = 8;
+    for k in 0..PAIRS {
+        let (a, b) = (format!("stlpa{k}"), format!("stlpb{k}"));
+        ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        ip(&["link", "set", &a, "up"]);
+        ip(&["link", "set", &b, "up"]);
+    }
+    // Two links (ingress, egress) per new interface, within the daemon's 10 s rescan.
+    wait_until(
+        Duration::from_secs(40),
+        "the probes on the new interfaces",
+        || bpf_links(pid) >= base + 4 * PAIRS,
+    );
+    for k in 0..PAIRS {
+        ip(&["link", "del", &format!("stlpa{k}")]);
+    }
+    // Before the fix they stayed: 42 links after one chaos swarm's bridge ports came and went.
+    let released = poll_until(Duration::from_secs(40), || bpf_links(pid) <= base);
+    assert!(
+        released,
+        "{} eBPF links against {base} before the interfaces came and went; the log:\n{}",
+        bpf_links(pid),
+        log()
+    );
+    drop(d);
+}

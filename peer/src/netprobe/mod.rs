@@ -12,12 +12,13 @@
 pub mod policy;
 pub mod view;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, PerCpuArray, PerCpuHashMap};
+use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{tc, BtfTracePoint, CgroupAttachMode, SchedClassifier, SockOps, TcAttachType};
 use starling_netprobe_common::{FlowKey, FlowStats, PmtuEntry, TcpStats};
 
@@ -32,7 +33,8 @@ enum State {
     Off(String),
     On {
         bpf: aya::Ebpf,
-        attached: HashSet<String>,
+        /// Interfaces the flow programs are attached to, with their links.
+        attached: HashMap<String, Vec<(&'static str, SchedClassifierLinkId)>>,
         /// The cgroup whose TCP connections sock_ops sees, or why none.
         tcp: Result<PathBuf, String>,
         /// Whether the kfree_skb drop counter runs, or why not.
@@ -175,7 +177,7 @@ impl NetProbe {
                     }
                     State::On {
                         bpf,
-                        attached: HashSet::new(),
+                        attached: HashMap::new(),
                         tcp,
                         drops,
                     }
@@ -209,7 +211,7 @@ impl NetProbe {
                 drops,
                 ..
             } => {
-                let mut v: Vec<String> = attached.iter().cloned().collect();
+                let mut v: Vec<String> = attached.keys().cloned().collect();
                 v.sort();
                 v.push(match tcp {
                     Ok(cg) => format!("sock_ops on cgroup {}", cg.display()),
@@ -228,20 +230,42 @@ impl NetProbe {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Attaches the flow programs to interfaces that came up since the last call.
+    /// Attaches the flow programs to interfaces that came up since the last call, and lets go
+    /// of the links of those that went away (a pod's veth, a namespace's bridge port): each
+    /// link holds a descriptor, and on a node where pods come and go they piled up for the
+    /// daemon's life.
     pub fn attach_new(&self) {
         let mut st = self.lock();
         let State::On { bpf, attached, .. } = &mut *st else {
             return;
         };
-        for (name, _) in interfaces() {
-            if attached.contains(&name) || (!self.only.is_empty() && !self.only.contains(&name)) {
+        let now = interfaces();
+        let gone: Vec<String> = attached
+            .keys()
+            .filter(|a| !now.iter().any(|(n, _)| n == *a))
+            .cloned()
+            .collect();
+        for name in gone {
+            for (prog, id) in attached.remove(&name).unwrap_or_default() {
+                let link = bpf
+                    .program_mut(prog)
+                    .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+                    .and_then(|p| p.take_link(id).ok());
+                // Dropping the link closes its descriptor; the kernel already removed the
+                // interface's hooks.
+                drop(link);
+            }
+            tracing::debug!(interface = %name, "interface gone; eBPF flow probe links released");
+        }
+        for (name, _) in now {
+            if attached.contains_key(&name) || (!self.only.is_empty() && !self.only.contains(&name))
+            {
                 continue;
             }
             match attach(bpf, &name) {
-                Ok(()) => {
+                Ok(links) => {
                     tracing::info!(interface = %name, "eBPF flow probes attached");
-                    attached.insert(name);
+                    attached.insert(name, links);
                 }
                 Err(e) => {
                     tracing::warn!(interface = %name, error = %e, "cannot attach eBPF flow probes")
@@ -531,9 +555,13 @@ fn attach_sock_ops(bpf: &mut aya::Ebpf) -> Result<PathBuf, String> {
     Ok(cg)
 }
 
-fn attach(bpf: &mut aya::Ebpf, iface: &str) -> Result<(), String> {
+fn attach(
+    bpf: &mut aya::Ebpf,
+    iface: &str,
+) -> Result<Vec<(&'static str, SchedClassifierLinkId)>, String> {
     // An existing clsact qdisc is fine.
     let _ = tc::qdisc_add_clsact(iface);
+    let mut links = Vec::new();
     for (name, at) in [
         ("flow_ingress", TcAttachType::Ingress),
         ("flow_egress", TcAttachType::Egress),
@@ -543,7 +571,20 @@ fn attach(bpf: &mut aya::Ebpf, iface: &str) -> Result<(), String> {
             .ok_or_else(|| format!("no program {name}"))?
             .try_into()
             .map_err(|e| format!("{name}: {e}"))?;
-        prog.attach(iface, at).map_err(|e| format!("{name}: {e}"))?;
+        match prog.attach(iface, at) {
+            Ok(id) => links.push((name, id)),
+            Err(e) => {
+                // Not half attached: the links made so far go too.
+                for (prog, id) in links {
+                    let link = bpf
+                        .program_mut(prog)
+                        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+                        .and_then(|p| p.take_link(id).ok());
+                    drop(link);
+                }
+                return Err(format!("{name}: {e}"));
+            }
+        }
     }
-    Ok(())
+    Ok(links)
 }
