@@ -89,6 +89,7 @@ fn write_seed_corpora() {
         max: 4,
         exclude: vec!["10.0.0.9:7710".into()],
         look: false,
+        banned: vec!["10.0.0.8:7710".into()],
     };
     let call = serde_json::to_vec(&call).expect("json");
     let frames: Vec<(&str, Wire, &[u8])> = vec![

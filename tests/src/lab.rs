@@ -147,6 +147,34 @@ impl Lab {
 
     /// `program args...` inside host `i`'s namespace. `ip netns exec` execs the program, so
     /// the child's PID is the program's.
+    /// Host `i` drops `probability` (0..1) of its packets at random, each way (iptables'
+    /// statistic match: this kernel has no netem).
+    pub fn drop_at_random(&self, i: usize, probability: f64) -> Result<(), String> {
+        let p = format!("{probability}");
+        for chain in ["INPUT", "OUTPUT"] {
+            run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &self.hosts[i].ns,
+                    "iptables",
+                    "-A",
+                    chain,
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn command(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.hosts[i].ns]).arg(program);

@@ -3,6 +3,7 @@
 //! origin for what real servers do on a bad day. Every process started here is killed by PID
 //! when its guard drops.
 
+pub mod chaos;
 pub mod chart;
 mod cluster;
 mod fault;
@@ -453,7 +454,12 @@ impl Daemon {
 
     fn spawn_with(s: &Scratch, configure: impl FnOnce(&mut Command)) -> Daemon {
         let socket = s.data_dir().join("starling.sock");
-        let log = std::fs::File::create(s.path().join("daemon.log")).expect("daemon log");
+        // Appended to: a restarted daemon's log follows the killed one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.path().join("daemon.log"))
+            .expect("daemon log");
         let mut cmd = s.starling_in_ns();
         cmd.args(["-v", "daemon"]).stderr(log);
         configure(&mut cmd);

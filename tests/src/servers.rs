@@ -52,7 +52,7 @@ impl Nginx {
         let conf = format!(
             "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
              events {{ worker_connections 256; }}\n\
-             http {{\n  log_format bytes '$request_method $uri $status $body_bytes_sent';\n  \
+             http {{\n  log_format bytes '$request_method $uri $status $body_bytes_sent $http_range';\n  \
              access_log {d}/access.log bytes;\n  client_body_temp_path {d}/cbt;\n  proxy_temp_path {d}/pt;\n  \
              fastcgi_temp_path {d}/ft;\n  uwsgi_temp_path {d}/ut;\n  scgi_temp_path {d}/st;\n  \
              sendfile on;\n  keepalive_requests 100000;\n  \
@@ -110,6 +110,25 @@ impl Nginx {
                     f.get(2)?.parse().ok()?,
                     f.get(3)?.parse().ok()?,
                 ))
+            })
+            .collect()
+    }
+
+    /// Each logged response's first byte (from its Range, else 0) and body bytes sent, in the
+    /// order nginx logged them (when each ended).
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let text = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let sent = f.get(3)?.parse().ok()?;
+                let start = f
+                    .get(4)
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split(['-', ',']).next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                Some((start, sent))
             })
             .collect()
     }

@@ -245,6 +245,7 @@ fn body(load: Load, i: u64, o: &Opts, tasks: &[TaskId]) -> (Vec<u8>, Option<Task
                 max: 16,
                 exclude: Vec::new(),
                 look: false,
+                banned: Vec::new(),
             };
             (serde_json::to_vec(&call).expect("json"), Some(tasks[t]))
         }

@@ -291,6 +291,9 @@ pub struct Scheduler {
     holders: HashMap<TaskId, Pool>,
     /// Who was told to go back to source for a task nobody held, and when.
     fetchers: HashMap<TaskId, (PeerId, Duration)>,
+    /// Who was told to fetch the pieces that only peers it banned hold, and when (one at a
+    /// time per task; see [`Scheduler::advise_banning`]).
+    rescuers: HashMap<TaskId, (PeerId, Duration)>,
     /// Tasks waiting for a fetcher slot (`max_fetchers`), and when last asked for.
     queued: HashMap<TaskId, Duration>,
     /// Peers that asked for a task's parents and have not announced it yet, and when: they
@@ -312,6 +315,9 @@ pub struct Scheduler {
 /// to source: with announcements every 500 ms, ten missed ones. (Forgetting a peer entirely
 /// waits for the longer `ttl`.)
 const FETCHER_SILENT: Duration = Duration::from_secs(5);
+/// For this long after the scheduler starts, a task that some peer holds is not taken for
+/// uncovered: the rest of its holders have not announced yet (they announce every 500 ms).
+const WARM_UP: Duration = Duration::from_secs(3);
 /// The union of the live holders' bitmaps of one task.
 struct Cover {
     at: Duration,
@@ -341,6 +347,7 @@ impl Scheduler {
             ids: HashMap::new(),
             holders: HashMap::new(),
             fetchers: HashMap::new(),
+            rescuers: HashMap::new(),
             queued: HashMap::new(),
             joining: HashMap::new(),
             swept: None,
@@ -505,6 +512,7 @@ impl Scheduler {
         self.fetchers.retain(|_, (peer, since)| {
             now.saturating_sub(*since) <= fetch_ttl && ids.contains_key(peer)
         });
+        self.rescuers.retain(|_, (peer, _)| ids.contains_key(peer));
     }
 
     /// Candidates plus advice on going back to source. While the live holders together hold
@@ -523,6 +531,25 @@ impl Scheduler {
         exclude: &[PeerId],
         now: Duration,
     ) -> (Vec<Candidate>, Advice) {
+        self.advise_banning(requester, task, max, exclude, &[], now)
+    }
+
+    /// [`Scheduler::advise`] for a requester that banned `banned` (it caught them sending
+    /// wrong bytes or false values). Pieces that only they hold are lost to it: when the other
+    /// live holders do not hold the whole task between them, it is told to fetch from source
+    /// itself (only those pieces: see [`Scheduler::lacking_without`]), whoever else fetches
+    /// the task. One such requester at a time per task, while it is heard from: others that
+    /// banned the same peers download from parents meanwhile (the rescuer among them), and
+    /// find the pieces covered once it holds them.
+    pub fn advise_banning(
+        &mut self,
+        requester: &str,
+        task: &TaskId,
+        max: usize,
+        exclude: &[PeerId],
+        banned: &[PeerId],
+        now: Duration,
+    ) -> (Vec<Candidate>, Advice) {
         let parents = self.candidates(requester, task, max, exclude, now);
         if let Some(&s) = self.ids.get(requester) {
             if !self.at(s).is_some_and(|p| p.tasks.contains(task)) {
@@ -534,7 +561,34 @@ impl Scheduler {
         let holds = |x: &str| x != requester && self.knows(x, task);
         let held = parents.iter().any(|c| holds(&c.peer)) || exclude.iter().any(|x| holds(x));
         let covered = self.covered(task, now);
-        if held && covered {
+        if held && covered && !banned.is_empty() {
+            let whole = self
+                .union_without(task, banned, now)
+                .is_some_and(|u| u.complete());
+            if !whole {
+                let busy = self.rescuers.get(task).is_some_and(|(who, _)| {
+                    who != requester
+                        && self
+                            .peer(who)
+                            .is_some_and(|p| now.saturating_sub(p.last_seen) <= FETCHER_SILENT)
+                });
+                if busy {
+                    return (parents, Advice::Parents);
+                }
+                if self
+                    .rescuers
+                    .insert(*task, (requester.to_string(), now))
+                    .is_none_or(|(who, _)| who != requester)
+                {
+                    tracing::info!(%task, %requester, banned = banned.len(), "some pieces are held only by peers this requester banned; it fetches them from source");
+                }
+                return (parents, Advice::Source);
+            }
+        }
+        // Just started (a restart): holders are still announcing, so a task some of them hold
+        // only looks uncovered. Choosing a fetcher now sent pieces the swarm held to the
+        // origin again.
+        if held && (covered || now < WARM_UP) {
             return (parents, Advice::Parents);
         }
         let live = |s: &Scheduler, who: &str| {
@@ -545,20 +599,24 @@ impl Scheduler {
             .fetchers
             .get(task)
             .filter(|(who, since)| {
-                live(self, who)
-                    && (self.knows(who, task) || now.saturating_sub(*since) <= self.cfg.fetch_ttl)
+                // A fetcher chosen when it asked, before its first announcement reached this
+                // scheduler (after a restart), is not yet known: it stays the fetcher for a
+                // while all the same, or each asker in turn replaced the last.
+                let told = now.saturating_sub(*since);
+                (live(self, who) || (self.peer(who).is_none() && told <= FETCHER_SILENT))
+                    && (self.knows(who, task) || told <= self.cfg.fetch_ttl)
             })
             .map(|(p, _)| p.clone());
+        // (The requester may not have announced yet: to a restarted scheduler it is unknown.)
         let advice = |s: &Scheduler, who: &str| match s.peer(who) {
-            Some(_) if who == requester => Advice::Source,
+            _ if who == requester => Advice::Source,
             // Parents hold what they hold; the fetcher adds the rest as it goes.
             _ if held => Advice::Parents,
             Some(p) if p.seed => Advice::AskSeed {
                 peer: who.to_string(),
                 addr: p.addr,
             },
-            Some(_) => Advice::Wait,
-            None => Advice::Source,
+            _ => Advice::Wait,
         };
         if let Some(f) = fetcher {
             return (parents, advice(self, &f));
@@ -676,6 +734,47 @@ impl Scheduler {
     /// what a peer told to go to source should fetch. None: nobody holds any of it.
     ///
     /// [`advise`]: Scheduler::advise
+    /// The union of the bitmaps of `task`'s holders heard from lately, leaving out `banned`
+    /// (None: no such holder). Visits every holder: only for requesters that banned someone.
+    fn union_without(&self, task: &TaskId, banned: &[PeerId], now: Duration) -> Option<Bits> {
+        let pool = self.holders.get(task)?;
+        let mut union: Option<Bits> = None;
+        for (s, b) in pool.members.iter().zip(&pool.bits) {
+            let Some(p) = self.at(*s) else { continue };
+            if now.saturating_sub(p.last_seen) > FETCHER_SILENT || banned.contains(&p.name) {
+                continue;
+            }
+            let u = union.get_or_insert_with(|| Bits {
+                words: vec![0; b.words.len()],
+                len: b.len,
+                count: 0,
+            });
+            for (u, w) in u.words.iter_mut().zip(&b.words) {
+                *u |= w;
+            }
+        }
+        if let Some(u) = &mut union {
+            u.count = u.words.iter().map(|w| w.count_ones()).sum();
+        }
+        union
+    }
+
+    /// The pieces of `task` no live holder but `banned` holds (see
+    /// [`Scheduler::advise_banning`]); None when nobody else holds any.
+    pub fn lacking_without(
+        &self,
+        task: &TaskId,
+        banned: &[PeerId],
+        now: Duration,
+    ) -> Option<Vec<u32>> {
+        let u = self.union_without(task, banned, now)?;
+        Some(
+            (0..u.len)
+                .filter(|i| u.words[(*i / 64) as usize] & (1 << (i % 64)) == 0)
+                .collect(),
+        )
+    }
+
     pub fn lacking(&self, task: &TaskId) -> Option<Vec<u32>> {
         let u = self.cover.get(task)?.union.as_ref()?;
         Some(

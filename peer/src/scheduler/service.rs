@@ -31,6 +31,10 @@ pub struct CandidatesCall {
     /// acted on, and the caller is not taken for a joiner.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub look: bool,
+    /// Peers the requester banned (wrong bytes, false values): what only they hold is lost to
+    /// it. Absent from older peers' calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub banned: Vec<PeerId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,9 +167,14 @@ impl SchedulerService {
         }
         let max = call.max.min(MAX_CANDIDATES) as usize;
         let exclude = &call.exclude[..call.exclude.len().min(MAX_EXCLUDE)];
+        let banned = &call.banned[..call.banned.len().min(MAX_EXCLUDE)];
         self.with(|s| {
-            let answer = s.advise(&call.peer, task, max, exclude, now);
-            CandidatesReply::of(s, task, answer, now)
+            let answer = s.advise_banning(&call.peer, task, max, exclude, banned, now);
+            let mut reply = CandidatesReply::of(s, task, answer, now);
+            if reply.advice == Advice::Source && !banned.is_empty() {
+                reply.lacking = s.lacking_without(task, banned, now);
+            }
+            reply
         })
     }
 

@@ -352,11 +352,59 @@ fn announcements_survive_json_with_packed_bitmaps() {
 
 #[test]
 fn when_the_fetcher_dies_one_peer_is_told_to_fetch_only_what_nobody_holds() {
+    // After the scheduler's warm-up, when a partial holder's picture counts.
+    const W: Duration = WARM_UP;
     let mut s = Scheduler::new(SchedulerConfig::default());
-    s.announce(
-        ann("seed", 0, true, vec![true, true, false, false]),
-        Duration::ZERO,
+    s.announce(ann("seed", 0, true, vec![true, true, false, false]), W);
+    s.announce(ann("a", 1, false, vec![true, false, false, false]), W);
+    s.announce(ann("b", 2, false, vec![false, true, false, false]), W);
+    // The seed fetches (it was chosen); everyone else downloads from parents.
+    assert!(matches!(
+        s.advise("seed", &task(), 4, &[], W).1,
+        Advice::Source
+    ));
+    assert_eq!(s.advise("a", &task(), 4, &[], W).1, Advice::Parents);
+    // The seed goes silent; a and b keep announcing. After FETCHER_SILENT the next asker
+    // fetches, and only pieces 2 and 3 (a and b hold 0 and 1 between them).
+    for t in 1..=6 {
+        s.announce(
+            ann("a", 1, false, vec![true, false, false, false]),
+            W + t * S,
+        );
+        s.announce(
+            ann("b", 2, false, vec![false, true, false, false]),
+            W + t * S,
+        );
+    }
+    let answer = s.advise("b", &task(), 4, &["a".into()], W + 6 * S);
+    assert_eq!(answer.1, Advice::Source);
+    assert_eq!(s.lacking(&task()), Some(vec![2, 3]));
+    // Only one fetcher at a time: a, asking next, waits for the swarm.
+    assert_eq!(
+        s.advise("a", &task(), 4, &["b".into()], W + 6 * S).1,
+        Advice::Parents
     );
+    // Once the live holders cover every piece, nobody goes to source.
+    s.announce(ann("b", 2, false, vec![false, true, true, true]), W + 7 * S);
+    s.announce(
+        ann("a", 1, false, vec![true, false, false, false]),
+        W + 7 * S,
+    );
+    assert_eq!(
+        s.advise("a", &task(), 4, &["b".into()], W + 9 * S).1,
+        Advice::Parents
+    );
+    assert_eq!(
+        s.advise("b", &task(), 4, &["a".into()], W + 9 * S).1,
+        Advice::Parents
+    );
+}
+
+#[test]
+fn pieces_held_only_by_a_peer_the_requester_banned_are_fetched_by_it_and_only_those() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    // "bad" holds everything (its disk went bad); a and b hold pieces 0 and 1 between them.
+    s.announce(ann("bad", 0, false, vec![true; 4]), Duration::ZERO);
     s.announce(
         ann("a", 1, false, vec![true, false, false, false]),
         Duration::ZERO,
@@ -365,40 +413,56 @@ fn when_the_fetcher_dies_one_peer_is_told_to_fetch_only_what_nobody_holds() {
         ann("b", 2, false, vec![false, true, false, false]),
         Duration::ZERO,
     );
-    // The seed fetches (it was chosen); everyone else downloads from parents.
-    assert!(matches!(
-        s.advise("seed", &task(), 4, &[], Duration::ZERO).1,
+    // Without a ban the swarm covers the task: parents.
+    assert_eq!(
+        s.advise("a", &task(), 4, &["bad".into()], S).1,
+        Advice::Parents
+    );
+    // a banned "bad": pieces 2 and 3 are lost to it, so it fetches them itself...
+    let banned = ["bad".to_string()];
+    let (_, advice) = s.advise_banning("a", &task(), 4, &["bad".into()], &banned, S);
+    assert_eq!(advice, Advice::Source);
+    assert_eq!(s.lacking_without(&task(), &banned, S), Some(vec![2, 3]));
+    // ...while b, which did not ban it, still downloads from parents; and b, having banned
+    // it too, waits for a (one rescuer at a time), then takes over if a goes silent.
+    assert_eq!(s.advise("b", &task(), 4, &[], S).1, Advice::Parents);
+    assert_eq!(
+        s.advise_banning("b", &task(), 4, &[], &banned, S).1,
+        Advice::Parents
+    );
+    assert_eq!(
+        s.advise_banning("a", &task(), 4, &[], &banned, S).1,
         Advice::Source
-    ));
+    );
+    // Once a holds 2 and 3, another peer that banned "bad" finds them covered.
+    s.announce(ann("a", 1, false, vec![true, false, true, true]), 2 * S);
     assert_eq!(
-        s.advise("a", &task(), 4, &[], Duration::ZERO).1,
+        s.advise_banning("b", &task(), 4, &[], &banned, 2 * S).1,
         Advice::Parents
     );
-    // The seed goes silent; a and b keep announcing. After FETCHER_SILENT the next asker
-    // fetches, and only pieces 2 and 3 (a and b hold 0 and 1 between them).
-    for t in 1..=6 {
-        s.announce(ann("a", 1, false, vec![true, false, false, false]), t * S);
-        s.announce(ann("b", 2, false, vec![false, true, false, false]), t * S);
-    }
-    let answer = s.advise("b", &task(), 4, &["a".into()], 6 * S);
-    assert_eq!(answer.1, Advice::Source);
-    assert_eq!(s.lacking(&task()), Some(vec![2, 3]));
-    // Only one fetcher at a time: a, asking next, waits for the swarm.
-    assert_eq!(
-        s.advise("a", &task(), 4, &["b".into()], 6 * S).1,
-        Advice::Parents
+}
+
+#[test]
+fn a_restarted_scheduler_sends_no_held_piece_to_the_origin_and_keeps_one_fetcher() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    // Just restarted: one holder has announced again, with part of the task.
+    s.announce(
+        ann("a", 1, false, vec![true, false, false, false]),
+        Duration::ZERO,
     );
-    // Once the live holders cover every piece, nobody goes to source.
-    s.announce(ann("b", 2, false, vec![false, true, true, true]), 7 * S);
-    s.announce(ann("a", 1, false, vec![true, false, false, false]), 7 * S);
-    assert_eq!(
-        s.advise("a", &task(), 4, &["b".into()], 9 * S).1,
-        Advice::Parents
-    );
-    assert_eq!(
-        s.advise("b", &task(), 4, &["a".into()], 9 * S).1,
-        Advice::Parents
-    );
+    assert_eq!(s.advise("b", &task(), 4, &[], S).1, Advice::Parents);
+    // After the warm-up the gap is real. The first asker fetches although it has not
+    // announced yet; the next askers do not replace it.
+    let t = WARM_UP + S;
+    s.announce(ann("a", 1, false, vec![true, false, false, false]), t);
+    assert_eq!(s.advise("b", &task(), 4, &[], t).1, Advice::Source);
+    assert_eq!(s.lacking(&task()), Some(vec![1, 2, 3]));
+    assert_eq!(s.advise("c", &task(), 4, &[], t).1, Advice::Parents);
+    assert_eq!(s.advise("b", &task(), 4, &[], t + S).1, Advice::Source);
+    // Nobody holds another task: its first asker fetches, the others wait for it.
+    let other = TaskId::for_content(Digest::of(b"another layer"));
+    assert_eq!(s.advise("c", &other, 4, &[], t).1, Advice::Source);
+    assert_eq!(s.advise("d", &other, 4, &[], t).1, Advice::Wait);
 }
 
 #[test]

@@ -179,6 +179,7 @@ pub(super) async fn run(
         wanted_parents: tokio::sync::watch::Sender::new(Wanted {
             count: pc.max_parents,
             exclude: Vec::new(),
+            banned: Vec::new(),
         }),
         helpers: Vec::new(),
         closing: tokio::sync::watch::Sender::new(false),
@@ -392,9 +393,15 @@ impl Driver<'_> {
             )
             .cloned()
             .collect();
+        let banned: Vec<PeerId> = self.banned.iter().cloned().collect();
         self.wanted_parents.send_if_modified(|w| {
-            let changed = w.count != count;
-            *w = Wanted { count, exclude };
+            // A new ban also asks at once: what only the banned peer held may need fetching.
+            let changed = w.count != count || w.banned.len() != banned.len();
+            *w = Wanted {
+                count,
+                exclude,
+                banned,
+            };
             changed
         });
     }
@@ -979,10 +986,24 @@ impl Driver<'_> {
         };
         let actual = chain_digest(chainer.finish().await, &self.req.url)?;
         let mut expected = self.req.digest.or(self.content);
+        // Only a parent holding the whole task can have sealed it, and a whole parent answers
+        // a have request at once: wait for those, each until its first answer. One that
+        // answers without a digest is finishing too (with nothing sealed to tell); parents
+        // still downloading cannot know it. Waiting for all of them cost every peer of a swarm
+        // whose seed died before sealing the full wait, at once.
+        let mut whole: HashSet<ParentId> = self
+            .parents
+            .iter()
+            .filter(|(_, p)| !p.have.is_empty() && p.have.iter().all(|h| *h))
+            .map(|(pid, _)| *pid)
+            .collect();
         let deadline = Instant::now() + CONTENT_WAIT;
-        while expected.is_none() && Instant::now() < deadline {
+        while expected.is_none() && !whole.is_empty() && Instant::now() < deadline {
             match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-                Ok(Some(Event::Have { reply, .. })) => expected = reply.content,
+                Ok(Some(Event::Have { pid, reply })) => {
+                    expected = reply.content;
+                    whole.remove(&pid);
+                }
                 Ok(Some(_)) => {}
                 _ => break,
             }

@@ -44,6 +44,8 @@ pub(super) enum JobError {
 pub(super) struct Wanted {
     pub count: usize,
     pub exclude: Vec<PeerId>,
+    /// The peers it banned (also in `exclude`).
+    pub banned: Vec<PeerId>,
 }
 
 /// Asks the scheduler for parents periodically: every 5 s once it has enough (at once when one
@@ -67,11 +69,11 @@ pub(super) async fn ask_loop(
         } else {
             let _ = tokio::time::timeout(ASK_FULL_EVERY, wanted.wait_for(|w| w.count > 0)).await;
         }
-        let (want, exclude) = {
+        let (want, exclude, banned) = {
             let w = wanted.borrow();
-            (w.count, w.exclude.clone())
+            (w.count, w.exclude.clone(), w.banned.clone())
         };
-        match swarm.ask(id, want, exclude).await {
+        match swarm.ask(id, want, exclude, banned).await {
             Ok(r) => {
                 if tx.send(Event::Advice(r)).is_err() {
                     return;

@@ -150,7 +150,7 @@ impl Swarm {
             Err(missing) => missing,
         };
         let reply = match self
-            .ask(id, self.ctx.cfg.peer.max_parents, Vec::new())
+            .ask(id, self.ctx.cfg.peer.max_parents, Vec::new(), Vec::new())
             .await
         {
             Ok(r) => r,

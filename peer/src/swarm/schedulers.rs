@@ -148,18 +148,21 @@ impl Schedulers {
 
 impl Swarm {
     /// Candidates and advice from the scheduler that owns `task`: `want` new parents at most
-    /// (at least one is always asked for, so the advice comes with one), none of `exclude`.
+    /// (at least one is always asked for, so the advice comes with one), none of `exclude`;
+    /// `banned` are the peers this download banned.
     pub(super) async fn ask(
         &self,
         task: TaskId,
         want: usize,
         exclude: Vec<PeerId>,
+        banned: Vec<PeerId>,
     ) -> Result<CandidatesReply, TransportError> {
         let call = CandidatesCall {
             peer: self.me.clone(),
             max: want.max(1) as u32,
             exclude,
             look: false,
+            banned,
         };
         self.call_candidates(task, &call).await
     }
@@ -181,6 +184,7 @@ impl Swarm {
             max: 0,
             exclude: Vec::new(),
             look: true,
+            banned: Vec::new(),
         };
         self.call_candidates(task, &call).await
     }
