@@ -82,6 +82,7 @@ fn write_seed_corpora() {
             zone: "z1".into(),
             rack: "r7".into(),
         },
+        fetching: vec![TaskId::for_content(Digest::of(b"fetched"))],
     };
     let announce = serde_json::to_vec(&announce).expect("json");
     let call = CandidatesCall {
@@ -90,6 +91,7 @@ fn write_seed_corpora() {
         exclude: vec!["10.0.0.9:7710".into()],
         look: false,
         banned: vec!["10.0.0.8:7710".into()],
+        holds: 3,
     };
     let call = serde_json::to_vec(&call).expect("json");
     let frames: Vec<(&str, Wire, &[u8])> = vec![

@@ -135,6 +135,8 @@ struct Hold {
     waiters: Vec<(u32, ParentId)>,
     dl: Option<Dl>,
     done_at: Option<Duration>,
+    /// Reads the origin (ordered, or told `Source`) until the download ends: announced.
+    fetching: bool,
 }
 
 struct Node {
@@ -296,6 +298,7 @@ impl World {
                             waiters: Vec::new(),
                             dl: None,
                             done_at: None,
+                            fetching: false,
                         })
                         .collect(),
                     links: HashMap::new(),
@@ -531,6 +534,7 @@ impl World {
         };
         let spread = node.seed || from_source;
         let h = &mut self.nodes[n as usize].holds[t as usize];
+        h.fetching = from_source;
         let engine = Engine::new(plan, &h.have, ecfg);
         h.serving = true;
         if spread && h.spread.is_none() {
@@ -606,6 +610,9 @@ impl World {
         }
         match &r.advice {
             Advice::Source => {
+                if let Some(h) = self.nodes[n as usize].holds.get_mut(t as usize) {
+                    h.fetching = true;
+                }
                 // Without a plan yet (no parent ever answered), the driver gives the task back
                 // and the fetcher reads the origin; with one, the engine fetches what no
                 // parent holds.
@@ -969,6 +976,7 @@ impl World {
             h.done_at = Some(now);
             // The download ends; the task stays served (a sealed parent's pollers stop).
             h.dl = None;
+            h.fetching = false;
             h.waiters.clear();
         }
     }
@@ -979,8 +987,15 @@ impl World {
             return;
         }
         let mut per: BTreeMap<usize, Vec<(TaskId, Holding)>> = BTreeMap::new();
+        let mut fetching: BTreeMap<usize, Vec<TaskId>> = BTreeMap::new();
         for t in 0..self.tasks.len() {
             let h = &mut self.nodes[n as usize].holds[t];
+            if h.fetching && h.dl.is_some() {
+                fetching
+                    .entry(self.owner[t])
+                    .or_default()
+                    .push(self.tasks[t].0);
+            }
             if !h.serving {
                 continue;
             }
@@ -1009,11 +1024,13 @@ impl World {
             tasks: Vec::new(),
             links: node.links.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             place: node.place.clone(),
+            fetching: Vec::new(),
         };
         // Every scheduler hears from every node (its liveness), with its own tasks.
         for s in 0..self.schedulers.len() {
             let mut a = base.clone();
             a.tasks = per.remove(&s).unwrap_or_default();
+            a.fetching = fetching.remove(&s).unwrap_or_default();
             self.schedulers[s].announce(a, now);
             self.count_call();
         }

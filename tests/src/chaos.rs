@@ -87,6 +87,9 @@ pub struct Report {
     pub scheduler_restarts: Vec<f64>,
     /// The peer whose stored copy was corrupted, and when.
     pub corrupted: Option<(usize, f64)>,
+    /// Fraction of the pieces that no live node but the corrupted peer held then (its bad
+    /// disk destroyed the only copies: they must come from the origin again).
+    pub lost_to_bad_disk: f64,
     /// Piece failures summed over the live daemons at the end, by cause.
     pub piece_failures: BTreeMap<String, f64>,
     pub blacklisted: f64,
@@ -118,9 +121,10 @@ impl Report {
             .sum()
     }
 
-    /// The issue's bound on origin bytes: (1 + the fraction missing at the seed's death) × F.
+    /// The issue's bound on origin bytes: (1 + the fraction missing at the seed's death) × F,
+    /// plus the pieces the bad disk destroyed the only copies of.
     pub fn origin_bound(&self) -> f64 {
-        (1.0 + self.missing_at_seed_death) * self.size as f64
+        (1.0 + self.missing_at_seed_death + self.lost_to_bad_disk) * self.size as f64
     }
 }
 
@@ -288,7 +292,7 @@ pub fn run(plan: &Plan) -> Result<Report, String> {
                         }
                     }
                     Fault::KillSeed => {
-                        let held = live_union(&states, &sockets, &url);
+                        let held = live_union(&states, &sockets, &url, None);
                         report.piece_length = held.1;
                         report.missing_at_seed_death = held.0;
                         seed_mark = Some((nginx.requests(), nginx.bytes_sent()));
@@ -347,11 +351,20 @@ pub fn run(plan: &Plan) -> Result<Report, String> {
                             .any(|(_, f)| matches!(f, Fault::KillPeer { peer, .. } if peer == i))
                 });
                 if let Some(v) = victim {
+                    // While the seed lives it holds every piece; else what only the victim
+                    // holds is lost with its disk.
+                    if report.seed_killed_at.is_some() {
+                        report.lost_to_bad_disk = live_union(&states, &sockets, &url, Some(v)).0;
+                    }
                     corrupt_store(&cluster.nodes[v].scratch.tasks(), size);
                     report.corrupted = Some((v, since(now)));
                     report.events.push((
                         since(now),
-                        format!("every piece of peer {v}'s stored copy corrupted"),
+                        format!(
+                            "every piece of peer {v}'s stored copy corrupted (held by no other \
+                             live node: {:.1}%)",
+                            report.lost_to_bad_disk * 100.0
+                        ),
                     ));
                 }
             }
@@ -532,12 +545,18 @@ fn verified_bytes(socket: &Path, url: &str) -> (u64, u64) {
     }
 }
 
-/// The fraction of pieces no live peer holds (the seed not counted), and the piece length.
-fn live_union(states: &[PeerState], sockets: &[PathBuf], url: &str) -> (f64, u64) {
+/// The fraction of pieces no live peer (the seed and `skip` not counted) holds, and the
+/// piece length.
+fn live_union(
+    states: &[PeerState],
+    sockets: &[PathBuf],
+    url: &str,
+    skip: Option<usize>,
+) -> (f64, u64) {
     let mut held: Vec<bool> = Vec::new();
     let mut piece_length = 0;
     for (i, socket) in sockets.iter().enumerate().skip(1) {
-        if states[i].killed.load(Ordering::SeqCst) {
+        if states[i].killed.load(Ordering::SeqCst) || skip == Some(i) {
             continue;
         }
         let Some(d) = stat(socket, url) else { continue };

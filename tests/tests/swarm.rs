@@ -755,6 +755,7 @@ impl Rogue {
                         )],
                         links: vec![],
                         place: Default::default(),
+                        fetching: vec![],
                     };
                     let body = serde_json::to_vec(&a).unwrap();
                     if p.call(|len| Request::Announce { body: len }, &body)

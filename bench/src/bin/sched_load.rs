@@ -205,6 +205,7 @@ fn body(load: Load, i: u64, o: &Opts, tasks: &[TaskId]) -> (Vec<u8>, Option<Task
             })
             .collect(),
         place: Place::default(),
+        fetching: vec![],
     };
     match load {
         Load::Register(_) => {
@@ -246,6 +247,7 @@ fn body(load: Load, i: u64, o: &Opts, tasks: &[TaskId]) -> (Vec<u8>, Option<Task
                 exclude: Vec::new(),
                 look: false,
                 banned: Vec::new(),
+                holds: 0,
             };
             (serde_json::to_vec(&call).expect("json"), Some(tasks[t]))
         }

@@ -76,6 +76,10 @@ pub struct Announce {
     /// Where the peer sits (zone and rack labels); absent from older peers.
     #[serde(default)]
     pub place: Place,
+    /// Tasks it reads from their origins now (it was told to, or it is their seed): a
+    /// restarted scheduler learns its fetchers from these, and a long fetch stays known.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetching: Vec<TaskId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -315,9 +319,15 @@ pub struct Scheduler {
 /// to source: with announcements every 500 ms, ten missed ones. (Forgetting a peer entirely
 /// waits for the longer `ttl`.)
 const FETCHER_SILENT: Duration = Duration::from_secs(5);
+/// Most tasks one announcement may name as being fetched (the rest are ignored).
+const MAX_FETCHING: usize = 1024;
+
 /// For this long after the scheduler starts, a task that some peer holds is not taken for
-/// uncovered: the rest of its holders have not announced yet (they announce every 500 ms).
-const WARM_UP: Duration = Duration::from_secs(3);
+/// uncovered, nor a task its requester already downloads from peers: the holders and the
+/// fetcher have not announced yet. They announce every 500 ms, but after a restart each
+/// first waits out its call to the old scheduler (3 s) and reconnects: at 3 s here, fetchers
+/// were chosen again for pieces a live fetcher was reading.
+pub const WARM_UP: Duration = Duration::from_secs(5);
 /// The union of the live holders' bitmaps of one task.
 struct Cover {
     at: Duration,
@@ -452,6 +462,19 @@ impl Scheduler {
         for (parent, link) in a.links {
             p.links.insert(parent, link);
         }
+        // A peer reading a task's origin says so each time: it stays (or, to a restarted
+        // scheduler, becomes) the task's fetcher, unless another live one was chosen.
+        for task in a.fetching.into_iter().take(MAX_FETCHING) {
+            let other = self.fetchers.get(&task).is_some_and(|(who, _)| {
+                *who != a.peer
+                    && self
+                        .peer(who)
+                        .is_some_and(|q| now.saturating_sub(q.last_seen) <= FETCHER_SILENT)
+            });
+            if !other {
+                self.fetchers.insert(task, (a.peer.clone(), now));
+            }
+        }
     }
 
     /// Whether the scheduler holds `peer`'s full bitmap for `task` (else the peer must re-send
@@ -531,7 +554,7 @@ impl Scheduler {
         exclude: &[PeerId],
         now: Duration,
     ) -> (Vec<Candidate>, Advice) {
-        self.advise_banning(requester, task, max, exclude, &[], now)
+        self.advise_banning(requester, task, max, exclude, &[], false, now)
     }
 
     /// [`Scheduler::advise`] for a requester that banned `banned` (it caught them sending
@@ -541,6 +564,11 @@ impl Scheduler {
     /// the task. One such requester at a time per task, while it is heard from: others that
     /// banned the same peers download from parents meanwhile (the rescuer among them), and
     /// find the pieces covered once it holds them.
+    ///
+    /// `joined`: the requester already takes part in the task's swarm (it holds pieces, or
+    /// has parents). Right after a (re)start, when holders and fetchers have not announced
+    /// again yet, such a requester is not sent to the origin: it goes on with its parents.
+    #[allow(clippy::too_many_arguments)]
     pub fn advise_banning(
         &mut self,
         requester: &str,
@@ -548,6 +576,7 @@ impl Scheduler {
         max: usize,
         exclude: &[PeerId],
         banned: &[PeerId],
+        joined: bool,
         now: Duration,
     ) -> (Vec<Candidate>, Advice) {
         let parents = self.candidates(requester, task, max, exclude, now);
@@ -590,6 +619,9 @@ impl Scheduler {
         // origin again.
         if held && (covered || now < WARM_UP) {
             return (parents, Advice::Parents);
+        }
+        if joined && now < WARM_UP {
+            return (parents, Advice::Wait);
         }
         let live = |s: &Scheduler, who: &str| {
             s.peer(who)

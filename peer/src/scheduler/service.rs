@@ -35,6 +35,13 @@ pub struct CandidatesCall {
     /// it. Absent from older peers' calls.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub banned: Vec<PeerId>,
+    /// Pieces the requester holds of the task (0 from older peers).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub holds: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -169,7 +176,9 @@ impl SchedulerService {
         let exclude = &call.exclude[..call.exclude.len().min(MAX_EXCLUDE)];
         let banned = &call.banned[..call.banned.len().min(MAX_EXCLUDE)];
         self.with(|s| {
-            let answer = s.advise_banning(&call.peer, task, max, exclude, banned, now);
+            // Already in the swarm: it holds pieces, or has (or just had) parents.
+            let joined = call.holds > 0 || !call.exclude.is_empty();
+            let answer = s.advise_banning(&call.peer, task, max, exclude, banned, joined, now);
             let mut reply = CandidatesReply::of(s, task, answer, now);
             if reply.advice == Advice::Source && !banned.is_empty() {
                 reply.lacking = s.lacking_without(task, banned, now);

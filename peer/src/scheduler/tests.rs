@@ -31,6 +31,7 @@ fn ann(peer: &str, n: u16, seed: bool, have: Vec<bool>) -> Announce {
         )],
         links: vec![],
         place: Place::default(),
+        fetching: vec![],
     }
 }
 
@@ -420,24 +421,25 @@ fn pieces_held_only_by_a_peer_the_requester_banned_are_fetched_by_it_and_only_th
     );
     // a banned "bad": pieces 2 and 3 are lost to it, so it fetches them itself...
     let banned = ["bad".to_string()];
-    let (_, advice) = s.advise_banning("a", &task(), 4, &["bad".into()], &banned, S);
+    let (_, advice) = s.advise_banning("a", &task(), 4, &["bad".into()], &banned, true, S);
     assert_eq!(advice, Advice::Source);
     assert_eq!(s.lacking_without(&task(), &banned, S), Some(vec![2, 3]));
     // ...while b, which did not ban it, still downloads from parents; and b, having banned
     // it too, waits for a (one rescuer at a time), then takes over if a goes silent.
     assert_eq!(s.advise("b", &task(), 4, &[], S).1, Advice::Parents);
     assert_eq!(
-        s.advise_banning("b", &task(), 4, &[], &banned, S).1,
+        s.advise_banning("b", &task(), 4, &[], &banned, true, S).1,
         Advice::Parents
     );
     assert_eq!(
-        s.advise_banning("a", &task(), 4, &[], &banned, S).1,
+        s.advise_banning("a", &task(), 4, &[], &banned, true, S).1,
         Advice::Source
     );
     // Once a holds 2 and 3, another peer that banned "bad" finds them covered.
     s.announce(ann("a", 1, false, vec![true, false, true, true]), 2 * S);
     assert_eq!(
-        s.advise_banning("b", &task(), 4, &[], &banned, 2 * S).1,
+        s.advise_banning("b", &task(), 4, &[], &banned, true, 2 * S)
+            .1,
         Advice::Parents
     );
 }
@@ -451,6 +453,17 @@ fn a_restarted_scheduler_sends_no_held_piece_to_the_origin_and_keeps_one_fetcher
         Duration::ZERO,
     );
     assert_eq!(s.advise("b", &task(), 4, &[], S).1, Advice::Parents);
+    // A task nobody has announced yet: a requester already downloading it from peers goes on
+    // with them; one that is not (a fresh cluster's first ask) fetches.
+    let fresh = TaskId::for_content(Digest::of(b"not announced yet"));
+    assert_eq!(
+        s.advise_banning("c", &fresh, 4, &[], &[], true, S).1,
+        Advice::Wait
+    );
+    assert_eq!(
+        s.advise_banning("d", &fresh, 4, &[], &[], false, S).1,
+        Advice::Source
+    );
     // After the warm-up the gap is real. The first asker fetches although it has not
     // announced yet; the next askers do not replace it.
     let t = WARM_UP + S;
@@ -463,6 +476,26 @@ fn a_restarted_scheduler_sends_no_held_piece_to_the_origin_and_keeps_one_fetcher
     let other = TaskId::for_content(Digest::of(b"another layer"));
     assert_eq!(s.advise("c", &other, 4, &[], t).1, Advice::Source);
     assert_eq!(s.advise("d", &other, 4, &[], t).1, Advice::Wait);
+}
+
+#[test]
+fn a_fetcher_that_says_so_stays_the_fetcher_past_its_ttl_and_across_a_restart() {
+    // A fresh scheduler (as after a restart): f announces that it reads the origin.
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    let mut f = ann("f", 1, false, vec![true, false, false, false]);
+    f.fetching = vec![task()];
+    for t in 0..=30 {
+        s.announce(f.clone(), t * S);
+        s.announce(ann("b", 2, false, vec![false; 4]), t * S);
+        s.expire(t * S);
+    }
+    // 30 s on, far past `fetch_ttl`: b is not sent to the origin as well.
+    assert_eq!(s.advise("b", &task(), 4, &[], 30 * S).1, Advice::Parents);
+    // f goes silent: after FETCHER_SILENT the next asker takes over.
+    for t in 31..=36 {
+        s.announce(ann("b", 2, false, vec![false; 4]), t * S);
+    }
+    assert_eq!(s.advise("b", &task(), 4, &[], 36 * S).1, Advice::Source);
 }
 
 #[test]

@@ -22,6 +22,48 @@ pub(super) struct State {
     /// One announcement round at a time (the periodic one, or one asked for at once), so a
     /// scheduler hears each peer's rounds in order.
     round: tokio::sync::Mutex<()>,
+    /// Tasks this node reads from their origins now, by how many readers: announced, so a
+    /// restarted scheduler learns who fetches (and nobody else is sent to fetch the same).
+    fetching: Arc<Mutex<HashMap<TaskId, usize>>>,
+}
+
+/// Counts one reader of a task's origin while alive (see [`State::fetching`]).
+pub(super) struct Fetching {
+    task: TaskId,
+    of: Arc<Mutex<HashMap<TaskId, usize>>>,
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.of.lock() {
+            if let Some(n) = m.get_mut(&self.task) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.task);
+                }
+            }
+        }
+    }
+}
+
+impl State {
+    /// Marks `task` as read from its origin by this node until the guard drops.
+    pub(super) fn fetching(&self, task: TaskId) -> Fetching {
+        if let Ok(mut m) = self.fetching.lock() {
+            *m.entry(task).or_insert(0) += 1;
+        }
+        Fetching {
+            task,
+            of: self.fetching.clone(),
+        }
+    }
+
+    fn fetching_now(&self) -> Vec<TaskId> {
+        self.fetching
+            .lock()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Default)]
@@ -96,7 +138,9 @@ async fn announce_once(swarm: &Arc<Swarm>) {
         .lock()
         .map(|l| l.iter().map(|(k, v)| (k.clone(), *v)).collect())
         .unwrap_or_default();
+    let fetching = swarm.announcer.fetching_now();
     let base = Announce {
+        fetching: Vec::new(),
         peer: swarm.me.clone(),
         addr: swarm.addr,
         seed: swarm.ctx.cfg.peer.seed,
@@ -113,6 +157,7 @@ async fn announce_once(swarm: &Arc<Swarm>) {
         Schedulers::Embedded(s) => {
             let mut a = base;
             a.tasks = tasks;
+            a.fetching = fetching;
             let reply = s.announce(a);
             resend(swarm, reply.resend);
         }
@@ -135,6 +180,11 @@ async fn announce_once(swarm: &Arc<Swarm>) {
                     .map(|(t, _)| *t)
                     .collect();
                 a.tasks = tasks;
+                a.fetching = fetching
+                    .iter()
+                    .filter(|t| ring.owner(t).as_ref() == Some(&owner))
+                    .copied()
+                    .collect();
                 let Ok(body) = serde_json::to_vec(&a) else {
                     continue;
                 };

@@ -92,6 +92,8 @@ struct Driver<'a> {
     running: HashMap<(Peer, u32), AbortHandle>,
     tx: mpsc::UnboundedSender<Event>,
     told_source: bool,
+    /// Held once the scheduler told this peer to fetch from source: its announcements say so.
+    fetching: Option<super::announce::Fetching>,
     /// Whether the scheduler's last answer offered a peer that is not a parent (one could
     /// replace a slow parent).
     alternative: bool,
@@ -171,6 +173,7 @@ pub(super) async fn run(
         running: HashMap::new(),
         tx: tx.clone(),
         told_source: false,
+        fetching: None,
         alternative: false,
         chainer: None,
         provenance: Provenance::new(0),
@@ -180,6 +183,7 @@ pub(super) async fn run(
             count: pc.max_parents,
             exclude: Vec::new(),
             banned: Vec::new(),
+            holds: 0,
         }),
         helpers: Vec::new(),
         closing: tokio::sync::watch::Sender::new(false),
@@ -343,7 +347,12 @@ impl Driver<'_> {
             e.source_by_scheduler(says, self.lacking.as_deref());
         }
         match &r.advice {
-            Advice::Source => self.told_source = true,
+            Advice::Source => {
+                self.told_source = true;
+                if self.fetching.is_none() {
+                    self.fetching = Some(self.swarm.announcer.fetching(self.id));
+                }
+            }
             Advice::AskSeed { peer, addr } => {
                 let (peer, addr) = (peer.clone(), *addr);
                 if self.ordered.insert(peer.clone()) {
@@ -394,6 +403,10 @@ impl Driver<'_> {
             .cloned()
             .collect();
         let banned: Vec<PeerId> = self.banned.iter().cloned().collect();
+        let holds = match (&self.task, &self.engine) {
+            (Some(t), Some(e)) => t.plan().count().saturating_sub(e.missing()),
+            _ => 0,
+        };
         self.wanted_parents.send_if_modified(|w| {
             // A new ban also asks at once: what only the banned peer held may need fetching.
             let changed = w.count != count || w.banned.len() != banned.len();
@@ -401,6 +414,7 @@ impl Driver<'_> {
                 count,
                 exclude,
                 banned,
+                holds,
             };
             changed
         });

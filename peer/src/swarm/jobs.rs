@@ -46,6 +46,8 @@ pub(super) struct Wanted {
     pub exclude: Vec<PeerId>,
     /// The peers it banned (also in `exclude`).
     pub banned: Vec<PeerId>,
+    /// Pieces it holds.
+    pub holds: u32,
 }
 
 /// Asks the scheduler for parents periodically: every 5 s once it has enough (at once when one
@@ -69,11 +71,11 @@ pub(super) async fn ask_loop(
         } else {
             let _ = tokio::time::timeout(ASK_FULL_EVERY, wanted.wait_for(|w| w.count > 0)).await;
         }
-        let (want, exclude, banned) = {
+        let (want, exclude, banned, holds) = {
             let w = wanted.borrow();
-            (w.count, w.exclude.clone(), w.banned.clone())
+            (w.count, w.exclude.clone(), w.banned.clone(), w.holds)
         };
-        match swarm.ask(id, want, exclude, banned).await {
+        match swarm.ask(id, want, exclude, banned, holds).await {
             Ok(r) => {
                 if tx.send(Event::Advice(r)).is_err() {
                     return;

@@ -150,7 +150,7 @@ impl Swarm {
             Err(missing) => missing,
         };
         let reply = match self
-            .ask(id, self.ctx.cfg.peer.max_parents, Vec::new(), Vec::new())
+            .ask(id, self.ctx.cfg.peer.max_parents, Vec::new(), Vec::new(), 0)
             .await
         {
             Ok(r) => r,
@@ -191,6 +191,7 @@ impl Swarm {
             }
         };
         tracing::info!("fetching back to source");
+        let _fetching = self.announcer.fetching(id);
         Ok(self
             .fetcher
             .from_source(id, missing, req, progress, &|t| {

@@ -156,6 +156,7 @@ impl Swarm {
         want: usize,
         exclude: Vec<PeerId>,
         banned: Vec<PeerId>,
+        holds: u32,
     ) -> Result<CandidatesReply, TransportError> {
         let call = CandidatesCall {
             peer: self.me.clone(),
@@ -163,6 +164,7 @@ impl Swarm {
             exclude,
             look: false,
             banned,
+            holds,
         };
         self.call_candidates(task, &call).await
     }
@@ -185,6 +187,7 @@ impl Swarm {
             exclude: Vec::new(),
             look: true,
             banned: Vec::new(),
+            holds: 0,
         };
         self.call_candidates(task, &call).await
     }
