@@ -229,6 +229,21 @@ pub fn run(plan: &Plan) -> Result<Report, String> {
         faults.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     cluster.start_all_at_once();
+    // A running cluster: the scheduler knows every node (the seed above all) before anyone
+    // asks, as when a seed has served for a while.
+    if let Some(sched) = &cluster.scheduler {
+        let (host, port, want) = (
+            cluster.scheduler_host.clone(),
+            sched.metrics_port,
+            (plan.peers + 1) as f64,
+        );
+        let known = crate::poll_until(Duration::from_secs(30), || {
+            crate::metric_value(&crate::scrape_at(&host, port), "starling_scheduler_peers") >= want
+        });
+        if !known {
+            return Err("the scheduler did not hear from every node within 30 s".into());
+        }
+    }
     let states: Vec<PeerState> = (0..=plan.peers).map(|_| PeerState::default()).collect();
     for (i, s) in states.iter().enumerate() {
         s.outcome.lock().map_err(|_| "lock")?.lossy = lossy[i];
@@ -292,14 +307,19 @@ pub fn run(plan: &Plan) -> Result<Report, String> {
                         }
                     }
                     Fault::KillSeed => {
+                        seed_mark = Some((nginx.requests(), nginx.bytes_sent()));
+                        cluster.nodes[0].kill();
+                        let at = since(Instant::now());
+                        // Then what the live peers hold between them: with the seed gone,
+                        // that changes only once someone reads the origin again (the
+                        // scheduler waits 5 s of silence first), and the few API calls here
+                        // take less.
                         let held = live_union(&states, &sockets, &url, None);
                         report.piece_length = held.1;
                         report.missing_at_seed_death = held.0;
-                        seed_mark = Some((nginx.requests(), nginx.bytes_sent()));
-                        cluster.nodes[0].kill();
-                        report.seed_killed_at = Some((since(now), progress));
+                        report.seed_killed_at = Some((at, progress));
                         report.events.push((
-                            since(now),
+                            at,
                             format!(
                                 "kill -9 the seed at {:.0}% (pieces held by no live peer: {:.1}%)",
                                 progress * 100.0,
@@ -309,10 +329,9 @@ pub fn run(plan: &Plan) -> Result<Report, String> {
                     }
                     Fault::RestartScheduler => {
                         cluster.restart_scheduler();
-                        report.scheduler_restarts.push(since(now));
-                        report
-                            .events
-                            .push((since(now), "scheduler restarted".to_string()));
+                        let at = since(Instant::now());
+                        report.scheduler_restarts.push(at);
+                        report.events.push((at, "scheduler restarted".to_string()));
                     }
                 }
             }

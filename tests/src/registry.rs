@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
-use crate::{kill_pid, poll_until, random_bytes, sha256_file, wait_for_addr, wait_until, Lab};
+use crate::{kill_pid, poll_until, random_bytes, sha256_file, wait_until, Lab};
 
 /// A CA and one server certificate from it (for the given hosts / IP addresses), as PEM files.
 pub struct TestCa {
@@ -151,12 +151,22 @@ impl Registry {
             .stderr(err)
             .spawn()
             .expect("start docker-registry (apt install docker-registry)");
-        wait_for_addr(&ip, 5000, "the registry");
-        Registry {
+        // The guard first: when the registry never listens, the panic drops it, and the
+        // process goes with it instead of outliving the test.
+        let reg = Registry {
             child,
             addr: format!("{ip}:5000"),
             log,
-        }
+        };
+        let up = poll_until(std::time::Duration::from_secs(15), || {
+            std::net::TcpStream::connect((ip.as_str(), 5000)).is_ok()
+        });
+        assert!(
+            up,
+            "timed out after 15 s waiting for the registry; its log:\n{}",
+            reg.log()
+        );
+        reg
     }
 
     pub fn log(&self) -> String {

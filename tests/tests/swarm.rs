@@ -329,15 +329,9 @@ fn durable_pieces(node: &Node) -> u64 {
         .sum()
 }
 
-#[test]
-fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces() {
-    // The seed uploads at 64 Mbit/s; pieces become durable every 100 ms.
-    let mut s = setup(
-        1,
-        48,
-        "upload_limit_mbps = 64",
-        "[storage]\ncommit_interval_ms = 100",
-    );
+/// Node 1 downloads from the seed (uploading at 64 Mbit/s) and is killed with a third of the
+/// pieces or more durable: (pieces durable, piece length, pieces).
+fn kill_downloader_mid_transfer(s: &mut Setup) -> (u64, u64, u64) {
     s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
     let piece = starling::core::default_piece_length(s.len);
     let pieces = s.len.div_ceil(piece);
@@ -360,6 +354,19 @@ fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces()
         (pieces / 3..pieces).contains(&durable),
         "{durable} pieces durable"
     );
+    (durable, piece, pieces)
+}
+
+#[test]
+fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces() {
+    // Pieces become durable every 100 ms.
+    let mut s = setup(
+        1,
+        48,
+        "upload_limit_mbps = 64",
+        "[storage]\ncommit_interval_ms = 100",
+    );
+    let (durable, piece, pieces) = kill_downloader_mid_transfer(&mut s);
     s.cluster.nodes[1].start();
     s.get(1, "out").ok();
     assert_eq!(s.out_sum(1, "out"), s.sum);
@@ -371,6 +378,32 @@ fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces()
         "refetched {refetched} bytes; {missing} were missing"
     );
     assert!(s.cluster.nodes[1].log().contains("resuming from peers"));
+}
+
+#[test]
+fn a_download_begun_from_peers_resumes_from_the_origin_once_they_are_gone() {
+    let mut s = setup(
+        1,
+        48,
+        "upload_limit_mbps = 64",
+        "[storage]\ncommit_interval_ms = 100",
+    );
+    let (durable, piece, pieces) = kill_downloader_mid_transfer(&mut s);
+    // The seed dies too, and the scheduler notices (5 s without its announcements).
+    s.cluster.nodes[0].kill();
+    std::thread::sleep(Duration::from_secs(6));
+    let origin0 = s.origin_bytes();
+    s.cluster.nodes[1].start();
+    s.get(1, "out").ok();
+    assert_eq!(s.out_sum(1, "out"), s.sum);
+    // The pieces verified from the seed stay: the origin sends only the rest. (A task begun
+    // from peers has no origin validator; it was discarded and fetched whole.)
+    let sent = s.origin_bytes() - origin0;
+    let missing = (pieces - durable) * piece;
+    assert!(
+        sent <= missing + 4 * MIB as u64,
+        "the origin sent {sent} bytes; {missing} were missing"
+    );
 }
 
 #[test]

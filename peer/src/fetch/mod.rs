@@ -335,9 +335,15 @@ impl Fetcher {
         let len = probe
             .content_length
             .ok_or_else(|| SourceError::UnknownLength { url: url.into() })?;
+        // A partial task begun from peers has no validator (it never saw the origin): its
+        // pieces were checked against the swarm's chain, and what the origin adds is chained
+        // onto them, so it resumes when the length agrees. Discarding it sent every verified
+        // piece to the origin again.
         let task = match stored {
             Missing::Partial(t)
-                if t.plan().content_length() == len && t.header().validator == probe.validator =>
+                if t.plan().content_length() == len
+                    && (t.header().validator.is_empty()
+                        || t.header().validator == probe.validator) =>
             {
                 tracing::info!(
                     verified = t.verified_count(),

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::serve::Holder;
 use super::{download, Swarm};
 use crate::core::{Import, PiecePlan, Request, TaskId};
-use crate::fetch::{exit, FetchError, Fetched, Progress, Served};
+use crate::fetch::{exit, FetchError, Fetched, Missing, Progress, Served};
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::Advice;
 use crate::source::SourceError;
@@ -149,8 +149,19 @@ impl Swarm {
             }
             Err(missing) => missing,
         };
+        // A resumed task tells the scheduler it holds pieces: it is in the swarm already.
+        let holds = match &missing {
+            Missing::Partial(t) => t.verified_count(),
+            Missing::Absent(_) => 0,
+        };
         let reply = match self
-            .ask(id, self.ctx.cfg.peer.max_parents, Vec::new(), Vec::new(), 0)
+            .ask(
+                id,
+                self.ctx.cfg.peer.max_parents,
+                Vec::new(),
+                Vec::new(),
+                holds,
+            )
             .await
         {
             Ok(r) => r,

@@ -8,8 +8,10 @@
 //! | [`stock`] | `bench stock`: the same job for Starling and the stock peers |
 //! | [`registry`] | `bench registry`: image pulls through the mirror vs from the registry |
 //! | [`models`] | `bench models`: N nodes fetch a multi-file model from a local Hub: huggingface_hub direct vs `starling get hf://` |
+//! | [`chaos`] | `bench chaos`: the chaos swarm (kills, a dead seed, scheduler restarts, a bad disk, loss) vs the clean run |
 //! | [`adapt`] | `bench adapt`: path adaptation on vs off per netlab topology |
 //! | [`throughput`] | `bench throughput`: fast links vs nginx → curl and aria2, CPU per GiB |
+//! | [`soak`] | `bench soak`: a bounded soak (continuous gets under GC pressure, peers leaving and joining): RSS and descriptors over time |
 //! | [`scale`] | `bench scale`: the simulator (`sim/`) at 1,000–10,000 peers over the real engine and scheduler |
 //! | `scheduler` (here) | `bench scheduler`: one scheduler's capacity over QUIC + mTLS (`bench/src/bin/sched_load.rs`) |
 //!
@@ -17,11 +19,13 @@
 //! [`make_file`] writes the payload, [`release_build`] prepares the binaries.
 
 pub mod adapt;
+pub mod chaos;
 pub mod models;
 pub mod procs;
 pub mod registry;
 pub mod run;
 pub mod scale;
+pub mod soak;
 pub mod stock;
 pub mod swarm;
 pub mod throughput;
@@ -59,6 +63,12 @@ pub enum Bench {
     Models(models::Args),
     /// Path adaptation on vs off on the netlab topologies (jumbo, dind, vxlan, lossy).
     Adapt(adapt::Args),
+    /// A bounded soak: continuous gets of varied sizes under GC pressure, peers leaving and
+    /// joining; RSS and descriptors over time, every output verified.
+    Soak(soak::Args),
+    /// The chaos swarm (peers killed and restarted, the seed killed half-way, scheduler
+    /// restarts, a bad disk, loss) against the same job without faults.
+    Chaos(chaos::Args),
     /// Fast links: 1 → 1 unshaped (MTU 1500 and 9000), 1 → 4 at 1 and 10 Gbit/s, against
     /// nginx → curl and aria2: GB/s and CPU per GiB, machine-wide and per process.
     Throughput(throughput::Args),
@@ -88,6 +98,8 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Registry(a) => registry::run(a),
         Bench::Models(a) => models::run(a),
         Bench::Adapt(a) => adapt::run(a),
+        Bench::Chaos(a) => chaos::run(a),
+        Bench::Soak(a) => soak::run(a),
         Bench::Throughput(a) => throughput::run(a),
         Bench::Scale(a) => scale::run(a),
         Bench::Scheduler {
