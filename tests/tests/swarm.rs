@@ -607,6 +607,8 @@ enum Lie {
     Phantom,
     /// Honest log; each piece answered with its header and half its bytes, then nothing.
     Stall,
+    /// Honest log claiming every piece; every piece request answered Busy.
+    Busy,
     /// From piece `from` on, false values and bytes that match them: the content XOR 0x5A,
     /// chained from the true value before `from`. With `last`, it also names a (false) value
     /// for the last piece; without, it never mentions the last piece.
@@ -726,6 +728,7 @@ impl Rogue {
                                         (Lie::Phantom, _) | (_, None) => {
                                             (Status::NotFound, 0, Vec::new())
                                         }
+                                        (Lie::Busy, _) => (Status::Busy, 0, Vec::new()),
                                         (_, Some(_)) if !named.contains(&index) => {
                                             (Status::NotFound, 0, Vec::new())
                                         }
@@ -1038,6 +1041,42 @@ fn phantom_and_stalling_members_are_shed_and_the_download_completes() {
     // The origin served the file once (to the seed), whatever the rogues did.
     assert!(s.nginx.bytes_sent() as f64 <= 1.05 * s.len as f64);
     assert!(n1.pid().is_some());
+}
+
+/// A member that claims every piece and answers every request Busy (as a seed spreading its
+/// uploads does for a moment) is banned after `BUSY_LIMIT` (20 s); the scheduler then has the
+/// download fetch what only it held from the origin. Before, the download asked again forever
+/// (Busy was no failure, so no stall deadline ran), at two thirds of a core.
+#[test]
+fn a_member_answering_only_busy_is_banned_and_the_download_goes_to_the_origin() {
+    let s = setup(1, 16, "", "");
+    let rogue = Rogue::start(
+        &s.cluster.ca,
+        s.cluster.scheduler_port,
+        url_task(&s.url),
+        random_bytes(16 * MIB, 7),
+        Lie::Busy,
+    );
+    wait_until(Duration::from_secs(10), "the rogue to announce", || {
+        rogue.announced.load(Ordering::Relaxed) >= 1
+    });
+    let n1 = &s.cluster.nodes[1];
+    let pid = n1.pid().expect("node 1 runs");
+    let cpu0 = cpu_seconds(pid);
+    let started = std::time::Instant::now();
+    s.get_all(&[1]);
+    let took = started.elapsed();
+    let cpu = cpu_seconds(pid) - cpu0;
+    eprintln!(
+        "took {took:?}, {cpu:.1} CPU-s; the rogue was asked {} pieces",
+        rogue.pieces_asked.load(Ordering::Relaxed)
+    );
+    assert_eq!(s.out_sum(1, "out"), s.sum);
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(n1.log().contains("answered only Busy"), "{}", n1.log());
+    assert!(n1.metric("starling_parents_blacklisted_total") >= 1.0);
+    // The origin sent the file once, to node 1.
+    assert!(s.nginx.bytes_sent() as f64 <= 1.05 * s.len as f64);
 }
 
 /// Resident memory of a process, in bytes (VmRSS).

@@ -60,7 +60,15 @@ struct ParentInfo {
     have: Vec<bool>,
     in_engine: bool,
     poller: AbortHandle,
+    /// Since when every answer it gave was Busy (None: it delivered since, or was not asked).
+    busy_since: Option<Instant>,
 }
+
+/// A parent that answers nothing but Busy for this long is dropped and banned for the
+/// download: a seed spreading its uploads says Busy for some pieces for a moment, never for
+/// all of them this long. Counting Busy as no failure at all let a download whose parents
+/// only answered Busy ask again forever, at two thirds of a core, with no stall deadline.
+const BUSY_LIMIT: Duration = Duration::from_secs(20);
 
 /// At the end, how long to wait for a parent to report the sealed content digest.
 const CONTENT_WAIT: Duration = Duration::from_secs(10);
@@ -251,6 +259,7 @@ pub(super) async fn run(
             last_links = Instant::now();
             d.scheduler_silence();
             d.measure_links();
+            d.shed_busy_parents();
             d.replace_slow_parent();
         }
         if d.last_progress.elapsed() >= STALL_LIMIT && d.jobs.is_empty() {
@@ -481,6 +490,7 @@ impl Driver<'_> {
                 have: Vec::new(),
                 in_engine: false,
                 poller: poller.abort_handle(),
+                busy_since: None,
             },
         );
     }
@@ -492,6 +502,28 @@ impl Driver<'_> {
     /// once, offers the others by what they hold that this peer lacks and by their load. Only
     /// when its last answer offered a peer that is not a parent: with no one else to take,
     /// dropping one would only leave the slot empty.
+    /// Drops and bans the parents that answered only Busy for [`BUSY_LIMIT`]. The scheduler
+    /// hears of the ban with the next ask, so what only they hold is fetched elsewhere.
+    fn shed_busy_parents(&mut self) {
+        let stuck: Vec<ParentId> = self
+            .parents
+            .iter()
+            .filter(|(_, p)| p.busy_since.is_some_and(|t| t.elapsed() >= BUSY_LIMIT))
+            .map(|(pid, _)| *pid)
+            .collect();
+        if stuck.is_empty() {
+            return;
+        }
+        for pid in stuck {
+            if let Some(p) = self.parents.get(&pid) {
+                tracing::warn!(parent = %p.peer, secs = BUSY_LIMIT.as_secs(), "banned: it answered only Busy");
+            }
+            self.swarm.ctx.metrics.blacklisted();
+            self.drop_parent(pid, true);
+        }
+        self.update_wanted();
+    }
+
     fn replace_slow_parent(&mut self) {
         if self.active_parents() < self.swarm.ctx.cfg.peer.max_parents || !self.alternative {
             return;
@@ -900,10 +932,21 @@ impl Driver<'_> {
                 }
                 engine.on_piece(done.from, done.piece, done.elapsed, now);
                 self.last_progress = Instant::now();
+                if let Peer::Parent(pid) = done.from {
+                    if let Some(p) = self.parents.get_mut(&pid) {
+                        p.busy_since = None;
+                    }
+                }
             }
             Err(JobError::Fail(f, cause)) => {
                 if f == Failure::Busy {
-                    // A seed spreading its uploads: not a failure.
+                    // A seed spreading its uploads: not a failure, unless it is all the
+                    // parent ever says (see `BUSY_LIMIT`).
+                    if let Peer::Parent(pid) = done.from {
+                        if let Some(p) = self.parents.get_mut(&pid) {
+                            p.busy_since.get_or_insert_with(Instant::now);
+                        }
+                    }
                 } else if let Peer::Parent(pid) = done.from {
                     let who = self.parents.get(&pid).map_or("?", |p| p.peer.as_str());
                     tracing::info!(parent = who, piece = done.piece, cause, "piece failed");
