@@ -42,24 +42,31 @@ impl NodeContext {
     }
 
     /// One GC pass with the configured policy; tasks in use by anyone are never touched.
-    /// Blocking file-system work: call it off the async runtime's workers.
-    pub fn collect_garbage(&self) {
+    /// Blocking file-system work: call it off the async runtime's workers. Returns whether
+    /// the store is still over its high watermark (what is left is in use).
+    pub fn collect_garbage(&self) -> bool {
         match self.store.gc(&self.cfg.gc, SystemTime::now()) {
             Ok(r) => {
-                if let Some(u) = r.after {
-                    self.metrics.store_usage(u.used, u.capacity);
-                }
                 if !r.evicted.is_empty() {
                     tracing::info!(evicted = r.evicted.len(), "garbage collected")
                 }
+                r.after.is_some_and(|u| {
+                    self.metrics.store_usage(u.used, u.capacity);
+                    u.capacity > 0 && u.used as f64 > self.cfg.gc.high_watermark * u.capacity as f64
+                })
             }
-            Err(e) => tracing::warn!(error = %e, "garbage collection failed; continuing"),
+            Err(e) => {
+                tracing::warn!(error = %e, "garbage collection failed; continuing");
+                false
+            }
         }
     }
 
     /// [`NodeContext::collect_garbage`] on the blocking pool.
-    pub async fn collect_garbage_async(self: &Arc<Self>) {
+    pub async fn collect_garbage_async(self: &Arc<Self>) -> bool {
         let me = self.clone();
-        let _ = tokio::task::spawn_blocking(move || me.collect_garbage()).await;
+        tokio::task::spawn_blocking(move || me.collect_garbage())
+            .await
+            .unwrap_or(false)
     }
 }

@@ -235,3 +235,49 @@ fn full_disk_fails_cleanly_keeps_serving_and_never_loses_verified_pieces() {
     );
     drop(disk);
 }
+
+/// A daemon serves every task it fetched (a served task holds a lease, so GC skips it) for
+/// `peer.serve_idle_seconds`, an hour by default. Over budget, it now stops serving the
+/// complete tasks no peer fetched for 10 s, and GC brings the store back under its watermark.
+/// Before, a node that pulled more than its budget kept every task for the hour.
+#[test]
+fn a_daemon_over_its_store_budget_stops_serving_idle_tasks_and_gc_evicts_them() {
+    let origins: Vec<FaultOrigin> = (0..4)
+        .map(|i| FaultOrigin::start(random_bytes(4 * MIB, 40 + i)))
+        .collect();
+    let s = Scratch::new();
+    // 10 MiB budget, collected every second: four 4 MiB tasks are 16 MiB.
+    s.write_config(
+        "[gc]\ncapacity_bytes = 10485760\nhigh_watermark = 0.8\nlow_watermark = 0.5\n\
+         [daemon]\nmetrics_addr = \"\"\ngc_interval_seconds = 1\n",
+    );
+    let d = Daemon::start(&s);
+    for (i, o) in origins.iter().enumerate() {
+        s.get(&o.url("f"), &format!("f{i}"), &[]).ok();
+    }
+    let stored = || -> u64 {
+        s.tasks()
+            .iter()
+            .filter_map(|t| std::fs::metadata(t.join("content")).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    assert!(stored() > 8 * MIB as u64, "{} bytes stored", stored());
+    wait_until(
+        Duration::from_secs(30),
+        "the store back under its high watermark",
+        || stored() <= 8 * MIB as u64,
+    );
+    let log = std::fs::read_to_string(s.path().join("daemon.log")).unwrap_or_default();
+    assert!(log.contains("garbage collected"), "{log}");
+    // The outputs are the user's: untouched.
+    for i in 0..4 {
+        assert_eq!(
+            std::fs::metadata(s.out(&format!("f{i}")))
+                .map(|m| m.len())
+                .ok(),
+            Some(4 * MIB as u64)
+        );
+    }
+    drop(d);
+}

@@ -81,7 +81,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             loop {
                 tick.tick().await;
                 s.expire_served();
-                ctx.collect_garbage_async().await;
+                // Over budget with what is left: stop serving complete tasks no peer asked for
+                // lately (they hold a lease while served), and collect again.
+                if ctx.collect_garbage_async().await && s.shed_served() > 0 {
+                    ctx.collect_garbage_async().await;
+                }
             }
         })
     };

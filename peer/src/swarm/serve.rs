@@ -17,6 +17,10 @@ use futures::future::BoxFuture;
 use super::policy::{Spread, HAVE_WAIT};
 use super::Swarm;
 use crate::core::TaskId;
+
+/// Over the store's budget, a complete task no peer fetched for this long stops being served
+/// (see [`Swarm::shed_served`]).
+const SHED_IDLE: Duration = Duration::from_secs(10);
 use crate::storage::{TaskHandle, UploadView};
 use crate::transport::wire::{HaveReply, Request as Wire, Status};
 use crate::transport::PieceSource;
@@ -132,6 +136,23 @@ impl Swarm {
             s.retain(|_, t| !t.view.is_complete() || t.last_used.elapsed() < idle);
             self.ctx.metrics.set_serving(s.len());
         }
+    }
+
+    /// With the store over its budget: stops serving the complete tasks no peer fetched for
+    /// [`SHED_IDLE`] and nobody reads now, so GC may evict them. Returns how many. (Kept for
+    /// `peer.serve_idle_seconds` otherwise, a node over budget kept them all for an hour.)
+    pub fn shed_served(&self) -> usize {
+        let Ok(mut s) = self.served.tasks.lock() else {
+            return 0;
+        };
+        let before = s.len();
+        s.retain(|_, t| {
+            !t.view.is_complete()
+                || t.last_used.elapsed() < SHED_IDLE
+                || Arc::strong_count(&t.view) > 1
+        });
+        self.ctx.metrics.set_serving(s.len());
+        before - s.len()
     }
 
     pub(crate) fn view(&self, task: &TaskId) -> Option<Arc<UploadView>> {

@@ -42,6 +42,8 @@ struct Sample {
     at: f64,
     /// Per node: (RSS KiB, open descriptors); None while it is down.
     nodes: Vec<Option<(u64, usize)>>,
+    /// Per node: bytes of stored content.
+    stored: Vec<u64>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -138,6 +140,7 @@ pub fn run(a: Args) -> Result<()> {
                         .iter()
                         .map(|n| n.pid().map(|p| (rss_kib(p), fds(p))))
                         .collect(),
+                    stored: cluster.nodes.iter().map(|n| stored(&n.scratch)).collect(),
                 });
             }
             if let Some((peer, at)) = back {
@@ -178,6 +181,18 @@ pub fn run(a: Args) -> Result<()> {
         })
         .sum();
     report(&samples, a.peers);
+    let budget = a.gc_mib * MIB;
+    let late_max = samples
+        .iter()
+        .filter(|s| s.at >= 120.0)
+        .flat_map(|s| s.stored.iter().copied())
+        .max()
+        .unwrap_or(0);
+    println!(
+        "store: at most {:.0} MiB on any node after minute 2, against a budget of {} MiB (GC every 5 s, high watermark 0.85)",
+        late_max as f64 / MIB as f64,
+        a.gc_mib
+    );
     let failures = lock(&failures).clone();
     println!(
         "\ngets verified: {} ({:.1} GiB); interrupted by a peer's kill: {}; failed: {}; peers killed and restarted: {churns}; tasks evicted by the GC: {evictions}",
@@ -191,6 +206,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     if !failures.is_empty() {
         bail!("{} gets failed while their daemon was up", failures.len());
+    }
+    // Tasks in use (downloads, and those served in the last 10 s) may go over the budget for
+    // a while; twice the budget means it is not kept.
+    if late_max > 2 * budget {
+        bail!("a store held {} MiB, over twice its budget", late_max / MIB);
     }
     if evictions == 0 {
         bail!("the GC evicted nothing: no pressure (lower --gc-mib)");
@@ -224,6 +244,15 @@ fn get(socket: &Path, url: &str, out: &Path) -> Result<u64> {
     }
 }
 
+/// Bytes of stored content (every task's `content`) in a node's data directory.
+fn stored(s: &starling_tests::Scratch) -> u64 {
+    s.tasks()
+        .iter()
+        .filter_map(|t| std::fs::metadata(t.join("content")).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -245,14 +274,19 @@ fn fds(pid: u32) -> usize {
 /// change from the second minute (after the first fills) to the end.
 fn report(samples: &[Sample], peers: usize) {
     let watched = [0usize, 1.min(peers)];
-    println!("\n minute | seed RSS MiB, fds | peer 1 RSS MiB, fds");
+    println!("\n minute | seed RSS MiB, fds, store MiB | peer 1 RSS MiB, fds, store MiB");
     for s in samples
         .iter()
         .filter(|s| (s.at as u64).is_multiple_of(60) || s.at < 10.0)
     {
         let cell = |i: usize| match s.nodes.get(i).copied().flatten() {
-            Some((r, f)) => format!("{:7.1} {:5}", r as f64 / 1024.0, f),
-            None => "   down      ".into(),
+            Some((r, f)) => format!(
+                "{:7.1} {:5} {:6.0}",
+                r as f64 / 1024.0,
+                f,
+                s.stored.get(i).copied().unwrap_or(0) as f64 / MIB as f64
+            ),
+            None => "   down             ".into(),
         };
         println!(
             " {:6.1} | {} | {}",
