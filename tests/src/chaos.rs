@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use starling::daemon::api::{ApiEvent, ApiRequest, GetRequest};
+use starling::daemon::api::{ApiEvent, ApiRequest};
 
 use crate::{random_bytes, sha256_bytes, sha256_file, Cluster, Lab, Nginx};
 
@@ -478,18 +478,9 @@ fn worker(st: &PeerState, socket: &Path, out: &Path, url: &str, want: &str, star
         Ok(rt) => rt,
         Err(e) => return fail(st, format!("tokio runtime: {e}")),
     };
-    let req = GetRequest {
-        request: starling::core::Request {
-            url: url.to_string(),
-            digest: None,
-            headers: Default::default(),
-            piece_length: None,
-        },
-        output: out.to_path_buf(),
-        // A hard link where it can, as users get: the corruption below comes only after this
-        // peer's output was checked (a bad disk then reaches a linked output too).
-        no_hardlink: false,
-    };
+    // A hard link where it can, as users get: the corruption comes only after this peer's
+    // output was checked (a bad disk then reaches a linked output too).
+    let req = crate::api_get_request(url, out);
     loop {
         let gen = st.restarts.load(Ordering::SeqCst);
         let answer = rt.block_on(starling::daemon::client_get(socket, &req, |_, d| {

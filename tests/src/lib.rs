@@ -296,6 +296,21 @@ pub fn cpus_to_itself() -> std::sync::RwLockWriteGuard<'static, ()> {
     CPUS.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A local API `get` of `url` (a task named by its URL, the default piece length) into `out`,
+/// hard-linked from the store where it can be.
+pub fn api_get_request(url: &str, out: &Path) -> starling::daemon::api::GetRequest {
+    starling::daemon::api::GetRequest {
+        request: starling::core::Request {
+            url: url.to_string(),
+            digest: None,
+            headers: Default::default(),
+            piece_length: None,
+        },
+        output: out.to_path_buf(),
+        no_hardlink: false,
+    }
+}
+
 /// Waits until something accepts on 127.0.0.1:port.
 pub fn wait_for_port(port: u16, what: &str) {
     wait_for_addr("127.0.0.1", port, what);

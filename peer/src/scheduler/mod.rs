@@ -210,6 +210,27 @@ impl Bits {
         self.count == self.len
     }
 
+    /// ORs `b` into `union` (started empty at `b`'s length); whether the union is complete.
+    fn merge(union: &mut Option<Bits>, b: &Bits) -> bool {
+        let u = union.get_or_insert_with(|| Bits {
+            words: vec![0; b.words.len()],
+            len: b.len,
+            count: 0,
+        });
+        for (u, w) in u.words.iter_mut().zip(&b.words) {
+            *u |= w;
+        }
+        u.count = u.words.iter().map(|w| w.count_ones()).sum();
+        u.complete()
+    }
+
+    /// The indices not set.
+    fn unset(&self) -> Vec<u32> {
+        (0..self.len)
+            .filter(|i| self.words[(*i / 64) as usize] & (1 << (i % 64)) == 0)
+            .collect()
+    }
+
     /// How many pieces these bits hold that `mine` lacks, counting no further than `cap`
     /// (ranking needs no more than [`USEFUL_ENOUGH`]; counting every word of every holder was
     /// most of a parent query's time).
@@ -736,16 +757,7 @@ impl Scheduler {
                 if now.saturating_sub(p.last_seen) > FETCHER_SILENT {
                     continue;
                 }
-                let u = union.get_or_insert_with(|| Bits {
-                    words: vec![0; b.words.len()],
-                    len: b.len,
-                    count: 0,
-                });
-                for (u, w) in u.words.iter_mut().zip(&b.words) {
-                    *u |= w;
-                }
-                u.count = u.words.iter().map(|w| w.count_ones()).sum();
-                if u.complete() {
+                if Bits::merge(&mut union, b) {
                     break;
                 }
             }
@@ -762,10 +774,6 @@ impl Scheduler {
         complete
     }
 
-    /// The pieces of `task` that no live holder held when last worked out (by [`advise`]):
-    /// what a peer told to go to source should fetch. None: nobody holds any of it.
-    ///
-    /// [`advise`]: Scheduler::advise
     /// The union of the bitmaps of `task`'s holders heard from lately, leaving out `banned`
     /// (None: no such holder). Visits every holder: only for requesters that banned someone.
     fn union_without(&self, task: &TaskId, banned: &[PeerId], now: Duration) -> Option<Bits> {
@@ -776,17 +784,7 @@ impl Scheduler {
             if now.saturating_sub(p.last_seen) > FETCHER_SILENT || banned.contains(&p.name) {
                 continue;
             }
-            let u = union.get_or_insert_with(|| Bits {
-                words: vec![0; b.words.len()],
-                len: b.len,
-                count: 0,
-            });
-            for (u, w) in u.words.iter_mut().zip(&b.words) {
-                *u |= w;
-            }
-        }
-        if let Some(u) = &mut union {
-            u.count = u.words.iter().map(|w| w.count_ones()).sum();
+            Bits::merge(&mut union, b);
         }
         union
     }
@@ -799,21 +797,15 @@ impl Scheduler {
         banned: &[PeerId],
         now: Duration,
     ) -> Option<Vec<u32>> {
-        let u = self.union_without(task, banned, now)?;
-        Some(
-            (0..u.len)
-                .filter(|i| u.words[(*i / 64) as usize] & (1 << (i % 64)) == 0)
-                .collect(),
-        )
+        Some(self.union_without(task, banned, now)?.unset())
     }
 
+    /// The pieces of `task` that no live holder held when last worked out (by [`advise`]):
+    /// what a peer told to go to source should fetch. None: nobody holds any of it.
+    ///
+    /// [`advise`]: Scheduler::advise
     pub fn lacking(&self, task: &TaskId) -> Option<Vec<u32>> {
-        let u = self.cover.get(task)?.union.as_ref()?;
-        Some(
-            (0..u.len)
-                .filter(|i| u.words[(*i / 64) as usize] & (1 << (i % 64)) == 0)
-                .collect(),
-        )
+        Some(self.cover.get(task)?.union.as_ref()?.unset())
     }
 
     /// Every peer heard from within the TTL: (name, address, seed), sorted by name.

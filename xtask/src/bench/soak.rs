@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use starling::daemon::api::{ApiEvent, GetRequest};
+use starling::daemon::api::ApiEvent;
 use starling_tests::{sha256_file, Cluster, Nginx};
 
 use super::{make_file, release_build, MIB};
@@ -227,16 +227,7 @@ fn get(socket: &Path, url: &str, out: &Path) -> Result<u64> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let req = GetRequest {
-        request: starling::core::Request {
-            url: url.to_string(),
-            digest: None,
-            headers: Default::default(),
-            piece_length: None,
-        },
-        output: out.to_path_buf(),
-        no_hardlink: false,
-    };
+    let req = starling_tests::api_get_request(url, out);
     match rt.block_on(starling::daemon::client_get(socket, &req, |_, _| {}))? {
         Some(ApiEvent::Done { bytes, .. }) => Ok(bytes),
         Some(ApiEvent::Error { code, message }) => bail!("exit code {code}: {message}"),
