@@ -64,9 +64,9 @@ struct ParentInfo {
     busy_since: Option<Instant>,
 }
 
-/// A parent that answers nothing but Busy for this long is dropped and banned for the
-/// download: a seed spreading its uploads says Busy for some pieces for a moment, never for
-/// all of them this long. Counting Busy as no failure at all let a download whose parents
+/// A parent that answers nothing but Busy for this long, while nothing arrives from anyone,
+/// is dropped and banned for the download: a seed spreading its uploads says Busy for some
+/// pieces for a moment, and its other children feed this one meanwhile. Counting Busy as no failure at all let a download whose parents
 /// only answered Busy ask again forever, at two thirds of a core, with no stall deadline.
 const BUSY_LIMIT: Duration = Duration::from_secs(20);
 
@@ -495,16 +495,14 @@ impl Driver<'_> {
         );
     }
 
-    /// With a partial mesh (more peers than `max_parents`) the parents first chosen are
-    /// those the scheduler knew of at that moment (the first to announce the task), so a few
-    /// peers get every child and the rest none. A parent that delivers far less than the others
-    /// (overloaded, or behind this peer) makes room, one per window; the scheduler, asked at
-    /// once, offers the others by what they hold that this peer lacks and by their load. Only
-    /// when its last answer offered a peer that is not a parent: with no one else to take,
-    /// dropping one would only leave the slot empty.
-    /// Drops and bans the parents that answered only Busy for [`BUSY_LIMIT`]. The scheduler
-    /// hears of the ban with the next ask, so what only they hold is fetched elsewhere.
+    /// Drops and bans the parents that answered only Busy for [`BUSY_LIMIT`] while nothing
+    /// arrived from anyone (a parent busy with other children while the rest of the swarm
+    /// feeds this one is no problem). The scheduler hears of the ban with the next ask, so
+    /// what only they hold is fetched elsewhere.
     fn shed_busy_parents(&mut self) {
+        if self.last_progress.elapsed() < BUSY_LIMIT {
+            return;
+        }
         let stuck: Vec<ParentId> = self
             .parents
             .iter()
@@ -524,6 +522,13 @@ impl Driver<'_> {
         self.update_wanted();
     }
 
+    /// With a partial mesh (more peers than `max_parents`) the parents first chosen are
+    /// those the scheduler knew of at that moment (the first to announce the task), so a few
+    /// peers get every child and the rest none. A parent that delivers far less than the others
+    /// (overloaded, or behind this peer) makes room, one per window; the scheduler, asked at
+    /// once, offers the others by what they hold that this peer lacks and by their load. Only
+    /// when its last answer offered a peer that is not a parent: with no one else to take,
+    /// dropping one would only leave the slot empty.
     fn replace_slow_parent(&mut self) {
         if self.active_parents() < self.swarm.ctx.cfg.peer.max_parents || !self.alternative {
             return;
