@@ -38,8 +38,8 @@ use starling::scheduler::{
     Advice, Announce, Holding, LinkReport, Place, Scheduler, SchedulerConfig,
 };
 use starling::swarm::policy::{
-    engine_config, have_every, Spread, ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON, CLOSING_PIECES,
-    HAVE_EVERY_FIRST, REDIAL_AFTER, REPLACE_WINDOW,
+    engine_config, have_every, rack_group, Spread, ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON,
+    CLOSING_PIECES, HAVE_EVERY_FIRST, REDIAL_AFTER, REPLACE_WINDOW,
 };
 
 use crate::net::{Arrival, End, Net, NetSpec};
@@ -143,6 +143,8 @@ struct Node {
     name: String,
     addr: SocketAddr,
     place: Place,
+    /// The rack tag its piece requests carry (`rack_group`).
+    group: u32,
     seed: bool,
     alive: bool,
     arrive: Duration,
@@ -280,6 +282,7 @@ impl World {
                 Node {
                     name,
                     addr: SocketAddr::from(([10, (h >> 16) as u8, (h >> 8) as u8, h as u8], 7950)),
+                    group: rack_group(&place.zone, &place.rack),
                     place,
                     seed,
                     alive: true,
@@ -411,8 +414,18 @@ impl World {
             + self.sc.arrival_spread
             + Duration::from_secs(60);
         let every_tick = (TICK.as_nanos() / self.dt.as_nanos()).max(1) as u64;
+        // `STARLING_SIM_DUMP_AT=SECONDS`: the unfinished nodes' state at that simulated time.
+        let mut dump_at: Option<Duration> = std::env::var("STARLING_SIM_DUMP_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs_f64);
         loop {
             let now = self.now();
+            if dump_at.is_some_and(|t| now >= t) {
+                dump_at = None;
+                eprintln!("--- at {now:?}");
+                self.debug_dump();
+            }
             while let Some(evs) = self.queue.remove(&self.step) {
                 for ev in evs {
                     self.handle(ev);
@@ -533,12 +546,13 @@ impl World {
             engine_config(&self.cfg.peer, &node.name)
         };
         let spread = node.seed || from_source;
+        let group = node.group;
         let h = &mut self.nodes[n as usize].holds[t as usize];
         h.fetching = from_source;
         let engine = Engine::new(plan, &h.have, ecfg);
         h.serving = true;
         if spread && h.spread.is_none() {
-            h.spread = Some(Spread::new(plan.count()));
+            h.spread = Some(Spread::new(plan.count(), group));
         }
         h.dl = Some(Dl {
             engine,
@@ -581,8 +595,11 @@ impl World {
         let s = self.sched(t);
         let task = self.tasks[t as usize].0;
         self.schedulers[s].expire(now);
+        let node = &self.nodes[n as usize];
+        self.schedulers[s].introduce(&name, node.addr, &node.place, now);
         let answer = self.schedulers[s].advise(&name, &task, want, &exclude, now);
-        let reply = CandidatesReply::of(&self.schedulers[s], &task, answer, now);
+        let mut reply = CandidatesReply::of(&self.schedulers[s], &task, answer, now);
+        reply.gateway = self.schedulers[s].is_gateway(&name, &task);
         self.count_call();
         let rtt = self.sc.rtt;
         self.after(rtt, Ev::Reply { n, t, reply });
@@ -607,6 +624,16 @@ impl World {
         }
         if let Some(d) = self.dl_mut(n, t) {
             d.engine.source_by_scheduler(says, r.lacking.as_deref());
+        }
+        // Its rack's gateway spreads what it serves, as the daemon does.
+        if r.gateway {
+            let pieces = self.tasks[t as usize].1.count();
+            let node = &mut self.nodes[n as usize];
+            let group = node.group;
+            if let Some(h) = node.holds.get_mut(t as usize) {
+                h.spread
+                    .get_or_insert_with(|| Spread::for_rack(pieces, group));
+            }
         }
         match &r.advice {
             Advice::Source => {
@@ -883,13 +910,14 @@ impl World {
         }
         let rtt = self.rtt(n, q);
         let at = self.base + now;
+        let group = self.nodes[n as usize].group;
         let h = &mut self.nodes[q as usize].holds[t as usize];
         if !h.have[piece as usize] {
             self.after(rtt, fail(Failure::Refused));
             return;
         }
         if let Some(s) = &mut h.spread {
-            if !s.admit(piece, n, at) {
+            if !s.admit(piece, n, group, at) {
                 self.after(rtt, fail(Failure::Busy));
                 return;
             }

@@ -248,6 +248,7 @@ fn body(load: Load, i: u64, o: &Opts, tasks: &[TaskId]) -> (Vec<u8>, Option<Task
                 look: false,
                 banned: Vec::new(),
                 holds: 0,
+                place: None,
             };
             (serde_json::to_vec(&call).expect("json"), Some(tasks[t]))
         }

@@ -334,6 +334,11 @@ pub struct Scheduler {
     calls: u64,
     /// Per task, what the live holders hold between them, and when that was worked out.
     cover: HashMap<TaskId, Cover>,
+    /// The peers in each labelled rack (those with a non-empty `rack`).
+    racks: HashMap<Place, Vec<Slot>>,
+    /// Per task and rack, the one member that takes the task from outside the rack (see
+    /// [`Scheduler::gateway`]).
+    gateways: HashMap<TaskId, HashMap<Place, Slot>>,
 }
 
 /// A fetcher (or holder) not heard from for this long counts as gone when deciding who goes
@@ -384,6 +389,8 @@ impl Scheduler {
             swept: None,
             calls: 0,
             cover: HashMap::new(),
+            racks: HashMap::new(),
+            gateways: HashMap::new(),
         }
     }
 
@@ -444,9 +451,15 @@ impl Scheduler {
         let Some(p) = self.slots[slot as usize].as_mut() else {
             return;
         };
+        if p.place != a.place {
+            let old = std::mem::replace(&mut p.place, a.place.clone());
+            self.move_rack(slot, &old, &a.place);
+        }
+        let Some(p) = self.slots[slot as usize].as_mut() else {
+            return;
+        };
         p.addr = a.addr;
         p.seed = a.seed;
-        p.place = a.place;
         p.upload_capacity = a.upload_capacity.max(0.0);
         p.uploads = a.uploads;
         p.last_seen = now;
@@ -498,6 +511,131 @@ impl Scheduler {
         }
     }
 
+    /// A requester not yet heard from (it asks before its first announcement reaches this
+    /// scheduler) is registered with its place, holding nothing, so that its first call is
+    /// already answered for its rack. Its announcements fill in the rest.
+    pub fn introduce(&mut self, peer: &str, addr: SocketAddr, place: &Place, now: Duration) {
+        if place.rack.is_empty() || self.ids.contains_key(peer) {
+            return;
+        }
+        self.announce(
+            Announce {
+                peer: peer.to_string(),
+                addr,
+                seed: false,
+                place: place.clone(),
+                upload_capacity: 0.0,
+                uploads: 0,
+                tasks: Vec::new(),
+                links: Vec::new(),
+                fetching: Vec::new(),
+            },
+            now,
+        );
+    }
+
+    /// Files `slot` under its new rack (an empty rack label files it nowhere).
+    fn move_rack(&mut self, slot: Slot, from: &Place, to: &Place) {
+        if !from.rack.is_empty() {
+            if let Some(v) = self.racks.get_mut(from) {
+                v.retain(|s| *s != slot);
+                if v.is_empty() {
+                    self.racks.remove(from);
+                }
+            }
+        }
+        if !to.rack.is_empty() {
+            self.racks.entry(to.clone()).or_default().push(slot);
+        }
+    }
+
+    /// The member of `place`'s rack that takes `task` from outside the rack; the others take
+    /// it only from their rack. The spine then carries each piece into a rack about once, and
+    /// the rack's members pass it among themselves at their own links' speed (the gateway's
+    /// download is one host's link, as fast as any member's).
+    ///
+    /// A seed in the rack that holds or fetches the task is its gateway. Otherwise the gateway
+    /// stays while it is heard from (within [`FETCHER_SILENT`]) and takes part in the task;
+    /// then the live member holding the most of it takes over, or `me` (the requester, which
+    /// is live: it asks now).
+    fn gateway(&mut self, task: &TaskId, me: Slot, place: &Place, now: Duration) -> Slot {
+        let fetcher = self.fetchers.get(task).map(|(who, _)| who.as_str());
+        let taking_part = |s: &Scheduler, g: Slot| {
+            s.at(g).is_some_and(|p| {
+                p.place == *place
+                    && now.saturating_sub(p.last_seen) <= FETCHER_SILENT
+                    && (p.tasks.contains(task)
+                        || fetcher == Some(p.name.as_str())
+                        || s.joining.get(task).is_some_and(|j| j.contains_key(&g)))
+            })
+        };
+        let current = self.gateways.get(task).and_then(|g| g.get(place)).copied();
+        let is_seed = |s: &Scheduler, g: Slot| s.at(g).is_some_and(|p| p.seed);
+        if let Some(g) = current.filter(|g| is_seed(self, *g) && taking_part(self, *g)) {
+            return g;
+        }
+        let members = self.racks.get(place).map_or(&[][..], Vec::as_slice);
+        let seed = members
+            .iter()
+            .copied()
+            .find(|s| is_seed(self, *s) && taking_part(self, *s));
+        if let Some(g) = seed.or(current.filter(|g| *g == me || taking_part(self, *g))) {
+            self.gateways
+                .entry(*task)
+                .or_default()
+                .insert(place.clone(), g);
+            return g;
+        }
+        let pool = self.holders.get(task);
+        let best = members
+            .iter()
+            .filter_map(|s| Some((pool?.get(*s)?.count, *s)))
+            .filter(|(count, s)| *count > 0 && taking_part(self, *s))
+            .max();
+        let g = best.map_or(me, |(_, s)| s);
+        self.gateways
+            .entry(*task)
+            .or_default()
+            .insert(place.clone(), g);
+        g
+    }
+
+    /// Whether `peer` is its labelled rack's gateway for `task`.
+    pub fn is_gateway(&self, peer: &str, task: &TaskId) -> bool {
+        let Some(&me) = self.ids.get(peer) else {
+            return false;
+        };
+        self.at(me).is_some_and(|p| {
+            !p.place.rack.is_empty()
+                && self
+                    .gateways
+                    .get(task)
+                    .and_then(|g| g.get(&p.place))
+                    .is_some_and(|g| *g == me)
+        })
+    }
+
+    /// Whether `requester` is in a labelled rack whose gateway for `task` is another member.
+    fn behind_gateway(&self, requester: &str, task: &TaskId) -> bool {
+        let Some(&me) = self.ids.get(requester) else {
+            return false;
+        };
+        let Some(p) = self.at(me).filter(|p| !p.place.rack.is_empty()) else {
+            return false;
+        };
+        self.behind(task, me, &p.place)
+    }
+
+    /// Whether the peer in `slot`, at `place`, is behind another member's gateway for `task`.
+    fn behind(&self, task: &TaskId, slot: Slot, place: &Place) -> bool {
+        !place.rack.is_empty()
+            && self
+                .gateways
+                .get(task)
+                .and_then(|g| g.get(place))
+                .is_some_and(|g| *g != slot)
+    }
+
     /// Whether the scheduler holds `peer`'s full bitmap for `task` (else the peer must re-send
     /// it in full, e.g. after a scheduler restart).
     pub fn knows(&self, peer: &str, task: &TaskId) -> bool {
@@ -531,6 +669,11 @@ impl Scheduler {
                         pool.remove(s as Slot);
                     }
                 }
+                self.move_rack(s as Slot, &p.place, &Place::default());
+                for g in self.gateways.values_mut() {
+                    g.retain(|_, g| *g != s as Slot);
+                }
+                self.gateways.retain(|_, g| !g.is_empty());
                 self.ids.remove(&p.name);
                 self.free.push(s as Slot);
                 continue;
@@ -601,6 +744,8 @@ impl Scheduler {
         now: Duration,
     ) -> (Vec<Candidate>, Advice) {
         let parents = self.candidates(requester, task, max, exclude, now);
+        // A rack member behind its gateway is not sent to a seed elsewhere: the gateway is.
+        let behind = self.behind_gateway(requester, task);
         if let Some(&s) = self.ids.get(requester) {
             if !self.at(s).is_some_and(|p| p.tasks.contains(task)) {
                 self.joining.entry(*task).or_default().insert(s, now);
@@ -665,7 +810,7 @@ impl Scheduler {
             _ if who == requester => Advice::Source,
             // Parents hold what they hold; the fetcher adds the rest as it goes.
             _ if held => Advice::Parents,
-            Some(p) if p.seed => Advice::AskSeed {
+            Some(p) if p.seed && !behind => Advice::AskSeed {
                 peer: who.to_string(),
                 addr: p.addr,
             },
@@ -698,7 +843,7 @@ impl Scheduler {
         let advice = match advice(self, &chosen) {
             // A seed chosen while others hold parts is ordered all the same: it fetches what
             // is missing and serves it.
-            Advice::Parents if chosen != requester => match self.peer(&chosen) {
+            Advice::Parents if chosen != requester && !behind => match self.peer(&chosen) {
                 Some(p) if p.seed => Advice::AskSeed {
                     peer: chosen.clone(),
                     addr: p.addr,
@@ -868,6 +1013,17 @@ impl Scheduler {
     ) -> Vec<Candidate> {
         self.calls += 1;
         let me = self.ids.get(requester).copied();
+        // A member of a labelled rack behind another member (its gateway) ranks only its
+        // rack's members; the gateway ranks everyone but the members of its rack that hold
+        // nothing new to it (what they get comes through it).
+        let (rack_only, gateway_of) = match me
+            .and_then(|s| Some((s, self.at(s)?.place.clone())))
+            .filter(|(_, place)| !place.rack.is_empty())
+        {
+            Some((s, place)) if self.gateway(task, s, &place, now) == s => (None, Some(place)),
+            Some((_, place)) => (Some(place), None),
+            None => (None, None),
+        };
         let me_state = me.and_then(|s| self.at(s));
         let pool = self.holders.get(task);
         let mine = me.and_then(|s| pool?.get(s));
@@ -906,32 +1062,61 @@ impl Scheduler {
             .unwrap_or_default();
         // In slot order, so that the same calls give the same answers.
         joiners.sort_unstable();
-        let total = held.len() + joiners.len();
-        let (start, take) = if total > SCAN_AT_MOST {
-            (
-                (mix(my_hash ^ self.calls) % total as u64) as usize,
-                SCAN_AT_MOST,
-            )
-        } else {
-            (0, total)
+        // What to rank: each peer with the index of its bitmap in the pool (None: joining).
+        let scan: Vec<(Slot, Option<usize>)> = match &rack_only {
+            Some(place) => self
+                .racks
+                .get(place)
+                .into_iter()
+                .flatten()
+                .filter_map(|s| match pool.and_then(|pl| pl.at.get(s)) {
+                    Some(i) => Some((*s, Some(*i))),
+                    None => joiners.binary_search(s).is_ok().then_some((*s, None)),
+                })
+                .collect(),
+            None => {
+                let total = held.len() + joiners.len();
+                let (start, take) = if total > SCAN_AT_MOST {
+                    (
+                        (mix(my_hash ^ self.calls) % total as u64) as usize,
+                        SCAN_AT_MOST,
+                    )
+                } else {
+                    (0, total)
+                };
+                (0..take)
+                    .map(|k| {
+                        let i = (start + k) % total;
+                        match held.get(i) {
+                            Some(s) => (*s, Some(i)),
+                            None => (joiners[i - held.len()], None),
+                        }
+                    })
+                    .collect()
+            }
         };
-        let mut ranked: Vec<(f64, u64, Slot, u32)> = Vec::with_capacity(take.min(4096));
-        for k in 0..take {
-            let i = (start + k) % total;
-            let (slot, joined) = match held.get(i) {
-                Some(s) => (*s, false),
-                None => (joiners[i - held.len()], true),
-            };
+        let mut ranked: Vec<(f64, u64, Slot, u32)> = Vec::with_capacity(scan.len());
+        for (slot, at) in scan {
+            let joined = at.is_none();
             if Some(slot) == me || excluded.contains(&slot) {
                 continue;
             }
             let Some(p) = self.at(slot) else { continue };
-            let have = (!joined).then(|| pool.map(|pl| &pl.bits[i])).flatten();
+            let have = at.and_then(|i| pool.map(|pl| &pl.bits[i]));
             let useful = have.map_or(0, |h| h.useful_capped(mine, USEFUL_ENOUGH));
             // A holder with nothing new is still worth watching while it downloads (at the
             // start, a seed that has verified nothing yet); a complete one is not.
             if useful == 0 && !joined && have.is_some_and(Bits::complete) {
                 continue;
+            }
+            if let Some(m) = &gateway_of {
+                // To a gateway, a member of its own rack, or one behind another rack's
+                // gateway, matters only once it holds something new: until then what it gets
+                // is what the gateways get.
+                let behind = self.behind(task, slot, &p.place);
+                if useful == 0 && (*m == p.place || behind) {
+                    continue;
+                }
             }
             let load = p.uploads as f64 + p.assigned.len() as f64;
             let spare = 1.0 / (1.0 + load / self.cfg.fanout);
@@ -961,6 +1146,19 @@ impl Scheduler {
                 Some(m) if useful > 0 => m.affinity(&p.place),
                 _ => 1.0,
             };
+            // Another rack's gateway (not a seed) spends its upload on its own rack, whose only
+            // way in it is: a gateway takes from the other racks' members first.
+            let near = match &gateway_of {
+                Some(m)
+                    if !p.seed
+                        && !p.place.rack.is_empty()
+                        && p.place != *m
+                        && !self.behind(task, slot, &p.place) =>
+                {
+                    near * OTHER_GATEWAY
+                }
+                _ => near,
+            };
             let score = value * spare * link * near;
             ranked.push((score, mix(my_hash ^ p.hash), slot, useful));
         }
@@ -968,25 +1166,6 @@ impl Scheduler {
             b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
         };
         ranked.sort_by(order);
-        if let Some(m) = my_place.filter(|m| !m.rack.is_empty()) {
-            // At most REMOTE_PARENTS parents outside the requester's rack (counting those it
-            // has), while its rack offers enough: the spine then carries each piece into a
-            // rack a few times, and the rack's members pass it among themselves.
-            let remote = |s: Slot| self.at(s).is_some_and(|p| p.place.rack != m.rack);
-            let has_remote = excluded.iter().filter(|s| remote(**s)).count();
-            let local = ranked.iter().filter(|r| !remote(r.2)).count();
-            let mut budget = REMOTE_PARENTS
-                .saturating_sub(has_remote)
-                .max(max.saturating_sub(local));
-            ranked.retain(|r| {
-                if !remote(r.2) {
-                    return true;
-                }
-                let keep = budget > 0;
-                budget = budget.saturating_sub(1);
-                keep
-            });
-        }
         ranked.truncate(max);
         let mut out = Vec::with_capacity(ranked.len());
         for (score, _, slot, _) in ranked {
@@ -1010,7 +1189,7 @@ impl Scheduler {
 }
 
 /// Where a node sits, from its config's `[peer] zone` and `rack` labels (empty: unknown).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Place {
     #[serde(default)]
     pub zone: String,
@@ -1035,8 +1214,8 @@ impl Place {
     }
 }
 
-/// Parents a requester with a rack label gets outside its rack, while the rack offers enough.
-const REMOTE_PARENTS: usize = 2;
+/// How another rack's gateway ranks, to a gateway, against that rack's other members.
+const OTHER_GATEWAY: f64 = 0.1;
 
 /// How a parent in the requester's rack ranks against one elsewhere in its zone.
 const SAME_RACK: f64 = 4.0;

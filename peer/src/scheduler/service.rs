@@ -38,6 +38,10 @@ pub struct CandidatesCall {
     /// Pieces the requester holds of the task (0 from older peers).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub holds: u32,
+    /// Where the requester sits, for a scheduler that has not had its first announcement yet
+    /// (a flash crowd asks before it announces). Absent from older peers' calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<crate::scheduler::Place>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -58,6 +62,11 @@ pub struct CandidatesReply {
     /// With `look`: per holder (at most [`MAX_HOLDINGS`]), its pieces held and the pieces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holdings: Vec<(PeerId, u32, u32)>,
+    /// The requester is its rack's gateway for the task (see `Scheduler::gateway`): it
+    /// spreads what it serves like a seed, each piece to one member at a time, so the members
+    /// pass pieces among themselves instead of all taking each from it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gateway: bool,
     /// With `Wait`: the task waits for a fetcher slot (the origin is at its limit); keep
     /// asking, and do not go to source on a timer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -90,6 +99,7 @@ impl CandidatesReply {
             parents,
             advice,
             lacking,
+            gateway: false,
             holders: None,
             holdings: Vec::new(),
             peers: Vec::new(),
@@ -167,6 +177,7 @@ impl SchedulerService {
                 lacking: None,
                 queued: false,
                 source_mbps: None,
+                gateway: false,
                 holders: Some(s.holders(task)),
                 holdings: s.holdings(task, MAX_HOLDINGS),
                 peers: s.live_peers(),
@@ -176,10 +187,15 @@ impl SchedulerService {
         let exclude = &call.exclude[..call.exclude.len().min(MAX_EXCLUDE)];
         let banned = &call.banned[..call.banned.len().min(MAX_EXCLUDE)];
         self.with(|s| {
+            // (A peer's ID is the address it advertises.)
+            if let (Some(place), Ok(addr)) = (&call.place, call.peer.parse()) {
+                s.introduce(&call.peer, addr, place, now);
+            }
             // Already in the swarm: it holds pieces, or has (or just had) parents.
             let joined = call.holds > 0 || !call.exclude.is_empty();
             let answer = s.advise_banning(&call.peer, task, max, exclude, banned, joined, now);
             let mut reply = CandidatesReply::of(s, task, answer, now);
+            reply.gateway = s.is_gateway(&call.peer, task);
             if reply.advice == Advice::Source && !banned.is_empty() {
                 reply.lacking = s.lacking_without(task, banned, now);
             }

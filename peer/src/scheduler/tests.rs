@@ -535,3 +535,93 @@ fn at_most_max_fetchers_tasks_read_the_origin_and_the_rest_wait_their_turn() {
     assert!(!s.is_queued(&tasks[2]));
     assert_eq!(s.advise(&peer(3), &tasks[3], 4, &[], 3 * S).1, Advice::Wait);
 }
+
+fn racked(peer: &str, n: u16, seed: bool, have: Vec<bool>, rack: &str) -> Announce {
+    Announce {
+        place: Place {
+            zone: "z".into(),
+            rack: rack.into(),
+        },
+        ..ann(peer, n, seed, have)
+    }
+}
+
+#[test]
+fn one_member_per_rack_takes_a_task_from_outside_and_the_others_take_it_from_the_rack() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    let t0 = Duration::ZERO;
+    // The seed in rack r0; two racks of three peers, nothing held yet.
+    s.announce(racked("seed", 0, true, vec![true; 8], "r0"), t0);
+    for (i, name) in ["a1", "a2", "a3"].into_iter().enumerate() {
+        s.announce(racked(name, 1 + i as u16, false, vec![false; 8], "ra"), t0);
+    }
+    for (i, name) in ["b1", "b2", "b3"].into_iter().enumerate() {
+        s.announce(racked(name, 10 + i as u16, false, vec![false; 8], "rb"), t0);
+    }
+    // The first of each rack to ask is its gateway: the seed is its parent, and it is told to
+    // order the seed as usual. Another rack's gateway ranks below the seed, and the members
+    // behind it, holding nothing yet, are not offered.
+    let (c, _) = s.advise("b1", &task(), 8, &[], t0);
+    assert_eq!(names(&c)[0], "seed");
+    let (c, advice) = s.advise("a1", &task(), 8, &[], t0);
+    assert_eq!(names(&c), vec!["seed", "b1"]);
+    assert!(matches!(advice, Advice::Parents | Advice::AskSeed { .. }));
+    // Everyone else gets parents in its rack only (the gateway among them), and is never sent
+    // to the seed in another rack.
+    for (me, rack) in [("a2", "a"), ("a3", "a"), ("b2", "b"), ("b3", "b")] {
+        let (c, advice) = s.advise(me, &task(), 8, &[], t0);
+        assert!(!c.is_empty(), "{me} got no parent");
+        for p in names(&c) {
+            assert!(p.starts_with(rack), "{me} was offered {p}");
+        }
+        assert!(
+            !matches!(advice, Advice::AskSeed { .. }),
+            "{me} was sent to the seed"
+        );
+    }
+    // A gateway is not offered its own rack's members while they hold nothing it lacks.
+    let (c, _) = s.advise("a1", &task(), 8, &["seed".into()], t0);
+    assert!(
+        !names(&c).iter().any(|p| p.starts_with('a')),
+        "{:?}",
+        names(&c)
+    );
+
+    // A gateway that goes quiet is replaced by the live member holding the most.
+    let mut half = vec![false; 8];
+    half[..4].fill(true);
+    s.announce(racked("a2", 2, false, half, "ra"), 10 * S);
+    s.announce(racked("a3", 3, false, vec![false; 8], "ra"), 10 * S);
+    s.announce(racked("seed", 0, true, vec![true; 8], "r0"), 10 * S);
+    let (c, _) = s.advise("a3", &task(), 8, &[], 10 * S);
+    assert_eq!(names(&c)[0], "a2", "a3 stays in the rack");
+    assert!(
+        names(&c).iter().all(|p| p.starts_with('a')),
+        "{:?}",
+        names(&c)
+    );
+    let (c, _) = s.advise("a2", &task(), 8, &[], 10 * S);
+    assert!(names(&c).contains(&"seed"), "{:?}", names(&c));
+}
+
+#[test]
+fn a_seed_in_a_rack_is_its_gateway_and_a_first_call_before_any_announcement_is_placed() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    let t0 = Duration::ZERO;
+    s.announce(racked("seed", 0, true, vec![true; 8], "r0"), t0);
+    s.announce(racked("a", 1, false, vec![false; 8], "r0"), t0);
+    // `b` asks before its first announcement: its call names its rack.
+    let place = Place {
+        zone: "z".into(),
+        rack: "r0".into(),
+    };
+    s.introduce("127.0.0.1:7002", addr(2), &place, t0);
+    let (c, advice) = s.advise("127.0.0.1:7002", &task(), 8, &[], t0);
+    assert!(names(&c).contains(&"seed"), "{:?}", names(&c));
+    assert!(!matches!(advice, Advice::AskSeed { .. }));
+    let (c, _) = s.advise("a", &task(), 8, &[], t0);
+    assert!(names(&c).contains(&"seed"), "{:?}", names(&c));
+    // No rack label: no introduction (it would only add an empty peer).
+    s.introduce("127.0.0.1:7003", addr(3), &Place::default(), t0);
+    assert_eq!(s.peers(), 3);
+}

@@ -352,6 +352,9 @@ impl Driver<'_> {
         }
         self.source_says = says;
         self.lacking = r.lacking.clone();
+        if r.gateway {
+            self.swarm.spread_for_rack(&self.id);
+        }
         if let Some(e) = &mut self.engine {
             e.source_by_scheduler(says, self.lacking.as_deref());
         }
@@ -868,28 +871,28 @@ impl Driver<'_> {
         };
         let progress = self.progress.clone();
         let id = self.id;
+        let group = self.swarm.group;
         let started = Instant::now();
-        let fut: futures::future::BoxFuture<'static, Result<(), JobError>> =
-            match from {
-                Peer::Parent(pid) => {
-                    let conn = self.parents.get(&pid).and_then(|p| p.conn.clone());
-                    match (conn, link) {
-                        (Some(conn), Some(link)) => Box::pin(async move {
-                            from_parent(conn, id, task, link, alt, progress).await
-                        }),
-                        // Not connected (yet), or no values to check against: a refusal.
-                        _ => Box::pin(async { Err(JobError::Fail(Failure::Refused, "refused")) }),
-                    }
+        let fut: futures::future::BoxFuture<'static, Result<(), JobError>> = match from {
+            Peer::Parent(pid) => {
+                let conn = self.parents.get(&pid).and_then(|p| p.conn.clone());
+                match (conn, link) {
+                    (Some(conn), Some(link)) => Box::pin(async move {
+                        from_parent(conn, id, group, task, link, alt, progress).await
+                    }),
+                    // Not connected (yet), or no values to check against: a refusal.
+                    _ => Box::pin(async { Err(JobError::Fail(Failure::Refused, "refused")) }),
                 }
-                Peer::Source => {
-                    let origin = self.origin.clone();
-                    let url = self.req.url.clone();
-                    let feed = self.chainer.as_ref().map(Chainer::feed).unwrap_or_default();
-                    Box::pin(async move {
-                        from_source(origin, url, task, piece, link, feed, progress).await
-                    })
-                }
-            };
+            }
+            Peer::Source => {
+                let origin = self.origin.clone();
+                let url = self.req.url.clone();
+                let feed = self.chainer.as_ref().map(Chainer::feed).unwrap_or_default();
+                Box::pin(async move {
+                    from_source(origin, url, task, piece, link, feed, progress).await
+                })
+            }
+        };
         // In the task's span, so a source request's span is the task's child.
         let h = self.jobs.spawn(
             async move {

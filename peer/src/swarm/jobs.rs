@@ -175,6 +175,7 @@ pub(super) async fn poll_parent(
 pub(super) async fn from_parent(
     conn: Parent,
     task_id: TaskId,
+    group: u32,
     task: Arc<TaskHandle>,
     link: Link,
     alt: Option<ChainValue>,
@@ -185,7 +186,7 @@ pub(super) async fn from_parent(
         .piece(link.index)
         .ok_or(JobError::Fail(Failure::Refused, "refused"))?;
     let chunks = conn
-        .piece(task_id, piece.index)
+        .piece(task_id, piece.index, group)
         .await
         .map_err(|e| match e {
             TransportError::Refused(Status::Busy) => JobError::Fail(Failure::Busy, "busy"),

@@ -107,6 +107,8 @@ pub struct Swarm {
     downloads: inventory::Downloads,
     /// Preheat jobs this daemon runs.
     preheats: preheat::Jobs,
+    /// This node's rack tag ([`policy::rack_group`]), sent with piece requests.
+    group: u32,
 }
 
 impl Swarm {
@@ -136,6 +138,7 @@ impl Swarm {
         let cookie = node.socket_cookie();
         let addr = advertise(cfg, node.local_addr()?, first_scheduler);
         let swarm = Arc::new(Swarm {
+            group: policy::rack_group(&cfg.peer.zone, &cfg.peer.rack),
             me: addr.to_string(),
             addr,
             schedulers,

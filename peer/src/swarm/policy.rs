@@ -107,15 +107,38 @@ pub const SPREAD_IN_FLIGHT_MAX: Duration = Duration::from_secs(60);
 /// most [`SPREAD_HOLDS`] deliveries, after which it goes to whoever asks; and a peer that has
 /// been sent more than a whole copy (a *hog*: an honest child takes each piece once) gets a
 /// slot only while two are free, so one is always left for the others.
+///
+/// In a labelled rack (`group`, see [`rack_group`]) a piece is held separately for the
+/// requesters in the holder's rack and for those outside it: the scheduler keeps a rack's
+/// members (all but its gateway) on parents in the rack, so a piece delivered to another
+/// rack's gateway is out of their reach, and holding it from them stalled the rack for the
+/// whole hold.
 pub struct Spread<K = SocketAddr> {
-    last_sent: Vec<Option<Sent<K>>>,
-    /// Holds each piece has had (deliveries that started one).
-    holds: Vec<u8>,
+    /// The holder's rack group (0: unlabelled, one scope for everyone).
+    home: u32,
+    /// Only requesters in the holder's rack are held to these rules (a rack's gateway: the
+    /// other racks' gateways take from it freely).
+    rack_only: bool,
+    /// Per piece, the last send outside the holder's rack (or to anyone, unlabelled) and the
+    /// last inside it.
+    last_sent: Vec<[Option<Sent<K>>; 2]>,
+    /// Holds each piece has had per scope (deliveries that started one).
+    holds: Vec<[u8; 2]>,
     /// Peers with sends in flight: how many, and when the latest began.
     sending: Vec<(K, u32, Instant)>,
     /// Pieces sent per peer (at most [`SPREAD_TRACKED`] peers; past that, new peers count as
     /// new).
     sent_to: std::collections::HashMap<K, u32>,
+}
+
+/// A rack's tag in piece requests (see [`Spread`]): a hash of its zone and rack labels, never
+/// 0; 0 for a node without a rack label.
+pub fn rack_group(zone: &str, rack: &str) -> u32 {
+    if rack.is_empty() {
+        return 0;
+    }
+    let d = crate::core::Digest::of(format!("{zone}\n{rack}").as_bytes());
+    u32::from_le_bytes([d.0[0], d.0[1], d.0[2], d.0[3]]).max(1)
 }
 
 /// Peers a sole holder sends to at once.
@@ -136,28 +159,48 @@ struct Sent<K> {
 }
 
 impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
-    pub fn new(pieces: u32) -> Spread<K> {
+    pub fn new(pieces: u32, home: u32) -> Spread<K> {
         Spread {
-            last_sent: vec![None; pieces as usize],
-            holds: vec![0; pieces as usize],
+            home,
+            rack_only: false,
+            last_sent: vec![[None; 2]; pieces as usize],
+            holds: vec![[0; 2]; pieces as usize],
             sending: Vec::new(),
             sent_to: std::collections::HashMap::new(),
         }
     }
 
-    /// Whether to send `index` to `to` now (and record it).
-    pub fn admit(&mut self, index: u32, to: K, now: Instant) -> bool {
+    /// The rules of a rack's gateway: they hold for the members of its rack (`home`, not 0)
+    /// only.
+    pub fn for_rack(pieces: u32, home: u32) -> Spread<K> {
+        Spread {
+            rack_only: home != 0,
+            ..Spread::new(pieces, home)
+        }
+    }
+
+    /// Whether to send `index` to `to`, a requester in rack `group` (0: unlabelled), now
+    /// (and record it).
+    pub fn admit(&mut self, index: u32, to: K, group: u32, now: Instant) -> bool {
         let pieces = self.last_sent.len() as u32;
-        let Some(last) = self.last_sent.get_mut(index as usize) else {
+        let scope = usize::from(self.home != 0 && group == self.home);
+        if self.rack_only && scope == 0 {
+            return true;
+        }
+        let Some(lasts) = self.last_sent.get_mut(index as usize) else {
             return true;
         };
-        let held = last.is_some_and(|s| {
-            s.to != to
-                && match s.delivered {
-                    Some(d) => now.saturating_duration_since(d) < SPREAD_HOLD,
-                    None => now.saturating_duration_since(s.since) < SPREAD_IN_FLIGHT_MAX,
-                }
-        });
+        let holds = |s: &Option<Sent<K>>| {
+            s.is_some_and(|s| {
+                s.to != to
+                    && match s.delivered {
+                        Some(d) => now.saturating_duration_since(d) < SPREAD_HOLD,
+                        None => now.saturating_duration_since(s.since) < SPREAD_IN_FLIGHT_MAX,
+                    }
+            })
+        };
+        let held = holds(&lasts[scope]);
+        let last = &mut lasts[scope];
         if held {
             return false;
         }
@@ -194,11 +237,14 @@ impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
                 self.sending.swap_remove(i);
             }
         }
-        let Some(last) = self.last_sent.get_mut(index as usize) else {
+        let Some(lasts) = self.last_sent.get_mut(index as usize) else {
             return;
         };
-        if let Some(s) = last.filter(|s| s.to == to && s.delivered.is_none()) {
-            let hold = &mut self.holds[index as usize];
+        for (scope, last) in lasts.iter_mut().enumerate() {
+            let Some(s) = last.filter(|s| s.to == to && s.delivered.is_none()) else {
+                continue;
+            };
+            let hold = &mut self.holds[index as usize][scope];
             // Past its holds, a delivered piece is not held again: anyone may have it.
             *last = (delivered && *hold < SPREAD_HOLDS).then_some(Sent {
                 delivered: Some(now),
@@ -224,48 +270,57 @@ mod tests {
         );
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut s: Spread = Spread::new(3);
-        assert!(s.admit(0, a, at(0)));
-        assert!(!s.admit(0, b, at(0)), "0 to another peer at once");
-        assert!(s.admit(0, a, at(0)), "the same peer asking again is served");
-        assert!(s.admit(1, b, at(0)) && s.admit(2, b, at(0)));
-        assert!(!s.admit(1, a, at(0)) && !s.admit(2, a, at(0)));
+        let mut s: Spread = Spread::new(3, 0);
+        assert!(s.admit(0, a, 0, at(0)));
+        assert!(!s.admit(0, b, 0, at(0)), "0 to another peer at once");
+        assert!(
+            s.admit(0, a, 0, at(0)),
+            "the same peer asking again is served"
+        );
+        assert!(s.admit(1, b, 0, at(0)) && s.admit(2, b, 0, at(0)));
+        assert!(!s.admit(1, a, 0, at(0)) && !s.admit(2, a, 0, at(0)));
         // Still in flight long after the hold: nobody else gets it.
-        assert!(!s.admit(0, b, at(30)), "in flight");
+        assert!(!s.admit(0, b, 0, at(30)), "in flight");
         // Delivered at 30 s: held for SPREAD_HOLD, then it may go again (its receiver may have
         // died without passing it on).
         s.ended(0, a, true, at(30));
         let hold = super::SPREAD_HOLD.as_secs();
-        assert!(!s.admit(0, b, at(30 + hold - 1)));
-        assert!(s.admit(0, b, at(30 + hold + 1)));
+        assert!(!s.admit(0, b, 0, at(30 + hold - 1)));
+        assert!(s.admit(0, b, 0, at(30 + hold + 1)));
         // A failed send frees the piece at once.
         s.ended(1, b, false, at(1));
-        assert!(s.admit(1, a, at(1)));
+        assert!(s.admit(1, a, 0, at(1)));
         // An end reported for someone else's send changes nothing.
         s.ended(1, b, false, at(2));
-        assert!(!s.admit(1, b, at(2)));
+        assert!(!s.admit(1, b, 0, at(2)));
         // A send whose end never comes stops blocking others after the in-flight bound.
-        assert!(!s.admit(2, a, at(59)));
-        assert!(s.admit(2, a, at(61)));
-        assert!(s.admit(7, a, at(0)), "out of range is not ours to police");
+        assert!(!s.admit(2, a, 0, at(59)));
+        assert!(s.admit(2, a, 0, at(61)));
+        assert!(
+            s.admit(7, a, 0, at(0)),
+            "out of range is not ours to police"
+        );
     }
 
     #[test]
     fn a_sole_holder_sends_to_a_few_peers_at_a_time() {
         use std::time::Instant;
         let t0 = Instant::now();
-        let mut s: Spread<u32> = Spread::new(64);
+        let mut s: Spread<u32> = Spread::new(64, 0);
         for p in 0..super::SPREAD_PEERS as u32 {
-            assert!(s.admit(p, p, t0));
+            assert!(s.admit(p, p, 0, t0));
         }
         // Another piece to a peer already being sent to is fine; a new peer waits.
-        assert!(s.admit(40, 0, t0));
-        assert!(!s.admit(41, 99, t0), "a ninth peer at once");
+        assert!(s.admit(40, 0, 0, t0));
+        assert!(!s.admit(41, 99, 0, t0), "a ninth peer at once");
         // One peer's sends all end: a slot frees.
         s.ended(0, 0, true, t0);
-        assert!(!s.admit(41, 99, t0), "peer 0 still has piece 40 in flight");
+        assert!(
+            !s.admit(41, 99, 0, t0),
+            "peer 0 still has piece 40 in flight"
+        );
         s.ended(40, 0, false, t0);
-        assert!(s.admit(41, 99, t0));
+        assert!(s.admit(41, 99, 0, t0));
     }
 
     #[test]
@@ -275,38 +330,78 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let hold = super::SPREAD_HOLD.as_secs();
         // Identities 1..=3 take piece 0 in turn, each as the last hold expires.
-        let mut s: Spread<u32> = Spread::new(4);
+        let mut s: Spread<u32> = Spread::new(4, 0);
         for (k, who) in (1..=u64::from(super::SPREAD_HOLDS)).zip(1u32..) {
             let t = (k - 1) * (hold + 1);
-            assert!(s.admit(0, who, at(t)), "identity {who} at {t} s");
+            assert!(s.admit(0, who, 0, at(t)), "identity {who} at {t} s");
             s.ended(0, who, true, at(t));
-            assert!(!s.admit(0, 99, at(t + 1)), "held for {who}");
+            assert!(!s.admit(0, 99, 0, at(t + 1)), "held for {who}");
         }
         // Its holds spent, piece 0 goes to the honest peer at once after the next delivery.
         let t = u64::from(super::SPREAD_HOLDS) * (hold + 1);
-        assert!(s.admit(0, 4, at(t)));
+        assert!(s.admit(0, 4, 0, at(t)));
         s.ended(0, 4, true, at(t));
-        assert!(s.admit(0, 99, at(t)), "no fourth hold");
+        assert!(s.admit(0, 99, 0, at(t)), "no fourth hold");
 
         // Hogs (more than a whole copy each) fill at most all slots but one.
-        let mut s: Spread<u32> = Spread::new(16);
+        let mut s: Spread<u32> = Spread::new(16, 0);
         for hog in 0..super::SPREAD_PEERS as u32 {
             for _ in 0..5 {
                 for piece in 0..4 {
-                    assert!(s.admit(piece, 100 + hog, t0));
+                    assert!(s.admit(piece, 100 + hog, 0, t0));
                     s.ended(piece, 100 + hog, false, t0);
                 }
             }
         }
         let mut taken = 0;
         for hog in 0..super::SPREAD_PEERS as u32 {
-            taken += u32::from(s.admit(8 + hog, 100 + hog, t0));
+            taken += u32::from(s.admit(8 + hog, 100 + hog, 0, t0));
         }
         assert_eq!(
             taken as usize,
             super::SPREAD_PEERS - 1,
             "one slot stays free"
         );
-        assert!(s.admit(0, 7, t0), "an honest newcomer gets the last slot");
+        assert!(
+            s.admit(0, 7, 0, t0),
+            "an honest newcomer gets the last slot"
+        );
+    }
+
+    #[test]
+    fn a_holder_in_a_rack_holds_pieces_apart_for_its_rack_and_for_the_rest() {
+        use std::time::Instant;
+        let t0 = Instant::now();
+        let home = super::rack_group("z", "r1");
+        let other = super::rack_group("z", "r2");
+        assert_ne!(home, other);
+        assert_ne!(home, 0);
+        assert_eq!(super::rack_group("z", ""), 0, "no rack label, no group");
+        let mut s: Spread<u32> = Spread::new(4, home);
+        // Piece 0 to another rack's gateway; a member of the holder's own rack still gets it.
+        assert!(s.admit(0, 1, other, t0));
+        assert!(s.admit(0, 2, home, t0));
+        // Each scope then holds it for its receiver.
+        assert!(!s.admit(0, 3, other, t0), "held for the other racks");
+        assert!(!s.admit(0, 4, home, t0), "held for this rack");
+        assert!(
+            !s.admit(0, 5, 0, t0),
+            "an unlabelled requester counts as outside"
+        );
+        s.ended(0, 2, false, t0);
+        assert!(
+            s.admit(0, 4, home, t0),
+            "a failed send frees its own scope only"
+        );
+
+        // A gateway's rules hold for its own rack only.
+        let mut s: Spread<u32> = Spread::for_rack(4, home);
+        assert!(s.admit(0, 1, other, t0) && s.admit(0, 2, other, t0));
+        assert!(s.admit(0, 3, home, t0));
+        assert!(!s.admit(0, 4, home, t0));
+        // Unlabelled, everyone shares one scope.
+        let mut s: Spread<u32> = Spread::new(4, 0);
+        assert!(s.admit(0, 1, other, t0));
+        assert!(!s.admit(0, 2, home, t0));
     }
 }

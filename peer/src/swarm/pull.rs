@@ -181,6 +181,7 @@ impl Swarm {
                     lacking: None,
                     queued: false,
                     source_mbps: None,
+                    gateway: false,
                     holders: None,
                     holdings: Vec::new(),
                     peers: Vec::new(),

@@ -165,6 +165,7 @@ impl Swarm {
             look: false,
             banned,
             holds,
+            place: self.place(),
         };
         self.call_candidates(task, &call).await
     }
@@ -188,8 +189,18 @@ impl Swarm {
             look: true,
             banned: Vec::new(),
             holds: 0,
+            place: None,
         };
         self.call_candidates(task, &call).await
+    }
+
+    /// This node's place, sent with parent queries when it has a rack label.
+    fn place(&self) -> Option<crate::scheduler::Place> {
+        let p = &self.ctx.cfg.peer;
+        (!p.rack.is_empty()).then(|| crate::scheduler::Place {
+            zone: p.zone.clone(),
+            rack: p.rack.clone(),
+        })
     }
 
     async fn call_candidates(

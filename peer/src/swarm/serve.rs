@@ -83,9 +83,14 @@ impl Swarm {
     pub(super) fn register(&self, task: &TaskHandle, holder: Holder) {
         match task.upload_view() {
             Ok(v) => {
-                let spread = (self.ctx.cfg.peer.seed || holder == Holder::First)
-                    .then(|| Spread::new(task.plan().count()));
+                let mut spread = (self.ctx.cfg.peer.seed || holder == Holder::First)
+                    .then(|| Spread::new(task.plan().count(), self.group));
                 if let Ok(mut s) = self.served.tasks.lock() {
+                    // A rack's gateway keeps its rules when its task's view is replaced (at
+                    // completion, say).
+                    if spread.is_none() {
+                        spread = s.remove(&task.header().id).and_then(|t| t.spread);
+                    }
                     s.insert(
                         task.header().id,
                         ServedTask {
@@ -219,23 +224,48 @@ impl Swarm {
     }
 }
 
+impl Swarm {
+    /// The scheduler named this node its rack's gateway for `task`: from now on it spreads
+    /// what it serves of it to its rack's members, each piece to one at a time (see
+    /// [`Spread::for_rack`]), so that they pass pieces among themselves.
+    pub(super) fn spread_for_rack(&self, task: &TaskId) {
+        if self.group == 0 {
+            return;
+        }
+        if let Ok(mut s) = self.served.tasks.lock() {
+            if let Some(t) = s.get_mut(task) {
+                if t.spread.is_none() {
+                    tracing::debug!(%task, "this node is its rack's gateway for the task");
+                    t.spread = Some(Spread::for_rack(t.view.plan().count(), self.group));
+                }
+            }
+        }
+    }
+}
+
 impl PieceSource for Swarm {
     fn manifest(&self, task: &TaskId) -> Option<Bytes> {
         self.view(task)?.manifest()
     }
 
     fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes> {
-        self.piece_status(task, index, SocketAddr::from(([0, 0, 0, 0], 0)))
+        self.piece_status(task, index, SocketAddr::from(([0, 0, 0, 0], 0)), 0)
             .ok()
     }
 
-    fn piece_status(&self, task: &TaskId, index: u32, to: SocketAddr) -> Result<Bytes, Status> {
+    fn piece_status(
+        &self,
+        task: &TaskId,
+        index: u32,
+        to: SocketAddr,
+        group: u32,
+    ) -> Result<Bytes, Status> {
         let mut s = self.served.tasks.lock().map_err(|_| Status::NotFound)?;
         let t = s.get_mut(task).ok_or(Status::NotFound)?;
         t.last_used = Instant::now();
         let p = t.view.piece(index).ok_or(Status::NotFound)?;
         if let Some(spread) = &mut t.spread {
-            if !spread.admit(index, to, Instant::now()) {
+            if !spread.admit(index, to, group, Instant::now()) {
                 return Err(Status::Busy);
             }
         }

@@ -77,9 +77,15 @@ pub enum TransportError {
 pub trait PieceSource: Send + Sync + 'static {
     fn manifest(&self, task: &TaskId) -> Option<Bytes>;
     fn piece(&self, task: &TaskId, index: u32) -> Option<Bytes>;
-    /// A piece for the peer at `to`, or why not: `NotFound`, or `Busy` (declined for now; ask
-    /// later or elsewhere).
-    fn piece_status(&self, task: &TaskId, index: u32, _to: SocketAddr) -> Result<Bytes, Status> {
+    /// A piece for the peer at `to` (in rack `group`, 0: unlabelled), or why not: `NotFound`,
+    /// or `Busy` (declined for now; ask later or elsewhere).
+    fn piece_status(
+        &self,
+        task: &TaskId,
+        index: u32,
+        _to: SocketAddr,
+        _group: u32,
+    ) -> Result<Bytes, Status> {
         self.piece(task, index).ok_or(Status::NotFound)
     }
     /// An encoded [`HaveReply`]: news since `since` in the log of `epoch`, waiting a little
@@ -726,8 +732,8 @@ async fn answer(
     end_of_stream(recv);
     let (status, bytes) = match req {
         Request::Manifest { task } => found(source.manifest(&task)),
-        Request::Piece { task, index } => {
-            return match source.piece_status(&task, index, to) {
+        Request::Piece { task, index, group } => {
+            return match source.piece_status(&task, index, to, group) {
                 Ok(b) => (Status::Ok, b, Some((task, index))),
                 Err(s) => (s, Bytes::new(), Some((task, index))),
             };
@@ -815,8 +821,14 @@ impl Parent {
     }
 
     /// A piece's bytes as received (chunks, not concatenated); the caller verifies them.
-    pub async fn piece(&self, task: TaskId, index: u32) -> Result<Vec<Bytes>, TransportError> {
-        self.ask(Request::Piece { task, index }).await
+    /// `group`: this node's rack tag (0: none).
+    pub async fn piece(
+        &self,
+        task: TaskId,
+        index: u32,
+        group: u32,
+    ) -> Result<Vec<Bytes>, TransportError> {
+        self.ask(Request::Piece { task, index, group }).await
     }
 
     /// News from the parent's verification log since `since` (of `epoch`); the parent may hold

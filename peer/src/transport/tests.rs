@@ -68,14 +68,14 @@ async fn same_ca_peers_exchange_manifests_and_pieces() {
     let parent = peer.connect(addr).await.unwrap();
     assert_eq!(parent.manifest(task).await.unwrap(), m);
     for (i, want) in pieces.iter().enumerate() {
-        let got = parent.piece(task, i as u32).await.unwrap().concat();
+        let got = parent.piece(task, i as u32, 0).await.unwrap().concat();
         assert_eq!(&got[..], &want[..]);
         let p = m.plan().piece(i as u32).unwrap();
         let last = i + 1 == pieces.len();
         assert!(m.link(i as u32).unwrap().holds(&p, last, &[&got]));
     }
     assert!(matches!(
-        parent.piece(task, 99).await,
+        parent.piece(task, 99, 0).await,
         Err(TransportError::Refused(Status::NotFound))
     ));
     let other = TaskId::for_content(Digest::of(b"other"));
@@ -93,7 +93,7 @@ async fn requests_end_their_streams_without_stop_sending_or_resets() {
     let parent = peer.connect(addr).await.unwrap();
     for _ in 0..4 {
         for i in 0..pieces.len() {
-            parent.piece(task, i as u32).await.unwrap();
+            parent.piece(task, i as u32, 0).await.unwrap();
         }
         assert_eq!(parent.manifest(task).await.unwrap(), m);
     }
@@ -193,7 +193,7 @@ async fn an_oversized_answer_is_refused_before_it_is_read() {
     let parent = peer.connect(addr).await.unwrap();
     let task = TaskId::for_content(Digest::of(b"x"));
     assert!(matches!(
-        parent.piece(task, 0).await,
+        parent.piece(task, 0, 0).await,
         Err(TransportError::Wire(WireError::TooLong { .. }))
     ));
 }
@@ -343,15 +343,15 @@ async fn stored_pieces_are_served_from_the_map_only_once_verified() {
 
     // Served while still downloading: verified pieces only; no manifest before completion.
     assert_eq!(
-        parent.piece(mem.task, 0).await.unwrap().concat(),
+        parent.piece(mem.task, 0, 0).await.unwrap().concat(),
         mem.pieces[0].to_vec()
     );
     assert_eq!(
-        parent.piece(mem.task, 2).await.unwrap().concat(),
+        parent.piece(mem.task, 2, 0).await.unwrap().concat(),
         mem.pieces[2].to_vec()
     );
     assert!(matches!(
-        parent.piece(mem.task, 1).await,
+        parent.piece(mem.task, 1, 0).await,
         Err(TransportError::Refused(Status::NotFound))
     ));
     assert!(matches!(
@@ -380,14 +380,14 @@ async fn stored_pieces_are_served_from_the_map_only_once_verified() {
     task.complete(m.content_digest()).unwrap();
     assert_eq!(parent.manifest(mem.task).await.unwrap(), m);
     assert_eq!(
-        parent.piece(mem.task, 1).await.unwrap().concat(),
+        parent.piece(mem.task, 1, 0).await.unwrap().concat(),
         mem.pieces[1].to_vec()
     );
 
     // Discarded: nothing more is served from it.
     let _lease = task.discard().unwrap();
     assert!(matches!(
-        parent.piece(mem.task, 0).await,
+        parent.piece(mem.task, 0, 0).await,
         Err(TransportError::Refused(Status::NotFound))
     ));
     assert!(matches!(

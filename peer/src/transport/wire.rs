@@ -6,7 +6,7 @@
 //!
 //! Kinds:
 //! - 1 manifest: the sealed manifest of a complete task;
-//! - 2 piece `index`: a verified piece's bytes;
+//! - 2 piece `index` (`aux` = the requester's rack tag, 0 if none): a verified piece's bytes;
 //! - 3 have (`index` = log position, `aux` = log epoch): the news since that position of the
 //!   parent's log: pieces it verified and chain values it used, each with its end value (see
 //!   [`HaveReply`]); the parent holds the answer up to about a second while it has no news
@@ -50,6 +50,9 @@ pub enum Request {
     Piece {
         task: TaskId,
         index: u32,
+        /// The requester's rack tag (`aux`; 0: none), which a spreading parent holds pieces
+        /// by (see [`crate::swarm::policy::Spread`]). Older peers send 0 and ignore it.
+        group: u32,
     },
     Have {
         task: TaskId,
@@ -130,7 +133,7 @@ impl Request {
         let none = TaskId::for_content(Digest([0; 32]));
         let (kind, task, index, aux) = match *self {
             Request::Manifest { task } => (1, task, 0, 0),
-            Request::Piece { task, index } => (2, task, index, 0),
+            Request::Piece { task, index, group } => (2, task, index, group),
             Request::Have { task, epoch, since } => (3, task, since, epoch),
             Request::SeedOrder { task, .. } => (4, task, 0, 0),
             Request::Announce { .. } => (5, none, 0, 0),
@@ -180,7 +183,14 @@ impl Request {
         };
         match b[5] {
             1 => bodiless("manifest", Request::Manifest { task }),
-            2 => bodiless("piece", Request::Piece { task, index }),
+            2 => bodiless(
+                "piece",
+                Request::Piece {
+                    task,
+                    index,
+                    group: aux,
+                },
+            ),
             3 => bodiless(
                 "have",
                 Request::Have {
@@ -331,10 +341,12 @@ mod tests {
             Request::Piece {
                 task: task(),
                 index: 0,
+                group: 0,
             },
             Request::Piece {
                 task: task(),
                 index: u32::MAX,
+                group: 0x1234_5678,
             },
             Request::Have {
                 task: task(),
@@ -359,6 +371,7 @@ mod tests {
         let good = Request::Piece {
             task: task(),
             index: 3,
+            group: 0,
         }
         .encode();
         let mut b = good;
@@ -448,6 +461,7 @@ mod tests {
         let mut b = Request::Piece {
             task: task(),
             index: 1,
+            group: 7,
         }
         .encode();
         b[47] = 1;
