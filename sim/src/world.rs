@@ -22,7 +22,10 @@
 //! QUIC's idle timeout, and the scheduler forgets it after its TTL.
 //!
 //! `STARLING_SIM_DEBUG=1` traces source requests, origin arrivals and `Source` advice on
-//! stderr, and dumps every unfinished download (its engine's view of its parents) at the end.
+//! stderr, and dumps every unfinished download (its engine's view of its parents) at the end;
+//! `STARLING_SIM_DUMP_AT=SECONDS` dumps them at that simulated time instead of waiting for the
+//! end. A racked node's rack tag goes with its piece requests, and a gateway's reply turns on
+//! its spread, as in the daemon.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;

@@ -189,25 +189,35 @@ impl Cluster {
         extra_peer: &str,
         extra: &str,
     ) -> Cluster {
-        Self::build(lab, 1, peers, extra_peer, &|_| extra.to_string()).0
+        Self::build(lab, 1, peers, &|_| extra_peer.to_string(), &|_| {
+            extra.to_string()
+        })
+        .0
     }
 
     /// As [`Cluster::new_in`] on loopback, with `extra(i)` TOML for node i (node 0: the seed).
     pub fn new_each(peers: usize, extra_peer: &str, extra: &dyn Fn(usize) -> String) -> Cluster {
-        Self::build(None, 1, peers, extra_peer, extra).0
+        Self::build(None, 1, peers, &|_| extra_peer.to_string(), extra).0
     }
 
     /// On loopback with `schedulers` standalone schedulers, every daemon configured with all of
     /// them (tasks split by consistent hashing). Returns the extra schedulers beside the cluster.
     pub fn with_schedulers(schedulers: usize, peers: usize) -> (Cluster, Vec<SchedulerProc>) {
-        Self::build(None, schedulers, peers, "", &|_| String::new())
+        Self::build(None, schedulers, peers, &|_| String::new(), &|_| {
+            String::new()
+        })
+    }
+
+    /// As [`Cluster::new`] on loopback, with `peer(i)` TOML in node i's `[peer]` table.
+    pub fn new_each_peer(peers: usize, peer: &dyn Fn(usize) -> String) -> Cluster {
+        Self::build(None, 1, peers, peer, &|_| String::new()).0
     }
 
     fn build(
         lab: Option<&crate::Lab>,
         schedulers: usize,
         peers: usize,
-        extra_peer: &str,
+        extra_peer: &dyn Fn(usize) -> String,
         extra: &dyn Fn(usize) -> String,
     ) -> (Cluster, Vec<SchedulerProc>) {
         let dir = tempfile::Builder::new()
@@ -265,6 +275,7 @@ impl Cluster {
                     ca.join("ca.pem"),
                     ca.join("ca.key"),
                     extra = extra(i),
+                    extra_peer = extra_peer(i),
                 ));
                 Node {
                     scratch,

