@@ -19,19 +19,22 @@ struct Setup {
 }
 
 fn setup(peers: usize, mib: usize, extra_peer: &str, extra: &str) -> Setup {
-    let www = tempfile::tempdir().expect("www");
-    let data = random_bytes(mib * MIB, 7);
-    std::fs::write(www.path().join("blob"), &data).expect("write blob");
-    let sum = sha256_bytes(&data);
-    let nginx = Nginx::start(www.path());
-    let url = nginx.url("blob");
     let mut cluster = Cluster::new(peers, extra_peer, extra);
     cluster.start_all();
+    with_origin(cluster, mib, 7)
+}
+
+/// `cluster` (started) with an nginx origin serving `mib` MiB of random bytes from `seed`.
+fn with_origin(cluster: Cluster, mib: usize, seed: u64) -> Setup {
+    let www = tempfile::tempdir().expect("www");
+    let data = random_bytes(mib * MIB, seed);
+    std::fs::write(www.path().join("blob"), &data).expect("write blob");
+    let nginx = Nginx::start(www.path());
     Setup {
         cluster,
+        url: nginx.url("blob"),
         nginx,
-        url,
-        sum,
+        sum: sha256_bytes(&data),
         len: data.len() as u64,
         _www: www,
     }
@@ -103,21 +106,10 @@ fn thirty_two_peers_starting_together_read_the_origin_once_and_the_seed_sends_it
     // started at the same moment, all asking at once. Every copy must verify; the origin must
     // serve the content about once, and the seed (reading it) must send it about once, not
     // duplicates to peers that could have had it from each other.
-    let www = tempfile::tempdir().expect("www");
-    let data = random_bytes(8 * MIB, 11);
-    std::fs::write(www.path().join("blob"), &data).expect("write blob");
-    let nginx = Nginx::start(www.path());
     let mut cluster = Cluster::new(32, "", "");
     let ready = cluster.start_all_at_once();
     assert_eq!(ready.len(), 33);
-    let s = Setup {
-        cluster,
-        url: nginx.url("blob"),
-        nginx,
-        sum: sha256_bytes(&data),
-        len: data.len() as u64,
-        _www: www,
-    };
+    let s = with_origin(cluster, 8, 11);
     let peers: Vec<usize> = (1..=32).collect();
     s.get_all(&peers);
     let origin = s.origin_bytes() as f64 / s.len as f64;
@@ -142,10 +134,6 @@ fn in_racks_one_member_takes_each_piece_in_and_the_others_pass_it_around() {
     // parents in their rack only. So the pieces a rack's members got from outside it add up
     // to about one copy (the spine carries each piece into a rack once), and the members
     // still got most of the content from each other.
-    let www = tempfile::tempdir().expect("www");
-    let data = random_bytes(16 * MIB, 13);
-    std::fs::write(www.path().join("blob"), &data).expect("write blob");
-    let nginx = Nginx::start(www.path());
     let rack = |i: usize| match i {
         0 => "r0",
         1..=3 => "ra",
@@ -154,14 +142,7 @@ fn in_racks_one_member_takes_each_piece_in_and_the_others_pass_it_around() {
     let mut cluster =
         Cluster::new_each_peer(6, &|i| format!("zone = \"z\"\nrack = \"{}\"", rack(i)));
     cluster.start_all();
-    let s = Setup {
-        cluster,
-        url: nginx.url("blob"),
-        nginx,
-        sum: sha256_bytes(&data),
-        len: data.len() as u64,
-        _www: www,
-    };
+    let s = with_origin(cluster, 16, 13);
     s.get_all(&[1, 2, 3, 4, 5, 6]);
     assert!(s.origin_bytes() as f64 <= 1.05 * s.len as f64);
     let addr: Vec<String> = s
