@@ -580,10 +580,12 @@ impl Scheduler {
             .copied()
             .find(|s| is_seed(self, *s) && taking_part(self, *s));
         if let Some(g) = seed.or(current.filter(|g| *g == me || taking_part(self, *g))) {
-            self.gateways
-                .entry(*task)
-                .or_default()
-                .insert(place.clone(), g);
+            if current != Some(g) {
+                self.gateways
+                    .entry(*task)
+                    .or_default()
+                    .insert(place.clone(), g);
+            }
             return g;
         }
         let pool = self.holders.get(task);
@@ -700,6 +702,10 @@ impl Scheduler {
             now.saturating_sub(*since) <= fetch_ttl && ids.contains_key(peer)
         });
         self.rescuers.retain(|_, (peer, _)| ids.contains_key(peer));
+        // A task nobody holds or asks for has no gateways left to keep.
+        let (holders, joining) = (&self.holders, &self.joining);
+        self.gateways
+            .retain(|task, _| holders.contains_key(task) || joining.contains_key(task));
     }
 
     /// Candidates plus advice on going back to source. While the live holders together hold

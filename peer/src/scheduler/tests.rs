@@ -602,6 +602,10 @@ fn one_member_per_rack_takes_a_task_from_outside_and_the_others_take_it_from_the
     );
     let (c, _) = s.advise("a2", &task(), 8, &[], 10 * S);
     assert!(names(&c).contains(&"seed"), "{:?}", names(&c));
+    // Once every peer is forgotten, so are the task's gateways and the racks.
+    s.expire(1000 * S);
+    assert_eq!(s.peers(), 0);
+    assert!(s.gateways.is_empty() && s.racks.is_empty());
 }
 
 #[test]
