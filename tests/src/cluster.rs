@@ -175,6 +175,27 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Each node's log lines about going to the origin (who was told to fetch, who went by
+    /// its own timer, who found no parent): what a test that bounds the origin's bytes
+    /// prints when the bound fails, so a failure says which peers went and why.
+    pub fn source_story(&self) -> String {
+        let mut out = String::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for line in n.log().lines().filter(|l| {
+                l.contains("source") || l.contains("no parent has") || l.contains("banned")
+            }) {
+                out.push_str(&format!("node {i}: {line}\n"));
+            }
+        }
+        if let Some(s) = &self.scheduler {
+            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+            for line in log.lines().filter(|l| l.contains("source")) {
+                out.push_str(&format!("scheduler: {line}\n"));
+            }
+        }
+        out
+    }
+
     /// A CA, a scheduler, one seed and `peers` peers (not started); `extra` TOML goes into
     /// every node's `[peer]` table.
     pub fn new(peers: usize, extra_peer: &str, extra: &str) -> Cluster {

@@ -749,6 +749,16 @@ impl Scheduler {
         joined: bool,
         now: Duration,
     ) -> (Vec<Candidate>, Advice) {
+        // A requester is heard from as it asks. Counting only its announcements, a fetcher
+        // chosen as it asked looked silent to the next asker whenever its announcements ran
+        // late, and each asker in turn was made the fetcher.
+        if let Some(p) = self
+            .ids
+            .get(requester)
+            .and_then(|s| self.slots[*s as usize].as_mut())
+        {
+            p.last_seen = p.last_seen.max(now);
+        }
         let parents = self.candidates(requester, task, max, exclude, now);
         // A rack member behind its gateway is not sent to a seed elsewhere: the gateway is.
         let behind = self.behind_gateway(requester, task);

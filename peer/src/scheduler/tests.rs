@@ -629,3 +629,26 @@ fn a_seed_in_a_rack_is_its_gateway_and_a_first_call_before_any_announcement_is_p
     s.introduce("127.0.0.1:7003", addr(3), &Place::default(), t0);
     assert_eq!(s.peers(), 3);
 }
+
+#[test]
+fn a_fetcher_chosen_as_it_asked_stays_the_fetcher_while_it_asks_though_its_announcements_lag() {
+    const W: Duration = WARM_UP;
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    // Three peers announced once (nothing held), then their announcements ran late.
+    for (p, n) in [("a", 1), ("b", 2), ("c", 3)] {
+        s.announce(ann(p, n, false, vec![false; 4]), W);
+    }
+    // Eight seconds on, a asks first: nobody holds the task, so a fetches it.
+    let t = W + 8 * S;
+    assert_eq!(s.advise("a", &task(), 4, &[], t).1, Advice::Source);
+    // b and c ask right after, before any announcement: a was heard from as it asked, so it
+    // is still the fetcher, and they take parents (each of them was made the fetcher in turn
+    // before).
+    assert_eq!(
+        s.advise("b", &task(), 4, &[], t + S / 10).1,
+        Advice::Parents
+    );
+    assert_eq!(s.advise("c", &task(), 4, &[], t + S / 5).1, Advice::Parents);
+    // a asks again: still its job.
+    assert_eq!(s.advise("a", &task(), 4, &[], t + S).1, Advice::Source);
+}

@@ -99,7 +99,11 @@ struct Driver<'a> {
     jobs: JoinSet<JobDone>,
     running: HashMap<(Peer, u32), AbortHandle>,
     tx: mpsc::UnboundedSender<Event>,
-    told_source: bool,
+    /// When the scheduler first told this peer to fetch from source.
+    told_source: Option<Instant>,
+    /// The scheduler's last word (within [`SCHEDULER_SILENT`]) was that another peer fetches
+    /// the task (`Wait`, or a seed to order): without a plan, this peer waits for it.
+    others_fetch: bool,
     /// Held once the scheduler told this peer to fetch from source: its announcements say so.
     fetching: Option<super::announce::Fetching>,
     /// Whether the scheduler's last answer offered a peer that is not a parent (one could
@@ -180,7 +184,8 @@ pub(super) async fn run(
         jobs: JoinSet::new(),
         running: HashMap::new(),
         tx: tx.clone(),
-        told_source: false,
+        told_source: None,
+        others_fetch: false,
         fetching: None,
         alternative: false,
         chainer: None,
@@ -232,9 +237,8 @@ pub(super) async fn run(
         }
         let Some(engine) = &d.engine else {
             let waited = d.start.elapsed();
-            if d.swarm.ctx.cfg.peer.source_fallback
-                && (d.told_source && d.parents.is_empty() || waited >= plan_deadline)
-            {
+            d.scheduler_silence();
+            if d.swarm.ctx.cfg.peer.source_fallback && d.plan_overdue(waited, wait, plan_deadline) {
                 tracing::info!(
                     waited_ms = waited.as_millis() as u64,
                     "no parent has this task"
@@ -351,6 +355,7 @@ impl Driver<'_> {
             );
         }
         self.source_says = says;
+        self.others_fetch = matches!(r.advice, Advice::Wait | Advice::AskSeed { .. });
         self.lacking = r.lacking.clone();
         if r.gateway {
             self.swarm.spread_for_rack(&self.id);
@@ -360,7 +365,7 @@ impl Driver<'_> {
         }
         match &r.advice {
             Advice::Source => {
-                self.told_source = true;
+                self.told_source.get_or_insert_with(Instant::now);
                 if self.fetching.is_none() {
                     self.fetching = Some(self.swarm.announcer.fetching(self.id));
                 }
@@ -392,10 +397,25 @@ impl Driver<'_> {
                 "no scheduler answer lately; going back to source by this peer's own timer"
             );
             self.source_says = None;
+            self.others_fetch = false;
             if let Some(e) = &mut self.engine {
                 e.source_by_scheduler(None, None);
             }
         }
+    }
+
+    /// Before any parent answered with the plan: whether to go to source now. When told to
+    /// fetch, at once without parents, or after `wait` with parents that have not answered
+    /// (only a parent that holds pieces has a plan, and it answers within a round trip).
+    /// Otherwise after `deadline`, unless the scheduler's last word is that another peer
+    /// fetches it: then the scheduler, which replaces a fetcher that does not deliver, decides.
+    /// Each waiting peer's own deadline sent the whole content to the origin from every one
+    /// of them once their fetcher was late (the scheduler stopped 7 s: 22 x F).
+    fn plan_overdue(&self, waited: Duration, wait: Duration, deadline: Duration) -> bool {
+        let told = self
+            .told_source
+            .is_some_and(|at| self.parents.is_empty() || at.elapsed() >= wait);
+        told || (waited >= deadline && !self.others_fetch)
     }
 
     /// Tells the scheduler loop how many parents are missing (it asks soon while any are).

@@ -155,13 +155,7 @@ impl Swarm {
             Missing::Absent(_) => 0,
         };
         let reply = match self
-            .ask(
-                id,
-                self.ctx.cfg.peer.max_parents,
-                Vec::new(),
-                Vec::new(),
-                holds,
-            )
+            .first_ask(id, self.ctx.cfg.peer.max_parents, holds)
             .await
         {
             Ok(r) => r,

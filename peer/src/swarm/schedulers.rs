@@ -21,6 +21,18 @@ use crate::transport::{Node, Parent, TransportError};
 /// A scheduler call that takes longer than this has failed.
 const SCHEDULER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a download's first call keeps trying an unreachable scheduler before the download
+/// goes to the origin without it. Going at the first failed call sent every peer of a flash
+/// crowd to the origin whenever the scheduler missed one 3 s handshake (stopped or starved
+/// for a few seconds: 16 x F). Once it has given up, others do not wait again until some call
+/// gets through (see [`Schedulers::Remote`]'s `unreachable`).
+const FIRST_ASK_PATIENCE: Duration = Duration::from_secs(10);
+/// Between two tries of a first call.
+const FIRST_ASK_RETRY: Duration = Duration::from_millis(500);
+/// What a scheduler call that timed out says (connecting, or waiting for the answer): the
+/// failures worth trying again. A refused handshake (a foreign CA) fails the same way again.
+const TIMED_OUT: &str = "timed out";
+
 /// Where the schedulers are.
 pub(super) enum Schedulers {
     /// This daemon answers scheduler calls itself.
@@ -29,6 +41,9 @@ pub(super) enum Schedulers {
     Remote {
         ring: Directory,
         conns: tokio::sync::Mutex<HashMap<String, Parent>>,
+        /// A first call gave up on the schedulers ([`FIRST_ASK_PATIENCE`]) and no call got
+        /// through since: the next downloads go to the origin at their first failed call.
+        unreachable: std::sync::atomic::AtomicBool,
     },
 }
 
@@ -121,6 +136,7 @@ impl Schedulers {
             Schedulers::Remote {
                 ring: Directory::new(&cfg.scheduler.addrs),
                 conns: tokio::sync::Mutex::new(HashMap::new()),
+                unreachable: std::sync::atomic::AtomicBool::new(false),
             }
         }
     }
@@ -168,6 +184,42 @@ impl Swarm {
             place: self.place(),
         };
         self.call_candidates(task, &call).await
+    }
+
+    /// A download's first call ([`Swarm::ask`]): an unreachable scheduler is tried again for
+    /// up to [`FIRST_ASK_PATIENCE`] (unless another download gave up on it lately) before the
+    /// error is returned and the download goes to the origin without it.
+    pub(super) async fn first_ask(
+        &self,
+        task: TaskId,
+        want: usize,
+        holds: u32,
+    ) -> Result<CandidatesReply, TransportError> {
+        let start = std::time::Instant::now();
+        loop {
+            let err = match self.ask(task, want, Vec::new(), Vec::new(), holds).await {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            let Schedulers::Remote { unreachable, .. } = &self.schedulers else {
+                return Err(err);
+            };
+            use std::sync::atomic::Ordering::Relaxed;
+            let timed_out = match &err {
+                TransportError::Connect { detail, .. } => detail == TIMED_OUT,
+                TransportError::Stream(detail) => detail.ends_with(TIMED_OUT),
+                _ => false,
+            };
+            if !timed_out
+                || unreachable.load(Relaxed)
+                || start.elapsed() + FIRST_ASK_RETRY >= FIRST_ASK_PATIENCE
+            {
+                unreachable.store(true, Relaxed);
+                return Err(err);
+            }
+            tracing::info!(error = %err, "scheduler call failed; trying again");
+            tokio::time::sleep(FIRST_ASK_RETRY).await;
+        }
     }
 
     /// How many live peers the owning scheduler knows hold `task`: (complete, partial). Asking
@@ -239,7 +291,10 @@ impl Swarm {
         make: impl Fn(u32) -> Wire,
         body: &[u8],
     ) -> Result<Bytes, TransportError> {
-        let Schedulers::Remote { conns, .. } = &self.schedulers else {
+        let Schedulers::Remote {
+            conns, unreachable, ..
+        } = &self.schedulers
+        else {
             return Err(TransportError::Stream("no remote scheduler".into()));
         };
         let sock: SocketAddr = addr
@@ -256,7 +311,7 @@ impl Swarm {
                             .await
                             .map_err(|_| TransportError::Connect {
                                 addr: sock,
-                                detail: "timed out".into(),
+                                detail: TIMED_OUT.into(),
                             })??;
                         c.insert(addr.to_string(), p.clone());
                         p
@@ -264,9 +319,16 @@ impl Swarm {
                 }
             };
             match tokio::time::timeout(SCHEDULER_TIMEOUT, conn.call(&make, body)).await {
-                Ok(Ok(b)) => return Ok(b),
+                Ok(Ok(b)) => {
+                    unreachable.store(false, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(b);
+                }
                 Ok(Err(e)) => last = Some(e),
-                Err(_) => last = Some(TransportError::Stream("scheduler call timed out".into())),
+                Err(_) => {
+                    last = Some(TransportError::Stream(format!(
+                        "scheduler call {TIMED_OUT}"
+                    )))
+                }
             }
             conns.lock().await.remove(addr);
         }
