@@ -138,6 +138,9 @@ async fn announce_once(swarm: &Arc<Swarm>) {
         .lock()
         .map(|l| l.iter().map(|(k, v)| (k.clone(), *v)).collect())
         .unwrap_or_default();
+    // Each view held is a reference that makes `starling rm` and GC's withdrawal refuse the
+    // task as in use: let go of them before the call to the scheduler waits on the network.
+    drop(views);
     let fetching = swarm.announcer.fetching_now();
     let base = Announce {
         fetching: Vec::new(),

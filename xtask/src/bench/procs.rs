@@ -1,6 +1,7 @@
 //! What a benchmarked process cost: CPU time and peak resident memory, read from /proc while it
 //! runs and from wait4's rusage when it ends.
 
+use std::collections::HashMap;
 use std::process::Child;
 
 use anyhow::{bail, Result};
@@ -25,6 +26,58 @@ pub fn cpu_split(pid: u32) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (ticks(11) / hz, ticks(12) / hz)
+}
+
+/// Each live thread's time on a CPU so far, in nanoseconds: the scheduler's own count
+/// (`/proc/PID/task/TID/schedstat`).
+fn oncpu_threads(pid: u32) -> HashMap<String, u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            let ns = s.split_whitespace().next()?.parse::<u64>().ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), ns))
+        })
+        .collect()
+}
+
+/// A process's time on a CPU over a window, to the nanosecond, for a process that is nearly
+/// idle: `/proc/PID/stat` counts in 10 ms ticks, and over 5 s one tick is 0.2% of a core.
+/// Threads come and go (the runtime's blocking pool), so each is followed by its ID from the
+/// first sample it appears in (from 0 when it started inside the window) to the last; call
+/// [`OnCpu::sample`] often enough that an exiting thread's tail is small.
+pub struct OnCpu {
+    pid: u32,
+    first: HashMap<String, u64>,
+    last: HashMap<String, u64>,
+}
+
+impl OnCpu {
+    pub fn start(pid: u32) -> OnCpu {
+        let first = oncpu_threads(pid);
+        OnCpu {
+            pid,
+            last: first.clone(),
+            first,
+        }
+    }
+
+    pub fn sample(&mut self) {
+        self.last.extend(oncpu_threads(self.pid));
+    }
+
+    /// Seconds on a CPU since [`OnCpu::start`].
+    pub fn secs(&self) -> f64 {
+        let ns: u64 = self
+            .last
+            .iter()
+            .map(|(tid, v)| v.saturating_sub(self.first.get(tid).copied().unwrap_or(0)))
+            .sum();
+        ns as f64 / 1e9
+    }
 }
 
 /// The whole machine's CPU time so far, from the first line of /proc/stat: every process and

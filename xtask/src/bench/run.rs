@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use starling::daemon::api::{ApiEvent, GetRequest, ImportRequest};
 use starling_tests::{metric_by_label, sha256_file, Cluster, Lab, Nginx, ShaperCount};
 
-use super::procs::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs, MachineCpu};
+use super::procs::{cpu_secs, cpu_split, peak_rss_kib, tree_cpu_secs, MachineCpu, OnCpu};
 
 pub struct Job<'a> {
     pub lab: Option<&'a Lab>,
@@ -284,17 +284,18 @@ pub fn run(job: &Job) -> Result<Outcome> {
         .iter()
         .map(|n| n.metric("starling_bytes_uploaded_total") as u64)
         .collect();
-    // Idle: every download is over; what each daemon spends over a few seconds of nothing to
-    // do (announcements, keep-alives, upkeep).
-    let idle0: Vec<f64> = daemons.iter().map(|p| cpu_secs(*p)).collect();
+    // Idle: every download is over; once the swarm's connections have gone quiet, what each
+    // daemon spends over some seconds of nothing to do (announcements, keep-alives, upkeep),
+    // counted to the nanosecond.
+    std::thread::sleep(std::time::Duration::from_secs(IDLE_SETTLE_SECS));
+    let mut idle: Vec<OnCpu> = daemons.iter().map(|p| OnCpu::start(*p)).collect();
     let t_idle = Instant::now();
-    std::thread::sleep(std::time::Duration::from_secs(IDLE_SECS));
+    while t_idle.elapsed().as_secs() < IDLE_SECS {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        idle.iter_mut().for_each(OnCpu::sample);
+    }
     let idle_secs = t_idle.elapsed().as_secs_f64();
-    let idle_cpu_share = daemons
-        .iter()
-        .zip(&idle0)
-        .map(|(p, c0)| (cpu_secs(*p) - c0) / idle_secs)
-        .collect();
+    let idle_cpu_share = idle.iter().map(|c| c.secs() / idle_secs).collect();
     let seed_quic = quic_sends(&cluster.nodes[0]);
     if let Some(to) = std::env::var_os("STARLING_BENCH_LOGS") {
         keep_logs(&cluster, Path::new(&to))?;
@@ -329,7 +330,9 @@ pub fn run(job: &Job) -> Result<Outcome> {
 }
 
 /// How long the idle daemons are watched after the job.
-const IDLE_SECS: u64 = 5;
+const IDLE_SECS: u64 = 10;
+/// After the job, before the idle count: QUIC connections left idle close after 5 s.
+const IDLE_SETTLE_SECS: u64 = 6;
 
 /// `starling import` of `file` through the seed daemon's API; the digest must come out `want`.
 fn import_into_seed(
