@@ -3,11 +3,12 @@
 //! bitmap when it asks again or the task is new to it), plus this peer's upload capacity, load
 //! and measured links. Every scheduler also gets a heartbeat, so it knows the peer (and
 //! whether it is a seed) before it holds anything. A scheduler that fails to answer gets full
-//! bitmaps next time: it may have restarted.
+//! bitmaps next time: it may have restarted. While nothing changes (no piece, no task gone,
+//! no origin read, no upload), the heartbeat goes every [`IDLE_HEARTBEAT`] only.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::schedulers::Schedulers;
 use super::Swarm;
@@ -72,26 +73,39 @@ struct Inner {
     sent: HashMap<TaskId, (u32, u32)>,
     /// Tasks to announce in full next time.
     resend: HashSet<TaskId>,
+    /// When the last round went out.
+    last_round: Option<Instant>,
 }
+
+/// While a peer has nothing new to say, how often it still announces: a scheduler takes a
+/// peer silent for 5 s for gone (`scheduler::FETCHER_SILENT`), so two heartbeats fit in that.
+/// Every `announce_interval_ms` (500 ms) cost an idle daemon about a tenth of its CPU, and
+/// the scheduler four times the calls for an idle fleet.
+const IDLE_HEARTBEAT: Duration = Duration::from_secs(2);
 
 pub(super) async fn run(swarm: Arc<Swarm>) {
     let mut tick = tokio::time::interval(Duration::from_millis(
         swarm.ctx.cfg.peer.announce_interval_ms,
     ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let heartbeat = IDLE_HEARTBEAT.max(Duration::from_millis(
+        swarm.ctx.cfg.peer.announce_interval_ms,
+    ));
     loop {
         tick.tick().await;
-        announce_once(&swarm).await;
+        announce_once(&swarm, Some(heartbeat)).await;
     }
 }
 
 /// Announces what changed now, without waiting for the next tick: an import returns only once
 /// the scheduler knows this node holds the file, so peers asked right after find it.
 pub(super) async fn now(swarm: &Arc<Swarm>) {
-    announce_once(swarm).await;
+    announce_once(swarm, None).await;
 }
 
-async fn announce_once(swarm: &Arc<Swarm>) {
+/// One round. With `idle_every`, a round with nothing new in it is sent only that long after
+/// the last one.
+async fn announce_once(swarm: &Arc<Swarm>, idle_every: Option<Duration>) {
     let _round = swarm.announcer.round.lock().await;
     let views = swarm.served.views();
     let mut tasks: Vec<(TaskId, Holding)> = Vec::new();
@@ -142,13 +156,29 @@ async fn announce_once(swarm: &Arc<Swarm>) {
     // task as in use: let go of them before the call to the scheduler waits on the network.
     drop(views);
     let fetching = swarm.announcer.fetching_now();
+    let uploads = swarm.served.take_load();
+    let quiet = fetching.is_empty()
+        && uploads == 0
+        && tasks
+            .iter()
+            .all(|(_, h)| matches!(h, Holding::Added(v) if v.is_empty()));
+    {
+        let Ok(mut st) = swarm.announcer.inner.lock() else {
+            return;
+        };
+        let recent = |every| st.last_round.is_some_and(|t| t.elapsed() < every);
+        if quiet && idle_every.is_some_and(recent) {
+            return;
+        }
+        st.last_round = Some(Instant::now());
+    }
     let base = Announce {
         fetching: Vec::new(),
         peer: swarm.me.clone(),
         addr: swarm.addr,
         seed: swarm.ctx.cfg.peer.seed,
         upload_capacity: swarm.ctx.cfg.peer.upload_mbps * 125_000.0,
-        uploads: swarm.served.take_load(),
+        uploads,
         tasks: Vec::new(),
         links,
         place: Place {

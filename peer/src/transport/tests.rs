@@ -395,3 +395,18 @@ async fn stored_pieces_are_served_from_the_map_only_once_verified() {
         Err(TransportError::Refused(Status::NotFound))
     ));
 }
+
+#[test]
+fn the_kernels_receive_drops_on_a_socket_are_read_from_the_socket_itself() {
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    assert_eq!(super::udp_drops(&rx), Some(0));
+    // The smallest receive buffer, never read: most of 2,000 datagrams are dropped.
+    rustix::net::sockopt::set_socket_recv_buffer_size(&rx, 1).expect("rcvbuf");
+    let to = rx.local_addr().expect("addr");
+    for _ in 0..2_000 {
+        tx.send_to(&[7u8; 1200], to).expect("send");
+    }
+    let drops = super::udp_drops(&rx).expect("SO_MEMINFO");
+    assert!(drops > 1_000, "{drops} drops");
+}
