@@ -282,7 +282,8 @@ pub struct PeerConfig {
     /// A piece request unanswered this long (or 4x its expected time) is a strike. Default
     /// 10000.
     pub piece_timeout_ms: u64,
-    /// Milliseconds between announcements to the scheduler. Default 500.
+    /// Milliseconds between announcements to the scheduler. Default 500. A round with nothing
+    /// new (no piece, task, origin read or upload) goes every 2 s only, or this if longer.
     pub announce_interval_ms: u64,
     /// A finished task not uploaded for this long stops being served (and announced), so GC
     /// may evict it; a starting daemon serves again the stored complete tasks used within this
