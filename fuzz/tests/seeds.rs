@@ -92,11 +92,23 @@ fn write_seed_corpora() {
         look: false,
         banned: vec!["10.0.0.8:7710".into()],
         holds: 3,
+        place: Some(Place {
+            zone: "z1".into(),
+            rack: "r7".into(),
+        }),
     };
     let call = serde_json::to_vec(&call).expect("json");
     let frames: Vec<(&str, Wire, &[u8])> = vec![
         ("manifest", Wire::Manifest { task }, b""),
-        ("piece", Wire::Piece { task, index: 3 }, b""),
+        (
+            "piece",
+            Wire::Piece {
+                task,
+                index: 3,
+                group: 0x5eed,
+            },
+            b"",
+        ),
         (
             "have",
             Wire::Have {
