@@ -476,6 +476,36 @@ fn a_download_begun_from_peers_resumes_from_the_origin_once_they_are_gone() {
 }
 
 #[test]
+fn an_idle_swarm_announces_every_two_seconds_not_every_half_second() {
+    let _cpus = sharing_the_cpus();
+    // A seed and a peer holding a finished task, nothing to do: each sends a heartbeat every
+    // 2 s, not a round every 500 ms (`peer.announce_interval_ms`), which cost an idle daemon
+    // about a tenth of its CPU and the scheduler 4 x the calls of an idle fleet.
+    let s = setup(1, 4, "", "");
+    s.get_all(&[1]);
+    let port = s
+        .cluster
+        .scheduler
+        .as_ref()
+        .expect("a scheduler")
+        .metrics_port;
+    let announces = || {
+        metric_value(
+            &scrape(port),
+            "starling_scheduler_calls_total{kind=\"announce\"}",
+        )
+    };
+    // Let the download's last rounds and the connections settle.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = announces();
+    std::thread::sleep(Duration::from_secs(8));
+    let idle = announces() - before;
+    // 2 daemons x 8 s: 8 heartbeats (at most 10 with the window's edges); with a round
+    // every 500 ms it was 21 here.
+    assert!((4.0..=10.0).contains(&idle), "{idle} announcements in 8 s");
+}
+
+#[test]
 fn a_scheduler_stopped_for_seven_seconds_in_a_flash_crowd_leaves_the_origin_read_once() {
     let _cpus = sharing_the_cpus();
     // A scheduler process that cannot run for a while (a CPU quota's throttling, a paused VM;

@@ -164,6 +164,9 @@ impl Clock {
 pub struct SchedulerService {
     state: Mutex<Scheduler>,
     clock: Clock,
+    /// Calls answered: announcements, and parent queries (`look` calls included).
+    announces: std::sync::atomic::AtomicU64,
+    queries: std::sync::atomic::AtomicU64,
 }
 
 impl SchedulerService {
@@ -174,6 +177,8 @@ impl SchedulerService {
         let service = Arc::new(SchedulerService {
             state: Mutex::new(Scheduler::new(cfg)),
             clock: Clock::new(),
+            announces: Default::default(),
+            queries: Default::default(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&service);
@@ -197,8 +202,10 @@ impl SchedulerService {
         f(&mut s)
     }
 
-    /// `starling_scheduler_peers` and `starling_scheduler_tasks`, and whatever `more` registers
-    /// under `starling_` (the process's listener series), in the Prometheus text format.
+    /// `starling_scheduler_peers`, `starling_scheduler_tasks`, and the calls answered by kind
+    /// (`starling_scheduler_calls_total{kind="announce"|"candidates"}`), and whatever `more`
+    /// registers under `starling_` (the process's listener series), in the Prometheus text
+    /// format.
     pub fn render_metrics(
         &self,
         more: impl FnOnce(&mut prometheus_client::registry::Registry),
@@ -215,6 +222,18 @@ impl SchedulerService {
             g.set(v as i64);
             registry.register(name, help, g);
         }
+        let calls = prometheus_client::metrics::family::Family::<
+            Vec<(&'static str, &'static str)>,
+            prometheus_client::metrics::counter::Counter,
+        >::default();
+        use std::sync::atomic::Ordering::Relaxed;
+        for (kind, n) in [
+            ("announce", self.announces.load(Relaxed)),
+            ("candidates", self.queries.load(Relaxed)),
+        ] {
+            calls.get_or_create(&vec![("kind", kind)]).inc_by(n);
+        }
+        registry.register("calls", "Scheduler calls answered, by kind", calls);
         more(root.sub_registry_with_prefix("starling"));
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &root);
@@ -222,6 +241,8 @@ impl SchedulerService {
     }
 
     pub fn announce(&self, a: Announce) -> AnnounceReply {
+        self.announces
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = self.clock.now();
         self.with(|s| {
             let peer = a.peer.clone();
@@ -234,6 +255,8 @@ impl SchedulerService {
     }
 
     pub fn candidates(&self, task: &TaskId, call: &CandidatesCall) -> CandidatesReply {
+        self.queries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = self.clock.now();
         if call.look {
             return self.with(|s| CandidatesReply {
