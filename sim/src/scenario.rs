@@ -114,6 +114,15 @@ impl Scenario {
                 },
                 ..Scenario::crowd("racks-1k-1g", 1000, GIB)
             },
+            Scenario {
+                kill_peers: 0.1,
+                kill_seed: true,
+                shape: Shape::Racks {
+                    per_rack: 40,
+                    oversubscription: 4.0,
+                },
+                ..Scenario::crowd("churn-racks-1k-1g", 1000, GIB)
+            },
             Scenario::kraken(),
         ];
         if !quick {

@@ -82,6 +82,15 @@ impl Setup {
     }
 }
 
+/// `kill -SIG pid` (by PID, never by name).
+fn send_signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|st| st.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
 #[test]
 fn a_seed_and_six_peers_read_the_origin_about_once() {
     let _cpus = sharing_the_cpus();
@@ -520,13 +529,7 @@ fn a_scheduler_stopped_for_seven_seconds_in_a_flash_crowd_leaves_the_origin_read
         .expect("a scheduler")
         .child
         .id();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .is_ok_and(|st| st.success());
-        assert!(ok, "kill {sig} {pid}");
-    };
+    let signal = |sig: &str| send_signal(pid, sig);
     let log = s
         .cluster
         .scheduler
@@ -551,6 +554,43 @@ fn a_scheduler_stopped_for_seven_seconds_in_a_flash_crowd_leaves_the_origin_read
         s.get_all(&peers);
     });
     s.assert_origin_about_once();
+}
+
+#[test]
+fn a_seed_stopped_for_seven_seconds_mid_fetch_gives_way_to_the_peer_that_took_over() {
+    let _cpus = sharing_the_cpus();
+    // The seed reads the origin at 24 Mbit/s (24 MiB: about 8 s) and cannot run for 7 s a
+    // quarter of the way in (SIGSTOP: a throttled or paused host). The scheduler takes it for
+    // gone after 5 s and sends a peer to the origin for the rest. On waking the seed read on
+    // what that peer was reading (1.9 x F); now the scheduler's answer to its announcement
+    // tells it to give way, and it takes the rest from the swarm.
+    let mut cluster = Cluster::new_each(8, "", &|_| "[source]\nmax_mbps = 24\n".to_string());
+    cluster.start_all();
+    let s = with_origin(cluster, 24, 11);
+    let pid = s.cluster.nodes[0].pid().expect("the seed runs");
+    let signal = |sig: &str| send_signal(pid, sig);
+    let peers: Vec<usize> = (1..=8).collect();
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            wait_until(
+                Duration::from_secs(60),
+                "a quarter of the file read",
+                || s.origin_bytes() >= s.len / 4,
+            );
+            signal("-STOP");
+            std::thread::sleep(Duration::from_secs(7));
+            signal("-CONT");
+        });
+        s.get_all(&peers);
+    });
+    eprintln!("origin {:.3} x F", s.origin_bytes() as f64 / s.len as f64);
+    s.assert_origin_about_once();
+    let seed_log = s.cluster.nodes[0].log();
+    assert!(
+        seed_log.contains("taking the rest from the swarm"),
+        "the seed did not give way:\n{}",
+        s.cluster.source_story()
+    );
 }
 
 #[test]

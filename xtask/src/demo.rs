@@ -82,6 +82,10 @@ pub fn run(args: Args) -> Result<()> {
         o.origin_bytes as f64 / o.size as f64,
         o.cpu_secs
     );
+    println!(
+        "the whole machine spent {:.1} CPU-s meanwhile (every process and the kernel: user {:.1}, system {:.1}, softirq {:.1})",
+        o.machine.busy, o.machine.user, o.machine.system, o.machine.softirq
+    );
     println!("uploaded, in file sizes: {}", swarm::uploads_line(&o));
     if lab.is_some() {
         let t = swarm::t_min(o.size, peers, mbit);

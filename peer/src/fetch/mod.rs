@@ -8,13 +8,17 @@
 //! gets its pieces' values and the content's digest from the in-order chain
 //! ([`crate::storage::Chainer`]), as swarm downloads do: one planner and one hasher for every
 //! download, and each byte hashed once.
+//!
+//! A ranged download can be told to give way ([`GiveWay`]: the scheduler chose another node to
+//! read this origin): it stops asking for pieces, lets those in flight land, and hands the
+//! partial task back ([`Sourced::GaveWay`]) for the caller to finish from the swarm.
 
 mod import;
 pub mod output;
 mod ranged;
 mod retry;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -105,6 +109,29 @@ pub struct Fetched {
     pub task: TaskHandle,
     pub manifest: Manifest,
     pub served: Served,
+}
+
+/// How a download back to source ended.
+pub enum Sourced {
+    Done(Fetched),
+    /// Told to give way part-way: the task as it stands (its verified pieces kept; pieces
+    /// stored but not yet chained are chained by whoever opens it next).
+    GaveWay(TaskHandle),
+}
+
+/// Asks a ranged download back to source to stop reading the origin (checked between
+/// pieces). Clones share the request.
+#[derive(Clone, Debug, Default)]
+pub struct GiveWay(Arc<AtomicBool>);
+
+impl GiveWay {
+    pub fn ask(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn asked(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl Fetched {
@@ -283,7 +310,19 @@ impl Fetcher {
     ) -> Result<Fetched, FetchError> {
         match self.lookup(id, progress).await? {
             Ok(done) => Ok(done),
-            Err(missing) => self.from_source(id, missing, req, progress, &|_| {}).await,
+            Err(missing) => {
+                // Nobody else holds this download's `GiveWay`: it runs to the end.
+                match self
+                    .from_source(id, missing, req, progress, &|_| {}, &GiveWay::default())
+                    .await?
+                {
+                    Sourced::Done(f) => Ok(f),
+                    Sourced::GaveWay(_) => Err(StoreError::Uring(std::io::Error::other(
+                        "a download nobody could stop gave way",
+                    ))
+                    .into()),
+                }
+            }
         }
     }
 
@@ -320,7 +359,8 @@ impl Fetcher {
     }
 
     /// Downloads what is missing back to source (resuming a partial task whose origin content
-    /// has not changed).
+    /// has not changed), unless `give_way` is asked first (ranged downloads only: an in-order
+    /// stream cannot be taken up by another node at its position).
     pub async fn from_source(
         &self,
         id: TaskId,
@@ -328,7 +368,8 @@ impl Fetcher {
         req: &Request,
         progress: &Arc<Progress>,
         on_open: OnOpen<'_>,
-    ) -> Result<Fetched, FetchError> {
+        give_way: &GiveWay,
+    ) -> Result<Sourced, FetchError> {
         let url = req.url.as_str();
         let origin = self.ctx.origin.with_headers(req.headers.clone());
         let probe = self.retry.run("probe", || origin.probe(url)).await?;
@@ -364,13 +405,22 @@ impl Fetcher {
             Missing::Absent(lease) => self.create(lease, id, req, len, &probe.validator)?,
         };
 
-        self.download(task, req, probe.ranged, probe.full_body, progress, on_open)
-            .await
+        self.download(
+            task,
+            req,
+            probe.ranged,
+            probe.full_body,
+            progress,
+            on_open,
+            give_way,
+        )
+        .await
     }
 
     /// Fetches what `task` is missing and seals it. Ranged when the origin honours Range; if
     /// ranged answers stay malformed, or the result fails `--digest` (an origin can lie about
     /// Range with well-formed headers), it starts over once with a single in-order GET.
+    #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
         mut task: TaskHandle,
@@ -379,7 +429,8 @@ impl Fetcher {
         full_body: Option<Reply>,
         progress: &Arc<Progress>,
         on_open: OnOpen<'_>,
-    ) -> Result<Fetched, FetchError> {
+        give_way: &GiveWay,
+    ) -> Result<Sourced, FetchError> {
         let url = req.url.as_str();
         let origin = self.ctx.origin.with_headers(req.headers.clone());
         let (id, validator) = (task.header().id, task.header().validator.clone());
@@ -412,6 +463,7 @@ impl Fetcher {
                     self.ctx.cfg.source.concurrency,
                     progress,
                     &feed,
+                    give_way,
                 )
                 .await;
                 match res {
@@ -421,6 +473,7 @@ impl Fetcher {
                         tracing::warn!(error = %e, "ranged requests do not work with this origin; reading the whole body in order");
                         self.sequential(&origin, &task_now, url, None, progress, &feed)
                             .await
+                            .map(|()| ranged::Ended::Complete)
                     }
                     other => other,
                 }
@@ -428,11 +481,19 @@ impl Fetcher {
                 tracing::info!("the origin does not honour Range; reading the whole body in order");
                 self.sequential(&origin, &task_now, url, full_body.take(), progress, &feed)
                     .await
+                    .map(|()| ranged::Ended::Complete)
             };
             task = Arc::into_inner(task_now).ok_or_else(|| {
                 StoreError::Uring(std::io::Error::other("a piece job outlived its download"))
             })?;
-            res?;
+            if res? == ranged::Ended::GaveWay {
+                tracing::info!(
+                    verified = task.verified_count(),
+                    of = plan.count(),
+                    "another node reads this origin now; taking the rest from the swarm"
+                );
+                return Ok(Sourced::GaveWay(task));
+            }
             let actual = chain_digest(chainer.finish().await, url)?;
             match req.digest {
                 Some(expected) if expected != actual => {
@@ -450,11 +511,11 @@ impl Fetcher {
                 }
                 _ => {
                     let manifest = task.complete(actual)?;
-                    return Ok(Fetched {
+                    return Ok(Sourced::Done(Fetched {
                         task,
                         manifest,
                         served: Served::Origin,
-                    });
+                    }));
                 }
             }
         }

@@ -19,14 +19,25 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use super::retry::Retry;
-use super::{FetchError, Progress};
+use super::{FetchError, GiveWay, Progress};
 use crate::core::Piece;
 use crate::engine::{Action, Engine, EngineConfig, Peer};
 use crate::source::{Origin, SourceError};
 use crate::storage::{Feed, StoreError, TaskHandle};
 
-/// Fetches every piece `task` lacks over `concurrency` parallel Range requests.
-/// Each piece's buffers go to `feed` (the chain) before the piece is stored.
+/// How [`fetch`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every piece is stored.
+    Complete,
+    /// `give_way` was asked: no piece asked for after it, and those in flight landed.
+    GaveWay,
+}
+
+/// Fetches every piece `task` lacks over `concurrency` parallel Range requests, until
+/// `give_way` is asked. Each piece's buffers go to `feed` (the chain) before the piece is
+/// stored.
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch(
     origin: &Origin,
     retry: &Retry,
@@ -35,7 +46,8 @@ pub async fn fetch(
     concurrency: usize,
     progress: &Arc<Progress>,
     feed: &Feed,
-) -> Result<(), FetchError> {
+    give_way: &GiveWay,
+) -> Result<Ended, FetchError> {
     let plan = task.plan();
     let have = task.bitmap();
     let mut engine = Engine::new(
@@ -52,6 +64,11 @@ pub async fn fetch(
     let start = Instant::now();
     let mut jobs: JoinSet<(u32, Duration, Result<(), FetchError>)> = JoinSet::new();
     loop {
+        if give_way.asked() {
+            // Pieces in flight land (a failed one is simply missing).
+            while jobs.join_next().await.is_some() {}
+            return Ok(Ended::GaveWay);
+        }
         for action in engine.poll(start.elapsed()) {
             // With no parents the engine only ever asks the source.
             let Action::Request {
@@ -85,7 +102,7 @@ pub async fn fetch(
             );
         }
         if engine.is_complete() && jobs.is_empty() {
-            return Ok(());
+            return Ok(Ended::Complete);
         }
         let Some(done) = jobs.join_next().await else {
             // Nothing in flight and nothing asked for, yet pieces are missing: the planner

@@ -416,8 +416,10 @@ impl Scheduler {
         self.slots.get(s as usize).and_then(Option::as_ref)
     }
 
-    /// Applies an announcement received at `now`.
-    pub fn announce(&mut self, a: Announce, now: Duration) {
+    /// Applies an announcement received at `now`. Returns the tasks the peer says it reads
+    /// from their origins while another live peer was chosen to (see [`Announce::fetching`]):
+    /// it should stop and take the rest from the swarm.
+    pub fn announce(&mut self, a: Announce, now: Duration) -> Vec<TaskId> {
         let slot = match self.ids.get(&a.peer) {
             Some(s) => *s,
             None => {
@@ -449,14 +451,14 @@ impl Scheduler {
             }
         };
         let Some(p) = self.slots[slot as usize].as_mut() else {
-            return;
+            return Vec::new();
         };
         if p.place != a.place {
             let old = std::mem::replace(&mut p.place, a.place.clone());
             self.move_rack(slot, &old, &a.place);
         }
         let Some(p) = self.slots[slot as usize].as_mut() else {
-            return;
+            return Vec::new();
         };
         p.addr = a.addr;
         p.seed = a.seed;
@@ -497,7 +499,11 @@ impl Scheduler {
             p.links.insert(parent, link);
         }
         // A peer reading a task's origin says so each time: it stays (or, to a restarted
-        // scheduler, becomes) the task's fetcher, unless another live one was chosen.
+        // scheduler, becomes) the task's fetcher, unless another live one was chosen. Then it
+        // is told to stop: a fetcher that was silent (a stalled process, a paused VM) was
+        // replaced, and on waking it read on what its successor was reading (1.9 x F). A
+        // rescuer (pieces only banned peers hold) fetches beside the fetcher by design.
+        let mut superseded = Vec::new();
         for task in a.fetching.into_iter().take(MAX_FETCHING) {
             let other = self.fetchers.get(&task).is_some_and(|(who, _)| {
                 *who != a.peer
@@ -507,8 +513,15 @@ impl Scheduler {
             });
             if !other {
                 self.fetchers.insert(task, (a.peer.clone(), now));
+            } else if self
+                .rescuers
+                .get(&task)
+                .is_none_or(|(who, _)| *who != a.peer)
+            {
+                superseded.push(task);
             }
         }
+        superseded
     }
 
     /// A requester not yet heard from (it asks before its first announcement reaches this

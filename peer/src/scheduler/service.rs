@@ -17,6 +17,10 @@ use crate::transport::wire::{Request, Status};
 pub struct AnnounceReply {
     /// Tasks the scheduler needs the full bitmap of (it restarted, or never saw one).
     pub resend: Vec<TaskId>,
+    /// Tasks the peer said it reads from their origins while another live peer was chosen
+    /// to: it stops and takes the rest from the swarm. Absent from older schedulers' replies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<TaskId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -247,9 +251,10 @@ impl SchedulerService {
         self.with(|s| {
             let peer = a.peer.clone();
             let tasks: Vec<TaskId> = a.tasks.iter().map(|(t, _)| *t).collect();
-            s.announce(a, now);
+            let superseded = s.announce(a, now);
             AnnounceReply {
                 resend: tasks.into_iter().filter(|t| !s.knows(&peer, t)).collect(),
+                superseded,
             }
         })
     }

@@ -496,6 +496,34 @@ fn a_fetcher_that_says_so_stays_the_fetcher_past_its_ttl_and_across_a_restart() 
         s.announce(ann("b", 2, false, vec![false; 4]), t * S);
     }
     assert_eq!(s.advise("b", &task(), 4, &[], 36 * S).1, Advice::Source);
+    // f wakes (a stalled process) and says it still reads the origin: it is told to stop,
+    // and b, the fetcher now, is not.
+    let mut b = ann("b", 2, false, vec![false, true, false, false]);
+    b.fetching = vec![task()];
+    assert_eq!(s.announce(f.clone(), 37 * S), vec![task()]);
+    assert!(s.announce(b.clone(), 37 * S).is_empty());
+    assert_eq!(s.advise("f", &task(), 4, &[], 37 * S).1, Advice::Parents);
+    // Once b is silent in turn, f's word makes it the fetcher again.
+    assert!(s.announce(f.clone(), 43 * S).is_empty());
+    assert_eq!(s.announce(b, 43 * S), vec![task()]);
+}
+
+#[test]
+fn a_rescuer_fetching_beside_the_fetcher_is_not_told_to_stop() {
+    let mut s = Scheduler::new(SchedulerConfig::default());
+    // f reads the origin; between them f and liar hold every piece.
+    let mut f = ann("f", 1, false, vec![true, true, false, true]);
+    f.fetching = vec![task()];
+    s.announce(f.clone(), S);
+    s.announce(ann("liar", 3, false, vec![false, false, true, false]), S);
+    s.announce(ann("r", 2, false, vec![false; 4]), S);
+    // r banned the only holder of piece 2: it fetches that piece itself, beside f.
+    let (_, advice) = s.advise_banning("r", &task(), 4, &[], &["liar".to_string()], true, 6 * S);
+    assert_eq!(advice, Advice::Source);
+    let mut r = ann("r", 2, false, vec![false; 4]);
+    r.fetching = vec![task()];
+    assert!(s.announce(r, 6 * S).is_empty());
+    assert!(s.announce(f, 6 * S).is_empty());
 }
 
 #[test]

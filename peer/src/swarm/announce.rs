@@ -5,6 +5,10 @@
 //! whether it is a seed) before it holds anything. A scheduler that fails to answer gets full
 //! bitmaps next time: it may have restarted. While nothing changes (no piece, no task gone,
 //! no origin read, no upload), the heartbeat goes every [`IDLE_HEARTBEAT`] only.
+//!
+//! Announcements also say which tasks this node reads from their origins; a scheduler that
+//! chose another node meanwhile (this one was silent: a stalled process) says so in its
+//! reply, and this node's readers of those tasks give way ([`Fetching::give_way`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::schedulers::Schedulers;
 use super::Swarm;
 use crate::core::TaskId;
+use crate::fetch::GiveWay;
 use crate::scheduler::service::AnnounceReply;
 use crate::scheduler::{Announce, Holding, Place};
 use crate::transport::wire::Request as Wire;
@@ -25,19 +30,29 @@ pub(super) struct State {
     round: tokio::sync::Mutex<()>,
     /// Tasks this node reads from their origins now, by how many readers: announced, so a
     /// restarted scheduler learns who fetches (and nobody else is sent to fetch the same).
-    fetching: Arc<Mutex<HashMap<TaskId, usize>>>,
+    /// Each with the request to stop, set when a scheduler says another node fetches it.
+    fetching: Arc<Mutex<HashMap<TaskId, (usize, GiveWay)>>>,
 }
 
 /// Counts one reader of a task's origin while alive (see [`State::fetching`]).
 pub(super) struct Fetching {
     task: TaskId,
-    of: Arc<Mutex<HashMap<TaskId, usize>>>,
+    of: Arc<Mutex<HashMap<TaskId, (usize, GiveWay)>>>,
+    give_way: GiveWay,
+}
+
+impl Fetching {
+    /// Asked when a scheduler answers this node's announcement that another live node was
+    /// chosen to fetch the task.
+    pub(super) fn give_way(&self) -> &GiveWay {
+        &self.give_way
+    }
 }
 
 impl Drop for Fetching {
     fn drop(&mut self) {
         if let Ok(mut m) = self.of.lock() {
-            if let Some(n) = m.get_mut(&self.task) {
+            if let Some((n, _)) = m.get_mut(&self.task) {
                 *n -= 1;
                 if *n == 0 {
                     m.remove(&self.task);
@@ -50,12 +65,23 @@ impl Drop for Fetching {
 impl State {
     /// Marks `task` as read from its origin by this node until the guard drops.
     pub(super) fn fetching(&self, task: TaskId) -> Fetching {
-        if let Ok(mut m) = self.fetching.lock() {
-            *m.entry(task).or_insert(0) += 1;
-        }
+        let give_way = match self.fetching.lock() {
+            Ok(mut m) => {
+                let (n, g) = m.entry(task).or_default();
+                // A reader starting after the last one was told to stop starts afresh: the
+                // scheduler chose it again.
+                if g.asked() {
+                    *g = GiveWay::default();
+                }
+                *n += 1;
+                g.clone()
+            }
+            Err(_) => GiveWay::default(),
+        };
         Fetching {
             task,
             of: self.fetching.clone(),
+            give_way,
         }
     }
 
@@ -64,6 +90,21 @@ impl State {
             .lock()
             .map(|m| m.keys().copied().collect())
             .unwrap_or_default()
+    }
+
+    /// A scheduler chose another node to fetch `tasks`: this node's readers stop.
+    fn superseded(&self, tasks: &[TaskId]) {
+        let Ok(m) = self.fetching.lock() else {
+            return;
+        };
+        for t in tasks {
+            if let Some((_, g)) = m.get(t) {
+                if !g.asked() {
+                    tracing::info!(task = %t, "the scheduler chose another node to read this origin");
+                }
+                g.ask();
+            }
+        }
     }
 }
 
@@ -192,6 +233,7 @@ async fn announce_once(swarm: &Arc<Swarm>, idle_every: Option<Duration>) {
             a.tasks = tasks;
             a.fetching = fetching;
             let reply = s.announce(a);
+            swarm.announcer.superseded(&reply.superseded);
             resend(swarm, reply.resend);
         }
         Schedulers::Remote { ring, .. } => {
@@ -227,7 +269,10 @@ async fn announce_once(swarm: &Arc<Swarm>, idle_every: Option<Duration>) {
                     .ok()
                     .and_then(|b| serde_json::from_slice::<AnnounceReply>(&b).ok());
                 match reply {
-                    Some(r) => resend(swarm, r.resend),
+                    Some(r) => {
+                        swarm.announcer.superseded(&r.superseded);
+                        resend(swarm, r.resend)
+                    }
                     None => {
                         swarm.ctx.metrics.scheduler_error("announce");
                         tracing::debug!(scheduler = %owner, "announcement failed; full bitmaps next time");

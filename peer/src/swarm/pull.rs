@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::serve::Holder;
 use super::{download, Swarm};
 use crate::core::{Import, PiecePlan, Request, TaskId};
-use crate::fetch::{exit, FetchError, Fetched, Missing, Progress, Served};
+use crate::fetch::{exit, FetchError, Fetched, Missing, Progress, Served, Sourced};
 use crate::scheduler::service::CandidatesReply;
 use crate::scheduler::Advice;
 use crate::source::SourceError;
@@ -154,22 +154,66 @@ impl Swarm {
             Missing::Partial(t) => t.verified_count(),
             Missing::Absent(_) => 0,
         };
-        let reply = match self
+        let mut reply = self.first_reply(id, holds).await?;
+        let mut missing = missing;
+        loop {
+            // With source fallback off only a seed goes to source; others wait for parents.
+            let pc = &self.ctx.cfg.peer;
+            let to_source = reply.advice == Advice::Source && (pc.seed || pc.source_fallback);
+            if let Some(mbps) = reply.source_mbps {
+                progress.limit_origin(mbps);
+            }
+            let from_here = if to_source {
+                missing
+            } else {
+                match download::run(self, id, req, missing, progress, reply).await? {
+                    download::Outcome::Done(f) => return Ok(f),
+                    download::Outcome::Source(m) => m,
+                }
+            };
+            tracing::info!("fetching back to source");
+            let fetching = self.announcer.fetching(id);
+            let ended = self
+                .fetcher
+                .from_source(
+                    id,
+                    from_here,
+                    req,
+                    progress,
+                    &|t| self.register(t, Holder::First),
+                    fetching.give_way(),
+                )
+                .await?;
+            drop(fetching);
+            match ended {
+                Sourced::Done(f) => return Ok(f),
+                // Another node reads the origin now (this one was silent, and the scheduler
+                // replaced it): the rest comes from the swarm, that node included.
+                Sourced::GaveWay(t) => {
+                    reply = self.first_reply(id, t.verified_count()).await?;
+                    missing = Missing::Partial(t);
+                }
+            }
+        }
+    }
+
+    /// The scheduler's first answer for a download holding `holds` pieces, or (source
+    /// fallback on) an answer sending it to source when no scheduler answers.
+    async fn first_reply(&self, id: TaskId, holds: u32) -> Result<CandidatesReply, PullError> {
+        match self
             .first_ask(id, self.ctx.cfg.peer.max_parents, holds)
             .await
         {
-            Ok(r) => r,
-            Err(e) if !self.ctx.cfg.peer.source_fallback => {
-                return Err(PullError::SchedulerUnreachable {
-                    task: id,
-                    scheduler: self.scheduler_for(&id),
-                    detail: e.to_string(),
-                });
-            }
+            Ok(r) => Ok(r),
+            Err(e) if !self.ctx.cfg.peer.source_fallback => Err(PullError::SchedulerUnreachable {
+                task: id,
+                scheduler: self.scheduler_for(&id),
+                detail: e.to_string(),
+            }),
             Err(e) => {
                 self.ctx.metrics.scheduler_error("candidates");
                 tracing::warn!(error = %e, "scheduler unreachable; going back to source");
-                CandidatesReply {
+                Ok(CandidatesReply {
                     parents: Vec::new(),
                     advice: Advice::Source,
                     lacking: None,
@@ -179,31 +223,9 @@ impl Swarm {
                     holders: None,
                     holdings: Vec::new(),
                     peers: Vec::new(),
-                }
+                })
             }
-        };
-        // With source fallback off only a seed goes to source; others wait for parents.
-        let pc = &self.ctx.cfg.peer;
-        let to_source = reply.advice == Advice::Source && (pc.seed || pc.source_fallback);
-        if let Some(mbps) = reply.source_mbps {
-            progress.limit_origin(mbps);
         }
-        let missing = if to_source {
-            missing
-        } else {
-            match download::run(self, id, req, missing, progress, reply).await? {
-                download::Outcome::Done(f) => return Ok(f),
-                download::Outcome::Source(m) => m,
-            }
-        };
-        tracing::info!("fetching back to source");
-        let _fetching = self.announcer.fetching(id);
-        Ok(self
-            .fetcher
-            .from_source(id, missing, req, progress, &|t| {
-                self.register(t, Holder::First)
-            })
-            .await?)
     }
 
     /// A complete task this daemon already serves: its views hold a shared lease, so read it

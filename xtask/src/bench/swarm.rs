@@ -139,6 +139,14 @@ pub fn run(args: Args) -> Result<()> {
         o.user_cpu_secs,
         o.cpu_secs - o.user_cpu_secs
     );
+    println!(
+        "the whole machine (/proc/stat, every process and the kernel, softirq included) spent {:.1} CPU-s ({:.2} per GiB delivered; user {:.1}, system {:.1}, softirq {:.1})",
+        o.machine.busy,
+        o.machine.busy / delivered_gib,
+        o.machine.user,
+        o.machine.system,
+        o.machine.softirq
+    );
     println!("uploaded, in F: {}", swarm::uploads_line(&o));
     if o.seed_shaper.bytes > 0 {
         // Every byte must leave the seed once, headers and all, through its shaper.
