@@ -118,6 +118,8 @@ struct Dl {
     short_every: Duration,
     wanted: usize,
     alternative: bool,
+    /// Made its rack's gateway (the driver's `gateway`).
+    gateway: bool,
     ordered: HashSet<u32>,
     have_every: Duration,
 }
@@ -568,6 +570,7 @@ impl World {
             short_every: ASK_SOON,
             wanted: self.cfg.peer.max_parents,
             alternative: false,
+            gateway: false,
             ordered: HashSet::new(),
             have_every: HAVE_EVERY_FIRST,
         });
@@ -636,6 +639,12 @@ impl World {
             if let Some(h) = node.holds.get_mut(t as usize) {
                 h.spread
                     .get_or_insert_with(|| Spread::for_rack(pieces, group));
+            }
+            // Made the gateway mid-download: half the slots for parents outside the rack, as
+            // the driver does (`make_room_outside_the_rack`).
+            if let Some(d) = self.dl_mut(n, t).filter(|d| !d.gateway) {
+                d.gateway = true;
+                d.engine.retire_all_but(max / 2);
             }
         }
         match &r.advice {

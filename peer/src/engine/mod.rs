@@ -385,6 +385,32 @@ impl Engine {
         pick
     }
 
+    /// Retires every parent but the `keep` that delivered most in the current window
+    /// (ties: the lower id stays), sparing any that alone holds a piece this peer lacks, and
+    /// returns those retired. For a peer made its rack's gateway mid-download: its parents
+    /// were all chosen in its rack, where what arrives came through the old gateway, and its
+    /// slots must take parents outside the rack now.
+    pub fn retire_all_but(&mut self, keep: usize) -> Vec<ParentId> {
+        let mut order: Vec<(u64, ParentId)> = self
+            .parents
+            .iter()
+            .filter(|(_, p)| !p.retiring && !p.blacklisted)
+            .map(|(id, p)| (p.window_bytes, *id))
+            .collect();
+        order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut retired = Vec::new();
+        for (_, id) in order.into_iter().skip(keep) {
+            if self.sole_holder_of_some(id) {
+                continue;
+            }
+            if let Some(p) = self.parents.get_mut(&id) {
+                p.retiring = true;
+                retired.push(id);
+            }
+        }
+        retired
+    }
+
     /// How many parents are retiring (they hold no slot).
     pub fn retiring(&self) -> usize {
         self.parents.values().filter(|p| p.retiring).count()

@@ -744,6 +744,36 @@ fn a_retiring_parent_does_not_count_as_another_holder() {
     assert_eq!(e.parent_to_replace(6 * s, 3 * s), None);
 }
 
+#[test]
+fn a_new_gateway_keeps_its_best_parents_and_any_sole_holder_and_retires_the_rest() {
+    let s = Duration::from_secs(1);
+    let mut e = window4_engine16();
+    // 1 and 2 hold all but piece 15; 3 holds nothing; 4 alone holds piece 15.
+    let mut most = all(16);
+    most[15] = false;
+    e.add_parent(1, &most);
+    e.add_parent(2, &most);
+    e.add_parent(3, &[false; 16]);
+    let mut last = vec![false; 16];
+    last[15] = true;
+    e.add_parent(4, &last);
+    // 2 delivers the most.
+    for (p, piece) in requests(&e.poll(Duration::ZERO)) {
+        if p == Peer::Parent(2) {
+            e.on_piece(p, piece, 10 * MS, s);
+        }
+    }
+    let mut retired = e.retire_all_but(1);
+    retired.sort_unstable();
+    assert_eq!(retired, vec![1, 3]);
+    assert_eq!(e.retiring(), 2);
+    // Retired parents are asked for nothing more.
+    for (p, _) in requests(&e.poll(s)) {
+        assert!(p == Peer::Parent(2) || p == Peer::Parent(4), "{p:?}");
+    }
+    assert!(e.retire_all_but(8).is_empty());
+}
+
 proptest! {
     /// However many pieces come sorted at once, reading them all gives the full sort.
     #[test]

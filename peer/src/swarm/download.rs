@@ -109,6 +109,8 @@ struct Driver<'a> {
     /// Whether the scheduler's last answer offered a peer that is not a parent (one could
     /// replace a slow parent).
     alternative: bool,
+    /// Whether the scheduler made this peer its rack's gateway for the task.
+    gateway: bool,
     source_mismatches: u32,
     last_progress: Instant,
     /// How many more parents this download could use, and whom not to offer (the scheduler
@@ -188,6 +190,7 @@ pub(super) async fn run(
         others_fetch: false,
         fetching: None,
         alternative: false,
+        gateway: false,
         chainer: None,
         provenance: Provenance::new(0),
         source_mismatches: 0,
@@ -359,6 +362,10 @@ impl Driver<'_> {
         self.lacking = r.lacking.clone();
         if r.gateway {
             self.swarm.spread_for_rack(&self.id);
+            if !self.gateway {
+                self.gateway = true;
+                self.make_room_outside_the_rack();
+            }
         }
         if let Some(e) = &mut self.engine {
             e.source_by_scheduler(says, self.lacking.as_deref());
@@ -387,6 +394,23 @@ impl Driver<'_> {
             .iter()
             .any(|c| c.peer != self.swarm.me && !self.by_peer.contains_key(&c.peer));
         self.update_wanted();
+    }
+
+    /// Made its rack's gateway mid-download (the old one died): every parent was chosen in
+    /// the rack, so half the slots are freed for parents outside it. With its slots full of
+    /// rack members it asked for no parent, and the rack waited on pieces only other racks
+    /// held (the simulator's churn in racks: 13.8 x the bound).
+    fn make_room_outside_the_rack(&mut self) {
+        let keep = self.swarm.ctx.cfg.peer.max_parents / 2;
+        let Some(e) = &mut self.engine else { return };
+        let retired = e.retire_all_but(keep);
+        if !retired.is_empty() {
+            tracing::info!(
+                parents = retired.len(),
+                "this peer takes the task into its rack now; freeing slots for parents outside it"
+            );
+            self.update_wanted();
+        }
     }
 
     /// With no scheduler answer for [`SCHEDULER_SILENT`], nobody sees the whole swarm: the
