@@ -112,7 +112,9 @@ pub const SPREAD_IN_FLIGHT_MAX: Duration = Duration::from_secs(60);
 /// requesters in the holder's rack and for those outside it: the scheduler keeps a rack's
 /// members (all but its gateway) on parents in the rack, so a piece delivered to another
 /// rack's gateway is out of their reach, and holding it from them stalled the rack for the
-/// whole hold.
+/// whole hold. A rack's gateway holds nothing back once it has delivered every piece into its
+/// rack: a member still asking for one could not reach the member it went to (in churn, the
+/// rack's last peers waited out the hold).
 pub struct Spread<K = SocketAddr> {
     /// The holder's rack group (0: unlabelled, one scope for everyone).
     home: u32,
@@ -124,6 +126,9 @@ pub struct Spread<K = SocketAddr> {
     last_sent: Vec<[Option<Sent<K>>; 2]>,
     /// Holds each piece has had per scope (deliveries that started one).
     holds: Vec<[u8; 2]>,
+    /// Pieces delivered at least once, per scope: once all are in its rack, a gateway holds
+    /// nothing back there.
+    out: [u32; 2],
     /// Peers with sends in flight: how many, and when the latest began.
     sending: Vec<(K, u32, Instant)>,
     /// Pieces sent per peer (at most [`SPREAD_TRACKED`] peers; past that, new peers count as
@@ -165,6 +170,7 @@ impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
             rack_only: false,
             last_sent: vec![[None; 2]; pieces as usize],
             holds: vec![[0; 2]; pieces as usize],
+            out: [0; 2],
             sending: Vec::new(),
             sent_to: std::collections::HashMap::new(),
         }
@@ -199,7 +205,7 @@ impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
                     }
             })
         };
-        let held = holds(&lasts[scope]);
+        let held = !(self.rack_only && self.out[scope] == pieces) && holds(&lasts[scope]);
         let last = &mut lasts[scope];
         if held {
             return false;
@@ -251,6 +257,9 @@ impl<K: Copy + Eq + std::hash::Hash> Spread<K> {
                 ..s
             });
             if delivered {
+                if *hold == 0 {
+                    self.out[scope] += 1;
+                }
                 *hold = hold.saturating_add(1);
             }
         }
@@ -403,5 +412,30 @@ mod tests {
         let mut s: Spread<u32> = Spread::new(4, 0);
         assert!(s.admit(0, 1, other, t0));
         assert!(!s.admit(0, 2, home, t0));
+    }
+
+    #[test]
+    fn a_gateway_that_delivered_every_piece_into_its_rack_holds_none_back() {
+        use std::time::Instant;
+        let t0 = Instant::now();
+        let home = super::rack_group("z", "r1");
+        for gateway in [true, false] {
+            let mut s: Spread<u32> = if gateway {
+                Spread::for_rack(3, home)
+            } else {
+                Spread::new(3, home)
+            };
+            for i in 0..3 {
+                assert!(s.admit(i, 10 + i, home, t0));
+            }
+            s.ended(0, 10, true, t0);
+            s.ended(1, 11, true, t0);
+            assert!(!s.admit(0, 20, home, t0), "held while piece 2 is not out");
+            s.ended(2, 12, true, t0);
+            // Every piece is in the rack: a member still asking the gateway for one could not
+            // get it from the member it went to (churn in racks waited out the 10 s hold). A
+            // seed keeps its holds: its upload bounds the swarm.
+            assert_eq!(s.admit(0, 20, home, t0), gateway, "gateway: {gateway}");
+        }
     }
 }
