@@ -2,8 +2,8 @@
 //! the named scenarios: 1,000 and 10,000 peers, 1 and 10 GiB, Kraken's published case, a
 //! staggered arrival, churn, mixed links, 3 seeds and 3 schedulers, racks under an
 //! oversubscribed spine. It writes `bench/results/<date>-scale.{md,csv}` (a later invocation
-//! the same day replaces the rows of the scenarios it ran again) and a completion CDF per
-//! scenario (`<date>-scale-<scenario>.png`).
+//! the same day replaces the rows of the scenarios it ran again, and keeps the `## ` sections
+//! written under the table) and a completion CDF per scenario (`<date>-scale-<scenario>.png`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -158,6 +158,11 @@ fn write(dir: &Path, new: Vec<Report>) -> Result<Vec<PathBuf>> {
         md.push_str("`.\n");
     }
     let md_path = base.with_extension("md");
+    // The notes written under the table (its `## ` sections) stay.
+    let notes = std::fs::read_to_string(&md_path).unwrap_or_default();
+    if let Some(at) = notes.find("\n## ") {
+        md.push_str(&notes[at..]);
+    }
     std::fs::write(&md_path, md)?;
     paths.insert(0, md_path);
     Ok(paths)
