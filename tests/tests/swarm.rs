@@ -504,8 +504,16 @@ fn an_idle_swarm_announces_every_two_seconds_not_every_half_second() {
             "starling_scheduler_calls_total{kind=\"announce\"}",
         )
     };
-    // Let the download's last rounds and the connections settle.
-    std::thread::sleep(Duration::from_secs(3));
+    // The download's last rounds end: wait for a 2 s window with at most a heartbeat from
+    // each daemon.
+    let mut last = announces();
+    wait_until(Duration::from_secs(30), "the daemons to go quiet", || {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = announces();
+        let quiet = now - last <= 2.0;
+        last = now;
+        quiet
+    });
     let before = announces();
     std::thread::sleep(Duration::from_secs(8));
     let idle = announces() - before;
