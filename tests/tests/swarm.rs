@@ -82,13 +82,19 @@ impl Setup {
     }
 }
 
-/// `kill -SIG pid` (by PID, never by name).
-fn send_signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .is_ok_and(|st| st.success());
-    assert!(ok, "kill {sig} {pid}");
+/// The fault: process `pid` cannot run for `how_long` (SIGSTOP, then SIGCONT, by PID), as
+/// under a CPU quota's throttling or a paused VM. The sleep is the stall itself.
+fn stall(pid: u32, how_long: Duration) {
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|st| st.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    std::thread::sleep(how_long);
+    signal("-CONT");
 }
 
 #[test]
@@ -537,7 +543,6 @@ fn a_scheduler_stopped_for_seven_seconds_in_a_flash_crowd_leaves_the_origin_read
         .expect("a scheduler")
         .child
         .id();
-    let signal = |sig: &str| send_signal(pid, sig);
     let log = s
         .cluster
         .scheduler
@@ -555,9 +560,7 @@ fn a_scheduler_stopped_for_seven_seconds_in_a_flash_crowd_leaves_the_origin_read
                 "the scheduler's first decision",
                 || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("choosing who fetches")),
             );
-            signal("-STOP");
-            std::thread::sleep(Duration::from_secs(7));
-            signal("-CONT");
+            stall(pid, Duration::from_secs(7));
         });
         s.get_all(&peers);
     });
@@ -576,7 +579,6 @@ fn a_seed_stopped_for_seven_seconds_mid_fetch_gives_way_to_the_peer_that_took_ov
     cluster.start_all();
     let s = with_origin(cluster, 24, 11);
     let pid = s.cluster.nodes[0].pid().expect("the seed runs");
-    let signal = |sig: &str| send_signal(pid, sig);
     let peers: Vec<usize> = (1..=8).collect();
     std::thread::scope(|sc| {
         sc.spawn(|| {
@@ -585,9 +587,7 @@ fn a_seed_stopped_for_seven_seconds_mid_fetch_gives_way_to_the_peer_that_took_ov
                 "a quarter of the file read",
                 || s.origin_bytes() >= s.len / 4,
             );
-            signal("-STOP");
-            std::thread::sleep(Duration::from_secs(7));
-            signal("-CONT");
+            stall(pid, Duration::from_secs(7));
         });
         s.get_all(&peers);
     });
