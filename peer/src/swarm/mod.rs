@@ -172,13 +172,21 @@ impl Swarm {
                 });
             }));
         }
-        // The probes load once the peer serves (see `NetProbe::load`).
+        // The probes load once the peer serves (see `NetProbe::load`), on a thread of their
+        // own at a lower priority: daemons starting together on a busy node get to serve
+        // before any of them spends its tens of milliseconds in BTF parsing and the verifier.
         let weak = Arc::downgrade(&swarm);
-        tokio::task::spawn_blocking(move || {
-            if let Some(s) = weak.upgrade() {
-                s.probe.load(&s.ctx.cfg.netprobe, cookie);
-            }
-        });
+        let loader = std::thread::Builder::new()
+            .name("probe-load".into())
+            .spawn(move || {
+                crate::netprobe::lower_this_threads_priority();
+                if let Some(s) = weak.upgrade() {
+                    s.probe.load(&s.ctx.cfg.netprobe, cookie);
+                }
+            });
+        if let Err(e) = loader {
+            tracing::warn!("eBPF probes not loaded: cannot start their thread: {e}");
+        }
         tokio::spawn(announce::run(swarm.clone()));
         if swarm.schedulers.directory().is_some() {
             let every =
