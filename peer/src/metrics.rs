@@ -36,6 +36,7 @@ pub struct Metrics {
     parent_rate: Family<Labels2, Gauge<f64, std::sync::atomic::AtomicU64>>,
     blacklisted: Counter,
     have_answers: Counter,
+    have_bytes: Counter,
     proxy_requests: Family<Labels, Counter>,
     proxy_bytes: Family<Labels, Counter>,
     proxy_aborts: Family<Labels, Counter>,
@@ -120,6 +121,12 @@ impl Metrics {
             "have_answers",
             "Answers to other peers' long-polls for news of the pieces this peer verified",
             have_answers.clone(),
+        );
+        let have_bytes = Counter::default();
+        registry.register(
+            "have_answer_bytes",
+            "Bytes of those answers (each piece's index and chain value), before QUIC's framing",
+            have_bytes.clone(),
         );
         let proxy_requests = Family::<Labels, Counter>::default();
         registry.register(
@@ -215,6 +222,7 @@ impl Metrics {
             parent_rate,
             blacklisted,
             have_answers,
+            have_bytes,
         }
     }
 
@@ -270,8 +278,9 @@ impl Metrics {
             .set(bytes_per_second);
     }
 
-    pub fn have_answered(&self) {
+    pub fn have_answered(&self, bytes: usize) {
         self.have_answers.inc();
+        self.have_bytes.inc_by(bytes as u64);
     }
 
     pub fn blacklisted(&self) {
@@ -358,7 +367,7 @@ mod tests {
         m.failure("server_error");
         m.started();
         m.finished(true);
-        m.have_answered();
+        m.have_answered(101);
         let text = m.render();
         assert!(
             text.contains("starling_bytes_downloaded_total{source=\"origin\"} 15"),
@@ -370,6 +379,7 @@ mod tests {
         );
         assert!(text.contains("starling_tasks_downloading 0"), "{text}");
         assert!(text.contains("starling_have_answers_total 1"), "{text}");
+        assert!(text.contains("starling_have_answer_bytes_total 101"), "{text}");
         assert!(
             text.contains("starling_tasks_finished_total{result=\"ok\"} 1"),
             "{text}"

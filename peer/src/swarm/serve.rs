@@ -209,18 +209,17 @@ impl Swarm {
             slice = view.log_since(epoch, since);
         }
         let plan = view.plan();
-        self.ctx.metrics.have_answered();
-        Some(Bytes::from(
-            HaveReply {
-                content_length: plan.content_length(),
-                piece_length: plan.piece_length(),
-                content: view.content_digest(),
-                epoch: slice.epoch,
-                end: slice.end,
-                entries: slice.entries,
-            }
-            .encode(),
-        ))
+        let answer = HaveReply {
+            content_length: plan.content_length(),
+            piece_length: plan.piece_length(),
+            content: view.content_digest(),
+            epoch: slice.epoch,
+            end: slice.end,
+            entries: slice.entries,
+        }
+        .encode();
+        self.ctx.metrics.have_answered(answer.len());
+        Some(Bytes::from(answer))
     }
 }
 

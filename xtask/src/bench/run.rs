@@ -87,6 +87,8 @@ pub struct Outcome {
     pub import: Option<Imported>,
     /// The seed's QUIC sends to its children, summed over its connections (`starling probe`).
     pub seed_quic: Option<QuicSends>,
+    /// The seed's answers to its children's news polls: how many, and their bytes.
+    pub seed_news: (u64, u64),
 }
 
 /// What a node's QUIC connections sent, summed over them.
@@ -297,6 +299,10 @@ pub fn run(job: &Job) -> Result<Outcome> {
     let idle_secs = t_idle.elapsed().as_secs_f64();
     let idle_cpu_share = idle.iter().map(|c| c.secs() / idle_secs).collect();
     let seed_quic = quic_sends(&cluster.nodes[0]);
+    let seed_news = (
+        cluster.nodes[0].metric("starling_have_answers_total") as u64,
+        cluster.nodes[0].metric("starling_have_answer_bytes_total") as u64,
+    );
     if let Some(to) = std::env::var_os("STARLING_BENCH_LOGS") {
         keep_logs(&cluster, Path::new(&to))?;
     }
@@ -324,6 +330,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         piece_failures,
         import,
         seed_quic,
+        seed_news,
         ready_secs: ready.iter().map(|d| d.as_secs_f64()).collect(),
         idle_cpu_share,
     })

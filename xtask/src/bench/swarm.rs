@@ -184,6 +184,11 @@ pub fn run(args: Args) -> Result<()> {
             100.0 * q.lost_packets as f64 / q.packets.max(1) as f64,
             q.lost_bytes as f64 / o.size as f64,
         );
+        println!(
+            "the seed's news to its children: {} answers, {:.4} x F before QUIC's framing",
+            o.seed_news.0,
+            o.seed_news.1 as f64 / o.size as f64,
+        );
     }
     if o.seed_shaper.bytes > 0 {
         // Where losses happen: a packet the seed's own shaper drops never crossed its link
