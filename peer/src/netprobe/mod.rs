@@ -138,8 +138,9 @@ impl NetProbe {
     }
 
     /// Loads and attaches the probes into this (pending) one; the socket `cookie` is the
-    /// peer endpoint's. Loading runs the kernel's verifier, which takes about a CPU-second:
-    /// a daemon serves before it (50 daemons starting at once on 2 cores spent tens of
+    /// peer endpoint's. Loading parses the kernel's BTF and runs the verifier (about 70 ms of
+    /// CPU today; a CPU-second on earlier builds): a daemon serves before it, and calls it on
+    /// a low-priority thread (50 daemons starting at once on 2 cores once spent tens of
     /// seconds in it, and their peers' handshakes timed out meanwhile).
     pub fn load(&self, cfg: &NetprobeConfig, cookie: Option<u64>) {
         if !cfg.enabled {
