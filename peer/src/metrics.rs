@@ -379,7 +379,10 @@ mod tests {
         );
         assert!(text.contains("starling_tasks_downloading 0"), "{text}");
         assert!(text.contains("starling_have_answers_total 1"), "{text}");
-        assert!(text.contains("starling_have_answer_bytes_total 101"), "{text}");
+        assert!(
+            text.contains("starling_have_answer_bytes_total 101"),
+            "{text}"
+        );
         assert!(
             text.contains("starling_tasks_finished_total{result=\"ok\"} 1"),
             "{text}"
