@@ -60,6 +60,11 @@ fn transfer(
     let (nginx, www, data) = origin(&lab, 24, 5);
     let mut cluster = Cluster::new_in(Some(&lab), 1, "", extra);
     cluster.start_all();
+    // Transfer once the probes count: a daemon serves first and loads them on a low-priority
+    // thread, which on a busy machine can come after a quick transfer.
+    for n in &cluster.nodes {
+        probe(n);
+    }
     let url = nginx.url("blob");
     cluster.nodes[1].scratch.get(&url, "blob", &[]).ok();
     assert_eq!(
