@@ -1,6 +1,7 @@
 //! The peer wire protocol as a peer or scheduler receives it: a request frame and its body
 //! (scheduler calls and seed orders, JSON), a response header, and a verification-log answer
-//! (`have`) with what a child does with it (the plan it names, each entry's piece).
+//! (`have`) with what a child does with it (the plan it names, each entry's piece), and a
+//! `Busy` answer's offer.
 #![no_main]
 
 use bytes::Bytes;
@@ -31,6 +32,9 @@ fuzz_target!(|data: &[u8]| {
     if let Some(h) = data.first_chunk::<RESPONSE_HEADER_LEN>() {
         let _ = wire::decode_response_header(h, u64::MAX);
         let _ = wire::decode_response_header(h, 1 << 20);
+    }
+    if let Ok(offer) = wire::decode_offer(data) {
+        assert_eq!(wire::encode_offer(&offer), data);
     }
     if let Ok(have) = HaveReply::decode(data) {
         if let Ok(plan) = PiecePlan::new(have.content_length, have.piece_length) {

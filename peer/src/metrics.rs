@@ -36,6 +36,8 @@ pub struct Metrics {
     parent_rate: Family<Labels2, Gauge<f64, std::sync::atomic::AtomicU64>>,
     blacklisted: Counter,
     have_answers: Counter,
+    declined: Family<Labels, Counter>,
+    offered: Counter,
     have_bytes: Counter,
     proxy_requests: Family<Labels, Counter>,
     proxy_bytes: Family<Labels, Counter>,
@@ -127,6 +129,21 @@ impl Metrics {
             "have_answer_bytes",
             "Bytes of those answers (each piece's index and chain value), before QUIC's framing",
             have_bytes.clone(),
+        );
+        let declined = Family::<Labels, Counter>::default();
+        registry.register(
+            "piece_requests_declined",
+            "Piece requests this peer declined for now (Busy), spreading a task's pieces, by reason: held (sent to another peer, not yet passed on) or no_slot (sending to as many peers as it will)",
+            declined.clone(),
+        );
+        for reason in ["held", "no_slot"] {
+            let _ = declined.get_or_create(&vec![("reason", reason)]);
+        }
+        let offered = Counter::default();
+        registry.register(
+            "pieces_offered",
+            "Pieces offered instead in those answers (pieces no one has been sent yet)",
+            offered.clone(),
         );
         let proxy_requests = Family::<Labels, Counter>::default();
         registry.register(
@@ -222,6 +239,8 @@ impl Metrics {
             parent_rate,
             blacklisted,
             have_answers,
+            declined,
+            offered,
             have_bytes,
         }
     }
@@ -281,6 +300,14 @@ impl Metrics {
     pub fn have_answered(&self, bytes: usize) {
         self.have_answers.inc();
         self.have_bytes.inc_by(bytes as u64);
+    }
+
+    /// A piece request declined (Busy), for want of a slot or offering `offered` pieces
+    /// instead.
+    pub fn declined(&self, no_slot: bool, offered: usize) {
+        let reason = if no_slot { "no_slot" } else { "held" };
+        self.declined.get_or_create(&vec![("reason", reason)]).inc();
+        self.offered.inc_by(offered as u64);
     }
 
     pub fn blacklisted(&self) {

@@ -32,6 +32,10 @@ struct Args {
     /// Override every scenario's piece length, in KiB.
     #[arg(long)]
     piece_kib: Option<u64>,
+    /// Override every scenario's seed number (peer IDs, shuffles, arrival order): runs that
+    /// differ only in it show how much of a difference between two builds is chance.
+    #[arg(long)]
+    seed_number: Option<u64>,
     /// Write each report as a JSON line to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -92,6 +96,9 @@ fn main() -> Result<()> {
         }
         if let Some(m) = args.size_mib {
             sc.tasks = vec![m << 20];
+        }
+        if let Some(n) = args.seed_number {
+            sc.seed_number = n;
         }
         let r = World::new(sc).run();
         let b = r.bound_s;

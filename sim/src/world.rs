@@ -44,6 +44,7 @@ use starling::swarm::policy::{
     engine_config, have_every, rack_group, Spread, ASK_FULL_EVERY, ASK_SHORT_AT_MOST, ASK_SOON,
     CLOSING_PIECES, HAVE_EVERY_FIRST, REDIAL_AFTER, REPLACE_WINDOW,
 };
+use starling::transport::wire::MAX_OFFER;
 
 use crate::net::{Arrival, End, Net, NetSpec};
 use crate::scenario::{Scenario, Shape};
@@ -52,6 +53,13 @@ use crate::scenario::{Scenario, Shape};
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection attempt to a node that is gone fails after this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Whether a declining parent offers other pieces (`STARLING_SIM_NO_OFFER` set: not, as
+/// before offers, to compare).
+fn offers() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("STARLING_SIM_NO_OFFER").is_none())
+}
+
 /// The driver's tick.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -89,6 +97,8 @@ enum Ev {
         pid: ParentId,
         piece: u32,
         why: Failure,
+        /// What a parent that declined (`Busy`) offered instead.
+        offer: Vec<u32>,
     },
     Announce(u32),
     Order {
@@ -506,10 +516,14 @@ impl World {
                 pid,
                 piece,
                 why,
+                offer,
             } => {
                 let now = self.now();
                 if let Some(d) = self.dl_mut(n, t) {
                     if d.parents.contains_key(&pid) {
+                        if why == Failure::Busy {
+                            d.engine.offered(pid, &offer, now);
+                        }
                         d.engine.on_failure(Peer::Parent(pid), piece, why, now);
                     }
                 }
@@ -911,6 +925,7 @@ impl World {
             pid,
             piece,
             why,
+            offer: Vec::new(),
         };
         if !connected {
             self.after(Duration::ZERO, fail(Failure::Refused));
@@ -930,7 +945,24 @@ impl World {
         }
         if let Some(s) = &mut h.spread {
             if !s.admit(piece, n, group, at) {
-                self.after(rtt, fail(Failure::Busy));
+                let have = &h.have;
+                let offer = if offers() {
+                    s.offer(n, group, at, MAX_OFFER, |i| have[i as usize])
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                self.after(
+                    rtt,
+                    Ev::Failed {
+                        n,
+                        t,
+                        pid,
+                        piece,
+                        why: Failure::Busy,
+                        offer,
+                    },
+                );
                 return;
             }
         }

@@ -142,6 +142,10 @@ struct ParentState {
     penalty_window: Option<u32>,
     /// Bytes delivered in the current replacement window ([`Engine::parent_to_replace`]).
     window_bytes: u64,
+    /// Pieces it offered with its last `Busy` ([`Engine::offered`]), asked of it first until
+    /// `offer_until`.
+    offer: Vec<u32>,
+    offer_until: Duration,
 }
 
 /// Per-parent view for reports and the scheduler.
@@ -301,6 +305,18 @@ impl Engine {
             }
             v
         });
+    }
+
+    /// A parent that declined a piece (`Busy`) offered `pieces` instead: the ones this peer
+    /// lacks and has not asked anyone for are its next requests to that parent, before the
+    /// rarest-first order, for `busy_backoff`. A spreading seed offers pieces that no one has
+    /// been sent, which are the rarest in the whole swarm anyway.
+    pub fn offered(&mut self, id: ParentId, pieces: &[u32], now: Duration) {
+        let n = self.have.len() as u32;
+        if let Some(p) = self.parents.get_mut(&id) {
+            p.offer = pieces.iter().copied().filter(|i| *i < n).collect();
+            p.offer_until = now + self.cfg.busy_backoff;
+        }
     }
 
     /// Sequential-first from `cursor` while a streaming client waits; None for rarest-first.
@@ -643,6 +659,22 @@ impl Engine {
             let Some(p) = self.parents.get(&id) else {
                 continue;
             };
+            // What it offered first (not while streaming: order matters then).
+            if self.streaming.is_none() && now < p.offer_until {
+                for &piece in &p.offer {
+                    if room == 0 {
+                        break;
+                    }
+                    let open = !self.have[piece as usize]
+                        && !taken[piece as usize]
+                        && !self.in_flight.contains_key(&piece);
+                    if open && self.may_ask(id, piece) && !self.better_elsewhere(id, piece, now) {
+                        taken[piece as usize] = true;
+                        picks.push((id, piece));
+                        room -= 1;
+                    }
+                }
+            }
             // Each parent ranks only the pieces it holds and no better parent took, and sorts
             // no more of them than it can take (a few more for the rare ones skipped below).
             let mine = keyed
@@ -834,6 +866,7 @@ impl Engine {
             Peer::Parent(id) => {
                 if let Some(p) = self.parents.get_mut(&id) {
                     p.in_flight.insert(piece, now);
+                    p.offer.retain(|i| *i != piece);
                 }
             }
             Peer::Source => {

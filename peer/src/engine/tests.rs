@@ -544,6 +544,55 @@ fn a_busy_answer_is_no_strike_and_the_piece_waits_a_little_at_that_parent() {
 }
 
 #[test]
+fn what_a_busy_parent_offers_is_asked_of_it_next_unless_held_or_asked_elsewhere() {
+    let cfg = EngineConfig {
+        initial_window: 1,
+        max_window: 1,
+        ..no_source()
+    };
+    // Twenty pieces, 0..=8 also held by this peer's other parent (2): rarest first asks the
+    // seed (1) for 9.. and parent 2 for one of 0..=8.
+    let mut e = Engine::new(plan(20), &[], cfg);
+    e.add_parent(1, &all(20));
+    let mut other = vec![false; 20];
+    other[..9].iter_mut().for_each(|h| *h = true);
+    e.add_parent(2, &other);
+    let first = requests(&e.poll(Duration::ZERO));
+    let (_, asked) = *first.iter().find(|r| r.0 == Peer::Parent(1)).unwrap();
+    let at_2 = first.iter().find(|r| r.0 == Peer::Parent(2)).map(|r| r.1);
+    // The seed declines it and offers 15, the piece parent 2 is fetching, and 17.
+    let offer: Vec<u32> = [15].into_iter().chain(at_2).chain([17, 99]).collect();
+    e.offered(1, &offer, Duration::ZERO);
+    e.on_failure(Peer::Parent(1), asked, Failure::Busy, Duration::ZERO);
+    let next = requests(&e.poll(MS));
+    assert_eq!(next, vec![(Peer::Parent(1), 15)], "the first offered piece");
+    // 15 arrives; the offer's next piece it lacks and has not asked anyone for is 17.
+    e.on_piece(Peer::Parent(1), 15, MS, 2 * MS);
+    let next = requests(&e.poll(2 * MS));
+    assert_eq!(next, vec![(Peer::Parent(1), 17)]);
+    // The offer is spent (and would have expired with busy_backoff): rarest-first again.
+    e.on_piece(Peer::Parent(1), 17, MS, 3 * MS);
+    let next = requests(&e.poll(3 * MS));
+    assert_eq!(next.len(), 1);
+    assert!(next[0].1 >= 9 && next[0].1 != asked, "{next:?}");
+    // An offer past its time is not followed.
+    let mut e = Engine::new(
+        plan(20),
+        &[],
+        EngineConfig {
+            initial_window: 1,
+            ..no_source()
+        },
+    );
+    e.add_parent(1, &all(20));
+    let (_, asked) = requests(&e.poll(Duration::ZERO))[0];
+    e.offered(1, &[19], Duration::ZERO);
+    e.on_failure(Peer::Parent(1), asked, Failure::Busy, Duration::ZERO);
+    let late = requests(&e.poll(Duration::from_secs(1)));
+    assert_ne!(late, vec![(Peer::Parent(1), 19)], "{late:?}");
+}
+
+#[test]
 fn a_busy_holder_still_counts_as_holding_so_no_source() {
     let mut e = Engine::new(plan(2), &[], EngineConfig::default());
     e.add_parent(1, &all(2));

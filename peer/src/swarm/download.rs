@@ -990,16 +990,19 @@ impl Driver<'_> {
                     }
                 }
             }
-            Err(JobError::Fail(f, cause)) => {
-                if f == Failure::Busy {
-                    // A seed spreading its uploads: not a failure, unless it is all the
-                    // parent ever says (see `BUSY_LIMIT`).
-                    if let Peer::Parent(pid) = done.from {
-                        if let Some(p) = self.parents.get_mut(&pid) {
-                            p.busy_since.get_or_insert_with(Instant::now);
-                        }
+            Err(JobError::Busy(offer)) => {
+                // A seed spreading its uploads: not a failure, unless it is all the parent
+                // ever says (see `BUSY_LIMIT`). What it offers instead is asked for next.
+                if let Peer::Parent(pid) = done.from {
+                    if let Some(p) = self.parents.get_mut(&pid) {
+                        p.busy_since.get_or_insert_with(Instant::now);
                     }
-                } else if let Peer::Parent(pid) = done.from {
+                    engine.offered(pid, &offer, now);
+                }
+                engine.on_failure(done.from, done.piece, Failure::Busy, now);
+            }
+            Err(JobError::Fail(f, cause)) => {
+                if let Peer::Parent(pid) = done.from {
                     let who = self.parents.get(&pid).map_or("?", |p| p.peer.as_str());
                     tracing::info!(parent = who, piece = done.piece, cause, "piece failed");
                     self.swarm.ctx.metrics.piece_failure(cause);

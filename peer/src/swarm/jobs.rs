@@ -31,6 +31,8 @@ pub(super) enum Event {
 
 pub(super) enum JobError {
     Fail(Failure, &'static str),
+    /// The parent declined for now (`Failure::Busy`), offering these pieces instead.
+    Busy(Vec<u32>),
     /// The bytes fail against the values in use, but reach the piece's anchored end value from
     /// this start value, the one their parent named: ours is false (see `provenance`).
     Proof(ChainValue),
@@ -189,7 +191,7 @@ pub(super) async fn from_parent(
         .piece(task_id, piece.index, group)
         .await
         .map_err(|e| match e {
-            TransportError::Refused(Status::Busy) => JobError::Fail(Failure::Busy, "busy"),
+            TransportError::Busy(offer) => JobError::Busy(offer),
             TransportError::Refused(_) => JobError::Fail(Failure::Refused, "refused"),
             TransportError::Wire(_) => JobError::Fail(Failure::Mismatch, "malformed"),
             _ => JobError::Fail(Failure::Reset, "reset"),

@@ -1,6 +1,6 @@
 //! Serving other peers: the registry of tasks this node serves (an upload view each), the
-//! transport's [`PieceSource`] over it, the spread of a sole holder's uploads, and the upload
-//! rate limit.
+//! transport's [`PieceSource`] over it, the spread of a sole holder's uploads (with the
+//! pieces offered to a requester it declines), and the upload rate limit.
 //!
 //! Only verified pieces are served: a view hands out slices of the content's memory map for
 //! the pieces its task's book marks verified, and a discarded task's view stops at once.
@@ -17,13 +17,13 @@ use futures::future::BoxFuture;
 use super::policy::{Spread, HAVE_WAIT};
 use super::Swarm;
 use crate::core::TaskId;
+use crate::storage::{TaskHandle, UploadView};
+use crate::transport::wire::{self, HaveReply, Request as Wire, Status};
+use crate::transport::PieceSource;
 
 /// Over the store's budget, a complete task no peer fetched for this long stops being served
 /// (see [`Swarm::shed_served`]).
 const SHED_IDLE: Duration = Duration::from_secs(10);
-use crate::storage::{TaskHandle, UploadView};
-use crate::transport::wire::{HaveReply, Request as Wire, Status};
-use crate::transport::PieceSource;
 
 /// Whether this node is where a task entered the swarm, and so spreads its uploads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,6 +270,25 @@ impl PieceSource for Swarm {
         }
         self.served.pieces.fetch_add(1, Ordering::Relaxed);
         Ok(p)
+    }
+
+    fn offer(&self, task: &TaskId, to: SocketAddr, group: u32) -> Vec<u32> {
+        let Ok(mut s) = self.served.tasks.lock() else {
+            return Vec::new();
+        };
+        let offer = s.get_mut(task).and_then(|t| {
+            let view = &t.view;
+            t.spread.as_mut().map(|spread| {
+                spread.offer(to, group, Instant::now(), wire::MAX_OFFER, |i| {
+                    view.is_verified(i)
+                })
+            })
+        });
+        // Some(None): no slot for this peer now (declined for that, not for the piece).
+        let no_slot = matches!(offer, Some(None));
+        let offer = offer.flatten().unwrap_or_default();
+        self.ctx.metrics.declined(no_slot, offer.len());
+        offer
     }
 
     fn piece_ended(&self, task: &TaskId, index: u32, to: SocketAddr, delivered: bool) {

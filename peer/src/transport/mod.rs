@@ -68,6 +68,10 @@ pub enum TransportError {
     Wire(#[from] WireError),
     #[error("peer answered {0:?}")]
     Refused(Status),
+    /// A piece request answered `Busy`, with the pieces the parent offers instead (none from
+    /// older releases, or when it has none for this node).
+    #[error("peer answered Busy")]
+    Busy(Vec<u32>),
     #[error("peer sent a manifest that does not decode: {0}")]
     Manifest(#[from] crate::core::ManifestError),
 }
@@ -97,6 +101,11 @@ pub trait PieceSource: Send + Sync + 'static {
         _since: u32,
     ) -> BoxFuture<'static, Option<Bytes>> {
         Box::pin(async { None })
+    }
+    /// After `piece_status` said `Busy` to the peer at `to` (rack `group`): the pieces of
+    /// `task` it would send that peer now, offered instead (at most [`wire::MAX_OFFER`]).
+    fn offer(&self, _task: &TaskId, _to: SocketAddr, _group: u32) -> Vec<u32> {
+        Vec::new()
     }
     /// Fetch orders and scheduler calls: the answer, or the status to refuse with.
     fn call(
@@ -737,6 +746,10 @@ async fn answer(
         Request::Piece { task, index, group } => {
             return match source.piece_status(&task, index, to, group) {
                 Ok(b) => (Status::Ok, b, Some((task, index))),
+                Err(Status::Busy) => {
+                    let offer = wire::encode_offer(&source.offer(&task, to, group));
+                    (Status::Busy, Bytes::from(offer), Some((task, index)))
+                }
                 Err(s) => (s, Bytes::new(), Some((task, index))),
             };
         }
@@ -791,6 +804,16 @@ impl Parent {
         recv.read_exact(&mut h).await.map_err(|e| s(&e))?;
         // The length is checked against the request's limit before any payload is read.
         let (status, len) = wire::decode_response_header(&h, req.limit())?;
+        if status == Status::Busy {
+            // Its offer, checked for length before it is read.
+            if len > wire::MAX_OFFER_LEN {
+                return Err(WireError::BadOffer(len).into());
+            }
+            let mut offer = vec![0u8; len as usize];
+            recv.read_exact(&mut offer).await.map_err(|e| s(&e))?;
+            end_of_stream(&mut recv);
+            return Err(TransportError::Busy(wire::decode_offer(&offer)?));
+        }
         if status != Status::Ok {
             return Err(TransportError::Refused(status));
         }

@@ -410,3 +410,64 @@ fn the_kernels_receive_drops_on_a_socket_are_read_from_the_socket_itself() {
     let drops = super::udp_drops(&rx).expect("SO_MEMINFO");
     assert!(drops > 1_000, "{drops} drops");
 }
+
+/// A spreading parent that declines every piece, offering others.
+struct Declining;
+
+impl PieceSource for Declining {
+    fn manifest(&self, _task: &TaskId) -> Option<Bytes> {
+        None
+    }
+    fn piece(&self, _task: &TaskId, _index: u32) -> Option<Bytes> {
+        None
+    }
+    fn piece_status(
+        &self,
+        _task: &TaskId,
+        _index: u32,
+        _to: SocketAddr,
+        _group: u32,
+    ) -> Result<Bytes, Status> {
+        Err(Status::Busy)
+    }
+    fn offer(&self, _task: &TaskId, _to: SocketAddr, group: u32) -> Vec<u32> {
+        // More than a Busy answer carries: only the first MAX_OFFER go.
+        (group..group + 40).collect()
+    }
+}
+
+#[tokio::test]
+async fn a_busy_answer_carries_its_offer_and_a_malformed_offer_is_refused() {
+    let ca = ClusterCa::generate().unwrap();
+    let node = Node::bind(loopback(), &ca.issue("seed").unwrap()).unwrap();
+    node.serve(Arc::new(Declining), Arc::new(|_| {}));
+    let peer = Node::bind(loopback(), &ca.issue("peer").unwrap()).unwrap();
+    let parent = peer.connect(node.local_addr().unwrap()).await.unwrap();
+    let task = TaskId::for_content(Digest::of(b"x"));
+    match parent.piece(task, 3, 100).await {
+        Err(TransportError::Busy(offer)) => {
+            assert_eq!(
+                offer,
+                (100..100 + wire::MAX_OFFER as u32).collect::<Vec<_>>()
+            )
+        }
+        other => panic!("expected Busy with an offer, got {other:?}"),
+    }
+    // An older release's Busy carries nothing.
+    let addr = rogue_server(&ca, wire::encode_response_header(Status::Busy, 0));
+    let parent = peer.connect(addr).await.unwrap();
+    assert!(matches!(
+        parent.piece(task, 0, 0).await,
+        Err(TransportError::Busy(offer)) if offer.is_empty()
+    ));
+    // An offer longer than MAX_OFFER pieces is refused before it is read.
+    let addr = rogue_server(
+        &ca,
+        wire::encode_response_header(Status::Busy, wire::MAX_OFFER_LEN + 4),
+    );
+    let parent = peer.connect(addr).await.unwrap();
+    assert!(matches!(
+        parent.piece(task, 0, 0).await,
+        Err(TransportError::Wire(WireError::BadOffer(_)))
+    ));
+}

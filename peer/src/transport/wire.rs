@@ -18,6 +18,10 @@
 //! Response header (fixed 13 bytes): `"STLR" | version u8 | status u8 | reserved u8 |
 //! length u48 LE in 6 bytes`, then `length` payload bytes.
 //!
+//! A piece request answered `Busy` may carry an *offer*: up to [`MAX_OFFER`] piece indexes
+//! (u32 LE each) that the parent would send the requester now (see
+//! `swarm::policy::Spread::offer`). Releases before offers send none, and ignore one.
+//!
 //! Everything is fixed-size until a body, and every length is checked against its limit
 //! before a byte of the body is allocated or read.
 //!
@@ -92,6 +96,8 @@ pub enum WireError {
     TaskKind(u8),
     #[error("malformed have reply")]
     BadHave,
+    #[error("malformed Busy answer: an offer of {0} bytes")]
+    BadOffer(u64),
     #[error("unknown status {0}")]
     Status(u8),
     #[error("request body of {0} bytes exceeds the limit of {MAX_BODY}")]
@@ -289,6 +295,33 @@ impl HaveReply {
     }
 }
 
+/// Most pieces a `Busy` answer offers.
+pub const MAX_OFFER: usize = 16;
+
+/// A `Busy` answer's payload: `piece u32 LE × n`, the pieces the parent would send the
+/// requester now (only the first [`MAX_OFFER`]).
+pub fn encode_offer(pieces: &[u32]) -> Vec<u8> {
+    pieces
+        .iter()
+        .take(MAX_OFFER)
+        .flat_map(|i| i.to_le_bytes())
+        .collect()
+}
+
+/// The pieces a `Busy` answer offers (none from releases before offers); a payload that is
+/// not whole indexes, or more than [`MAX_OFFER`] of them, is malformed.
+pub fn decode_offer(b: &[u8]) -> Result<Vec<u32>, WireError> {
+    if !b.len().is_multiple_of(4) || b.len() as u64 > MAX_OFFER_LEN {
+        return Err(WireError::BadOffer(b.len() as u64));
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// The longest `Busy` payload.
+pub const MAX_OFFER_LEN: u64 = 4 * MAX_OFFER as u64;
+
 pub fn encode_response_header(status: Status, len: u64) -> [u8; RESPONSE_HEADER_LEN] {
     let mut b = [0u8; RESPONSE_HEADER_LEN];
     b[..4].copy_from_slice(b"STLR");
@@ -364,6 +397,25 @@ mod tests {
         ] {
             assert_eq!(Request::decode(&r.encode()), Ok(r));
         }
+    }
+
+    #[test]
+    fn an_offer_round_trips_and_a_malformed_one_is_refused() {
+        let all: Vec<u32> = (0..40).collect();
+        let b = encode_offer(&all);
+        assert_eq!(
+            b.len() as u64,
+            MAX_OFFER_LEN,
+            "at most MAX_OFFER pieces are sent"
+        );
+        assert_eq!(decode_offer(&b), Ok(all[..MAX_OFFER].to_vec()));
+        assert_eq!(decode_offer(&[]), Ok(Vec::new()), "an older release's");
+        assert_eq!(decode_offer(&[1, 2, 3]), Err(WireError::BadOffer(3)));
+        let long = [0; MAX_OFFER_LEN as usize + 4];
+        assert_eq!(
+            decode_offer(&long),
+            Err(WireError::BadOffer(long.len() as u64))
+        );
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct Outcome {
     pub seed_quic: Option<QuicSends>,
     /// The seed's answers to its children's news polls: how many, and their bytes.
     pub seed_news: (u64, u64),
+    /// Piece requests the seed declined (Busy): a piece held for another, or no slot; and the
+    /// pieces it offered in those answers.
+    pub seed_declined: (u64, u64, u64),
 }
 
 /// What a node's QUIC connections sent, summed over them.
@@ -303,6 +306,22 @@ pub fn run(job: &Job) -> Result<Outcome> {
         cluster.nodes[0].metric("starling_have_answers_total") as u64,
         cluster.nodes[0].metric("starling_have_answer_bytes_total") as u64,
     );
+    let declined = |reason: &str| {
+        metric_by_label(
+            &cluster.nodes[0].metrics(),
+            "starling_piece_requests_declined_total",
+            "reason",
+        )
+        .into_iter()
+        .filter(|(r, _)| r == reason)
+        .map(|(_, v)| v as u64)
+        .sum::<u64>()
+    };
+    let seed_declined = (
+        declined("held"),
+        declined("no_slot"),
+        cluster.nodes[0].metric("starling_pieces_offered_total") as u64,
+    );
     if let Some(to) = std::env::var_os("STARLING_BENCH_LOGS") {
         keep_logs(&cluster, Path::new(&to))?;
     }
@@ -331,6 +350,7 @@ pub fn run(job: &Job) -> Result<Outcome> {
         import,
         seed_quic,
         seed_news,
+        seed_declined,
         ready_secs: ready.iter().map(|d| d.as_secs_f64()).collect(),
         idle_cpu_share,
     })

@@ -189,6 +189,13 @@ pub fn run(args: Args) -> Result<()> {
             o.seed_news.0,
             o.seed_news.1 as f64 / o.size as f64,
         );
+        println!(
+            "the seed declined {} piece requests (Busy): {} held for another peer (offering {} pieces instead), {} with no slot free",
+            o.seed_declined.0 + o.seed_declined.1,
+            o.seed_declined.0,
+            o.seed_declined.2,
+            o.seed_declined.1,
+        );
     }
     if o.seed_shaper.bytes > 0 {
         // Where losses happen: a packet the seed's own shaper drops never crossed its link
