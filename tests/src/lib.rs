@@ -141,6 +141,31 @@ impl Scratch {
         c
     }
 
+    /// `starling probe --json` of this scratch's daemon, once its eBPF probes have loaded (a
+    /// daemon serves first and loads them on a low-priority thread, which on a busy machine
+    /// can finish well after its first transfer); after 20 s, whatever it says.
+    pub fn probe_report(&self) -> starling::netprobe::ProbeReport {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let out = self
+                .starling()
+                .args(["probe", "--json"])
+                .output()
+                .expect("run starling probe");
+            assert!(
+                out.status.success(),
+                "starling probe: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let r: starling::netprobe::ProbeReport =
+                serde_json::from_slice(&out.stdout).expect("probe JSON");
+            if !r.detail.contains("still loading") || std::time::Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// `starling` in this scratch's namespace (for the daemon), else as [`Scratch::starling`].
     pub fn starling_in_ns(&self) -> Command {
         let Some(ns) = &self.netns else {

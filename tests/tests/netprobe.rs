@@ -12,30 +12,7 @@ use starling_tests::*;
 const MIB: usize = 1 << 20;
 
 fn probe(node: &Node) -> ProbeReport {
-    probe_of(&node.scratch)
-}
-
-/// `starling probe --json` of the daemon on `s`, once its eBPF probes have loaded (a daemon
-/// serves first and loads them in the background).
-fn probe_of(s: &Scratch) -> ProbeReport {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = s
-            .starling()
-            .args(["probe", "--json"])
-            .output()
-            .expect("run starling probe");
-        assert!(
-            out.status.success(),
-            "starling probe: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let r: ProbeReport = serde_json::from_slice(&out.stdout).expect("probe JSON");
-        if !r.detail.contains("still loading") || std::time::Instant::now() > deadline {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    node.scratch.probe_report()
 }
 
 /// An origin (nginx) on host 0 of `lab` serving `mib` MiB of random bytes (from `seed`) as
@@ -275,7 +252,7 @@ fn kernel_drops_are_counted_by_reason() {
     let s = Scratch::new();
     let _daemon = Daemon::start(&s);
     let drops = |s: &Scratch| -> u64 {
-        let r = probe_of(s);
+        let r = s.probe_report();
         let d = r
             .kernel_drops
             .unwrap_or_else(|| panic!("the kfree_skb probe runs as root: {}", r.detail));
