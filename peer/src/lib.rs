@@ -39,6 +39,7 @@ pub mod registry;
 pub mod s3;
 pub mod scheduler;
 pub mod source;
+pub mod stall;
 pub mod storage;
 pub mod swarm;
 pub mod telemetry;

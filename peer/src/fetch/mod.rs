@@ -20,6 +20,7 @@ mod retry;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tracing::Instrument;
@@ -27,6 +28,7 @@ use tracing::Instrument;
 use crate::context::NodeContext;
 use crate::core::{Digest, Manifest, PiecePlan, PiecePlanError, Request, TaskId, TaskIdError};
 use crate::source::{exact_body, Origin, Reply, SourceError};
+use crate::stall::StallClock;
 use crate::storage::{ChainEnd, Feed, Lease, LeaseMode, StoreError, TaskHandle, TaskHeader};
 
 pub use import::Staged;
@@ -120,17 +122,107 @@ pub enum Sourced {
 }
 
 /// Asks a ranged download back to source to stop reading the origin (checked between
-/// pieces). Clones share the request.
+/// pieces). Clones share the request. With [`Heard`], the download also checks in with the
+/// schedulers before reading on after a stall of its process ([`GiveWay::check_in`]).
 #[derive(Clone, Debug, Default)]
-pub struct GiveWay(Arc<AtomicBool>);
+pub struct GiveWay {
+    asked: Arc<AtomicBool>,
+    heard: Option<Heard>,
+}
 
 impl GiveWay {
+    /// A request whose reader checks in after a stall ([`GiveWay::check_in`]).
+    pub fn heard_by(heard: &Heard) -> GiveWay {
+        GiveWay {
+            asked: Arc::default(),
+            heard: Some(heard.clone()),
+        }
+    }
+
     pub fn ask(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.asked.store(true, Ordering::Relaxed);
     }
 
     pub fn asked(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.asked.load(Ordering::Relaxed)
+    }
+
+    /// Before asking the origin for more. After a stall of this process at least the
+    /// [`Heard`]'s `unheard` long (stopped, starved, a paused VM), its schedulers may have
+    /// taken it for gone and chosen another reader, and reading on would read what its
+    /// successor reads: after a 7 s stop, the origin served a twentieth of the file twice
+    /// while the woken seed's next requests raced its first announcement. So this waits for
+    /// the answer to an announcement sent after the stall (which asks it to give way if it
+    /// was replaced), for at most the [`Heard`]'s `wait`, and once per stall: `waited` is this
+    /// reader's memory of the stall it already waited out. Silent schedulers alone (stalled
+    /// or unreachable themselves, with this process running) are no reason to wait.
+    pub async fn check_in(&self, waited: &mut Option<Instant>) {
+        let Some(heard) = &self.heard else {
+            return;
+        };
+        let Some(stall) = heard.clock.last_stall() else {
+            return;
+        };
+        let mut rx = heard.tx.subscribe();
+        if stall.length < heard.unheard
+            || *waited == Some(stall.ended)
+            || *rx.borrow_and_update() >= stall.ended
+        {
+            return;
+        }
+        *waited = Some(stall.ended);
+        tracing::info!(
+            stalled_ms = stall.length.as_millis() as u64,
+            "this process could not run for a while and its schedulers may have chosen another reader meanwhile; waiting for their answer before reading more of the origin"
+        );
+        let answered = tokio::time::timeout(heard.wait, async {
+            loop {
+                if *rx.borrow_and_update() >= stall.ended {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        if answered.await.is_err() {
+            tracing::info!("no answer from the schedulers; reading on");
+        }
+    }
+}
+
+/// When this node's schedulers last answered its announcements (when the last answered one
+/// was sent), and this process's [`StallClock`]. Clones share them.
+#[derive(Clone, Debug)]
+pub struct Heard {
+    tx: Arc<tokio::sync::watch::Sender<Instant>>,
+    clock: Arc<StallClock>,
+    /// A stall at least this long makes a reader check in ...
+    unheard: Duration,
+    /// ... and wait this long at most for an answer.
+    wait: Duration,
+}
+
+impl Heard {
+    /// Readers check in after a stall of `unheard` or more, and wait up to `wait` for an
+    /// answer.
+    pub fn new(clock: Arc<StallClock>, unheard: Duration, wait: Duration) -> Heard {
+        Heard {
+            tx: Arc::new(tokio::sync::watch::channel(Instant::now()).0),
+            clock,
+            unheard,
+            wait,
+        }
+    }
+
+    /// The schedulers answered the announcement sent at `sent` (after what they said was
+    /// applied).
+    pub fn answered(&self, sent: Instant) {
+        self.tx.send_if_modified(|at| {
+            let later = sent > *at;
+            *at = (*at).max(sent);
+            later
+        });
     }
 }
 
@@ -684,5 +776,80 @@ pub(crate) fn chain_digest(end: ChainEnd, url: &str) -> Result<Digest, FetchErro
             "the in-order chain over the stored pieces stopped before the end",
         ))
         .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A short stall (1.1 s, plus up to a tick before it) stays well under `UNHEARD`.
+    const UNHEARD: Duration = Duration::from_secs(2);
+    const WAIT: Duration = Duration::from_secs(1);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    // A current-thread runtime: blocking its thread is a stall of this "process".
+    #[tokio::test]
+    async fn a_reader_waits_for_its_schedulers_answer_after_its_own_stall_once() {
+        let heard = Heard::new(StallClock::new(), UNHEARD, WAIT);
+        let g = GiveWay::heard_by(&heard);
+        let mut waited = None;
+        // No stall, and the schedulers silent for 2.5 s (this process ran): no wait.
+        tokio::time::sleep(ms(2_500)).await;
+        let t = Instant::now();
+        g.check_in(&mut waited).await;
+        assert!(t.elapsed() < ms(500), "waited without a stall");
+        assert_eq!(waited, None);
+
+        // A stall shorter than `unheard`: no wait.
+        std::thread::sleep(ms(1_100));
+        let t = Instant::now();
+        g.check_in(&mut waited).await;
+        assert!(t.elapsed() < ms(500), "waited after a short stall");
+
+        // A long stall: it waits for an answer to an announcement sent after it, which asks
+        // it to give way. An answer to one sent before the stall does not end the wait.
+        let before = Instant::now();
+        std::thread::sleep(ms(2_500));
+        let answer = {
+            let (g, heard) = (g.clone(), heard.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(ms(100)).await;
+                heard.answered(before);
+                tokio::time::sleep(ms(200)).await;
+                let sent = Instant::now();
+                g.ask();
+                heard.answered(sent);
+            })
+        };
+        let t = Instant::now();
+        g.check_in(&mut waited).await;
+        assert!(t.elapsed() >= ms(300), "read on before the answer");
+        assert!(g.asked(), "the answer's request was not seen");
+        answer.await.expect("answer");
+
+        // Another long stall, and nobody answers: it waits once, at most `wait`, then reads
+        // on without waiting again for the same stall.
+        std::thread::sleep(ms(2_500));
+        let t = Instant::now();
+        g.check_in(&mut waited).await;
+        assert!(t.elapsed() >= WAIT, "did not wait for an answer");
+        let t = Instant::now();
+        g.check_in(&mut waited).await;
+        assert!(t.elapsed() < ms(500), "waited twice for one stall");
+    }
+
+    #[tokio::test]
+    async fn a_reader_without_schedulers_never_waits() {
+        let g = GiveWay::default();
+        let mut waited = None;
+        std::thread::sleep(ms(1_500));
+        let t = Instant::now();
+        g.check_in(&mut waited).await;
+        assert!(t.elapsed() < ms(500));
+        assert!(!g.asked());
     }
 }

@@ -63,7 +63,9 @@ pub async fn fetch(
     let validator = task.header().validator.clone();
     let start = Instant::now();
     let mut jobs: JoinSet<(u32, Duration, Result<(), FetchError>)> = JoinSet::new();
+    let mut waited = None;
     loop {
+        give_way.check_in(&mut waited).await;
         if give_way.asked() {
             // Pieces in flight land (a failed one is simply missing).
             while jobs.join_next().await.is_some() {}

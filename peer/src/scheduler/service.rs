@@ -4,13 +4,13 @@
 //! them itself (the embedded scheduler).
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{Advice, Announce, Candidate, PeerId, Scheduler, SchedulerConfig};
 use crate::core::TaskId;
+use crate::stall::StallClock;
 use crate::transport::wire::{Request, Status};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -116,58 +116,17 @@ const MAX_CANDIDATES: u32 = 64;
 /// Most peers one call may exclude (the rest are ignored).
 const MAX_EXCLUDE: usize = 256;
 
-/// How often the scheduler's clock is marked while the process runs (see [`Clock`]).
-const CLOCK_TICK: std::time::Duration = std::time::Duration::from_millis(200);
-/// A longer gap between two marks is time this process could not run.
-const CLOCK_MAX_GAP: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The scheduler's time: since it started, less the time this process could not run.
-///
-/// The scheduler judges a peer gone when it has not heard from it for a few seconds. A
-/// stopped or starved scheduler process (a CPU quota's throttling, a paused VM, SIGSTOP)
-/// hears nobody, and on waking the announcements sent meanwhile are still queued behind the
-/// calls: by the wall clock every peer looked silent, the seed ordered to fetch looked gone,
-/// and each asker in turn was made the fetcher (32 peers, the scheduler stopped 7 s: the
-/// origin served 22 x F). A ticker marks the clock every [`CLOCK_TICK`] while the process
-/// runs; a gap of more than [`CLOCK_MAX_GAP`] between two marks is a stall, and all of it
-/// beyond that is left out. A quiet but running scheduler keeps marking, so real silence is
-/// still counted in full.
-struct Clock {
-    start: Instant,
-    /// (wall time since `start` at the last mark, stalled time left out so far)
-    mark: Mutex<(std::time::Duration, std::time::Duration)>,
-}
-
-impl Clock {
-    fn new() -> Clock {
-        Clock {
-            start: Instant::now(),
-            mark: Mutex::new(Default::default()),
-        }
-    }
-
-    /// Marks the clock and reads it.
-    fn now(&self) -> std::time::Duration {
-        self.at(self.start.elapsed())
-    }
-
-    /// [`Clock::now`] at `wall` time since the start.
-    fn at(&self, wall: std::time::Duration) -> std::time::Duration {
-        let mut m = self.mark.lock().unwrap_or_else(|p| p.into_inner());
-        let (last, stalled) = &mut *m;
-        let gap = wall.saturating_sub(*last);
-        if gap > CLOCK_MAX_GAP {
-            *stalled += gap - CLOCK_MAX_GAP;
-        }
-        *last = (*last).max(wall);
-        wall.saturating_sub(*stalled)
-    }
-}
-
 /// A scheduler behind a lock, with its clock.
 pub struct SchedulerService {
     state: Mutex<Scheduler>,
-    clock: Clock,
+    /// The scheduler judges a peer gone when it has not heard from it for a few seconds. A
+    /// stopped or starved scheduler process (a CPU quota's throttling, a paused VM, SIGSTOP)
+    /// hears nobody, and on waking the announcements sent meanwhile are still queued behind the
+    /// calls: by the wall clock every peer looked silent, the seed ordered to fetch looked gone,
+    /// and each asker in turn was made the fetcher (32 peers, the scheduler stopped 7 s: the
+    /// origin served 22 x F). So its time is a [`StallClock`]'s, which leaves its stalls out; a
+    /// quiet but running scheduler keeps marking it, so real silence is still counted in full.
+    clock: Arc<StallClock>,
     /// Calls answered: announcements, and parent queries (`look` calls included).
     announces: std::sync::atomic::AtomicU64,
     queries: std::sync::atomic::AtomicU64,
@@ -176,27 +135,14 @@ pub struct SchedulerService {
 impl SchedulerService {
     /// A scheduler; inside a tokio runtime, its clock's ticker starts too (it ends with the
     /// service). Without one (a fuzzer, a bench driving calls by hand) every gap between
-    /// calls longer than [`CLOCK_MAX_GAP`] is taken for a stall.
+    /// calls longer than [`crate::stall::MAX_GAP`] is taken for a stall.
     pub fn new(cfg: SchedulerConfig) -> Arc<SchedulerService> {
-        let service = Arc::new(SchedulerService {
+        Arc::new(SchedulerService {
             state: Mutex::new(Scheduler::new(cfg)),
-            clock: Clock::new(),
+            clock: StallClock::new(),
             announces: Default::default(),
             queries: Default::default(),
-        });
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let weak = Arc::downgrade(&service);
-            rt.spawn(async move {
-                let mut tick = tokio::time::interval(CLOCK_TICK);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let Some(s) = weak.upgrade() else { return };
-                    s.clock.now();
-                }
-            });
-        }
-        service
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Scheduler) -> T) -> T {
@@ -343,30 +289,10 @@ impl crate::transport::PieceSource for StandaloneScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
-    }
-
-    #[test]
-    fn the_clock_counts_a_running_schedulers_quiet_time_and_leaves_out_its_stalls() {
-        let c = Clock::new();
-        // Marked every 200 ms for 10 s: a quiet but running scheduler. All of it counts.
-        let mut t = Duration::ZERO;
-        for _ in 0..50 {
-            t += ms(200);
-            assert_eq!(c.at(t), t);
-        }
-        // Stopped 7 s: on waking, only the first second of it counts.
-        assert_eq!(c.at(t + ms(7_000)), t + ms(1_000));
-        // Then it runs on from there.
-        assert_eq!(c.at(t + ms(7_200)), t + ms(1_200));
-        // A late mark within the allowed gap is no stall.
-        assert_eq!(c.at(t + ms(8_100)), t + ms(2_100));
-        // An earlier wall time (two threads reading) never moves the mark back.
-        assert_eq!(c.at(t + ms(8_000)), t + ms(2_000));
-        assert_eq!(c.at(t + ms(8_300)), t + ms(2_300));
     }
 
     #[tokio::test]

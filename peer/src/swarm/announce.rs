@@ -8,7 +8,9 @@
 //!
 //! Announcements also say which tasks this node reads from their origins; a scheduler that
 //! chose another node meanwhile (this one was silent: a stalled process) says so in its
-//! reply, and this node's readers of those tasks give way ([`Fetching::give_way`]).
+//! reply, and this node's readers of those tasks give way ([`Fetching::give_way`]). After a
+//! stall of the process, a reader waits for that answer before reading on, so it does not
+//! race it ([`crate::fetch::GiveWay::check_in`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,12 +19,12 @@ use std::time::{Duration, Instant};
 use super::schedulers::Schedulers;
 use super::Swarm;
 use crate::core::TaskId;
-use crate::fetch::GiveWay;
+use crate::fetch::{GiveWay, Heard};
 use crate::scheduler::service::AnnounceReply;
 use crate::scheduler::{Announce, Holding, Place};
+use crate::stall::StallClock;
 use crate::transport::wire::Request as Wire;
 
-#[derive(Default)]
 pub(super) struct State {
     inner: Mutex<Inner>,
     /// One announcement round at a time (the periodic one, or one asked for at once), so a
@@ -32,7 +34,29 @@ pub(super) struct State {
     /// restarted scheduler learns who fetches (and nobody else is sent to fetch the same).
     /// Each with the request to stop, set when a scheduler says another node fetches it.
     fetching: Arc<Mutex<HashMap<TaskId, (usize, GiveWay)>>>,
+    /// When the schedulers last answered a round: a reader whose process stalled for
+    /// [`UNHEARD`] checks in before reading on ([`GiveWay::check_in`]).
+    heard: Heard,
 }
+
+impl Default for State {
+    fn default() -> State {
+        State {
+            inner: Mutex::default(),
+            round: tokio::sync::Mutex::default(),
+            fetching: Arc::default(),
+            heard: Heard::new(StallClock::new(), UNHEARD, HEARD_WAIT),
+        }
+    }
+}
+
+/// A stall of this process this long makes an origin reader check in with the schedulers
+/// before reading on: a scheduler takes a fetcher unheard for 5 s for gone
+/// (`scheduler::FETCHER_SILENT`), and announcements go every 500 ms (or the 2 s heartbeat).
+const UNHEARD: Duration = Duration::from_secs(3);
+/// How long such a reader waits for the answer at most: a scheduler unreachable for good must
+/// not stop the download (it reads on; the schedulers' answers are then a peer's own timers).
+const HEARD_WAIT: Duration = Duration::from_secs(5);
 
 /// Counts one reader of a task's origin while alive (see [`State::fetching`]).
 pub(super) struct Fetching {
@@ -67,11 +91,13 @@ impl State {
     pub(super) fn fetching(&self, task: TaskId) -> Fetching {
         let give_way = match self.fetching.lock() {
             Ok(mut m) => {
-                let (n, g) = m.entry(task).or_default();
+                let (n, g) = m
+                    .entry(task)
+                    .or_insert_with(|| (0, GiveWay::heard_by(&self.heard)));
                 // A reader starting after the last one was told to stop starts afresh: the
                 // scheduler chose it again.
                 if g.asked() {
-                    *g = GiveWay::default();
+                    *g = GiveWay::heard_by(&self.heard);
                 }
                 *n += 1;
                 g.clone()
@@ -227,6 +253,7 @@ async fn announce_once(swarm: &Arc<Swarm>, idle_every: Option<Duration>) {
             rack: swarm.ctx.cfg.peer.rack.clone(),
         },
     };
+    let sent = Instant::now();
     match &swarm.schedulers {
         Schedulers::Embedded(s) => {
             let mut a = base;
@@ -235,6 +262,7 @@ async fn announce_once(swarm: &Arc<Swarm>, idle_every: Option<Duration>) {
             let reply = s.announce(a);
             swarm.announcer.superseded(&reply.superseded);
             resend(swarm, reply.resend);
+            swarm.announcer.heard.answered(sent);
         }
         Schedulers::Remote { ring, .. } => {
             let mut by_owner: HashMap<String, Vec<(TaskId, Holding)>> = ring
@@ -247,6 +275,7 @@ async fn announce_once(swarm: &Arc<Swarm>, idle_every: Option<Duration>) {
                     by_owner.entry(owner).or_default().push((id, h));
                 }
             }
+            let mut all_answered = true;
             for (owner, tasks) in by_owner {
                 let mut a = base.clone();
                 let ids: Vec<TaskId> = tasks
@@ -274,11 +303,17 @@ async fn announce_once(swarm: &Arc<Swarm>, idle_every: Option<Duration>) {
                         resend(swarm, r.resend)
                     }
                     None => {
+                        all_answered = false;
                         swarm.ctx.metrics.scheduler_error("announce");
                         tracing::debug!(scheduler = %owner, "announcement failed; full bitmaps next time");
                         resend(swarm, ids);
                     }
                 }
+            }
+            // After what the answers said was applied: a reader waiting to check in
+            // (`GiveWay::check_in`) sees a request to give way before it reads on.
+            if all_answered {
+                swarm.announcer.heard.answered(sent);
             }
         }
     }
