@@ -351,6 +351,13 @@ pub fn run(args: Args) -> Result<()> {
                 let out = out.unwrap_or_else(|e| Outcome::failed(system, shape.peers, e));
                 let row = Row::new(*shape, system, round, &out);
                 println!("  {}", line(&row));
+                if out.seed_sent > 0 {
+                    // Above 1: headers, control traffic, and resends of what was lost.
+                    println!(
+                        "    the seed's link carried {:.3} x F",
+                        out.seed_sent as f64 / (shape.size_mib << 20) as f64
+                    );
+                }
                 rows.push(row);
             }
         }
