@@ -1,11 +1,13 @@
 //! The endpoint's UDP socket: GSO batches sized to the largest packet this node may use, and
 //! wakeups gathered while traffic flows.
 //!
-//! **GSO.** quinn puts up to 10 datagrams of the current path MTU into one GSO send. The kernel
-//! refuses a send over 64 KiB, and a refused batch is lost whole (quinn then takes it for an
-//! MTU black hole). At 1452 bytes 10 fit; at jumbo sizes (8972) only 7 do. Rather than give up
-//! GSO on jumbo paths, which costs a syscall and a trip through the stack per 9000-byte packet,
-//! the socket tells quinn how many fit.
+//! **GSO.** quinn puts as many datagrams of the current path MTU into one GSO send as the
+//! socket allows, up to 64 in Starling's copy (`vendor/README.md`; 10 in quinn's release). The
+//! kernel refuses a send over 64 KiB, and a refused batch is lost whole (quinn then takes it for
+//! an MTU black hole), so the socket tells quinn how many fit: 44 at 1452 bytes, 7 at jumbo
+//! sizes (8972). Each send is one packet buffer through the kernel's stack, qdiscs and veth
+//! (and, on a rate-limited link, one qdisc timer and softirq), so fewer, larger ones are what
+//! brought a 1 Gbit/s fan-out from 6.3 to 4.8 CPU-s per GiB (docs/decisions.md K65).
 //!
 //! **Wakeups.** quinn's own tokio socket is registered with the runtime for reading and
 //! writing. For a UDP socket, writable readiness fires each time the kernel frees a sent
