@@ -249,6 +249,43 @@ fn source_only_for_pieces_no_parent_has() {
     assert!(requests(&e.poll(Duration::ZERO)).is_empty());
 }
 
+/// Told to fetch, a reader leaves the pieces another node verified (`source_last`) until
+/// nothing else is left to read from source; then it takes them in index order.
+#[test]
+fn pieces_read_last_wait_for_every_other_source_read() {
+    let mut e = Engine::new(
+        plan(8),
+        &[],
+        EngineConfig {
+            source_window: 2,
+            ..EngineConfig::default()
+        },
+    );
+    e.source_by_scheduler(Some(true), None);
+    e.source_last(&[1, 0, 2]);
+    let from_source = |a: &[Action]| -> Vec<u32> {
+        requests(a)
+            .iter()
+            .filter(|x| x.0 == Peer::Source)
+            .map(|x| x.1)
+            .collect()
+    };
+    let mut asked = Vec::new();
+    let mut t = Duration::ZERO;
+    for _ in 0..4 {
+        let got = from_source(&e.poll(t));
+        assert_eq!(got.len(), 2, "{got:?}");
+        for &p in &got {
+            e.on_piece(Peer::Source, p, t, t);
+        }
+        asked.extend(got);
+        t += MS;
+    }
+    // In the order asked (a poll's requests in the engine's order).
+    assert!(asked[..5].iter().all(|p| *p > 2), "{asked:?}");
+    assert_eq!(asked[5..], [0, 1, 2], "last, in order: {asked:?}");
+}
+
 #[test]
 fn pieces_nobody_has_wait_while_parents_keep_gaining_pieces() {
     let cfg = EngineConfig {

@@ -32,6 +32,8 @@ struct Inner {
     verified_count: u32,
     /// Stored from the origin, waiting for the chain to reach it: since when.
     unchecked: Vec<Option<Instant>>,
+    /// How many pieces are stored unchecked.
+    unchecked_count: u32,
     /// Whether a piece's end value is in the log.
     logged: Vec<bool>,
     log: Vec<Entry>,
@@ -79,6 +81,7 @@ impl Book {
                 verified: vec![false; count],
                 verified_count: 0,
                 unchecked: vec![None; count],
+                unchecked_count: 0,
                 logged: vec![false; count],
                 log: Vec::new(),
                 epoch: 0,
@@ -134,6 +137,31 @@ impl Book {
         self.with(|i| i.verified_count)
     }
 
+    /// Where the in-order chain, stopped at piece `from` (neither verified nor stored), can go
+    /// on: past a run of such pieces whose start and end values are both known, when the run
+    /// ends at a piece stored unchecked. Those pieces are checked on arrival against their
+    /// known values, so origin pieces behind them need not wait for them (see
+    /// [`super::Chainer`]). None when the chain must wait: a value is unknown, or nothing
+    /// unchecked waits behind the run (a download from parents alone never skips).
+    pub fn skippable_run(&self, from: u32) -> Option<u32> {
+        self.with(|i| {
+            if i.unchecked_count == 0 {
+                return None;
+            }
+            let n = i.verified.len();
+            let mut at = from as usize;
+            while at < n
+                && !i.verified[at]
+                && i.unchecked[at].is_none()
+                && i.values[at].is_some()
+                && i.start(at as u32).is_some()
+            {
+                at += 1;
+            }
+            (at > from as usize && at < n && i.unchecked[at].is_some()).then_some(at as u32)
+        })
+    }
+
     /// Piece `index`'s end value, if known.
     pub fn value(&self, index: u32) -> Option<ChainValue> {
         self.with(|i| i.value(index))
@@ -179,7 +207,9 @@ impl Book {
             }
             i.verified[n] = true;
             i.verified_count += 1;
-            i.unchecked[n] = None;
+            if i.unchecked[n].take().is_some() {
+                i.unchecked_count -= 1;
+            }
             if n > 0 {
                 i.values[n - 1].get_or_insert(link.start);
                 if !i.logged[n - 1] {
@@ -210,7 +240,9 @@ impl Book {
         self.with(|i| {
             for (n, &v) in values.iter().enumerate().take(i.verified.len()) {
                 i.values[n] = Some(v);
-                i.unchecked[n] = None;
+                if i.unchecked[n].take().is_some() {
+                    i.unchecked_count -= 1;
+                }
                 if !i.verified[n] {
                     i.verified[n] = true;
                     i.verified_count += 1;
@@ -231,6 +263,7 @@ impl Book {
         let fresh = self.with(|i| match i.unchecked.get_mut(index as usize) {
             Some(u @ None) if !i.verified[index as usize] => {
                 *u = Some(Instant::now());
+                i.unchecked_count += 1;
                 true
             }
             _ => false,
@@ -251,6 +284,7 @@ impl Book {
             i.values.iter_mut().for_each(|v| *v = None);
             i.verified.iter_mut().for_each(|v| *v = false);
             i.unchecked.iter_mut().for_each(|v| *v = None);
+            i.unchecked_count = 0;
             i.logged.iter_mut().for_each(|v| *v = false);
             i.verified_count = 0;
             i.log.clear();

@@ -8,6 +8,15 @@
 //! Verified pieces are skipped without hashing: their end value is the next one's start. The
 //! last piece's end value is the content digest, so the end-to-end check costs nothing more.
 //!
+//! The chain also goes on past missing pieces whose start and end values are both known (a
+//! parent published them) when origin pieces wait behind them ([`Book::skippable_run`]):
+//! such a piece is checked on arrival against those values, from a parent or the origin. A
+//! reader that took over from a stalled one reads the pieces its predecessor verified last
+//! (their values are known; the predecessor may come back and serve them), and its chain does
+//! not wait for them meanwhile. One of them stored unchecked after all (asked of the origin
+//! before its values were known) is hashed here from its known start; the chain ends only once
+//! each of them is verified.
+//!
 //! Since values come in order, a seed reading the origin with `n` Range requests in flight
 //! serves (and lets children verify) a piece once every piece before it has arrived: at most
 //! about `n` pieces behind what it holds.
@@ -26,6 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 
+use super::book::Book;
 use super::task::Marker;
 use super::UploadView;
 use crate::core::{ChainValue, Digest, Link, Piece, PieceChain};
@@ -116,6 +126,68 @@ impl Drop for Chainer {
     }
 }
 
+/// An unchecked piece's bytes: its fed buffers, else from the map.
+fn bytes_of(feed: &Feed, view: &UploadView, i: u32) -> Option<Vec<Bytes>> {
+    feed.take(i)
+        .or_else(|| view.stored_piece(i).map(|b| vec![b]))
+}
+
+enum Strays {
+    /// No skipped piece is stored unchecked.
+    None,
+    /// Some were, and are verified now.
+    Checked,
+    /// The chain ends: one ended at another value than the one known, or the task was reset.
+    End(ChainEnd),
+}
+
+/// Hashes the `skipped` pieces stored unchecked (asked of the origin before their values were
+/// known), each from its known start value, and marks those that end at their known end value.
+async fn check_strays(
+    book: &Book,
+    view: &UploadView,
+    marker: &Marker,
+    feed: &Feed,
+    skipped: &[u32],
+) -> Strays {
+    let plan = view.plan();
+    let count = plan.count();
+    let mut work = Vec::new();
+    for &i in skipped {
+        if !book.is_unchecked(i) {
+            continue;
+        }
+        let (Some(start), Some(piece)) = (book.link(i).0, plan.piece(i)) else {
+            continue;
+        };
+        let Some(chunks) = bytes_of(feed, view, i) else {
+            continue;
+        };
+        work.push((start, piece, chunks));
+    }
+    if work.is_empty() {
+        return Strays::None;
+    }
+    let Ok(links) = tokio::task::spawn_blocking(move || {
+        work.into_iter()
+            .map(|(start, piece, chunks)| PieceChain::resume(start, count).next(&piece, &chunks))
+            .collect::<Vec<Link>>()
+    })
+    .await
+    else {
+        return Strays::End(ChainEnd::Reset);
+    };
+    for link in links {
+        if book.value(link.index) != Some(link.end) {
+            return Strays::End(ChainEnd::Conflict { index: link.index });
+        }
+        if let Err(e) = marker.mark(link) {
+            tracing::debug!(error = %e, piece = link.index, "chained piece not journaled");
+        }
+    }
+    Strays::Checked
+}
+
 async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
     let book = marker.book();
     let mut changes = view.subscribe();
@@ -124,19 +196,39 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
     let count = plan.count();
     let mut value = ChainValue::START;
     let mut next = 0u32;
+    // Missing pieces the chain went past (their values known), until verified.
+    let mut skipped: Vec<u32> = Vec::new();
     let mut waits = Waits::default();
     loop {
         if view.epoch() != epoch {
             return ChainEnd::Reset;
         }
-        // Verified pieces need no hashing: the chain continues from their end value.
-        while next < count && book.is_verified(next) {
-            let Some(v) = book.value(next) else { break };
+        loop {
+            // Verified pieces need no hashing: the chain continues from their end value.
+            while next < count && book.is_verified(next) {
+                let Some(v) = book.value(next) else { break };
+                value = v;
+                feed.take(next);
+                next += 1;
+            }
+            let Some((to, v)) = (next < count)
+                .then(|| book.skippable_run(next))
+                .flatten()
+                .and_then(|to| Some((to, book.value(to - 1)?)))
+            else {
+                break;
+            };
+            skipped.extend(next..to);
             value = v;
-            feed.take(next);
-            next += 1;
+            next = to;
         }
-        if next == count {
+        skipped.retain(|i| !book.is_verified(*i));
+        match check_strays(book, &view, &marker, &feed, &skipped).await {
+            Strays::None => {}
+            Strays::Checked => continue,
+            Strays::End(end) => return end,
+        }
+        if next == count && skipped.is_empty() {
             waits.report();
             return ChainEnd::Done(if count == 0 {
                 Digest::of(b"")
@@ -153,10 +245,7 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
             let Some((piece, stored)) = plan.piece(i).zip(book.unchecked_since(i)) else {
                 break;
             };
-            let Some(chunks) = feed
-                .take(i)
-                .or_else(|| view.stored_piece(i).map(|b| vec![b]))
-            else {
+            let Some(chunks) = bytes_of(&feed, &view, i) else {
                 break;
             };
             batch.push((piece, chunks));

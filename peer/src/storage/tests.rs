@@ -369,6 +369,86 @@ async fn the_chain_gives_origin_pieces_their_values_and_the_digest() {
     assert_eq!(m2, m, "the chain's values are the content's");
 }
 
+/// A reader that took over from a stalled one holds the values of pieces it does not have yet
+/// (its predecessor published them): its chain goes past them to the origin pieces behind, and
+/// ends only once they are verified, whether they come checked (from a parent) or unchecked (a
+/// request sent before the values were known).
+#[tokio::test]
+async fn the_chain_goes_past_missing_pieces_whose_values_are_known() {
+    let d = tempfile::tempdir().unwrap();
+    let len = 7 * PL;
+    let data = content(len);
+    let s = store(d.path());
+    let t = fresh(&s, &header(len)).await;
+    let m = Manifest::of_content(t.plan(), &data).unwrap();
+    // Values known for pieces 0..4 (0..=3 end values), none of their bytes here.
+    for (i, v) in m.piece_values().iter().enumerate().take(4) {
+        t.learn(i as u32, *v);
+    }
+    let chainer = t.chainer().unwrap();
+    let piece = |i: u32| {
+        let p = t.plan().piece(i).unwrap();
+        (
+            p,
+            Bytes::copy_from_slice(&data[p.offset as usize..p.end() as usize]),
+        )
+    };
+    for i in [4u32, 5, 6] {
+        let (p, bytes) = piece(i);
+        t.store_unchecked(p, vec![bytes]).await.unwrap();
+    }
+    wait_for(|| t.bitmap()[4..] == [true; 3]).await;
+    assert_eq!(t.bitmap()[..4], [false; 4], "nothing before them is here");
+    // One from a parent, checked on arrival; one from the origin, unchecked.
+    put(&t, &data, &[1]).await;
+    let (p, bytes) = piece(2);
+    t.store_unchecked(p, vec![bytes]).await.unwrap();
+    wait_for(|| t.bitmap()[2]).await;
+    put(&t, &data, &[0, 3]).await;
+    assert_eq!(chainer.finish().await, ChainEnd::Done(Digest::of(&data)));
+    assert_eq!(verified(&t), vec![true; 7]);
+}
+
+/// A skipped piece stored unchecked with other bytes than its known values: the chain ends
+/// there, the piece unverified.
+#[tokio::test]
+async fn a_skipped_piece_that_contradicts_its_known_values_ends_the_chain() {
+    let d = tempfile::tempdir().unwrap();
+    let len = 4 * PL;
+    let data = content(len);
+    let s = store(d.path());
+    let t = fresh(&s, &header(len)).await;
+    let m = Manifest::of_content(t.plan(), &data).unwrap();
+    for (i, v) in m.piece_values().iter().enumerate().take(2) {
+        t.learn(i as u32, *v);
+    }
+    let chainer = t.chainer().unwrap();
+    for i in [2u32, 3] {
+        let p = t.plan().piece(i).unwrap();
+        let bytes = Bytes::copy_from_slice(&data[p.offset as usize..p.end() as usize]);
+        t.store_unchecked(p, vec![bytes]).await.unwrap();
+    }
+    wait_for(|| t.bitmap()[2..] == [true; 2]).await;
+    let p = t.plan().piece(1).unwrap();
+    let mut other = data[p.offset as usize..p.end() as usize].to_vec();
+    other[9] ^= 1;
+    t.store_unchecked(p, vec![Bytes::from(other)])
+        .await
+        .unwrap();
+    assert_eq!(chainer.finish().await, ChainEnd::Conflict { index: 1 });
+    assert!(!verified(&t)[1]);
+}
+
+async fn wait_for(done: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("not within 5 s");
+}
+
 /// An origin piece that ends at another value than the swarm gave for it: the chain stops
 /// there and leaves it unverified.
 #[tokio::test]

@@ -370,6 +370,7 @@ impl Driver<'_> {
         if let Some(e) = &mut self.engine {
             e.source_by_scheduler(says, self.lacking.as_deref());
         }
+        self.read_known_last();
         match &r.advice {
             Advice::Source => {
                 self.told_source.get_or_insert_with(Instant::now);
@@ -394,6 +395,34 @@ impl Driver<'_> {
             .iter()
             .any(|c| c.peer != self.swarm.me && !self.by_peer.contains_key(&c.peer));
         self.update_wanted();
+    }
+
+    /// Told to read the origin: what another node verified (its values are known) but no
+    /// live peer holds is read last (see [`Engine::source_last`]).
+    fn read_known_last(&mut self) {
+        let (Some(task), Some(e)) = (&self.task, &mut self.engine) else {
+            return;
+        };
+        if self.source_says != Some(true) {
+            e.source_last(&[]);
+            return;
+        }
+        let have = task.bitmap();
+        let known = |i: &u32| {
+            let (start, end) = task.link(*i);
+            start.is_some() && end.is_some() && !have.get(*i as usize).copied().unwrap_or(true)
+        };
+        let last: Vec<u32> = match &self.lacking {
+            Some(l) => l.iter().copied().filter(known).collect(),
+            None => (0..task.plan().count()).filter(known).collect(),
+        };
+        if !last.is_empty() {
+            tracing::debug!(
+                pieces = last.len(),
+                "reading last what another node verified and no live peer holds"
+            );
+        }
+        e.source_last(&last);
     }
 
     /// Made its rack's gateway mid-download (the old one died): every parent was chosen in
