@@ -20,6 +20,7 @@
 
 pub mod adapt;
 pub mod chaos;
+pub mod memory;
 pub mod models;
 pub mod procs;
 pub mod registry;
@@ -50,6 +51,10 @@ pub enum Bench {
         /// Timed runs of each measure (medians are printed).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Turn the VM's free page reporting off while the bench runs and touch the memory
+        /// first, so neither side pays host faults on its page-cache writes.
+        #[arg(long)]
+        warm_memory: bool,
     },
     /// One seed + N peers in shaped namespaces: Starling vs T_min and plain HTTP.
     Swarm(swarm::Args),
@@ -92,7 +97,11 @@ pub enum Bench {
 
 pub fn run(b: Bench) -> Result<()> {
     match b {
-        Bench::Get { size_mib, runs } => get(size_mib, runs),
+        Bench::Get {
+            size_mib,
+            runs,
+            warm_memory,
+        } => get(size_mib, runs, warm_memory),
         Bench::Swarm(a) => swarm::run(a),
         Bench::Stock(a) => stock::run(a),
         Bench::Registry(a) => registry::run(a),
@@ -111,7 +120,7 @@ pub fn run(b: Bench) -> Result<()> {
 }
 
 /// `bench get`: the release `starling-bench` binary against the release `starling`.
-fn get(size_mib: usize, runs: usize) -> Result<()> {
+fn get(size_mib: usize, runs: usize, warm_memory: bool) -> Result<()> {
     setup::run()?;
     sh(cargo().args([
         "build",
@@ -121,6 +130,16 @@ fn get(size_mib: usize, runs: usize) -> Result<()> {
         "--package",
         "starling-bench",
     ]))?;
+    // Both outputs, the store's copy and the origin's file, with headroom.
+    let _warm = if warm_memory {
+        let need = 4 * size_mib as u64 * MIB + (2 << 30);
+        let free = memory::mem_available().unwrap_or(need);
+        Some(memory::WarmMemory::start(
+            need.min(free.saturating_sub(2 << 30)),
+        )?)
+    } else {
+        None
+    };
     let bin = root().join("target/release/starling-bench");
     sh(Command::new(bin)
         .args([
