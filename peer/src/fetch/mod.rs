@@ -163,11 +163,12 @@ impl GiveWay {
         let Some(stall) = heard.clock.last_stall() else {
             return;
         };
+        // Checked before subscribing: this runs before every piece read from the origin.
+        if stall.length < heard.unheard || *waited == Some(stall.ended) {
+            return;
+        }
         let mut rx = heard.tx.subscribe();
-        if stall.length < heard.unheard
-            || *waited == Some(stall.ended)
-            || *rx.borrow_and_update() >= stall.ended
-        {
+        if *rx.borrow_and_update() >= stall.ended {
             return;
         }
         *waited = Some(stall.ended);
