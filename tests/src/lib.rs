@@ -17,7 +17,7 @@ pub mod registry;
 mod servers;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use cluster::{
@@ -188,7 +188,18 @@ impl Scratch {
             .arg("-O")
             .arg(self.out(name))
             .args(extra);
-        Run::of(&mut c)
+        let mut r = Run::of(&mut c);
+        if r.code == TIMED_OUT {
+            // A hung download: what its daemon was doing.
+            let log = std::fs::read_to_string(self.path().join("daemon.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(200).collect();
+            r.stderr.push_str("the daemon's last log lines:\n");
+            for line in tail.iter().rev() {
+                r.stderr.push_str(line);
+                r.stderr.push('\n');
+            }
+        }
+        r
     }
 
     /// The task directories in the store.
@@ -212,17 +223,86 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// The longest a test's command may run ([`Run::of`]): past it the command is killed and its
+/// test fails with what it printed, instead of stalling the whole suite until CI's limit.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(600);
+
+/// [`Run::code`] of a command killed at its time limit.
+pub const TIMED_OUT: i32 = -2;
+
 impl Run {
+    /// Runs `cmd` to the end, or for [`COMMAND_LIMIT`] at most.
     pub fn of(cmd: &mut Command) -> Run {
-        let Output {
-            status,
-            stdout,
-            stderr,
-        } = cmd.output().expect("run the command");
+        Run::within(cmd, COMMAND_LIMIT)
+    }
+
+    /// Runs `cmd` (stdin closed, output captured) for `limit` at most; then kills it (by its
+    /// PID) and returns what it printed, with code [`TIMED_OUT`].
+    pub fn within(cmd: &mut Command, limit: Duration) -> Run {
+        use std::io::Read;
+        use std::sync::{Arc, Mutex};
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the command");
+        // Read as it comes, so a killed command's output is kept even if a process it started
+        // still holds the pipe.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            let into = buf.clone();
+            let reader = std::thread::spawn(move || {
+                let Some(mut pipe) = pipe else { return };
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    into.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&chunk[..n]);
+                }
+            });
+            (buf, reader)
+        };
+        let (out, out_reader) = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let (err, err_reader) = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if start.elapsed() < limit => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        if status.is_some() {
+            let _ = out_reader.join();
+            let _ = err_reader.join();
+        }
+        let take = |b: &Arc<Mutex<Vec<u8>>>| {
+            std::mem::take(&mut *b.lock().unwrap_or_else(|p| p.into_inner()))
+        };
+        let mut stderr = String::from_utf8_lossy(&take(&err)).into_owned();
+        let code = match status {
+            Some(s) => s.code().unwrap_or(-1),
+            None => {
+                stderr.push_str(&format!(
+                    "\n[killed: still running after {limit:?}: {cmd:?}]\n"
+                ));
+                TIMED_OUT
+            }
+        };
         Run {
-            code: status.code().unwrap_or(-1),
-            stdout,
-            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            code,
+            stdout: take(&out),
+            stderr,
         }
     }
 
@@ -531,5 +611,26 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         kill_pid(self.child.id(), libc::SIGKILL);
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_gives_its_output_and_a_hung_one_is_killed_at_its_limit() {
+        let r = Run::of(Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]));
+        assert_eq!((r.code, r.stdout.as_slice()), (3, &b"out\n"[..]));
+        assert_eq!(r.stderr, "err\n");
+        let start = Instant::now();
+        let r = Run::within(
+            Command::new("sh").args(["-c", "echo started >&2; exec sleep 30"]),
+            Duration::from_millis(300),
+        );
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert_eq!(r.code, TIMED_OUT);
+        assert!(r.stderr.starts_with("started\n"), "{}", r.stderr);
+        assert!(r.stderr.contains("killed: still running after"), "{}", r.stderr);
     }
 }
