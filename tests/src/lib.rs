@@ -631,6 +631,10 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(10));
         assert_eq!(r.code, TIMED_OUT);
         assert!(r.stderr.starts_with("started\n"), "{}", r.stderr);
-        assert!(r.stderr.contains("killed: still running after"), "{}", r.stderr);
+        assert!(
+            r.stderr.contains("killed: still running after"),
+            "{}",
+            r.stderr
+        );
     }
 }

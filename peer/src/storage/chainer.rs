@@ -149,6 +149,7 @@ async fn check_strays(
     marker: &Marker,
     feed: &Feed,
     skipped: &[u32],
+    epoch: u32,
 ) -> Strays {
     let plan = view.plan();
     let count = plan.count();
@@ -177,6 +178,10 @@ async fn check_strays(
     else {
         return Strays::End(ChainEnd::Reset);
     };
+    // Values retracted meanwhile (a lying parent caught): these links may be stale.
+    if view.epoch() != epoch {
+        return Strays::End(ChainEnd::Reset);
+    }
     for link in links {
         if book.value(link.index) != Some(link.end) {
             return Strays::End(ChainEnd::Conflict { index: link.index });
@@ -223,7 +228,7 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
             next = to;
         }
         skipped.retain(|i| !book.is_verified(*i));
-        match check_strays(book, &view, &marker, &feed, &skipped).await {
+        match check_strays(book, &view, &marker, &feed, &skipped, epoch).await {
             Strays::None => {}
             Strays::Checked => continue,
             Strays::End(end) => return end,
