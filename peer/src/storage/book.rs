@@ -138,27 +138,41 @@ impl Book {
     }
 
     /// Where the in-order chain, stopped at piece `from` (neither verified nor stored), can go
-    /// on: past a run of such pieces whose start and end values are both known, when the run
-    /// ends at a piece stored unchecked. Those pieces are checked on arrival against their
+    /// on: past a run of such pieces whose start and end values are both known (and of
+    /// verified ones), when the run ends at a piece stored unchecked. Those pieces are checked on arrival against their
     /// known values, so origin pieces behind them need not wait for them (see
     /// [`super::Chainer`]). None when the chain must wait: a value is unknown, or nothing
     /// unchecked waits behind the run (a download from parents alone never skips).
-    pub fn skippable_run(&self, from: u32) -> Option<u32> {
+    /// At most `max` pieces are skipped at once.
+    pub fn skippable_run(&self, from: u32, max: usize) -> Option<u32> {
         self.with(|i| {
             if i.unchecked_count == 0 {
                 return None;
             }
-            let n = i.verified.len();
+            let n = i.verified.len().min(from as usize + max + 1);
             let mut at = from as usize;
             while at < n
-                && !i.verified[at]
-                && i.unchecked[at].is_none()
-                && i.values[at].is_some()
-                && i.start(at as u32).is_some()
+                && (i.verified[at]
+                    || (i.unchecked[at].is_none()
+                        && i.values[at].is_some()
+                        && i.start(at as u32).is_some()))
             {
                 at += 1;
             }
             (at > from as usize && at < n && i.unchecked[at].is_some()).then_some(at as u32)
+        })
+    }
+
+    /// Drops the verified pieces from `pieces`, and gives those of the rest stored unchecked
+    /// (under one lock: the chain asks this at every change).
+    pub fn pending(&self, pieces: &mut Vec<u32>) -> Vec<u32> {
+        self.with(|i| {
+            pieces.retain(|p| !i.verified.get(*p as usize).copied().unwrap_or(true));
+            pieces
+                .iter()
+                .copied()
+                .filter(|p| i.unchecked.get(*p as usize).is_some_and(Option::is_some))
+                .collect()
         })
     }
 
@@ -516,6 +530,41 @@ mod tests {
         assert_eq!(b.link(1), (Some(v(0)), None));
         // Learned values are not news for children: only values this node used are.
         assert!(b.since(0, 0).entries.is_empty());
+    }
+
+    #[test]
+    fn the_chain_skips_only_known_runs_with_origin_pieces_behind_them() {
+        let b = Book::new(8);
+        for i in 0..4 {
+            assert_eq!(b.learn(i, v(i)), Learned::Agrees);
+        }
+        // Nothing unchecked anywhere: a download from parents never skips.
+        assert_eq!(b.skippable_run(0, 64), None);
+        b.store_unchecked(4);
+        assert_eq!(b.skippable_run(0, 64), Some(4));
+        assert_eq!(b.skippable_run(0, 3), None, "longer than allowed");
+        assert_eq!(
+            b.skippable_run(4, 64),
+            None,
+            "an unchecked piece is the chain's"
+        );
+        // A run that ends at a missing piece of unknown value waits.
+        b.store_unchecked(6);
+        assert_eq!(b.skippable_run(5, 64), None);
+        let mut skipped = vec![0, 1, 2, 3];
+        b.mark(link(1));
+        b.store_unchecked(2);
+        assert_eq!(b.pending(&mut skipped), vec![2]);
+        assert_eq!(skipped, vec![0, 2, 3], "the verified one is dropped");
+        b.mark(link(4));
+        b.mark(link(6));
+        assert_eq!(
+            b.skippable_run(0, 64),
+            Some(2),
+            "still ends at an unchecked piece"
+        );
+        b.mark(link(2));
+        assert_eq!(b.skippable_run(0, 64), None, "none left unchecked");
     }
 
     #[test]

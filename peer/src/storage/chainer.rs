@@ -43,6 +43,11 @@ use crate::core::{ChainValue, Digest, Link, Piece, PieceChain};
 /// Pieces hashed per blocking job.
 const BATCH: usize = 8;
 
+/// Missing pieces the chain goes past at most, so that what it checks at each change stays
+/// small: a peer far behind its parents that also reads the origin would otherwise skip (and
+/// re-check) most of the task.
+const MAX_SKIPPED: usize = 1024;
+
 /// Bytes of fed pieces kept at most while they wait for their turn.
 pub const FEED_AHEAD: u64 = 64 * 1024 * 1024;
 
@@ -141,23 +146,21 @@ enum Strays {
     End(ChainEnd),
 }
 
-/// Hashes the `skipped` pieces stored unchecked (asked of the origin before their values were
-/// known), each from its known start value, and marks those that end at their known end value.
+/// Hashes the skipped pieces stored unchecked (`strays`: asked of the origin before their
+/// values were known), each from its known start value, and marks those that end at their
+/// known end value.
 async fn check_strays(
     book: &Book,
     view: &UploadView,
     marker: &Marker,
     feed: &Feed,
-    skipped: &[u32],
+    strays: &[u32],
     epoch: u32,
 ) -> Strays {
     let plan = view.plan();
     let count = plan.count();
     let mut work = Vec::new();
-    for &i in skipped {
-        if !book.is_unchecked(i) {
-            continue;
-        }
+    for &i in strays {
         let (Some(start), Some(piece)) = (book.link(i).0, plan.piece(i)) else {
             continue;
         };
@@ -216,8 +219,9 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
                 feed.take(next);
                 next += 1;
             }
-            let Some((to, v)) = (next < count)
-                .then(|| book.skippable_run(next))
+            let room = MAX_SKIPPED.saturating_sub(skipped.len());
+            let Some((to, v)) = (next < count && room > 0)
+                .then(|| book.skippable_run(next, room))
                 .flatten()
                 .and_then(|to| Some((to, book.value(to - 1)?)))
             else {
@@ -227,8 +231,8 @@ async fn follow(view: UploadView, marker: Marker, feed: Feed) -> ChainEnd {
             value = v;
             next = to;
         }
-        skipped.retain(|i| !book.is_verified(*i));
-        match check_strays(book, &view, &marker, &feed, &skipped, epoch).await {
+        let strays = book.pending(&mut skipped);
+        match check_strays(book, &view, &marker, &feed, &strays, epoch).await {
             Strays::None => {}
             Strays::Checked => continue,
             Strays::End(end) => return end,
