@@ -16,7 +16,8 @@
 //! | `scheduler` (here) | `bench scheduler`: one scheduler's capacity over QUIC + mTLS (`bench/src/bin/sched_load.rs`) |
 //!
 //! The harness: [`run`] runs one swarm job (also the demo's), [`procs`] measures processes,
-//! [`make_file`] writes the payload, [`release_build`] prepares the binaries.
+//! [`memory`] is `--warm-memory`'s guard, [`make_file`] writes the payload, [`release_build`]
+//! prepares the binaries.
 
 pub mod adapt;
 pub mod chaos;
