@@ -71,7 +71,7 @@ fn main() -> Result<()> {
         store.0 / store.1
     );
     println!(
-        "{:<40} {:>12.3} {:>12.3} {:>8.3}  <= 1.10 (starling/curl)",
+        "{:<40} {:>12.3} {:>12.3} {:>8.3}  <= 1.05 (starling/curl, issue #32)",
         format!("get {} MiB wall, s (vs curl -o)", opts.size_mib),
         get.wall.0,
         get.wall.1,

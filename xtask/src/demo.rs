@@ -6,6 +6,7 @@
 use anyhow::{bail, Result};
 use starling_tests::{is_root, sha256_file, Lab};
 
+use crate::bench::memory::warm_up_to;
 use crate::bench::run::{self as swarm, Job};
 use crate::bench::{make_file, release_build, MIB};
 use crate::root;
@@ -21,10 +22,21 @@ pub struct Args {
     /// Every link's rate, each way (tbf), when run as root.
     #[arg(long, default_value_t = 1000)]
     mbit: u32,
+    /// Touch the memory the copies will use before the run, with this VM's free page
+    /// reporting off (restored at exit), as the benches' `--warm-memory` does: on a VM that
+    /// hands freed pages back to its host, the first write to each page costs a host fault,
+    /// which can double the run. Needs root.
+    #[arg(long)]
+    warm_memory: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let Args { size_mib, mbit, .. } = args;
+    let Args {
+        size_mib,
+        mbit,
+        warm_memory,
+        ..
+    } = args;
     let peers = usize::from(args.peers);
     release_build(false)?;
     let dir = root().join("target/demo");
@@ -33,6 +45,13 @@ pub fn run(args: Args) -> Result<()> {
     let file = www.join("artifact.bin");
     make_file(&file, size_mib * MIB)?;
     let want = sha256_file(&file);
+    // Every node's copy and the origin's file (the outputs are hard links to the copies), plus
+    // headroom.
+    let _warm = if warm_memory {
+        Some(warm_up_to((peers as u64 + 2) * size_mib * MIB + (2 << 30))?)
+    } else {
+        None
+    };
     let lab = if is_root() {
         Some(Lab::new("d", 201, peers + 1, mbit).map_err(anyhow::Error::msg)?)
     } else {

@@ -38,6 +38,13 @@ impl WarmMemory {
     }
 }
 
+/// [`WarmMemory::start`] over `need` bytes, or less: what the machine has available, leaving
+/// 2 GiB free.
+pub fn warm_up_to(need: u64) -> Result<WarmMemory> {
+    let free = mem_available().unwrap_or(need);
+    WarmMemory::start(need.min(free.saturating_sub(2 << 30)))
+}
+
 /// MemAvailable from /proc/meminfo, in bytes.
 pub fn mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -133,11 +133,7 @@ fn get(size_mib: usize, runs: usize, warm_memory: bool) -> Result<()> {
     ]))?;
     // Both outputs, the store's copy and the origin's file, with headroom.
     let _warm = if warm_memory {
-        let need = 4 * size_mib as u64 * MIB + (2 << 30);
-        let free = memory::mem_available().unwrap_or(need);
-        Some(memory::WarmMemory::start(
-            need.min(free.saturating_sub(2 << 30)),
-        )?)
+        Some(memory::warm_up_to(4 * size_mib as u64 * MIB + (2 << 30))?)
     } else {
         None
     };

@@ -34,7 +34,7 @@ use plotters::prelude::*;
 use starling_tests::netlab::{self, Topology};
 use starling_tests::{is_root, sha256_file};
 
-use super::memory::{mem_available, WarmMemory};
+use super::memory::warm_up_to;
 use super::procs::MachineCpu;
 use super::stock::report::{color, load_font, plot_err, today};
 use super::stock::{self, bt, Outcome};
@@ -248,8 +248,7 @@ pub fn run(args: Args) -> Result<()> {
             .max()
             .unwrap_or(0)
             + (2 << 30);
-        let free = mem_available().unwrap_or(need);
-        Some(WarmMemory::start(need.min(free.saturating_sub(2 << 30)))?)
+        Some(warm_up_to(need)?)
     } else {
         None
     };
